@@ -1,0 +1,23 @@
+//! The shared application state handed to every HTTP handler.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::matrix::client::HomeserverClient;
+use crate::metrics::Metrics;
+use crate::secrets::Secrets;
+use crate::store::Store;
+
+/// Everything handlers need; cheap to clone through its `Arc`.
+pub struct AppState {
+    /// The loaded configuration.
+    pub config: Config,
+    /// Tokens and keys (configured or generated).
+    pub secrets: Secrets,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Client-server API access as the appservice.
+    pub homeserver: HomeserverClient,
+}

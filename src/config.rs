@@ -1,0 +1,619 @@
+//! Configuration: one [`Config`] struct, loaded in layers.
+//!
+//! Serde defaults first, then an optional TOML file, then `CONCLAVE_*` environment variables
+//! (`CONCLAVE_SECTION__KEY`, `__` separates nesting levels; `CONCLAVE_DATA_DIR` sets the top-level
+//! `data_dir`). Every error names the key, the bad value, where it came from and what was
+//! expected; the binary exits with status 2 on any of them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ruma::OwnedServerName;
+use serde::{Deserialize, Serialize};
+
+/// The commented example configuration printed by `conclave generate-config`.
+///
+/// `conclave.example.toml` at the repository root is this text; a test keeps them equal and
+/// checks that it parses to [`Config::default`].
+pub const EXAMPLE_TOML: &str = include_str!("../conclave.example.toml");
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "CONCLAVE_";
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is sent or compared.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(REDACTED)")
+    }
+}
+
+/// Conclave's whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the SQLite database and generated secrets live. Default `./conclave-data`.
+    pub data_dir: PathBuf,
+    /// The HTTP listener (appservice API, token endpoints, SFU WebSocket).
+    pub http: HttpConfig,
+    /// The homeserver Conclave serves.
+    pub matrix: MatrixConfig,
+    /// The application service registration.
+    pub appservice: AppserviceConfig,
+    /// LiveKit-compatible API key, secret and the URL handed to clients.
+    pub livekit: LiveKitConfig,
+    /// Token service policy.
+    pub auth: AuthConfig,
+    /// Media transport of the embedded SFU.
+    pub rtc: RtcConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./conclave-data"),
+            http: HttpConfig::default(),
+            matrix: MatrixConfig::default(),
+            appservice: AppserviceConfig::default(),
+            livekit: LiveKitConfig::default(),
+            auth: AuthConfig::default(),
+            rtc: RtcConfig::default(),
+        }
+    }
+}
+
+/// `[http]`: the one HTTP port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:8080`.
+    pub bind: SocketAddr,
+    /// URL at which the homeserver reaches this service (used in the generated registration).
+    /// Default: `http://` + `bind`.
+    pub public_url: Option<String>,
+    /// Largest accepted request body, in bytes (appservice transactions). Default 16 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[matrix]`: the homeserver this Conclave belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatrixConfig {
+    /// Client-server API base URL of the homeserver. Default `http://127.0.0.1:8008`.
+    pub homeserver_url: String,
+    /// The homeserver's server name (the part after `:` in user IDs). Default `localhost`.
+    pub server_name: OwnedServerName,
+    /// Extra CA certificate (PEM) trusted for federation and homeserver TLS, besides the system
+    /// roots. Default: none.
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+impl Default for MatrixConfig {
+    fn default() -> Self {
+        Self {
+            homeserver_url: "http://127.0.0.1:8008".to_owned(),
+            server_name: default_server_name(),
+            extra_ca_file: None,
+        }
+    }
+}
+
+fn default_server_name() -> OwnedServerName {
+    OwnedServerName::try_from("localhost").unwrap_or_else(|_| unreachable!("valid literal"))
+}
+
+/// `[appservice]`: the registration Synapse loads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppserviceConfig {
+    /// Registration id, used in the ping URL. Default `conclave`.
+    pub id: String,
+    /// Localpart of the bot user. Default `conclave`.
+    pub sender_localpart: String,
+    /// Localpart prefix of the exclusive user namespace. Default `_conclave_`.
+    pub user_prefix: String,
+    /// Token Conclave uses towards the homeserver. Default: generated and persisted.
+    pub as_token: Option<Secret>,
+    /// Token the homeserver uses towards Conclave. Default: generated and persisted.
+    pub hs_token: Option<Secret>,
+    /// Ping the homeserver on start (proves the link, flushes queued transactions). Default true.
+    pub ping_on_start: bool,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            id: "conclave".to_owned(),
+            sender_localpart: "conclave".to_owned(),
+            user_prefix: "_conclave_".to_owned(),
+            as_token: None,
+            hs_token: None,
+            ping_on_start: true,
+        }
+    }
+}
+
+/// `[livekit]`: the LiveKit-compatible credentials and public URL.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveKitConfig {
+    /// API key (JWT `iss`). Default: generated and persisted.
+    pub key: Option<String>,
+    /// API secret (HS256 key). Default: generated and persisted.
+    pub secret: Option<Secret>,
+    /// SFU WebSocket URL returned to clients. Default: `ws://` + `http.bind`.
+    pub public_url: Option<String>,
+}
+
+/// `[auth]`: who gets SFU tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Only users joined to the Matrix room get a token. Default true.
+    pub require_membership: bool,
+    /// Homeservers whose users may create SFU rooms; `["*"]` = everyone.
+    /// Default: empty, meaning only `matrix.server_name`.
+    pub full_access_homeservers: Vec<String>,
+    /// Lifetime of issued tokens, in seconds. Default 3600.
+    pub token_lifetime_secs: u64,
+    /// Whether users of other homeservers may publish. Default true.
+    pub remote_can_publish: bool,
+    /// Whether users of other homeservers may subscribe. Default true.
+    pub remote_can_subscribe: bool,
+    /// Timeout of one federation request (OpenID userinfo), in milliseconds. Default 5000.
+    pub federation_timeout_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            require_membership: true,
+            full_access_homeservers: Vec::new(),
+            token_lifetime_secs: 3600,
+            remote_can_publish: true,
+            remote_can_subscribe: true,
+            federation_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[rtc]`: the media port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RtcConfig {
+    /// UDP port for all media. Default 7882.
+    pub udp_port: u16,
+    /// IPs announced as ICE host candidates. Default: empty, meaning loopback plus the
+    /// addresses detected on this host.
+    pub node_ips: Vec<IpAddr>,
+}
+
+impl Default for RtcConfig {
+    fn default() -> Self {
+        Self {
+            udp_port: 7882,
+            node_ips: Vec::new(),
+        }
+    }
+}
+
+/// A configuration problem. Every variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key has a value of the wrong type or an unknown key was given.
+    #[error("invalid config key `{key}` (from {origin}): value {value}: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `http.bind`.
+        key: String,
+        /// The offending value as given.
+        value: String,
+        /// Which layer the value came from.
+        origin: String,
+        /// What was expected.
+        message: String,
+    },
+    /// Semantic checks failed; every problem is listed.
+    #[error("invalid configuration:\n{}", .0.join("\n"))]
+    Semantic(Vec<String>),
+}
+
+/// Where a loaded configuration came from, for messages and the banner.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedFrom {
+    /// The file, if any.
+    pub file: Option<PathBuf>,
+    /// Environment variables applied, by dotted key.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Loads the configuration from an optional TOML file and the given environment.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Config, LoadedFrom), ConfigError> {
+    let mut merged = toml::Table::new();
+    let mut from = LoadedFrom {
+        file: file.map(Path::to_path_buf),
+        env: BTreeMap::new(),
+    };
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        merged = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message: e.to_string().trim().to_owned(),
+            })?;
+    }
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        // Only variables whose first segment is a known top-level key are configuration;
+        // other CONCLAVE_* variables (test tooling, scripts) are not ours to judge.
+        if !Config::TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+            continue;
+        }
+        let value = env_value(&defaults, &path, &raw);
+        set_path(&mut merged, &path, value);
+        from.env.insert(path.join("."), var);
+    }
+    let config = deserialize(merged.clone(), &merged, &from)?;
+    config.validate()?;
+    Ok((config, from))
+}
+
+fn deserialize(
+    value: toml::Table,
+    merged: &toml::Table,
+    from: &LoadedFrom,
+) -> Result<Config, ConfigError> {
+    let de = toml::Value::Table(value);
+    serde_path_to_error::deserialize::<_, Config>(de).map_err(|err| {
+        let key = err.path().to_string();
+        let segments: Vec<&str> = key.split('.').collect();
+        let value = get_path(merged, &segments)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(unknown key)".to_owned());
+        let origin = origin_of(from, &key);
+        let inner = err.into_inner();
+        let message = inner.message().trim().to_owned();
+        ConfigError::Invalid {
+            key,
+            value,
+            origin,
+            message,
+        }
+    })
+}
+
+fn origin_of(from: &LoadedFrom, key: &str) -> String {
+    if let Some(var) = from
+        .env
+        .iter()
+        .find(|(k, _)| key == k.as_str() || key.starts_with(&format!("{k}.")))
+        .map(|(_, v)| v)
+    {
+        return format!("environment variable {var}");
+    }
+    match &from.file {
+        Some(p) => format!("config file {}", p.display()),
+        None => "defaults".to_owned(),
+    }
+}
+
+/// Types an environment value by the default's type at the same key, so `CONCLAVE_HTTP__BIND`
+/// stays a string and `CONCLAVE_RTC__UDP_PORT` becomes an integer.
+fn env_value(defaults: &toml::Table, path: &[String], raw: &str) -> toml::Value {
+    let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+    match get_path(defaults, &segments) {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        _ => {
+            let trimmed = raw.trim();
+            if let Ok(b) = trimmed.parse::<bool>() {
+                return toml::Value::Boolean(b);
+            }
+            if let Ok(i) = trimmed.parse::<i64>() {
+                return toml::Value::Integer(i);
+            }
+            if trimmed.starts_with('[') {
+                if let Ok(t) = format!("v = {trimmed}").parse::<toml::Table>() {
+                    if let Some(v) = t.get("v") {
+                        return v.clone();
+                    }
+                }
+            }
+            toml::Value::String(raw.to_owned())
+        }
+    }
+}
+
+fn get_path<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let v = table.get(*first)?;
+    if rest.is_empty() {
+        return Some(v);
+    }
+    match v {
+        toml::Value::Table(t) => get_path(t, rest),
+        _ => None,
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return;
+    }
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    if let toml::Value::Table(t) = entry {
+        set_path(t, rest, value);
+    }
+}
+
+impl Config {
+    /// Top-level keys; `CONCLAVE_<KEY>…` variables starting with one of these are configuration.
+    pub const TOP_LEVEL_KEYS: &'static [&'static str] = &[
+        "data_dir",
+        "http",
+        "matrix",
+        "appservice",
+        "livekit",
+        "auth",
+        "rtc",
+    ];
+
+    /// Checks what types alone cannot; reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        check_url(
+            &mut problems,
+            "matrix.homeserver_url",
+            &self.matrix.homeserver_url,
+            &["http", "https"],
+        );
+        if let Some(u) = &self.http.public_url {
+            check_url(&mut problems, "http.public_url", u, &["http", "https"]);
+        }
+        if let Some(u) = &self.livekit.public_url {
+            check_url(&mut problems, "livekit.public_url", u, &["ws", "wss"]);
+        }
+        for (key, v) in [
+            ("appservice.id", &self.appservice.id),
+            (
+                "appservice.sender_localpart",
+                &self.appservice.sender_localpart,
+            ),
+            ("appservice.user_prefix", &self.appservice.user_prefix),
+        ] {
+            let ok = !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/".contains(c));
+            if !ok {
+                problems.push(format!(
+                    "key `{key}`: value {v:?}: expected a non-empty Matrix localpart (a-z, 0-9, ._=-/)"
+                ));
+            }
+        }
+        if self.http.max_body_bytes < 1024 {
+            problems.push(format!(
+                "key `http.max_body_bytes`: value {}: expected at least 1024",
+                self.http.max_body_bytes
+            ));
+        }
+        if self.auth.token_lifetime_secs == 0 {
+            problems.push(
+                "key `auth.token_lifetime_secs`: value 0: expected a positive number of seconds"
+                    .to_owned(),
+            );
+        }
+        if let Some(k) = &self.livekit.key {
+            if k.trim().is_empty() {
+                problems.push("key `livekit.key`: value \"\": expected a non-empty API key".into());
+            }
+        }
+        if let Some(s) = &self.livekit.secret {
+            if s.expose().len() < 32 {
+                problems.push(
+                    "key `livekit.secret`: value (redacted): expected at least 32 characters"
+                        .into(),
+                );
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Semantic(problems))
+        }
+    }
+
+    /// URL at which the homeserver reaches this service.
+    pub fn public_http_url(&self) -> String {
+        self.http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.http.bind))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// SFU WebSocket URL returned to clients.
+    pub fn livekit_public_url(&self) -> String {
+        self.livekit
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{}", self.http.bind))
+    }
+
+    /// The bot user's ID.
+    pub fn bot_user_id(&self) -> String {
+        format!(
+            "@{}:{}",
+            self.appservice.sender_localpart, self.matrix.server_name
+        )
+    }
+}
+
+fn check_url(problems: &mut Vec<String>, key: &str, value: &str, schemes: &[&str]) {
+    match reqwest::Url::parse(value) {
+        Ok(u) if schemes.contains(&u.scheme()) && u.host().is_some() => {}
+        _ => problems.push(format!(
+            "key `{key}`: value {value:?}: expected an absolute {} URL",
+            schemes.join("/")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn example_file_parses_to_defaults() {
+        let table: toml::Table = EXAMPLE_TOML.parse().expect("example is TOML");
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .expect("example parses");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_are_typed_by_default() {
+        let (c, from) = load(
+            None,
+            env(&[
+                ("CONCLAVE_HTTP__BIND", "127.0.0.1:9999"),
+                ("CONCLAVE_RTC__UDP_PORT", "7000"),
+                ("CONCLAVE_DATA_DIR", "/tmp/x"),
+                (
+                    "CONCLAVE_AUTH__FULL_ACCESS_HOMESERVERS",
+                    "[\"a.org\", \"b.org\"]",
+                ),
+                ("CONCLAVE_SYNAPSE_VENV", "/not/config"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(c.http.bind.port(), 9999);
+        assert_eq!(c.rtc.udp_port, 7000);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.auth.full_access_homeservers, vec!["a.org", "b.org"]);
+        assert_eq!(
+            from.env.get("http.bind").map(String::as_str),
+            Some("CONCLAVE_HTTP__BIND")
+        );
+    }
+
+    #[test]
+    fn bad_env_names_key_value_and_variable() {
+        let err = load(None, env(&[("CONCLAVE_HTTP__BIND", "nonsense")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("http.bind"), "{msg}");
+        assert!(msg.contains("nonsense"), "{msg}");
+        assert!(msg.contains("CONCLAVE_HTTP__BIND"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_in_known_section_is_an_error() {
+        let err = load(None, env(&[("CONCLAVE_HTTP__BINDD", "x")])).unwrap_err();
+        assert!(err.to_string().contains("bindd"), "{err}");
+    }
+
+    #[test]
+    fn bad_file_value_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[rtc]\nudp_port = \"high\"\n").expect("write");
+        let err = load(Some(&path), Vec::new()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("rtc.udp_port") && msg.contains("high"),
+            "{msg}"
+        );
+        assert!(msg.contains("c.toml"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed() {
+        let err = load(
+            None,
+            env(&[
+                ("CONCLAVE_MATRIX__HOMESERVER_URL", "not a url"),
+                ("CONCLAVE_APPSERVICE__ID", "Bad Id"),
+            ]),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("matrix.homeserver_url"), "{msg}");
+        assert!(msg.contains("appservice.id"), "{msg}");
+    }
+
+    #[test]
+    fn secrets_never_debug_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,83 @@
+//! The axum router: every route of the one HTTP port, listed in one place.
+//!
+//! Layer order, outermost first: sensitive-header marking (so traces never record
+//! `Authorization`), trace, catch panic, body limit. Route groups add their own layers (CORS on
+//! token endpoints only).
+
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::matrix::appservice;
+use error::MatrixErrorResponse;
+
+/// Builds the router for `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.config.http.max_body_bytes;
+    let appservice_routes = Router::new()
+        .route(
+            "/_matrix/app/v1/transactions/{txn_id}",
+            put(appservice::put_transaction),
+        )
+        .route("/_matrix/app/v1/users/{user_id}", get(appservice::get_user))
+        .route(
+            "/_matrix/app/v1/rooms/{alias}",
+            get(appservice::get_room_alias),
+        )
+        .route("/_matrix/app/v1/ping", post(appservice::post_ping))
+        // Legacy unprefixed paths, still described by the spec as a homeserver fallback.
+        .route("/transactions/{txn_id}", put(appservice::put_transaction))
+        .route("/users/{user_id}", get(appservice::get_user))
+        .route("/rooms/{alias}", get(appservice::get_room_alias))
+        .method_not_allowed_fallback(method_not_allowed);
+
+    Router::new()
+        .merge(appservice_routes)
+        .route("/healthz", get(healthz).head(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            MatrixErrorResponse::internal(&"handler panicked").into_response()
+        }))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        .with_state(state)
+}
+
+/// `GET`/`HEAD /healthz`: 200 with an empty body while the process serves.
+async fn healthz() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn not_found() -> MatrixErrorResponse {
+    MatrixErrorResponse::unrecognized()
+}
+
+async fn method_not_allowed() -> MatrixErrorResponse {
+    MatrixErrorResponse::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ruma::api::error::ErrorCode::Unrecognized,
+        "Method not allowed",
+    )
+}

@@ -1,0 +1,76 @@
+//! Errors at the HTTP edge, rendered as Matrix JSON (`{"errcode","error"}`).
+//!
+//! 5xx responses carry a generic message; the real cause is logged here, never sent.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ruma::api::error::ErrorCode;
+
+/// An error response in the Matrix format.
+#[derive(Debug, Clone)]
+pub struct MatrixErrorResponse {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Matrix error code.
+    pub errcode: ErrorCode,
+    /// Human-readable message, safe to show to the caller.
+    pub message: String,
+}
+
+impl MatrixErrorResponse {
+    /// An error with the given status, code and message.
+    pub fn new(status: StatusCode, errcode: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            errcode,
+            message: message.into(),
+        }
+    }
+
+    /// 500 with a generic message; `cause` is logged, not returned.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            "Internal Server Error",
+        )
+    }
+
+    /// 404 `M_UNRECOGNIZED` for unknown endpoints.
+    pub fn unrecognized() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unrecognized,
+            "Unrecognized request",
+        )
+    }
+
+    /// Maps a body extraction failure: too large → 413 `M_TOO_LARGE`, otherwise 400.
+    pub fn from_body_rejection(rejection: &axum::extract::rejection::BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                "Request body too large",
+            )
+        } else {
+            Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NotJson,
+                format!("Cannot read request body: {rejection}"),
+            )
+        }
+    }
+}
+
+impl IntoResponse for MatrixErrorResponse {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "errcode": self.errcode.as_str(),
+            "error": self.message,
+        });
+        (self.status, Json(body)).into_response()
+    }
+}

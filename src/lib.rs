@@ -1,0 +1,15 @@
+//! Conclave: a Matrix application service, a LiveKit-compatible token service and an embedded
+//! SFU in one binary. See `docs/ARCHITECTURE.md` for the data flow.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod matrix;
+pub mod metrics;
+pub mod secrets;
+pub mod store;
+
+mod serve;
+
+pub use serve::{run, RunError};

@@ -1,0 +1,6 @@
+//! The Matrix side: the appservice API the homeserver calls, the client Conclave uses to call
+//! the homeserver, and the registration that links the two.
+
+pub mod appservice;
+pub mod client;
+pub mod registration;

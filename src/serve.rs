@@ -1,0 +1,282 @@
+//! Running the commands: everything `main.rs` does is callable from here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::AppState;
+use crate::cli::{Cli, Command};
+use crate::config::{self, Config, ConfigError};
+use crate::matrix::client::HomeserverClient;
+use crate::matrix::registration::Registration;
+use crate::metrics::{inc, Metrics};
+use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
+use crate::store::sqlite::Fault;
+use crate::store::{SqliteStore, StoreError};
+
+/// Database file name inside the data directory.
+pub const DATABASE_FILE: &str = "conclave.db";
+
+/// Environment variable for fault injection in crash-safety tests (`abort-before-commit`).
+pub const FAULT_ENV: &str = "CONCLAVE_TEST_FAULT";
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid (exit status 2).
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// Secrets could not be loaded or created.
+    #[error("{0}")]
+    Secrets(#[from] SecretsError),
+    /// The database could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The HTTP port could not be bound.
+    #[error("cannot listen on {addr} (http.bind): {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Writing output failed, or the server stopped with an I/O error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built (e.g. a bad CA file).
+    #[error("cannot set up the HTTP client: {0}")]
+    HttpClient(String),
+    /// YAML serialisation failed.
+    #[error("cannot write the registration: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+}
+
+impl RunError {
+    /// Process exit status: 2 for configuration errors, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn load_config(file: Option<&Path>) -> Result<Config, RunError> {
+    let (config, _from) = config::load(file, std::env::vars())?;
+    Ok(config)
+}
+
+/// Runs one CLI command to completion.
+pub async fn run(cli: Cli) -> Result<(), RunError> {
+    match cli.command {
+        Command::Serve { config } => serve(load_config(config.as_deref())?).await,
+        Command::GenerateConfig => write_stdout(config::EXAMPLE_TOML),
+        Command::CheckConfig { config } => {
+            let config = load_config(config.as_deref())?;
+            let text =
+                toml::to_string_pretty(&config).map_err(|e| RunError::HttpClient(e.to_string()))?;
+            write_stdout(&format!(
+                "# configuration is valid; effective values:\n{text}"
+            ))
+        }
+        Command::GenerateRegistration {
+            url,
+            config,
+            output,
+        } => {
+            let config = load_config(config.as_deref())?;
+            let secrets = Secrets::load_or_create(&config)?;
+            let url = url.unwrap_or_else(|| config.public_http_url());
+            let yaml = Registration::new(&config, &secrets, &url).to_yaml()?;
+            let output = output.unwrap_or_else(|| config.data_dir.join("appservice.yaml"));
+            if output == Path::new("-") {
+                write_stdout(&yaml)
+            } else {
+                std::fs::write(&output, yaml).map_err(|source| RunError::Io {
+                    context: format!("cannot write {}", output.display()),
+                    source,
+                })?;
+                eprintln!(
+                    "wrote {} (url {url}); add it to Synapse's app_service_config_files and restart Synapse",
+                    output.display()
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_stdout(text: &str) -> Result<(), RunError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|source| RunError::Io {
+            context: "cannot write to standard output".into(),
+            source,
+        })
+}
+
+/// Builds the outbound HTTP client: rustls with system roots plus `matrix.extra_ca_file`.
+pub fn http_client(config: &Config) -> Result<reqwest::Client, RunError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &config.matrix.extra_ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            RunError::HttpClient(format!(
+                "cannot read matrix.extra_ca_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RunError::HttpClient(format!(
+                "matrix.extra_ca_file {} is not PEM: {e}",
+                path.display()
+            ))
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| RunError::HttpClient(e.to_string()))
+}
+
+async fn serve(config: Config) -> Result<(), RunError> {
+    let secrets = Secrets::load_or_create(&config)?;
+    let db_path = config.data_dir.join(DATABASE_FILE);
+    let fault = match std::env::var(FAULT_ENV).as_deref() {
+        Ok("abort-before-commit") => Fault::AbortBeforeCommit,
+        _ => Fault::None,
+    };
+    let store = SqliteStore::open(&db_path)?.with_fault(fault);
+    let http = http_client(&config)?;
+    let homeserver = HomeserverClient::new(
+        http.clone(),
+        &config.matrix.homeserver_url,
+        secrets.as_token.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(config.http.bind)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.http.bind,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Io {
+        context: "cannot read the bound address".into(),
+        source,
+    })?;
+    let state = Arc::new(AppState {
+        config,
+        secrets,
+        store: Arc::new(store),
+        metrics: Arc::new(Metrics::default()),
+        homeserver,
+    });
+    print_banner(&state.config, local, &db_path);
+    if state.config.appservice.ping_on_start {
+        tokio::spawn(ping_homeserver(state.clone()));
+    }
+    let app = crate::http::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|source| RunError::Io {
+            context: "HTTP server failed".into(),
+            source,
+        })?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+fn print_banner(config: &Config, local: std::net::SocketAddr, db: &Path) {
+    let data = absolute(&config.data_dir);
+    let text = format!(
+        "Conclave {version} is running.\n\
+         \x20 HTTP (appservice, tokens, SFU signalling): http://{local}\n\
+         \x20 health: http://{local}/healthz   metrics: http://{local}/metrics\n\
+         \x20 data:   {data} (database {db}, secrets {secrets})\n\
+         \x20 homeserver: {hs} (server name {name})\n\
+         Next step: register Conclave with Synapse:\n\
+         \x20 conclave generate-registration --url {url}\n\
+         \x20 then add {data}/appservice.yaml to app_service_config_files in homeserver.yaml and restart Synapse.\n",
+        version = env!("CARGO_PKG_VERSION"),
+        data = data.display(),
+        db = db.file_name().and_then(|f| f.to_str()).unwrap_or(DATABASE_FILE),
+        secrets = SECRETS_FILE,
+        hs = config.matrix.homeserver_url,
+        name = config.matrix.server_name,
+        url = config.public_http_url(),
+    );
+    let _ = write_stdout(&text);
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Pings the homeserver until it answers: proves the link and makes Synapse retry queued
+/// transactions immediately. An unreachable homeserver is a warning; serving goes on.
+async fn ping_homeserver(state: Arc<AppState>) {
+    let mut delay = Duration::from_millis(500);
+    let mut warned = false;
+    loop {
+        match state.homeserver.ping(&state.config.appservice.id).await {
+            Ok(rtt) => {
+                inc(&state.metrics.homeserver_pings_ok);
+                tracing::info!(
+                    duration_ms = rtt.as_millis() as u64,
+                    homeserver = %state.homeserver.base_url(),
+                    "appservice ping round trip through the homeserver succeeded"
+                );
+                return;
+            }
+            Err(e) => {
+                inc(&state.metrics.homeserver_pings_failed);
+                if !warned {
+                    tracing::warn!(
+                        error = %e,
+                        homeserver = %state.homeserver.base_url(),
+                        "homeserver ping failed; still serving, retrying with backoff \
+                         (is Conclave registered in app_service_config_files?)"
+                    );
+                    warned = true;
+                } else {
+                    tracing::debug!(error = %e, "homeserver ping failed again");
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining connections");
+}

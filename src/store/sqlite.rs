@@ -1,0 +1,359 @@
+//! [`Store`] on SQLite: WAL, `synchronous=FULL`, numbered migrations tracked by
+//! `PRAGMA user_version`, one connection behind a mutex.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ruma::events::room::member::MembershipState;
+use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, UInt, UserId};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Effect, MembershipRecord, Store, StoreError, TxnOutcome};
+
+/// Migrations, applied in order; migration `i` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// Fault injection for crash-safety tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// No fault.
+    #[default]
+    None,
+    /// Abort the process after a transaction's effects are written but before the commit.
+    AbortBeforeCommit,
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    fault: Fault,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    /// Sets a fault to inject (tests only).
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            fault: Fault::None,
+        })
+    }
+
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut guard)
+    }
+}
+
+/// The newest schema version this binary knows.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let supported = schema_version();
+    if current > supported {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    #[allow(clippy::disallowed_methods)] // wall clock for an audit column only
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn ts_to_i64(ts: MilliSecondsSinceUnixEpoch) -> i64 {
+    i64::try_from(u64::from(ts.0)).unwrap_or(i64::MAX)
+}
+
+fn row_to_membership(row: &rusqlite::Row<'_>) -> Result<MembershipRecord, StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        table: "room_user_membership",
+        message,
+    };
+    let room_id: String = row.get(0)?;
+    let user_id: String = row.get(1)?;
+    let membership: String = row.get(2)?;
+    let event_id: String = row.get(3)?;
+    let ts: i64 = row.get(4)?;
+    Ok(MembershipRecord {
+        room_id: RoomId::parse(&room_id).map_err(|e| corrupt(format!("{room_id}: {e}")))?,
+        user_id: UserId::parse(&user_id).map_err(|e| corrupt(format!("{user_id}: {e}")))?,
+        membership: MembershipState::from(membership.as_str()),
+        event_id: EventId::parse(&event_id).map_err(|e| corrupt(format!("{event_id}: {e}")))?,
+        origin_server_ts: MilliSecondsSinceUnixEpoch(
+            UInt::try_from(ts.max(0) as u64).unwrap_or(UInt::MAX),
+        ),
+    })
+}
+
+impl Store for SqliteStore {
+    fn apply_transaction(
+        &self,
+        txn_id: &str,
+        effects: &[Effect],
+    ) -> Result<TxnOutcome, StoreError> {
+        let fault = self.fault;
+        self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            let seen: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM appservice_txn_processed WHERE txn_id = ?1",
+                    [txn_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if seen.is_some() {
+                return Ok(TxnOutcome::Replayed);
+            }
+            for effect in effects {
+                match effect {
+                    Effect::Membership(m) => {
+                        let ts = ts_to_i64(m.origin_server_ts);
+                        tx.execute(
+                            "INSERT INTO room_user_membership
+                               (room_id, user_id, membership, event_id, origin_server_ts)
+                             VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT (room_id, user_id) DO UPDATE SET
+                               membership = excluded.membership,
+                               event_id = excluded.event_id,
+                               origin_server_ts = excluded.origin_server_ts",
+                            params![
+                                m.room_id.as_str(),
+                                m.user_id.as_str(),
+                                m.membership.as_str(),
+                                m.event_id.as_str(),
+                                ts
+                            ],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO membership_event_log
+                               (txn_id, event_id, room_id, user_id, membership, origin_server_ts)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            params![
+                                txn_id,
+                                m.event_id.as_str(),
+                                m.room_id.as_str(),
+                                m.user_id.as_str(),
+                                m.membership.as_str(),
+                                ts
+                            ],
+                        )?;
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO appservice_txn_processed (txn_id, event_count, processed_ts)
+                 VALUES (?1, ?2, ?3)",
+                params![txn_id, effects.len() as i64, now_ms()],
+            )?;
+            if fault == Fault::AbortBeforeCommit {
+                tracing::error!(txn_id, "fault injection: aborting before commit");
+                std::process::abort();
+            }
+            tx.commit()?;
+            Ok(TxnOutcome::Applied)
+        })
+    }
+
+    fn is_transaction_processed(&self, txn_id: &str) -> Result<bool, StoreError> {
+        self.with_conn(|conn| {
+            let seen: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM appservice_txn_processed WHERE txn_id = ?1",
+                    [txn_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seen.is_some())
+        })
+    }
+
+    fn membership(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<Option<MembershipRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT room_id, user_id, membership, event_id, origin_server_ts
+                 FROM room_user_membership WHERE room_id = ?1 AND user_id = ?2",
+            )?;
+            let mut rows = stmt.query(params![room_id.as_str(), user_id.as_str()])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(row_to_membership(row)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn room_memberships(&self, room_id: &RoomId) -> Result<Vec<MembershipRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT room_id, user_id, membership, event_id, origin_server_ts
+                 FROM room_user_membership WHERE room_id = ?1 ORDER BY user_id",
+            )?;
+            let mut rows = stmt.query([room_id.as_str()])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(row_to_membership(row)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn membership_event_applications(&self, event_id: &EventId) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM membership_event_log WHERE event_id = ?1",
+                [event_id.as_str()],
+                |r| r.get(0),
+            )?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    fn processed_transactions(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            let n: i64 =
+                conn.query_row("SELECT COUNT(*) FROM appservice_txn_processed", [], |r| {
+                    r.get(0)
+                })?;
+            Ok(n.max(0) as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruma::{owned_event_id, owned_room_id, owned_user_id, uint};
+
+    fn member(event: &str, membership: MembershipState) -> Effect {
+        Effect::Membership(MembershipRecord {
+            room_id: owned_room_id!("!room:example.org"),
+            user_id: owned_user_id!("@alice:example.org"),
+            membership,
+            event_id: EventId::parse(event).expect("event id"),
+            origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(1000)),
+        })
+    }
+
+    #[test]
+    fn replayed_txn_is_applied_once() {
+        let store = SqliteStore::open_in_memory().expect("open");
+        let effects = [member("$a", MembershipState::Join)];
+        assert_eq!(
+            store.apply_transaction("t1", &effects).expect("apply"),
+            TxnOutcome::Applied
+        );
+        assert_eq!(
+            store.apply_transaction("t1", &effects).expect("replay"),
+            TxnOutcome::Replayed
+        );
+        assert_eq!(
+            store
+                .membership_event_applications(&owned_event_id!("$a"))
+                .expect("count"),
+            1
+        );
+        assert_eq!(store.processed_transactions().expect("count"), 1);
+    }
+
+    #[test]
+    fn latest_membership_wins() {
+        let store = SqliteStore::open_in_memory().expect("open");
+        store
+            .apply_transaction("t1", &[member("$a", MembershipState::Join)])
+            .expect("apply");
+        store
+            .apply_transaction("t2", &[member("$b", MembershipState::Ban)])
+            .expect("apply");
+        let m = store
+            .membership(
+                &owned_room_id!("!room:example.org"),
+                &owned_user_id!("@alice:example.org"),
+            )
+            .expect("query")
+            .expect("present");
+        assert_eq!(m.membership, MembershipState::Ban);
+        assert_eq!(m.event_id, owned_event_id!("$b"));
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_schema_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store
+                .apply_transaction("t1", &[member("$a", MembershipState::Join)])
+                .expect("apply");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.processed_transactions().expect("count"), 1);
+        let conn = Connection::open(&path).expect("raw");
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, schema_version());
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let conn = Connection::open(&path).expect("raw");
+        conn.pragma_update(None, "user_version", 99).expect("set");
+        drop(conn);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! Conclave's integration tests: one binary, real Synapse, real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// Shared harness: Synapse processes, a Matrix test client, Conclave processes.
+mod support;
+
+// The appservice API against direct requests and against a real Synapse.
+mod appservice;
+// The command line: defaults, secrets, config errors, exit codes.
+mod cli;
+// The test harness itself: two federating Synapses, OpenID over federation.
+mod harness;

@@ -1,0 +1,361 @@
+//! Runs the real `conclave` binary as a child process on a loopback port with its own data dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use conclave::store::{SqliteStore, Store};
+use tempfile::TempDir;
+
+/// Path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_conclave")
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// How to start a Conclave.
+#[derive(Clone, Debug)]
+pub struct ConclaveOptions {
+    /// Extra environment (`CONCLAVE_*` keys and others).
+    pub env: Vec<(String, String)>,
+    /// Homeserver client URL.
+    pub homeserver_url: String,
+    /// Homeserver server name.
+    pub server_name: String,
+    /// Extra CA (the test CA) for federation TLS.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ConclaveOptions {
+    /// Options for a Conclave whose homeserver is not running (nothing listens there).
+    pub fn standalone() -> Self {
+        Self {
+            env: Vec::new(),
+            homeserver_url: format!("http://127.0.0.1:{}", free_port()),
+            server_name: "localhost".into(),
+            ca_file: None,
+        }
+    }
+
+    /// Options for a Conclave beside the given homeserver.
+    pub fn for_homeserver(hs: &super::synapse::Homeserver) -> Self {
+        Self {
+            env: Vec::new(),
+            homeserver_url: hs.client_url.clone(),
+            server_name: hs.server_name.clone(),
+            ca_file: Some(hs.ca.cert_path.clone()),
+        }
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// A Conclave child process. Killed on drop; its log is printed if the test panicked.
+pub struct Conclave {
+    /// Keeps the data dir alive.
+    _dir: TempDir,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// HTTP port.
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Options it was started with.
+    pub opts: ConclaveOptions,
+    child: Option<Child>,
+    log_path: PathBuf,
+    starts: u32,
+}
+
+impl Conclave {
+    /// Prepares data dir and port without starting (so a registration can be written first).
+    pub fn prepare(opts: ConclaveOptions) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        let port = free_port();
+        Ok(Self {
+            log_path: dir.path().join("conclave.log"),
+            _dir: dir,
+            data_dir,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            opts,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    /// Prepares and starts.
+    pub async fn start(opts: ConclaveOptions) -> Result<Self> {
+        let mut c = Self::prepare(opts)?;
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    /// The environment the process runs with.
+    pub fn command_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "CONCLAVE_DATA_DIR".to_owned(),
+                self.data_dir.display().to_string(),
+            ),
+            (
+                "CONCLAVE_HTTP__BIND".to_owned(),
+                format!("127.0.0.1:{}", self.port),
+            ),
+            (
+                "CONCLAVE_MATRIX__HOMESERVER_URL".to_owned(),
+                self.opts.homeserver_url.clone(),
+            ),
+            (
+                "CONCLAVE_MATRIX__SERVER_NAME".to_owned(),
+                self.opts.server_name.clone(),
+            ),
+            (
+                "RUST_LOG".to_owned(),
+                "info,conclave=debug,tower_http=info".to_owned(),
+            ),
+        ];
+        if let Some(ca) = &self.opts.ca_file {
+            env.push((
+                "CONCLAVE_MATRIX__EXTRA_CA_FILE".into(),
+                ca.display().to_string(),
+            ));
+        }
+        env.extend(self.opts.env.iter().cloned());
+        env
+    }
+
+    /// A `conclave` command with this instance's environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.args(args).env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            cmd.env("PATH", path);
+        }
+        for (k, v) in self.command_env() {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Writes the appservice registration for this instance and returns its path.
+    pub fn write_registration(&self) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let path = self.data_dir.join("appservice.yaml");
+        let out = self
+            .command(&[
+                "generate-registration",
+                "--url",
+                &self.url,
+                "--output",
+                path.to_str().context("utf-8 path")?,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "generate-registration failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(path)
+    }
+
+    /// Starts the process (again) and waits until `/healthz` answers.
+    pub async fn spawn(&mut self) -> Result<()> {
+        self.spawn_with_env(&[]).await
+    }
+
+    /// Starts with extra environment for this run only.
+    pub async fn spawn_with_env(&mut self, extra: &[(&str, &str)]) -> Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let mut cmd = self.command(&["serve"]);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning conclave")?;
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "conclave exited with {status} during start:\n{}",
+                    self.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("conclave did not become healthy in 30 s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    self.child = None;
+                    return Ok(status);
+                }
+            } else {
+                bail!("not running");
+            }
+            if Instant::now() > deadline {
+                bail!("conclave still running after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful stop (SIGTERM), SIGKILL after 10 s.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait()?.is_some() {
+                    self.child = None;
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            self.child = None;
+            bail!("conclave ignored SIGTERM for 10 s");
+        }
+        Ok(())
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `GET /metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.url))
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The value of one counter from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Result<u64> {
+        let text = self.metrics().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("metric {name} not found in:\n{text}"))
+    }
+
+    /// Opens the instance's database (read alongside the running process; WAL allows it).
+    pub fn store(&self) -> Result<SqliteStore> {
+        Ok(SqliteStore::open(&self.data_dir.join("conclave.db"))?)
+    }
+
+    /// The persisted secrets file.
+    pub fn secrets_text(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("secrets.toml")).unwrap_or_default()
+    }
+
+    /// The hs_token from the persisted secrets.
+    pub fn hs_token(&self) -> String {
+        let v: toml::Table = self.secrets_text().parse().expect("secrets toml");
+        v["hs_token"].as_str().expect("hs_token").to_owned()
+    }
+
+    /// The data dir path.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for Conclave {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- conclave log ({}) ----\n{}",
+                self.log_path.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Assert helper used by tests: a store query as a future-friendly closure.
+pub fn store_has<F>(c: &Conclave, f: F) -> Result<bool>
+where
+    F: FnOnce(&dyn Store) -> Result<bool>,
+{
+    let store = c.store()?;
+    f(&store)
+}

@@ -1,0 +1,6 @@
+//! Shared test support: real Synapse homeservers, a Matrix test client, and Conclave processes.
+#![allow(dead_code)]
+
+pub mod conclave;
+pub mod matrix_client;
+pub mod synapse;
