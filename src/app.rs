@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::auth::jwt::TokenSigner;
+use crate::auth::openid::OpenIdVerifier;
 use crate::config::Config;
 use crate::matrix::client::HomeserverClient;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
+use crate::sfu::registry::RoomRegistry;
 use crate::store::Store;
 
 /// Everything handlers need; cheap to clone through its `Arc`.
@@ -20,4 +23,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Client-server API access as the appservice.
     pub homeserver: HomeserverClient,
+    /// Signs and verifies LiveKit tokens with `livekit.key`/`livekit.secret`.
+    pub signer: TokenSigner,
+    /// OpenID verification over federation.
+    pub openid: OpenIdVerifier,
+    /// The SFU's rooms.
+    pub rooms: Arc<RoomRegistry>,
 }

@@ -18,7 +18,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
+use crate::auth::lk_jwt;
 use crate::matrix::appservice;
+use crate::signal::validate;
 use error::MatrixErrorResponse;
 
 /// Builds the router for `state`.
@@ -41,8 +43,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rooms/{alias}", get(appservice::get_room_alias))
         .method_not_allowed_fallback(method_not_allowed);
 
+    let token_routes = Router::new()
+        .route("/sfu/get", post(lk_jwt::post_sfu_get))
+        .route("/get_token", post(lk_jwt::post_get_token))
+        .layer(DefaultBodyLimit::max(lk_jwt::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(lk_jwt::cors));
+
+    let signal_routes = Router::new()
+        .route("/rtc/validate", get(validate::get_validate))
+        .route("/rtc/v1/validate", get(validate::get_validate_v1));
+
     Router::new()
         .merge(appservice_routes)
+        .merge(token_routes)
+        .merge(signal_routes)
         .route("/healthz", get(healthz).head(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -2,12 +2,15 @@
 //! SFU in one binary. See `docs/ARCHITECTURE.md` for the data flow.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod matrix;
 pub mod metrics;
 pub mod secrets;
+pub mod sfu;
+pub mod signal;
 pub mod store;
 
 mod serve;

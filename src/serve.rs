@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::AppState;
+use crate::auth::jwt::TokenSigner;
+use crate::auth::openid::OpenIdVerifier;
 use crate::cli::{Cli, Command};
 use crate::config::{self, Config, ConfigError};
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
 use crate::metrics::{inc, Metrics};
 use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
+use crate::sfu::registry::RoomRegistry;
 use crate::store::sqlite::Fault;
 use crate::store::{SqliteStore, StoreError};
 
@@ -174,12 +177,30 @@ async fn serve(config: Config) -> Result<(), RunError> {
         context: "cannot read the bound address".into(),
         source,
     })?;
+    let extra_ca = match &config.matrix.extra_ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| {
+            RunError::HttpClient(format!(
+                "cannot read matrix.extra_ca_file {}: {e}",
+                p.display()
+            ))
+        })?),
+        None => None,
+    };
+    let openid = OpenIdVerifier::new(
+        extra_ca.as_deref(),
+        Duration::from_millis(config.auth.federation_timeout_ms),
+    )
+    .map_err(|e| RunError::HttpClient(e.to_string()))?;
+    let signer = TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose());
     let state = Arc::new(AppState {
         config,
         secrets,
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
         homeserver,
+        signer,
+        openid,
+        rooms: Arc::new(RoomRegistry::default()),
     });
     print_banner(&state.config, local, &db_path);
     if state.config.appservice.ping_on_start {

@@ -74,3 +74,25 @@ impl IntoResponse for MatrixErrorResponse {
         (self.status, Json(body)).into_response()
     }
 }
+
+impl From<crate::auth::AuthError> for MatrixErrorResponse {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as E;
+        let (status, code) = match &e {
+            E::NotJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::NotJson),
+            E::BadJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadJson),
+            E::InvalidParam(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidParam),
+            E::Unauthorized(_) | E::InvalidToken(_) => {
+                (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
+            }
+            E::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            E::RoomUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            E::HomeserverUnreachable(_) | E::HomeserverBadResponse(_) => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::ConnectionFailed)
+            }
+            E::HomeserverTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::ConnectionTimeout),
+            E::Store(_) | E::Internal(_) => return Self::internal(&e),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}

@@ -67,6 +67,25 @@ pub struct MembershipRecord {
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
 }
 
+/// An SFU participant whose client handed over an MSC4140 delayed leave event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayedLeave {
+    /// LiveKit room name.
+    pub room_name: String,
+    /// LiveKit participant identity.
+    pub identity: String,
+    /// The Matrix room of the call.
+    pub matrix_room_id: OwnedRoomId,
+    /// The Matrix user.
+    pub user_id: OwnedUserId,
+    /// The user's (claimed) device.
+    pub device_id: String,
+    /// The delayed event's ID on the user's homeserver.
+    pub delay_id: String,
+    /// Its timeout, in milliseconds.
+    pub delay_timeout_ms: u64,
+}
+
 /// What happened to a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxnOutcome {
@@ -93,9 +112,22 @@ pub trait Store: Send + Sync + 'static {
         user_id: &ruma::UserId,
     ) -> Result<Option<MembershipRecord>, StoreError>;
 
+    /// Whether any membership of `room_id` was ever seen.
+    fn room_known(&self, room_id: &ruma::RoomId) -> Result<bool, StoreError>;
+
     /// Every user with a membership record in `room_id`, ordered by user ID.
     fn room_memberships(&self, room_id: &ruma::RoomId)
         -> Result<Vec<MembershipRecord>, StoreError>;
+
+    /// Records (or replaces) the delayed leave of an issued SFU participant.
+    fn record_delayed_leave(&self, leave: &DelayedLeave) -> Result<(), StoreError>;
+
+    /// The delayed leave recorded for a participant, if any.
+    fn delayed_leave(
+        &self,
+        room_name: &str,
+        identity: &str,
+    ) -> Result<Option<DelayedLeave>, StoreError>;
 
     /// How many times the membership event `event_id` was applied (0 or 1 unless a bug).
     fn membership_event_applications(&self, event_id: &ruma::EventId) -> Result<u64, StoreError>;

@@ -8,10 +8,13 @@ use ruma::events::room::member::MembershipState;
 use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, UInt, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Effect, MembershipRecord, Store, StoreError, TxnOutcome};
+use super::{DelayedLeave, Effect, MembershipRecord, Store, StoreError, TxnOutcome};
 
 /// Migrations, applied in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_issued_participants.sql"),
+];
 
 /// Fault injection for crash-safety tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -228,6 +231,19 @@ impl Store for SqliteStore {
         })
     }
 
+    fn room_known(&self, room_id: &RoomId) -> Result<bool, StoreError> {
+        self.with_conn(|conn| {
+            let seen: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM room_user_membership WHERE room_id = ?1 LIMIT 1",
+                    [room_id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seen.is_some())
+        })
+    }
+
     fn room_memberships(&self, room_id: &RoomId) -> Result<Vec<MembershipRecord>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(
@@ -240,6 +256,73 @@ impl Store for SqliteStore {
                 out.push(row_to_membership(row)?);
             }
             Ok(out)
+        })
+    }
+
+    fn record_delayed_leave(&self, d: &DelayedLeave) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "INSERT INTO sfu_participant_delayed_leave
+                   (room_name, identity, matrix_room_id, user_id, device_id, delay_id,
+                    delay_timeout_ms, issued_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (room_name, identity) DO UPDATE SET
+                   matrix_room_id = excluded.matrix_room_id, user_id = excluded.user_id,
+                   device_id = excluded.device_id, delay_id = excluded.delay_id,
+                   delay_timeout_ms = excluded.delay_timeout_ms, issued_ts = excluded.issued_ts",
+                params![
+                    d.room_name,
+                    d.identity,
+                    d.matrix_room_id.as_str(),
+                    d.user_id.as_str(),
+                    d.device_id,
+                    d.delay_id,
+                    i64::try_from(d.delay_timeout_ms).unwrap_or(i64::MAX),
+                    now_ms()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delayed_leave(
+        &self,
+        room_name: &str,
+        identity: &str,
+    ) -> Result<Option<DelayedLeave>, StoreError> {
+        self.with_conn(|conn| {
+            let row = conn
+                .query_row(
+                    "SELECT matrix_room_id, user_id, device_id, delay_id, delay_timeout_ms
+                     FROM sfu_participant_delayed_leave WHERE room_name = ?1 AND identity = ?2",
+                    params![room_name, identity],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((room, user, device, delay_id, timeout)) = row else {
+                return Ok(None);
+            };
+            let corrupt = |message: String| StoreError::Corrupt {
+                table: "sfu_participant_delayed_leave",
+                message,
+            };
+            Ok(Some(DelayedLeave {
+                room_name: room_name.to_owned(),
+                identity: identity.to_owned(),
+                matrix_room_id: RoomId::parse(&room).map_err(|e| corrupt(e.to_string()))?,
+                user_id: UserId::parse(&user).map_err(|e| corrupt(e.to_string()))?,
+                device_id: device,
+                delay_id,
+                delay_timeout_ms: timeout.max(0) as u64,
+            }))
         })
     }
 

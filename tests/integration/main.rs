@@ -10,3 +10,5 @@ mod appservice;
 mod cli;
 // The test harness itself: two federating Synapses, OpenID over federation.
 mod harness;
+// The token service: lk-jwt-service endpoints, OpenID over federation, membership gate.
+mod tokens;

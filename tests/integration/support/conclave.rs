@@ -359,3 +359,44 @@ where
     let store = c.store()?;
     f(&store)
 }
+
+/// Two federating homeservers with a Conclave registered on hs1 (started after hs1).
+pub async fn pair_with_conclave_on_hs1(
+    extra_env: &[(&str, &str)],
+) -> Result<(
+    super::synapse::Homeserver,
+    super::synapse::Homeserver,
+    Conclave,
+)> {
+    use super::synapse::{free_ports, start_pair_with, HsOptions, TestCa};
+    let ca = TestCa::new()?;
+    let ports = free_ports(2)?;
+    let mut opts = ConclaveOptions::standalone();
+    opts.homeserver_url = format!("http://127.0.0.1:{}", ports[0]);
+    opts.server_name = format!("localhost:{}", ports[1]);
+    opts.ca_file = Some(ca.cert_path.clone());
+    for (k, v) in extra_env {
+        opts.env.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    let mut c = Conclave::prepare(opts)?;
+    let reg = c.write_registration()?;
+    let (hs1, hs2) = start_pair_with(
+        HsOptions::new(ca.clone())
+            .ports(ports[0], ports[1])
+            .appservice(reg),
+        HsOptions::new(ca),
+    )
+    .await?;
+    c.spawn().await?;
+    Ok((hs1, hs2, c))
+}
+
+/// Decodes a JWT's payload without verifying it.
+pub fn jwt_payload(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).expect("JWT has a payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url payload");
+    serde_json::from_slice(&bytes).expect("JSON payload")
+}

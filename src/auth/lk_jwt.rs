@@ -1,0 +1,451 @@
+//! The lk-jwt-service drop-in: `POST /sfu/get` (legacy) and `POST /get_token` (MSC4195),
+//! both answering `{"url","jwt"}`. Unlike lk-jwt-service, a token is issued only to a user
+//! joined to the Matrix room (config `auth.require_membership`).
+//!
+//! Errors follow lk-jwt-service's statuses and Matrix JSON; unknown fields are ignored, missing
+//! ones are named.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::jwt::{Claims, VideoGrant};
+use super::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
+use super::AuthError;
+use crate::app::AppState;
+use crate::http::error::MatrixErrorResponse;
+use crate::metrics::inc;
+use crate::sfu::registry::RoomOptions;
+use crate::store::DelayedLeave;
+
+/// Largest accepted token request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `openid_token` as Element Call sends it.
+#[derive(Debug, Deserialize)]
+pub struct OpenIdTokenBody {
+    /// The token from `/_matrix/client/v3/user/{userId}/openid/request_token`.
+    pub access_token: Option<String>,
+    /// Always `Bearer`.
+    pub token_type: Option<String>,
+    /// The homeserver that issued it (and vouches for the user).
+    pub matrix_server_name: Option<String>,
+    /// Lifetime in seconds.
+    pub expires_in: Option<u64>,
+}
+
+/// `POST /sfu/get` body.
+#[derive(Debug, Deserialize)]
+pub struct LegacyRequest {
+    /// Matrix room ID.
+    pub room: Option<String>,
+    /// OpenID token.
+    pub openid_token: Option<OpenIdTokenBody>,
+    /// The caller's device.
+    pub device_id: Option<String>,
+    /// MSC4140 delayed leave event ID.
+    pub delay_id: Option<String>,
+    /// Its timeout in ms.
+    pub delay_timeout: Option<u64>,
+    /// Accepted and ignored (as lk-jwt-service does since 2026-06).
+    pub delay_cs_api_url: Option<String>,
+}
+
+/// `member` of `/get_token`.
+#[derive(Debug, Deserialize)]
+pub struct MemberBody {
+    /// The membership ID.
+    pub id: Option<String>,
+    /// The user the caller says it is (must match the OpenID subject).
+    pub claimed_user_id: Option<String>,
+    /// The device the caller says it uses.
+    pub claimed_device_id: Option<String>,
+}
+
+/// `POST /get_token` body.
+#[derive(Debug, Deserialize)]
+pub struct TokenRequest {
+    /// Matrix room ID.
+    pub room_id: Option<String>,
+    /// Call slot (`m.call#ROOM`).
+    pub slot_id: Option<String>,
+    /// OpenID token.
+    pub openid_token: Option<OpenIdTokenBody>,
+    /// The membership.
+    pub member: Option<MemberBody>,
+    /// MSC4140 delayed leave event ID.
+    pub delay_id: Option<String>,
+    /// Its timeout in ms.
+    pub delay_timeout: Option<u64>,
+    /// Accepted and ignored.
+    pub delay_cs_api_url: Option<String>,
+}
+
+/// The answer of both endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// SFU WebSocket URL.
+    pub url: String,
+    /// LiveKit access token.
+    pub jwt: String,
+}
+
+/// A request, normalised from either endpoint.
+struct Normalized {
+    room_id: OwnedRoomId,
+    slot_id: String,
+    server_name: OwnedServerName,
+    access_token: String,
+    expires_in: Option<u64>,
+    claimed_user: Option<String>,
+    device_id: String,
+    member_id: Option<String>,
+    delay: Option<(String, u64)>,
+}
+
+fn required<T>(v: Option<T>, name: &str) -> Result<T, AuthError> {
+    v.ok_or_else(|| AuthError::BadJson(format!("The request body is missing `{name}`")))
+}
+
+fn non_empty(v: Option<String>, name: &str) -> Result<String, AuthError> {
+    required(v.filter(|s| !s.is_empty()), name)
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, AuthError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| AuthError::NotJson(e.to_string()))?;
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| AuthError::BadJson(format!("invalid field `{}`: {}", e.path(), e.inner())))
+}
+
+fn parse_openid(
+    token: Option<OpenIdTokenBody>,
+) -> Result<(String, OwnedServerName, Option<u64>), AuthError> {
+    let token = required(token, "openid_token")?;
+    let access = non_empty(token.access_token, "openid_token.access_token")?;
+    let server = non_empty(token.matrix_server_name, "openid_token.matrix_server_name")?;
+    let server = ServerName::parse(&server).map_err(|_| {
+        AuthError::InvalidParam(format!(
+            "openid_token.matrix_server_name {server:?} is not a valid server name"
+        ))
+    })?;
+    Ok((access, server, token.expires_in))
+}
+
+fn parse_room(room: String, field: &str) -> Result<OwnedRoomId, AuthError> {
+    RoomId::parse(&room)
+        .map_err(|_| AuthError::InvalidParam(format!("`{field}` {room:?} is not a Matrix room ID")))
+}
+
+fn parse_delay(
+    id: Option<String>,
+    timeout: Option<u64>,
+) -> Result<Option<(String, u64)>, AuthError> {
+    match (id.filter(|s| !s.is_empty()), timeout) {
+        (None, None) => Ok(None),
+        (Some(id), Some(t)) if t > 0 => Ok(Some((id, t))),
+        _ => Err(AuthError::BadJson(
+            "`delay_id` and a positive `delay_timeout` must be given together".into(),
+        )),
+    }
+}
+
+impl Normalized {
+    fn from_legacy(r: LegacyRequest) -> Result<Self, AuthError> {
+        let room_id = parse_room(non_empty(r.room, "room")?, "room")?;
+        let (access_token, server_name, expires_in) = parse_openid(r.openid_token)?;
+        Ok(Self {
+            room_id,
+            slot_id: LEGACY_SLOT.to_owned(),
+            server_name,
+            access_token,
+            expires_in,
+            claimed_user: None,
+            device_id: non_empty(r.device_id, "device_id")?,
+            member_id: None,
+            delay: parse_delay(r.delay_id, r.delay_timeout)?,
+        })
+    }
+
+    fn from_token_request(r: TokenRequest) -> Result<Self, AuthError> {
+        let room_id = parse_room(non_empty(r.room_id, "room_id")?, "room_id")?;
+        let slot_id = non_empty(r.slot_id, "slot_id")?;
+        let member = required(r.member, "member")?;
+        let member_id = non_empty(member.id, "member.id")?;
+        let claimed_user = non_empty(member.claimed_user_id, "member.claimed_user_id")?;
+        let device_id = non_empty(member.claimed_device_id, "member.claimed_device_id")?;
+        let (access_token, server_name, expires_in) = parse_openid(r.openid_token)?;
+        Ok(Self {
+            room_id,
+            slot_id,
+            server_name,
+            access_token,
+            expires_in,
+            claimed_user: Some(claimed_user),
+            device_id,
+            member_id: Some(member_id),
+            delay: parse_delay(r.delay_id, r.delay_timeout)?,
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)] // the HTTP edge reads the wall clock for JWT times
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether users of `server` may create SFU rooms.
+fn is_full_access(state: &AppState, server: &ServerName) -> bool {
+    let list = &state.config.auth.full_access_homeservers;
+    if list.is_empty() {
+        return server == state.config.matrix.server_name;
+    }
+    list.iter().any(|s| s == "*" || s == server.as_str())
+}
+
+async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthError> {
+    let now = Instant::now();
+    let user_id = state
+        .openid
+        .verify(&req.server_name, &req.access_token, req.expires_in, now)
+        .await?;
+    if let Some(claimed) = &req.claimed_user {
+        if claimed != user_id.as_str() {
+            return Err(AuthError::Unauthorized(format!(
+                "member.claimed_user_id {claimed} is not the token's user"
+            )));
+        }
+    }
+    if state.config.auth.require_membership {
+        super::membership::require_joined(state, &req.room_id, &user_id).await?;
+    }
+    let full_access = is_full_access(state, &req.server_name);
+    if req.delay.is_some() && !full_access {
+        return Err(AuthError::BadJson(
+            "Delegation of delayed events is only supported for full access users".into(),
+        ));
+    }
+    let room = room_name(req.room_id.as_str(), &req.slot_id);
+    let identity = match &req.member_id {
+        Some(member) => member_identity(user_id.as_str(), &req.device_id, member),
+        None => legacy_identity(user_id.as_str(), &req.device_id),
+    };
+    if full_access {
+        state.rooms.create(&room, RoomOptions::default(), now);
+    }
+    let local = user_id.server_name() == state.config.matrix.server_name;
+    let auth = &state.config.auth;
+    let unix = unix_now();
+    let claims = Claims {
+        iss: state.signer.key().to_owned(),
+        sub: identity.clone(),
+        nbf: unix,
+        exp: unix + auth.token_lifetime_secs,
+        name: String::new(),
+        metadata: String::new(),
+        video: VideoGrant {
+            room: room.clone(),
+            room_join: true,
+            can_publish: Some(local || auth.remote_can_publish),
+            can_subscribe: Some(local || auth.remote_can_subscribe),
+            can_publish_data: Some(local || auth.remote_can_publish),
+            can_update_own_metadata: Some(true),
+            ..VideoGrant::default()
+        },
+    };
+    let jwt = state.signer.sign(&claims)?;
+    if let Some((delay_id, delay_timeout_ms)) = req.delay {
+        let store = state.store.clone();
+        let leave = DelayedLeave {
+            room_name: room.clone(),
+            identity: identity.clone(),
+            matrix_room_id: req.room_id.clone(),
+            user_id: user_id.clone(),
+            device_id: req.device_id.clone(),
+            delay_id,
+            delay_timeout_ms,
+        };
+        tokio::task::spawn_blocking(move || store.record_delayed_leave(&leave))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))??;
+    }
+    tracing::info!(
+        user_id = %user_id,
+        room_id = %req.room_id,
+        sfu_room = %room,
+        identity = %identity,
+        full_access,
+        "SFU token issued"
+    );
+    Ok(TokenResponse {
+        url: state.config.livekit_public_url(),
+        jwt,
+    })
+}
+
+fn respond(state: &AppState, result: Result<TokenResponse, AuthError>) -> Response {
+    match result {
+        Ok(r) => {
+            inc(&state.metrics.tokens_issued);
+            Json(r).into_response()
+        }
+        Err(e) => {
+            inc(&state.metrics.tokens_refused);
+            match &e {
+                AuthError::Internal(_) | AuthError::Store(_) => {}
+                _ => tracing::info!(error = %e, "SFU token refused"),
+            }
+            MatrixErrorResponse::from(e).into_response()
+        }
+    }
+}
+
+fn read_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, MatrixErrorResponse> {
+    let body = body.map_err(|r| MatrixErrorResponse::from_body_rejection(&r))?;
+    parse_body(&body).map_err(MatrixErrorResponse::from)
+}
+
+/// `POST /sfu/get`: legacy token endpoint (room = hash of `[room, "m.call#ROOM"]`,
+/// identity = `user_id:device_id`).
+pub async fn post_sfu_get(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = match read_body::<LegacyRequest>(body) {
+        Ok(r) => r,
+        Err(e) => {
+            inc(&state.metrics.tokens_refused);
+            return e.into_response();
+        }
+    };
+    let result = match Normalized::from_legacy(req) {
+        Ok(n) => issue(&state, n).await,
+        Err(e) => Err(e),
+    };
+    respond(&state, result)
+}
+
+/// `POST /get_token`: MSC4195 token endpoint (identity = hash of
+/// `[user_id, claimed_device_id, member.id]`).
+pub async fn post_get_token(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = match read_body::<TokenRequest>(body) {
+        Ok(r) => r,
+        Err(e) => {
+            inc(&state.metrics.tokens_refused);
+            return e.into_response();
+        }
+    };
+    let result = match Normalized::from_token_request(req) {
+        Ok(n) => issue(&state, n).await,
+        Err(e) => Err(e),
+    };
+    respond(&state, result)
+}
+
+/// CORS exactly as lk-jwt-service: every response carries it; `OPTIONS` answers 200 at once.
+pub async fn cors(request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::OPTIONS {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(request).await
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(
+            "Accept, Content-Type, Content-Length, Accept-Encoding, X-CSRF-Token, Authorization",
+        ),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
+}
+
+/// Ensures a verified token is cached, then the route can be measured without federation.
+pub fn prime_openid_cache(
+    state: &AppState,
+    server: &ServerName,
+    token: &str,
+    user: ruma::OwnedUserId,
+) {
+    state.openid.remember(
+        server,
+        token,
+        user,
+        Duration::from_secs(3600),
+        Instant::now(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_are_named() {
+        let r: TokenRequest = parse_body(br#"{"room_id":"!a:b","extra":1}"#).unwrap();
+        let err = Normalized::from_token_request(r).err().unwrap();
+        assert_eq!(err.to_string(), "The request body is missing `slot_id`");
+        let r: TokenRequest = parse_body(
+            br#"{"room_id":"!a:b","slot_id":"m.call#ROOM","member":{"id":"x","claimed_user_id":"@u:b"}}"#,
+        )
+        .unwrap();
+        let err = Normalized::from_token_request(r).err().unwrap();
+        assert!(
+            err.to_string().contains("member.claimed_device_id"),
+            "{err}"
+        );
+        let r: LegacyRequest = parse_body(br#"{"room":"!a:b","device_id":"D"}"#).unwrap();
+        let err = Normalized::from_legacy(r).err().unwrap();
+        assert!(err.to_string().contains("openid_token"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_non_json() {
+        assert!(matches!(
+            parse_body::<LegacyRequest>(b"{nope"),
+            Err(AuthError::NotJson(_))
+        ));
+        let err = parse_body::<LegacyRequest>(br#"{"room": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("room"), "{err}");
+    }
+
+    #[test]
+    fn delay_fields_come_in_pairs() {
+        assert!(parse_delay(Some("d".into()), None).is_err());
+        assert!(parse_delay(None, Some(5)).is_err());
+        assert!(parse_delay(Some("d".into()), Some(0)).is_err());
+        assert_eq!(
+            parse_delay(Some("d".into()), Some(5)).unwrap(),
+            Some(("d".into(), 5))
+        );
+    }
+}

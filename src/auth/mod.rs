@@ -1,0 +1,53 @@
+//! Authentication and authorisation: the lk-jwt-service drop-in token endpoints, OpenID
+//! verification over federation, the Matrix membership gate and LiveKit JWTs.
+#![warn(missing_docs)]
+
+pub mod discovery;
+pub mod jwt;
+pub mod lk_jwt;
+pub mod membership;
+pub mod naming;
+pub mod openid;
+
+use crate::store::StoreError;
+
+/// Why a token request (or a LiveKit token) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The body is not JSON (400 `M_NOT_JSON`).
+    #[error("request body is not JSON: {0}")]
+    NotJson(String),
+    /// A field is missing or has the wrong type (400 `M_BAD_JSON`).
+    #[error("{0}")]
+    BadJson(String),
+    /// A field has an invalid value (400 `M_INVALID_PARAM`).
+    #[error("{0}")]
+    InvalidParam(String),
+    /// The OpenID token was not accepted, or belongs to someone else (401 `M_UNAUTHORIZED`).
+    #[error("the request could not be authorised: {0}")]
+    Unauthorized(String),
+    /// The user may not join this room's call (403 `M_FORBIDDEN`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The room is unknown to this homeserver or to Conclave (404 `M_NOT_FOUND`).
+    #[error("{0}")]
+    RoomUnknown(String),
+    /// The user's homeserver could not be reached (502).
+    #[error("homeserver {0} is unreachable")]
+    HomeserverUnreachable(String),
+    /// The user's homeserver did not answer in time (504).
+    #[error("homeserver {0} did not answer in time")]
+    HomeserverTimeout(String),
+    /// The user's homeserver answered something unusable (502).
+    #[error("homeserver {0} answered with an invalid response")]
+    HomeserverBadResponse(String),
+    /// A LiveKit JWT is invalid or expired (401).
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    /// The store failed (500).
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Anything else that is our fault (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,122 @@
+//! `GET /rtc/validate` and `GET /rtc/v1/validate`: the same checks as the WebSocket connect,
+//! without upgrading. Errors are plain text with the statuses client-sdk-js maps
+//! (`SignalClient.handleConnectionError`): 401 for a bad token, 404 with exactly
+//! `requested room does not exist` for a room nobody with full access started.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::AppState;
+use crate::auth::jwt::Claims;
+
+/// The text LiveKit clients look for to stop retrying.
+pub const ROOM_DOES_NOT_EXIST: &str = "requested room does not exist";
+
+/// Why a connect is refused: status and plain-text body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Plain-text body.
+    pub message: String,
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> ConnectRefusal {
+    ConnectRefusal {
+        status,
+        message: message.into(),
+    }
+}
+
+/// Extracts the token (header first, then `access_token`) and checks it, the grant and the room.
+pub fn check_connect(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    now: Instant,
+    unix_now: u64,
+) -> Result<Claims, ConnectRefusal> {
+    let token = match headers.get(header::AUTHORIZATION) {
+        Some(v) => {
+            let v = v.to_str().unwrap_or("");
+            match v.strip_prefix("Bearer ") {
+                Some(t) => t.trim().to_owned(),
+                None => {
+                    return Err(refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid authorization header. Must start with Bearer ",
+                    ))
+                }
+            }
+        }
+        None => query.get("access_token").cloned().ok_or_else(|| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "no authorization header or access_token",
+            )
+        })?,
+    };
+    let claims = state
+        .signer
+        .verify(&token, unix_now)
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if !claims.video.room_join || claims.video.room.is_empty() {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "permissions denied: token has no roomJoin grant for a room",
+        ));
+    }
+    if claims.sub.is_empty() {
+        return Err(refuse(StatusCode::UNAUTHORIZED, "token has no identity"));
+    }
+    if !state.rooms.exists(&claims.video.room, now) {
+        return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
+    }
+    Ok(claims)
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT times
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r
+}
+
+/// `GET /rtc/validate` (v0).
+pub async fn get_validate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    match check_connect(&state, &headers, &query, Instant::now(), unix_now()) {
+        Ok(_) => text(StatusCode::OK, "success".into()),
+        Err(r) => text(r.status, r.message),
+    }
+}
+
+/// `GET /rtc/v1/validate` (v1: also requires `join_request`).
+pub async fn get_validate_v1(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !query.contains_key("join_request") {
+        return text(StatusCode::BAD_REQUEST, "join_request is required".into());
+    }
+    get_validate(State(state), headers, Query(query)).await
+}
