@@ -38,10 +38,46 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Print what to paste into Synapse's config (MSC4143 `matrix_rtc` transports) and into
+    /// `/.well-known/matrix/client` so clients discover this SFU.
+    PrintDiscovery {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print one JSON object (`synapse`, `well_known_client`) instead of annotated text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a benchmark (loopback only, bounded in time).
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        scenario: BenchCommand,
+    },
     /// Validate the configuration and print the effective values.
     CheckConfig {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// `/get_token` requests/s and latency with a cached OpenID verification.
+    Tokens {
+        /// Total requests.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Stop after this many seconds whatever the count.
+        #[arg(long, default_value_t = 60)]
+        max_seconds: u64,
+        /// Print one JSON object instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
     },
 }

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod http;
@@ -13,6 +14,6 @@ pub mod sfu;
 pub mod signal;
 pub mod store;
 
-mod serve;
+pub mod serve;
 
 pub use serve::{run, RunError};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::app::AppState;
 use crate::auth::jwt::TokenSigner;
 use crate::auth::openid::OpenIdVerifier;
-use crate::cli::{Cli, Command};
+use crate::cli::{BenchCommand, Cli, Command};
 use crate::config::{self, Config, ConfigError};
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
@@ -88,6 +88,31 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
                 "# configuration is valid; effective values:\n{text}"
             ))
         }
+        Command::Bench { scenario } => match scenario {
+            BenchCommand::Tokens {
+                requests,
+                concurrency,
+                max_seconds,
+                json,
+            } => {
+                let report = crate::bench::tokens::run(crate::bench::tokens::TokenBenchOptions {
+                    requests,
+                    concurrency,
+                    max_duration: Duration::from_secs(max_seconds),
+                })
+                .await?;
+                let text = if json {
+                    format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
+                } else {
+                    report.markdown()
+                };
+                write_stdout(&text)
+            }
+        },
+        Command::PrintDiscovery { config, json } => {
+            let config = load_config(config.as_deref())?;
+            write_stdout(&discovery_text(&config, json)?)
+        }
         Command::GenerateRegistration {
             url,
             config,
@@ -115,6 +140,38 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     }
 }
 
+/// What `print-discovery` prints: the Synapse `matrix_rtc` block and the well-known key, both
+/// pointing at the token service (`http.public_url`).
+fn discovery_text(config: &Config, json: bool) -> Result<String, RunError> {
+    let service_url = config.public_http_url();
+    let transport = serde_json::json!({"type": "livekit", "livekit_service_url": service_url});
+    let synapse = serde_json::json!({
+        "experimental_features": {"msc4143_enabled": true},
+        "max_event_delay_duration": "24h",
+        "matrix_rtc": {"transports": [transport]},
+    });
+    let well_known = serde_json::json!({"org.matrix.msc4143.rtc_foci": [transport]});
+    if json {
+        return Ok(format!(
+            "{}\n",
+            serde_json::json!({"synapse": synapse, "well_known_client": well_known})
+        ));
+    }
+    let yaml = serde_yaml::to_string(&synapse)?;
+    let wk = serde_json::to_string_pretty(&well_known).unwrap_or_default();
+    Ok(format!(
+        "# 1. Add to Synapse's homeserver.yaml (MSC4143 transports, MSC4140 delayed events),\n\
+         #    then restart Synapse. Clients read it from\n\
+         #    /_matrix/client/unstable/org.matrix.msc4143/rtc/transports.\n\
+         {yaml}\n\
+         # 2. Merge into https://{server}/.well-known/matrix/client (legacy discovery, still read\n\
+         #    by some clients):\n\
+         {wk}\n\
+         # The URL is http.public_url; behind a TLS reverse proxy set it to the public https URL.\n",
+        server = config.matrix.server_name,
+    ))
+}
+
 fn write_stdout(text: &str) -> Result<(), RunError> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
@@ -125,25 +182,27 @@ fn write_stdout(text: &str) -> Result<(), RunError> {
         })
 }
 
-/// Builds the outbound HTTP client: rustls with system roots plus `matrix.extra_ca_file`.
-pub fn http_client(config: &Config) -> Result<reqwest::Client, RunError> {
+fn read_extra_ca(config: &Config) -> Result<Option<Vec<u8>>, RunError> {
+    match &config.matrix.extra_ca_file {
+        Some(p) => std::fs::read(p).map(Some).map_err(|e| {
+            RunError::HttpClient(format!(
+                "cannot read matrix.extra_ca_file {}: {e}",
+                p.display()
+            ))
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Builds the client towards the local homeserver: rustls with system roots plus the extra CA.
+fn http_client(extra_ca: Option<&[u8]>) -> Result<reqwest::Client, RunError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &config.matrix.extra_ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            RunError::HttpClient(format!(
-                "cannot read matrix.extra_ca_file {}: {e}",
-                path.display()
-            ))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            RunError::HttpClient(format!(
-                "matrix.extra_ca_file {} is not PEM: {e}",
-                path.display()
-            ))
-        })?;
+    if let Some(pem) = extra_ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| RunError::HttpClient(format!("matrix.extra_ca_file is not PEM: {e}")))?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
@@ -153,46 +212,23 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, RunError> {
         .map_err(|e| RunError::HttpClient(e.to_string()))
 }
 
-async fn serve(config: Config) -> Result<(), RunError> {
+/// Opens the store and builds every shared component for `config`.
+pub fn build_state(config: Config, fault: Fault) -> Result<Arc<AppState>, RunError> {
     let secrets = Secrets::load_or_create(&config)?;
-    let db_path = config.data_dir.join(DATABASE_FILE);
-    let fault = match std::env::var(FAULT_ENV).as_deref() {
-        Ok("abort-before-commit") => Fault::AbortBeforeCommit,
-        _ => Fault::None,
-    };
-    let store = SqliteStore::open(&db_path)?.with_fault(fault);
-    let http = http_client(&config)?;
+    let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?.with_fault(fault);
+    let extra_ca = read_extra_ca(&config)?;
     let homeserver = HomeserverClient::new(
-        http.clone(),
+        http_client(extra_ca.as_deref())?,
         &config.matrix.homeserver_url,
         secrets.as_token.clone(),
     );
-    let listener = tokio::net::TcpListener::bind(config.http.bind)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.http.bind,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| RunError::Io {
-        context: "cannot read the bound address".into(),
-        source,
-    })?;
-    let extra_ca = match &config.matrix.extra_ca_file {
-        Some(p) => Some(std::fs::read(p).map_err(|e| {
-            RunError::HttpClient(format!(
-                "cannot read matrix.extra_ca_file {}: {e}",
-                p.display()
-            ))
-        })?),
-        None => None,
-    };
     let openid = OpenIdVerifier::new(
         extra_ca.as_deref(),
         Duration::from_millis(config.auth.federation_timeout_ms),
     )
     .map_err(|e| RunError::HttpClient(e.to_string()))?;
     let signer = TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose());
-    let state = Arc::new(AppState {
+    Ok(Arc::new(AppState {
         config,
         secrets,
         store: Arc::new(store),
@@ -201,8 +237,31 @@ async fn serve(config: Config) -> Result<(), RunError> {
         signer,
         openid,
         rooms: Arc::new(RoomRegistry::default()),
-    });
-    print_banner(&state.config, local, &db_path);
+    }))
+}
+
+/// Binds `http.bind`.
+pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(config.http.bind)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.http.bind,
+            source,
+        })
+}
+
+async fn serve(config: Config) -> Result<(), RunError> {
+    let fault = match std::env::var(FAULT_ENV).as_deref() {
+        Ok("abort-before-commit") => Fault::AbortBeforeCommit,
+        _ => Fault::None,
+    };
+    let listener = bind(&config).await?;
+    let local = listener.local_addr().map_err(|source| RunError::Io {
+        context: "cannot read the bound address".into(),
+        source,
+    })?;
+    let state = build_state(config, fault)?;
+    print_banner(&state.config, local);
     if state.config.appservice.ping_on_start {
         tokio::spawn(ping_homeserver(state.clone()));
     }
@@ -218,7 +277,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
-fn print_banner(config: &Config, local: std::net::SocketAddr, db: &Path) {
+fn print_banner(config: &Config, local: std::net::SocketAddr) {
     let data = absolute(&config.data_dir);
     let text = format!(
         "Conclave {version} is running.\n\
@@ -231,7 +290,7 @@ fn print_banner(config: &Config, local: std::net::SocketAddr, db: &Path) {
          \x20 then add {data}/appservice.yaml to app_service_config_files in homeserver.yaml and restart Synapse.\n",
         version = env!("CARGO_PKG_VERSION"),
         data = data.display(),
-        db = db.file_name().and_then(|f| f.to_str()).unwrap_or(DATABASE_FILE),
+        db = DATABASE_FILE,
         secrets = SECRETS_FILE,
         hs = config.matrix.homeserver_url,
         name = config.matrix.server_name,

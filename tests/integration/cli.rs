@@ -171,3 +171,51 @@ async fn serve_keeps_running_when_homeserver_is_unreachable() {
     assert_eq!(r.status(), 200);
     c.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn print_discovery_points_at_the_token_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bare_command(dir.path(), &["print-discovery", "--json"])
+        .env(
+            "CONCLAVE_HTTP__PUBLIC_URL",
+            "https://rtc.ministry.example/livekit/jwt",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &v["synapse"]["matrix_rtc"]["transports"][0];
+    assert_eq!(t["type"], "livekit");
+    assert_eq!(
+        t["livekit_service_url"],
+        "https://rtc.ministry.example/livekit/jwt"
+    );
+    assert_eq!(
+        v["synapse"]["experimental_features"]["msc4143_enabled"],
+        true
+    );
+    assert_eq!(
+        v["well_known_client"]["org.matrix.msc4143.rtc_foci"][0]["livekit_service_url"],
+        "https://rtc.ministry.example/livekit/jwt"
+    );
+    // The annotated form carries the same YAML block Synapse accepts.
+    let out = bare_command(dir.path(), &["print-discovery"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let yaml_part: String = text
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .take_while(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let y: serde_yaml::Value = serde_yaml::from_str(&yaml_part).unwrap();
+    assert_eq!(
+        y["matrix_rtc"]["transports"][0]["livekit_service_url"],
+        "http://127.0.0.1:8080"
+    );
+}

@@ -12,3 +12,5 @@ mod cli;
 mod harness;
 // The token service: lk-jwt-service endpoints, OpenID over federation, membership gate.
 mod tokens;
+// Benchmark smoke runs (no thresholds).
+mod bench;
