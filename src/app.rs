@@ -7,6 +7,7 @@ use crate::auth::openid::OpenIdVerifier;
 use crate::config::Config;
 use crate::matrix::client::HomeserverClient;
 use crate::metrics::Metrics;
+use crate::net::SfuHandle;
 use crate::secrets::Secrets;
 use crate::sfu::registry::RoomRegistry;
 use crate::store::Store;
@@ -29,4 +30,6 @@ pub struct AppState {
     pub openid: OpenIdVerifier,
     /// The SFU's rooms.
     pub rooms: Arc<RoomRegistry>,
+    /// The running SFU loop (absent in tools that only need the HTTP side).
+    pub sfu: Option<SfuHandle>,
 }

@@ -63,6 +63,9 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Media transport of the embedded SFU.
     pub rtc: RtcConfig,
+    /// Whether `matrix.homeserver_url` was set (file or environment) rather than defaulted.
+    #[serde(skip)]
+    pub homeserver_configured: bool,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             livekit: LiveKitConfig::default(),
             auth: AuthConfig::default(),
             rtc: RtcConfig::default(),
+            homeserver_configured: false,
         }
     }
 }
@@ -213,6 +217,10 @@ pub struct RtcConfig {
     /// IPs announced as ICE host candidates. Default: empty, meaning loopback plus the
     /// addresses detected on this host.
     pub node_ips: Vec<IpAddr>,
+    /// Create SFU rooms on first connect. Default: on when no homeserver is configured
+    /// (`matrix.homeserver_url` unset: a standalone SFU), off when one is (rooms then come only
+    /// from token requests of full-access users).
+    pub auto_create: Option<bool>,
 }
 
 impl Default for RtcConfig {
@@ -220,6 +228,7 @@ impl Default for RtcConfig {
         Self {
             udp_port: 7882,
             node_ips: Vec::new(),
+            auto_create: None,
         }
     }
 }
@@ -306,7 +315,8 @@ pub fn load(
         set_path(&mut merged, &path, value);
         from.env.insert(path.join("."), var);
     }
-    let config = deserialize(merged.clone(), &merged, &from)?;
+    let mut config = deserialize(merged.clone(), &merged, &from)?;
+    config.homeserver_configured = get_path(&merged, &["matrix", "homeserver_url"]).is_some();
     config.validate()?;
     Ok((config, from))
 }
@@ -499,6 +509,11 @@ impl Config {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("ws://{}", self.http.bind))
+    }
+
+    /// Whether the SFU creates rooms on first connect (see [`RtcConfig::auto_create`]).
+    pub fn sfu_auto_create(&self) -> bool {
+        self.rtc.auto_create.unwrap_or(!self.homeserver_configured)
     }
 
     /// The bot user's ID.

@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::app::AppState;
 use crate::auth::lk_jwt;
 use crate::matrix::appservice;
-use crate::signal::validate;
+use crate::signal::{validate, ws};
 use error::MatrixErrorResponse;
 
 /// Builds the router for `state`.
@@ -50,8 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(lk_jwt::cors));
 
     let signal_routes = Router::new()
+        .route("/rtc", get(ws::get_rtc))
         .route("/rtc/validate", get(validate::get_validate))
-        .route("/rtc/v1/validate", get(validate::get_validate_v1));
+        .route("/rtc/v1", get(ws::get_rtc_v1))
+        .route("/rtc/v1/validate", get(ws::get_rtc_v1));
 
     Router::new()
         .merge(appservice_routes)

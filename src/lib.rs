@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod matrix;
 pub mod metrics;
+pub mod net;
 pub mod secrets;
 pub mod sfu;
 pub mod signal;

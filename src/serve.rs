@@ -13,6 +13,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
 use crate::metrics::{inc, Metrics};
+use crate::net::SfuHandle;
 use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
 use crate::sfu::registry::RoomRegistry;
 use crate::store::sqlite::Fault;
@@ -55,6 +56,9 @@ pub enum RunError {
     /// The HTTP client could not be built (e.g. a bad CA file).
     #[error("cannot set up the HTTP client: {0}")]
     HttpClient(String),
+    /// The media sockets could not be set up.
+    #[error("{0}")]
+    Net(String),
     /// YAML serialisation failed.
     #[error("cannot write the registration: {0}")]
     Yaml(#[from] serde_yaml::Error),
@@ -212,8 +216,14 @@ fn http_client(extra_ca: Option<&[u8]>) -> Result<reqwest::Client, RunError> {
         .map_err(|e| RunError::HttpClient(e.to_string()))
 }
 
-/// Opens the store and builds every shared component for `config`.
-pub fn build_state(config: Config, fault: Fault) -> Result<Arc<AppState>, RunError> {
+/// Opens the store and builds every shared component for `config`; `sfu` is the running media
+/// loop (absent for tools that only serve HTTP), sharing `rooms` with the token service.
+pub fn build_state(
+    config: Config,
+    fault: Fault,
+    rooms: Arc<RoomRegistry>,
+    sfu: Option<SfuHandle>,
+) -> Result<Arc<AppState>, RunError> {
     let secrets = Secrets::load_or_create(&config)?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?.with_fault(fault);
     let extra_ca = read_extra_ca(&config)?;
@@ -236,7 +246,8 @@ pub fn build_state(config: Config, fault: Fault) -> Result<Arc<AppState>, RunErr
         homeserver,
         signer,
         openid,
-        rooms: Arc::new(RoomRegistry::default()),
+        rooms,
+        sfu,
     }))
 }
 
@@ -260,7 +271,21 @@ async fn serve(config: Config) -> Result<(), RunError> {
         context: "cannot read the bound address".into(),
         source,
     })?;
-    let state = build_state(config, fault)?;
+    let rooms = Arc::new(RoomRegistry::default());
+    let node_ips = if config.rtc.node_ips.is_empty() {
+        crate::net::default_node_ips()
+    } else {
+        config.rtc.node_ips.clone()
+    };
+    let sfu = crate::net::start(&node_ips, config.rtc.udp_port, rooms.clone())
+        .map_err(|e| RunError::Net(e.to_string()))?;
+    let media = sfu.addresses.clone();
+    let state = build_state(config, fault, rooms, Some(sfu))?;
+    tracing::info!(
+        ?media,
+        auto_create = state.config.sfu_auto_create(),
+        "SFU running"
+    );
     print_banner(&state.config, local);
     if state.config.appservice.ping_on_start {
         tokio::spawn(ping_homeserver(state.clone()));

@@ -44,7 +44,7 @@ pub struct VideoGrant {
 }
 
 /// LiveKit JWT claims.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// API key.
     pub iss: String,

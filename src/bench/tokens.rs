@@ -75,7 +75,8 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, RunError> 
     config.appservice.ping_on_start = false;
     let listener = crate::serve::bind(&config).await?;
     let addr = listener.local_addr().map_err(bench_err)?;
-    let state = build_state(config, Fault::None)?;
+    let rooms = std::sync::Arc::new(crate::sfu::registry::RoomRegistry::default());
+    let state = build_state(config, Fault::None, rooms, None)?;
 
     let server_name = state.config.matrix.server_name.clone();
     let room_id = ruma::RoomId::parse("!bench:localhost").map_err(bench_err)?;

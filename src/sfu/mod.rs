@@ -1,4 +1,23 @@
-//! The SFU: room registry now; the sans-IO media core lands here next.
+//! The SFU: a sans-IO engine for rooms, participants, published tracks, subscriptions and
+//! forwarding, plus the room registry the token service fills.
+//!
+//! # Contract (str0m's single-mutation invariant, one level up)
+//!
+//! The engine never reads the clock and never touches a socket. Its caller:
+//! 1. feeds exactly one input: [`Sfu::handle_command`], [`Sfu::handle_datagram`] or
+//!    [`Sfu::handle_timeout`], each with `now`;
+//! 2. drains [`Sfu::poll_output`] until it returns [`Output::Timeout`];
+//! 3. sends every [`Output::Transmit`] and routes every [`Output::Signal`] to its session;
+//! 4. waits for the next datagram, command or the returned timeout, and starts again.
+//!
+//! Signal messages are LiveKit protobuf *values* (`livekit_protocol` types are the data model
+//! for participant and track info); framing, WebSockets and JWTs belong to `signal`.
 #![warn(missing_docs)]
 
+mod engine;
+pub mod ids;
 pub mod registry;
+pub mod rewrite;
+pub mod stun;
+
+pub use engine::{Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut, Transmit};

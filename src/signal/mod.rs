@@ -1,5 +1,5 @@
-//! LiveKit signalling over WebSocket. For now the validate endpoints that SDKs call before and
-//! after a failed WebSocket upgrade.
+//! LiveKit signalling over WebSocket (`/rtc`) and the validate endpoints SDKs call around it.
 #![warn(missing_docs)]
 
 pub mod validate;
+pub mod ws;

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
 use crate::auth::jwt::Claims;
+use crate::sfu::registry::RoomOptions;
 
 /// The text LiveKit clients look for to stop retrying.
 pub const ROOM_DOES_NOT_EXIST: &str = "requested room does not exist";
@@ -40,6 +41,7 @@ pub fn check_connect(
     query: &HashMap<String, String>,
     now: Instant,
     unix_now: u64,
+    create: bool,
 ) -> Result<Claims, ConnectRefusal> {
     let token = match headers.get(header::AUTHORIZATION) {
         Some(v) => {
@@ -75,7 +77,12 @@ pub fn check_connect(
         return Err(refuse(StatusCode::UNAUTHORIZED, "token has no identity"));
     }
     if !state.rooms.exists(&claims.video.room, now) {
-        return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
+        if !create {
+            return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
+        }
+        state
+            .rooms
+            .create(&claims.video.room, RoomOptions::default(), now);
     }
     Ok(claims)
 }
@@ -103,20 +110,15 @@ pub async fn get_validate(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    match check_connect(&state, &headers, &query, Instant::now(), unix_now()) {
+    // Validation never creates a room, but with auto-create a missing room is no error.
+    let auto = state.config.sfu_auto_create();
+    let result = check_connect(&state, &headers, &query, Instant::now(), unix_now(), false);
+    let result = match result {
+        Err(r) if auto && r.message == ROOM_DOES_NOT_EXIST => Ok(Claims::default()),
+        other => other,
+    };
+    match result {
         Ok(_) => text(StatusCode::OK, "success".into()),
         Err(r) => text(r.status, r.message),
     }
-}
-
-/// `GET /rtc/v1/validate` (v1: also requires `join_request`).
-pub async fn get_validate_v1(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
-    if !query.contains_key("join_request") {
-        return text(StatusCode::BAD_REQUEST, "join_request is required".into());
-    }
-    get_validate(State(state), headers, Query(query)).await
 }

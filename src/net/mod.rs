@@ -1,0 +1,317 @@
+//! The UDP loop: owns the [`Sfu`] engine and the media sockets (one port, one socket per node
+//! IP), feeds it datagrams, commands and timeouts, and carries out what it outputs.
+//!
+//! Sends never wait: a datagram the kernel will not take now is dropped (counted), so a slow or
+//! dead peer cannot block the others. Sessions get their signal messages through bounded
+//! channels; a session that does not keep up is disconnected (policy of [`SfuHandle`]).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::sfu::registry::RoomRegistry;
+use crate::sfu::{Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
+
+/// Capacity of the command queue into the loop.
+const COMMAND_QUEUE: usize = 4096;
+/// Capacity of each session's outgoing signal queue.
+pub const SESSION_QUEUE: usize = 1024;
+
+/// A network failure at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A media socket could not be bound.
+    #[error("cannot bind UDP {addr} (rtc.udp_port / rtc.node_ips): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Requests into the loop.
+pub enum LoopRequest {
+    /// An engine command.
+    Sfu(Command),
+    /// Registers a session's signal queue, then joins it.
+    Open {
+        /// The session.
+        session: SessionId,
+        /// Where its signal messages go.
+        sink: mpsc::Sender<SignalOut>,
+        /// The join command.
+        join: Command,
+    },
+    /// Snapshot of a room's participants.
+    Participants {
+        /// Room name.
+        room: String,
+        /// Reply.
+        reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
+    },
+}
+
+/// Handle to the running loop, shared by signalling sessions and the admin API.
+#[derive(Clone)]
+pub struct SfuHandle {
+    tx: mpsc::Sender<LoopRequest>,
+    next_session: Arc<AtomicU64>,
+    events: broadcast::Sender<SfuEvent>,
+    /// The media addresses (host candidates).
+    pub addresses: Arc<Vec<SocketAddr>>,
+}
+
+impl SfuHandle {
+    /// A fresh session ID.
+    pub fn new_session(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a request to the loop (waits if its queue is full).
+    pub async fn send(&self, req: LoopRequest) -> bool {
+        self.tx.send(req).await.is_ok()
+    }
+
+    /// Lifecycle events (joins, leaves).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<SfuEvent> {
+        self.events.subscribe()
+    }
+
+    /// The participants of `room` right now.
+    pub async fn participants(&self, room: &str) -> Vec<livekit_protocol::ParticipantInfo> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Participants {
+            room: room.to_owned(),
+            reply,
+        };
+        if !self.send(req).await {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// The IPs to announce when `rtc.node_ips` is empty: loopback plus the address of the default
+/// route (found with a connected UDP socket; `connect` sends nothing).
+pub fn default_node_ips() -> Vec<IpAddr> {
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    if let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") {
+        // TEST-NET-1 address: only the routing table is consulted.
+        if sock.connect("192.0.2.1:9").is_ok() {
+            if let Ok(local) = sock.local_addr() {
+                if !local.ip().is_unspecified() && !ips.contains(&local.ip()) {
+                    ips.push(local.ip());
+                }
+            }
+        }
+    }
+    ips
+}
+
+/// Binds the media sockets and starts the loop on the current tokio runtime.
+pub fn start(
+    node_ips: &[IpAddr],
+    port: u16,
+    registry: Arc<RoomRegistry>,
+) -> Result<SfuHandle, NetError> {
+    let mut sockets = Vec::new();
+    for ip in node_ips {
+        let addr = SocketAddr::new(*ip, port);
+        let std_sock = std::net::UdpSocket::bind(addr)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|source| NetError::Bind { addr, source })?;
+        let local = std_sock
+            .local_addr()
+            .map_err(|source| NetError::Bind { addr, source })?;
+        let sock =
+            UdpSocket::from_std(std_sock).map_err(|source| NetError::Bind { addr, source })?;
+        sockets.push((local, sock));
+    }
+    let addresses: Vec<SocketAddr> = sockets.iter().map(|(a, _)| *a).collect();
+    tracing::info!(?addresses, "media sockets bound");
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, _) = broadcast::channel(1024);
+    let sfu = Sfu::new(
+        SfuConfig {
+            candidates: addresses.clone(),
+            seed: None,
+        },
+        Instant::now(),
+    );
+    let handle = SfuHandle {
+        tx,
+        next_session: Arc::new(AtomicU64::new(1)),
+        events: events.clone(),
+        addresses: Arc::new(addresses),
+    };
+    tokio::spawn(run(sfu, sockets, rx, registry, events));
+    Ok(handle)
+}
+
+fn unix_now() -> i64 {
+    #[allow(clippy::disallowed_methods)] // the net loop owns the clock
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+struct Loop {
+    sfu: Sfu,
+    sockets: Vec<(SocketAddr, UdpSocket)>,
+    sinks: HashMap<SessionId, mpsc::Sender<SignalOut>>,
+    registry: Arc<RoomRegistry>,
+    events: broadcast::Sender<SfuEvent>,
+    dropped_sends: u64,
+}
+
+impl Loop {
+    /// Carries out every pending output; returns the next timeout.
+    fn drain(&mut self) -> Instant {
+        let mut overloaded = Vec::new();
+        loop {
+            match self.sfu.poll_output() {
+                Output::Timeout(t) => {
+                    for s in overloaded {
+                        tracing::warn!(session = s, "session queue full; disconnecting it");
+                        self.sinks.remove(&s);
+                        self.sfu.handle_command(
+                            Instant::now(),
+                            Command::Disconnect {
+                                session: s,
+                                reason: livekit_protocol::DisconnectReason::SignalClose as i32,
+                            },
+                        );
+                    }
+                    return t;
+                }
+                Output::Transmit(t) => {
+                    let sock = self
+                        .sockets
+                        .iter()
+                        .find(|(a, _)| *a == t.source)
+                        .or_else(|| self.sockets.first());
+                    if let Some((_, sock)) = sock {
+                        if sock.try_send_to(&t.contents, t.destination).is_err() {
+                            self.dropped_sends += 1;
+                        }
+                    }
+                }
+                Output::Signal(session, out) => {
+                    let close = matches!(out, SignalOut::Close);
+                    if let Some(sink) = self.sinks.get(&session) {
+                        if sink.try_send(out).is_err() && !close {
+                            overloaded.push(session);
+                        }
+                    }
+                    if close {
+                        self.sinks.remove(&session);
+                    }
+                }
+                Output::Event(e) => {
+                    match &e {
+                        SfuEvent::ParticipantJoined { room, .. } => {
+                            self.registry.participant_joined(room);
+                        }
+                        SfuEvent::ParticipantLeft { room, .. } => {
+                            self.registry.participant_left(room, Instant::now());
+                        }
+                    }
+                    let _ = self.events.send(e);
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, req: LoopRequest) {
+        let now = Instant::now();
+        self.sfu.set_unix_time(unix_now());
+        match req {
+            LoopRequest::Sfu(c) => self.sfu.handle_command(now, c),
+            LoopRequest::Open {
+                session,
+                sink,
+                join,
+            } => {
+                self.sinks.insert(session, sink);
+                self.sfu.handle_command(now, join);
+            }
+            LoopRequest::Participants { room, reply } => {
+                let _ = reply.send(self.sfu.participants(&room));
+            }
+        }
+    }
+}
+
+async fn run(
+    sfu: Sfu,
+    sockets: Vec<(SocketAddr, UdpSocket)>,
+    mut rx: mpsc::Receiver<LoopRequest>,
+    registry: Arc<RoomRegistry>,
+    events: broadcast::Sender<SfuEvent>,
+) {
+    let mut lp = Loop {
+        sfu,
+        sockets,
+        sinks: HashMap::new(),
+        registry,
+        events,
+        dropped_sends: 0,
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let timeout = lp.drain();
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(timeout));
+        tokio::select! {
+            req = rx.recv() => match req {
+                Some(req) => lp.request(req),
+                None => {
+                    tracing::info!(dropped_sends = lp.dropped_sends, "SFU loop stopped");
+                    return;
+                }
+            },
+            res = recv_any(&lp.sockets, &mut buf) => {
+                if let Some((n, source, local)) = res {
+                    lp.sfu.handle_datagram(Instant::now(), source, local, &buf[..n]);
+                }
+            },
+            () = sleep => {
+                lp.sfu.set_unix_time(unix_now());
+                lp.sfu.handle_timeout(Instant::now());
+            }
+        }
+    }
+}
+
+/// Receives one datagram from whichever socket has one.
+async fn recv_any(
+    sockets: &[(SocketAddr, UdpSocket)],
+    buf: &mut [u8],
+) -> Option<(usize, SocketAddr, SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        for (local, sock) in sockets {
+            let mut rb = ReadBuf::new(buf);
+            match sock.poll_recv_from(cx, &mut rb) {
+                Poll::Ready(Ok(source)) => {
+                    return Poll::Ready(Some((rb.filled().len(), source, *local)));
+                }
+                Poll::Ready(Err(e)) => {
+                    // ICMP errors (port unreachable) surface here; they are not fatal.
+                    tracing::trace!(error = %e, "UDP receive error");
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}

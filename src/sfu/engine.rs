@@ -1,0 +1,1764 @@
+//! The engine: every room, participant and peer connection of this SFU, driven by inputs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Msg;
+use prost::Message as _;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::{ChannelConfig, ChannelId, Reliability};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
+
+use super::ids::{Ids, PARTICIPANT_PREFIX, ROOM_PREFIX, TRACK_PREFIX};
+use super::rewrite::Timeline;
+
+/// Identifies one signalling session (one WebSocket, one participant).
+pub type SessionId = u64;
+
+/// Server version reported to clients. Not `0.15.1` (client-sdk-js disables dynacast there).
+const SERVER_VERSION: &str = "1.9.0";
+/// LiveKit signalling protocol spoken.
+const PROTOCOL: i32 = 17;
+/// Most tracks one participant may publish; more `add_track`s are refused.
+const MAX_TRACKS_PER_PARTICIPANT: usize = 16;
+/// A participant whose peer connections never connect is dropped after this.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Speaker detection cadence.
+const SPEAKER_INTERVAL: Duration = Duration::from_millis(500);
+/// Connection quality cadence.
+const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
+/// Minimum gap between keyframe requests to one publisher track.
+const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Local UDP addresses announced as ICE host candidates.
+    pub candidates: Vec<SocketAddr>,
+    /// Seed for SIDs and ICE credentials (`None` = OS entropy).
+    pub seed: Option<u64>,
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    /// Local address to send from.
+    pub source: SocketAddr,
+    /// Peer address.
+    pub destination: SocketAddr,
+    /// Bytes.
+    pub contents: Vec<u8>,
+}
+
+/// What a session should tell its client, or that it must close.
+#[derive(Debug)]
+pub enum SignalOut {
+    /// Send this message.
+    Message(Box<Msg>),
+    /// The session is over: flush and close the WebSocket.
+    Close,
+}
+
+/// Lifecycle events for the rest of the service (registry, webhooks, Matrix enforcement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuEvent {
+    /// A participant joined a room.
+    ParticipantJoined {
+        /// LiveKit room name.
+        room: String,
+        /// Participant identity.
+        identity: String,
+        /// Participant SID.
+        sid: String,
+        /// Session.
+        session: SessionId,
+    },
+    /// A participant left.
+    ParticipantLeft {
+        /// LiveKit room name.
+        room: String,
+        /// Participant identity.
+        identity: String,
+        /// Participant SID.
+        sid: String,
+        /// Session.
+        session: SessionId,
+        /// Why (LiveKit `DisconnectReason`).
+        reason: i32,
+    },
+}
+
+/// Outputs of the engine.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a datagram.
+    Transmit(Transmit),
+    /// Deliver to a session.
+    Signal(SessionId, SignalOut),
+    /// A lifecycle event.
+    Event(SfuEvent),
+    /// Nothing more to do until this instant (or the next input).
+    Timeout(Instant),
+}
+
+/// Inputs from signalling sessions and operators.
+#[derive(Debug)]
+pub enum Command {
+    /// A validated client joins (token checked by `signal`).
+    Join {
+        /// New session ID.
+        session: SessionId,
+        /// LiveKit room name.
+        room: String,
+        /// Identity (`sub`).
+        identity: String,
+        /// Display name.
+        name: String,
+        /// Metadata from the token.
+        metadata: String,
+        /// Permissions from the token grants.
+        permission: lk::ParticipantPermission,
+        /// Subscribe to every track automatically.
+        auto_subscribe: bool,
+        /// The client's `client_protocol`, copied into its info.
+        client_protocol: i32,
+    },
+    /// A signal request from a session's client.
+    Request {
+        /// Session.
+        session: SessionId,
+        /// The request.
+        message: Box<lk::signal_request::Message>,
+    },
+    /// The session's WebSocket ended (or it asked to leave).
+    Disconnect {
+        /// Session.
+        session: SessionId,
+        /// `DisconnectReason`.
+        reason: i32,
+    },
+    /// Remove a participant by identity (operator, Matrix membership).
+    Remove {
+        /// Room name.
+        room: String,
+        /// Identity.
+        identity: String,
+        /// `DisconnectReason` shown to the client.
+        reason: i32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PcKind {
+    Publisher,
+    Subscriber,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutState {
+    ToOpen,
+    Negotiating(Mid),
+    Open(Mid),
+    ToStop(Mid),
+    NegotiatingStop(Mid),
+}
+
+/// A track forwarded to one subscriber.
+struct OutTrack {
+    publisher: SessionId,
+    track_sid: String,
+    kind: MediaKind,
+    stream_id: String,
+    state: OutState,
+    timeline: Timeline,
+    /// Simulcast layer forwarded now, and the one wanted (switch on its keyframe).
+    current_rid: Option<Rid>,
+    wanted_rid: Option<Rid>,
+    waiting_keyframe: bool,
+    disabled: bool,
+}
+
+impl OutTrack {
+    fn mid(&self) -> Option<Mid> {
+        match self.state {
+            OutState::ToOpen => None,
+            OutState::Negotiating(m)
+            | OutState::Open(m)
+            | OutState::ToStop(m)
+            | OutState::NegotiatingStop(m) => Some(m),
+        }
+    }
+}
+
+/// A track published by a participant.
+struct Track {
+    info: lk::TrackInfo,
+    cid: String,
+    kind: MediaKind,
+    mid: Option<Mid>,
+    rids: Vec<Rid>,
+    last_keyframe_request: Option<Instant>,
+}
+
+struct Pc {
+    rtc: Rtc,
+    ufrag: String,
+    next_timeout: Instant,
+    connected: bool,
+}
+
+struct Participant {
+    session: SessionId,
+    info: lk::ParticipantInfo,
+    auto_subscribe: bool,
+    publisher: Pc,
+    subscriber: Pc,
+    tracks: Vec<Track>,
+    /// Media the publisher PC announced before a matching `add_track`.
+    unbound_mids: Vec<(Mid, MediaKind, String)>,
+    outs: Vec<OutTrack>,
+    sub_pending: Option<(SdpPendingOffer, u32)>,
+    sub_offer_id: u32,
+    sub_reliable: Option<ChannelId>,
+    sub_lossy: Option<ChannelId>,
+    pub_channels: HashMap<ChannelId, bool>,
+    joined_at: Instant,
+    audio_level: f32,
+    speaking: bool,
+}
+
+struct Room {
+    sid: String,
+    created_unix: i64,
+    participants: BTreeMap<SessionId, Participant>,
+}
+
+/// Media handed from a publisher to its room.
+struct Forward {
+    publisher: SessionId,
+    track_sid: String,
+    data: MediaData,
+    keyframe: bool,
+}
+
+/// The SFU engine.
+pub struct Sfu {
+    config: SfuConfig,
+    ids: Ids,
+    rooms: BTreeMap<String, Room>,
+    sessions: HashMap<SessionId, String>,
+    by_ufrag: HashMap<String, (SessionId, PcKind)>,
+    by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
+    out: VecDeque<Output>,
+    next_speakers: Option<Instant>,
+    next_quality: Option<Instant>,
+    unix_now: i64,
+    last_now: Instant,
+}
+
+fn msg(m: Msg) -> SignalOut {
+    SignalOut::Message(Box::new(m))
+}
+
+fn ms_from_level(level: i8) -> f32 {
+    // RFC 6464: -dBov, 0 (loudest) ..= 127 (silence).
+    let dbov = f32::from(level.clamp(0, 127));
+    10f32.powf(-dbov / 20.0)
+}
+
+fn rid_rank(rid: &Rid) -> u8 {
+    match &**rid {
+        "f" => 3,
+        "h" => 2,
+        "q" => 1,
+        _ => 0,
+    }
+}
+
+impl Sfu {
+    /// A new engine, started at `now`.
+    pub fn new(config: SfuConfig, now: Instant) -> Self {
+        let ids = match config.seed {
+            Some(s) => Ids::from_seed(s),
+            None => Ids::from_entropy(),
+        };
+        Self {
+            config,
+            ids,
+            rooms: BTreeMap::new(),
+            sessions: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            out: VecDeque::new(),
+            next_speakers: None,
+            next_quality: None,
+            unix_now: 0,
+            last_now: now,
+        }
+    }
+
+    /// Sets the wall clock (Unix seconds) used for `joined_at` and room creation times.
+    pub fn set_unix_time(&mut self, unix_now: i64) {
+        self.unix_now = unix_now;
+    }
+
+    /// Number of participants in `room`.
+    pub fn participant_count(&self, room: &str) -> usize {
+        self.rooms.get(room).map_or(0, |r| r.participants.len())
+    }
+
+    /// Snapshot of a room's participants (Twirp `ListParticipants`).
+    pub fn participants(&self, room: &str) -> Vec<lk::ParticipantInfo> {
+        self.rooms
+            .get(room)
+            .map(|r| r.participants.values().map(|p| p.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Next output. Call until it returns [`Output::Timeout`].
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(o) = self.out.pop_front() {
+            return o;
+        }
+        Output::Timeout(self.poll_timeout())
+    }
+
+    fn poll_timeout(&self) -> Instant {
+        let mut t: Option<Instant> = self.next_speakers;
+        let mut take = |x: Instant| {
+            t = Some(match t {
+                Some(cur) if cur <= x => cur,
+                _ => x,
+            });
+        };
+        if let Some(q) = self.next_quality {
+            take(q);
+        }
+        for room in self.rooms.values() {
+            for p in room.participants.values() {
+                take(p.publisher.next_timeout);
+                take(p.subscriber.next_timeout);
+                take(p.joined_at + CONNECT_DEADLINE);
+            }
+        }
+        // With nothing scheduled, wake up rarely.
+        t.unwrap_or(self.last_now + Duration::from_secs(3600))
+    }
+
+    fn signal(&mut self, session: SessionId, m: Msg) {
+        self.out.push_back(Output::Signal(session, msg(m)));
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// Handles a command at `now`.
+    pub fn handle_command(&mut self, now: Instant, command: Command) {
+        self.last_now = now;
+        match command {
+            Command::Join {
+                session,
+                room,
+                identity,
+                name,
+                metadata,
+                permission,
+                auto_subscribe,
+                client_protocol,
+            } => self.join(
+                now,
+                session,
+                room,
+                identity,
+                name,
+                metadata,
+                permission,
+                auto_subscribe,
+                client_protocol,
+            ),
+            Command::Request { session, message } => self.request(now, session, *message),
+            Command::Disconnect { session, reason } => self.leave(now, session, reason, false),
+            Command::Remove {
+                room,
+                identity,
+                reason,
+            } => {
+                let found = self.rooms.get(&room).and_then(|r| {
+                    r.participants
+                        .values()
+                        .find(|p| p.info.identity == identity)
+                        .map(|p| p.session)
+                });
+                if let Some(session) = found {
+                    self.leave(now, session, reason, true);
+                }
+            }
+        }
+    }
+
+    /// Handles a datagram that arrived at `destination` from `source` at `now`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        packet: &[u8],
+    ) {
+        self.last_now = now;
+        let target = match super::stun::local_ufrag(packet) {
+            Some(ufrag) => match self.by_ufrag.get(ufrag).copied() {
+                Some(t) => {
+                    self.by_addr.insert(source, t);
+                    Some(t)
+                }
+                None => None,
+            },
+            None => self.by_addr.get(&source).copied(),
+        };
+        let Some((session, kind)) = target else {
+            tracing::trace!(%source, len = packet.len(), "datagram for no peer connection");
+            return;
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, packet) else {
+            tracing::debug!(%source, "unparseable datagram dropped");
+            return;
+        };
+        let failed = match self.pc_mut(session, kind) {
+            Some(pc) => pc.rtc.handle_input(Input::Receive(now, receive)).is_err(),
+            None => false,
+        };
+        if failed {
+            tracing::debug!(session, "peer connection rejected input");
+        }
+        self.drain(now, session);
+    }
+
+    /// Drives time: timers of every peer connection and periodic room tasks.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        let mut due = Vec::new();
+        let mut dead = Vec::new();
+        for room in self.rooms.values() {
+            for p in room.participants.values() {
+                if p.publisher.next_timeout <= now || p.subscriber.next_timeout <= now {
+                    due.push(p.session);
+                }
+                let never_connected = !p.subscriber.connected && !p.publisher.connected;
+                if never_connected && now >= p.joined_at + CONNECT_DEADLINE {
+                    dead.push((p.session, lk::DisconnectReason::JoinFailure as i32));
+                } else if !p.subscriber.rtc.is_alive() || !p.publisher.rtc.is_alive() {
+                    dead.push((p.session, lk::DisconnectReason::ConnectionTimeout as i32));
+                }
+            }
+        }
+        for session in due {
+            for kind in [PcKind::Publisher, PcKind::Subscriber] {
+                if let Some(pc) = self.pc_mut(session, kind) {
+                    if pc.next_timeout <= now {
+                        let _ = pc.rtc.handle_input(Input::Timeout(now));
+                    }
+                }
+            }
+            self.drain(now, session);
+        }
+        for (session, reason) in dead {
+            tracing::info!(
+                session,
+                reason,
+                "peer connection lost; removing participant"
+            );
+            self.leave(now, session, reason, true);
+        }
+        if self.next_speakers.is_some_and(|t| t <= now) {
+            self.update_speakers(now);
+        }
+        if self.next_quality.is_some_and(|t| t <= now) {
+            self.update_quality(now);
+        }
+    }
+
+    // ------------------------------------------------------------------ join / leave
+
+    fn new_pc(&mut self, now: Instant) -> Pc {
+        let (ufrag, pass) = self.ids.ice_credentials();
+        let mut rtc = Rtc::builder()
+            .set_ice_lite(true)
+            .set_local_ice_credentials(str0m::IceCreds {
+                ufrag: ufrag.clone(),
+                pass,
+            })
+            .clear_codecs()
+            .enable_opus(true, true)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .build(now);
+        for addr in &self.config.candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot use address as candidate"),
+            }
+        }
+        Pc {
+            rtc,
+            ufrag,
+            next_timeout: now,
+            connected: false,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        room_name: String,
+        identity: String,
+        name: String,
+        metadata: String,
+        permission: lk::ParticipantPermission,
+        auto_subscribe: bool,
+        client_protocol: i32,
+    ) {
+        // One participant per identity: the newcomer replaces the old session.
+        let duplicate = self.rooms.get(&room_name).and_then(|r| {
+            r.participants
+                .values()
+                .find(|p| p.info.identity == identity)
+                .map(|p| p.session)
+        });
+        if let Some(old) = duplicate {
+            self.leave(
+                now,
+                old,
+                lk::DisconnectReason::DuplicateIdentity as i32,
+                true,
+            );
+        }
+        let room_sid = self.ids.sid(ROOM_PREFIX);
+        let unix = self.unix_now;
+        let room = self.rooms.entry(room_name.clone()).or_insert_with(|| Room {
+            sid: room_sid,
+            created_unix: unix,
+            participants: BTreeMap::new(),
+        });
+        let room_sid = room.sid.clone();
+        let room_created = room.created_unix;
+        let sid = self.ids.sid(PARTICIPANT_PREFIX);
+        let span = tracing::info_span!("participant", room = %room_name, %identity, %sid);
+        let _enter = span.enter();
+
+        let publisher = self.new_pc(now);
+        let subscriber = self.new_pc(now);
+
+        let info = lk::ParticipantInfo {
+            sid: sid.clone(),
+            identity: identity.clone(),
+            name,
+            metadata,
+            state: lk::participant_info::State::Joined as i32,
+            joined_at: unix,
+            joined_at_ms: unix * 1000,
+            version: 1,
+            permission: Some(permission.clone()),
+            is_publisher: false,
+            client_protocol,
+            ..Default::default()
+        };
+        self.by_ufrag
+            .insert(publisher.ufrag.clone(), (session, PcKind::Publisher));
+        self.by_ufrag
+            .insert(subscriber.ufrag.clone(), (session, PcKind::Subscriber));
+        self.sessions.insert(session, room_name.clone());
+
+        let mut participant = Participant {
+            session,
+            info: info.clone(),
+            auto_subscribe: auto_subscribe && permission.can_subscribe,
+            publisher,
+            subscriber,
+            tracks: Vec::new(),
+            unbound_mids: Vec::new(),
+            outs: Vec::new(),
+            sub_pending: None,
+            sub_offer_id: 0,
+            sub_reliable: None,
+            sub_lossy: None,
+            pub_channels: HashMap::new(),
+            joined_at: now,
+            audio_level: 0.0,
+            speaking: false,
+        };
+
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let others: Vec<lk::ParticipantInfo> = room
+            .participants
+            .values()
+            .filter(|p| !p.info.permission.as_ref().is_some_and(|x| x.hidden))
+            .map(|p| p.info.clone())
+            .collect();
+
+        let join = lk::JoinResponse {
+            room: Some(lk::Room {
+                sid: room_sid,
+                name: room_name.clone(),
+                creation_time: room_created,
+                creation_time_ms: room_created * 1000,
+                num_participants: (room.participants.len() + 1) as u32,
+                empty_timeout: 300,
+                departure_timeout: 20,
+                ..Default::default()
+            }),
+            participant: Some(info.clone()),
+            other_participants: others,
+            server_version: SERVER_VERSION.into(),
+            ice_servers: Vec::new(),
+            subscriber_primary: true,
+            client_configuration: Some(lk::ClientConfiguration {
+                resume_connection: lk::ClientConfigSetting::Disabled as i32,
+                ..Default::default()
+            }),
+            ping_timeout: 15,
+            ping_interval: 5,
+            server_info: Some(lk::ServerInfo {
+                edition: lk::server_info::Edition::Standard as i32,
+                version: SERVER_VERSION.into(),
+                protocol: PROTOCOL,
+                debug_info: concat!("conclave ", env!("CARGO_PKG_VERSION")).into(),
+                ..Default::default()
+            }),
+            enabled_publish_codecs: vec![
+                lk::Codec {
+                    mime: "video/VP8".into(),
+                    fmtp_line: String::new(),
+                },
+                lk::Codec {
+                    mime: "video/H264".into(),
+                    fmtp_line: String::new(),
+                },
+                lk::Codec {
+                    mime: "audio/opus".into(),
+                    fmtp_line: String::new(),
+                },
+            ],
+            fast_publish: permission.can_publish,
+            ..Default::default()
+        };
+        self.out
+            .push_back(Output::Signal(session, msg(Msg::Join(join))));
+        tracing::info!("participant joined");
+
+        // Existing tracks go into the first subscriber offer (fast start).
+        if participant.auto_subscribe {
+            for p in room.participants.values() {
+                for t in &p.tracks {
+                    if t.mid.is_some() {
+                        participant.outs.push(new_out(p, t));
+                    }
+                }
+            }
+        }
+        // Announce the newcomer to everyone else.
+        if !permission.hidden {
+            let update = Msg::Update(lk::ParticipantUpdate {
+                participants: vec![info],
+            });
+            for p in room.participants.values() {
+                self.out
+                    .push_back(Output::Signal(p.session, msg(update.clone())));
+            }
+        }
+        room.participants.insert(session, participant);
+        // The first subscriber offer: data channels plus existing tracks (fast start).
+        self.renegotiate(now, session);
+        self.out
+            .push_back(Output::Event(SfuEvent::ParticipantJoined {
+                room: room_name,
+                identity,
+                sid,
+                session,
+            }));
+        if self.next_speakers.is_none() {
+            self.next_speakers = Some(now + SPEAKER_INTERVAL);
+        }
+        if self.next_quality.is_none() {
+            self.next_quality = Some(now + QUALITY_INTERVAL);
+        }
+        self.drain(now, session);
+    }
+
+    fn leave(&mut self, now: Instant, session: SessionId, reason: i32, server_initiated: bool) {
+        let Some(room_name) = self.sessions.remove(&session) else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let Some(mut p) = room.participants.remove(&session) else {
+            return;
+        };
+        self.by_ufrag.remove(&p.publisher.ufrag);
+        self.by_ufrag.remove(&p.subscriber.ufrag);
+        self.by_addr.retain(|_, (s, _)| *s != session);
+        if server_initiated {
+            self.out.push_back(Output::Signal(
+                session,
+                msg(Msg::Leave(lk::LeaveRequest {
+                    can_reconnect: false,
+                    reason,
+                    action: lk::leave_request::Action::Disconnect as i32,
+                    regions: None,
+                })),
+            ));
+        }
+        self.out
+            .push_back(Output::Signal(session, SignalOut::Close));
+        p.publisher.rtc.disconnect();
+        p.subscriber.rtc.disconnect();
+        p.info.state = lk::participant_info::State::Disconnected as i32;
+        p.info.version += 1;
+        p.info.disconnect_reason = reason;
+        p.info.tracks.clear();
+        tracing::info!(room = %room_name, identity = %p.info.identity, reason, "participant left");
+        let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
+        let update = Msg::Update(lk::ParticipantUpdate {
+            participants: vec![p.info.clone()],
+        });
+        let mut touched = Vec::new();
+        for other in room.participants.values_mut() {
+            if !hidden {
+                self.out
+                    .push_back(Output::Signal(other.session, msg(update.clone())));
+            }
+            let mut changed = false;
+            for o in other.outs.iter_mut().filter(|o| o.publisher == session) {
+                changed = true;
+                o.state = match o.state {
+                    OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
+                    s => s,
+                };
+            }
+            other
+                .outs
+                .retain(|o| !(o.publisher == session && o.state == OutState::ToOpen));
+            if changed {
+                touched.push(other.session);
+            }
+        }
+        if room.participants.is_empty() {
+            self.rooms.remove(&room_name);
+        }
+        self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
+            room: room_name,
+            identity: p.info.identity.clone(),
+            sid: p.info.sid.clone(),
+            session,
+            reason,
+        }));
+        for s in touched {
+            self.renegotiate(now, s);
+            self.drain(now, s);
+        }
+    }
+
+    // ------------------------------------------------------------------ requests
+
+    fn request(&mut self, now: Instant, session: SessionId, message: lk::signal_request::Message) {
+        use lk::signal_request::Message as Req;
+        if !self.sessions.contains_key(&session) {
+            return;
+        }
+        match message {
+            Req::Offer(sd) => self.publisher_offer(now, session, sd),
+            Req::Answer(sd) => self.subscriber_answer(now, session, sd),
+            Req::Trickle(t) => self.trickle(session, t),
+            Req::AddTrack(req) => self.add_track(now, session, req),
+            Req::Mute(m) => self.mute(session, &m.sid, m.muted),
+            Req::Subscription(s) => self.subscription(now, session, s),
+            Req::TrackSetting(s) => self.track_settings(now, session, s),
+            Req::Leave(_) => {
+                self.leave(
+                    now,
+                    session,
+                    lk::DisconnectReason::ClientInitiated as i32,
+                    false,
+                );
+                return;
+            }
+            Req::UpdateMetadata(u) => self.update_metadata(session, u),
+            other => {
+                tracing::debug!(session, request = ?std::mem::discriminant(&other), "ignored signal request");
+            }
+        }
+        self.drain(now, session);
+    }
+
+    fn publisher_offer(&mut self, now: Instant, session: SessionId, sd: lk::SessionDescription) {
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let offer = match SdpOffer::from_sdp_string(&sd.sdp) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(session, error = %e, "unparseable publisher offer");
+                return;
+            }
+        };
+        match p.publisher.rtc.sdp_api().accept_offer(offer) {
+            Ok(answer) => {
+                let answer = lk::SessionDescription {
+                    r#type: "answer".into(),
+                    sdp: answer.to_sdp_string(),
+                    id: sd.id,
+                    mid_to_track_id: HashMap::new(),
+                };
+                self.signal(session, Msg::Answer(answer));
+            }
+            Err(e) => tracing::warn!(session, error = %e, "publisher offer refused"),
+        }
+        self.drain(now, session);
+    }
+
+    fn subscriber_answer(&mut self, now: Instant, session: SessionId, sd: lk::SessionDescription) {
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let Some((pending, id)) = p.sub_pending.take() else {
+            tracing::debug!(session, "answer without a pending offer");
+            return;
+        };
+        if sd.id != 0 && sd.id != id {
+            tracing::debug!(session, got = sd.id, want = id, "stale subscriber answer");
+            p.sub_pending = Some((pending, id));
+            return;
+        }
+        let answer = match SdpAnswer::from_sdp_string(&sd.sdp) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(session, error = %e, "unparseable subscriber answer");
+                return;
+            }
+        };
+        if let Err(e) = p.subscriber.rtc.sdp_api().accept_answer(pending, answer) {
+            tracing::warn!(session, error = %e, "subscriber answer refused");
+            return;
+        }
+        for o in &mut p.outs {
+            o.state = match o.state {
+                OutState::Negotiating(m) => OutState::Open(m),
+                s => s,
+            };
+        }
+        p.outs
+            .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
+        // Newly open video needs a keyframe from its publisher.
+        let wants: Vec<(SessionId, String)> = p
+            .outs
+            .iter()
+            .filter(|o| o.kind == MediaKind::Video)
+            .map(|o| (o.publisher, o.track_sid.clone()))
+            .collect();
+        for (publisher, track) in wants {
+            self.request_keyframe(now, publisher, &track, None);
+        }
+        self.renegotiate(now, session);
+        self.drain(now, session);
+    }
+
+    fn trickle(&mut self, session: SessionId, t: lk::TrickleRequest) {
+        let kind = if t.target == lk::SignalTarget::Subscriber as i32 {
+            PcKind::Subscriber
+        } else {
+            PcKind::Publisher
+        };
+        #[derive(serde::Deserialize)]
+        struct Init {
+            candidate: String,
+        }
+        let Ok(init) = serde_json::from_str::<Init>(&t.candidate_init) else {
+            tracing::debug!(session, "unparseable trickle candidate");
+            return;
+        };
+        if init.candidate.is_empty() {
+            return; // end of candidates
+        }
+        let text = init.candidate.trim_start_matches("a=");
+        match Candidate::from_sdp_string(text) {
+            Ok(c) => {
+                if let Some(pc) = self.pc_mut(session, kind) {
+                    pc.rtc.add_remote_candidate(c);
+                }
+            }
+            Err(e) => tracing::debug!(session, error = %e, "ignored remote candidate"),
+        }
+    }
+
+    // Deprecated TrackInfo fields (layers, simulcast, stereo, disable_dtx) are still read by
+    // older clients, so they are filled too.
+    #[allow(deprecated)]
+    fn add_track(&mut self, now: Instant, session: SessionId, req: lk::AddTrackRequest) {
+        let track_sid = self.ids.sid(TRACK_PREFIX);
+        let unix_now = self.unix_now;
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let can_publish = p.info.permission.as_ref().is_some_and(|x| x.can_publish);
+        if !can_publish {
+            tracing::info!(session, cid = %req.cid, "add_track without canPublish refused");
+            self.signal(
+                session,
+                Msg::RequestResponse(lk::RequestResponse {
+                    reason: lk::request_response::Reason::NotAllowed as i32,
+                    message: "no permission to publish".into(),
+                    ..Default::default()
+                }),
+            );
+            return;
+        }
+        if p.tracks.len() >= MAX_TRACKS_PER_PARTICIPANT || p.tracks.iter().any(|t| t.cid == req.cid)
+        {
+            tracing::warn!(session, cid = %req.cid, "add_track refused (limit or duplicate cid)");
+            self.signal(
+                session,
+                Msg::RequestResponse(lk::RequestResponse {
+                    reason: lk::request_response::Reason::LimitExceeded as i32,
+                    message: "too many tracks or duplicate cid".into(),
+                    ..Default::default()
+                }),
+            );
+            return;
+        }
+        let kind = if req.r#type == lk::TrackType::Video as i32 {
+            MediaKind::Video
+        } else {
+            MediaKind::Audio
+        };
+        let stream = if req.stream.is_empty() {
+            match lk::TrackSource::try_from(req.source).unwrap_or(lk::TrackSource::Unknown) {
+                lk::TrackSource::Camera | lk::TrackSource::Microphone => "camera".to_owned(),
+                lk::TrackSource::ScreenShare | lk::TrackSource::ScreenShareAudio => {
+                    "screen".to_owned()
+                }
+                _ => "unknown".to_owned(),
+            }
+        } else {
+            req.stream.clone()
+        };
+        let mime = if kind == MediaKind::Video {
+            "video/VP8"
+        } else {
+            "audio/opus"
+        };
+        let info = lk::TrackInfo {
+            sid: track_sid,
+            r#type: req.r#type,
+            name: req.name.clone(),
+            muted: req.muted,
+            width: req.width,
+            height: req.height,
+            simulcast: req.layers.len() > 1
+                || req.simulcast_codecs.iter().any(|c| c.layers.len() > 1),
+            disable_dtx: req.disable_dtx,
+            source: req.source,
+            layers: req.layers.clone(),
+            mime_type: mime.into(),
+            codecs: vec![lk::SimulcastCodecInfo {
+                mime_type: mime.into(),
+                cid: req.cid.clone(),
+                layers: req.layers.clone(),
+                ..Default::default()
+            }],
+            stereo: req.stereo,
+            disable_red: req.disable_red,
+            encryption: req.encryption,
+            stream,
+            version: Some(lk::TimedVersion {
+                unix_micro: unix_now * 1_000_000,
+                ticks: 0,
+            }),
+            audio_features: req.audio_features.clone(),
+            backup_codec_policy: req.backup_codec_policy,
+            ..Default::default()
+        };
+        let mut track = Track {
+            info: info.clone(),
+            cid: req.cid.clone(),
+            kind,
+            mid: None,
+            rids: Vec::new(),
+            last_keyframe_request: None,
+        };
+        // Media may already be there (offer before add_track).
+        if let Some(pos) = p
+            .unbound_mids
+            .iter()
+            .position(|(_, _, tid)| *tid == req.cid)
+            .or_else(|| p.unbound_mids.iter().position(|(_, k, _)| *k == kind))
+        {
+            let (mid, _, _) = p.unbound_mids.remove(pos);
+            track.mid = Some(mid);
+            track.info.mid = mid.to_string();
+        }
+        let bound = track.mid.is_some();
+        let sid = track.info.sid.clone();
+        p.tracks.push(track);
+        p.info.is_publisher = true;
+        tracing::info!(session, cid = %req.cid, track = %sid, "track published");
+        self.signal(
+            session,
+            Msg::TrackPublished(lk::TrackPublishedResponse {
+                cid: req.cid,
+                track: Some(info),
+            }),
+        );
+        self.broadcast_participant(session);
+        if bound {
+            self.subscribe_all_to(now, session, &sid);
+        }
+    }
+
+    fn mute(&mut self, session: SessionId, track_sid: &str, muted: bool) {
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == track_sid) else {
+            return;
+        };
+        if t.info.muted == muted {
+            return;
+        }
+        t.info.muted = muted;
+        tracing::info!(session, track = track_sid, muted, "track mute changed");
+        self.broadcast_participant(session);
+    }
+
+    fn update_metadata(&mut self, session: SessionId, u: lk::UpdateParticipantMetadata) {
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let allowed = p
+            .info
+            .permission
+            .as_ref()
+            .is_some_and(|x| x.can_update_metadata);
+        if !allowed {
+            self.signal(
+                session,
+                Msg::RequestResponse(lk::RequestResponse {
+                    request_id: u.request_id,
+                    reason: lk::request_response::Reason::NotAllowed as i32,
+                    message: "no permission to update metadata".into(),
+                    ..Default::default()
+                }),
+            );
+            return;
+        }
+        if !u.metadata.is_empty() {
+            p.info.metadata = u.metadata;
+        }
+        if !u.name.is_empty() {
+            p.info.name = u.name;
+        }
+        for (k, v) in u.attributes {
+            if v.is_empty() {
+                p.info.attributes.remove(&k);
+            } else {
+                p.info.attributes.insert(k, v);
+            }
+        }
+        self.broadcast_participant(session);
+    }
+
+    fn subscription(&mut self, now: Instant, session: SessionId, s: lk::UpdateSubscription) {
+        let mut sids = s.track_sids.clone();
+        for pt in &s.participant_tracks {
+            sids.extend(pt.track_sids.iter().cloned());
+        }
+        for sid in sids {
+            if s.subscribe {
+                self.subscribe(now, session, &sid);
+            } else if let Some(p) = self.participant_mut(session) {
+                for o in p.outs.iter_mut().filter(|o| o.track_sid == sid) {
+                    o.state = match o.state {
+                        OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
+                        s => s,
+                    };
+                }
+                p.outs
+                    .retain(|o| !(o.track_sid == sid && o.state == OutState::ToOpen));
+            }
+        }
+        self.renegotiate(now, session);
+    }
+
+    fn track_settings(&mut self, now: Instant, session: SessionId, s: lk::UpdateTrackSettings) {
+        let mut keyframes = Vec::new();
+        if let Some(p) = self.participant_mut(session) {
+            for o in p
+                .outs
+                .iter_mut()
+                .filter(|o| s.track_sids.contains(&o.track_sid))
+            {
+                let was_disabled = o.disabled;
+                o.disabled = s.disabled;
+                if was_disabled && !s.disabled {
+                    o.waiting_keyframe = true;
+                    keyframes.push((o.publisher, o.track_sid.clone()));
+                }
+            }
+        }
+        for (publisher, track) in keyframes {
+            self.request_keyframe(now, publisher, &track, None);
+        }
+    }
+
+    // ------------------------------------------------------------------ subscriptions
+
+    fn subscribe_all_to(&mut self, now: Instant, publisher: SessionId, track_sid: &str) {
+        let Some(room_name) = self.sessions.get(&publisher).cloned() else {
+            return;
+        };
+        let subscribers: Vec<SessionId> = self
+            .rooms
+            .get(&room_name)
+            .map(|r| {
+                r.participants
+                    .values()
+                    .filter(|p| p.session != publisher && p.auto_subscribe)
+                    .map(|p| p.session)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for s in subscribers {
+            self.subscribe(now, s, track_sid);
+            self.renegotiate(now, s);
+            self.drain(now, s);
+        }
+    }
+
+    fn subscribe(&mut self, _now: Instant, session: SessionId, track_sid: &str) {
+        let Some(room_name) = self.sessions.get(&session).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let found = room.participants.values().find_map(|p| {
+            p.tracks
+                .iter()
+                .find(|t| t.info.sid == track_sid && t.mid.is_some())
+                .map(|t| (p.session, new_out(p, t)))
+        });
+        let Some((publisher, out)) = found else {
+            return;
+        };
+        if publisher == session {
+            return;
+        }
+        let Some(p) = room.participants.get_mut(&session) else {
+            return;
+        };
+        let may = p.info.permission.as_ref().is_some_and(|x| x.can_subscribe);
+        if !may || p.outs.iter().any(|o| o.track_sid == track_sid) {
+            return;
+        }
+        p.outs.push(out);
+    }
+
+    /// Sends a subscriber offer if changes are waiting and none is in flight.
+    fn renegotiate(&mut self, _now: Instant, session: SessionId) {
+        let id = {
+            let Some(p) = self.participant_mut(session) else {
+                return;
+            };
+            if p.sub_pending.is_some() {
+                return;
+            }
+            p.sub_offer_id + 1
+        };
+        let Some(room_name) = self.sessions.get(&session).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let Some(p) = room.participants.get_mut(&session) else {
+            return;
+        };
+        let mut api = p.subscriber.rtc.sdp_api();
+        if p.sub_reliable.is_none() {
+            // Server-created channels on the subscriber PC (subscriber_primary): clients adopt
+            // them by label.
+            p.sub_reliable = Some(api.add_channel_with_config(ChannelConfig {
+                label: "_reliable".into(),
+                ordered: true,
+                reliability: Reliability::Reliable,
+                negotiated: None,
+                protocol: String::new(),
+            }));
+            p.sub_lossy = Some(api.add_channel_with_config(ChannelConfig {
+                label: "_lossy".into(),
+                ordered: false,
+                reliability: Reliability::MaxRetransmits { retransmits: 0 },
+                negotiated: None,
+                protocol: String::new(),
+            }));
+        }
+        for o in &mut p.outs {
+            match o.state {
+                OutState::ToOpen => {
+                    let mid = api.add_media(
+                        o.kind,
+                        Direction::SendOnly,
+                        Some(o.stream_id.clone()),
+                        Some(o.track_sid.clone()),
+                        None,
+                    );
+                    o.state = OutState::Negotiating(mid);
+                }
+                OutState::ToStop(m) => {
+                    api.stop_media(m);
+                    o.state = OutState::NegotiatingStop(m);
+                }
+                _ => {}
+            }
+        }
+        if !api.has_changes() {
+            return;
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        let mut mid_to_track_id = HashMap::new();
+        for o in &p.outs {
+            if let Some(m) = o.mid() {
+                mid_to_track_id.insert(m.to_string(), o.track_sid.clone());
+            }
+        }
+        p.sub_offer_id = id;
+        p.sub_pending = Some((pending, id));
+        let sd = lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer.to_sdp_string(),
+            id,
+            mid_to_track_id,
+        };
+        self.signal(session, Msg::Offer(sd));
+    }
+
+    // ------------------------------------------------------------------ draining
+
+    /// Drains both peer connections of `session` (and of anyone its media reached).
+    fn drain(&mut self, now: Instant, session: SessionId) {
+        let mut queue = VecDeque::from([session]);
+        let mut rounds = 0;
+        while let Some(s) = queue.pop_front() {
+            rounds += 1;
+            if rounds > 10_000 {
+                tracing::error!("drain did not settle; giving up this round");
+                break;
+            }
+            let forwards = self.drain_one(now, s);
+            for f in forwards {
+                for t in self.forward(now, f) {
+                    if !queue.contains(&t) {
+                        queue.push_back(t);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_one(&mut self, now: Instant, session: SessionId) -> Vec<Forward> {
+        let mut forwards = Vec::new();
+        let mut keyframe_wanted = Vec::new();
+        let mut data_out: Vec<(bool, Vec<u8>)> = Vec::new();
+        let mut newly_bound = Vec::new();
+        let mut renegotiate = false;
+        let mut unpublished = Vec::new();
+        let mut dead = false;
+        {
+            let Some(room_name) = self.sessions.get(&session).cloned() else {
+                return forwards;
+            };
+            let Some(room) = self.rooms.get_mut(&room_name) else {
+                return forwards;
+            };
+            let Some(p) = room.participants.get_mut(&session) else {
+                return forwards;
+            };
+            for kind in [PcKind::Publisher, PcKind::Subscriber] {
+                loop {
+                    let pc = match kind {
+                        PcKind::Publisher => &mut p.publisher,
+                        PcKind::Subscriber => &mut p.subscriber,
+                    };
+                    let output = match pc.rtc.poll_output() {
+                        Ok(o) => o,
+                        Err(e) => {
+                            tracing::info!(session, error = %e, "peer connection failed");
+                            dead = true;
+                            break;
+                        }
+                    };
+                    match output {
+                        RtcOutput::Timeout(t) => {
+                            pc.next_timeout = t;
+                            break;
+                        }
+                        RtcOutput::Transmit(t) => {
+                            self.out.push_back(Output::Transmit(Transmit {
+                                source: t.source,
+                                destination: t.destination,
+                                contents: t.contents.into(),
+                            }));
+                        }
+                        RtcOutput::Event(e) => match e {
+                            Event::Connected => {
+                                tracing::debug!(session, ?kind, "peer connection connected");
+                                pc.connected = true;
+                                if kind == PcKind::Subscriber
+                                    && p.info.state != lk::participant_info::State::Active as i32
+                                {
+                                    p.info.state = lk::participant_info::State::Active as i32;
+                                }
+                            }
+                            Event::IceConnectionStateChange(state) => {
+                                tracing::debug!(session, ?kind, ?state, "ICE state");
+                            }
+                            // Only media the client sends: v0 publisher offers may also carry
+                            // recvonly transceivers (sendonly from here), which are no tracks.
+                            Event::MediaAdded(added)
+                                if kind == PcKind::Publisher
+                                    && matches!(
+                                        added.direction,
+                                        Direction::RecvOnly | Direction::SendRecv
+                                    ) =>
+                            {
+                                let tid = pc
+                                    .rtc
+                                    .media(added.mid)
+                                    .map(|m| m.track_id().to_owned())
+                                    .unwrap_or_default();
+                                let pos = p
+                                    .tracks
+                                    .iter()
+                                    .position(|t| t.mid.is_none() && t.cid == tid)
+                                    .or_else(|| {
+                                        p.tracks
+                                            .iter()
+                                            .position(|t| t.mid.is_none() && t.kind == added.kind)
+                                    });
+                                match pos {
+                                    Some(i) => {
+                                        p.tracks[i].mid = Some(added.mid);
+                                        p.tracks[i].info.mid = added.mid.to_string();
+                                        newly_bound.push(p.tracks[i].info.sid.clone());
+                                    }
+                                    None => p.unbound_mids.push((added.mid, added.kind, tid)),
+                                }
+                            }
+                            Event::MediaChanged(ch) if kind == PcKind::Publisher => {
+                                if matches!(ch.direction, Direction::Inactive | Direction::SendOnly)
+                                {
+                                    if let Some(i) =
+                                        p.tracks.iter().position(|t| t.mid == Some(ch.mid))
+                                    {
+                                        let t = p.tracks.remove(i);
+                                        unpublished.push(t.info.sid);
+                                    }
+                                }
+                            }
+                            Event::MediaData(data) if kind == PcKind::Publisher => {
+                                if let Some(t) =
+                                    p.tracks.iter_mut().find(|t| t.mid == Some(data.mid))
+                                {
+                                    if let Some(rid) = data.rid {
+                                        if !t.rids.contains(&rid) {
+                                            t.rids.push(rid);
+                                        }
+                                    }
+                                    if t.kind == MediaKind::Audio {
+                                        if let Some(level) = data.ext_vals.audio_level {
+                                            let l = ms_from_level(level);
+                                            p.audio_level = p.audio_level.max(l);
+                                        }
+                                    }
+                                    if !data.contiguous && t.kind == MediaKind::Video {
+                                        keyframe_wanted.push((t.info.sid.clone(), data.rid));
+                                    }
+                                    let keyframe = data.is_keyframe();
+                                    forwards.push(Forward {
+                                        publisher: session,
+                                        track_sid: t.info.sid.clone(),
+                                        data,
+                                        keyframe,
+                                    });
+                                }
+                            }
+                            Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
+                                if let Some(o) = p.outs.iter().find(|o| o.mid() == Some(req.mid)) {
+                                    keyframe_wanted.push((o.track_sid.clone(), o.current_rid));
+                                }
+                            }
+                            Event::ChannelOpen(id, label) if kind == PcKind::Publisher => {
+                                p.pub_channels.insert(id, label != "_lossy");
+                            }
+                            Event::ChannelData(d) if kind == PcKind::Publisher => {
+                                let reliable = p.pub_channels.get(&d.id).copied().unwrap_or(true);
+                                data_out.push((reliable, d.data));
+                            }
+                            _ => {}
+                        },
+                    }
+                }
+            }
+            if !unpublished.is_empty() {
+                renegotiate = true;
+            }
+        }
+        if dead {
+            self.leave(
+                now,
+                session,
+                lk::DisconnectReason::MediaFailure as i32,
+                true,
+            );
+            return Vec::new();
+        }
+        for (track, rid) in keyframe_wanted {
+            // A subscriber's request goes to the track's publisher.
+            let publisher = self.publisher_of(&track).unwrap_or(session);
+            self.request_keyframe(now, publisher, &track, rid);
+        }
+        for sid in newly_bound {
+            self.subscribe_all_to(now, session, &sid);
+        }
+        if renegotiate {
+            for sid in &unpublished {
+                self.unpublish(now, session, sid);
+            }
+            self.broadcast_participant(session);
+        }
+        for (reliable, bytes) in data_out {
+            self.relay_data(session, reliable, &bytes);
+        }
+        forwards
+    }
+
+    fn publisher_of(&self, track_sid: &str) -> Option<SessionId> {
+        self.rooms.values().find_map(|r| {
+            r.participants
+                .values()
+                .find(|p| p.tracks.iter().any(|t| t.info.sid == track_sid))
+                .map(|p| p.session)
+        })
+    }
+
+    fn unpublish(&mut self, now: Instant, publisher: SessionId, track_sid: &str) {
+        let Some(room_name) = self.sessions.get(&publisher).cloned() else {
+            return;
+        };
+        let mut touched = Vec::new();
+        if let Some(room) = self.rooms.get_mut(&room_name) {
+            for p in room.participants.values_mut() {
+                let mut hit = false;
+                for o in p.outs.iter_mut().filter(|o| o.track_sid == track_sid) {
+                    hit = true;
+                    o.state = match o.state {
+                        OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
+                        s => s,
+                    };
+                }
+                p.outs
+                    .retain(|o| !(o.track_sid == track_sid && o.state == OutState::ToOpen));
+                if hit {
+                    touched.push(p.session);
+                }
+            }
+        }
+        for s in touched {
+            self.renegotiate(now, s);
+        }
+    }
+
+    /// Forwards one frame to every subscriber of its track; returns the sessions touched.
+    fn forward(&mut self, now: Instant, f: Forward) -> Vec<SessionId> {
+        let Some(room_name) = self.sessions.get(&f.publisher).cloned() else {
+            return Vec::new();
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return Vec::new();
+        };
+        // The best layer the publisher sends now.
+        let best_rid = room
+            .participants
+            .get(&f.publisher)
+            .and_then(|p| p.tracks.iter().find(|t| t.info.sid == f.track_sid))
+            .and_then(|t| t.rids.iter().max_by_key(|r| rid_rank(r)).copied());
+        tracing::debug!(track = %f.track_sid, rid = ?f.data.rid, keyframe = f.keyframe, ?best_rid, "forward");
+        let mut touched = Vec::new();
+        let mut keyframes = false;
+        let source_key = f.data.rid.map_or(0, |r| u64::from(rid_rank(&r))) + 1;
+        for p in room.participants.values_mut() {
+            if p.session == f.publisher {
+                continue;
+            }
+            let Some(o) = p.outs.iter_mut().find(|o| o.track_sid == f.track_sid) else {
+                continue;
+            };
+            let OutState::Open(mid) = o.state else {
+                continue;
+            };
+            if o.disabled {
+                continue;
+            }
+            if f.data.rid.is_some() {
+                o.wanted_rid = best_rid;
+                if o.current_rid != f.data.rid {
+                    // Switch only onto a keyframe of the wanted layer.
+                    if f.data.rid == o.wanted_rid && f.keyframe {
+                        o.current_rid = f.data.rid;
+                        o.waiting_keyframe = false;
+                    } else {
+                        if f.data.rid == o.wanted_rid {
+                            keyframes = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if o.kind == MediaKind::Video && o.waiting_keyframe {
+                tracing::trace!(
+                    keyframe = f.keyframe,
+                    "video frame while waiting for a keyframe"
+                );
+                if !f.keyframe {
+                    keyframes = true;
+                    continue;
+                }
+                o.waiting_keyframe = false;
+            }
+            let Some(writer) = p.subscriber.rtc.writer(mid) else {
+                continue;
+            };
+            let Some(pt) = writer.match_params(f.data.params) else {
+                tracing::debug!(session = p.session, track = %f.track_sid, "no matching payload type");
+                continue;
+            };
+            let hz = f.data.time.frequency().get();
+            let ts = o.timeline.map(source_key, f.data.time.numer(), hz, now);
+            let time = str0m::media::MediaTime::new(ts, f.data.time.frequency());
+            if let Err(e) = writer.write(pt, f.data.network_time, time, f.data.data.clone()) {
+                tracing::debug!(session = p.session, error = %e, "write failed");
+                continue;
+            }
+            touched.push(p.session);
+        }
+        if keyframes {
+            self.request_keyframe(now, f.publisher, &f.track_sid, best_rid);
+        }
+        touched
+    }
+
+    fn request_keyframe(
+        &mut self,
+        now: Instant,
+        publisher: SessionId,
+        track_sid: &str,
+        rid: Option<Rid>,
+    ) {
+        let Some(p) = self.participant_mut(publisher) else {
+            return;
+        };
+        let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == track_sid) else {
+            return;
+        };
+        if t.kind != MediaKind::Video {
+            return;
+        }
+        if t.last_keyframe_request
+            .is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_THROTTLE)
+        {
+            return;
+        }
+        let Some(mid) = t.mid else {
+            return;
+        };
+        t.last_keyframe_request = Some(now);
+        let rid = rid.or_else(|| t.rids.iter().max_by_key(|r| rid_rank(r)).copied());
+        if let Some(mut w) = p.publisher.rtc.writer(mid) {
+            if let Err(e) = w.request_keyframe(rid, KeyframeRequestKind::Pli) {
+                tracing::debug!(error = %e, "keyframe request failed");
+            }
+        }
+    }
+
+    fn relay_data(&mut self, sender: SessionId, reliable: bool, bytes: &[u8]) {
+        let Ok(mut packet) = lk::DataPacket::decode(bytes) else {
+            tracing::debug!(sender, "undecodable data packet dropped");
+            return;
+        };
+        let Some(room_name) = self.sessions.get(&sender).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let Some(from) = room.participants.get(&sender) else {
+            return;
+        };
+        if !from
+            .info
+            .permission
+            .as_ref()
+            .is_some_and(|x| x.can_publish_data)
+        {
+            return;
+        }
+        packet.participant_identity = from.info.identity.clone();
+        packet.participant_sid = from.info.sid.clone();
+        #[allow(deprecated)]
+        if let Some(lk::data_packet::Value::User(u)) = packet.value.as_mut() {
+            u.participant_identity = from.info.identity.clone();
+            u.participant_sid = from.info.sid.clone();
+        }
+        let destinations = std::mem::take(&mut packet.destination_identities);
+        let encoded = packet.encode_to_vec();
+        for p in room.participants.values_mut() {
+            if p.session == sender {
+                continue;
+            }
+            if !destinations.is_empty() && !destinations.contains(&p.info.identity) {
+                continue;
+            }
+            let id = if reliable {
+                p.sub_reliable
+            } else {
+                p.sub_lossy
+            };
+            if let Some(mut ch) = id.and_then(|id| p.subscriber.rtc.channel(id)) {
+                if let Err(e) = ch.write(true, &encoded) {
+                    tracing::debug!(session = p.session, error = %e, "data write failed");
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ periodic
+
+    fn update_speakers(&mut self, now: Instant) {
+        self.next_speakers = Some(now + SPEAKER_INTERVAL);
+        for room in self.rooms.values_mut() {
+            let mut changed = Vec::new();
+            for p in room.participants.values_mut() {
+                let level = p.audio_level;
+                p.audio_level = 0.0;
+                let speaking = level > 0.02;
+                if speaking != p.speaking || speaking {
+                    changed.push(lk::SpeakerInfo {
+                        sid: p.info.sid.clone(),
+                        level,
+                        active: speaking,
+                    });
+                }
+                p.speaking = speaking;
+            }
+            if changed.is_empty() {
+                continue;
+            }
+            let m = Msg::SpeakersChanged(lk::SpeakersChanged { speakers: changed });
+            for p in room.participants.values() {
+                self.out
+                    .push_back(Output::Signal(p.session, msg(m.clone())));
+            }
+        }
+    }
+
+    fn update_quality(&mut self, now: Instant) {
+        self.next_quality = Some(now + QUALITY_INTERVAL);
+        for room in self.rooms.values() {
+            let updates: Vec<lk::ConnectionQualityInfo> = room
+                .participants
+                .values()
+                .map(|p| lk::ConnectionQualityInfo {
+                    participant_sid: p.info.sid.clone(),
+                    quality: if p.subscriber.connected {
+                        lk::ConnectionQuality::Excellent as i32
+                    } else {
+                        lk::ConnectionQuality::Poor as i32
+                    },
+                    score: if p.subscriber.connected { 5.0 } else { 1.0 },
+                })
+                .collect();
+            let m = Msg::ConnectionQuality(lk::ConnectionQualityUpdate { updates });
+            for p in room.participants.values() {
+                self.out
+                    .push_back(Output::Signal(p.session, msg(m.clone())));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    fn participant_mut(&mut self, session: SessionId) -> Option<&mut Participant> {
+        let room = self.sessions.get(&session)?;
+        self.rooms.get_mut(room)?.participants.get_mut(&session)
+    }
+
+    fn pc_mut(&mut self, session: SessionId, kind: PcKind) -> Option<&mut Pc> {
+        let p = self.participant_mut(session)?;
+        Some(match kind {
+            PcKind::Publisher => &mut p.publisher,
+            PcKind::Subscriber => &mut p.subscriber,
+        })
+    }
+
+    /// Bumps the participant's version and sends its complete info to the whole room
+    /// (including itself).
+    fn broadcast_participant(&mut self, session: SessionId) {
+        let Some(room_name) = self.sessions.get(&session).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let Some(p) = room.participants.get_mut(&session) else {
+            return;
+        };
+        p.info.version += 1;
+        p.info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
+        let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
+        let update = Msg::Update(lk::ParticipantUpdate {
+            participants: vec![p.info.clone()],
+        });
+        for other in room.participants.values() {
+            if hidden && other.session != session {
+                continue;
+            }
+            self.out
+                .push_back(Output::Signal(other.session, msg(update.clone())));
+        }
+    }
+}
+
+fn new_out(publisher: &Participant, t: &Track) -> OutTrack {
+    OutTrack {
+        publisher: publisher.session,
+        track_sid: t.info.sid.clone(),
+        kind: t.kind,
+        stream_id: format!("{}|{}", publisher.info.sid, t.info.sid),
+        state: OutState::ToOpen,
+        timeline: Timeline::default(),
+        current_rid: None,
+        wanted_rid: None,
+        waiting_keyframe: t.kind == MediaKind::Video,
+        disabled: false,
+    }
+}

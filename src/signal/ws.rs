@@ -1,0 +1,343 @@
+//! `GET /rtc`: LiveKit signalling (protocol 17, v0 dual peer connection) over WebSocket.
+//!
+//! Everything is checked and the participant joined *before* the upgrade; the first frame
+//! after it is the `join` response. Binary frames carry protobuf `SignalRequest`s; text frames
+//! protojson, answered in kind. Pings are answered here; everything else goes to the SFU loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Msg;
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::validate::check_connect;
+use crate::app::AppState;
+use crate::auth::jwt::Claims;
+use crate::net::{LoopRequest, SfuHandle, SESSION_QUEUE};
+use crate::sfu::{Command, SessionId, SignalOut};
+
+/// How long the SFU may take to produce the join response.
+const JOIN_WAIT: Duration = Duration::from_secs(4);
+/// WebSocket ping frames, as LiveKit (`wsprotocol.go`).
+const WS_PING_EVERY: Duration = Duration::from_secs(10);
+/// A client silent this long (no signal message, not even a ping) is gone (2 × ping_timeout).
+const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// `refresh_token` cadence.
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Undecodable frames tolerated before the session is closed.
+const MAX_BAD_FRAMES: u32 = 50;
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (status, body.to_owned()).into_response()
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT times and ping timestamps
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_ms() -> i64 {
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn flag(query: &HashMap<String, String>, key: &str, default: bool) -> bool {
+    match query.get(key).map(String::as_str) {
+        Some("1") | Some("true") => true,
+        Some("0") | Some("false") => false,
+        _ => default,
+    }
+}
+
+/// Permissions from the token's grant, with LiveKit's defaults for absent keys.
+pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
+    let v = &claims.video;
+    let can_publish = v.can_publish.unwrap_or(true);
+    lk::ParticipantPermission {
+        can_subscribe: v.can_subscribe.unwrap_or(true),
+        can_publish,
+        can_publish_data: v.can_publish_data.unwrap_or(can_publish),
+        hidden: v.hidden,
+        can_update_metadata: v.can_update_own_metadata.unwrap_or(false),
+        ..Default::default()
+    }
+}
+
+/// `GET /rtc/v1` (and its validate): single-PC signalling is not implemented yet; a plain 404
+/// (never mentioning rooms) makes every current SDK fall back to `/rtc` at once.
+pub async fn get_rtc_v1() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "v1 signalling is not supported by this server; use /rtc",
+    )
+}
+
+/// `GET /rtc`: validate, join, upgrade.
+pub async fn get_rtc(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(ws) = ws else {
+        // LiveKit answers a non-upgrade request to /rtc with 404.
+        return text(StatusCode::NOT_FOUND, "WebSocket upgrade required");
+    };
+    let Some(sfu) = state.sfu.clone() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
+    };
+    let claims = match check_connect(
+        &state,
+        &headers,
+        &query,
+        Instant::now(),
+        unix_now(),
+        state.config.sfu_auto_create(),
+    ) {
+        Ok(c) => c,
+        Err(r) => return text(r.status, &r.message),
+    };
+    if flag(&query, "reconnect", false) {
+        // Resume is disabled (ClientConfiguration); an unknown session must rejoin in full.
+        return ws.on_upgrade(|mut socket| async move {
+            let leave = Msg::Leave(lk::LeaveRequest {
+                can_reconnect: true,
+                reason: lk::DisconnectReason::StateMismatch as i32,
+                action: lk::leave_request::Action::Reconnect as i32,
+                regions: None,
+            });
+            let _ = socket.send(encode(&leave, false)).await;
+            let _ = socket
+                .send(WsMessage::Close(Some(CloseFrame {
+                    code: 1000,
+                    reason: "".into(),
+                })))
+                .await;
+        });
+    }
+    let session = sfu.new_session();
+    let (sink, mut events) = mpsc::channel(SESSION_QUEUE);
+    let client_protocol = query
+        .get("client_protocol")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let join = Command::Join {
+        session,
+        room: claims.video.room.clone(),
+        identity: claims.sub.clone(),
+        name: claims.name.clone(),
+        metadata: claims.metadata.clone(),
+        permission: permission_from(&claims),
+        auto_subscribe: flag(&query, "auto_subscribe", true),
+        client_protocol,
+    };
+    if !sfu
+        .send(LoopRequest::Open {
+            session,
+            sink,
+            join,
+        })
+        .await
+    {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
+    }
+    let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
+        Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Join(_)) => m,
+        other => {
+            tracing::warn!(session, ?other, "join did not complete");
+            let _ = sfu
+                .send(LoopRequest::Sfu(Command::Disconnect {
+                    session,
+                    reason: lk::DisconnectReason::JoinFailure as i32,
+                }))
+                .await;
+            return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
+        }
+    };
+    let span =
+        tracing::info_span!("signal", session, identity = %claims.sub, room = %claims.video.room);
+    ws.on_upgrade(move |socket| {
+        let fut = run_session(state, sfu, socket, session, claims, *first, events);
+        tracing::Instrument::instrument(fut, span)
+    })
+}
+
+fn encode(m: &Msg, json: bool) -> WsMessage {
+    let resp = lk::SignalResponse {
+        message: Some(m.clone()),
+    };
+    if json {
+        WsMessage::Text(serde_json::to_string(&resp).unwrap_or_default().into())
+    } else {
+        WsMessage::Binary(resp.encode_to_vec().into())
+    }
+}
+
+fn decode(frame: &WsMessage) -> Option<Result<(lk::SignalRequest, bool), ()>> {
+    match frame {
+        WsMessage::Binary(b) => Some(
+            lk::SignalRequest::decode(b.as_ref())
+                .map(|r| (r, false))
+                .map_err(|_| ()),
+        ),
+        WsMessage::Text(t) => Some(
+            serde_json::from_str::<lk::SignalRequest>(t.as_str())
+                .map(|r| (r, true))
+                .map_err(|_| ()),
+        ),
+        _ => None,
+    }
+}
+
+async fn run_session(
+    state: Arc<AppState>,
+    sfu: SfuHandle,
+    mut socket: WebSocket,
+    session: SessionId,
+    claims: Claims,
+    first: Msg,
+    mut events: mpsc::Receiver<SignalOut>,
+) {
+    let mut json = false;
+    if socket.send(encode(&first, json)).await.is_err() {
+        let _ = sfu
+            .send(LoopRequest::Sfu(Command::Disconnect {
+                session,
+                reason: lk::DisconnectReason::SignalClose as i32,
+            }))
+            .await;
+        return;
+    }
+    if let Some(t) = refresh_token(&state, &claims) {
+        let _ = socket.send(encode(&Msg::RefreshToken(t), json)).await;
+    }
+    let mut ws_ping = tokio::time::interval(WS_PING_EVERY);
+    ws_ping.tick().await;
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    refresh.tick().await;
+    let mut last_heard = Instant::now();
+    let mut bad_frames = 0u32;
+    let mut reason = lk::DisconnectReason::SignalClose as i32;
+    let mut closed_by_server = false;
+    loop {
+        let silence =
+            tokio::time::sleep_until(tokio::time::Instant::from_std(last_heard + SILENCE_LIMIT));
+        tokio::select! {
+            frame = socket.recv() => {
+                let Some(Ok(frame)) = frame else { break };
+                if matches!(frame, WsMessage::Close(_)) {
+                    break;
+                }
+                last_heard = Instant::now();
+                let Some(decoded) = decode(&frame) else { continue };
+                let Ok((req, is_json)) = decoded else {
+                    bad_frames += 1;
+                    tracing::debug!(session, bad_frames, "undecodable signal frame");
+                    if bad_frames > MAX_BAD_FRAMES {
+                        tracing::warn!(session, "too many undecodable frames; closing");
+                        break;
+                    }
+                    continue;
+                };
+                json = is_json;
+                let Some(message) = req.message else { continue };
+                match message {
+                    Req::Ping(ts) => {
+                        let _ = ts;
+                        let _ = socket.send(encode(&Msg::Pong(unix_ms()), json)).await;
+                    }
+                    Req::PingReq(p) => {
+                        let pong = Msg::PongResp(lk::Pong {
+                            last_ping_timestamp: p.timestamp,
+                            timestamp: unix_ms(),
+                        });
+                        let _ = socket.send(encode(&pong, json)).await;
+                    }
+                    Req::Leave(_) => {
+                        reason = lk::DisconnectReason::ClientInitiated as i32;
+                        break;
+                    }
+                    other => {
+                        let cmd = Command::Request { session, message: Box::new(other) };
+                        if !sfu.send(LoopRequest::Sfu(cmd)).await {
+                            break;
+                        }
+                    }
+                }
+            }
+            out = events.recv() => match out {
+                Some(SignalOut::Message(m)) => {
+                    if socket.send(encode(&m, json)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(SignalOut::Close) | None => {
+                    closed_by_server = true;
+                    break;
+                }
+            },
+            _ = ws_ping.tick() => {
+                if socket.send(WsMessage::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+            _ = refresh.tick() => {
+                if let Some(t) = refresh_token(&state, &claims) {
+                    let _ = socket.send(encode(&Msg::RefreshToken(t), json)).await;
+                }
+            }
+            () = silence => {
+                tracing::info!(session, "client silent too long; closing its session");
+                reason = lk::DisconnectReason::ConnectionTimeout as i32;
+                let leave = Msg::Leave(lk::LeaveRequest {
+                    can_reconnect: false,
+                    reason,
+                    action: lk::leave_request::Action::Disconnect as i32,
+                    regions: None,
+                });
+                let _ = socket.send(encode(&leave, json)).await;
+                break;
+            }
+        }
+    }
+    if !closed_by_server {
+        let _ = sfu
+            .send(LoopRequest::Sfu(Command::Disconnect { session, reason }))
+            .await;
+    } else {
+        // Flush what the SFU queued before closing (the leave message).
+        while let Ok(SignalOut::Message(m)) = events.try_recv() {
+            let _ = socket.send(encode(&m, json)).await;
+        }
+    }
+    let _ = socket
+        .send(WsMessage::Close(Some(CloseFrame {
+            code: 1000,
+            reason: "".into(),
+        })))
+        .await;
+}
+
+/// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.
+fn refresh_token(state: &AppState, claims: &Claims) -> Option<String> {
+    let now = unix_now();
+    let mut c = claims.clone();
+    c.nbf = now;
+    c.exp = (now + state.config.auth.token_lifetime_secs).max(claims.exp);
+    state.signer.sign(&c).ok()
+}
