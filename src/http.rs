@@ -62,6 +62,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz).head(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            count_server_errors,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(|_| {
             MatrixErrorResponse::internal(&"handler panicked").into_response()
@@ -84,6 +88,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// Counts 5xx responses for `/metrics`.
+async fn count_server_errors(
+    State(state): State<Arc<AppState>>,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    if response.status().is_server_error() {
+        crate::metrics::inc(&state.metrics.internal_errors);
+    }
+    response
 }
 
 async fn not_found() -> MatrixErrorResponse {

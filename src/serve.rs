@@ -85,7 +85,18 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         Command::Serve { config } => serve(load_config(config.as_deref())?).await,
         Command::GenerateConfig => write_stdout(config::EXAMPLE_TOML),
         Command::CheckConfig { config } => {
-            let config = load_config(config.as_deref())?;
+            let mut config = load_config(config.as_deref())?;
+            // Never print secrets: show that they are set, not what they are.
+            let redacted = || Some(crate::config::Secret::new("(set, redacted)"));
+            if config.appservice.as_token.is_some() {
+                config.appservice.as_token = redacted();
+            }
+            if config.appservice.hs_token.is_some() {
+                config.appservice.hs_token = redacted();
+            }
+            if config.livekit.secret.is_some() {
+                config.livekit.secret = redacted();
+            }
             let text =
                 toml::to_string_pretty(&config).map_err(|e| RunError::HttpClient(e.to_string()))?;
             write_stdout(&format!(
@@ -130,9 +141,9 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
             if output == Path::new("-") {
                 write_stdout(&yaml)
             } else {
-                std::fs::write(&output, yaml).map_err(|source| RunError::Io {
+                crate::secrets::write_private(&output, &yaml).map_err(|e| RunError::Io {
                     context: format!("cannot write {}", output.display()),
-                    source,
+                    source: std::io::Error::other(e.to_string()),
                 })?;
                 eprintln!(
                     "wrote {} (url {url}); add it to Synapse's app_service_config_files and restart Synapse",

@@ -30,8 +30,13 @@ pub async fn require_joined(
 
     let membership = match record {
         Some(r) => Some(r.membership),
-        None if known => None,
-        None => ask_homeserver(state, room_id, user_id).await?,
+        // No event seen for this user: they may have joined before Conclave was registered.
+        None => match ask_homeserver(state, room_id, user_id).await {
+            Ok(m) => m,
+            // The homeserver cannot tell us, but Conclave follows this room: no membership.
+            Err(_) if known => None,
+            Err(e) => return Err(e),
+        },
     };
     match membership {
         Some(MembershipState::Join) => Ok(()),

@@ -214,7 +214,8 @@ impl OpenIdVerifier {
             if e.is_timeout() {
                 AuthError::HomeserverTimeout(server_name.to_string())
             } else {
-                tracing::warn!(%server_name, error = %e, "OpenID userinfo request failed");
+                // The URL carries the OpenID token: never log it.
+                tracing::warn!(%server_name, error = %e.without_url(), "OpenID userinfo request failed");
                 AuthError::HomeserverUnreachable(server_name.to_string())
             }
         })?;
