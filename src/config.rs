@@ -221,6 +221,9 @@ pub struct RtcConfig {
     /// (`matrix.homeserver_url` unset: a standalone SFU), off when one is (rooms then come only
     /// from token requests of full-access users).
     pub auto_create: Option<bool>,
+    /// A signalling client silent this long (no message, not even a ping) is disconnected, in
+    /// seconds. Default 30 (twice the ping timeout clients are told).
+    pub signal_timeout_secs: u64,
 }
 
 impl Default for RtcConfig {
@@ -229,6 +232,7 @@ impl Default for RtcConfig {
             udp_port: 7882,
             node_ips: Vec::new(),
             auto_create: None,
+            signal_timeout_secs: 30,
         }
     }
 }

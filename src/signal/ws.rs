@@ -29,8 +29,6 @@ use crate::sfu::{Command, SessionId, SignalOut};
 const JOIN_WAIT: Duration = Duration::from_secs(4);
 /// WebSocket ping frames, as LiveKit (`wsprotocol.go`).
 const WS_PING_EVERY: Duration = Duration::from_secs(10);
-/// A client silent this long (no signal message, not even a ping) is gone (2 × ping_timeout).
-const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// `refresh_token` cadence.
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
 /// Undecodable frames tolerated before the session is closed.
@@ -234,16 +232,20 @@ async fn run_session(
     let mut bad_frames = 0u32;
     let mut reason = lk::DisconnectReason::SignalClose as i32;
     let mut closed_by_server = false;
+    let silence_limit = Duration::from_secs(state.config.rtc.signal_timeout_secs.max(1));
     loop {
         let silence =
-            tokio::time::sleep_until(tokio::time::Instant::from_std(last_heard + SILENCE_LIMIT));
+            tokio::time::sleep_until(tokio::time::Instant::from_std(last_heard + silence_limit));
         tokio::select! {
             frame = socket.recv() => {
                 let Some(Ok(frame)) = frame else { break };
                 if matches!(frame, WsMessage::Close(_)) {
                     break;
                 }
-                last_heard = Instant::now();
+                // Only signal messages count as a live client; automatic WebSocket pongs do not.
+                if matches!(frame, WsMessage::Binary(_) | WsMessage::Text(_)) {
+                    last_heard = Instant::now();
+                }
                 let Some(decoded) = decode(&frame) else { continue };
                 let Ok((req, is_json)) = decoded else {
                     bad_frames += 1;

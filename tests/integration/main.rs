@@ -14,3 +14,5 @@ mod harness;
 mod tokens;
 // Benchmark smoke runs (no thresholds).
 mod bench;
+// LiveKit signalling at the protocol level: the traps and hostile input.
+mod signal;

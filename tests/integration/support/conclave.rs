@@ -21,6 +21,14 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A free loopback UDP port.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free UDP port")
+}
+
 /// How to start a Conclave.
 #[derive(Clone, Debug)]
 pub struct ConclaveOptions {
@@ -70,6 +78,8 @@ pub struct Conclave {
     pub data_dir: PathBuf,
     /// HTTP port.
     pub port: u16,
+    /// Media (UDP) port.
+    pub udp_port: u16,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
     /// Options it was started with.
@@ -85,7 +95,9 @@ impl Conclave {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("data");
         let port = free_port();
+        let udp_port = free_udp_port();
         Ok(Self {
+            udp_port,
             log_path: dir.path().join("conclave.log"),
             _dir: dir,
             data_dir,
@@ -122,6 +134,14 @@ impl Conclave {
             (
                 "CONCLAVE_MATRIX__SERVER_NAME".to_owned(),
                 self.opts.server_name.clone(),
+            ),
+            (
+                "CONCLAVE_RTC__UDP_PORT".to_owned(),
+                self.udp_port.to_string(),
+            ),
+            (
+                "CONCLAVE_RTC__NODE_IPS".to_owned(),
+                "[\"127.0.0.1\"]".to_owned(),
             ),
             (
                 "RUST_LOG".to_owned(),
@@ -300,6 +320,45 @@ impl Conclave {
     /// The persisted secrets file.
     pub fn secrets_text(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("secrets.toml")).unwrap_or_default()
+    }
+
+    /// `ws://127.0.0.1:<port>`, the SFU URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// The LiveKit API key and secret from the persisted secrets.
+    pub fn livekit_credentials(&self) -> (String, String) {
+        let v: toml::Table = self.secrets_text().parse().expect("secrets toml");
+        (
+            v["livekit_key"].as_str().expect("key").to_owned(),
+            v["livekit_secret"].as_str().expect("secret").to_owned(),
+        )
+    }
+
+    /// Signs a LiveKit token with this instance's key for `identity` in `room`.
+    pub fn token(&self, room: &str, identity: &str, grant: serde_json::Value) -> String {
+        let (key, secret) = self.livekit_credentials();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut video = serde_json::json!({"room": room, "roomJoin": true});
+        if let (Some(v), Some(extra)) = (video.as_object_mut(), grant.as_object()) {
+            for (k, x) in extra {
+                v.insert(k.clone(), x.clone());
+            }
+        }
+        let claims = serde_json::json!({
+            "iss": key, "sub": identity, "name": identity, "nbf": now, "exp": now + 3600,
+            "video": video,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
     }
 
     /// The hs_token from the persisted secrets.

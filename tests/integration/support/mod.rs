@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod conclave;
+pub mod lk_ws;
 pub mod matrix_client;
 pub mod synapse;

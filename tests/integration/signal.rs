@@ -1,0 +1,453 @@
+//! LiveKit signalling at the protocol level: each trap of `livekit-signaling.md` section 7 has a
+//! test named after it, and hostile input never crashes or wedges the server.
+
+use std::time::Duration;
+
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Msg;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::support::conclave::{jwt_payload, Conclave, ConclaveOptions};
+use crate::support::lk_ws::{expect_join, WsClient};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn sfu() -> Conclave {
+    Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
+        .await
+        .unwrap()
+}
+
+fn add_track(cid: &str, encryption: lk::encryption::Type) -> Req {
+    Req::AddTrack(lk::AddTrackRequest {
+        cid: cid.into(),
+        name: "mic".into(),
+        r#type: lk::TrackType::Audio as i32,
+        source: lk::TrackSource::Microphone as i32,
+        encryption: encryption as i32,
+        ..Default::default()
+    })
+}
+
+async fn ping_answered(c: &mut WsClient, ts: i64) -> bool {
+    c.send(Req::PingReq(lk::Ping {
+        timestamp: ts,
+        rtt: 0,
+    }))
+    .await
+    .unwrap();
+    c.recv_until(
+        T,
+        |m| matches!(m, Msg::PongResp(p) if p.last_ping_timestamp == ts),
+    )
+    .await
+    .is_ok()
+}
+
+/// Trap: a generic 404 on both validate paths makes client-sdk-js loop forever. Only `/rtc/v1*`
+/// may 404, and never with the "room does not exist" text; `/rtc/v1` is never upgraded.
+#[tokio::test]
+async fn trap_v1_paths_answer_plain_404_and_are_never_upgraded() {
+    let c = sfu().await;
+    let token = c.token("r", "a", json!({}));
+    let r = reqwest::get(format!(
+        "{}/rtc/v1/validate?access_token={token}&join_request=x",
+        c.url
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("requested room does not exist"), "{body}");
+    let url = format!("{}/rtc/v1?access_token={token}&join_request=x", c.ws_url());
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 404)
+        }
+        other => panic!("/rtc/v1 must not upgrade: {:?}", other.map(|_| ())),
+    }
+    // v0 validate succeeds for the same token.
+    let r = reqwest::get(format!("{}/rtc/validate?access_token={token}", c.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+}
+
+/// Traps: first message must be `join` within 5 s; empty server version; missing permission;
+/// SIDs without exact prefixes; subscriber_primary without a subscriber offer.
+#[tokio::test]
+async fn trap_first_message_is_a_complete_join_then_the_subscriber_offer() {
+    let c = sfu().await;
+    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
+        .await
+        .unwrap();
+    let j = expect_join(&mut a).await.unwrap();
+    let me = j.participant.as_ref().unwrap();
+    assert!(me.sid.starts_with("PA_"), "{}", me.sid);
+    assert_eq!(me.identity, "alice");
+    assert!(me.permission.as_ref().unwrap().can_publish);
+    assert!(j.room.as_ref().unwrap().sid.starts_with("RM_"));
+    assert!(!j.server_version.is_empty() && j.server_version != "0.15.1");
+    assert!(!j.server_info.as_ref().unwrap().version.is_empty());
+    assert!(j.subscriber_primary);
+    assert_eq!((j.ping_interval, j.ping_timeout), (5, 15));
+    let seen = a
+        .recv_until(T, |m| matches!(m, Msg::Offer(_)))
+        .await
+        .unwrap();
+    let Some(Msg::Offer(o)) = seen.last() else {
+        unreachable!()
+    };
+    assert!(
+        o.sdp.contains("m=application"),
+        "data channels in the first offer"
+    );
+
+    // A second participant sees alice in other_participants.
+    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
+        .await
+        .unwrap();
+    let j = expect_join(&mut b).await.unwrap();
+    assert_eq!(j.other_participants.len(), 1);
+    assert_eq!(j.other_participants[0].identity, "alice");
+}
+
+/// Trap: no `pong_resp` within ping_timeout makes clients reconnect every 15 s.
+#[tokio::test]
+async fn trap_pong_answers_ping_within_ping_timeout() {
+    let c = sfu().await;
+    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut a).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(ping_answered(&mut a, 123_456).await);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    a.send(Req::Ping(42)).await.unwrap();
+    a.recv_until(T, |m| matches!(m, Msg::Pong(t) if *t > 0))
+        .await
+        .unwrap();
+}
+
+/// Trap: 1 h lk-jwt-service tokens and no `refresh_token` strand a long call.
+#[tokio::test]
+async fn trap_refresh_token_is_sent_and_outlives_the_original() {
+    let c = sfu().await;
+    let token = c.token("r", "alice", json!({}));
+    let original_exp = jwt_payload(&token)["exp"].as_u64().unwrap();
+    let mut a = WsClient::connect(&c.ws_url(), &token, "").await.unwrap();
+    expect_join(&mut a).await.unwrap();
+    let seen = a
+        .recv_until(T, |m| matches!(m, Msg::RefreshToken(_)))
+        .await
+        .unwrap();
+    let Some(Msg::RefreshToken(t)) = seen.last() else {
+        unreachable!()
+    };
+    let p = jwt_payload(t);
+    assert_eq!(p["sub"], "alice");
+    assert_eq!(p["video"]["room"], "r");
+    assert!(p["exp"].as_u64().unwrap() >= original_exp);
+    // The refreshed token is accepted for a new connection.
+    let r = reqwest::get(format!("{}/rtc/validate?access_token={t}", c.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Traps: `track_published` with another cid; `TrackInfo.encryption` not echoed;
+/// non-increasing versions; partial track lists.
+#[tokio::test]
+async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
+    let c = sfu().await;
+    let mut a = WsClient::connect(
+        &c.ws_url(),
+        &c.token("r", "alice", json!({"canUpdateOwnMetadata": true})),
+        "",
+    )
+    .await
+    .unwrap();
+    let alice_sid = expect_join(&mut a).await.unwrap().participant.unwrap().sid;
+    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut b).await.unwrap();
+
+    a.send(add_track("local-cid-1", lk::encryption::Type::Gcm))
+        .await
+        .unwrap();
+    let seen = a
+        .recv_until(T, |m| matches!(m, Msg::TrackPublished(_)))
+        .await
+        .unwrap();
+    let Some(Msg::TrackPublished(tp)) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(tp.cid, "local-cid-1");
+    let track = tp.track.clone().unwrap();
+    assert!(track.sid.starts_with("TR_"));
+    assert_eq!(track.encryption, lk::encryption::Type::Gcm as i32);
+    a.send(Req::Mute(lk::MuteTrackRequest {
+        sid: track.sid.clone(),
+        muted: true,
+    }))
+    .await
+    .unwrap();
+    a.send(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
+        metadata: "hello".into(),
+        request_id: 9,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    // bob sees alice's info three times (track, mute, metadata) with rising versions and
+    // always the complete track list.
+    let mut versions = Vec::new();
+    let seen = b
+        .recv_until(T, |m| match m {
+            Msg::Update(u) => u
+                .participants
+                .iter()
+                .any(|p| p.sid == alice_sid && p.metadata == "hello"),
+            _ => false,
+        })
+        .await
+        .unwrap();
+    for m in &seen {
+        if let Msg::Update(u) = m {
+            for p in u.participants.iter().filter(|p| p.sid == alice_sid) {
+                versions.push(p.version);
+                if p.version > 1 {
+                    assert_eq!(p.tracks.len(), 1, "complete track list: {p:?}");
+                }
+            }
+        }
+    }
+    assert!(versions.len() >= 3, "{versions:?}");
+    assert!(versions.windows(2).all(|w| w[1] > w[0]), "{versions:?}");
+    // The metadata update is echoed to alice herself.
+    a.recv_until(T, |m| {
+        matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.sid == alice_sid && p.metadata == "hello"))
+    })
+    .await
+    .unwrap();
+}
+
+/// Trap: resume requested but not implemented. Resume is disabled in the join, and a
+/// `reconnect=1` connect gets `leave{action: RECONNECT}` first so clients rejoin in full.
+#[tokio::test]
+async fn trap_resume_is_disabled_and_reconnect_gets_a_full_rejoin() {
+    let c = sfu().await;
+    let token = c.token("r", "alice", json!({}));
+    let mut a = WsClient::connect(&c.ws_url(), &token, "reconnect=1&sid=PA_unknown")
+        .await
+        .unwrap();
+    match a.recv(T).await {
+        Some(Msg::Leave(l)) => {
+            assert_eq!(l.action, lk::leave_request::Action::Reconnect as i32)
+        }
+        other => panic!("expected leave, got {other:?}"),
+    }
+}
+
+/// Invalid, expired, `alg: none`, wrong-key and grant-less tokens: 401 at validate and the
+/// WebSocket refused; a room nobody started: 404 with LiveKit's text (auto-create off).
+#[tokio::test]
+async fn bad_tokens_are_refused_before_the_upgrade() {
+    let c = Conclave::start(ConclaveOptions::standalone())
+        .await
+        .unwrap();
+    let (key, _) = c.livekit_credentials();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |claims: serde_json::Value, secret: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (_, secret) = c.livekit_credentials();
+    let video = json!({"room": "r", "roomJoin": true});
+    let expired = sign(
+        json!({"iss": key, "sub": "a", "nbf": now - 7200, "exp": now - 3600, "video": video}),
+        &secret,
+    );
+    let wrong_key = sign(
+        json!({"iss": key, "sub": "a", "nbf": now, "exp": now + 60, "video": video}),
+        "some-other-secret-some-other-secret",
+    );
+    let no_grant = sign(
+        json!({"iss": key, "sub": "a", "nbf": now, "exp": now + 60, "video": {"room": "r"}}),
+        &secret,
+    );
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({"iss": key, "sub": "a", "nbf": now, "exp": now + 60, "video": video}))
+    );
+    for (name, token) in [
+        ("garbage", "not-a-jwt".to_owned()),
+        ("expired", expired),
+        ("wrong key", wrong_key),
+        ("alg none", alg_none),
+        ("no roomJoin", no_grant),
+    ] {
+        let r = reqwest::get(format!("{}/rtc/validate?access_token={token}", c.url))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{name} at validate");
+        let refused = WsClient::connect(&c.ws_url(), &token, "").await.err();
+        assert_eq!(refused.map(|r| r.status), Some(401), "{name} on /rtc");
+    }
+    // Valid token, but the room was never started by a full-access user.
+    let token = c.token("never-started", "a", json!({}));
+    let refused = WsClient::connect(&c.ws_url(), &token, "")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.status, 404);
+    assert_eq!(refused.body, "requested room does not exist");
+    // Bearer header works like the query parameter (rust/python SDKs use it).
+    let r = reqwest::Client::new()
+        .get(format!("{}/rtc/validate", c.url))
+        .bearer_auth("garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A non-upgrade GET of /rtc is a 404, like LiveKit.
+    let r = reqwest::get(format!("{}/rtc", c.url)).await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Publishing without `canPublish`, garbage frames, unknown messages and an `add_track` flood:
+/// the session keeps answering, the server stays up.
+#[tokio::test]
+async fn hostile_signalling_never_wedges_the_session() {
+    let c = sfu().await;
+    let mut viewer = WsClient::connect(
+        &c.ws_url(),
+        &c.token("r", "viewer", json!({"canPublish": false})),
+        "",
+    )
+    .await
+    .unwrap();
+    let j = expect_join(&mut viewer).await.unwrap();
+    assert!(!j.participant.unwrap().permission.unwrap().can_publish);
+    viewer
+        .send(add_track("c", lk::encryption::Type::None))
+        .await
+        .unwrap();
+    let seen = viewer
+        .recv_until(T, |m| matches!(m, Msg::RequestResponse(_)))
+        .await
+        .unwrap();
+    assert!(!seen.iter().any(|m| matches!(m, Msg::TrackPublished(_))));
+
+    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut a).await.unwrap();
+    // Not protobuf, not JSON, an unknown field number, an empty request.
+    a.send_raw(WsMessage::Binary(vec![0xff, 0x00, 0x13, 0x37].into()))
+        .await
+        .unwrap();
+    a.send_raw(WsMessage::Text("{{{ not json".into()))
+        .await
+        .unwrap();
+    a.send_raw(WsMessage::Binary(vec![0xf8, 0x06, 0x01].into()))
+        .await
+        .unwrap();
+    a.send_raw(WsMessage::Binary(Vec::new().into()))
+        .await
+        .unwrap();
+    assert!(
+        ping_answered(&mut a, 1).await,
+        "session alive after garbage"
+    );
+    // A flood of add_track: bounded, answered, no wedge.
+    for i in 0..300 {
+        a.send(add_track(&format!("flood-{i}"), lk::encryption::Type::None))
+            .await
+            .unwrap();
+    }
+    assert!(
+        ping_answered(&mut a, 2).await,
+        "session alive after the flood"
+    );
+    // JSON text frames are answered in kind.
+    a.send_raw(WsMessage::Text(
+        json!({"pingReq": {"timestamp": "77", "rtt": "0"}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    a.recv_until(
+        T,
+        |m| matches!(m, Msg::PongResp(p) if p.last_ping_timestamp == 77),
+    )
+    .await
+    .unwrap();
+    let h = reqwest::get(format!("{}/healthz", c.url)).await.unwrap();
+    assert_eq!(h.status(), 200);
+}
+
+/// A client that stops talking (no pings) is dropped after `rtc.signal_timeout_secs`, and the
+/// others see it leave.
+#[tokio::test]
+async fn silent_client_is_disconnected_and_others_see_it_leave() {
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SIGNAL_TIMEOUT_SECS", "2"),
+    )
+    .await
+    .unwrap();
+    let mut quiet = WsClient::connect(&c.ws_url(), &c.token("r", "quiet", json!({})), "")
+        .await
+        .unwrap();
+    let quiet_sid = expect_join(&mut quiet)
+        .await
+        .unwrap()
+        .participant
+        .unwrap()
+        .sid;
+    let mut chatty = WsClient::connect(&c.ws_url(), &c.token("r", "chatty", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut chatty).await.unwrap();
+    // chatty keeps pinging; quiet says nothing.
+    let mut gone = false;
+    for i in 0..12 {
+        chatty
+            .send(Req::PingReq(lk::Ping {
+                timestamp: i,
+                rtt: 0,
+            }))
+            .await
+            .unwrap();
+        if let Ok(_seen) = chatty
+            .recv_until(Duration::from_millis(500), |m| {
+                matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.sid == quiet_sid && p.state == lk::participant_info::State::Disconnected as i32))
+            })
+            .await
+        {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "chatty saw quiet leave");
+    assert!(quiet.closed_within(T).await, "quiet's socket was closed");
+}
