@@ -429,11 +429,18 @@ async def run(args):
     code = EXIT_OK
     try:
         st.ev("connecting", url=args.url, signalling=st.summary["signalling"])
-        try:
-            await asyncio.wait_for(room.connect(args.url, args.token, opts),
-                                   timeout=max(0.1, deadline - time.monotonic()))
-        except (rtc.ConnectError, asyncio.TimeoutError) as e:
-            error = "timed out" if isinstance(e, asyncio.TimeoutError) else str(e)
+        connect = asyncio.ensure_future(room.connect(args.url, args.token, opts))
+        interrupted = asyncio.ensure_future(leave.wait())
+        await asyncio.wait({connect, interrupted}, return_when=asyncio.FIRST_COMPLETED,
+                           timeout=max(0.1, deadline - time.monotonic()))
+        interrupted.cancel()
+        error = None
+        if not connect.done():
+            connect.cancel()
+            error = "interrupted by a signal" if leave.is_set() else "timed out"
+        elif connect.exception() is not None:
+            error = str(connect.exception()) or repr(connect.exception())
+        if error is not None:
             st.summary["error"] = error
             st.ev("connect_failed", error=error)
             return st, EXIT_CONNECT_FAILED
