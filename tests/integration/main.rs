@@ -16,3 +16,5 @@ mod tokens;
 mod bench;
 // LiveKit signalling at the protocol level: the traps and hostile input.
 mod signal;
+// Deployment files: docker-compose.yml, deploy/, the example registration.
+mod deploy;
