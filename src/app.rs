@@ -6,6 +6,7 @@ use crate::auth::jwt::TokenSigner;
 use crate::auth::openid::OpenIdVerifier;
 use crate::config::Config;
 use crate::matrix::client::HomeserverClient;
+use crate::matrix::enforce::IssuedParticipants;
 use crate::metrics::Metrics;
 use crate::net::SfuHandle;
 use crate::secrets::Secrets;
@@ -32,4 +33,6 @@ pub struct AppState {
     pub rooms: Arc<RoomRegistry>,
     /// The running SFU loop (absent in tools that only need the HTTP side).
     pub sfu: Option<SfuHandle>,
+    /// SFU identities issued by the token service, and to whom.
+    pub issued: IssuedParticipants,
 }

@@ -259,6 +259,7 @@ pub fn build_state(
         openid,
         rooms,
         sfu,
+        issued: Default::default(),
     }))
 }
 

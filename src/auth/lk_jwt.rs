@@ -267,6 +267,14 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
         },
     };
     let jwt = state.signer.sign(&claims)?;
+    state
+        .issued
+        .record(crate::matrix::enforce::IssuedParticipant {
+            room_name: room.clone(),
+            identity: identity.clone(),
+            room_id: req.room_id.clone(),
+            user_id: user_id.clone(),
+        });
     if let Some((delay_id, delay_timeout_ms)) = req.delay {
         let store = state.store.clone();
         let leave = DelayedLeave {

@@ -124,14 +124,30 @@ pub async fn put_transaction(
         // Fast path for retries: skip parsing (and its logs) when already applied. The check is
         // repeated inside the database transaction, which is what guarantees exactly-once.
         if store.is_transaction_processed(&txn)? {
-            return Ok(TxnOutcome::Replayed);
+            return Ok((TxnOutcome::Replayed, Vec::new()));
         }
         let effects = events_to_effects(&state2, &parsed.events);
-        store.apply_transaction(&txn, &effects)
+        store
+            .apply_transaction(&txn, &effects)
+            .map(|outcome| (outcome, effects))
     })
     .await
     .map_err(|e| reject(MatrixErrorResponse::internal(&e)))?
     .map_err(|e| reject(MatrixErrorResponse::internal(&e)))?;
+    let (outcome, effects) = outcome;
+    // Matrix decides who stays in the SFU: act on memberships that ended.
+    for effect in &effects {
+        let Effect::Membership(m) = effect;
+        if m.membership != ruma::events::room::member::MembershipState::Join {
+            crate::matrix::enforce::membership_lost(
+                &state,
+                &m.room_id,
+                &m.user_id,
+                m.membership.as_str(),
+            )
+            .await;
+        }
+    }
     match outcome {
         TxnOutcome::Applied => {
             inc(&state.metrics.transactions_applied);

@@ -3,4 +3,5 @@
 
 pub mod appservice;
 pub mod client;
+pub mod enforce;
 pub mod registration;

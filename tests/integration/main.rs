@@ -18,3 +18,7 @@ mod bench;
 mod signal;
 // Deployment files: docker-compose.yml, deploy/, the example registration.
 mod deploy;
+// The real LiveKit client tooling (Python SDK, rtc-node, token minting), without an SFU.
+mod lk_tooling;
+// Calls follow Matrix: membership changes act on SFU participants.
+mod calls;
