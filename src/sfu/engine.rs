@@ -1073,6 +1073,17 @@ impl Sfu {
             }
         }
         self.broadcast_participant(session);
+        // The Rust SDK waits for this acknowledgement (JS waits for the echoed update).
+        if u.request_id != 0 {
+            self.signal(
+                session,
+                Msg::RequestResponse(lk::RequestResponse {
+                    request_id: u.request_id,
+                    reason: lk::request_response::Reason::Ok as i32,
+                    ..Default::default()
+                }),
+            );
+        }
     }
 
     fn subscription(&mut self, now: Instant, session: SessionId, s: lk::UpdateSubscription) {

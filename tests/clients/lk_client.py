@@ -92,6 +92,7 @@ class State:
         self.remote = {}  # identity -> record
         self.server_data = []  # data packets without a sender participant
         self.connected_at = None  # monotonic time of a successful connect
+        self.leaving = False  # set before our own disconnect at the end
         self.summary = {
             "type": "summary",
             "label": args.identity_label,
@@ -279,17 +280,44 @@ async def mute_later(track, st, delay):
     st.ev("muted", kind="audio")
 
 
+async def ffi_set_metadata(participant, text):
+    """LocalParticipant.set_metadata that also returns the SDK's error (None if OK).
+
+    The SDK's own wrapper drops the error of the FFI callback, e.g. its 5 s timeout
+    when the server never sends the RequestResponse for the update. This is the
+    same FFI request, through private modules of the pinned SDK version.
+    """
+    from livekit.rtc._ffi_client import FfiClient
+    from livekit.rtc._proto import ffi_pb2
+
+    req = ffi_pb2.FfiRequest()
+    req.set_local_metadata.local_participant_handle = participant._ffi_handle.handle
+    req.set_local_metadata.metadata = text
+    queue = FfiClient.instance.queue.subscribe()
+    try:
+        resp = FfiClient.instance.request(req)
+        async_id = resp.set_local_metadata.async_id
+        cb = await queue.wait_for(lambda e: e.set_local_metadata.async_id == async_id)
+    finally:
+        FfiClient.instance.queue.unsubscribe(queue)
+    return cb.set_local_metadata.error or None
+
+
 async def set_metadata(room, st, text, deadline):
     st.ev("metadata_requested", metadata=text)
     try:
-        await asyncio.wait_for(room.local_participant.set_metadata(text),
-                               timeout=max(0.1, deadline - time.monotonic()))
+        error = await asyncio.wait_for(ffi_set_metadata(room.local_participant, text),
+                                       timeout=max(0.1, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        error = "timed out (no response from the server before the deadline)"
+    except Exception as e:
+        error = repr(e)
+    if error is None:
         st.summary["metadata_set"] = True
         st.ev("metadata_set")
-    except Exception as e:
-        st.summary["metadata_error"] = repr(e) if not isinstance(e, asyncio.TimeoutError) \
-            else "timed out (no response from the server)"
-        st.ev("metadata_set_failed", error=st.summary["metadata_error"])
+    else:
+        st.summary["metadata_error"] = error
+        st.ev("metadata_set_failed", error=error)
 
 
 # ---------------------------------------------------------------- main flow
@@ -399,6 +427,9 @@ def register_handlers(room, st, tasks, disconnected):
     @room.on("disconnected")
     def _disconnected(reason=None):
         name = enum_name(rtc.DisconnectReason, reason)
+        if st.leaving:  # our own room.disconnect() at the end
+            st.ev("disconnected", reason=name, own=True)
+            return
         if st.summary["disconnect_reason"] is None:  # the first one is the cause
             st.summary["disconnect_reason"] = name
         st.ev("disconnected", reason=name)
@@ -539,6 +570,7 @@ async def run(args):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        st.leaving = True
         if st.summary["connected"]:
             try:
                 await asyncio.wait_for(room.disconnect(), timeout=5)

@@ -1,7 +1,7 @@
 //! The real-client tooling itself, without an SFU: the Python and Node LiveKit
 //! clients start, talk to loopback endpoints that refuse them, report through
 //! JSON and exit codes, and the Rust token minter makes tokens `livekit-api`
-//! accepts. Each test takes a second or less.
+//! accepts. Each test takes a second or less. (Media through the SFU: media.rs.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

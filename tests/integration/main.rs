@@ -22,3 +22,5 @@ mod deploy;
 mod lk_tooling;
 // Calls follow Matrix: membership changes act on SFU participants.
 mod calls;
+// Real LiveKit SDKs (Python, Node) exchanging media through the SFU.
+mod media;

@@ -170,8 +170,12 @@ async function main() {
   const room = new lk.Room();
   room.on(lk.RoomEvent.Disconnected, (reason) => {
     const name = lk.DisconnectReason?.[reason] ?? String(reason);
+    if (stopped) {
+      event('disconnected', { reason: name, own: true }); // our own leave at the end
+      return;
+    }
     if (summary.disconnect_reason === null) summary.disconnect_reason = name;
-    if (!stopped) disconnectedByServer = true;
+    disconnectedByServer = true;
     event('disconnected', { reason: name });
   });
   room.on(lk.RoomEvent.ParticipantConnected, (p) => event('participant_connected', { identity: p.identity }));
