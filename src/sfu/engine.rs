@@ -2136,7 +2136,7 @@ mod tests {
             "one offer in flight at a time"
         );
         // The subscription itself (offer with PA_x|TR_y msid, media) needs connected peers:
-        // see `media_flows_through_a_virtual_network`.
+        // see `trap_update_before_media_and_msid_through_a_virtual_network`.
         let _ = first;
     }
 
@@ -2216,7 +2216,7 @@ mod tests {
     /// the track only after the update announcing it, with msid `PA_alice|TR_x`, and receives
     /// alice's frames with continuous timestamps.
     #[test]
-    fn media_flows_through_a_virtual_network() {
+    fn trap_update_before_media_and_msid_through_a_virtual_network() {
         let mut now = Instant::now();
         let mut s = sfu(now);
         let mut alice = Peer::new(now, "10.0.0.1:5000");

@@ -402,6 +402,44 @@ async fn hostile_signalling_never_wedges_the_session() {
     .unwrap();
     let h = reqwest::get(format!("{}/healthz", c.url)).await.unwrap();
     assert_eq!(h.status(), 200);
+    // Forged tokens and garbage UDP on the media port, on the same server.
+    for bad in ["garbage", "a.b.c"] {
+        assert_eq!(
+            WsClient::connect(&c.ws_url(), bad, "")
+                .await
+                .err()
+                .map(|r| r.status),
+            Some(401)
+        );
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..500u32 {
+        let junk: Vec<u8> = (0..(i % 300))
+            .map(|b| (b as u8).wrapping_mul(31) ^ i as u8)
+            .collect();
+        let _ = udp.send_to(&junk, ("127.0.0.1", c.udp_port));
+    }
+    drop((a, viewer));
+
+    // After all that, a fresh pair of real clients still exchanges media.
+    let _heavy = crate::support::synapse::heavy_lock();
+    let mut clients = Vec::new();
+    for who in ["fresh-a", "fresh-b"] {
+        let mut spec = crate::support::lk_clients::PyClientSpec::new(
+            c.ws_url(),
+            c.token("r", who, json!({})),
+            who,
+        );
+        spec.expect_participants = 1;
+        spec.expect_audio_frames = 50;
+        spec.expect_video_frames = 10;
+        spec.timeout_s = 25.0;
+        clients.push(crate::support::lk_clients::PyClient::spawn(spec).unwrap());
+    }
+    for client in clients {
+        let report = client.wait(Duration::from_secs(40)).await.unwrap();
+        report.assert_exit(0);
+    }
 }
 
 /// A client that stops talking (no pings) is dropped after `rtc.signal_timeout_secs`, and the
@@ -450,4 +488,75 @@ async fn silent_client_is_disconnected_and_others_see_it_leave() {
     }
     assert!(gone, "chatty saw quiet leave");
     assert!(quiet.closed_within(T).await, "quiet's socket was closed");
+}
+
+/// Trap: an unanswered publisher offer (or an answer with another id) makes clients time out
+/// negotiation after 15 s and reconnect.
+#[tokio::test]
+async fn trap_publisher_offer_is_answered_with_the_same_id() {
+    let c = sfu().await;
+    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut a).await.unwrap();
+    let mut client = str0m::Rtc::builder().build(std::time::Instant::now());
+    let mut api = client.sdp_api();
+    api.add_media(
+        str0m::media::MediaKind::Audio,
+        str0m::media::Direction::SendOnly,
+        None,
+        Some("cid-audio".into()),
+        None,
+    );
+    api.add_channel("_reliable".into());
+    let (offer, _pending) = api.apply().unwrap();
+    a.send(Req::AddTrack(lk::AddTrackRequest {
+        cid: "cid-audio".into(),
+        r#type: lk::TrackType::Audio as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    a.send(Req::Offer(lk::SessionDescription {
+        r#type: "offer".into(),
+        sdp: offer.to_sdp_string(),
+        id: 41,
+        mid_to_track_id: Default::default(),
+    }))
+    .await
+    .unwrap();
+    let seen = a
+        .recv_until(T, |m| matches!(m, Msg::Answer(_)))
+        .await
+        .unwrap();
+    let Some(Msg::Answer(answer)) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(answer.id, 41);
+    assert_eq!(answer.r#type, "answer");
+    assert!(answer.sdp.contains("a=ice-lite"));
+    // A garbage SDP is refused without killing the session.
+    a.send(Req::Offer(lk::SessionDescription {
+        r#type: "offer".into(),
+        sdp: "v=0 garbage".into(),
+        id: 42,
+        mid_to_track_id: Default::default(),
+    }))
+    .await
+    .unwrap();
+    assert!(ping_answered(&mut a, 3).await);
+}
+
+/// Trap: lk-jwt-service room names and identities contain `+` and `/`; they must round-trip
+/// through URLs and the join untouched.
+#[tokio::test]
+async fn trap_room_names_with_plus_and_slash_round_trip() {
+    let c = sfu().await;
+    let room = "F4oOprKFBq6JHqy2qYpq6UQQmR7hCvxkQQoUrd0+SbI";
+    let identity = "WulP/G0PPitjxR6gB3GRPsgWcg7TtNrJ7kzzDBG3S0g";
+    let token = c.token(room, identity, json!({}));
+    let mut a = WsClient::connect(&c.ws_url(), &token, "").await.unwrap();
+    let j = expect_join(&mut a).await.unwrap();
+    assert_eq!(j.room.unwrap().name, room);
+    assert_eq!(j.participant.unwrap().identity, identity);
 }
