@@ -63,6 +63,10 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Media transport of the embedded SFU.
     pub rtc: RtcConfig,
+    /// MatrixRTC calls: enforcement and notices.
+    pub calls: CallsConfig,
+    /// The admin API.
+    pub admin: AdminConfig,
     /// Whether `matrix.homeserver_url` was set (file or environment) rather than defaulted.
     #[serde(skip)]
     pub homeserver_configured: bool,
@@ -78,6 +82,8 @@ impl Default for Config {
             livekit: LiveKitConfig::default(),
             auth: AuthConfig::default(),
             rtc: RtcConfig::default(),
+            calls: CallsConfig::default(),
+            admin: AdminConfig::default(),
             homeserver_configured: false,
         }
     }
@@ -235,6 +241,34 @@ impl Default for RtcConfig {
             signal_timeout_secs: 30,
         }
     }
+}
+
+/// `[calls]`: calls follow Matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Post an `m.notice` when a call starts and ends. Default true.
+    pub notices: bool,
+    /// Remove SFU participants (issued by the token service) that have no call membership
+    /// after this many seconds. Default 30; 0 disables the check.
+    pub grace_period_secs: u64,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            notices: true,
+            grace_period_secs: 30,
+        }
+    }
+}
+
+/// `[admin]`: the operator API at `/_conclave/admin/v1/…`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API; the API is off when unset.
+    pub token: Option<Secret>,
 }
 
 /// A configuration problem. Every variant names what to fix.
@@ -431,6 +465,8 @@ impl Config {
         "livekit",
         "auth",
         "rtc",
+        "calls",
+        "admin",
     ];
 
     /// Checks what types alone cannot; reports every problem at once.

@@ -4,6 +4,7 @@
 //! `Authorization`), trace, catch panic, body limit. Route groups add their own layers (CORS on
 //! token endpoints only).
 
+pub mod admin;
 pub mod error;
 
 use std::sync::Arc;
@@ -55,8 +56,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rtc/v1", get(ws::get_rtc_v1))
         .route("/rtc/v1/validate", get(ws::get_rtc_v1));
 
+    let admin_routes = Router::new()
+        .route("/_conclave/admin/v1/calls", get(admin::get_calls))
+        .route("/_conclave/admin/v1/calls/{room_id}", get(admin::get_call))
+        .route(
+            "/_conclave/admin/v1/calls/{room_id}/participants/{identity}/remove",
+            post(admin::post_remove),
+        );
+
     Router::new()
         .merge(appservice_routes)
+        .merge(admin_routes)
         .merge(token_routes)
         .merge(signal_routes)
         .route("/healthz", get(healthz).head(healthz))

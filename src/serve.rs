@@ -298,6 +298,18 @@ async fn serve(config: Config) -> Result<(), RunError> {
         auto_create = state.config.sfu_auto_create(),
         "SFU running"
     );
+    if let Some(sfu) = &state.sfu {
+        tokio::spawn(crate::matrix::delayed::run(
+            state.clone(),
+            sfu.subscribe_events(),
+        ));
+    }
+    if let Some(sfu) = &state.sfu {
+        tokio::spawn(crate::matrix::supervise::run(
+            state.clone(),
+            sfu.subscribe_events(),
+        ));
+    }
     print_banner(&state.config, local);
     if state.config.appservice.ping_on_start {
         tokio::spawn(ping_homeserver(state.clone()));

@@ -274,6 +274,7 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
             identity: identity.clone(),
             room_id: req.room_id.clone(),
             user_id: user_id.clone(),
+            device_id: req.device_id.clone(),
         });
     if let Some((delay_id, delay_timeout_ms)) = req.delay {
         let store = state.store.clone();

@@ -126,7 +126,7 @@ pub async fn put_transaction(
         if store.is_transaction_processed(&txn)? {
             return Ok((TxnOutcome::Replayed, Vec::new()));
         }
-        let effects = events_to_effects(&state2, &parsed.events);
+        let effects = events_to_effects(&state2, &parsed.events, unix_ms());
         store
             .apply_transaction(&txn, &effects)
             .map(|outcome| (outcome, effects))
@@ -137,19 +137,26 @@ pub async fn put_transaction(
     let (outcome, effects) = outcome;
     // Matrix decides who stays in the SFU: act on memberships that ended.
     for effect in &effects {
-        let Effect::Membership(m) = effect;
-        if m.membership != ruma::events::room::member::MembershipState::Join {
-            crate::matrix::enforce::membership_lost(
-                &state,
-                &m.room_id,
-                &m.user_id,
-                m.membership.as_str(),
-            )
-            .await;
+        if let Effect::Membership(m) = effect {
+            if m.membership == ruma::events::room::member::MembershipState::Invite
+                && m.user_id.as_str() == state.config.bot_user_id()
+            {
+                tokio::spawn(accept_invite(state.clone(), m.room_id.clone()));
+            }
+            if m.membership != ruma::events::room::member::MembershipState::Join {
+                crate::matrix::enforce::membership_lost(
+                    &state,
+                    &m.room_id,
+                    &m.user_id,
+                    m.membership.as_str(),
+                )
+                .await;
+            }
         }
     }
     match outcome {
-        TxnOutcome::Applied => {
+        TxnOutcome::Applied(changes) => {
+            crate::matrix::enforce::act_on_call_changes(&state, changes).await;
             inc(&state.metrics.transactions_applied);
             tracing::debug!(txn_id = %txn_id, "transaction applied");
         }
@@ -161,11 +168,47 @@ pub async fn put_transaction(
     Ok(Json(serde_json::json!({})))
 }
 
+/// The bot joins rooms it is invited to, so it can post call notices there.
+async fn accept_invite(state: Arc<AppState>, room_id: ruma::OwnedRoomId) {
+    let request = ruma::api::client::membership::join_room_by_id::v3::Request::new(room_id.clone());
+    match state.homeserver.send(request, None).await {
+        Ok(_) => tracing::info!(room_id = %room_id, "bot accepted an invite"),
+        Err(e) => tracing::warn!(room_id = %room_id, error = %e, "bot could not join"),
+    }
+}
+
+/// Wall clock in ms (the appservice edge decides what "expired on arrival" means).
+fn unix_ms() -> i64 {
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Turns the events of a transaction into store effects, skipping what cannot be parsed.
-fn events_to_effects(state: &AppState, events: &[Raw<AnyTimelineEvent>]) -> Vec<Effect> {
+fn events_to_effects(
+    state: &AppState,
+    events: &[Raw<AnyTimelineEvent>],
+    now_ms: i64,
+) -> Vec<Effect> {
     let mut effects = Vec::new();
     for raw in events {
         inc(&state.metrics.events_received);
+        // MatrixRTC membership events are custom types: read them as JSON.
+        if let Ok(value) = raw.deserialize_as::<serde_json::Value>() {
+            if let Some(result) = super::calls::effects(&value, now_ms) {
+                match result {
+                    Ok(e) => effects.extend(e),
+                    Err(err) => {
+                        inc(&state.metrics.events_malformed);
+                        let id = value.get("event_id").and_then(|v| v.as_str()).unwrap_or("");
+                        tracing::warn!(event_id = %id, error = %err, "ignoring call membership event");
+                    }
+                }
+                continue;
+            }
+        }
         let event = match raw.deserialize() {
             Ok(e) => e,
             Err(e) => {

@@ -12,6 +12,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use crate::app::AppState;
 use crate::net::LoopRequest;
 use crate::sfu::Command;
+use crate::store::CallChange;
 
 /// Who an issued SFU identity belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub struct IssuedParticipant {
     pub room_id: OwnedRoomId,
     /// The Matrix user.
     pub user_id: OwnedUserId,
+    /// The (claimed) device.
+    pub device_id: String,
 }
 
 /// Every identity the token service issued since start, by (room name, identity).
@@ -53,6 +56,19 @@ impl IssuedParticipants {
             .unwrap_or_default()
     }
 
+    /// The issued participants of one device of `user_id` in `room_id`.
+    pub fn of_device(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        device_id: &str,
+    ) -> Vec<IssuedParticipant> {
+        self.of(room_id, user_id)
+            .into_iter()
+            .filter(|p| p.device_id == device_id)
+            .collect()
+    }
+
     /// Who `identity` in `room_name` was issued to, if Conclave issued it.
     pub fn get(&self, room_name: &str, identity: &str) -> Option<IssuedParticipant> {
         self.map
@@ -64,16 +80,62 @@ impl IssuedParticipants {
 
 /// `user_id` is no longer joined to `room_id`: remove their SFU participants.
 pub async fn membership_lost(state: &AppState, room_id: &RoomId, user_id: &UserId, why: &str) {
+    remove(state, state.issued.of(room_id, user_id), why).await;
+}
+
+/// Acts on call changes: a member whose call membership ended leaves the SFU; calls that
+/// start or end are announced in the room.
+pub async fn act_on_call_changes(state: &AppState, changes: Vec<CallChange>) {
+    for change in changes {
+        match change {
+            CallChange::MemberLeft {
+                room_id,
+                user_id,
+                device_id,
+            } => {
+                let issued = state.issued.of_device(&room_id, &user_id, &device_id);
+                remove(state, issued, "call membership ended").await;
+            }
+            CallChange::Started {
+                room_id,
+                started_by,
+            } => {
+                tracing::info!(room_id = %room_id, started_by = %started_by, "call started");
+                super::notices::call_started(state, &room_id, &started_by).await;
+            }
+            CallChange::Ended {
+                room_id,
+                started_by,
+                started_ts,
+                ended_ts,
+                peak_members,
+            } => {
+                tracing::info!(room_id = %room_id, peak_members, "call ended");
+                super::notices::call_ended(
+                    state,
+                    &room_id,
+                    &started_by,
+                    ended_ts - started_ts,
+                    peak_members,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+async fn remove(state: &AppState, participants: Vec<IssuedParticipant>, why: &str) {
     let Some(sfu) = &state.sfu else {
         return;
     };
-    for p in state.issued.of(room_id, user_id) {
+    for p in participants {
+        let (room_id, user_id) = (p.room_id.clone(), p.user_id.clone());
         tracing::info!(
             room_id = %room_id,
             user_id = %user_id,
             identity = %p.identity,
             why,
-            "removing SFU participant: no longer joined to the Matrix room"
+            "removing SFU participant: Matrix says it no longer belongs to the call"
         );
         let cmd = Command::Remove {
             room: p.room_name,
@@ -102,6 +164,7 @@ mod tests {
                 identity: identity.into(),
                 room_id: room.clone(),
                 user_id: user.clone(),
+                device_id: "D".into(),
             });
         }
         let mut ids: Vec<String> = reg

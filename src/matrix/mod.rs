@@ -2,6 +2,10 @@
 //! the homeserver, and the registration that links the two.
 
 pub mod appservice;
+pub mod calls;
 pub mod client;
+pub mod delayed;
 pub mod enforce;
+pub mod notices;
 pub mod registration;
+pub mod supervise;

@@ -48,8 +48,120 @@ pub enum StoreError {
 /// One change a transaction makes to the store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// An `m.room.member` event.
+    /// An `m.room.member` event. A membership other than `join` also ends the user's call
+    /// memberships in that room.
     Membership(MembershipRecord),
+    /// A MatrixRTC member joined or refreshed its membership.
+    CallMemberJoined(CallMemberJoin),
+    /// A MatrixRTC membership ended (empty content, expired, or replaced by a leave).
+    CallMemberLeft {
+        /// The Matrix room.
+        room_id: OwnedRoomId,
+        /// Which membership (see [`CallMemberJoin::member_key`]).
+        member_key: String,
+        /// When (event time, ms).
+        ts: i64,
+    },
+}
+
+/// A call membership as the events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallMemberJoin {
+    /// The Matrix room.
+    pub room_id: OwnedRoomId,
+    /// `m.call` for Element Call.
+    pub application: String,
+    /// `""` for the room-wide call.
+    pub call_id: String,
+    /// Stable key of the membership's source: the `call.member` state key (plus device for
+    /// legacy per-user arrays), or `rtc:<member id>` for `rtc.member`.
+    pub member_key: String,
+    /// The member.
+    pub user_id: OwnedUserId,
+    /// Its device.
+    pub device_id: String,
+    /// Its membership ID (`membershipID`, or `user:device`).
+    pub membership_id: String,
+    /// `focus_active` as JSON text.
+    pub focus_active: String,
+    /// `foci_preferred` as JSON text.
+    pub foci_preferred: String,
+    /// The event.
+    pub event_id: String,
+    /// Event time (ms).
+    pub ts: i64,
+    /// When the membership expires (ms), if it says.
+    pub expires_ts: Option<i64>,
+}
+
+/// What a change to calls means for the rest of the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallChange {
+    /// The first member joined: a call started.
+    Started {
+        /// The Matrix room.
+        room_id: OwnedRoomId,
+        /// Who started it.
+        started_by: OwnedUserId,
+    },
+    /// The last member left: the call ended.
+    Ended {
+        /// The Matrix room.
+        room_id: OwnedRoomId,
+        /// Who started it.
+        started_by: String,
+        /// Start (ms).
+        started_ts: i64,
+        /// End (ms).
+        ended_ts: i64,
+        /// Most members at once.
+        peak_members: i64,
+    },
+    /// A member's membership ended.
+    MemberLeft {
+        /// The Matrix room.
+        room_id: OwnedRoomId,
+        /// The user.
+        user_id: OwnedUserId,
+        /// The device.
+        device_id: String,
+    },
+}
+
+/// An active (or ended) call with its current members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CallView {
+    /// The Matrix room.
+    pub room_id: String,
+    /// Application (`m.call`).
+    pub application: String,
+    /// Call ID (`""` = room call).
+    pub call_id: String,
+    /// Who started it.
+    pub started_by: String,
+    /// Start (ms).
+    pub started_ts: i64,
+    /// End (ms), if over.
+    pub ended_ts: Option<i64>,
+    /// Most members at once.
+    pub peak_members: i64,
+    /// Current members.
+    pub members: Vec<CallMemberView>,
+}
+
+/// A current call member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CallMemberView {
+    /// The user.
+    pub user_id: String,
+    /// The device.
+    pub device_id: String,
+    /// The membership ID.
+    pub membership_id: String,
+    /// Joined (ms).
+    pub joined_ts: i64,
+    /// Expires (ms).
+    pub expires_ts: Option<i64>,
 }
 
 /// A user's membership of a room, from its latest `m.room.member` event.
@@ -87,10 +199,10 @@ pub struct DelayedLeave {
 }
 
 /// What happened to a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOutcome {
-    /// Its effects were committed now.
-    Applied,
+    /// Its effects were committed now, with these consequences for calls.
+    Applied(Vec<CallChange>),
     /// Its txnId was already committed; nothing changed.
     Replayed,
 }
@@ -128,6 +240,20 @@ pub trait Store: Send + Sync + 'static {
         room_name: &str,
         identity: &str,
     ) -> Result<Option<DelayedLeave>, StoreError>;
+
+    /// Ends call memberships whose expiry is at or before `now_ms`.
+    fn expire_call_members(&self, now_ms: i64) -> Result<Vec<CallChange>, StoreError>;
+
+    /// Active calls with their members, by room.
+    fn active_calls(&self) -> Result<Vec<CallView>, StoreError>;
+
+    /// Whether `user_id`'s `device_id` is an active member of a call in `room_id`.
+    fn is_call_member(
+        &self,
+        room_id: &ruma::RoomId,
+        user_id: &ruma::UserId,
+        device_id: &str,
+    ) -> Result<bool, StoreError>;
 
     /// How many times the membership event `event_id` was applied (0 or 1 unless a bug).
     fn membership_event_applications(&self, event_id: &ruma::EventId) -> Result<u64, StoreError>;

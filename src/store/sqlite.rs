@@ -8,12 +8,16 @@ use ruma::events::room::member::MembershipState;
 use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, UInt, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{DelayedLeave, Effect, MembershipRecord, Store, StoreError, TxnOutcome};
+use super::{
+    CallChange, CallMemberJoin, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
+    Store, StoreError, TxnOutcome,
+};
 
 /// Migrations, applied in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_issued_participants.sql"),
+    include_str!("migrations/0003_calls.sql"),
 ];
 
 /// Fault injection for crash-safety tests.
@@ -110,6 +114,186 @@ fn ts_to_i64(ts: MilliSecondsSinceUnixEpoch) -> i64 {
     i64::try_from(u64::from(ts.0)).unwrap_or(i64::MAX)
 }
 
+fn apply_membership(
+    tx: &rusqlite::Transaction<'_>,
+    txn_id: &str,
+    m: &MembershipRecord,
+) -> Result<(), StoreError> {
+    let ts = ts_to_i64(m.origin_server_ts);
+    tx.execute(
+        "INSERT INTO room_user_membership
+           (room_id, user_id, membership, event_id, origin_server_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (room_id, user_id) DO UPDATE SET
+           membership = excluded.membership,
+           event_id = excluded.event_id,
+           origin_server_ts = excluded.origin_server_ts",
+        params![
+            m.room_id.as_str(),
+            m.user_id.as_str(),
+            m.membership.as_str(),
+            m.event_id.as_str(),
+            ts
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO membership_event_log
+           (txn_id, event_id, room_id, user_id, membership, origin_server_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            txn_id,
+            m.event_id.as_str(),
+            m.room_id.as_str(),
+            m.user_id.as_str(),
+            m.membership.as_str(),
+            ts
+        ],
+    )?;
+    Ok(())
+}
+
+fn active_members(tx: &rusqlite::Transaction<'_>, call_key: i64) -> Result<i64, StoreError> {
+    Ok(tx.query_row(
+        "SELECT COUNT(*) FROM rtc_call_member WHERE call_key = ?1 AND left_ts IS NULL",
+        [call_key],
+        |r| r.get(0),
+    )?)
+}
+
+fn call_member_joined(
+    tx: &rusqlite::Transaction<'_>,
+    j: &CallMemberJoin,
+) -> Result<Vec<CallChange>, StoreError> {
+    let mut changes = Vec::new();
+    // A membership moving to another call leaves the old one first.
+    let current: Option<i64> = tx
+        .query_row(
+            "SELECT m.call_key FROM rtc_call_member m JOIN rtc_call c USING (call_key)
+             WHERE m.room_id = ?1 AND m.member_key = ?2 AND m.left_ts IS NULL",
+            params![j.room_id.as_str(), j.member_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT call_key FROM rtc_call
+             WHERE room_id = ?1 AND application = ?2 AND call_id = ?3 AND ended_ts IS NULL",
+            params![j.room_id.as_str(), j.application, j.call_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(cur) = current {
+        if Some(cur) != existing {
+            changes.extend(call_member_left(tx, &j.room_id, &j.member_key, j.ts)?);
+        }
+    }
+    let call_key = match existing {
+        Some(k) => k,
+        None => {
+            tx.execute(
+                "INSERT INTO rtc_call (room_id, application, call_id, started_by, started_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    j.room_id.as_str(),
+                    j.application,
+                    j.call_id,
+                    j.user_id.as_str(),
+                    j.ts
+                ],
+            )?;
+            changes.push(CallChange::Started {
+                room_id: j.room_id.clone(),
+                started_by: j.user_id.clone(),
+            });
+            tx.last_insert_rowid()
+        }
+    };
+    tx.execute(
+        "INSERT INTO rtc_call_member
+           (call_key, room_id, member_key, user_id, device_id, membership_id, focus_active,
+            foci_preferred, event_id, joined_ts, expires_ts, left_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)
+         ON CONFLICT (call_key, member_key) DO UPDATE SET
+           user_id = excluded.user_id, device_id = excluded.device_id,
+           membership_id = excluded.membership_id, focus_active = excluded.focus_active,
+           foci_preferred = excluded.foci_preferred, event_id = excluded.event_id,
+           expires_ts = excluded.expires_ts,
+           joined_ts = CASE WHEN rtc_call_member.left_ts IS NULL
+                            THEN rtc_call_member.joined_ts ELSE excluded.joined_ts END,
+           left_ts = NULL",
+        params![
+            call_key,
+            j.room_id.as_str(),
+            j.member_key,
+            j.user_id.as_str(),
+            j.device_id,
+            j.membership_id,
+            j.focus_active,
+            j.foci_preferred,
+            j.event_id,
+            j.ts,
+            j.expires_ts
+        ],
+    )?;
+    let n = active_members(tx, call_key)?;
+    tx.execute(
+        "UPDATE rtc_call SET peak_members = MAX(peak_members, ?2) WHERE call_key = ?1",
+        params![call_key, n],
+    )?;
+    Ok(changes)
+}
+
+fn call_member_left(
+    tx: &rusqlite::Transaction<'_>,
+    room_id: &RoomId,
+    member_key: &str,
+    ts: i64,
+) -> Result<Vec<CallChange>, StoreError> {
+    let row: Option<(i64, String, String)> = tx
+        .query_row(
+            "SELECT call_key, user_id, device_id FROM rtc_call_member
+             WHERE room_id = ?1 AND member_key = ?2 AND left_ts IS NULL",
+            params![room_id.as_str(), member_key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((call_key, user, device)) = row else {
+        return Ok(Vec::new());
+    };
+    tx.execute(
+        "UPDATE rtc_call_member SET left_ts = ?3 WHERE call_key = ?1 AND member_key = ?2",
+        params![call_key, member_key, ts],
+    )?;
+    let mut changes = Vec::new();
+    if let Ok(user_id) = UserId::parse(&user) {
+        changes.push(CallChange::MemberLeft {
+            room_id: room_id.to_owned(),
+            user_id,
+            device_id: device,
+        });
+    }
+    if active_members(tx, call_key)? == 0 {
+        let (started_by, started_ts, peak): (String, i64, i64) = tx.query_row(
+            "SELECT started_by, started_ts, peak_members FROM rtc_call WHERE call_key = ?1",
+            [call_key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let ended = ts.max(started_ts);
+        tx.execute(
+            "UPDATE rtc_call SET ended_ts = ?2 WHERE call_key = ?1",
+            params![call_key, ended],
+        )?;
+        changes.push(CallChange::Ended {
+            room_id: room_id.to_owned(),
+            started_by,
+            started_ts,
+            ended_ts: ended,
+            peak_members: peak,
+        });
+    }
+    Ok(changes)
+}
+
 fn row_to_membership(row: &rusqlite::Row<'_>) -> Result<MembershipRecord, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt {
         table: "room_user_membership",
@@ -150,40 +334,35 @@ impl Store for SqliteStore {
             if seen.is_some() {
                 return Ok(TxnOutcome::Replayed);
             }
+            let mut changes = Vec::new();
             for effect in effects {
                 match effect {
                     Effect::Membership(m) => {
-                        let ts = ts_to_i64(m.origin_server_ts);
-                        tx.execute(
-                            "INSERT INTO room_user_membership
-                               (room_id, user_id, membership, event_id, origin_server_ts)
-                             VALUES (?1, ?2, ?3, ?4, ?5)
-                             ON CONFLICT (room_id, user_id) DO UPDATE SET
-                               membership = excluded.membership,
-                               event_id = excluded.event_id,
-                               origin_server_ts = excluded.origin_server_ts",
-                            params![
-                                m.room_id.as_str(),
-                                m.user_id.as_str(),
-                                m.membership.as_str(),
-                                m.event_id.as_str(),
-                                ts
-                            ],
-                        )?;
-                        tx.execute(
-                            "INSERT INTO membership_event_log
-                               (txn_id, event_id, room_id, user_id, membership, origin_server_ts)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                            params![
-                                txn_id,
-                                m.event_id.as_str(),
-                                m.room_id.as_str(),
-                                m.user_id.as_str(),
-                                m.membership.as_str(),
-                                ts
-                            ],
-                        )?;
+                        apply_membership(&tx, txn_id, m)?;
+                        if m.membership != MembershipState::Join {
+                            let keys: Vec<String> = {
+                                let mut stmt = tx.prepare_cached(
+                                    "SELECT member_key FROM rtc_call_member
+                                     WHERE room_id = ?1 AND user_id = ?2 AND left_ts IS NULL",
+                                )?;
+                                let rows = stmt.query_map(
+                                    params![m.room_id.as_str(), m.user_id.as_str()],
+                                    |r| r.get(0),
+                                )?;
+                                rows.collect::<Result<_, _>>()?
+                            };
+                            for key in keys {
+                                let ts = ts_to_i64(m.origin_server_ts);
+                                changes.extend(call_member_left(&tx, &m.room_id, &key, ts)?);
+                            }
+                        }
                     }
+                    Effect::CallMemberJoined(j) => changes.extend(call_member_joined(&tx, j)?),
+                    Effect::CallMemberLeft {
+                        room_id,
+                        member_key,
+                        ts,
+                    } => changes.extend(call_member_left(&tx, room_id, member_key, *ts)?),
                 }
             }
             tx.execute(
@@ -196,7 +375,7 @@ impl Store for SqliteStore {
                 std::process::abort();
             }
             tx.commit()?;
-            Ok(TxnOutcome::Applied)
+            Ok(TxnOutcome::Applied(changes))
         })
     }
 
@@ -326,6 +505,95 @@ impl Store for SqliteStore {
         })
     }
 
+    fn expire_call_members(&self, now_ms: i64) -> Result<Vec<CallChange>, StoreError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            let expired: Vec<(String, String, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT room_id, member_key, expires_ts FROM rtc_call_member
+                     WHERE left_ts IS NULL AND expires_ts IS NOT NULL AND expires_ts <= ?1",
+                )?;
+                let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut changes = Vec::new();
+            for (room, key, at) in expired {
+                let Ok(room_id) = RoomId::parse(&room) else {
+                    continue;
+                };
+                changes.extend(call_member_left(&tx, &room_id, &key, at)?);
+            }
+            tx.commit()?;
+            Ok(changes)
+        })
+    }
+
+    fn active_calls(&self) -> Result<Vec<CallView>, StoreError> {
+        self.with_conn(|conn| {
+            let mut calls: Vec<(i64, CallView)> = {
+                let mut stmt = conn.prepare(
+                    "SELECT call_key, room_id, application, call_id, started_by, started_ts,
+                            ended_ts, peak_members
+                     FROM rtc_call WHERE ended_ts IS NULL ORDER BY room_id, call_key",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        CallView {
+                            room_id: r.get(1)?,
+                            application: r.get(2)?,
+                            call_id: r.get(3)?,
+                            started_by: r.get(4)?,
+                            started_ts: r.get(5)?,
+                            ended_ts: r.get(6)?,
+                            peak_members: r.get(7)?,
+                            members: Vec::new(),
+                        },
+                    ))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut stmt = conn.prepare(
+                "SELECT user_id, device_id, membership_id, joined_ts, expires_ts
+                 FROM rtc_call_member WHERE call_key = ?1 AND left_ts IS NULL
+                 ORDER BY user_id, device_id",
+            )?;
+            for (key, call) in &mut calls {
+                let rows = stmt.query_map([*key], |r| {
+                    Ok(CallMemberView {
+                        user_id: r.get(0)?,
+                        device_id: r.get(1)?,
+                        membership_id: r.get(2)?,
+                        joined_ts: r.get(3)?,
+                        expires_ts: r.get(4)?,
+                    })
+                })?;
+                call.members = rows.collect::<Result<_, _>>()?;
+            }
+            Ok(calls.into_iter().map(|(_, c)| c).collect())
+        })
+    }
+
+    fn is_call_member(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        device_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_conn(|conn| {
+            let hit: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM rtc_call_member
+                     WHERE room_id = ?1 AND user_id = ?2 AND device_id = ?3 AND left_ts IS NULL
+                     LIMIT 1",
+                    params![room_id.as_str(), user_id.as_str(), device_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(hit.is_some())
+        })
+    }
+
     fn membership_event_applications(&self, event_id: &EventId) -> Result<u64, StoreError> {
         self.with_conn(|conn| {
             let n: i64 = conn.query_row(
@@ -369,7 +637,7 @@ mod tests {
         let effects = [member("$a", MembershipState::Join)];
         assert_eq!(
             store.apply_transaction("t1", &effects).expect("apply"),
-            TxnOutcome::Applied
+            TxnOutcome::Applied(Vec::new())
         );
         assert_eq!(
             store.apply_transaction("t1", &effects).expect("replay"),

@@ -385,3 +385,43 @@ async fn interrupted_transaction_is_applied_exactly_once_after_restart() {
     }
     drop(hs);
 }
+
+/// Malformed call memberships (wrong types, huge state keys, unknown application) inside a
+/// transaction are skipped; the rest of it is applied.
+#[tokio::test]
+async fn malformed_call_members_never_block_the_queue() {
+    let c = Conclave::start(ConclaveOptions::standalone())
+        .await
+        .unwrap();
+    let token = c.hs_token();
+    let call = |key: String, content: Value| {
+        json!({"type": "org.matrix.msc3401.call.member", "event_id": "$c", "room_id": "!r:localhost",
+               "sender": "@a:localhost", "state_key": key, "origin_server_ts": 1, "content": content})
+    };
+    let body = serde_json::to_vec(&json!({"events": [
+        call(format!("_@a:localhost_{}", "X".repeat(100_000)), json!({"application": "m.call", "device_id": "D"})),
+        call("_@a:localhost_D_m.call".into(), json!({"application": {"nested": true}, "device_id": "D"})),
+        call("_@a:localhost_D_m.call".into(), json!({"application": "org.example.game", "device_id": "D"})),
+        call("_@a:localhost_D_m.call".into(), json!({"application": "m.call", "device_id": "D", "expires": "never"})),
+        member_event("$ok", "!r:localhost", "@a:localhost", "join"),
+    ]}))
+    .unwrap();
+    let (s, b) = put_txn(&c, "calls-1", Some(&token), body).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        c.metric("conclave_appservice_events_malformed_total")
+            .await
+            .unwrap(),
+        4
+    );
+    let store = c.store().unwrap();
+    assert!(store.active_calls().unwrap().is_empty());
+    assert_eq!(
+        store
+            .membership(&rid("!r:localhost"), &uid("@a:localhost"))
+            .unwrap()
+            .unwrap()
+            .membership,
+        MembershipState::Join
+    );
+}

@@ -126,3 +126,283 @@ async fn leaving_kicked_and_banned_users_are_removed_from_the_sfu_within_2s() {
     }
     drop(hs1);
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn call_member(user: &TestUser, expires: i64, created_ts: Option<i64>) -> Value {
+    let mut c = json!({
+        "application": "m.call", "call_id": "", "scope": "m.room",
+        "device_id": user.device_id, "expires": expires,
+        "focus_active": {"type": "livekit", "focus_selection": "multi_sfu"},
+        "foci_preferred": [{"type": "livekit", "livekit_service_url": "http://127.0.0.1"}],
+    });
+    if let Some(ts) = created_ts {
+        c["created_ts"] = json!(ts);
+    }
+    c
+}
+
+async fn admin(c: &Conclave, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{}/_conclave/admin/v1/{path}", c.url))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn notices(user: &TestUser, room: &str) -> Vec<String> {
+    let url = user
+        .url(
+            &["_matrix", "client", "v3", "rooms", room, "messages"],
+            &[("dir", "b"), ("limit", "100")],
+        )
+        .unwrap();
+    let v = user.call(reqwest::Method::GET, url, None).await.unwrap();
+    v["chunk"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["content"]["msgtype"] == "m.notice")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// call.member events drive the call model: two members with real Python clients show in both
+/// admin views; notices announce start and end; clearing a membership or sending an expired one
+/// removes the participant; a participant without membership goes after the grace period;
+/// malformed memberships are ignored without blocking the queue.
+#[tokio::test]
+async fn call_membership_drives_the_sfu() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[
+        ("CONCLAVE_ADMIN__TOKEN", "admin-secret"),
+        ("CONCLAVE_CALLS__GRACE_PERIOD_SECS", "3"),
+    ])
+    .await
+    .unwrap();
+    let bot = format!("@conclave:{}", hs1.server_name);
+    let alice = hs1.register("alice", false).await.unwrap();
+    let bob = hs1.register("bob", false).await.unwrap();
+    let carol = hs1.register("carol", false).await.unwrap();
+    let room = alice
+        .create_call_room(&[&bob.user_id, &carol.user_id, &bot])
+        .await
+        .unwrap();
+    bob.join(&room, &[]).await.unwrap();
+    carol.join(&room, &[]).await.unwrap();
+    wait_joined(&c, &room, &carol.user_id).await;
+    wait_joined(&c, &room, &bot).await;
+
+    // Malformed memberships first: logged, ignored, the queue keeps flowing.
+    let key = alice.call_member_state_key();
+    for bad in [
+        json!({"application": 5, "device_id": alice.device_id}),
+        json!({"application": "m.call", "device_id": ["x"]}),
+        json!({"application": "org.example.unknown", "device_id": alice.device_id}),
+    ] {
+        alice
+            .send_state(&room, crate::support::matrix_client::CALL_MEMBER, &key, bad)
+            .await
+            .unwrap();
+    }
+    // (Synapse itself refuses state keys over 255 bytes; huge keys arriving in a transaction
+    // are covered by `appservice::malformed_call_members_never_block_the_queue`.)
+
+    // alice and bob join the call: membership, token, Python client publishing audio.
+    let mut clients = Vec::new();
+    for u in [&alice, &bob] {
+        u.send_state(
+            &room,
+            crate::support::matrix_client::CALL_MEMBER,
+            &u.call_member_state_key(),
+            call_member(u, 14_400_000, None),
+        )
+        .await
+        .unwrap();
+    }
+    // Calls appear in the admin API once the events arrived.
+    eventually(Duration::from_secs(10), "two call members", || async {
+        let (s, v) = admin(&c, "calls").await;
+        Ok(
+            (s == 200 && v["calls"][0]["matrix"]["members"].as_array().map(Vec::len) == Some(2))
+                .then_some(()),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.metric("conclave_appservice_events_malformed_total")
+            .await
+            .unwrap()
+            >= 3
+    );
+    for u in [&alice, &bob] {
+        let (s, t) = get_token(&c, u, &room).await;
+        assert_eq!(s, 200, "{t}");
+        let mut spec = crate::support::lk_clients::PyClientSpec::new(
+            c.ws_url(),
+            t["jwt"].as_str().unwrap(),
+            u.user_id.as_str(),
+        );
+        spec.publish_video = false;
+        spec.timeout_s = 40.0;
+        spec.min_duration_s = 40.0;
+        clients.push(crate::support::lk_clients::PyClient::spawn(spec).unwrap());
+    }
+    for client in &mut clients {
+        client
+            .wait_event("published", Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    let (s, v) = admin(&c, &format!("calls/{room}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["matrix"]["members"].as_array().unwrap().len(), 2, "{v}");
+    let sfu: Vec<&Value> = v["sfu"]["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(sfu.len(), 2, "{v}");
+    assert!(sfu.iter().all(|p| p["publisher"] == true), "{v}");
+    let mut users: Vec<&str> = sfu.iter().map(|p| p["user_id"].as_str().unwrap()).collect();
+    users.sort();
+    let mut want = vec![alice.user_id.as_str(), bob.user_id.as_str()];
+    want.sort();
+    assert_eq!(users, want);
+    // Wrong or missing admin token; unknown room.
+    let r = reqwest::get(format!("{}/_conclave/admin/v1/calls", c.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (s, _) = admin(&c, "calls/!nope:example.org").await;
+    assert_eq!(s, 404);
+
+    // carol takes a token and connects without any call membership: gone after the grace.
+    let (s, t) = get_token(&c, &carol, &room).await;
+    assert_eq!(s, 200);
+    let mut carol_ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
+        .await
+        .unwrap();
+    expect_join(&mut carol_ws).await.unwrap();
+    let started = Instant::now();
+    carol_ws
+        .recv_until(Duration::from_secs(6), |m| matches!(m, Msg::Leave(_)))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not before the grace period"
+    );
+
+    // alice clears her membership: removed within 2 s.
+    alice
+        .send_state(
+            &room,
+            crate::support::matrix_client::CALL_MEMBER,
+            &alice.call_member_state_key(),
+            json!({}),
+        )
+        .await
+        .unwrap();
+    let mut alice_client = clients.remove(0);
+    alice_client
+        .wait_event("disconnected", Duration::from_secs(3))
+        .await
+        .unwrap();
+    // bob sends a membership that expired long ago: treated as left, removed.
+    bob.send_state(
+        &room,
+        crate::support::matrix_client::CALL_MEMBER,
+        &bob.call_member_state_key(),
+        call_member(&bob, 3_600_000, Some(now_ms() - 10 * 3_600_000)),
+    )
+    .await
+    .unwrap();
+    let mut bob_client = clients.remove(0);
+    bob_client
+        .wait_event("disconnected", Duration::from_secs(3))
+        .await
+        .unwrap();
+    // The call ended; notices tell the room (the bot accepted its invite).
+    eventually(Duration::from_secs(10), "call ended", || async {
+        let (_, v) = admin(&c, "calls").await;
+        Ok(v["calls"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let texts = eventually(Duration::from_secs(10), "notices", || async {
+        let n = notices(&alice, &room).await;
+        Ok((n.iter().any(|t| t.contains("started a call"))
+            && n.iter().any(|t| t.contains("Call ended")))
+        .then_some(n))
+    })
+    .await
+    .unwrap();
+    assert!(
+        texts.iter().any(|t| t.contains("up to 2 participants")),
+        "{texts:?}"
+    );
+    drop(hs1);
+}
+
+/// Call state survives a restart, and a member who left while Conclave was down is closed
+/// once Synapse redelivers what it queued.
+#[tokio::test]
+async fn call_state_survives_restart_and_reconciles() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, mut c) =
+        pair_with_conclave_on_hs1(&[("CONCLAVE_ADMIN__TOKEN", "admin-secret")])
+            .await
+            .unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let bob = hs1.register("bob", false).await.unwrap();
+    let room = alice.create_call_room(&[&bob.user_id]).await.unwrap();
+    bob.join(&room, &[]).await.unwrap();
+    for u in [&alice, &bob] {
+        u.send_state(
+            &room,
+            crate::support::matrix_client::CALL_MEMBER,
+            &u.call_member_state_key(),
+            call_member(u, 14_400_000, None),
+        )
+        .await
+        .unwrap();
+    }
+    eventually(Duration::from_secs(10), "two members", || async {
+        let (_, v) = admin(&c, "calls").await;
+        Ok((v["calls"][0]["matrix"]["members"].as_array().map(Vec::len) == Some(2)).then_some(()))
+    })
+    .await
+    .unwrap();
+    c.stop().await.unwrap();
+    // bob leaves the call while Conclave is down.
+    bob.send_state(
+        &room,
+        crate::support::matrix_client::CALL_MEMBER,
+        &bob.call_member_state_key(),
+        json!({}),
+    )
+    .await
+    .unwrap();
+    c.spawn().await.unwrap();
+    let members = eventually(Duration::from_secs(20), "reconciled call", || async {
+        let (_, v) = admin(&c, "calls").await;
+        let m = v["calls"][0]["matrix"]["members"].clone();
+        Ok((m.as_array().map(Vec::len) == Some(1)).then_some(m))
+    })
+    .await
+    .unwrap();
+    assert_eq!(members[0]["user_id"], alice.user_id.as_str());
+    drop(hs1);
+}

@@ -1,0 +1,373 @@
+//! MatrixRTC call membership: `org.matrix.msc3401.call.member` state events (per-device state
+//! keys like `_@user:server_DEVICE_m.call`; empty content = left; `expires` relative to
+//! `created_ts`) and `org.matrix.msc4143.rtc.member` sticky events, turned into store effects.
+//!
+//! Malformed contents are reported as errors for the caller to log; they never stop the
+//! transaction.
+
+use serde_json::Value;
+
+use crate::store::{CallMemberJoin, Effect};
+
+/// Legacy/compat call membership state event type.
+pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
+/// MSC4143 sticky membership event type.
+pub const RTC_MEMBER: &str = "org.matrix.msc4143.rtc.member";
+/// Default lifetime of a `call.member` without `expires` (matrix-js-sdk: 4 h).
+pub const DEFAULT_EXPIRES_MS: i64 = 4 * 3600 * 1000;
+/// Longest state key accepted.
+const MAX_STATE_KEY: usize = 512;
+/// Slot of the room-wide call.
+const ROOM_SLOT: &str = "m.call#ROOM";
+
+/// Why an event was ignored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CallEventError {
+    /// A required field is missing or has the wrong type.
+    #[error("field `{0}` missing or of the wrong type")]
+    Field(&'static str),
+    /// The state key is unreasonably long.
+    #[error("state key longer than {MAX_STATE_KEY} bytes")]
+    StateKeyTooLong,
+    /// An application Conclave does not host.
+    #[error("unknown application {0:?}")]
+    UnknownApplication(String),
+    /// The membership names someone other than the sender.
+    #[error("membership for {claimed} sent by {sender}")]
+    NotSender {
+        /// Claimed user.
+        claimed: String,
+        /// Sender.
+        sender: String,
+    },
+    /// A format Conclave does not follow (legacy per-user arrays).
+    #[error("unsupported legacy format")]
+    Legacy,
+}
+
+fn str_field<'a>(v: &'a Value, key: &'static str) -> Result<&'a str, CallEventError> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or(CallEventError::Field(key))
+}
+
+fn opt_i64(v: &Value, key: &'static str) -> Result<Option<i64>, CallEventError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_i64().map(Some).ok_or(CallEventError::Field(key)),
+    }
+}
+
+/// Whether a content object says "left": empty, or only a leave reason / sticky key.
+fn is_leave(content: &Value) -> bool {
+    match content.as_object() {
+        None => true,
+        Some(o) => o
+            .keys()
+            .all(|k| k == "leave_reason" || k == "msc4354_sticky_key" || k == "sticky_key"),
+    }
+}
+
+/// Effects of one timeline event (`None` if it is not a call membership event). `now_ms`
+/// decides whether a membership has already expired on arrival.
+pub fn effects(event: &Value, now_ms: i64) -> Option<Result<Vec<Effect>, CallEventError>> {
+    let kind = event.get("type")?.as_str()?;
+    match kind {
+        CALL_MEMBER => Some(call_member(event, now_ms)),
+        RTC_MEMBER => Some(rtc_member(event, now_ms)),
+        _ => None,
+    }
+}
+
+struct Common<'a> {
+    room_id: ruma::OwnedRoomId,
+    sender: ruma::OwnedUserId,
+    event_id: &'a str,
+    ts: i64,
+    content: &'a Value,
+}
+
+fn common(event: &Value) -> Result<Common<'_>, CallEventError> {
+    let room_id = ruma::RoomId::parse(str_field(event, "room_id")?)
+        .map_err(|_| CallEventError::Field("room_id"))?;
+    let sender = ruma::UserId::parse(str_field(event, "sender")?)
+        .map_err(|_| CallEventError::Field("sender"))?;
+    Ok(Common {
+        room_id,
+        sender,
+        event_id: str_field(event, "event_id")?,
+        ts: opt_i64(event, "origin_server_ts")?.unwrap_or(0),
+        content: event
+            .get("content")
+            .ok_or(CallEventError::Field("content"))?,
+    })
+}
+
+fn call_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError> {
+    let state_key = str_field(event, "state_key")?;
+    if state_key.len() > MAX_STATE_KEY {
+        return Err(CallEventError::StateKeyTooLong);
+    }
+    let c = common(event)?;
+    let left = || Effect::CallMemberLeft {
+        room_id: c.room_id.clone(),
+        member_key: state_key.to_owned(),
+        ts: c.ts,
+    };
+    if is_leave(c.content) {
+        return Ok(vec![left()]);
+    }
+    if c.content.get("memberships").is_some() {
+        return Err(CallEventError::Legacy);
+    }
+    // A per-device state key names its user; it must be the sender.
+    if state_key.starts_with('@') || state_key.starts_with("_@") {
+        let named = state_key.trim_start_matches('_');
+        if !named.starts_with(c.sender.as_str()) {
+            return Err(CallEventError::NotSender {
+                claimed: named.chars().take(80).collect(),
+                sender: c.sender.to_string(),
+            });
+        }
+    }
+    let application = str_field(c.content, "application")?;
+    if application != "m.call" {
+        return Err(CallEventError::UnknownApplication(
+            application.chars().take(64).collect(),
+        ));
+    }
+    let call_id = match c.content.get("call_id") {
+        None => "",
+        Some(v) => v.as_str().ok_or(CallEventError::Field("call_id"))?,
+    };
+    let device_id = str_field(c.content, "device_id")?;
+    let expires = opt_i64(c.content, "expires")?.unwrap_or(DEFAULT_EXPIRES_MS);
+    let created = opt_i64(c.content, "created_ts")?.unwrap_or(c.ts);
+    let expires_ts = created.saturating_add(expires);
+    if expires_ts <= now_ms {
+        return Ok(vec![left()]);
+    }
+    let membership_id = match c.content.get("membershipID") {
+        Some(v) => v
+            .as_str()
+            .ok_or(CallEventError::Field("membershipID"))?
+            .to_owned(),
+        None => format!("{}:{device_id}", c.sender),
+    };
+    Ok(vec![Effect::CallMemberJoined(CallMemberJoin {
+        room_id: c.room_id.clone(),
+        application: application.to_owned(),
+        call_id: call_id.to_owned(),
+        member_key: state_key.to_owned(),
+        user_id: c.sender.clone(),
+        device_id: device_id.to_owned(),
+        membership_id,
+        focus_active: c
+            .content
+            .get("focus_active")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        foci_preferred: c
+            .content
+            .get("foci_preferred")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        event_id: c.event_id.to_owned(),
+        ts: c.ts,
+        expires_ts: Some(expires_ts),
+    })])
+}
+
+fn rtc_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError> {
+    let c = common(event)?;
+    let sticky_key = c
+        .content
+        .get("msc4354_sticky_key")
+        .or_else(|| c.content.get("sticky_key"))
+        .and_then(Value::as_str);
+    let member = c.content.get("member");
+    let member_id = member
+        .and_then(|m| m.get("id"))
+        .and_then(Value::as_str)
+        .or(sticky_key)
+        .ok_or(CallEventError::Field("member.id"))?;
+    if member_id.len() > MAX_STATE_KEY {
+        return Err(CallEventError::StateKeyTooLong);
+    }
+    let member_key = format!("rtc:{member_id}");
+    let leaving = member.is_none()
+        || member
+            .and_then(|m| m.get("membership"))
+            .and_then(Value::as_str)
+            == Some("leave");
+    if leaving || is_leave(c.content) {
+        return Ok(vec![Effect::CallMemberLeft {
+            room_id: c.room_id.clone(),
+            member_key,
+            ts: c.ts,
+        }]);
+    }
+    let member = member.ok_or(CallEventError::Field("member"))?;
+    let user = str_field(member, "user_id")?;
+    if user != c.sender.as_str() {
+        return Err(CallEventError::NotSender {
+            claimed: user.chars().take(80).collect(),
+            sender: c.sender.to_string(),
+        });
+    }
+    let device_id = str_field(member, "device_id")?;
+    let application = match c.content.get("application") {
+        Some(Value::Object(o)) => o
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or(CallEventError::Field("application.type"))?,
+        Some(Value::String(s)) => s.as_str(),
+        _ => "m.call",
+    };
+    if application != "m.call" {
+        return Err(CallEventError::UnknownApplication(
+            application.chars().take(64).collect(),
+        ));
+    }
+    let slot = match c.content.get("slot_id") {
+        None => ROOM_SLOT,
+        Some(v) => v.as_str().ok_or(CallEventError::Field("slot_id"))?,
+    };
+    let call_id = if slot == ROOM_SLOT { "" } else { slot };
+    let duration = event
+        .get("msc4354_sticky")
+        .and_then(|s| s.get("duration_ms"))
+        .and_then(Value::as_i64)
+        .unwrap_or(3_600_000);
+    let expires_ts = c.ts.saturating_add(duration);
+    if expires_ts <= now_ms {
+        return Ok(vec![Effect::CallMemberLeft {
+            room_id: c.room_id.clone(),
+            member_key,
+            ts: c.ts,
+        }]);
+    }
+    Ok(vec![Effect::CallMemberJoined(CallMemberJoin {
+        room_id: c.room_id.clone(),
+        application: application.to_owned(),
+        call_id: call_id.to_owned(),
+        member_key,
+        user_id: c.sender.clone(),
+        device_id: device_id.to_owned(),
+        membership_id: member_id.to_owned(),
+        focus_active: c
+            .content
+            .get("rtc_transports")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        foci_preferred: String::new(),
+        event_id: c.event_id.to_owned(),
+        ts: c.ts,
+        expires_ts: Some(expires_ts),
+    })])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(kind: &str, state_key: Option<&str>, content: Value) -> Value {
+        let mut e = json!({
+            "type": kind, "room_id": "!r:example.org", "sender": "@alice:example.org",
+            "event_id": "$e", "origin_server_ts": 1_000_000, "content": content,
+        });
+        if let Some(k) = state_key {
+            e["state_key"] = json!(k);
+        }
+        e
+    }
+
+    const KEY: &str = "_@alice:example.org_DEV_m.call";
+
+    #[test]
+    fn join_with_expiry_and_leave() {
+        let e = ev(
+            CALL_MEMBER,
+            Some(KEY),
+            json!({"application": "m.call", "call_id": "", "scope": "m.room", "device_id": "DEV",
+                   "expires": 60_000, "focus_active": {"type": "livekit"}, "foci_preferred": []}),
+        );
+        let out = effects(&e, 1_000_000).unwrap().unwrap();
+        let Effect::CallMemberJoined(j) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(j.expires_ts, Some(1_060_000));
+        assert_eq!(j.device_id, "DEV");
+        assert_eq!(j.membership_id, "@alice:example.org:DEV");
+        assert_eq!(j.member_key, KEY);
+        // The same event seen after its expiry is a leave.
+        let out = effects(&e, 1_060_000).unwrap().unwrap();
+        assert!(matches!(out[0], Effect::CallMemberLeft { .. }));
+        // Empty content = left.
+        let out = effects(&ev(CALL_MEMBER, Some(KEY), json!({})), 0)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&out[0], Effect::CallMemberLeft { member_key, .. } if member_key == KEY));
+    }
+
+    #[test]
+    fn malformed_contents_are_errors_not_panics() {
+        let bad = [
+            json!({"application": 5, "device_id": "D"}),
+            json!({"application": "m.call", "device_id": 7}),
+            json!({"application": "m.call", "device_id": "D", "expires": "soon"}),
+            json!({"application": "m.call", "device_id": "D", "call_id": []}),
+            json!({"application": "org.example.game", "device_id": "D"}),
+            json!({"memberships": []}),
+        ];
+        for content in bad {
+            assert!(
+                effects(&ev(CALL_MEMBER, Some(KEY), content.clone()), 0)
+                    .unwrap()
+                    .is_err(),
+                "{content}"
+            );
+        }
+        let huge = "_@alice:example.org_".to_owned() + &"x".repeat(5000);
+        assert_eq!(
+            effects(&ev(CALL_MEMBER, Some(&huge), json!({})), 0).unwrap(),
+            Err(CallEventError::StateKeyTooLong)
+        );
+        let spoof = ev(
+            CALL_MEMBER,
+            Some("_@bob:example.org_DEV_m.call"),
+            json!({"application": "m.call", "device_id": "DEV"}),
+        );
+        assert!(matches!(
+            effects(&spoof, 0).unwrap(),
+            Err(CallEventError::NotSender { .. })
+        ));
+        assert!(effects(&json!({"type": "m.room.message"}), 0).is_none());
+        assert!(effects(&json!({"type": CALL_MEMBER}), 0).unwrap().is_err());
+    }
+
+    #[test]
+    fn rtc_member_join_and_leave() {
+        let e = ev(
+            RTC_MEMBER,
+            None,
+            json!({"slot_id": "m.call#ROOM", "application": {"type": "m.call"},
+                   "member": {"user_id": "@alice:example.org", "device_id": "DEV", "id": "mem1"},
+                   "msc4354_sticky_key": "mem1"}),
+        );
+        let out = effects(&e, 0).unwrap().unwrap();
+        let Effect::CallMemberJoined(j) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (j.call_id.as_str(), j.member_key.as_str()),
+            ("", "rtc:mem1")
+        );
+        let leave = ev(RTC_MEMBER, None, json!({"msc4354_sticky_key": "mem1"}));
+        let out = effects(&leave, 0).unwrap().unwrap();
+        assert!(
+            matches!(&out[0], Effect::CallMemberLeft { member_key, .. } if member_key == "rtc:mem1")
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! Keeps the SFU in line with MatrixRTC over time: expired call memberships end (checked every
+//! second, and at start-up, which reconciles what expired while Conclave was down), and an SFU
+//! participant issued by the token service that never shows a call membership is removed after
+//! the grace period (`calls.grace_period_secs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::app::AppState;
+use crate::net::LoopRequest;
+use crate::sfu::{Command, SfuEvent};
+
+fn unix_ms() -> i64 {
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Ends expired memberships now; returns how many changes it made.
+pub async fn expire_once(state: &AppState) -> usize {
+    let store = state.store.clone();
+    let now = unix_ms();
+    match tokio::task::spawn_blocking(move || store.expire_call_members(now)).await {
+        Ok(Ok(changes)) => {
+            let n = changes.len();
+            if n > 0 {
+                tracing::info!(changes = n, "expired call memberships ended");
+            }
+            super::enforce::act_on_call_changes(state, changes).await;
+            n
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot expire call memberships");
+            0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "expiry task failed");
+            0
+        }
+    }
+}
+
+/// Runs forever.
+pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                expire_once(&state).await;
+            }
+            ev = events.recv() => match ev {
+                Ok(SfuEvent::ParticipantJoined { room, identity, .. }) => {
+                    let grace = state.config.calls.grace_period_secs;
+                    if grace == 0 {
+                        continue;
+                    }
+                    if let Some(p) = state.issued.get(&room, &identity) {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(grace)).await;
+                            let store = state.store.clone();
+                            let q = p.clone();
+                            let member = tokio::task::spawn_blocking(move || {
+                                store.is_call_member(&q.room_id, &q.user_id, &q.device_id)
+                            })
+                            .await;
+                            if matches!(member, Ok(Ok(true))) {
+                                return;
+                            }
+                            tracing::info!(
+                                room_id = %p.room_id,
+                                user_id = %p.user_id,
+                                identity = %p.identity,
+                                grace,
+                                "SFU participant without a call membership; removing it"
+                            );
+                            if let Some(sfu) = &state.sfu {
+                                let _ = sfu
+                                    .send(LoopRequest::Sfu(Command::Remove {
+                                        room: p.room_name,
+                                        identity: p.identity,
+                                        reason: livekit_protocol::DisconnectReason::ParticipantRemoved
+                                            as i32,
+                                    }))
+                                    .await;
+                            }
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "supervisor lagged behind SFU events");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
