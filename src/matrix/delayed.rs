@@ -164,6 +164,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 identity,
                 sid,
                 session,
+                ..
             }) => {
                 let key = (room.clone(), identity.clone());
                 if let Some(old) = jobs.remove(&key) {
@@ -200,6 +201,8 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                     }
                 }
             }
+            // Room and track events do not concern delayed leaves.
+            Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,

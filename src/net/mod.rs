@@ -224,6 +224,7 @@ impl Loop {
                         SfuEvent::ParticipantLeft { room, .. } => {
                             self.registry.participant_left(room, Instant::now());
                         }
+                        _ => {}
                     }
                     let _ = self.events.send(e);
                 }

@@ -64,8 +64,40 @@ pub enum SignalOut {
 }
 
 /// Lifecycle events for the rest of the service (registry, webhooks, Matrix enforcement).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SfuEvent {
+    /// The first participant joined a room the engine had no state for.
+    RoomStarted {
+        /// LiveKit room name.
+        room: String,
+        /// Room SID.
+        sid: String,
+    },
+    /// The last participant left; the engine dropped the room's state.
+    RoomFinished {
+        /// LiveKit room name.
+        room: String,
+        /// Room SID.
+        sid: String,
+    },
+    /// A track's media arrived and subscribers can get it.
+    TrackPublished {
+        /// LiveKit room name.
+        room: String,
+        /// The publisher.
+        participant: Box<lk::ParticipantInfo>,
+        /// The track.
+        track: Box<lk::TrackInfo>,
+    },
+    /// A track went away (unpublished, or its publisher left).
+    TrackUnpublished {
+        /// LiveKit room name.
+        room: String,
+        /// The publisher.
+        participant: Box<lk::ParticipantInfo>,
+        /// The track.
+        track: Box<lk::TrackInfo>,
+    },
     /// A participant joined a room.
     ParticipantJoined {
         /// LiveKit room name.
@@ -76,6 +108,8 @@ pub enum SfuEvent {
         sid: String,
         /// Session.
         session: SessionId,
+        /// Its info at join time.
+        info: Box<lk::ParticipantInfo>,
     },
     /// A participant left.
     ParticipantLeft {
@@ -89,6 +123,11 @@ pub enum SfuEvent {
         session: SessionId,
         /// Why (LiveKit `DisconnectReason`).
         reason: i32,
+        /// Its last info (state `DISCONNECTED`, with the disconnect reason).
+        info: Box<lk::ParticipantInfo>,
+        /// Whether its peer connections ever connected (else LiveKit's
+        /// `participant_connection_aborted`).
+        ever_connected: bool,
     },
 }
 
@@ -541,6 +580,12 @@ impl Sfu {
         }
         let room_sid = self.ids.sid(ROOM_PREFIX);
         let unix = self.unix_now;
+        if !self.rooms.contains_key(&room_name) {
+            self.out.push_back(Output::Event(SfuEvent::RoomStarted {
+                room: room_name.clone(),
+                sid: room_sid.clone(),
+            }));
+        }
         let room = self.rooms.entry(room_name.clone()).or_insert_with(|| Room {
             sid: room_sid,
             created_unix: unix,
@@ -677,12 +722,17 @@ impl Sfu {
         room.participants.insert(session, participant);
         // The first subscriber offer: data channels plus existing tracks (fast start).
         self.renegotiate(now, session);
+        let info = self
+            .participant_mut(session)
+            .map(|p| Box::new(p.info.clone()))
+            .unwrap_or_default();
         self.out
             .push_back(Output::Event(SfuEvent::ParticipantJoined {
                 room: room_name,
                 identity,
                 sid,
                 session,
+                info,
             }));
         if self.next_speakers.is_none() {
             self.next_speakers = Some(now + SPEAKER_INTERVAL);
@@ -724,6 +774,14 @@ impl Sfu {
         p.info.state = lk::participant_info::State::Disconnected as i32;
         p.info.version += 1;
         p.info.disconnect_reason = reason;
+        for t in &p.tracks {
+            self.out
+                .push_back(Output::Event(SfuEvent::TrackUnpublished {
+                    room: room_name.clone(),
+                    participant: Box::new(p.info.clone()),
+                    track: Box::new(t.info.clone()),
+                }));
+        }
         p.info.tracks.clear();
         tracing::info!(room = %room_name, identity = %p.info.identity, reason, "participant left");
         let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
@@ -751,16 +809,23 @@ impl Sfu {
                 touched.push(other.session);
             }
         }
-        if room.participants.is_empty() {
-            self.rooms.remove(&room_name);
-        }
+        let finished = room.participants.is_empty().then(|| room.sid.clone());
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
-            room: room_name,
+            room: room_name.clone(),
             identity: p.info.identity.clone(),
             sid: p.info.sid.clone(),
             session,
             reason,
+            ever_connected: p.publisher.connected || p.subscriber.connected,
+            info: Box::new(p.info.clone()),
         }));
+        if let Some(sid) = finished {
+            self.rooms.remove(&room_name);
+            self.out.push_back(Output::Event(SfuEvent::RoomFinished {
+                room: room_name,
+                sid,
+            }));
+        }
         for s in touched {
             self.renegotiate(now, s);
             self.drain(now, s);
@@ -1923,7 +1988,8 @@ mod tests {
             "offer carries data channels"
         );
         assert!(o.id > 0);
-        assert!(matches!(events[0], SfuEvent::ParticipantJoined { .. }));
+        assert!(matches!(events[0], SfuEvent::RoomStarted { .. }));
+        assert!(matches!(events[1], SfuEvent::ParticipantJoined { .. }));
     }
 
     #[test]

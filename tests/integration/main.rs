@@ -24,3 +24,5 @@ mod lk_tooling;
 mod calls;
 // Real LiveKit SDKs (Python, Node) exchanging media through the SFU.
 mod media;
+// MSC4140 delayed leaves driven by the SFU connection.
+mod delayed;

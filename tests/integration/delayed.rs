@@ -1,0 +1,189 @@
+//! "No ghost members": a client hands its MSC4140 delayed leave to the token service; Conclave
+//! keeps it alive while the SFU connection lasts and sends it the moment the connection ends.
+
+use std::time::{Duration, Instant};
+
+use conclave::auth::naming::LEGACY_SLOT;
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use ruma::events::room::member::MembershipState;
+use serde_json::{json, Value};
+
+use crate::support::conclave::{eventually, pair_with_conclave_on_hs1, Conclave};
+use crate::support::lk_ws::{expect_join, WsClient};
+use crate::support::matrix_client::{TestUser, CALL_MEMBER};
+use crate::support::synapse::heavy_lock;
+
+/// `/get_token` with a delayed leave handed over.
+async fn get_token(
+    c: &Conclave,
+    user: &TestUser,
+    room: &str,
+    delay_id: &str,
+    delay_timeout: u64,
+) -> (u16, Value) {
+    let openid = user.openid_token().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/get_token", c.url))
+        .json(&json!({
+            "room_id": room, "slot_id": LEGACY_SLOT, "openid_token": openid,
+            "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
+                       "claimed_device_id": user.device_id},
+            "delay_id": delay_id, "delay_timeout": delay_timeout,
+        }))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_joined(c: &Conclave, room: &str, user: &str) {
+    use conclave::store::Store;
+    let store = c.store().unwrap();
+    let (r, u) = (
+        ruma::RoomId::parse(room).unwrap(),
+        ruma::UserId::parse(user).unwrap(),
+    );
+    eventually(Duration::from_secs(10), "join in the store", || async {
+        Ok(store
+            .membership(&r, &u)?
+            .filter(|m| m.membership == MembershipState::Join)
+            .map(|_| ()))
+    })
+    .await
+    .unwrap();
+}
+
+/// The `call.member` content Element Call sends for a room call.
+fn call_member(user: &TestUser, c: &Conclave) -> Value {
+    json!({
+        "application": "m.call",
+        "call_id": "",
+        "scope": "m.room",
+        "device_id": user.device_id,
+        "membershipID": format!("{}:{}", user.user_id, user.device_id),
+        "expires": 14_400_000,
+        "m.call.intent": "video",
+        "focus_active": {"type": "livekit", "focus_selection": "multi_sfu"},
+        "foci_preferred": [{"type": "livekit", "livekit_service_url": c.url}],
+    })
+}
+
+fn is_empty(content: &Value) -> bool {
+    content.as_object().is_some_and(|o| o.is_empty())
+}
+
+/// alice in a fresh call room with her call.member sent and a delayed leave scheduled; returns
+/// (room, state key, delay_id).
+async fn join_call_with_delayed_leave(
+    c: &Conclave,
+    alice: &TestUser,
+    delay_ms: u64,
+) -> (String, String, String) {
+    let room = alice.create_call_room(&[]).await.unwrap();
+    wait_joined(c, &room, &alice.user_id).await;
+    let key = alice.call_member_state_key();
+    alice
+        .send_state(&room, CALL_MEMBER, &key, call_member(alice, c))
+        .await
+        .unwrap();
+    let delay_id = alice
+        .send_delayed_state(&room, CALL_MEMBER, &key, json!({}), delay_ms)
+        .await
+        .unwrap();
+    (room, key, delay_id)
+}
+
+/// Connects to the SFU with a token that hands over `delay_id`.
+async fn connect(
+    c: &Conclave,
+    alice: &TestUser,
+    room: &str,
+    delay_id: &str,
+    delay: u64,
+) -> WsClient {
+    let (s, t) = get_token(c, alice, room, delay_id, delay).await;
+    assert_eq!(s, 200, "{t}");
+    let mut ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
+        .await
+        .unwrap();
+    expect_join(&mut ws).await.unwrap();
+    ws
+}
+
+#[tokio::test]
+async fn crashed_client_call_member_is_cleared_within_5s() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 600_000).await;
+    let ws = connect(&c, &alice, &room, &delay_id, 600_000).await;
+    // The membership is there while she is connected.
+    let content = alice.get_state(&room, CALL_MEMBER, &key).await.unwrap();
+    assert_eq!(content["application"], "m.call", "{content}");
+
+    // The client crashes: the socket just goes away.
+    drop(ws);
+    let crashed = Instant::now();
+    alice
+        .wait_for_state(&room, CALL_MEMBER, &key, Duration::from_secs(5), is_empty)
+        .await
+        .unwrap();
+    eprintln!(
+        "call.member cleared {:?} after the crash",
+        crashed.elapsed()
+    );
+    let logs = c.logs();
+    assert!(logs.contains("delayed leave sent"), "{logs}");
+    // The delay ID is a capability: never in the log in full.
+    assert!(!logs.contains(&delay_id), "delay_id leaked into the log");
+    drop(hs1);
+}
+
+#[tokio::test]
+async fn connected_client_keeps_its_call_member_alive() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 4_000).await;
+    let mut ws = connect(&c, &alice, &room, &delay_id, 4_000).await;
+
+    // Stay connected (a well-behaved client pings) for more than twice the delay.
+    let joined = Instant::now();
+    while joined.elapsed() < Duration::from_secs(9) {
+        ws.send(Req::Ping(0)).await.unwrap();
+        // Reading keeps the socket serviced; `recv` returns on timeout.
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if ws.recv(left).await.is_none() {
+                break;
+            }
+        }
+        let content = alice.get_state(&room, CALL_MEMBER, &key).await.unwrap();
+        assert_eq!(
+            content["application"],
+            "m.call",
+            "call.member gone {:?} after joining with a 4 s delayed leave: {content}",
+            joined.elapsed()
+        );
+    }
+
+    // A clean leave clears it at once.
+    ws.send(Req::Leave(lk::LeaveRequest {
+        can_reconnect: false,
+        reason: lk::DisconnectReason::ClientInitiated as i32,
+        action: lk::leave_request::Action::Disconnect as i32,
+        regions: None,
+    }))
+    .await
+    .unwrap();
+    drop(ws);
+    let left = Instant::now();
+    alice
+        .wait_for_state(&room, CALL_MEMBER, &key, Duration::from_secs(3), is_empty)
+        .await
+        .unwrap();
+    eprintln!("call.member cleared {:?} after the leave", left.elapsed());
+    assert!(c.logs().contains("delayed leave sent"), "{}", c.logs());
+    drop(hs1);
+}
