@@ -222,6 +222,19 @@ fn events_to_effects(
                 continue;
             }
         };
+        if let AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(enc)) = &event {
+            tracing::info!(room_id = %enc.room_id(), "room is encrypted");
+            let algorithm = match enc {
+                ruma::events::StateEvent::Original(o) => o.content.algorithm.to_string(),
+                ruma::events::StateEvent::Redacted(_) => String::new(),
+            };
+            effects.push(Effect::RoomEncrypted {
+                room_id: enc.room_id().to_owned(),
+                algorithm,
+                event_id: enc.event_id().to_string(),
+            });
+            continue;
+        }
         if let AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) = &event {
             let Ok(user_id) = ruma::UserId::parse(member.state_key().as_str()) else {
                 inc(&state.metrics.events_malformed);

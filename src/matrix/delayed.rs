@@ -313,7 +313,7 @@ async fn participant_job(
     sid: String,
     mut ended: oneshot::Receiver<i32>,
 ) {
-    let leave = match ctx.lookup(&room, &identity).await {
+    let mut leave = match ctx.lookup(&room, &identity).await {
         Ok(Some(leave)) => leave,
         Ok(None) => return,
         Err(e) => {
@@ -321,11 +321,10 @@ async fn participant_job(
             return;
         }
     };
-    let delay = short_id(&leave.delay_id);
     tracing::info!(
         user_id = %leave.user_id,
         room_id = %leave.matrix_room_id,
-        delay_id = %delay,
+        delay_id = %short_id(&leave.delay_id),
         delay_timeout_ms = leave.delay_timeout_ms,
         "keeping the delayed leave alive while the participant is connected"
     );
@@ -337,11 +336,14 @@ async fn participant_job(
             // The job was replaced (the sender is gone): the new job owns the event.
             Err(_) => return,
         },
-        outcome = ctx.keep_alive(&leave, &room, &identity, &sid) => match outcome {
+        outcome = ctx.keep_alive(&mut leave, &room, &identity, &sid) => match outcome {
             KeepAlive::EventGone | KeepAlive::Replaced => return,
             KeepAlive::ParticipantGone => livekit_protocol::DisconnectReason::UnknownReason as i32,
         },
     };
+    // The last delayed leave seen while connected: a record written later may belong to a
+    // newer session of this identity and must not be sent.
+    let delay = short_id(&leave.delay_id);
     match ctx.call_with_retries(&leave, Action::Send).await {
         Ok(()) => tracing::info!(
             delay_id = %delay,
@@ -379,18 +381,20 @@ impl Ctx {
     }
 
     /// Restarts the delayed event now and every 80 % of its timeout until something ends it.
+    /// Picks up a delayed leave handed over again for the same participant (a new token
+    /// request while connected) before each restart.
     async fn keep_alive(
         &self,
-        leave: &DelayedLeave,
+        leave: &mut DelayedLeave,
         room: &str,
         identity: &str,
         sid: &str,
     ) -> KeepAlive {
-        let interval = restart_interval(leave.delay_timeout_ms);
-        let delay = short_id(&leave.delay_id);
         loop {
-            // Restart at once: time passed between scheduling the event and joining the SFU.
+            // The first restart is immediate: time passed between scheduling the event and
+            // joining the SFU.
             let started = Instant::now();
+            let delay = short_id(&leave.delay_id);
             match self.call_with_retries(leave, Action::Restart).await {
                 Ok(()) => tracing::debug!(delay_id = %delay, "delayed leave restarted"),
                 Err(DelayedLeaveError::NotFound) => {
@@ -407,7 +411,7 @@ impl Ctx {
                     "cannot restart the delayed leave; trying again at the next interval"
                 ),
             }
-            tokio::time::sleep_until(started + interval).await;
+            tokio::time::sleep_until(started + restart_interval(leave.delay_timeout_ms)).await;
             // A missed leave event must not keep a ghost alive: ask the SFU.
             if let Some(sfu) = &self.state.sfu {
                 let participants = sfu.participants(room).await;
@@ -419,6 +423,18 @@ impl Ctx {
                         return KeepAlive::ParticipantGone;
                     }
                 }
+            }
+            match self.lookup(room, identity).await {
+                Ok(Some(fresh)) if fresh.delay_id != leave.delay_id => {
+                    tracing::info!(
+                        delay_id = %short_id(&fresh.delay_id),
+                        delay_timeout_ms = fresh.delay_timeout_ms,
+                        "a new delayed leave was handed over; keeping that one alive"
+                    );
+                    *leave = fresh;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot re-read the delayed leave"),
             }
         }
     }

@@ -64,8 +64,17 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                             tokio::time::sleep(Duration::from_secs(grace)).await;
                             let store = state.store.clone();
                             let q = p.clone();
+                            // In encrypted rooms rtc.member events are unreadable: Matrix room
+                            // membership (already enforced) alone decides.
                             let member = tokio::task::spawn_blocking(move || {
-                                store.is_call_member(&q.room_id, &q.user_id, &q.device_id)
+                                Ok::<_, crate::store::StoreError>(
+                                    store.is_room_encrypted(&q.room_id)?
+                                        || store.is_call_member(
+                                            &q.room_id,
+                                            &q.user_id,
+                                            &q.device_id,
+                                        )?,
+                                )
                             })
                             .await;
                             if matches!(member, Ok(Ok(true))) {

@@ -53,6 +53,15 @@ pub enum Effect {
     Membership(MembershipRecord),
     /// A MatrixRTC member joined or refreshed its membership.
     CallMemberJoined(CallMemberJoin),
+    /// The room turned on encryption (`m.room.encryption`).
+    RoomEncrypted {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The algorithm.
+        algorithm: String,
+        /// The event.
+        event_id: String,
+    },
     /// A MatrixRTC membership ended (empty content, expired, or replaced by a leave).
     CallMemberLeft {
         /// The Matrix room.
@@ -246,6 +255,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Active calls with their members, by room.
     fn active_calls(&self) -> Result<Vec<CallView>, StoreError>;
+
+    /// Whether `room_id` is encrypted (its `rtc.member` events are unreadable).
+    fn is_room_encrypted(&self, room_id: &ruma::RoomId) -> Result<bool, StoreError>;
 
     /// Whether `user_id`'s `device_id` is an active member of a call in `room_id`.
     fn is_call_member(

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_issued_participants.sql"),
     include_str!("migrations/0003_calls.sql"),
+    include_str!("migrations/0004_room_encryption.sql"),
 ];
 
 /// Fault injection for crash-safety tests.
@@ -358,6 +359,19 @@ impl Store for SqliteStore {
                         }
                     }
                     Effect::CallMemberJoined(j) => changes.extend(call_member_joined(&tx, j)?),
+                    Effect::RoomEncrypted {
+                        room_id,
+                        algorithm,
+                        event_id,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO room_encryption (room_id, algorithm, event_id)
+                             VALUES (?1, ?2, ?3)
+                             ON CONFLICT (room_id) DO UPDATE SET algorithm = excluded.algorithm,
+                               event_id = excluded.event_id",
+                            params![room_id.as_str(), algorithm, event_id],
+                        )?;
+                    }
                     Effect::CallMemberLeft {
                         room_id,
                         member_key,
@@ -571,6 +585,19 @@ impl Store for SqliteStore {
                 call.members = rows.collect::<Result<_, _>>()?;
             }
             Ok(calls.into_iter().map(|(_, c)| c).collect())
+        })
+    }
+
+    fn is_room_encrypted(&self, room_id: &RoomId) -> Result<bool, StoreError> {
+        self.with_conn(|conn| {
+            let hit: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM room_encryption WHERE room_id = ?1",
+                    [room_id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(hit.is_some())
         })
     }
 

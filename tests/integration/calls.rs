@@ -406,3 +406,53 @@ async fn call_state_survives_restart_and_reconciles() {
     assert_eq!(members[0]["user_id"], alice.user_id.as_str());
     drop(hs1);
 }
+
+/// In an encrypted room the appservice cannot read `rtc.member`: Matrix room membership alone
+/// decides, so a joined user's SFU participant is not removed for lacking a call membership.
+#[tokio::test]
+async fn encrypted_rooms_rely_on_room_membership_alone() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[("CONCLAVE_CALLS__GRACE_PERIOD_SECS", "2")])
+        .await
+        .unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let room = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "initial_state": [{"type": "m.room.encryption", "state_key": "",
+                               "content": {"algorithm": "m.megolm.v1.aes-sha2"}}],
+        }))
+        .await
+        .unwrap();
+    wait_joined(&c, &room, &alice.user_id).await;
+    use conclave::store::Store;
+    let store = c.store().unwrap();
+    let rid = ruma::RoomId::parse(&room).unwrap();
+    eventually(Duration::from_secs(10), "encryption seen", || async {
+        Ok(store.is_room_encrypted(&rid)?.then_some(()))
+    })
+    .await
+    .unwrap();
+    let (s, t) = get_token(&c, &alice, &room).await;
+    assert_eq!(s, 200, "{t}");
+    let mut ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
+        .await
+        .unwrap();
+    expect_join(&mut ws).await.unwrap();
+    // Well past the grace period: still connected (pings answered).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ws.send(lk::signal_request::Message::PingReq(lk::Ping {
+        timestamp: 5,
+        rtt: 0,
+    }))
+    .await
+    .unwrap();
+    let seen = ws
+        .recv_until(Duration::from_secs(3), |m| {
+            matches!(m, Msg::PongResp(_) | Msg::Leave(_))
+        })
+        .await
+        .unwrap();
+    assert!(matches!(seen.last(), Some(Msg::PongResp(_))), "{seen:?}");
+    drop(hs1);
+}
