@@ -80,4 +80,54 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Audio forwarding: P publishers → S subscribers, Opus-sized packets at 50 pkt/s, against
+    /// Conclave, the raw sendto/sendmmsg/GSO limit and Janus VideoRoom.
+    Audio {
+        /// Publishers.
+        #[arg(long, default_value_t = 10)]
+        publishers: usize,
+        /// Subscribers (receive only).
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Payload bytes per packet.
+        #[arg(long, default_value_t = 80)]
+        payload_bytes: usize,
+        /// Common options.
+        #[command(flatten)]
+        common: crate::bench::scenario::CommonArgs,
+    },
+    /// Video conference: N participants each publish VP8-like frames and receive the N − 1
+    /// others.
+    Video {
+        /// Participants (each publishes one video track).
+        #[arg(long, default_value_t = 10)]
+        participants: usize,
+        /// Extra receive-only participants.
+        #[arg(long, default_value_t = 0)]
+        subscribers: usize,
+        /// Bitrate per publisher, kbit/s.
+        #[arg(long, default_value_t = 1000)]
+        bitrate_kbps: u32,
+        /// Frames per second.
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// Common options.
+        #[command(flatten)]
+        common: crate::bench::scenario::CommonArgs,
+    },
+    /// Livestream: one video publisher → S subscribers.
+    Livestream {
+        /// Subscribers (receive only).
+        #[arg(long, default_value_t = 300)]
+        subscribers: usize,
+        /// Bitrate, kbit/s.
+        #[arg(long, default_value_t = 1500)]
+        bitrate_kbps: u32,
+        /// Frames per second.
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// Common options.
+        #[command(flatten)]
+        common: crate::bench::scenario::CommonArgs,
+    },
 }

@@ -67,6 +67,8 @@ pub struct Config {
     pub calls: CallsConfig,
     /// The admin API.
     pub admin: AdminConfig,
+    /// Webhooks (LiveKit-compatible event notifications).
+    pub webhook: WebhookConfig,
     /// Whether `matrix.homeserver_url` was set (file or environment) rather than defaulted.
     #[serde(skip)]
     pub homeserver_configured: bool,
@@ -84,6 +86,7 @@ impl Default for Config {
             rtc: RtcConfig::default(),
             calls: CallsConfig::default(),
             admin: AdminConfig::default(),
+            webhook: WebhookConfig::default(),
             homeserver_configured: false,
         }
     }
@@ -230,6 +233,9 @@ pub struct RtcConfig {
     /// A signalling client silent this long (no message, not even a ping) is disconnected, in
     /// seconds. Default 30 (twice the ping timeout clients are told).
     pub signal_timeout_secs: u64,
+    /// Serve the LiveKit RoomService API (Twirp, `/twirp/livekit.RoomService/…`), authorised
+    /// by LiveKit JWTs with server grants. Default true.
+    pub twirp_enabled: bool,
 }
 
 impl Default for RtcConfig {
@@ -239,6 +245,7 @@ impl Default for RtcConfig {
             node_ips: Vec::new(),
             auto_create: None,
             signal_timeout_secs: 30,
+            twirp_enabled: true,
         }
     }
 }
@@ -269,6 +276,18 @@ impl Default for CallsConfig {
 pub struct AdminConfig {
     /// Bearer token of the admin API; the API is off when unset.
     pub token: Option<Secret>,
+}
+
+/// `[webhook]`: LiveKit-compatible webhooks (`room_started`, `participant_joined`, …).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// URLs every event is POSTed to. Default: none (webhooks off). From the environment
+    /// (`CONCLAVE_WEBHOOK__URLS`) a comma-separated list.
+    pub urls: Vec<String>,
+    /// API key the events are signed for (JWT `iss`); signed with `livekit.secret`.
+    /// Default: `livekit.key`.
+    pub api_key: Option<String>,
 }
 
 /// A configuration problem. Every variant names what to fix.
@@ -399,11 +418,20 @@ fn origin_of(from: &LoadedFrom, key: &str) -> String {
 }
 
 /// Types an environment value by the default's type at the same key, so `CONCLAVE_HTTP__BIND`
-/// stays a string and `CONCLAVE_RTC__UDP_PORT` becomes an integer.
+/// stays a string and `CONCLAVE_RTC__UDP_PORT` becomes an integer. Where the default is an
+/// array, a value not starting with `[` is a comma-separated list of strings
+/// (`CONCLAVE_WEBHOOK__URLS=http://a/hook,http://b/hook`).
 fn env_value(defaults: &toml::Table, path: &[String], raw: &str) -> toml::Value {
     let segments: Vec<&str> = path.iter().map(String::as_str).collect();
     match get_path(defaults, &segments) {
         Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        Some(toml::Value::Array(_)) if !raw.trim().starts_with('[') => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
         _ => {
             let trimmed = raw.trim();
             if let Ok(b) = trimmed.parse::<bool>() {
@@ -467,6 +495,7 @@ impl Config {
         "rtc",
         "calls",
         "admin",
+        "webhook",
     ];
 
     /// Checks what types alone cannot; reports every problem at once.
@@ -516,6 +545,15 @@ impl Config {
         if let Some(k) = &self.livekit.key {
             if k.trim().is_empty() {
                 problems.push("key `livekit.key`: value \"\": expected a non-empty API key".into());
+            }
+        }
+        for u in &self.webhook.urls {
+            check_url(&mut problems, "webhook.urls", u, &["http", "https"]);
+        }
+        if let Some(k) = &self.webhook.api_key {
+            if k.trim().is_empty() {
+                problems
+                    .push("key `webhook.api_key`: value \"\": expected a non-empty API key".into());
             }
         }
         if let Some(s) = &self.livekit.secret {
@@ -620,6 +658,36 @@ mod tests {
             from.env.get("http.bind").map(String::as_str),
             Some("CONCLAVE_HTTP__BIND")
         );
+    }
+
+    #[test]
+    fn comma_separated_env_lists_where_the_default_is_an_array() {
+        let (c, _) = load(
+            None,
+            env(&[
+                (
+                    "CONCLAVE_WEBHOOK__URLS",
+                    "http://127.0.0.1:1/a, https://hooks.example.org/b",
+                ),
+                ("CONCLAVE_RTC__NODE_IPS", "127.0.0.1,10.0.0.2"),
+                ("CONCLAVE_RTC__TWIRP_ENABLED", "false"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(
+            c.webhook.urls,
+            vec!["http://127.0.0.1:1/a", "https://hooks.example.org/b"]
+        );
+        assert_eq!(c.rtc.node_ips.len(), 2);
+        assert!(!c.rtc.twirp_enabled);
+        let (c, _) = load(
+            None,
+            env(&[("CONCLAVE_WEBHOOK__URLS", "[\"http://127.0.0.1:1/a\"]")]),
+        )
+        .expect("loads");
+        assert_eq!(c.webhook.urls, vec!["http://127.0.0.1:1/a"]);
+        let err = load(None, env(&[("CONCLAVE_WEBHOOK__URLS", "not a url")])).unwrap_err();
+        assert!(err.to_string().contains("webhook.urls"), "{err}");
     }
 
     #[test]

@@ -6,13 +6,14 @@
 
 pub mod admin;
 pub mod error;
+pub mod twirp;
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -64,8 +65,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(admin::post_remove),
         );
 
+    // LiveKit RoomService (Twirp); Twirp JSON errors, `bad_route` when off.
+    let twirp_routes = Router::new()
+        .route("/twirp/{service}/{method}", any(twirp::handle))
+        .route("/twirp/{*rest}", any(twirp::bad_route));
+
     Router::new()
         .merge(appservice_routes)
+        .merge(twirp_routes)
         .merge(admin_routes)
         .merge(token_routes)
         .merge(signal_routes)
@@ -94,10 +101,13 @@ async fn healthz() -> StatusCode {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], {
+        let mut text = state.metrics.render();
+        if let Some(sfu) = &state.sfu {
+            text.push_str(&sfu.stats.render());
+        }
+        text
+    })
 }
 
 /// Counts 5xx responses for `/metrics`.

@@ -14,6 +14,7 @@ pub mod secrets;
 pub mod sfu;
 pub mod signal;
 pub mod store;
+pub mod webhook;
 
 pub mod serve;
 

@@ -123,6 +123,57 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
                 };
                 write_stdout(&text)
             }
+            BenchCommand::Audio {
+                publishers,
+                subscribers,
+                payload_bytes,
+                common,
+            } => {
+                use crate::bench::scenario::{run_to_text, Kind};
+                let opts =
+                    common.options(Kind::Audio, publishers, subscribers, payload_bytes, 0, 0);
+                let text = run_to_text(opts, common.json)
+                    .await
+                    .map_err(|e| RunError::Io {
+                        context: "bench audio".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                write_stdout(&text)
+            }
+            BenchCommand::Video {
+                participants,
+                subscribers,
+                bitrate_kbps,
+                fps,
+                common,
+            } => {
+                use crate::bench::scenario::{run_to_text, Kind};
+                let opts =
+                    common.options(Kind::Video, participants, subscribers, 0, bitrate_kbps, fps);
+                let text = run_to_text(opts, common.json)
+                    .await
+                    .map_err(|e| RunError::Io {
+                        context: "bench video".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                write_stdout(&text)
+            }
+            BenchCommand::Livestream {
+                subscribers,
+                bitrate_kbps,
+                fps,
+                common,
+            } => {
+                use crate::bench::scenario::{run_to_text, Kind};
+                let opts = common.options(Kind::Livestream, 1, subscribers, 0, bitrate_kbps, fps);
+                let text = run_to_text(opts, common.json)
+                    .await
+                    .map_err(|e| RunError::Io {
+                        context: "bench livestream".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                write_stdout(&text)
+            }
         },
         Command::PrintDiscovery { config, json } => {
             let config = load_config(config.as_deref())?;
@@ -309,6 +360,9 @@ async fn serve(config: Config) -> Result<(), RunError> {
             state.clone(),
             sfu.subscribe_events(),
         ));
+    }
+    if let Some(sfu) = &state.sfu {
+        tokio::spawn(crate::webhook::run(state.clone(), sfu.subscribe_events()));
     }
     print_banner(&state.config, local);
     if state.config.appservice.ping_on_start {

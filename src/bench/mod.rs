@@ -2,13 +2,66 @@
 //!
 //! Every load loop is bounded in count and time and sends to loopback only.
 
+pub mod client;
+pub mod janus;
+pub mod limit;
+pub mod lk;
+pub mod scenario;
+pub mod server;
 pub mod tokens;
 
 use std::time::Duration;
 
+/// Why a media benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A system call or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The server under test could not be started or stopped answering.
+    #[error("server: {0}")]
+    Server(String),
+    /// LiveKit signalling failed (connect, join, unexpected close).
+    #[error("signalling: {0}")]
+    Signal(String),
+    /// Janus could not be installed, started or driven.
+    #[error("janus: {0}")]
+    Janus(String),
+    /// A WebRTC peer connection (str0m) refused an input or an SDP.
+    #[error("webrtc: {0}")]
+    Rtc(String),
+    /// Something did not happen within its time bound.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The options make no sense (e.g. a non-loopback URL).
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+impl BenchError {
+    /// An [`BenchError::Io`] with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
 /// CPU time (user + system) consumed by this process so far, from `/proc/self/stat`.
 pub fn process_cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    proc_cpu_time("self")
+}
+
+/// CPU time (user + system, all threads) of process `pid` (a number or `self`), from
+/// `/proc/<pid>/stat`.
+pub fn proc_cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -18,6 +71,16 @@ pub fn process_cpu_time() -> Option<Duration> {
     Some(Duration::from_secs_f64(
         (utime + stime) as f64 / ticks as f64,
     ))
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn proc_rss_kb(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -44,6 +107,11 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), Duration::from_millis(51));
         assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
         assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn rss_is_readable() {
+        assert!(proc_rss_kb("self").expect("/proc/self/status") > 0);
     }
 
     #[test]

@@ -57,6 +57,78 @@ pub enum LoopRequest {
         /// Reply.
         reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
     },
+    /// The live part of a room's info (RoomService), `None` when nobody is connected.
+    Room {
+        /// Room name.
+        room: String,
+        /// Reply.
+        reply: oneshot::Sender<Option<livekit_protocol::Room>>,
+    },
+    /// One participant's info (RoomService), `None` when absent.
+    Participant {
+        /// Room name.
+        room: String,
+        /// Identity.
+        identity: String,
+        /// Reply.
+        reply: oneshot::Sender<Option<livekit_protocol::ParticipantInfo>>,
+    },
+}
+
+/// Media-path counters, published by the loop (relaxed atomics, read by `/metrics`).
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Datagrams received.
+    pub datagrams: AtomicU64,
+    /// Dropped: unknown ufrag or address.
+    pub dropped_unknown_peer: AtomicU64,
+    /// Dropped: unparseable.
+    pub dropped_invalid: AtomicU64,
+    /// Refused by their peer connection.
+    pub rejected_by_peer: AtomicU64,
+    /// Datagrams the kernel would not take at once (dropped, never waited for).
+    pub dropped_sends: AtomicU64,
+}
+
+impl NetStats {
+    /// Prometheus text for these counters.
+    pub fn render(&self) -> String {
+        let rows = [
+            (
+                "conclave_media_datagrams_total",
+                "Datagrams received on the media port.",
+                &self.datagrams,
+            ),
+            (
+                "conclave_media_dropped_unknown_peer_total",
+                "Datagrams dropped: unknown ICE ufrag or source address.",
+                &self.dropped_unknown_peer,
+            ),
+            (
+                "conclave_media_dropped_invalid_total",
+                "Datagrams dropped: not STUN, DTLS, RTP or RTCP.",
+                &self.dropped_invalid,
+            ),
+            (
+                "conclave_media_rejected_total",
+                "Datagrams refused by their peer connection.",
+                &self.rejected_by_peer,
+            ),
+            (
+                "conclave_media_send_dropped_total",
+                "Datagrams not sent because the socket was full.",
+                &self.dropped_sends,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
 }
 
 /// Handle to the running loop, shared by signalling sessions and the admin API.
@@ -67,6 +139,8 @@ pub struct SfuHandle {
     events: broadcast::Sender<SfuEvent>,
     /// The media addresses (host candidates).
     pub addresses: Arc<Vec<SocketAddr>>,
+    /// Media-path counters.
+    pub stats: Arc<NetStats>,
 }
 
 impl SfuHandle {
@@ -96,6 +170,37 @@ impl SfuHandle {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// The live part of `room`'s info (SID, creation time, counts), if anybody is connected.
+    pub async fn room_info(&self, room: &str) -> Option<livekit_protocol::Room> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Room {
+            room: room.to_owned(),
+            reply,
+        };
+        if !self.send(req).await {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
+    /// Participant `identity` of `room` right now.
+    pub async fn participant(
+        &self,
+        room: &str,
+        identity: &str,
+    ) -> Option<livekit_protocol::ParticipantInfo> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Participant {
+            room: room.to_owned(),
+            identity: identity.to_owned(),
+            reply,
+        };
+        if !self.send(req).await {
+            return None;
+        }
+        rx.await.ok().flatten()
     }
 }
 
@@ -146,13 +251,15 @@ pub fn start(
         },
         Instant::now(),
     );
+    let stats = Arc::new(NetStats::default());
     let handle = SfuHandle {
+        stats: stats.clone(),
         tx,
         next_session: Arc::new(AtomicU64::new(1)),
         events: events.clone(),
         addresses: Arc::new(addresses),
     };
-    tokio::spawn(run(sfu, sockets, rx, registry, events));
+    tokio::spawn(run(sfu, sockets, rx, registry, events, stats));
     Ok(handle)
 }
 
@@ -171,6 +278,7 @@ struct Loop {
     registry: Arc<RoomRegistry>,
     events: broadcast::Sender<SfuEvent>,
     dropped_sends: u64,
+    stats: Arc<NetStats>,
 }
 
 impl Loop {
@@ -180,6 +288,20 @@ impl Loop {
         loop {
             match self.sfu.poll_output() {
                 Output::Timeout(t) => {
+                    let s = self.sfu.stats();
+                    self.stats.datagrams.store(s.datagrams, Ordering::Relaxed);
+                    self.stats
+                        .dropped_unknown_peer
+                        .store(s.dropped_unknown_peer, Ordering::Relaxed);
+                    self.stats
+                        .dropped_invalid
+                        .store(s.dropped_invalid, Ordering::Relaxed);
+                    self.stats
+                        .rejected_by_peer
+                        .store(s.rejected_by_peer, Ordering::Relaxed);
+                    self.stats
+                        .dropped_sends
+                        .store(self.dropped_sends, Ordering::Relaxed);
                     for s in overloaded {
                         tracing::warn!(session = s, "session queue full; disconnecting it");
                         self.sinks.remove(&s);
@@ -232,6 +354,21 @@ impl Loop {
         }
     }
 
+    /// Whether `join` would exceed its room's `max_participants` (RoomService `CreateRoom`); an
+    /// identity already in the room replaces itself and always fits.
+    fn room_full(&self, join: &Command, now: Instant) -> bool {
+        let Command::Join { room, identity, .. } = join else {
+            return false;
+        };
+        let max = self
+            .registry
+            .get(room, now)
+            .map_or(0, |r| r.options.max_participants);
+        max > 0
+            && self.sfu.participant_count(room) >= max as usize
+            && self.sfu.participant_info(room, identity).is_none()
+    }
+
     fn request(&mut self, req: LoopRequest) {
         let now = Instant::now();
         self.sfu.set_unix_time(unix_now());
@@ -242,11 +379,26 @@ impl Loop {
                 sink,
                 join,
             } => {
+                if self.room_full(&join, now) {
+                    // Dropping the sink fails the session's join wait (the client is refused).
+                    tracing::info!(session, "room full (max_participants); join refused");
+                    return;
+                }
                 self.sinks.insert(session, sink);
                 self.sfu.handle_command(now, join);
             }
             LoopRequest::Participants { room, reply } => {
                 let _ = reply.send(self.sfu.participants(&room));
+            }
+            LoopRequest::Room { room, reply } => {
+                let _ = reply.send(self.sfu.room_info(&room));
+            }
+            LoopRequest::Participant {
+                room,
+                identity,
+                reply,
+            } => {
+                let _ = reply.send(self.sfu.participant_info(&room, &identity));
             }
         }
     }
@@ -258,8 +410,10 @@ async fn run(
     mut rx: mpsc::Receiver<LoopRequest>,
     registry: Arc<RoomRegistry>,
     events: broadcast::Sender<SfuEvent>,
+    stats: Arc<NetStats>,
 ) {
     let mut lp = Loop {
+        stats,
         sfu,
         sockets,
         sinks: HashMap::new(),

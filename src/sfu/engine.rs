@@ -15,6 +15,9 @@ use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
 
 use super::ids::{Ids, PARTICIPANT_PREFIX, ROOM_PREFIX, TRACK_PREFIX};
 use super::rewrite::Timeline;
+use super::simulcast::{self, Layers};
+
+mod admin;
 
 /// Identifies one signalling session (one WebSocket, one participant).
 pub type SessionId = u64;
@@ -33,6 +36,19 @@ const SPEAKER_INTERVAL: Duration = Duration::from_millis(500);
 const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Minimum gap between keyframe requests to one publisher track.
 const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
+
+/// Datagram counters (exported at `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SfuStats {
+    /// Datagrams handed to the engine.
+    pub datagrams: u64,
+    /// Dropped: unknown ICE ufrag, or from an address that never completed ICE.
+    pub dropped_unknown_peer: u64,
+    /// Dropped: not STUN, DTLS, RTP or RTCP.
+    pub dropped_invalid: u64,
+    /// Refused by the peer connection they were routed to.
+    pub rejected_by_peer: u64,
+}
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -189,6 +205,69 @@ pub enum Command {
         /// `DisconnectReason` shown to the client.
         reason: i32,
     },
+    /// Server-initiated (un)mute of a published track (RoomService `MutePublishedTrack`): the
+    /// track info changes for everyone and the publisher gets a `mute` message.
+    MuteTrack {
+        /// Room name.
+        room: String,
+        /// The publisher's identity.
+        identity: String,
+        /// The track.
+        track_sid: String,
+        /// Muted or not.
+        muted: bool,
+    },
+    /// Changes a participant (RoomService `UpdateParticipant`); empty strings keep a field, an
+    /// empty attribute value deletes the attribute.
+    UpdateParticipant {
+        /// Room name.
+        room: String,
+        /// Identity.
+        identity: String,
+        /// New metadata.
+        metadata: String,
+        /// New display name.
+        name: String,
+        /// Attributes to set or (empty value) delete.
+        attributes: HashMap<String, String>,
+        /// New permissions.
+        permission: Option<lk::ParticipantPermission>,
+    },
+    /// Subscribes a participant to tracks or unsubscribes it (RoomService
+    /// `UpdateSubscriptions`).
+    UpdateSubscriptions {
+        /// Room name.
+        room: String,
+        /// Identity.
+        identity: String,
+        /// Track SIDs.
+        track_sids: Vec<String>,
+        /// Subscribe (true) or unsubscribe.
+        subscribe: bool,
+    },
+    /// A data packet from the server (RoomService `SendData`) to the packet's
+    /// `destination_identities`, or to everyone when empty.
+    SendData {
+        /// Room name.
+        room: String,
+        /// The packet, sent as is.
+        packet: Box<lk::DataPacket>,
+        /// Over `_reliable` (else `_lossy`).
+        reliable: bool,
+    },
+    /// Sends `room_update` with this info (its live fields filled in) to every participant
+    /// (RoomService `UpdateRoomMetadata`).
+    UpdateRoom {
+        /// Room name.
+        room: String,
+        /// The room info (metadata and lifetime settings from the registry).
+        info: Box<lk::Room>,
+    },
+    /// Removes every participant of a room with `ROOM_DELETED` (RoomService `DeleteRoom`).
+    DeleteRoom {
+        /// Room name.
+        room: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,6 +298,10 @@ struct OutTrack {
     wanted_rid: Option<Rid>,
     waiting_keyframe: bool,
     disabled: bool,
+    /// Highest quality the subscriber asked for (`update_track_settings`).
+    max_quality: i32,
+    /// Whether the subscriber was told the stream is paused.
+    paused: bool,
 }
 
 impl OutTrack {
@@ -239,7 +322,9 @@ struct Track {
     cid: String,
     kind: MediaKind,
     mid: Option<Mid>,
-    rids: Vec<Rid>,
+    layers: Layers,
+    /// Last dynacast state sent to the publisher (LOW, MEDIUM, HIGH enabled).
+    sent_qualities: Option<[bool; 3]>,
     last_keyframe_request: Option<Instant>,
 }
 
@@ -297,6 +382,7 @@ pub struct Sfu {
     next_quality: Option<Instant>,
     unix_now: i64,
     last_now: Instant,
+    stats: SfuStats,
 }
 
 fn msg(m: Msg) -> SignalOut {
@@ -337,7 +423,13 @@ impl Sfu {
             next_quality: None,
             unix_now: 0,
             last_now: now,
+            stats: SfuStats::default(),
         }
+    }
+
+    /// Datagram counters so far.
+    pub fn stats(&self) -> SfuStats {
+        self.stats
     }
 
     /// Sets the wall clock (Unix seconds) used for `joined_at` and room creation times.
@@ -435,6 +527,12 @@ impl Sfu {
                     self.leave(now, session, reason, true);
                 }
             }
+            admin @ (Command::MuteTrack { .. }
+            | Command::UpdateParticipant { .. }
+            | Command::UpdateSubscriptions { .. }
+            | Command::SendData { .. }
+            | Command::UpdateRoom { .. }
+            | Command::DeleteRoom { .. }) => self.admin_command(now, admin),
         }
     }
 
@@ -447,30 +545,32 @@ impl Sfu {
         packet: &[u8],
     ) {
         self.last_now = now;
-        let target = match super::stun::local_ufrag(packet) {
-            Some(ufrag) => match self.by_ufrag.get(ufrag).copied() {
-                Some(t) => {
-                    self.by_addr.insert(source, t);
-                    Some(t)
-                }
-                None => None,
-            },
+        self.stats.datagrams += 1;
+        let stun_ufrag = super::stun::local_ufrag(packet);
+        let target = match stun_ufrag {
+            Some(ufrag) => self.by_ufrag.get(ufrag).copied(),
             None => self.by_addr.get(&source).copied(),
         };
         let Some((session, kind)) = target else {
-            tracing::trace!(%source, len = packet.len(), "datagram for no peer connection");
+            // Unknown ufrag, or not STUN from an address that never did ICE: one hash lookup.
+            self.stats.dropped_unknown_peer += 1;
             return;
         };
         let Ok(receive) = Receive::new(Protocol::Udp, source, destination, packet) else {
-            tracing::debug!(%source, "unparseable datagram dropped");
+            self.stats.dropped_invalid += 1;
             return;
         };
         let failed = match self.pc_mut(session, kind) {
             Some(pc) => pc.rtc.handle_input(Input::Receive(now, receive)).is_err(),
-            None => false,
+            None => true,
         };
         if failed {
+            self.stats.rejected_by_peer += 1;
             tracing::debug!(session, "peer connection rejected input");
+        } else if stun_ufrag.is_some() {
+            // Learn the address from STUN carrying this connection's ufrag that it took
+            // without error (str0m verifies message integrity before answering).
+            self.by_addr.insert(source, (session, kind));
         }
         self.drain(now, session);
     }
@@ -1056,7 +1156,14 @@ impl Sfu {
             cid: req.cid.clone(),
             kind,
             mid: None,
-            rids: Vec::new(),
+            layers: Layers::from_request(if req.layers.is_empty() {
+                req.simulcast_codecs
+                    .first()
+                    .map_or(&[][..], |c| c.layers.as_slice())
+            } else {
+                &req.layers
+            }),
+            sent_qualities: None,
             last_keyframe_request: None,
         };
         // Media may already be there (offer before add_track).
@@ -1174,23 +1281,166 @@ impl Sfu {
     }
 
     fn track_settings(&mut self, now: Instant, session: SessionId, s: lk::UpdateTrackSettings) {
+        // Dimensions map to a quality through the publisher's announced layers.
+        let mut wanted: Vec<(String, i32)> = Vec::new();
+        for sid in &s.track_sids {
+            let quality = if s.width > 0 || s.height > 0 {
+                self.track(sid)
+                    .map_or(simulcast::HIGH, |t| t.layers.quality_for(s.width, s.height))
+            } else {
+                s.quality.clamp(simulcast::LOW, simulcast::HIGH)
+            };
+            wanted.push((sid.clone(), quality));
+        }
+        #[allow(deprecated)]
+        let off = s.disabled || s.quality == lk::VideoQuality::Off as i32;
         let mut keyframes = Vec::new();
         if let Some(p) = self.participant_mut(session) {
-            for o in p
-                .outs
-                .iter_mut()
-                .filter(|o| s.track_sids.contains(&o.track_sid))
-            {
-                let was_disabled = o.disabled;
-                o.disabled = s.disabled;
-                if was_disabled && !s.disabled {
-                    o.waiting_keyframe = true;
-                    keyframes.push((o.publisher, o.track_sid.clone()));
+            for (sid, quality) in wanted {
+                for o in p.outs.iter_mut().filter(|o| o.track_sid == sid) {
+                    let was_disabled = o.disabled;
+                    o.disabled = off;
+                    let changed = o.max_quality != quality;
+                    o.max_quality = quality;
+                    if o.kind == MediaKind::Video && ((was_disabled && !off) || changed) {
+                        if was_disabled {
+                            o.waiting_keyframe = true;
+                        }
+                        keyframes.push((o.publisher, o.track_sid.clone()));
+                    }
                 }
             }
         }
         for (publisher, track) in keyframes {
-            self.request_keyframe(now, publisher, &track, None);
+            self.request_keyframe_for_subscribers(now, publisher, &track);
+        }
+        self.update_layers(now);
+    }
+
+    /// A published track by SID.
+    fn track(&self, track_sid: &str) -> Option<&Track> {
+        self.rooms.values().find_map(|r| {
+            r.participants
+                .values()
+                .find_map(|p| p.tracks.iter().find(|t| t.info.sid == track_sid))
+        })
+    }
+
+    /// Asks the publisher for keyframes of the layers its subscribers now want.
+    fn request_keyframe_for_subscribers(&mut self, now: Instant, publisher: SessionId, sid: &str) {
+        let mut rids: Vec<Option<Rid>> = Vec::new();
+        if let Some(room_name) = self.sessions.get(&publisher).cloned() {
+            if let Some(room) = self.rooms.get(&room_name) {
+                let layers = room
+                    .participants
+                    .get(&publisher)
+                    .and_then(|p| p.tracks.iter().find(|t| t.info.sid == sid))
+                    .map(|t| &t.layers);
+                for p in room.participants.values() {
+                    for o in p.outs.iter().filter(|o| o.track_sid == sid && !o.disabled) {
+                        let rid = layers.and_then(|l| l.choose(o.max_quality, now));
+                        if !rids.contains(&rid) {
+                            rids.push(rid);
+                        }
+                    }
+                }
+            }
+        }
+        for rid in rids {
+            // Separate layers are separate requests; the throttle is per track, so clear it.
+            if let Some(t) = self
+                .participant_mut(publisher)
+                .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == sid))
+            {
+                t.last_keyframe_request = None;
+            }
+            self.request_keyframe(now, publisher, sid, rid);
+        }
+    }
+
+    /// Dynacast and stream state: tells publishers which simulcast qualities anyone watches,
+    /// and subscribers when a stream they get stopped or resumed.
+    // `subscribed_qualities` is deprecated in favour of `subscribed_codecs` but older clients
+    // still read it; both are filled.
+    #[allow(deprecated)]
+    fn update_layers(&mut self, now: Instant) {
+        for room in self.rooms.values_mut() {
+            // What subscribers want of each video track, and whether it is alive.
+            let mut wants: Vec<(SessionId, String, Option<i32>, bool)> = Vec::new();
+            for p in room.participants.values() {
+                for t in p.tracks.iter().filter(|t| t.kind == MediaKind::Video) {
+                    let max = room
+                        .participants
+                        .values()
+                        .flat_map(|s| s.outs.iter())
+                        .filter(|o| o.track_sid == t.info.sid && !o.disabled)
+                        .map(|o| o.max_quality)
+                        .max();
+                    wants.push((p.session, t.info.sid.clone(), max, t.layers.any_alive(now)));
+                }
+            }
+            for (publisher, sid, max, alive) in wants {
+                let Some(p) = room.participants.get_mut(&publisher) else {
+                    continue;
+                };
+                if let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == sid) {
+                    let enabled = simulcast::enabled_qualities(max);
+                    if t.layers.is_simulcast() && t.sent_qualities != Some(enabled) {
+                        t.sent_qualities = Some(enabled);
+                        let qualities: Vec<lk::SubscribedQuality> = enabled
+                            .iter()
+                            .enumerate()
+                            .map(|(q, on)| lk::SubscribedQuality {
+                                quality: q as i32,
+                                enabled: *on,
+                            })
+                            .collect();
+                        let codec = t
+                            .info
+                            .mime_type
+                            .split('/')
+                            .nth(1)
+                            .unwrap_or("vp8")
+                            .to_ascii_lowercase();
+                        let update = Msg::SubscribedQualityUpdate(lk::SubscribedQualityUpdate {
+                            track_sid: sid.clone(),
+                            subscribed_qualities: qualities.clone(),
+                            subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
+                        });
+                        tracing::info!(
+                            track = %sid,
+                            low = enabled[0],
+                            medium = enabled[1],
+                            high = enabled[2],
+                            "dynacast: publisher told which layers to send"
+                        );
+                        self.out.push_back(Output::Signal(publisher, msg(update)));
+                    }
+                }
+                let publisher_sid = p.info.sid.clone();
+                for s in room.participants.values_mut() {
+                    let session = s.session;
+                    for o in s.outs.iter_mut().filter(|o| o.track_sid == sid) {
+                        let paused = !alive || o.disabled;
+                        if paused != o.paused && matches!(o.state, OutState::Open(_)) {
+                            o.paused = paused;
+                            let state = if paused {
+                                lk::StreamState::Paused
+                            } else {
+                                lk::StreamState::Active
+                            };
+                            let m = Msg::StreamStateUpdate(lk::StreamStateUpdate {
+                                stream_states: vec![lk::StreamStateInfo {
+                                    participant_sid: publisher_sid.clone(),
+                                    track_sid: sid.clone(),
+                                    state: state as i32,
+                                }],
+                            });
+                            self.out.push_back(Output::Signal(session, msg(m)));
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -1455,10 +1705,9 @@ impl Sfu {
                                 if let Some(t) =
                                     p.tracks.iter_mut().find(|t| t.mid == Some(data.mid))
                                 {
-                                    if let Some(rid) = data.rid {
-                                        if !t.rids.contains(&rid) {
-                                            t.rids.push(rid);
-                                        }
+                                    match data.rid {
+                                        Some(rid) => t.layers.saw(rid, now),
+                                        None => t.layers.saw_plain(now),
                                     }
                                     if t.kind == MediaKind::Audio {
                                         if let Some(level) = data.ext_vals.audio_level {
@@ -1572,15 +1821,15 @@ impl Sfu {
         let Some(room) = self.rooms.get_mut(&room_name) else {
             return Vec::new();
         };
-        // The best layer the publisher sends now.
-        let best_rid = room
+        // Borrow the publisher's layer table while walking the subscribers (no copy).
+        let mut layers = room
             .participants
-            .get(&f.publisher)
-            .and_then(|p| p.tracks.iter().find(|t| t.info.sid == f.track_sid))
-            .and_then(|t| t.rids.iter().max_by_key(|r| rid_rank(r)).copied());
-        tracing::debug!(track = %f.track_sid, rid = ?f.data.rid, keyframe = f.keyframe, ?best_rid, "forward");
+            .get_mut(&f.publisher)
+            .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == f.track_sid))
+            .map(|t| std::mem::take(&mut t.layers))
+            .unwrap_or_default();
         let mut touched = Vec::new();
-        let mut keyframes = false;
+        let mut keyframe_of: Option<Option<Rid>> = None;
         let source_key = f.data.rid.map_or(0, |r| u64::from(rid_rank(&r))) + 1;
         for p in room.participants.values_mut() {
             if p.session == f.publisher {
@@ -1596,27 +1845,24 @@ impl Sfu {
                 continue;
             }
             if f.data.rid.is_some() {
-                o.wanted_rid = best_rid;
+                o.wanted_rid = layers.choose(o.max_quality, now);
                 if o.current_rid != f.data.rid {
-                    // Switch only onto a keyframe of the wanted layer.
+                    // Switch only onto a keyframe of the wanted layer; until then the current
+                    // layer keeps flowing.
                     if f.data.rid == o.wanted_rid && f.keyframe {
                         o.current_rid = f.data.rid;
                         o.waiting_keyframe = false;
                     } else {
                         if f.data.rid == o.wanted_rid {
-                            keyframes = true;
+                            keyframe_of = Some(o.wanted_rid);
                         }
                         continue;
                     }
                 }
             }
             if o.kind == MediaKind::Video && o.waiting_keyframe {
-                tracing::trace!(
-                    keyframe = f.keyframe,
-                    "video frame while waiting for a keyframe"
-                );
                 if !f.keyframe {
-                    keyframes = true;
+                    keyframe_of = Some(f.data.rid);
                     continue;
                 }
                 o.waiting_keyframe = false;
@@ -1637,8 +1883,15 @@ impl Sfu {
             }
             touched.push(p.session);
         }
-        if keyframes {
-            self.request_keyframe(now, f.publisher, &f.track_sid, best_rid);
+        if let Some(t) = room
+            .participants
+            .get_mut(&f.publisher)
+            .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == f.track_sid))
+        {
+            std::mem::swap(&mut t.layers, &mut layers);
+        }
+        if let Some(rid) = keyframe_of {
+            self.request_keyframe(now, f.publisher, &f.track_sid, rid);
         }
         touched
     }
@@ -1668,7 +1921,7 @@ impl Sfu {
             return;
         };
         t.last_keyframe_request = Some(now);
-        let rid = rid.or_else(|| t.rids.iter().max_by_key(|r| rid_rank(r)).copied());
+        let rid = rid.or_else(|| t.layers.choose(simulcast::HIGH, now));
         if let Some(mut w) = p.publisher.rtc.writer(mid) {
             if let Err(e) = w.request_keyframe(rid, KeyframeRequestKind::Pli) {
                 tracing::debug!(error = %e, "keyframe request failed");
@@ -1731,6 +1984,7 @@ impl Sfu {
 
     fn update_speakers(&mut self, now: Instant) {
         self.next_speakers = Some(now + SPEAKER_INTERVAL);
+        self.update_layers(now);
         for room in self.rooms.values_mut() {
             let mut changed = Vec::new();
             for p in room.participants.values_mut() {
@@ -1836,6 +2090,8 @@ fn new_out(publisher: &Participant, t: &Track) -> OutTrack {
         wanted_rid: None,
         waiting_keyframe: t.kind == MediaKind::Video,
         disabled: false,
+        max_quality: simulcast::HIGH,
+        paused: false,
     }
 }
 
@@ -2429,5 +2685,80 @@ mod tests {
             *id == to
                 && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| !p.tracks.is_empty()))
         })
+    }
+
+    /// Hostile media input: seeded random and mutated datagrams (garbage, truncated or
+    /// oversized STUN/DTLS/RTP/RTCP, STUN with unknown and known ufrags, RTP from addresses that
+    /// never did ICE) never panic and are counted.
+    #[test]
+    fn hostile_datagrams_are_dropped_and_counted() {
+        use rand::{Rng, SeedableRng};
+        let now = Instant::now();
+        let mut s = sfu(now);
+        join(&mut s, now, 1, "alice");
+        let (msgs, _, _) = drain(&mut s);
+        let ufrag = msgs
+            .iter()
+            .find_map(|(_, m)| match m {
+                Msg::Offer(o) => o
+                    .sdp
+                    .lines()
+                    .find_map(|l| l.strip_prefix("a=ice-ufrag:").map(str::to_owned)),
+                _ => None,
+            })
+            .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let server: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        let mut stun = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+        stun.extend_from_slice(&[9; 12]);
+        let user = format!("{ufrag}:evil");
+        stun.extend_from_slice(&[0x00, 0x06, 0x00, user.len() as u8]);
+        stun.extend_from_slice(user.as_bytes());
+        while stun.len() % 4 != 0 {
+            stun.push(0);
+        }
+        let len = (stun.len() - 20) as u16;
+        stun[2..4].copy_from_slice(&len.to_be_bytes());
+        for i in 0..100_000u32 {
+            let source = SocketAddr::from(([10, 0, (i % 7) as u8, 1], 4000 + (i % 13) as u16));
+            let mut packet: Vec<u8> = match i % 5 {
+                0 => stun.clone(),
+                1 => (0..rng.gen_range(0..1600)).map(|_| rng.gen()).collect(),
+                2 => {
+                    let mut p = vec![0x80u8, 96];
+                    p.extend((0..rng.gen_range(0..300)).map(|_| rng.gen::<u8>()));
+                    p
+                }
+                3 => {
+                    let mut p = vec![22u8, 0xfe, 0xfd];
+                    p.extend((0..rng.gen_range(0..200)).map(|_| rng.gen::<u8>()));
+                    p
+                }
+                _ => vec![0x81, 200],
+            };
+            // Mutate a few bytes, and sometimes truncate.
+            for _ in 0..rng.gen_range(0..4) {
+                if !packet.is_empty() {
+                    let at = rng.gen_range(0..packet.len());
+                    packet[at] = rng.gen();
+                }
+            }
+            if rng.gen_bool(0.1) {
+                packet.truncate(rng.gen_range(0..=packet.len()));
+            }
+            s.handle_datagram(now, source, server, &packet);
+            let _ = drain(&mut s);
+        }
+        let st = s.stats();
+        assert_eq!(st.datagrams, 100_000);
+        // Traffic from addresses that never sent STUN with a known ufrag is dropped before
+        // any parsing; the rest reaches str0m, which ignores what does not verify.
+        assert!(st.dropped_unknown_peer > 20_000, "{st:?}");
+        assert!(st.dropped_invalid > 0, "{st:?}");
+        assert_eq!(
+            s.participant_count("room"),
+            1,
+            "the participant is unharmed"
+        );
     }
 }

@@ -18,6 +18,9 @@ mod engine;
 pub mod ids;
 pub mod registry;
 pub mod rewrite;
+pub mod simulcast;
 pub mod stun;
 
-pub use engine::{Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut, Transmit};
+pub use engine::{
+    Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut, Transmit,
+};

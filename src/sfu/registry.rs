@@ -126,6 +126,17 @@ impl RoomRegistry {
         self.with(|rooms| rooms.remove(name).is_some())
     }
 
+    /// Sets the metadata of `name`; returns whether the room exists.
+    pub fn set_metadata(&self, name: &str, metadata: &str) -> bool {
+        self.with(|rooms| match rooms.get_mut(name) {
+            Some(r) => {
+                r.metadata = metadata.to_owned();
+                true
+            }
+            None => false,
+        })
+    }
+
     /// A participant connected to `name`.
     pub fn participant_joined(&self, name: &str) {
         self.with(|rooms| {

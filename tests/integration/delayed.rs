@@ -187,3 +187,34 @@ async fn connected_client_keeps_its_call_member_alive() {
     assert!(c.logs().contains("delayed leave sent"), "{}", c.logs());
     drop(hs1);
 }
+
+#[tokio::test]
+async fn reconnecting_client_keeps_its_call_member() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 600_000).await;
+    let (s, t) = get_token(&c, &alice, &room, &delay_id, 600_000).await;
+    assert_eq!(s, 200, "{t}");
+    let jwt = t["jwt"].as_str().unwrap();
+    let mut first = WsClient::connect(&c.ws_url(), jwt, "").await.unwrap();
+    expect_join(&mut first).await.unwrap();
+
+    // The same identity joins again (a full reconnect): the old session is replaced with
+    // DUPLICATE_IDENTITY, which must not count as leaving the call.
+    let mut second = WsClient::connect(&c.ws_url(), jwt, "").await.unwrap();
+    expect_join(&mut second).await.unwrap();
+    assert!(first.closed_within(Duration::from_secs(2)).await);
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let content = alice.get_state(&room, CALL_MEMBER, &key).await.unwrap();
+    assert_eq!(content["application"], "m.call", "{content}");
+
+    // The new session's connection ending does clear it.
+    drop(second);
+    alice
+        .wait_for_state(&room, CALL_MEMBER, &key, Duration::from_secs(5), is_empty)
+        .await
+        .unwrap();
+    drop(hs1);
+}

@@ -26,3 +26,5 @@ mod calls;
 mod media;
 // MSC4140 delayed leaves driven by the SFU connection.
 mod delayed;
+// Chromium + livekit-client through the SFU.
+mod browser;

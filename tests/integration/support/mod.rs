@@ -6,3 +6,4 @@ pub mod lk_clients;
 pub mod lk_ws;
 pub mod matrix_client;
 pub mod synapse;
+pub mod web;

@@ -1,0 +1,723 @@
+//! Synthetic WebRTC clients: str0m peer connections on loopback UDP sockets that publish
+//! Opus-sized or VP8-like frames carrying their send time, and receive and account for the
+//! frames an SFU forwards to them.
+//!
+//! One tokio task per participant owns its peer connections (one UDP socket each: the SFU
+//! demultiplexes non-STUN traffic by source address, so peer connections cannot share one)
+//! and its signalling. Everything that is measured goes into one [`Shared`] of atomics.
+//!
+//! Frame payload (little endian), after one VP8 payload-header byte for video (`0x00`
+//! keyframe, `0x01` interframe: the P bit str0m's depacketizer reads):
+//! `MAGIC u32 | publisher u32 | seq u32 | send time u64 (ns since the bench epoch) | zeros`.
+//! str0m depacketizes and repacketizes frames, so the send time travels inside the frame.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+
+use super::BenchError;
+
+/// Marks a benchmark frame.
+pub const MAGIC: u32 = 0xC0C1_A7E0;
+/// Bytes of the frame header after the optional VP8 byte.
+const HEADER: usize = 20;
+/// Histogram bucket width.
+const BUCKET: Duration = Duration::from_micros(10);
+/// Histogram range (later samples land in the last bucket).
+const BUCKETS: usize = 50_000; // 500 ms
+/// Datagrams read per socket wake-up before yielding.
+const READ_BATCH: usize = 64;
+
+/// A latency histogram with 10 µs buckets, shared by every client.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Adds one sample.
+    pub fn record(&self, d: Duration) {
+        let i = (d.as_nanos() / BUCKET.as_nanos()).min(BUCKETS as u128 - 1) as usize;
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The `q`-quantile (upper edge of its bucket), `None` without samples.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((n as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(BUCKET * (i as u32 + 1));
+            }
+        }
+        Some(BUCKET * BUCKETS as u32)
+    }
+}
+
+/// Counters and switches shared by the orchestrator and every client of one run.
+pub struct Shared {
+    epoch: Instant,
+    /// Publishers send frames only while this is set.
+    pub media_on: AtomicBool,
+    /// Measurement window, ns since the epoch (frames are attributed by their send time).
+    pub window_start_ns: AtomicU64,
+    /// End of the window (exclusive).
+    pub window_end_ns: AtomicU64,
+    /// RTP datagrams received by subscriber peer connections.
+    pub rx_rtp: AtomicU64,
+    /// Their bytes (UDP payload).
+    pub rx_rtp_bytes: AtomicU64,
+    /// Frames received whose send time is inside the window.
+    pub rx_frames_window: AtomicU64,
+    /// Frames each publisher sent inside the window.
+    pub sent_window: Vec<AtomicU64>,
+    /// Publishers whose track is negotiated and connected.
+    pub pub_ready: AtomicUsize,
+    /// Receivers connected with every expected track negotiated.
+    pub sub_ready: AtomicUsize,
+    /// Clients that failed.
+    pub failed: AtomicUsize,
+    /// The first failure messages.
+    pub failures: Mutex<Vec<String>>,
+    /// Datagrams the kernel would not take from a client.
+    pub tx_drops: AtomicU64,
+    /// Latency of frames sent inside the window.
+    pub latency: Histogram,
+    /// Join times (token → first remote frame) of the join probes.
+    pub joins: Mutex<Vec<Duration>>,
+}
+
+impl Shared {
+    /// Fresh counters for `publishers` publishers.
+    pub fn new(publishers: usize) -> Self {
+        Self {
+            epoch: Instant::now(),
+            media_on: AtomicBool::new(false),
+            window_start_ns: AtomicU64::new(u64::MAX),
+            window_end_ns: AtomicU64::new(u64::MAX),
+            rx_rtp: AtomicU64::new(0),
+            rx_rtp_bytes: AtomicU64::new(0),
+            rx_frames_window: AtomicU64::new(0),
+            sent_window: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+            pub_ready: AtomicUsize::new(0),
+            sub_ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            failures: Mutex::new(Vec::new()),
+            tx_drops: AtomicU64::new(0),
+            latency: Histogram::default(),
+            joins: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Nanoseconds since the epoch.
+    pub fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Sets the measurement window.
+    pub fn set_window(&self, start: Instant, end: Instant) {
+        self.window_start_ns.store(self.ns(start), Ordering::SeqCst);
+        self.window_end_ns.store(self.ns(end), Ordering::SeqCst);
+    }
+
+    fn in_window(&self, ns: u64) -> bool {
+        ns >= self.window_start_ns.load(Ordering::Relaxed)
+            && ns < self.window_end_ns.load(Ordering::Relaxed)
+    }
+
+    /// Records a client failure.
+    pub fn fail(&self, who: &str, e: &BenchError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut f) = self.failures.lock() {
+            if f.len() < 5 {
+                f.push(format!("{who}: {e}"));
+            }
+        }
+    }
+}
+
+/// What a publisher sends.
+#[derive(Debug, Clone, Copy)]
+pub struct MediaProfile {
+    /// Audio (Opus-sized packets) or video (VP8-like frames).
+    pub kind: MediaKind,
+    /// Time between frames.
+    pub frame_interval: Duration,
+    /// Bytes per frame.
+    pub frame_bytes: usize,
+    /// Bytes per keyframe (video).
+    pub keyframe_bytes: usize,
+    /// A keyframe at least this often (video), besides every keyframe request.
+    pub keyframe_every: Duration,
+}
+
+impl MediaProfile {
+    /// Opus-sized: `bytes` per packet, 50 packets/s.
+    pub fn audio(bytes: usize) -> Self {
+        Self {
+            kind: MediaKind::Audio,
+            frame_interval: Duration::from_millis(20),
+            frame_bytes: bytes.max(HEADER),
+            keyframe_bytes: bytes.max(HEADER),
+            keyframe_every: Duration::MAX,
+        }
+    }
+
+    /// VP8-like frames at `kbps` and `fps`; keyframes are 3× larger, every 2 s and on request.
+    pub fn video(kbps: u32, fps: u32) -> Self {
+        let fps = fps.clamp(1, 120);
+        let bytes = (kbps as usize * 1000 / 8 / fps as usize).max(HEADER + 1);
+        Self {
+            kind: MediaKind::Video,
+            frame_interval: Duration::from_secs(1) / fps,
+            frame_bytes: bytes,
+            keyframe_bytes: (bytes * 3).min(200_000),
+            keyframe_every: Duration::from_secs(2),
+        }
+    }
+
+    fn is_video(&self) -> bool {
+        self.kind == MediaKind::Video
+    }
+}
+
+/// What one synthetic participant does.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    /// Identity (LiveKit) or display name (Janus).
+    pub identity: String,
+    /// Publisher index when it publishes one track.
+    pub publish: Option<u32>,
+    /// How many remote tracks it must receive to count as ready (0: receives nothing).
+    pub receive_tracks: usize,
+    /// Record token → first remote frame.
+    pub join_probe: bool,
+    /// What it sends.
+    pub profile: MediaProfile,
+}
+
+/// Builds a benchmark frame.
+pub fn build_frame(
+    profile: &MediaProfile,
+    publisher: u32,
+    seq: u32,
+    ns: u64,
+    key: bool,
+) -> Vec<u8> {
+    let len = if key {
+        profile.keyframe_bytes
+    } else {
+        profile.frame_bytes
+    };
+    let mut f = Vec::with_capacity(len + 1);
+    if profile.is_video() {
+        f.push(if key { 0x00 } else { 0x01 });
+    }
+    f.extend_from_slice(&MAGIC.to_le_bytes());
+    f.extend_from_slice(&publisher.to_le_bytes());
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.extend_from_slice(&ns.to_le_bytes());
+    f.resize(len.max(f.len()), 0);
+    f
+}
+
+/// Parses a benchmark frame: publisher, seq, send time.
+pub fn parse_frame(data: &[u8], video: bool) -> Option<(u32, u32, u64)> {
+    let off = usize::from(video);
+    let h = data.get(off..off + HEADER)?;
+    let word =
+        |i: usize| -> Option<u32> { Some(u32::from_le_bytes(h.get(i..i + 4)?.try_into().ok()?)) };
+    if word(0)? != MAGIC {
+        return None;
+    }
+    let ns = u64::from_le_bytes(h.get(12..20)?.try_into().ok()?);
+    Some((word(4)?, word(8)?, ns))
+}
+
+/// Whether a datagram is RTP (not STUN, DTLS or RTCP; RFC 7983, RFC 5761).
+pub fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && (128..=191).contains(&d[0]) && !(64..=95).contains(&(d[1] & 0x7f))
+}
+
+/// One peer connection on its own loopback UDP socket.
+pub struct Peer {
+    /// The str0m instance.
+    pub rtc: Rtc,
+    sock: UdpSocket,
+    local: SocketAddr,
+    next_timeout: Instant,
+    /// ICE + DTLS done.
+    pub connected: bool,
+}
+
+impl Peer {
+    /// A full-ICE client peer connection on a fresh `127.0.0.1:0` socket.
+    pub fn new(now: Instant) -> Result<Self, BenchError> {
+        let std_sock = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| BenchError::io("binding a client socket", e))?;
+        let local = std_sock
+            .local_addr()
+            .map_err(|e| BenchError::io("client socket address", e))?;
+        let sock = UdpSocket::from_std(std_sock).map_err(|e| BenchError::io("client socket", e))?;
+        let mut rtc = Rtc::builder().set_stats_interval(None).build(now);
+        let cand = Candidate::host(local, "udp")
+            .map_err(|e| BenchError::Rtc(format!("candidate: {e}")))?;
+        rtc.add_local_candidate(cand);
+        Ok(Self {
+            rtc,
+            sock,
+            local,
+            next_timeout: now,
+            connected: false,
+        })
+    }
+
+    async fn readable(p: Option<&Peer>) {
+        match p {
+            Some(p) => {
+                if p.sock.readable().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// Why a client woke up.
+#[derive(Debug, Clone, Copy)]
+pub enum Wake {
+    /// The publisher socket has data.
+    Publisher,
+    /// The subscriber socket has data.
+    Subscriber,
+    /// A timer is due.
+    Timer,
+}
+
+/// The media side of one participant: up to two peer connections, what it sends and what it
+/// received. Signalling lives in the driver ([`super::scenario`] for LiveKit, [`super::janus`]).
+pub struct MediaClient {
+    spec: ClientSpec,
+    shared: Arc<Shared>,
+    /// Sends the participant's track.
+    pub publisher: Option<Peer>,
+    /// Receives remote tracks.
+    pub subscriber: Option<Peer>,
+    pub_mid: Option<Mid>,
+    pub_pending: Option<SdpPendingOffer>,
+    pub_answered: bool,
+    seq: u32,
+    next_frame: Option<Instant>,
+    want_keyframe: bool,
+    last_keyframe: Option<Instant>,
+    tracks_in: HashSet<Mid>,
+    started: Instant,
+    first_media: bool,
+    pub_ready: bool,
+    sub_ready: bool,
+    buf: Vec<u8>,
+}
+
+impl MediaClient {
+    /// A client whose join started at `started`.
+    pub fn new(spec: ClientSpec, shared: Arc<Shared>, started: Instant) -> Self {
+        Self {
+            spec,
+            shared,
+            publisher: None,
+            subscriber: None,
+            pub_mid: None,
+            pub_pending: None,
+            pub_answered: false,
+            seq: 0,
+            next_frame: None,
+            want_keyframe: true,
+            last_keyframe: None,
+            tracks_in: HashSet::new(),
+            started,
+            first_media: false,
+            pub_ready: false,
+            sub_ready: false,
+            buf: vec![0u8; 2048],
+        }
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &ClientSpec {
+        &self.spec
+    }
+
+    /// Whether every role of this client is ready (published / receiving all its tracks).
+    pub fn ready(&self) -> bool {
+        (self.spec.publish.is_none() || self.pub_ready)
+            && (self.spec.receive_tracks == 0 || self.sub_ready)
+    }
+
+    /// Creates the publisher peer connection and its offer (one send-only track).
+    pub fn publisher_offer(&mut self, now: Instant, track_id: &str) -> Result<String, BenchError> {
+        let mut peer = Peer::new(now)?;
+        let mut api = peer.rtc.sdp_api();
+        let mid = api.add_media(
+            self.spec.profile.kind,
+            Direction::SendOnly,
+            Some(format!("{}-stream", self.spec.identity)),
+            Some(track_id.to_owned()),
+            None,
+        );
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| BenchError::Rtc("empty publisher offer".into()))?;
+        self.pub_mid = Some(mid);
+        self.pub_pending = Some(pending);
+        self.publisher = Some(peer);
+        Ok(offer.to_sdp_string())
+    }
+
+    /// Applies the answer to the publisher offer.
+    pub fn publisher_answer(&mut self, sdp: &str) -> Result<(), BenchError> {
+        let (Some(peer), Some(pending)) = (self.publisher.as_mut(), self.pub_pending.take()) else {
+            return Ok(()); // a stale or duplicate answer
+        };
+        let answer = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| BenchError::Rtc(format!("publisher answer: {e}")))?;
+        peer.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| BenchError::Rtc(format!("publisher answer refused: {e}")))?;
+        self.pub_answered = true;
+        Ok(())
+    }
+
+    /// Answers an offer on the subscriber peer connection (created on first use).
+    pub fn subscriber_offer(&mut self, now: Instant, sdp: &str) -> Result<String, BenchError> {
+        if self.subscriber.is_none() {
+            self.subscriber = Some(Peer::new(now)?);
+        }
+        let Some(peer) = self.subscriber.as_mut() else {
+            return Err(BenchError::Rtc("no subscriber peer".into()));
+        };
+        let offer = SdpOffer::from_sdp_string(sdp)
+            .map_err(|e| BenchError::Rtc(format!("subscriber offer: {e}")))?;
+        let answer = peer
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| BenchError::Rtc(format!("subscriber offer refused: {e}")))?;
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Adds a trickled remote candidate (`candidate:…` or `a=candidate:…`).
+    pub fn remote_candidate(&mut self, subscriber: bool, sdp_line: &str) {
+        let peer = if subscriber {
+            self.subscriber.as_mut()
+        } else {
+            self.publisher.as_mut()
+        };
+        if let (Some(p), Ok(c)) = (
+            peer,
+            Candidate::from_sdp_string(sdp_line.trim_start_matches("a=")),
+        ) {
+            p.rtc.add_remote_candidate(c);
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        let mut t = self.started + Duration::from_secs(3600);
+        for p in [&self.publisher, &self.subscriber].into_iter().flatten() {
+            t = t.min(p.next_timeout);
+        }
+        if let Some(f) = self.next_frame {
+            t = t.min(f);
+        }
+        t
+    }
+
+    /// Waits for a socket or the next timer (cancel-safe).
+    pub async fn wait(&self) -> Wake {
+        let deadline = tokio::time::Instant::from_std(self.deadline());
+        tokio::select! {
+            () = Peer::readable(self.publisher.as_ref()) => Wake::Publisher,
+            () = Peer::readable(self.subscriber.as_ref()) => Wake::Subscriber,
+            () = tokio::time::sleep_until(deadline) => Wake::Timer,
+        }
+    }
+
+    /// Handles a wake-up, then runs both peer connections until they wait again.
+    pub fn on_wake(&mut self, wake: Wake) {
+        let now = Instant::now();
+        match wake {
+            Wake::Publisher => self.read(false, now),
+            Wake::Subscriber => self.read(true, now),
+            Wake::Timer => {
+                for p in [&mut self.publisher, &mut self.subscriber]
+                    .into_iter()
+                    .flatten()
+                {
+                    if p.next_timeout <= now {
+                        let _ = p.rtc.handle_input(Input::Timeout(now));
+                    }
+                }
+                self.maybe_send(now);
+            }
+        }
+        self.flush();
+    }
+
+    fn read(&mut self, subscriber: bool, now: Instant) {
+        let Some(p) = (if subscriber {
+            self.subscriber.as_mut()
+        } else {
+            self.publisher.as_mut()
+        }) else {
+            return;
+        };
+        for _ in 0..READ_BATCH {
+            let (n, source) = match p.sock.try_recv_from(&mut self.buf) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            let data = &self.buf[..n];
+            if subscriber && is_rtp(data) {
+                self.shared.rx_rtp.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .rx_rtp_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if let Ok(r) = Receive::new(Protocol::Udp, source, p.local, data) {
+                let _ = p.rtc.handle_input(Input::Receive(now, r));
+            }
+        }
+    }
+
+    fn maybe_send(&mut self, now: Instant) {
+        let (Some(idx), Some(mid)) = (self.spec.publish, self.pub_mid) else {
+            return;
+        };
+        let Some(p) = self.publisher.as_mut() else {
+            return;
+        };
+        if !p.connected || !self.pub_answered || !self.shared.media_on.load(Ordering::Relaxed) {
+            self.next_frame = None;
+            return;
+        }
+        let due = *self.next_frame.get_or_insert(now);
+        if due > now {
+            return;
+        }
+        let profile = self.spec.profile;
+        let Some(writer) = p.rtc.writer(mid) else {
+            return;
+        };
+        let want = if profile.is_video() {
+            Codec::Vp8
+        } else {
+            Codec::Opus
+        };
+        let Some(pt) = writer
+            .payload_params()
+            .find(|pp| pp.spec().codec == want)
+            .map(|pp| pp.pt())
+        else {
+            return;
+        };
+        let key = profile.is_video()
+            && (self.want_keyframe
+                || self
+                    .last_keyframe
+                    .is_none_or(|t| now.saturating_duration_since(t) >= profile.keyframe_every));
+        let ns = self.shared.ns(now);
+        let frame = build_frame(&profile, idx, self.seq, ns, key);
+        let ticks = if profile.is_video() {
+            (self.seq as u64) * 90_000 * profile.frame_interval.as_micros() as u64 / 1_000_000
+        } else {
+            (self.seq as u64) * 960
+        };
+        let freq = if profile.is_video() {
+            Frequency::NINETY_KHZ
+        } else {
+            Frequency::FORTY_EIGHT_KHZ
+        };
+        if writer
+            .write(pt, now, MediaTime::new(ticks, freq), frame)
+            .is_ok()
+        {
+            if self.shared.in_window(ns) {
+                if let Some(c) = self.shared.sent_window.get(idx as usize) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.seq = self.seq.wrapping_add(1);
+            if key {
+                self.want_keyframe = false;
+                self.last_keyframe = Some(now);
+            }
+        }
+        // Next frame on schedule; after a stall, restart the schedule instead of bursting.
+        let mut next = due + profile.frame_interval;
+        if next + profile.frame_interval * 5 < now {
+            next = now + profile.frame_interval;
+        }
+        self.next_frame = Some(next);
+    }
+
+    /// Runs both peer connections until they only wait: sends datagrams, handles events.
+    pub fn flush(&mut self) {
+        for subscriber in [false, true] {
+            let Some(p) = (if subscriber {
+                self.subscriber.as_mut()
+            } else {
+                self.publisher.as_mut()
+            }) else {
+                continue;
+            };
+            loop {
+                let out = match p.rtc.poll_output() {
+                    Ok(o) => o,
+                    Err(_) => break,
+                };
+                match out {
+                    Output::Timeout(t) => {
+                        p.next_timeout = t;
+                        break;
+                    }
+                    Output::Transmit(t) => {
+                        if p.sock.try_send_to(&t.contents, t.destination).is_err() {
+                            self.shared.tx_drops.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Output::Event(e) => match e {
+                        Event::Connected => p.connected = true,
+                        Event::MediaAdded(m)
+                            if subscriber
+                                && matches!(
+                                    m.direction,
+                                    Direction::RecvOnly | Direction::SendRecv
+                                ) =>
+                        {
+                            self.tracks_in.insert(m.mid);
+                        }
+                        Event::KeyframeRequest(_) if !subscriber => self.want_keyframe = true,
+                        Event::MediaData(d) if subscriber => {
+                            let now = Instant::now();
+                            let video = d.params.spec().codec != Codec::Opus;
+                            if let Some((_, _, sent)) = parse_frame(&d.data, video) {
+                                let ns = self.shared.ns(now);
+                                if self.shared.in_window(sent) {
+                                    self.shared.rx_frames_window.fetch_add(1, Ordering::Relaxed);
+                                    self.shared
+                                        .latency
+                                        .record(Duration::from_nanos(ns.saturating_sub(sent)));
+                                }
+                                if !self.first_media {
+                                    self.first_media = true;
+                                    if self.spec.join_probe {
+                                        if let Ok(mut j) = self.shared.joins.lock() {
+                                            j.push(now.saturating_duration_since(self.started));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        }
+        self.update_ready();
+    }
+
+    fn update_ready(&mut self) {
+        if self.spec.publish.is_some() && !self.pub_ready {
+            let ok = self.pub_answered && self.publisher.as_ref().is_some_and(|p| p.connected);
+            if ok {
+                self.pub_ready = true;
+                self.shared.pub_ready.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if self.spec.receive_tracks > 0 && !self.sub_ready {
+            let connected = self.subscriber.as_ref().is_some_and(|p| p.connected);
+            let ok = connected
+                && self.tracks_in.len() >= self.spec.receive_tracks
+                && (!self.spec.join_probe || self.first_media);
+            if ok {
+                self.sub_ready = true;
+                self.shared.sub_ready.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let a = MediaProfile::audio(80);
+        let f = build_frame(&a, 3, 7, 123_456, false);
+        assert_eq!(f.len(), 80);
+        assert_eq!(parse_frame(&f, false), Some((3, 7, 123_456)));
+        let v = MediaProfile::video(1000, 30);
+        let k = build_frame(&v, 1, 2, 99, true);
+        assert_eq!(k[0], 0x00, "VP8 keyframe P bit clear");
+        assert_eq!(k.len(), v.keyframe_bytes);
+        assert_eq!(parse_frame(&k, true), Some((1, 2, 99)));
+        let d = build_frame(&v, 1, 3, 100, false);
+        assert_eq!(d[0], 0x01);
+        assert_eq!(parse_frame(&d[..10], true), None);
+    }
+
+    #[test]
+    fn rtp_classification() {
+        let mut rtp = vec![0x80u8, 111];
+        rtp.resize(20, 0);
+        assert!(is_rtp(&rtp));
+        let mut rtcp = vec![0x80u8, 200];
+        rtcp.resize(20, 0);
+        assert!(!is_rtp(&rtcp));
+        assert!(!is_rtp(&[0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "STUN");
+        assert!(!is_rtp(&[22u8; 20]), "DTLS");
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us * 10));
+        }
+        assert_eq!(h.quantile(0.5), Some(Duration::from_micros(510)));
+        assert_eq!(h.quantile(0.99), Some(Duration::from_micros(1000)));
+    }
+}

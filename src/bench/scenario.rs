@@ -1,0 +1,731 @@
+//! `conclave bench audio|video|livestream`: synthetic str0m clients against a Conclave the
+//! bench starts (or a loopback URL), side by side with the raw-limit probe and Janus VideoRoom
+//! under the same scenario, in one run.
+//!
+//! Sequence per server under test: publishers join and connect (no media yet); receivers join
+//! (at most `join_concurrency` joining at once) until every one is connected with all its
+//! tracks; RSS is read (idle participants); media starts; join probes join one by one while
+//! media flows (token → first remote frame); then the measurement window: server and client
+//! CPU from `/proc`, RTP datagrams received, frames sent and received (attributed by the send
+//! time they carry), latency; then everyone leaves.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::client::{ClientSpec, MediaProfile, Shared};
+use super::janus::JanusTarget;
+use super::limit::{probe, LimitReport};
+use super::server::{have_taskset, pin_self, ConclaveTarget};
+use super::{proc_cpu_time, proc_rss_kb, BenchError};
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// P audio publishers → S subscribers, Opus-sized packets at 50 pkt/s.
+    Audio,
+    /// N×N video conference, VP8-like frames.
+    Video,
+    /// One video publisher → S subscribers.
+    Livestream,
+}
+
+impl Kind {
+    /// The scenario's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Audio => "audio",
+            Kind::Video => "video",
+            Kind::Livestream => "livestream",
+        }
+    }
+}
+
+/// Settings of one scenario run.
+#[derive(Debug, Clone)]
+pub struct MediaBenchOptions {
+    /// The scenario.
+    pub kind: Kind,
+    /// Publishers (video: every participant publishes and receives the others).
+    pub publishers: usize,
+    /// Receive-only participants (besides the join probes).
+    pub subscribers: usize,
+    /// Receive-only participants that join one by one while media flows, for join time.
+    pub join_probes: usize,
+    /// Length of the measurement window.
+    pub seconds: f64,
+    /// Audio packet payload bytes.
+    pub audio_bytes: usize,
+    /// Video bitrate per publisher.
+    pub video_kbps: u32,
+    /// Video frames per second.
+    pub fps: u32,
+    /// Core for the server (and the limit probe's sender).
+    pub server_cpu: Option<usize>,
+    /// Core for the clients (this process).
+    pub client_cpu: Option<usize>,
+    /// Run the same scenario against Janus.
+    pub janus: bool,
+    /// Run the raw-limit probe.
+    pub limit: bool,
+    /// Seconds per limit-probe method.
+    pub limit_seconds: f64,
+    /// An external Conclave: URL, API key, API secret (loopback only).
+    pub url: Option<(String, String, String)>,
+    /// Receivers joining at once.
+    pub join_concurrency: usize,
+    /// Hard bound on the whole run.
+    pub max_duration: Duration,
+}
+
+/// What one server under test did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SutReport {
+    /// Participants in the window (publishers, subscribers, probes).
+    pub participants: usize,
+    /// Receiving peer connections.
+    pub receivers: usize,
+    /// Clients that failed (join, signalling, connect).
+    pub failed_clients: usize,
+    /// First failure messages.
+    pub failures: Vec<String>,
+    /// Window length, s.
+    pub window_s: f64,
+    /// RTP datagrams/s delivered to subscribers.
+    pub forwarded_pps: f64,
+    /// Their bits/s (UDP payload).
+    pub forwarded_bps: f64,
+    /// Average forwarded datagram, bytes.
+    pub avg_packet_bytes: f64,
+    /// Server CPU seconds in the window.
+    pub server_cpu_s: Option<f64>,
+    /// Forwarded packets per server CPU-second.
+    pub pkts_per_cpu_s: Option<f64>,
+    /// Client (this process) CPU seconds in the window.
+    pub client_cpu_s: Option<f64>,
+    /// Frames sent in the window × their intended receivers.
+    pub frames_expected: u64,
+    /// Frames received (sent in the window).
+    pub frames_received: u64,
+    /// 1 − received / expected (frames; a video frame is lost if any packet is).
+    pub loss_ratio: Option<f64>,
+    /// Send → receive through the SFU, including both client stacks, p50 ms.
+    pub latency_p50_ms: Option<f64>,
+    /// p99 ms.
+    pub latency_p99_ms: Option<f64>,
+    /// Token → first remote frame of the join probes, p50 ms.
+    pub join_p50_ms: Option<f64>,
+    /// p99 ms.
+    pub join_p99_ms: Option<f64>,
+    /// Server RSS growth per connected idle participant, KiB.
+    pub rss_per_participant_kb: Option<f64>,
+}
+
+/// One scenario's results: Conclave, the limit, Janus, and the ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct MediaBenchReport {
+    /// `audio`, `video` or `livestream`.
+    pub scenario: &'static str,
+    /// Publishers.
+    pub publishers: usize,
+    /// Receive-only participants (with the probes).
+    pub subscribers: usize,
+    /// Whether server and clients ran on separate pinned cores.
+    pub pinned: bool,
+    /// Conclave: forwarded packets/s.
+    pub forwarded_pps: f64,
+    /// Conclave: forwarded bits/s.
+    pub forwarded_bps: f64,
+    /// Conclave: server CPU seconds in the window.
+    pub server_cpu_s: Option<f64>,
+    /// Conclave: clients' CPU seconds in the window.
+    pub client_cpu_s: Option<f64>,
+    /// Conclave: packets per server CPU-second.
+    pub pkts_per_cpu_s: Option<f64>,
+    /// Conclave: loss.
+    pub loss_ratio: Option<f64>,
+    /// Conclave: latency p50, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// Conclave: latency p99, ms.
+    pub latency_p99_ms: Option<f64>,
+    /// Conclave: join p50, ms.
+    pub join_p50_ms: Option<f64>,
+    /// Conclave: join p99, ms.
+    pub join_p99_ms: Option<f64>,
+    /// Conclave: RSS per idle participant, KiB.
+    pub rss_per_participant_kb: Option<f64>,
+    /// Limit probe: `sendto` datagrams per CPU-second.
+    pub limit_sendto_pps: Option<f64>,
+    /// Limit probe: `sendmmsg`.
+    pub limit_sendmmsg_pps: Option<f64>,
+    /// Limit probe: UDP GSO.
+    pub limit_gso_pps: Option<f64>,
+    /// Conclave packets per CPU-second / sendmmsg limit.
+    pub ratio_to_limit: Option<f64>,
+    /// Janus: forwarded packets/s.
+    pub janus_forwarded_pps: Option<f64>,
+    /// Janus: packets per CPU-second.
+    pub janus_pkts_per_cpu_s: Option<f64>,
+    /// Janus: loss.
+    pub janus_loss_ratio: Option<f64>,
+    /// Janus: latency p50, ms.
+    pub janus_latency_p50_ms: Option<f64>,
+    /// Janus: latency p99, ms.
+    pub janus_latency_p99_ms: Option<f64>,
+    /// Janus: join p50, ms.
+    pub janus_join_p50_ms: Option<f64>,
+    /// Janus: RSS per idle participant, KiB.
+    pub janus_rss_per_participant_kb: Option<f64>,
+    /// Conclave / Janus packets per CPU-second.
+    pub ratio_to_janus: Option<f64>,
+    /// Why Janus did not run, when asked to.
+    pub janus_error: Option<String>,
+    /// Everything measured on Conclave.
+    pub conclave: SutReport,
+    /// The limit probe.
+    pub limit: Option<LimitReport>,
+    /// Everything measured on Janus.
+    pub janus: Option<SutReport>,
+}
+
+/// A server under test.
+enum Sut {
+    Conclave(Arc<ConclaveTarget>),
+    Janus(Arc<JanusTarget>),
+}
+
+impl Sut {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Sut::Conclave(c) => c.pid,
+            Sut::Janus(j) => Some(j.pid),
+        }
+    }
+
+    fn spawn(
+        &self,
+        room: &str,
+        spec: ClientSpec,
+        shared: &Arc<Shared>,
+        stop: &watch::Receiver<bool>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> JoinHandle<()> {
+        match self {
+            Sut::Conclave(c) => tokio::spawn(super::lk::run_client(
+                c.clone(),
+                room.to_owned(),
+                spec,
+                shared.clone(),
+                stop.clone(),
+                permit,
+            )),
+            Sut::Janus(j) => tokio::spawn(super::janus::run_client(
+                j.clone(),
+                spec,
+                shared.clone(),
+                stop.clone(),
+                permit,
+            )),
+        }
+    }
+
+    fn all_published(&self) {
+        if let Sut::Janus(j) = self {
+            j.all_published();
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn cpu_of(pid: Option<u32>) -> Option<f64> {
+    pid.and_then(|p| proc_cpu_time(&p.to_string()))
+        .map(|d| d.as_secs_f64())
+}
+
+/// Waits until `done()` or `deadline`; returns whether it got done.
+async fn wait_for(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn profile(opts: &MediaBenchOptions) -> MediaProfile {
+    match opts.kind {
+        Kind::Audio => MediaProfile::audio(opts.audio_bytes),
+        Kind::Video | Kind::Livestream => MediaProfile::video(opts.video_kbps, opts.fps),
+    }
+}
+
+async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, BenchError> {
+    let room = format!("bench-{}-{:08x}", opts.kind.name(), rand::random::<u32>());
+    let p = opts.publishers.max(1);
+    let profile = profile(opts);
+    let video_conf = opts.kind == Kind::Video;
+    let shared = Arc::new(Shared::new(p));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pid = sut.pid();
+    let pid_s = pid.map(|p| p.to_string());
+    let rss0 = pid_s.as_deref().and_then(proc_rss_kb);
+    let mut tasks = Vec::new();
+    let sem = Arc::new(Semaphore::new(opts.join_concurrency.max(1)));
+
+    // 1. Publishers (video: each also receives the others).
+    for i in 0..p {
+        let spec = ClientSpec {
+            identity: format!("pub-{i}"),
+            publish: Some(i as u32),
+            receive_tracks: if video_conf { p - 1 } else { 0 },
+            join_probe: false,
+            profile,
+        };
+        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20) + Duration::from_millis(50) * p as u32;
+    let all_pub = wait_for(deadline, || {
+        shared.pub_ready.load(Ordering::SeqCst) >= p || shared.failed.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    if !all_pub || shared.failed.load(Ordering::SeqCst) > 0 {
+        let _ = stop_tx.send(true);
+        let f = shared
+            .failures
+            .lock()
+            .map(|f| f.join("; "))
+            .unwrap_or_default();
+        return Err(BenchError::Timeout(format!(
+            "{} of {p} publishers ready; failures: {f}",
+            shared.pub_ready.load(Ordering::SeqCst)
+        )));
+    }
+    sut.all_published();
+
+    // 2. Receivers.
+    // Every receiver gets every published track (video: publishers get the p − 1 others).
+    let tracks_each = p;
+    for j in 0..opts.subscribers {
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| BenchError::Options(e.to_string()))?;
+        let spec = ClientSpec {
+            identity: format!("sub-{j}"),
+            publish: None,
+            receive_tracks: tracks_each,
+            join_probe: false,
+            profile,
+        };
+        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, Some(permit)));
+    }
+    let receivers0 = if video_conf { p } else { 0 } + opts.subscribers;
+    let deadline =
+        Instant::now() + Duration::from_secs(30) + Duration::from_millis(30) * receivers0 as u32;
+    wait_for(deadline, || {
+        shared.sub_ready.load(Ordering::SeqCst) + shared.failed.load(Ordering::SeqCst) >= receivers0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss1 = pid_s.as_deref().and_then(proc_rss_kb);
+    let joined = p + opts.subscribers;
+    let rss_per = match (rss0, rss1) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / joined.max(1) as f64),
+        _ => None,
+    };
+
+    // 3. Media on; warm up (keyframes, str0m buffers).
+    shared.media_on.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // 4. Join probes, one at a time.
+    for k in 0..opts.join_probes {
+        let before = shared.sub_ready.load(Ordering::SeqCst);
+        let failed = shared.failed.load(Ordering::SeqCst);
+        let spec = ClientSpec {
+            identity: format!("probe-{k}"),
+            publish: None,
+            receive_tracks: tracks_each,
+            join_probe: true,
+            profile,
+        };
+        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
+        wait_for(Instant::now() + Duration::from_secs(5), || {
+            shared.sub_ready.load(Ordering::SeqCst) > before
+                || shared.failed.load(Ordering::SeqCst) > failed
+        })
+        .await;
+    }
+
+    // 5. The window.
+    let start = Instant::now() + Duration::from_millis(300);
+    let end = start + Duration::from_secs_f64(opts.seconds.max(0.2));
+    shared.set_window(start, end);
+    tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
+    let s_cpu0 = cpu_of(pid);
+    let c_cpu0 = proc_cpu_time("self").map(|d| d.as_secs_f64());
+    let rtp0 = shared.rx_rtp.load(Ordering::Relaxed);
+    let bytes0 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
+    tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+    let s_cpu1 = cpu_of(pid);
+    let c_cpu1 = proc_cpu_time("self").map(|d| d.as_secs_f64());
+    let rtp1 = shared.rx_rtp.load(Ordering::Relaxed);
+    let bytes1 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
+    let window = end.saturating_duration_since(start).as_secs_f64();
+    // Frames sent at the end of the window still travel.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shared.media_on.store(false, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(3), t)
+            .await
+            .is_err()
+        {
+            tracing::debug!("bench client did not stop in time");
+        }
+    }
+
+    // 6. Numbers.
+    let receivers_per_pub =
+        opts.subscribers + opts.join_probes + if video_conf { p - 1 } else { 0 };
+    let expected: u64 = shared
+        .sent_window
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed) * receivers_per_pub as u64)
+        .sum();
+    let received = shared.rx_frames_window.load(Ordering::Relaxed);
+    let pkts = rtp1.saturating_sub(rtp0);
+    let bytes = bytes1.saturating_sub(bytes0);
+    let server_cpu = match (s_cpu0, s_cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let client_cpu = match (c_cpu0, c_cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let mut joins = shared.joins.lock().map(|j| j.clone()).unwrap_or_default();
+    joins.sort();
+    let failures = shared
+        .failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    Ok(SutReport {
+        participants: p + opts.subscribers + opts.join_probes,
+        receivers: receivers0 + opts.join_probes,
+        failed_clients: shared.failed.load(Ordering::SeqCst),
+        failures,
+        window_s: window,
+        forwarded_pps: pkts as f64 / window,
+        forwarded_bps: bytes as f64 * 8.0 / window,
+        avg_packet_bytes: if pkts > 0 {
+            bytes as f64 / pkts as f64
+        } else {
+            0.0
+        },
+        server_cpu_s: server_cpu,
+        pkts_per_cpu_s: server_cpu.map(|c| pkts as f64 / c.max(0.01)),
+        client_cpu_s: client_cpu,
+        frames_expected: expected,
+        frames_received: received,
+        loss_ratio: (expected > 0).then(|| (1.0 - received as f64 / expected as f64).max(0.0)),
+        latency_p50_ms: shared.latency.quantile(0.50).map(ms),
+        latency_p99_ms: shared.latency.quantile(0.99).map(ms),
+        join_p50_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.50))),
+        join_p99_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.99))),
+        rss_per_participant_kb: rss_per,
+    })
+}
+
+/// Runs one scenario: Conclave, then the limit probe, then Janus.
+pub async fn run(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchError> {
+    let bound = opts.max_duration;
+    tokio::time::timeout(bound, run_inner(opts))
+        .await
+        .map_err(|_| BenchError::Timeout(format!("the whole run exceeded {bound:?}")))?
+}
+
+async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchError> {
+    let pinned = match (opts.server_cpu, opts.client_cpu) {
+        (Some(_), Some(c)) if have_taskset() => pin_self(c).is_ok(),
+        _ => false,
+    };
+    let server_cpu = if pinned { opts.server_cpu } else { None };
+    let conclave = match &opts.url {
+        Some((url, key, secret)) => ConclaveTarget::external(url, key, secret)?,
+        None => ConclaveTarget::start(server_cpu).await?,
+    };
+    let sut = Sut::Conclave(Arc::new(conclave));
+    let c = run_sut(&sut, &opts).await?;
+    drop(sut);
+
+    let limit = if opts.limit {
+        let size = if c.avg_packet_bytes > 0.0 {
+            c.avg_packet_bytes.round() as usize
+        } else {
+            opts.audio_bytes + 40
+        };
+        Some(probe(size, c.receivers, opts.limit_seconds, server_cpu).await?)
+    } else {
+        None
+    };
+
+    let (janus, janus_error) = if opts.janus {
+        match JanusTarget::start(server_cpu, opts.publishers).await {
+            Ok(j) => {
+                let sut = Sut::Janus(Arc::new(j));
+                match run_sut(&sut, &opts).await {
+                    Ok(r) => (Some(r), None),
+                    Err(e) => (None, Some(e.to_string())),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        (None, None)
+    };
+
+    let ratio_to_limit = match (c.pkts_per_cpu_s, limit.map(|l| l.sendmmsg_pps)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let ratio_to_janus = match (
+        c.pkts_per_cpu_s,
+        janus.as_ref().and_then(|j| j.pkts_per_cpu_s),
+    ) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    Ok(MediaBenchReport {
+        scenario: opts.kind.name(),
+        publishers: opts.publishers,
+        subscribers: opts.subscribers + opts.join_probes,
+        pinned,
+        forwarded_pps: c.forwarded_pps,
+        forwarded_bps: c.forwarded_bps,
+        server_cpu_s: c.server_cpu_s,
+        client_cpu_s: c.client_cpu_s,
+        pkts_per_cpu_s: c.pkts_per_cpu_s,
+        loss_ratio: c.loss_ratio,
+        latency_p50_ms: c.latency_p50_ms,
+        latency_p99_ms: c.latency_p99_ms,
+        join_p50_ms: c.join_p50_ms,
+        join_p99_ms: c.join_p99_ms,
+        rss_per_participant_kb: c.rss_per_participant_kb,
+        limit_sendto_pps: limit.map(|l| l.sendto_pps),
+        limit_sendmmsg_pps: limit.map(|l| l.sendmmsg_pps),
+        limit_gso_pps: limit.and_then(|l| l.gso_pps),
+        ratio_to_limit,
+        janus_forwarded_pps: janus.as_ref().map(|j| j.forwarded_pps),
+        janus_pkts_per_cpu_s: janus.as_ref().and_then(|j| j.pkts_per_cpu_s),
+        janus_loss_ratio: janus.as_ref().and_then(|j| j.loss_ratio),
+        janus_latency_p50_ms: janus.as_ref().and_then(|j| j.latency_p50_ms),
+        janus_latency_p99_ms: janus.as_ref().and_then(|j| j.latency_p99_ms),
+        janus_join_p50_ms: janus.as_ref().and_then(|j| j.join_p50_ms),
+        janus_rss_per_participant_kb: janus.as_ref().and_then(|j| j.rss_per_participant_kb),
+        ratio_to_janus,
+        janus_error,
+        conclave: c,
+        limit,
+        janus,
+    })
+}
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_owned(), |x| format!("{:.2} %", x * 100.0))
+}
+
+impl MediaBenchReport {
+    /// The Markdown table header (one row per scenario follows).
+    pub fn markdown_header() -> &'static str {
+        "| scenario | server | fwd pkt/s | fwd Mbit/s | server CPU s | client CPU s | pkt/CPU-s | loss | latency p50 / p99 ms | join p50 / p99 ms | RSS/participant kB | failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    }
+
+    fn row(&self, server: &str, r: &SutReport) -> String {
+        format!(
+            "| {} ({}→{}) | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} |\n",
+            self.scenario,
+            self.publishers,
+            self.subscribers,
+            server,
+            r.forwarded_pps,
+            r.forwarded_bps / 1e6,
+            f(r.server_cpu_s, 2),
+            f(r.client_cpu_s, 2),
+            f(r.pkts_per_cpu_s, 0),
+            pct(r.loss_ratio),
+            f(r.latency_p50_ms, 2),
+            f(r.latency_p99_ms, 2),
+            f(r.join_p50_ms, 0),
+            f(r.join_p99_ms, 0),
+            f(r.rss_per_participant_kb, 1),
+            r.failed_clients,
+        )
+    }
+
+    /// Rows for Conclave and Janus, then the limit and the ratios as a short list.
+    pub fn markdown_rows(&self) -> String {
+        let mut s = self.row("Conclave", &self.conclave);
+        if let Some(j) = &self.janus {
+            s.push_str(&self.row("Janus", j));
+        }
+        s
+    }
+
+    /// The limit probe and the ratios, one line.
+    pub fn markdown_summary(&self) -> String {
+        let mut s = format!("- **{}**: ", self.scenario);
+        if let Some(l) = &self.limit {
+            s.push_str(&format!(
+                "limit ({} B × {} sockets) sendto {:.0}, sendmmsg {:.0}, GSO {} pkt/CPU-s; ",
+                l.packet_bytes,
+                l.sockets,
+                l.sendto_pps,
+                l.sendmmsg_pps,
+                f(l.gso_pps, 0)
+            ));
+        }
+        s.push_str(&format!(
+            "Conclave/sendmmsg = {}, Conclave/Janus = {}",
+            f(self.ratio_to_limit, 2),
+            f(self.ratio_to_janus, 2)
+        ));
+        if let Some(e) = &self.janus_error {
+            s.push_str(&format!(" (Janus failed: {e})"));
+        }
+        if !self.conclave.failures.is_empty() {
+            s.push_str(&format!(
+                " (client failures: {})",
+                self.conclave.failures.join("; ")
+            ));
+        }
+        s.push_str(if self.pinned {
+            " [server and clients pinned to separate cores]\n"
+        } else {
+            " [not pinned]\n"
+        });
+        s
+    }
+
+    /// Header, rows and summary.
+    pub fn markdown(&self) -> String {
+        format!(
+            "{}{}\n{}",
+            Self::markdown_header(),
+            self.markdown_rows(),
+            self.markdown_summary()
+        )
+    }
+}
+
+/// Options shared by `conclave bench audio|video|livestream`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Length of the measurement window, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Receive-only participants that join one by one while media flows (join time).
+    #[arg(long, default_value_t = 10)]
+    pub join_probes: usize,
+    /// Receivers joining at once during set-up.
+    #[arg(long, default_value_t = 16)]
+    pub join_concurrency: usize,
+    /// Skip the Janus comparison (smoke runs; the documented full run includes it).
+    #[arg(long)]
+    pub no_janus: bool,
+    /// Skip the raw-limit probe.
+    #[arg(long)]
+    pub no_limit: bool,
+    /// Seconds per raw-limit probe method.
+    #[arg(long, default_value_t = 2.0)]
+    pub limit_seconds: f64,
+    /// Core for the server (and the probe's sender).
+    #[arg(long, default_value_t = 0)]
+    pub server_cpu: usize,
+    /// Core for the synthetic clients (this process).
+    #[arg(long, default_value_t = 1)]
+    pub client_cpu: usize,
+    /// Do not pin server and clients to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// An already running Conclave (loopback only) instead of a child process; needs
+    /// --api-key and --api-secret. Server CPU and RSS are then not measured.
+    #[arg(long, requires_all = ["api_key", "api_secret"])]
+    pub url: Option<String>,
+    /// LiveKit API key of --url.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// LiveKit API secret of --url.
+    #[arg(long)]
+    pub api_secret: Option<String>,
+    /// Stop after this many seconds whatever happens.
+    #[arg(long, default_value_t = 600)]
+    pub max_seconds: u64,
+    /// Print one JSON object instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CommonArgs {
+    /// The run's options for `kind` with its sizes.
+    pub fn options(
+        &self,
+        kind: Kind,
+        publishers: usize,
+        subscribers: usize,
+        audio_bytes: usize,
+        video_kbps: u32,
+        fps: u32,
+    ) -> MediaBenchOptions {
+        let url = match (&self.url, &self.api_key, &self.api_secret) {
+            (Some(u), Some(k), Some(s)) => Some((u.clone(), k.clone(), s.clone())),
+            _ => None,
+        };
+        MediaBenchOptions {
+            kind,
+            publishers,
+            subscribers,
+            join_probes: self.join_probes,
+            seconds: self.seconds,
+            audio_bytes,
+            video_kbps,
+            fps,
+            server_cpu: (!self.no_pin).then_some(self.server_cpu),
+            client_cpu: (!self.no_pin).then_some(self.client_cpu),
+            janus: !self.no_janus,
+            limit: !self.no_limit,
+            limit_seconds: self.limit_seconds,
+            url,
+            join_concurrency: self.join_concurrency,
+            max_duration: Duration::from_secs(self.max_seconds),
+        }
+    }
+}
+
+/// Runs a scenario and renders it: one JSON object, or the Markdown table and summary.
+pub async fn run_to_text(opts: MediaBenchOptions, json: bool) -> Result<String, BenchError> {
+    let report = run(opts).await?;
+    Ok(if json {
+        format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
+    } else {
+        report.markdown()
+    })
+}

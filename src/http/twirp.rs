@@ -1,0 +1,714 @@
+//! The LiveKit RoomService API over Twirp: `POST /twirp/livekit.RoomService/{Method}`, as
+//! server SDKs (server-sdk-go, Python `livekit-api`) and lk-jwt-service call it.
+//!
+//! Requests and replies are protobuf (`application/protobuf`) or protojson
+//! (`application/json`, lowerCamel or proto field names accepted); the reply uses the
+//! request's encoding. Callers authenticate with a LiveKit JWT (`Authorization: Bearer`)
+//! signed with `livekit.key`/`livekit.secret`: `CreateRoom`/`DeleteRoom` need `roomCreate`,
+//! `ListRooms` needs `roomList`, everything about one room needs `roomAdmin` with
+//! `video.room` = that room. Errors are Twirp JSON (`{"code":"not_found","msg":"…"}`) with
+//! Twirp's HTTP statuses. `rtc.twirp_enabled = false` turns every route into `bad_route`.
+//!
+//! Rooms live in [`crate::sfu::registry`] (lifetimes, metadata); participants and tracks in
+//! the SFU engine, reached through [`crate::net::SfuHandle`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use livekit_protocol as lk;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::auth::jwt::Claims;
+use crate::net::{LoopRequest, SfuHandle};
+use crate::sfu::registry::{RegisteredRoom, RoomOptions};
+use crate::sfu::Command;
+
+/// The one Twirp service served.
+pub const ROOM_SERVICE: &str = "livekit.RoomService";
+/// Largest request body, in bytes (a `SendData` payload plus framing).
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest `SendData` payload, in bytes (one SCTP message towards every participant).
+const MAX_DATA_BYTES: usize = 64 * 1024;
+/// Longest room name accepted by `CreateRoom`.
+const MAX_ROOM_NAME: usize = 256;
+
+/// A Twirp error: code, HTTP status and a message for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum TwirpError {
+    /// No or an invalid token (401).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token lacks the grant (403).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No such room, participant or track (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// A field has a bad value (400).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The body does not decode (400).
+    #[error("{0}")]
+    Malformed(String),
+    /// Unknown service or method, wrong HTTP method or content type, or the API is off (404).
+    #[error("{0}")]
+    BadRoute(String),
+    /// The operation is not allowed in this state (412).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The SFU is not running (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure (500); the caller sees a generic message.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl TwirpError {
+    /// The Twirp error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::NotFound(_) => "not_found",
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::Malformed(_) => "malformed",
+            Self::BadRoute(_) => "bad_route",
+            Self::FailedPrecondition(_) => "failed_precondition",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status Twirp uses for the code.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) | Self::BadRoute(_) => StatusCode::NOT_FOUND,
+            Self::InvalidArgument(_) | Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::FailedPrecondition(_) => StatusCode::PRECONDITION_FAILED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for TwirpError {
+    fn into_response(self) -> Response {
+        let msg = match &self {
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "RoomService request failed");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({ "code": self.code(), "msg": msg });
+        let mut r = (self.status(), body.to_string()).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+}
+
+type TwirpResult = Result<Response, TwirpError>;
+
+/// The request (and reply) encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn of(headers: &HeaderMap) -> Result<Self, TwirpError> {
+        let raw = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = raw.split(';').next().unwrap_or("").trim();
+        match essence.to_ascii_lowercase().as_str() {
+            "application/protobuf" | "application/x-protobuf" => Ok(Self::Protobuf),
+            "application/json" => Ok(Self::Json),
+            _ => Err(TwirpError::BadRoute(format!(
+                "unexpected Content-Type: {raw:?}"
+            ))),
+        }
+    }
+
+    fn decode<T: prost::Message + Default + DeserializeOwned>(
+        self,
+        body: &[u8],
+    ) -> Result<T, TwirpError> {
+        match self {
+            Self::Protobuf => T::decode(body).map_err(|e| {
+                TwirpError::Malformed(format!("the request is not valid protobuf: {e}"))
+            }),
+            Self::Json => serde_json::from_slice(body)
+                .map_err(|e| TwirpError::Malformed(format!("the request is not valid JSON: {e}"))),
+        }
+    }
+
+    fn reply<T: prost::Message + Serialize>(self, message: &T) -> TwirpResult {
+        let (bytes, content_type) = match self {
+            Self::Protobuf => (message.encode_to_vec(), "application/protobuf"),
+            Self::Json => (
+                serde_json::to_vec(message)
+                    .map_err(|e| TwirpError::Internal(format!("encoding JSON reply: {e}")))?,
+                "application/json",
+            ),
+        };
+        let mut r = (StatusCode::OK, bytes).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Ok(r)
+    }
+}
+
+/// `/twirp/{service}/{method}` (any HTTP method).
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path((service, method)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    match serve(&state, &service, &method, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Any other path under `/twirp/`.
+pub async fn bad_route(request: Request) -> Response {
+    TwirpError::BadRoute(format!("no handler for path {:?}", request.uri().path())).into_response()
+}
+
+async fn serve(state: &AppState, service: &str, method: &str, request: Request) -> TwirpResult {
+    if !state.config.rtc.twirp_enabled {
+        return Err(TwirpError::BadRoute(
+            "the RoomService API is disabled (rtc.twirp_enabled)".into(),
+        ));
+    }
+    let path = format!("/twirp/{service}/{method}");
+    if service != ROOM_SERVICE || !METHODS.contains(&method) {
+        return Err(TwirpError::BadRoute(format!(
+            "no handler for path {path:?}"
+        )));
+    }
+    if request.method() != Method::POST {
+        return Err(TwirpError::BadRoute(format!(
+            "unsupported method {} (only POST is allowed)",
+            request.method()
+        )));
+    }
+    let encoding = Encoding::of(request.headers())?;
+    let claims = authenticate(state, request.headers())?;
+    let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|e| TwirpError::Malformed(format!("cannot read the request body: {e}")))?;
+    let call = Call {
+        state,
+        claims,
+        encoding,
+        body: &body,
+    };
+    tracing::debug!(method, "RoomService call");
+    match method {
+        "CreateRoom" => call.create_room().await,
+        "ListRooms" => call.list_rooms().await,
+        "DeleteRoom" => call.delete_room().await,
+        "ListParticipants" => call.list_participants().await,
+        "GetParticipant" => call.get_participant().await,
+        "RemoveParticipant" => call.remove_participant().await,
+        "MutePublishedTrack" => call.mute_published_track().await,
+        "UpdateParticipant" => call.update_participant().await,
+        "UpdateSubscriptions" => call.update_subscriptions().await,
+        "SendData" => call.send_data().await,
+        "UpdateRoomMetadata" => call.update_room_metadata().await,
+        _ => Err(TwirpError::BadRoute(format!(
+            "no handler for path {path:?}"
+        ))),
+    }
+}
+
+/// The RoomService methods served.
+const METHODS: &[&str] = &[
+    "CreateRoom",
+    "ListRooms",
+    "DeleteRoom",
+    "ListParticipants",
+    "GetParticipant",
+    "RemoveParticipant",
+    "MutePublishedTrack",
+    "UpdateParticipant",
+    "UpdateSubscriptions",
+    "SendData",
+    "UpdateRoomMetadata",
+];
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Claims, TwirpError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| TwirpError::Unauthenticated("no Authorization header".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| TwirpError::Unauthenticated("Authorization is not a Bearer token".into()))?;
+    state
+        .signer
+        .verify(token, unix_now())
+        .map_err(|e| TwirpError::Unauthenticated(format!("invalid token: {e}")))
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT and room creation times
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One authenticated call.
+struct Call<'a> {
+    state: &'a AppState,
+    claims: Claims,
+    encoding: Encoding,
+    body: &'a [u8],
+}
+
+impl Call<'_> {
+    fn decode<T: prost::Message + Default + DeserializeOwned>(&self) -> Result<T, TwirpError> {
+        self.encoding.decode(self.body)
+    }
+
+    fn require_create(&self) -> Result<(), TwirpError> {
+        if self.claims.video.room_create {
+            Ok(())
+        } else {
+            Err(TwirpError::PermissionDenied(
+                "the token lacks the roomCreate grant".into(),
+            ))
+        }
+    }
+
+    fn require_list(&self) -> Result<(), TwirpError> {
+        if self.claims.video.room_list {
+            Ok(())
+        } else {
+            Err(TwirpError::PermissionDenied(
+                "the token lacks the roomList grant".into(),
+            ))
+        }
+    }
+
+    fn require_admin(&self, room: &str) -> Result<(), TwirpError> {
+        if room.is_empty() {
+            return Err(TwirpError::InvalidArgument("room is required".into()));
+        }
+        if self.claims.video.room_admin && self.claims.video.room == room {
+            Ok(())
+        } else {
+            Err(TwirpError::PermissionDenied(format!(
+                "the token lacks the roomAdmin grant for room {room:?}"
+            )))
+        }
+    }
+
+    fn sfu(&self) -> Result<&SfuHandle, TwirpError> {
+        self.state
+            .sfu
+            .as_ref()
+            .ok_or_else(|| TwirpError::Unavailable("the SFU is not running".into()))
+    }
+
+    async fn command(&self, command: Command) -> Result<(), TwirpError> {
+        if self.sfu()?.send(LoopRequest::Sfu(command)).await {
+            Ok(())
+        } else {
+            Err(TwirpError::Unavailable("the SFU is not running".into()))
+        }
+    }
+
+    /// The full room info: registry (lifetimes, metadata, creation) plus the engine's live
+    /// fields (SID, counts).
+    async fn room(&self, reg: &RegisteredRoom) -> lk::Room {
+        let live = match &self.state.sfu {
+            Some(sfu) => sfu.room_info(&reg.name).await,
+            None => None,
+        };
+        let mut room = live.unwrap_or_default();
+        let age = Instant::now().saturating_duration_since(reg.created_at);
+        let created = i64::try_from(unix_now().saturating_sub(age.as_secs())).unwrap_or(0);
+        room.name = reg.name.clone();
+        room.empty_timeout = secs(reg.options.empty_timeout);
+        room.departure_timeout = secs(reg.options.departure_timeout);
+        room.max_participants = reg.options.max_participants;
+        room.metadata = reg.metadata.clone();
+        room.creation_time = created;
+        room.creation_time_ms = created * 1000;
+        room.enabled_codecs = ["video/VP8", "video/H264", "audio/opus"]
+            .into_iter()
+            .map(|mime| lk::Codec {
+                mime: mime.into(),
+                fmtp_line: String::new(),
+            })
+            .collect();
+        room
+    }
+
+    /// The registered room `name`, or whether the engine still has it (connected participants
+    /// of a room the registry dropped).
+    async fn existing_room(&self, name: &str) -> Result<Option<RegisteredRoom>, TwirpError> {
+        if let Some(reg) = self.state.rooms.get(name, Instant::now()) {
+            return Ok(Some(reg));
+        }
+        let live = match &self.state.sfu {
+            Some(sfu) => sfu.room_info(name).await,
+            None => None,
+        };
+        match live {
+            Some(_) => Ok(None),
+            None => Err(room_not_found(name)),
+        }
+    }
+
+    async fn participant(
+        &self,
+        room: &str,
+        identity: &str,
+    ) -> Result<lk::ParticipantInfo, TwirpError> {
+        if identity.is_empty() {
+            return Err(TwirpError::InvalidArgument("identity is required".into()));
+        }
+        let sfu = self.sfu()?;
+        match sfu.participant(room, identity).await {
+            Some(p) => Ok(p),
+            None => {
+                // Distinguish an unknown room from an absent participant in the message.
+                self.existing_room(room).await?;
+                Err(TwirpError::NotFound(format!(
+                    "participant {identity:?} is not in room {room:?}"
+                )))
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ rooms
+
+    async fn create_room(&self) -> TwirpResult {
+        self.require_create()?;
+        let req: lk::CreateRoomRequest = self.decode()?;
+        let name = req.name.trim();
+        if name.is_empty() || name != req.name {
+            return Err(TwirpError::InvalidArgument(
+                "name is required (no surrounding spaces)".into(),
+            ));
+        }
+        if name.len() > MAX_ROOM_NAME {
+            return Err(TwirpError::InvalidArgument(format!(
+                "name is longer than {MAX_ROOM_NAME} bytes"
+            )));
+        }
+        let defaults = RoomOptions::default();
+        let options = RoomOptions {
+            empty_timeout: nonzero_secs(req.empty_timeout, defaults.empty_timeout),
+            departure_timeout: nonzero_secs(req.departure_timeout, defaults.departure_timeout),
+            max_participants: req.max_participants,
+        };
+        let now = Instant::now();
+        let created = self.state.rooms.create(name, options, now);
+        if created && !req.metadata.is_empty() {
+            self.state.rooms.set_metadata(name, &req.metadata);
+        }
+        tracing::info!(room = name, created, "RoomService CreateRoom");
+        let reg =
+            self.state.rooms.get(name, now).ok_or_else(|| {
+                TwirpError::Internal(format!("room {name:?} vanished on creation"))
+            })?;
+        let room = self.room(&reg).await;
+        self.encoding.reply(&room)
+    }
+
+    async fn list_rooms(&self) -> TwirpResult {
+        self.require_list()?;
+        let req: lk::ListRoomsRequest = self.decode()?;
+        let mut rooms = Vec::new();
+        for reg in self.state.rooms.list(Instant::now()) {
+            if req.names.is_empty() || req.names.contains(&reg.name) {
+                rooms.push(self.room(&reg).await);
+            }
+        }
+        self.encoding.reply(&lk::ListRoomsResponse { rooms })
+    }
+
+    async fn delete_room(&self) -> TwirpResult {
+        self.require_create()?;
+        let req: lk::DeleteRoomRequest = self.decode()?;
+        if req.room.is_empty() {
+            return Err(TwirpError::InvalidArgument("room is required".into()));
+        }
+        let registered = self.state.rooms.delete(&req.room);
+        let live = match &self.state.sfu {
+            Some(sfu) => sfu.room_info(&req.room).await.is_some(),
+            None => false,
+        };
+        if !registered && !live {
+            return Err(room_not_found(&req.room));
+        }
+        tracing::info!(room = %req.room, "RoomService DeleteRoom");
+        if live {
+            self.command(Command::DeleteRoom {
+                room: req.room.clone(),
+            })
+            .await?;
+        }
+        self.encoding.reply(&lk::DeleteRoomResponse {})
+    }
+
+    async fn update_room_metadata(&self) -> TwirpResult {
+        let req: lk::UpdateRoomMetadataRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        if !self.state.rooms.set_metadata(&req.room, &req.metadata) {
+            return Err(room_not_found(&req.room));
+        }
+        let reg = self
+            .state
+            .rooms
+            .get(&req.room, Instant::now())
+            .ok_or_else(|| room_not_found(&req.room))?;
+        let room = self.room(&reg).await;
+        if self.state.sfu.is_some() {
+            self.command(Command::UpdateRoom {
+                room: req.room.clone(),
+                info: Box::new(room.clone()),
+            })
+            .await?;
+        }
+        self.encoding.reply(&room)
+    }
+
+    // ------------------------------------------------------------------ participants
+
+    async fn list_participants(&self) -> TwirpResult {
+        let req: lk::ListParticipantsRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        self.existing_room(&req.room).await?;
+        let participants = self.sfu()?.participants(&req.room).await;
+        self.encoding
+            .reply(&lk::ListParticipantsResponse { participants })
+    }
+
+    async fn get_participant(&self) -> TwirpResult {
+        let req: lk::RoomParticipantIdentity = self.decode()?;
+        self.require_admin(&req.room)?;
+        let p = self.participant(&req.room, &req.identity).await?;
+        self.encoding.reply(&p)
+    }
+
+    async fn remove_participant(&self) -> TwirpResult {
+        let req: lk::RoomParticipantIdentity = self.decode()?;
+        self.require_admin(&req.room)?;
+        self.participant(&req.room, &req.identity).await?;
+        tracing::info!(room = %req.room, identity = %req.identity, "RoomService RemoveParticipant");
+        self.command(Command::Remove {
+            room: req.room,
+            identity: req.identity,
+            reason: lk::DisconnectReason::ParticipantRemoved as i32,
+        })
+        .await?;
+        self.encoding.reply(&lk::RemoveParticipantResponse {})
+    }
+
+    async fn mute_published_track(&self) -> TwirpResult {
+        let req: lk::MuteRoomTrackRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        let p = self.participant(&req.room, &req.identity).await?;
+        if !p.tracks.iter().any(|t| t.sid == req.track_sid) {
+            return Err(TwirpError::NotFound(format!(
+                "track {:?} is not published by {:?}",
+                req.track_sid, req.identity
+            )));
+        }
+        if !req.muted {
+            // LiveKit's default (`room.enable_remote_unmute: false`): only the publisher unmutes.
+            return Err(TwirpError::FailedPrecondition(
+                "remote unmute not enabled".into(),
+            ));
+        }
+        self.command(Command::MuteTrack {
+            room: req.room.clone(),
+            identity: req.identity.clone(),
+            track_sid: req.track_sid.clone(),
+            muted: req.muted,
+        })
+        .await?;
+        let track = self
+            .sfu()?
+            .participant(&req.room, &req.identity)
+            .await
+            .and_then(|p| p.tracks.into_iter().find(|t| t.sid == req.track_sid));
+        self.encoding.reply(&lk::MuteRoomTrackResponse { track })
+    }
+
+    async fn update_participant(&self) -> TwirpResult {
+        let req: lk::UpdateParticipantRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        self.participant(&req.room, &req.identity).await?;
+        self.command(Command::UpdateParticipant {
+            room: req.room.clone(),
+            identity: req.identity.clone(),
+            metadata: req.metadata,
+            name: req.name,
+            attributes: req.attributes,
+            permission: req.permission,
+        })
+        .await?;
+        let p = self.participant(&req.room, &req.identity).await?;
+        self.encoding.reply(&p)
+    }
+
+    async fn update_subscriptions(&self) -> TwirpResult {
+        let req: lk::UpdateSubscriptionsRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        self.participant(&req.room, &req.identity).await?;
+        let mut track_sids = req.track_sids;
+        for pt in req.participant_tracks {
+            track_sids.extend(pt.track_sids);
+        }
+        self.command(Command::UpdateSubscriptions {
+            room: req.room,
+            identity: req.identity,
+            track_sids,
+            subscribe: req.subscribe,
+        })
+        .await?;
+        self.encoding.reply(&lk::UpdateSubscriptionsResponse {})
+    }
+
+    async fn send_data(&self) -> TwirpResult {
+        let req: lk::SendDataRequest = self.decode()?;
+        self.require_admin(&req.room)?;
+        if req.data.len() > MAX_DATA_BYTES {
+            return Err(TwirpError::InvalidArgument(format!(
+                "data is larger than {MAX_DATA_BYTES} bytes"
+            )));
+        }
+        let kind = lk::data_packet::Kind::try_from(req.kind)
+            .map_err(|_| TwirpError::InvalidArgument(format!("unknown kind {}", req.kind)))?;
+        self.existing_room(&req.room).await?;
+        #[allow(deprecated)] // `kind` and the user packet's destinations are what clients read
+        let packet = lk::DataPacket {
+            kind: kind as i32,
+            destination_identities: req.destination_identities.clone(),
+            value: Some(lk::data_packet::Value::User(lk::UserPacket {
+                payload: req.data,
+                destination_identities: req.destination_identities,
+                topic: req.topic,
+                nonce: req.nonce,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        self.command(Command::SendData {
+            room: req.room,
+            packet: Box::new(packet),
+            reliable: kind == lk::data_packet::Kind::Reliable,
+        })
+        .await?;
+        self.encoding.reply(&lk::SendDataResponse {})
+    }
+}
+
+fn room_not_found(room: &str) -> TwirpError {
+    TwirpError::NotFound(format!("requested room {room:?} does not exist"))
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn nonzero_secs(v: u32, default: Duration) -> Duration {
+    if v == 0 {
+        default
+    } else {
+        Duration::from_secs(u64::from(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_and_statuses() {
+        let cases = [
+            (
+                TwirpError::Unauthenticated(String::new()),
+                "unauthenticated",
+                401,
+            ),
+            (
+                TwirpError::PermissionDenied(String::new()),
+                "permission_denied",
+                403,
+            ),
+            (TwirpError::NotFound(String::new()), "not_found", 404),
+            (
+                TwirpError::InvalidArgument(String::new()),
+                "invalid_argument",
+                400,
+            ),
+            (TwirpError::Malformed(String::new()), "malformed", 400),
+            (TwirpError::BadRoute(String::new()), "bad_route", 404),
+            (TwirpError::Internal(String::new()), "internal", 500),
+        ];
+        for (e, code, status) in cases {
+            assert_eq!(e.code(), code);
+            assert_eq!(e.status().as_u16(), status);
+        }
+    }
+
+    #[test]
+    fn json_accepts_camel_and_proto_names_and_protobuf_round_trips() {
+        let camel: lk::CreateRoomRequest = Encoding::Json
+            .decode(br#"{"name":"r","emptyTimeout":5,"departureTimeout":7,"maxParticipants":2}"#)
+            .unwrap();
+        let proto: lk::CreateRoomRequest = Encoding::Json
+            .decode(br#"{"name":"r","empty_timeout":5,"departure_timeout":7,"max_participants":2}"#)
+            .unwrap();
+        assert_eq!(camel, proto);
+        assert_eq!(camel.max_participants, 2);
+        let bytes = prost::Message::encode_to_vec(&camel);
+        let back: lk::CreateRoomRequest = Encoding::Protobuf.decode(&bytes).unwrap();
+        assert_eq!(back, camel);
+        assert!(matches!(
+            Encoding::Json.decode::<lk::CreateRoomRequest>(b"nope"),
+            Err(TwirpError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(Encoding::of(&h), Err(TwirpError::BadRoute(_))));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert_eq!(Encoding::of(&h).unwrap(), Encoding::Json);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/protobuf"),
+        );
+        assert_eq!(Encoding::of(&h).unwrap(), Encoding::Protobuf);
+    }
+}

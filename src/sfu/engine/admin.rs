@@ -1,0 +1,423 @@
+//! Server-side administration of rooms and participants (the RoomService API): snapshots for
+//! queries and the operator [`Command`]s (mute, update, subscriptions, server data, room
+//! updates, room deletion). A child of `engine`, so it works on the engine's own state.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Msg;
+use prost::Message as _;
+
+use super::{msg, Command, Output, SessionId, Sfu};
+
+impl Sfu {
+    /// The live part of a room's info (`sid`, `name`, creation time, participant and publisher
+    /// counts), if the engine has the room (somebody is connected).
+    pub fn room_info(&self, room: &str) -> Option<lk::Room> {
+        let r = self.rooms.get(room)?;
+        let publishers = r
+            .participants
+            .values()
+            .filter(|p| !p.tracks.is_empty())
+            .count();
+        Some(lk::Room {
+            sid: r.sid.clone(),
+            name: room.to_owned(),
+            creation_time: r.created_unix,
+            creation_time_ms: r.created_unix * 1000,
+            num_participants: u32::try_from(r.participants.len()).unwrap_or(u32::MAX),
+            num_publishers: u32::try_from(publishers).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    /// The info of participant `identity` in `room` now, with its current tracks.
+    pub fn participant_info(&self, room: &str, identity: &str) -> Option<lk::ParticipantInfo> {
+        let p = self
+            .rooms
+            .get(room)?
+            .participants
+            .values()
+            .find(|p| p.info.identity == identity)?;
+        let mut info = p.info.clone();
+        info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
+        Some(info)
+    }
+
+    fn session_of(&self, room: &str, identity: &str) -> Option<SessionId> {
+        self.rooms
+            .get(room)?
+            .participants
+            .values()
+            .find(|p| p.info.identity == identity)
+            .map(|p| p.session)
+    }
+
+    /// Carries out one of the RoomService commands.
+    pub(super) fn admin_command(&mut self, now: Instant, command: Command) {
+        match command {
+            Command::MuteTrack {
+                room,
+                identity,
+                track_sid,
+                muted,
+            } => self.server_mute(now, &room, &identity, track_sid, muted),
+            Command::UpdateParticipant {
+                room,
+                identity,
+                metadata,
+                name,
+                attributes,
+                permission,
+            } => self.server_update_participant(
+                &room, &identity, metadata, name, attributes, permission,
+            ),
+            Command::UpdateSubscriptions {
+                room,
+                identity,
+                track_sids,
+                subscribe,
+            } => {
+                if let Some(session) = self.session_of(&room, &identity) {
+                    let update = lk::UpdateSubscription {
+                        track_sids,
+                        subscribe,
+                        participant_tracks: Vec::new(),
+                    };
+                    self.request(
+                        now,
+                        session,
+                        lk::signal_request::Message::Subscription(update),
+                    );
+                }
+            }
+            Command::SendData {
+                room,
+                packet,
+                reliable,
+            } => self.server_data(now, &room, &packet, reliable),
+            Command::UpdateRoom { room, info } => self.server_room_update(&room, *info),
+            Command::DeleteRoom { room } => {
+                let identities: Vec<String> = self
+                    .rooms
+                    .get(&room)
+                    .map(|r| {
+                        r.participants
+                            .values()
+                            .map(|p| p.info.identity.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                tracing::info!(%room, participants = identities.len(), "room deleted");
+                for identity in identities {
+                    self.handle_command(
+                        now,
+                        Command::Remove {
+                            room: room.clone(),
+                            identity,
+                            reason: lk::DisconnectReason::RoomDeleted as i32,
+                        },
+                    );
+                }
+            }
+            // The signalling commands are handled by `handle_command` itself.
+            Command::Join { .. }
+            | Command::Request { .. }
+            | Command::Disconnect { .. }
+            | Command::Remove { .. } => {}
+        }
+    }
+
+    fn server_mute(
+        &mut self,
+        now: Instant,
+        room: &str,
+        identity: &str,
+        track_sid: String,
+        muted: bool,
+    ) {
+        let Some(session) = self.session_of(room, identity) else {
+            return;
+        };
+        let published = self
+            .participant_info(room, identity)
+            .is_some_and(|p| p.tracks.iter().any(|t| t.sid == track_sid));
+        if !published {
+            return;
+        }
+        tracing::info!(room, identity, track = %track_sid, muted, "server-initiated mute");
+        // Exactly what the publisher's own mute request does (track info, broadcast)...
+        self.request(
+            now,
+            session,
+            lk::signal_request::Message::Mute(lk::MuteTrackRequest {
+                sid: track_sid.clone(),
+                muted,
+            }),
+        );
+        // ...and the publisher's SDK is told to (un)mute its local track.
+        self.out.push_back(Output::Signal(
+            session,
+            msg(Msg::Mute(lk::MuteTrackRequest {
+                sid: track_sid,
+                muted,
+            })),
+        ));
+    }
+
+    fn server_update_participant(
+        &mut self,
+        room: &str,
+        identity: &str,
+        metadata: String,
+        name: String,
+        attributes: HashMap<String, String>,
+        permission: Option<lk::ParticipantPermission>,
+    ) {
+        let Some(session) = self.session_of(room, identity) else {
+            return;
+        };
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        if !metadata.is_empty() {
+            p.info.metadata = metadata;
+        }
+        if !name.is_empty() {
+            p.info.name = name;
+        }
+        for (k, v) in attributes {
+            if v.is_empty() {
+                p.info.attributes.remove(&k);
+            } else {
+                p.info.attributes.insert(k, v);
+            }
+        }
+        if let Some(permission) = permission {
+            p.auto_subscribe = p.auto_subscribe && permission.can_subscribe;
+            p.info.permission = Some(permission);
+        }
+        tracing::info!(room, identity, "participant updated by the server");
+        self.broadcast_participant(session);
+    }
+
+    fn server_data(&mut self, now: Instant, room: &str, packet: &lk::DataPacket, reliable: bool) {
+        let encoded = packet.encode_to_vec();
+        let destinations = &packet.destination_identities;
+        let mut touched = Vec::new();
+        if let Some(r) = self.rooms.get_mut(room) {
+            for p in r.participants.values_mut() {
+                if !destinations.is_empty() && !destinations.contains(&p.info.identity) {
+                    continue;
+                }
+                let id = if reliable {
+                    p.sub_reliable
+                } else {
+                    p.sub_lossy
+                };
+                let Some(mut ch) = id.and_then(|id| p.subscriber.rtc.channel(id)) else {
+                    tracing::debug!(session = p.session, "no open data channel for server data");
+                    continue;
+                };
+                match ch.write(true, &encoded) {
+                    Ok(_) => touched.push(p.session),
+                    Err(e) => {
+                        tracing::debug!(session = p.session, error = %e, "server data write failed");
+                    }
+                }
+            }
+        }
+        for session in touched {
+            self.drain(now, session);
+        }
+    }
+
+    fn server_room_update(&mut self, room: &str, mut info: lk::Room) {
+        let Some(live) = self.room_info(room) else {
+            return;
+        };
+        info.sid = live.sid;
+        info.name = live.name;
+        info.creation_time = live.creation_time;
+        info.creation_time_ms = live.creation_time_ms;
+        info.num_participants = live.num_participants;
+        info.num_publishers = live.num_publishers;
+        let update = Msg::RoomUpdate(lk::RoomUpdate { room: Some(info) });
+        let sessions: Vec<SessionId> = self
+            .rooms
+            .get(room)
+            .map(|r| r.participants.keys().copied().collect())
+            .unwrap_or_default();
+        for session in sessions {
+            self.out
+                .push_back(Output::Signal(session, msg(update.clone())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{SfuConfig, SignalOut};
+    use super::*;
+
+    fn sfu(now: Instant) -> Sfu {
+        Sfu::new(
+            SfuConfig {
+                candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+                seed: Some(7),
+            },
+            now,
+        )
+    }
+
+    fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
+        s.handle_command(
+            now,
+            Command::Join {
+                session,
+                room: "room".into(),
+                identity: identity.into(),
+                name: identity.into(),
+                metadata: String::new(),
+                permission: lk::ParticipantPermission {
+                    can_subscribe: true,
+                    can_publish: true,
+                    can_publish_data: true,
+                    ..Default::default()
+                },
+                auto_subscribe: true,
+                client_protocol: 2,
+            },
+        );
+    }
+
+    fn drain(s: &mut Sfu) -> Vec<(SessionId, Option<Msg>)> {
+        let mut out = Vec::new();
+        loop {
+            match s.poll_output() {
+                Output::Timeout(_) => return out,
+                Output::Signal(id, SignalOut::Message(m)) => out.push((id, Some(*m))),
+                Output::Signal(id, SignalOut::Close) => out.push((id, None)),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_updates_mute_and_deletion() {
+        let now = Instant::now();
+        let mut s = sfu(now);
+        s.set_unix_time(1_700_000_000);
+        join(&mut s, now, 1, "alice");
+        join(&mut s, now, 2, "bob");
+        drain(&mut s);
+        let room = s.room_info("room").expect("room");
+        assert!(room.sid.starts_with("RM_"));
+        assert_eq!(room.num_participants, 2);
+        assert_eq!(room.creation_time, 1_700_000_000);
+        assert!(s.room_info("other").is_none());
+        assert_eq!(
+            s.participant_info("room", "bob").expect("bob").identity,
+            "bob"
+        );
+        assert!(s.participant_info("room", "carol").is_none());
+
+        // Metadata, name and attributes: everyone (bob too) gets bob's new info.
+        s.handle_command(
+            now,
+            Command::UpdateParticipant {
+                room: "room".into(),
+                identity: "bob".into(),
+                metadata: "meta".into(),
+                name: "Bob".into(),
+                attributes: HashMap::from([("k".into(), "v".into())]),
+                permission: None,
+            },
+        );
+        let msgs = drain(&mut s);
+        for to in [1, 2] {
+            assert!(
+                msgs.iter().any(|(id, m)| *id == to
+                    && matches!(m, Some(Msg::Update(u)) if u.participants.iter().any(|p| p.metadata == "meta" && p.name == "Bob" && p.attributes.get("k").map(String::as_str) == Some("v")))),
+                "{to} told: {msgs:?}"
+            );
+        }
+
+        // Room update reaches everyone with the live fields filled in.
+        s.handle_command(
+            now,
+            Command::UpdateRoom {
+                room: "room".into(),
+                info: Box::new(lk::Room {
+                    metadata: "room-meta".into(),
+                    ..Default::default()
+                }),
+            },
+        );
+        let msgs = drain(&mut s);
+        let updates: Vec<&lk::Room> = msgs
+            .iter()
+            .filter_map(|(_, m)| match m {
+                Some(Msg::RoomUpdate(u)) => u.room.as_ref(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updates.len(), 2);
+        assert!(updates
+            .iter()
+            .all(|r| r.metadata == "room-meta" && r.sid == room.sid && r.name == "room"));
+
+        // Server mute: an unknown track changes nothing; a published one is muted for
+        // everyone and the publisher is told.
+        s.handle_command(
+            now,
+            Command::Request {
+                session: 1,
+                message: Box::new(lk::signal_request::Message::AddTrack(lk::AddTrackRequest {
+                    cid: "mic".into(),
+                    r#type: lk::TrackType::Audio as i32,
+                    ..Default::default()
+                })),
+            },
+        );
+        drain(&mut s);
+        let track = s.participant_info("room", "alice").expect("alice").tracks[0]
+            .sid
+            .clone();
+        let mute = |sid: &str| Command::MuteTrack {
+            room: "room".into(),
+            identity: "alice".into(),
+            track_sid: sid.into(),
+            muted: true,
+        };
+        s.handle_command(now, mute("TR_none"));
+        assert!(drain(&mut s).is_empty());
+        s.handle_command(now, mute(&track));
+        let msgs = drain(&mut s);
+        assert!(msgs.iter().any(
+            |(id, m)| *id == 1 && matches!(m, Some(Msg::Mute(x)) if x.muted && x.sid == track)
+        ));
+        assert!(msgs.iter().any(|(id, m)| *id == 2
+            && matches!(m, Some(Msg::Update(u)) if u.participants.iter().any(|p| p.tracks.iter().any(|t| t.muted)))));
+        assert!(s.participant_info("room", "alice").expect("alice").tracks[0].muted);
+
+        // Deleting the room removes both with ROOM_DELETED and drops the room.
+        s.handle_command(
+            now,
+            Command::DeleteRoom {
+                room: "room".into(),
+            },
+        );
+        let msgs = drain(&mut s);
+        for to in [1, 2] {
+            assert!(msgs.iter().any(|(id, m)| *id == to
+                && matches!(m, Some(Msg::Leave(l)) if l.reason == lk::DisconnectReason::RoomDeleted as i32)));
+            assert!(
+                msgs.iter().any(|(id, m)| *id == to && m.is_none()),
+                "closed"
+            );
+        }
+        assert!(s.room_info("room").is_none());
+    }
+}

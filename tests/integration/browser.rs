@@ -1,0 +1,291 @@
+//! Chromium + the unmodified npm `livekit-client` through Conclave's SFU: a real browser's
+//! WebRTC stack (ICE, DTLS, simulcast VP8, Opus, RTCP) and the JS SDK's signalling, against
+//! the Python SDK and against a second browser tab. The browser side is
+//! `tests/clients/web/` driven by `support::web`.
+//!
+//! The tabs connect through v0 `/rtc` directly (`singlePeerConnection: false`). The SDK's
+//! default path (`/rtc/v1`, then `/rtc/v1/validate`, then the v0 fallback) is its own test.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::conclave::{Conclave, ConclaveOptions};
+use crate::support::lk_clients::{PyClient, PyClientSpec};
+use crate::support::synapse::heavy_lock;
+use crate::support::web::{Browser, BrowserReport, BrowserSpec, TabSpec};
+
+async fn sfu() -> Conclave {
+    Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
+        .await
+        .unwrap()
+}
+
+fn grants() -> Value {
+    json!({"canPublish": true, "canSubscribe": true, "canPublishData": true})
+}
+
+/// Panics (with the browser report and Conclave's log) unless `ok`.
+#[track_caller]
+fn check(ok: bool, what: &str, report: &BrowserReport, c: &Conclave) {
+    assert!(
+        ok,
+        "{what}\n{}\n---- conclave log ----\n{}",
+        report.describe(),
+        c.logs()
+    );
+}
+
+/// No uncaught page exceptions and no console errors in the tab.
+#[track_caller]
+fn check_clean_console(report: &BrowserReport, label: &str, c: &Conclave) {
+    let tab = report.tab(label);
+    let page_errors = tab["page_errors"].as_array().map_or(0, Vec::len);
+    let console_errors = tab["console_errors"].as_array().map_or(0, Vec::len);
+    check(
+        page_errors == 0 && console_errors == 0,
+        &format!(
+            "tab {label}: page errors {} / console errors {}",
+            tab["page_errors"], tab["console_errors"]
+        ),
+        report,
+        c,
+    );
+}
+
+/// The tab published its camera with simulcast: `want_layers` encodings (q, h[, f]) all
+/// configured, at least two of them actually sending.
+#[track_caller]
+fn check_simulcast_camera(report: &BrowserReport, label: &str, want_layers: usize, c: &Conclave) {
+    let video = report
+        .published(label, "video")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let encodings = video["encodings"].as_array().map_or(0, Vec::len);
+    let sending = video["outbound"]
+        .as_array()
+        .map(|layers| {
+            layers
+                .iter()
+                .filter(|l| l["frames_encoded"].as_u64().unwrap_or(0) > 0)
+                .count()
+        })
+        .unwrap_or(0);
+    check(
+        video["simulcasted"] == true && encodings == want_layers && sending >= 2,
+        &format!(
+            "tab {label}: camera published with {want_layers} simulcast layers, >= 2 sending \
+             (simulcasted {}, {encodings} encodings, {sending} sending): {video}",
+            video["simulcasted"]
+        ),
+        report,
+        c,
+    );
+    let audio = report
+        .published(label, "audio")
+        .cloned()
+        .unwrap_or(Value::Null);
+    check(
+        audio["sid"].is_string() && audio["mime"] == "audio/opus",
+        &format!("tab {label}: microphone published as Opus: {audio}"),
+        report,
+        c,
+    );
+}
+
+/// (a) The browser publishes camera (simulcast, 3 layers at 960x540) and microphone; the
+/// Python SDK, publishing audio only, decodes >= 30 video and >= 100 audio frames of it;
+/// the page sees the Python participant's audio track subscribed, with sound in it.
+#[tokio::test]
+async fn browser_publishes_simulcast_camera_and_mic_python_decodes_and_page_hears_python() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("b1", "web", grants()));
+    tab.resolution = (960, 540, 24);
+    tab.expect_remote_tracks = vec![("py".into(), Some("audio".into()))];
+    tab.expect_audio_level = vec![("py".into(), 0.01)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.hold = true; // stay published until the Python side has what it needs
+    spec.timeout_s = 60.0;
+    let mut browser = Browser::spawn(spec).unwrap();
+
+    let mut p = PyClientSpec::new(c.ws_url(), c.token("b1", "py", grants()), "py");
+    p.publish_audio = true;
+    p.publish_video = false;
+    p.expect_participants = 1;
+    p.expect_audio_frames = 100;
+    p.expect_video_frames = 30;
+    p.timeout_s = 50.0;
+    p.min_duration_s = 40.0; // ended by SIGTERM below, once both sides are satisfied
+    let mut py = PyClient::spawn(p).unwrap();
+
+    py.wait_event("expectations_met", Duration::from_secs(50))
+        .await
+        .unwrap();
+    browser
+        .wait_event("expectations_met", Duration::from_secs(50))
+        .await
+        .unwrap();
+
+    browser.terminate().unwrap();
+    let report = browser.wait(Duration::from_secs(30)).await.unwrap();
+    py.terminate().unwrap();
+    let rp = py.wait(Duration::from_secs(30)).await.unwrap();
+    rp.assert_exit(0);
+    report.assert_exit(0);
+
+    // Python decoded the browser's media.
+    let web = rp.remote("web").cloned().unwrap_or(Value::Null);
+    let video_frames = web["video_frames"].as_u64().unwrap_or(0);
+    let audio_frames = web["audio_frames"].as_u64().unwrap_or(0);
+    check(
+        video_frames >= 30 && audio_frames >= 100,
+        &format!(
+            "python decoded the browser's video ({video_frames} >= 30) and audio \
+             ({audio_frames} >= 100): {web}\n{}",
+            rp.describe()
+        ),
+        &report,
+        &c,
+    );
+    let tracks = web["tracks"].as_array().map_or(0, Vec::len);
+    assert_eq!(tracks, 2, "python saw camera and microphone: {web}");
+    eprintln!(
+        "browser -> python: video {video_frames} frames at {}, audio {audio_frames} frames",
+        web["video_resolution"]
+    );
+
+    // The browser published with simulcast and sees the Python participant's audio.
+    check_simulcast_camera(&report, "web", 3, &c);
+    let py_audio = report.remote("web", "remote_tracks", "py");
+    check(
+        py_audio.len() == 1 && py_audio[0]["kind"] == "audio",
+        &format!("page subscribed exactly py's audio track: {py_audio:?}"),
+        &report,
+        &c,
+    );
+    let heard = report.remote("web", "audios", "py");
+    check(
+        heard
+            .first()
+            .and_then(|a| a["level_max"].as_f64())
+            .is_some_and(|l| l >= 0.01)
+            && heard[0]["stats"]["packets_received"].as_u64().unwrap_or(0) > 50,
+        &format!("page heard py's sine (analyser RMS >= 0.01, > 50 packets): {heard:?}"),
+        &report,
+        &c,
+    );
+    check(
+        report.tab("web")["disconnected"].is_null(),
+        "the tab stayed connected until the test ended",
+        &report,
+        &c,
+    );
+    check_clean_console(&report, "web", &c);
+    eprintln!(
+        "browser outbound layers: {}",
+        report.published("web", "video").unwrap()["outbound"]
+    );
+}
+
+/// (b) Two browser tabs in one room: each sees the other's video playing (`videoWidth > 0`,
+/// frames advancing) and hears the other's microphone.
+#[tokio::test]
+async fn two_browser_tabs_see_each_others_video_playing() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let mut a = TabSpec::new("a", c.ws_url(), c.token("b2", "alice", grants()));
+    a.expect_video_playing = vec![("bob".into(), 30)];
+    a.expect_remote_tracks = vec![("bob".into(), Some("audio".into()))];
+    a.expect_audio_level = vec![("bob".into(), 0.01)];
+    let mut b = TabSpec::new("b", c.ws_url(), c.token("b2", "bob", grants()));
+    b.expect_video_playing = vec![("alice".into(), 30)];
+    b.expect_remote_tracks = vec![("alice".into(), Some("audio".into()))];
+    b.expect_audio_level = vec![("alice".into(), 0.01)];
+    let mut spec = BrowserSpec::new(vec![a, b]);
+    spec.timeout_s = 45.0;
+    spec.min_duration_s = 2.0;
+    let report = Browser::run(spec).await.unwrap();
+    check(
+        report.exit_code == 0,
+        "both tabs met their expectations",
+        &report,
+        &c,
+    );
+    for (label, other) in [("a", "bob"), ("b", "alice")] {
+        let videos = report.remote(label, "videos", other);
+        let v = videos.first().copied().cloned().unwrap_or(Value::Null);
+        check(
+            v["video_width"].as_u64().unwrap_or(0) > 0
+                && v["video_height"].as_u64().unwrap_or(0) > 0
+                && v["frames"].as_u64().unwrap_or(0) >= 30
+                && v["frames_advancing"] == true
+                && v["stats"]["frames_decoded"].as_u64().unwrap_or(0) >= 30,
+            &format!("tab {label} sees {other}'s video playing: {v}"),
+            &report,
+            &c,
+        );
+        eprintln!(
+            "tab {label} <- {other}: {}x{}, {} frames painted, {} fps",
+            v["video_width"], v["video_height"], v["frames"], v["fps_1s"]
+        );
+        check_simulcast_camera(&report, label, 2, &c);
+        check_clean_console(&report, label, &c);
+    }
+}
+
+/// Simulcast layer selection: tab b asks for the LOW layer of alice's camera
+/// (`setVideoQuality`), so it must play alice at 320x180 (the q layer) while tab a keeps
+/// bob's at 640x360 (h).
+#[tokio::test]
+async fn browser_subscriber_gets_the_simulcast_layer_it_asks_for() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let mut a = TabSpec::new("a", c.ws_url(), c.token("b3", "alice", grants()));
+    a.publish_microphone = false;
+    a.expect_video_size = vec![("bob".into(), 640, 360)];
+    let mut b = TabSpec::new("b", c.ws_url(), c.token("b3", "bob", grants()));
+    b.publish_microphone = false;
+    b.video_quality = vec![("alice".into(), "low".into())];
+    b.expect_video_size = vec![("alice".into(), 320, 180)];
+    let mut spec = BrowserSpec::new(vec![a, b]);
+    spec.timeout_s = 45.0;
+    spec.min_duration_s = 3.0;
+    let report = Browser::run(spec).await.unwrap();
+    check(
+        report.exit_code == 0,
+        "alice at 320x180 in tab b (LOW), bob at 640x360 in tab a",
+        &report,
+        &c,
+    );
+    let asked = report
+        .events
+        .iter()
+        .any(|e| e["tab"] == "b" && e["event"] == "set_video_quality");
+    assert!(asked, "tab b requested LOW: {}", report.describe());
+}
+
+/// The SDK's default connect: `/rtc/v1` (Conclave answers 404), then the SDK fetches
+/// `/rtc/v1/validate` from the page's origin to decide on the v0 fallback.
+#[tokio::test]
+#[ignore = "server bug: the 404 from /rtc/v1/validate has no Access-Control-Allow-Origin header, \
+            so the browser blocks the validate fetch (CORS) and livekit-client reports \
+            'could not establish signal connection' instead of falling back to /rtc"]
+async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let mut a = TabSpec::new("a", c.ws_url(), c.token("b4", "alice", grants()));
+    a.single_pc = None; // SDK default: try v1 first
+    a.publish_camera = false;
+    a.publish_microphone = true;
+    let mut spec = BrowserSpec::new(vec![a]);
+    spec.timeout_s = 30.0;
+    let report = Browser::run(spec).await.unwrap();
+    check(
+        report.exit_code == 0 && report.tab("a")["connected"] == true,
+        "the tab connected with the SDK's default signalling",
+        &report,
+        &c,
+    );
+}
