@@ -66,9 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         );
 
     // LiveKit RoomService (Twirp); Twirp JSON errors, `bad_route` when off.
-    let twirp_routes = Router::new()
-        .route("/twirp/{service}/{method}", any(twirp::handle))
-        .route("/twirp/{*rest}", any(twirp::bad_route));
+    let twirp_routes = Router::new().route("/twirp/{*path}", any(twirp::handle));
 
     Router::new()
         .merge(appservice_routes)

@@ -214,6 +214,9 @@ fn discovery_text(config: &Config, json: bool) -> Result<String, RunError> {
     let synapse = serde_json::json!({
         "experimental_features": {"msc4143_enabled": true},
         "max_event_delay_duration": "24h",
+        // Conclave restarts every participant's delayed leave from one IP: Synapse's default
+        // (1/s, burst 5) would throttle it beyond a handful of participants.
+        "rc_delayed_event_mgmt": {"per_second": 50, "burst_count": 200},
         "matrix_rtc": {"transports": [transport]},
     });
     let well_known = serde_json::json!({"org.matrix.msc4143.rtc_foci": [transport]});

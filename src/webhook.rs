@@ -339,17 +339,33 @@ impl Target {
             match self.post(&p.body).await {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(url = %self.url, event = %p.name, room = %p.room, "webhook delivered");
+                    tracing::debug!(
+                        url = %self.url,
+                        event = %p.name,
+                        room = %p.room,
+                        "webhook delivered"
+                    );
                     return;
                 }
                 Err(e) if e.retryable() && attempt < MAX_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, event = %p.name, "webhook failed; retrying");
+                    tracing::debug!(
+                        error = %e,
+                        attempt,
+                        event = %p.name,
+                        "webhook failed; retrying"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
                 Err(e) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, attempt, event = %p.name, room = %p.room, "webhook not delivered");
+                    tracing::warn!(
+                        error = %e,
+                        attempt,
+                        event = %p.name,
+                        room = %p.room,
+                        "webhook not delivered"
+                    );
                     return;
                 }
             }

@@ -618,6 +618,9 @@ impl MediaClient {
                     }
                     Output::Event(e) => match e {
                         Event::Connected => p.connected = true,
+                        Event::IceConnectionStateChange(state) => {
+                            tracing::debug!(client = %self.spec.identity, subscriber, ?state, "ICE");
+                        }
                         Event::MediaAdded(m)
                             if subscriber
                                 && matches!(

@@ -379,6 +379,7 @@ async fn signalling(
             .as_u64()
             .ok_or_else(|| BenchError::Janus(format!("publisher join: {joined}")))?;
         own_feed = Some(feed);
+        tracing::debug!(client = %spec.identity, feed, "janus: joined as publisher");
         let offer = ask(&work, Work::PublisherOffer).await?;
         let ev = s
             .message(
@@ -389,7 +390,9 @@ async fn signalling(
                 &handles,
             )
             .await?;
-        let _ = work.send(Work::PublisherAnswer(jsep_sdp(&ev)?)).await;
+        let answer = jsep_sdp(&ev)?;
+        tracing::debug!(client = %spec.identity, answer = %answer, "janus: publisher answer");
+        let _ = work.send(Work::PublisherAnswer(answer)).await;
         if let Ok(mut f) = target.feeds.lock() {
             f.push((idx, feed));
         }

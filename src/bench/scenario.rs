@@ -77,6 +77,8 @@ pub struct MediaBenchOptions {
     pub limit_seconds: f64,
     /// An external Conclave: URL, API key, API secret (loopback only).
     pub url: Option<(String, String, String)>,
+    /// The server binary (default: the running executable).
+    pub server_exe: Option<std::path::PathBuf>,
     /// Receivers joining at once.
     pub join_concurrency: usize,
     /// Hard bound on the whole run.
@@ -466,7 +468,7 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
     let server_cpu = if pinned { opts.server_cpu } else { None };
     let conclave = match &opts.url {
         Some((url, key, secret)) => ConclaveTarget::external(url, key, secret)?,
-        None => ConclaveTarget::start(server_cpu).await?,
+        None => ConclaveTarget::start(opts.server_exe.as_deref(), server_cpu).await?,
     };
     let sut = Sut::Conclave(Arc::new(conclave));
     let c = run_sut(&sut, &opts).await?;
@@ -676,6 +678,10 @@ pub struct CommonArgs {
     /// LiveKit API secret of --url.
     #[arg(long)]
     pub api_secret: Option<String>,
+    /// The `conclave` binary to start as the server (default: this one), e.g. to compare two
+    /// builds with the same load generator.
+    #[arg(long)]
+    pub server_exe: Option<std::path::PathBuf>,
     /// Stop after this many seconds whatever happens.
     #[arg(long, default_value_t = 600)]
     pub max_seconds: u64,
@@ -714,6 +720,7 @@ impl CommonArgs {
             limit: !self.no_limit,
             limit_seconds: self.limit_seconds,
             url,
+            server_exe: self.server_exe.clone(),
             join_concurrency: self.join_concurrency,
             max_duration: Duration::from_secs(self.max_seconds),
         }

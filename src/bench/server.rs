@@ -132,11 +132,14 @@ pub struct ConclaveTarget {
 }
 
 impl ConclaveTarget {
-    /// Starts `current_exe() serve` on free loopback ports with a temporary data dir, no
-    /// homeserver, rooms created on first connect; pinned to `cpu` when given.
-    pub async fn start(cpu: Option<usize>) -> Result<Self, BenchError> {
-        let exe = std::env::current_exe()
-            .map_err(|e| BenchError::io("locating the conclave binary", e))?;
+    /// Starts `exe serve` (default: `current_exe()`) on free loopback ports with a temporary
+    /// data dir, no homeserver, rooms created on first connect; pinned to `cpu` when given.
+    pub async fn start(exe: Option<&Path>, cpu: Option<usize>) -> Result<Self, BenchError> {
+        let exe = match exe {
+            Some(p) => p.to_path_buf(),
+            None => std::env::current_exe()
+                .map_err(|e| BenchError::io("locating the conclave binary", e))?,
+        };
         let dir = tempfile::tempdir().map_err(|e| BenchError::io("creating a data dir", e))?;
         let data_dir = dir.path().join("data");
         let port = free_tcp_port()?;

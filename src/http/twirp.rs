@@ -172,21 +172,17 @@ impl Encoding {
     }
 }
 
-/// `/twirp/{service}/{method}` (any HTTP method).
+/// `/twirp/{*path}` (any HTTP method): `path` is `{service}/{method}`.
 pub async fn handle(
     State(state): State<Arc<AppState>>,
-    Path((service, method)): Path<(String, String)>,
+    Path(path): Path<String>,
     request: Request,
 ) -> Response {
-    match serve(&state, &service, &method, request).await {
+    let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
+    match serve(&state, service, method, request).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
-}
-
-/// Any other path under `/twirp/`.
-pub async fn bad_route(request: Request) -> Response {
-    TwirpError::BadRoute(format!("no handler for path {:?}", request.uri().path())).into_response()
 }
 
 async fn serve(state: &AppState, service: &str, method: &str, request: Request) -> TwirpResult {

@@ -874,7 +874,7 @@ impl Sfu {
         p.info.state = lk::participant_info::State::Disconnected as i32;
         p.info.version += 1;
         p.info.disconnect_reason = reason;
-        for t in &p.tracks {
+        for t in p.tracks.iter().filter(|t| t.mid.is_some()) {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
                     room: room_name.clone(),
@@ -1292,6 +1292,7 @@ impl Sfu {
             };
             wanted.push((sid.clone(), quality));
         }
+        tracing::debug!(session, settings = ?s, ?wanted, "track settings");
         #[allow(deprecated)]
         let off = s.disabled || s.quality == lk::VideoQuality::Off as i32;
         let mut keyframes = Vec::new();
@@ -1450,6 +1451,20 @@ impl Sfu {
         let Some(room_name) = self.sessions.get(&publisher).cloned() else {
             return;
         };
+        // Media is bound: the track is published (webhooks).
+        let published = self.participant_mut(publisher).and_then(|p| {
+            let track = p.tracks.iter().find(|t| t.info.sid == track_sid)?;
+            let mut info = p.info.clone();
+            info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
+            Some((Box::new(info), Box::new(track.info.clone())))
+        });
+        if let Some((participant, track)) = published {
+            self.out.push_back(Output::Event(SfuEvent::TrackPublished {
+                room: room_name.clone(),
+                participant,
+                track,
+            }));
+        }
         let subscribers: Vec<SessionId> = self
             .rooms
             .get(&room_name)
@@ -1697,6 +1712,13 @@ impl Sfu {
                                         p.tracks.iter().position(|t| t.mid == Some(ch.mid))
                                     {
                                         let t = p.tracks.remove(i);
+                                        self.out.push_back(Output::Event(
+                                            SfuEvent::TrackUnpublished {
+                                                room: room_name.clone(),
+                                                participant: Box::new(p.info.clone()),
+                                                track: Box::new(t.info.clone()),
+                                            },
+                                        ));
                                         unpublished.push(t.info.sid);
                                     }
                                 }
@@ -1850,6 +1872,13 @@ impl Sfu {
                     // Switch only onto a keyframe of the wanted layer; until then the current
                     // layer keeps flowing.
                     if f.data.rid == o.wanted_rid && f.keyframe {
+                        tracing::debug!(
+                            session = p.session,
+                            track = %f.track_sid,
+                            from = ?o.current_rid,
+                            to = ?f.data.rid,
+                            "simulcast layer switch"
+                        );
                         o.current_rid = f.data.rid;
                         o.waiting_keyframe = false;
                     } else {

@@ -103,6 +103,7 @@ async fn browser_publishes_simulcast_camera_and_mic_python_decodes_and_page_hear
 
     let mut tab = TabSpec::new("web", c.ws_url(), c.token("b1", "web", grants()));
     tab.resolution = (960, 540, 24);
+    tab.expect_sending_layers = 2;
     tab.expect_remote_tracks = vec![("py".into(), Some("audio".into()))];
     tab.expect_audio_level = vec![("py".into(), 0.01)];
     let mut spec = BrowserSpec::new(vec![tab]);
@@ -196,10 +197,12 @@ async fn two_browser_tabs_see_each_others_video_playing() {
     let _heavy = heavy_lock();
     let c = sfu().await;
     let mut a = TabSpec::new("a", c.ws_url(), c.token("b2", "alice", grants()));
+    a.expect_sending_layers = 2;
     a.expect_video_playing = vec![("bob".into(), 30)];
     a.expect_remote_tracks = vec![("bob".into(), Some("audio".into()))];
     a.expect_audio_level = vec![("bob".into(), 0.01)];
     let mut b = TabSpec::new("b", c.ws_url(), c.token("b2", "bob", grants()));
+    b.expect_sending_layers = 2;
     b.expect_video_playing = vec![("alice".into(), 30)];
     b.expect_remote_tracks = vec![("alice".into(), Some("audio".into()))];
     b.expect_audio_level = vec![("alice".into(), 0.01)];
@@ -264,6 +267,38 @@ async fn browser_subscriber_gets_the_simulcast_layer_it_asks_for() {
         .iter()
         .any(|e| e["tab"] == "b" && e["event"] == "set_video_quality");
     assert!(asked, "tab b requested LOW: {}", report.describe());
+}
+
+/// What Element Call turns on: `adaptiveStream` (the SDK asks for the size of the 320x180
+/// `<video>` element) and `dynacast` (the publisher pauses layers nobody wants). Each tab
+/// must get the other's q layer (320x180) and stop encoding its own h layer.
+#[tokio::test]
+async fn adaptive_stream_and_dynacast_pick_and_pause_simulcast_layers() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let mut tabs = Vec::new();
+    for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
+        let mut t = TabSpec::new(label, c.ws_url(), c.token("b5", me, grants()));
+        t.adaptive_stream = true;
+        t.dynacast = true;
+        t.publish_microphone = false;
+        t.expect_video_size = vec![(other.into(), 320, 180)];
+        t.expect_paused_layers = vec!["h".into()];
+        tabs.push(t);
+    }
+    let mut spec = BrowserSpec::new(tabs);
+    spec.timeout_s = 45.0;
+    spec.min_duration_s = 2.0;
+    let report = Browser::run(spec).await.unwrap();
+    check(
+        report.exit_code == 0,
+        "adaptive stream got the q layer (320x180) and dynacast paused h on both publishers",
+        &report,
+        &c,
+    );
+    for label in ["a", "b"] {
+        check_clean_console(&report, label, &c);
+    }
 }
 
 /// The SDK's default connect: `/rtc/v1` (Conclave answers 404), then the SDK fetches

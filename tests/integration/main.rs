@@ -28,3 +28,7 @@ mod media;
 mod delayed;
 // Chromium + livekit-client through the SFU.
 mod browser;
+// The LiveKit RoomService API (Twirp) through the Python `livekit-api` and raw HTTP.
+mod twirp;
+// LiveKit-compatible webhooks, verified by `livekit-api`'s WebhookReceiver.
+mod webhooks;

@@ -223,7 +223,11 @@ impl Sfu {
                 match ch.write(true, &encoded) {
                     Ok(_) => touched.push(p.session),
                     Err(e) => {
-                        tracing::debug!(session = p.session, error = %e, "server data write failed");
+                        tracing::debug!(
+                            session = p.session,
+                            error = %e,
+                            "server data write failed"
+                        );
                     }
                 }
             }

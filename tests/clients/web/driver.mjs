@@ -28,6 +28,8 @@
 //         // (RemoteTrackPublication.setVideoQuality; needs adaptiveStream off)
 //         "video_quality": [{"identity": "bob", "quality": "low"}],
 //         "expect": {
+//           "sending_layers": 2,     // own camera: at least this many simulcast layers encoding
+//           "paused_layers": ["h"],  // own camera: these encodings switched off (dynacast)
 //           "remote_tracks": [{"identity": "bob", "kind": "audio"}],   // subscribed
 //           "video_playing": [{"identity": "bob", "min_frames": 30}],  // videoWidth > 0,
 //                                        // >= min_frames painted, a frame in the last second
@@ -149,6 +151,20 @@ function unmetFor(tab, s) {
   if (tab.publish.camera && !pub.some((p) => p.kind === 'video' && p.sid)) u.push(`${L}: camera not published`);
   if (tab.publish.microphone && !pub.some((p) => p.kind === 'audio' && p.sid)) u.push(`${L}: microphone not published`);
   const ex = tab.expect;
+  if (ex.sending_layers) {
+    // the camera's simulcast layers that have encoded frames (the browser turns layers on as
+    // its bandwidth estimate, fed by the SFU's congestion-control feedback, grows)
+    const cam = pub.find((p) => p.kind === 'video');
+    const n = cam ? (cam.outbound || []).filter((l) => (l.frames_encoded || 0) > 0).length : 0;
+    if (n < ex.sending_layers) u.push(`${L}: ${n} camera layer(s) sending, want ${ex.sending_layers} (bandwidth estimate ${cam ? cam.available_outgoing_bitrate : '?'} bps)`);
+  }
+  if ((ex.paused_layers || []).length) {
+    // own camera encodings switched off (dynacast: the SFU said nobody needs them)
+    const cam = pub.find((p) => p.kind === 'video');
+    const enc = cam ? cam.encodings || [] : [];
+    const still = ex.paused_layers.filter((rid) => !enc.some((e) => e.rid === rid && e.active === false));
+    if (still.length) u.push(`${L}: camera layer(s) ${still.join(',')} not paused (encodings: ${JSON.stringify(enc.map((e) => [e.rid, e.active]))})`);
+  }
   for (const want of ex.remote_tracks || []) {
     const hit = (s.remote_tracks || []).some((t) => t.identity === want.identity && (!want.kind || t.kind === want.kind) && !t.unsubscribed_ms);
     if (!hit) u.push(`${L}: no subscribed ${want.kind || ''} track of ${want.identity}`);
@@ -188,7 +204,11 @@ async function main() {
 
   let stopRequested = null;
   const requestStop = (why) => {
-    if (stopRequested) { log(`second stop request (${why}): exiting now`); process.exit(EXIT.browser_error); }
+    if (stopRequested) {
+      // A repeated signal means "now"; anything else joins the stop already under way.
+      if (why !== 'stdin EOF' && stopRequested !== 'stdin EOF') { log(`second stop request (${why}): exiting now`); process.exit(EXIT.browser_error); }
+      return;
+    }
     stopRequested = why;
     log(`stop requested: ${why}`);
     // Never hang on shutdown: the summary must come out.

@@ -237,6 +237,12 @@
           const rep = await sender.getStats();
           const layers = [];
           rep.forEach((s) => {
+            // The sender's transport: the browser's bandwidth estimate (needs the SFU's
+            // transport-cc / REMB feedback to grow) and the RTT seen on it.
+            if (s.type === 'candidate-pair' && s.nominated && s.availableOutgoingBitrate !== undefined) {
+              p.available_outgoing_bitrate = s.availableOutgoingBitrate;
+              p.current_rtt = s.currentRoundTripTime;
+            }
             if (s.type !== 'outbound-rtp') return;
             layers.push({
               rid: s.rid || null, active: s.active, packets_sent: s.packetsSent, bytes_sent: s.bytesSent,

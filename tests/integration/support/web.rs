@@ -119,6 +119,13 @@ pub struct TabSpec {
     /// `(identity, "low" | "medium" | "high")`: ask for that simulcast layer of the
     /// participant's video once subscribed (`RemoteTrackPublication.setVideoQuality`).
     pub video_quality: Vec<(String, String)>,
+    /// At least this many of the own camera's simulcast layers have encoded frames (0: no
+    /// check). Chrome turns layers on as its bandwidth estimate grows, which takes the SFU's
+    /// congestion-control feedback and a few seconds.
+    pub expect_sending_layers: u32,
+    /// Rids (`"q"`, `"h"`, `"f"`) of the own camera's encodings that must be switched off
+    /// (`active: false`), as dynacast does when the SFU says no subscriber needs them.
+    pub expect_paused_layers: Vec<String>,
     /// `(identity, Some(kind))`: a subscribed remote track (`kind` `"audio"`/`"video"`, or
     /// `None` for any).
     pub expect_remote_tracks: Vec<(String, Option<String>)>,
@@ -149,6 +156,8 @@ impl TabSpec {
             publish_camera: true,
             publish_microphone: true,
             video_quality: Vec::new(),
+            expect_sending_layers: 0,
+            expect_paused_layers: Vec::new(),
             expect_remote_tracks: Vec::new(),
             expect_video_playing: Vec::new(),
             expect_audio_level: Vec::new(),
@@ -176,6 +185,8 @@ impl TabSpec {
                 .map(|(identity, quality)| json!({"identity": identity, "quality": quality}))
                 .collect::<Vec<_>>(),
             "expect": {
+                "sending_layers": self.expect_sending_layers,
+                "paused_layers": self.expect_paused_layers,
                 "remote_tracks": self.expect_remote_tracks.iter()
                     .map(|(identity, kind)| json!({"identity": identity, "kind": kind}))
                     .collect::<Vec<_>>(),
@@ -495,6 +506,9 @@ impl Browser {
     /// Waits for the exit (killing the driver after `timeout`, which is then an error) and
     /// returns its report. The driver ends by itself at its `timeout_s`; pass a little more.
     pub async fn wait(mut self, timeout: Duration) -> Result<BrowserReport> {
+        // tokio's Child::wait closes the child's stdin first, which the driver would take as
+        // "the test went away": keep it open until the driver has exited.
+        let _stdin = self.child.stdin.take();
         let status = match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => status.context("waiting for the browser driver")?,
             Err(_) => {
