@@ -476,6 +476,7 @@ impl MediaClient {
     /// Handles a wake-up, then runs both peer connections until they wait again.
     pub fn on_wake(&mut self, wake: Wake) {
         let now = Instant::now();
+        tracing::trace!(client = %self.spec.identity, ?wake, "wake");
         match wake {
             Wake::Publisher => self.read(false, now),
             Wake::Subscriber => self.read(true, now),

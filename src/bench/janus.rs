@@ -40,6 +40,7 @@ pub struct JanusTarget {
     _dir: tempfile::TempDir,
     feeds: Mutex<Vec<(u32, u64)>>,
     published_tx: watch::Sender<bool>,
+    log: PathBuf,
 }
 
 fn janus_err(e: impl std::fmt::Display) -> BenchError {
@@ -107,13 +108,14 @@ impl JanusTarget {
             &format!(
                 "general: {{\n\tconfigs_folder = \"{ds}\"\n\tplugins_folder = \"{ds}/plugins\"\n\
                  \ttransports_folder = \"{ds}/transports\"\n\tevents_folder = \"{ds}/events\"\n\
-                 \tloggers_folder = \"{ds}/loggers\"\n\tdebug_level = 3\n\tsession_timeout = 0\n\
+                 \tloggers_folder = \"{ds}/loggers\"\n\tdebug_level = 4\n\tsession_timeout = 0\n\
                  \tadmin_secret = \"{}\"\n}}\ncertificates: {{\n}}\n\
                  media: {{\n\trtp_port_range = \"20000-60000\"\n}}\n\
-                 nat: {{\n\tice_enforce_list = \"lo\"\n\tnice_debug = false\n}}\n\
+                 nat: {{\n\tice_enforce_list = \"{}\"\n\tnice_debug = false\n}}\n\
                  plugins: {{\n}}\ntransports: {{\n}}\nloggers: {{\n}}\n\
                  events: {{\n\tbroadcast = false\n}}\n",
-                transaction()
+                transaction(),
+                super::scenario::JANUS_IFACE
             ),
         )?;
         write(
@@ -161,6 +163,7 @@ impl JanusTarget {
             _dir: dir,
             feeds: Mutex::new(Vec::new()),
             published_tx,
+            log,
         };
         me.room = me.create_room(publishers).await?;
         Ok(me)
@@ -227,6 +230,11 @@ impl JanusTarget {
             .ok_or_else(|| BenchError::Janus(format!("attach: {r}")))
     }
 
+    /// The last lines of Janus's log (for error messages).
+    pub fn log_tail(&self) -> String {
+        super::server::tail(&self.log)
+    }
+
     /// Tells subscribers that every publisher is in (they subscribe to all feeds at once).
     pub fn all_published(&self) {
         let _ = self.published_tx.send(true);
@@ -236,6 +244,7 @@ impl JanusTarget {
 impl Drop for JanusTarget {
     fn drop(&mut self) {
         stop_child(&mut self.child);
+        let _ = std::fs::copy(&self.log, "/tmp/janus-last.log"); // TEMP
     }
 }
 

@@ -71,6 +71,8 @@ pub struct MediaBenchOptions {
     pub client_cpu: Option<usize>,
     /// Run the same scenario against Janus.
     pub janus: bool,
+    /// Why Janus cannot run here (reported instead of its numbers).
+    pub janus_unavailable: Option<String>,
     /// Run the raw-limit probe.
     pub limit: bool,
     /// Seconds per limit-probe method.
@@ -488,16 +490,17 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
     let (janus, janus_error) = if opts.janus {
         match JanusTarget::start(server_cpu, opts.publishers).await {
             Ok(j) => {
-                let sut = Sut::Janus(Arc::new(j));
+                let j = Arc::new(j);
+                let sut = Sut::Janus(j.clone());
                 match run_sut(&sut, &opts).await {
                     Ok(r) => (Some(r), None),
-                    Err(e) => (None, Some(e.to_string())),
+                    Err(e) => (None, Some(format!("{e}; janus log: {}", j.log_tail()))),
                 }
             }
             Err(e) => return Err(e),
         }
     } else {
-        (None, None)
+        (None, opts.janus_unavailable.clone())
     };
 
     let ratio_to_limit = match (c.pkts_per_cpu_s, limit.map(|l| l.sendmmsg_pps)) {
@@ -717,6 +720,7 @@ impl CommonArgs {
             server_cpu: (!self.no_pin).then_some(self.server_cpu),
             client_cpu: (!self.no_pin).then_some(self.client_cpu),
             janus: !self.no_janus,
+            janus_unavailable: None,
             limit: !self.no_limit,
             limit_seconds: self.limit_seconds,
             url,
@@ -727,8 +731,72 @@ impl CommonArgs {
     }
 }
 
+/// Set in the re-executed bench inside its private network namespace.
+const NETNS_ENV: &str = "CONCLAVE_BENCH_NETNS";
+/// The veth end in the private namespace that carries 127.0.0.2 for Janus.
+pub const JANUS_IFACE: &str = "conclave-b0";
+
+fn netns_script() -> String {
+    format!(
+        "ip link set lo up && ip link add {i} type veth peer name {i}p && ip link set {i}p up \
+         && ip link set {i} up && ip addr add 127.0.0.2/32 dev {i}",
+        i = JANUS_IFACE
+    )
+}
+
+/// Janus gathers ICE candidates only on non-loopback interfaces, so the Janus comparison runs
+/// in a private network namespace (`unshare -n`, root) where a veth end carries 127.0.0.2: a
+/// loopback address, in a namespace nothing else can reach. The whole bench re-executes itself
+/// there (Conclave too, so both get the same kernel paths). Returns its stdout.
+async fn rerun_in_private_netns() -> Result<String, BenchError> {
+    let probe = tokio::process::Command::new("unshare")
+        .args(["-n", "--", "sh", "-c", &netns_script()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| BenchError::Janus(format!("unshare: {e}")))?;
+    if !probe.success() {
+        return Err(BenchError::Janus(
+            "cannot create a private network namespace with a veth pair (needs root, \
+             unshare and ip)"
+                .into(),
+        ));
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| BenchError::io("locating the conclave binary", e))?;
+    let out = tokio::process::Command::new("unshare")
+        .args(["-n", "--", "sh", "-c"])
+        .arg(format!("{} && exec \"$0\" \"$@\"", netns_script()))
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env(NETNS_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| BenchError::io("re-running the bench in a network namespace", e))?;
+    if !out.status.success() {
+        return Err(BenchError::Server(format!(
+            "the bench in its private network namespace failed ({})",
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs a scenario and renders it: one JSON object, or the Markdown table and summary.
-pub async fn run_to_text(opts: MediaBenchOptions, json: bool) -> Result<String, BenchError> {
+pub async fn run_to_text(mut opts: MediaBenchOptions, json: bool) -> Result<String, BenchError> {
+    if opts.janus && opts.url.is_none() && std::env::var_os(NETNS_ENV).is_none() {
+        match rerun_in_private_netns().await {
+            Ok(text) => return Ok(text),
+            Err(e @ BenchError::Janus(_)) => {
+                opts.janus = false;
+                opts.janus_unavailable = Some(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let report = run(opts).await?;
     Ok(if json {
         format!("{}\n", serde_json::to_string(&report).unwrap_or_default())

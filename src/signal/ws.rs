@@ -79,10 +79,17 @@ pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
 /// `GET /rtc/v1` (and its validate): single-PC signalling is not implemented yet; a plain 404
 /// (never mentioning rooms) makes every current SDK fall back to `/rtc` at once.
 pub async fn get_rtc_v1() -> Response {
-    text(
+    let mut r = text(
         StatusCode::NOT_FOUND,
         "v1 signalling is not supported by this server; use /rtc",
-    )
+    );
+    // Browsers call the validate URL with fetch from the page's origin: without CORS the SDK
+    // never sees the 404 and does not fall back.
+    r.headers_mut().insert(
+        axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        axum::http::HeaderValue::from_static("*"),
+    );
+    r
 }
 
 /// `GET /rtc`: validate, join, upgrade.

@@ -304,9 +304,6 @@ async fn adaptive_stream_and_dynacast_pick_and_pause_simulcast_layers() {
 /// The SDK's default connect: `/rtc/v1` (Conclave answers 404), then the SDK fetches
 /// `/rtc/v1/validate` from the page's origin to decide on the v0 fallback.
 #[tokio::test]
-#[ignore = "server bug: the 404 from /rtc/v1/validate has no Access-Control-Allow-Origin header, \
-            so the browser blocks the validate fetch (CORS) and livekit-client reports \
-            'could not establish signal connection' instead of falling back to /rtc"]
 async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
     let _heavy = heavy_lock();
     let c = sfu().await;

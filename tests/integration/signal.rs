@@ -59,6 +59,8 @@ async fn trap_v1_paths_answer_plain_404_and_are_never_upgraded() {
     .await
     .unwrap();
     assert_eq!(r.status(), 404);
+    // Browsers fetch it cross-origin: without CORS they never see the 404 and do not fall back.
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
     let body = r.text().await.unwrap();
     assert!(!body.contains("requested room does not exist"), "{body}");
     let url = format!("{}/rtc/v1?access_token={token}&join_request=x", c.ws_url());
@@ -433,6 +435,8 @@ async fn hostile_signalling_never_wedges_the_session() {
         spec.expect_participants = 1;
         spec.expect_audio_frames = 50;
         spec.expect_video_frames = 10;
+        // Both stay until the end, so neither leaves before the other met its expectations.
+        spec.min_duration_s = 8.0;
         spec.timeout_s = 25.0;
         clients.push(crate::support::lk_clients::PyClient::spawn(spec).unwrap());
     }
