@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use conclave::sfu::{Command, Output, Sfu, SfuConfig};
+use conclave::sfu::{Command, Join, Output, Sfu, SfuConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     );
     sfu.handle_command(
         now,
-        Command::Join {
+        Command::Join(Join {
             session: 1,
             room: "r".into(),
             identity: "a".into(),
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 can_publish: true,
                 can_subscribe: true,
                 ..Default::default()
-            },
+            }),
             auto_subscribe: true,
             client_protocol: 2,
         },

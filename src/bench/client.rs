@@ -223,6 +223,8 @@ pub struct ClientSpec {
     pub join_probe: bool,
     /// What it sends.
     pub profile: MediaProfile,
+    /// Loopback address its sockets bind to.
+    pub local_ip: std::net::IpAddr,
 }
 
 /// Builds a benchmark frame.
@@ -280,9 +282,9 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A full-ICE client peer connection on a fresh `127.0.0.1:0` socket.
-    pub fn new(now: Instant) -> Result<Self, BenchError> {
-        let std_sock = std::net::UdpSocket::bind("127.0.0.1:0")
+    /// A full-ICE client peer connection on a fresh `ip:0` socket.
+    pub fn new(now: Instant, ip: std::net::IpAddr) -> Result<Self, BenchError> {
+        let std_sock = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| BenchError::io("binding a client socket", e))?;
         let local = std_sock
@@ -312,6 +314,15 @@ impl Peer {
             None => std::future::pending::<()>().await,
         }
     }
+}
+
+/// Drives a peer connection's clock after an SDP or candidate change: str0m 0.25 caches its
+/// next timeout, and accepting an answer does not always re-arm it (seen with Janus answers
+/// applied right after the offer was polled), which left ICE waiting forever.
+fn kick(p: &mut Peer) {
+    let now = Instant::now();
+    let _ = p.rtc.handle_input(Input::Timeout(now));
+    p.next_timeout = now;
 }
 
 /// Why a client woke up.
@@ -386,7 +397,7 @@ impl MediaClient {
 
     /// Creates the publisher peer connection and its offer (one send-only track).
     pub fn publisher_offer(&mut self, now: Instant, track_id: &str) -> Result<String, BenchError> {
-        let mut peer = Peer::new(now)?;
+        let mut peer = Peer::new(now, self.spec.local_ip)?;
         let mut api = peer.rtc.sdp_api();
         let mid = api.add_media(
             self.spec.profile.kind,
@@ -415,6 +426,7 @@ impl MediaClient {
             .sdp_api()
             .accept_answer(pending, answer)
             .map_err(|e| BenchError::Rtc(format!("publisher answer refused: {e}")))?;
+        kick(peer);
         self.pub_answered = true;
         Ok(())
     }
@@ -422,7 +434,7 @@ impl MediaClient {
     /// Answers an offer on the subscriber peer connection (created on first use).
     pub fn subscriber_offer(&mut self, now: Instant, sdp: &str) -> Result<String, BenchError> {
         if self.subscriber.is_none() {
-            self.subscriber = Some(Peer::new(now)?);
+            self.subscriber = Some(Peer::new(now, self.spec.local_ip)?);
         }
         let Some(peer) = self.subscriber.as_mut() else {
             return Err(BenchError::Rtc("no subscriber peer".into()));
@@ -434,6 +446,7 @@ impl MediaClient {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| BenchError::Rtc(format!("subscriber offer refused: {e}")))?;
+        kick(peer);
         Ok(answer.to_sdp_string())
     }
 
@@ -449,6 +462,7 @@ impl MediaClient {
             Candidate::from_sdp_string(sdp_line.trim_start_matches("a=")),
         ) {
             p.rtc.add_remote_candidate(c);
+            kick(p);
         }
     }
 

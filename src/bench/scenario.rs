@@ -238,6 +238,15 @@ impl Sut {
         }
     }
 
+    /// Janus gathers on the private namespace's veth end (127.0.0.2) and pairs only with
+    /// candidates there; Conclave listens on 127.0.0.1.
+    fn local_ip(&self) -> std::net::IpAddr {
+        match self {
+            Sut::Conclave(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            Sut::Janus(_) => std::net::Ipv4Addr::new(127, 0, 0, 2).into(),
+        }
+    }
+
     fn all_published(&self) {
         if let Sut::Janus(j) = self {
             j.all_published();
@@ -295,6 +304,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             receive_tracks: if video_conf { p - 1 } else { 0 },
             join_probe: false,
             profile,
+            local_ip: sut.local_ip(),
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
     }
@@ -332,6 +342,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             receive_tracks: tracks_each,
             join_probe: false,
             profile,
+            local_ip: sut.local_ip(),
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, Some(permit)));
     }
@@ -364,6 +375,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             receive_tracks: tracks_each,
             join_probe: true,
             profile,
+            local_ip: sut.local_ip(),
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
         wait_for(Instant::now() + Duration::from_secs(5), || {

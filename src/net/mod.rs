@@ -357,7 +357,7 @@ impl Loop {
     /// Whether `join` would exceed its room's `max_participants` (RoomService `CreateRoom`); an
     /// identity already in the room replaces itself and always fits.
     fn room_full(&self, join: &Command, now: Instant) -> bool {
-        let Command::Join { room, identity, .. } = join else {
+        let Command::Join(crate::sfu::Join { room, identity, .. }) = join else {
             return false;
         };
         let max = self

@@ -160,28 +160,32 @@ pub enum Output {
     Timeout(Instant),
 }
 
+/// A validated client joining (token checked by `signal`).
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// New session ID.
+    pub session: SessionId,
+    /// LiveKit room name.
+    pub room: String,
+    /// Identity (`sub`).
+    pub identity: String,
+    /// Display name.
+    pub name: String,
+    /// Metadata from the token.
+    pub metadata: String,
+    /// Permissions from the token grants.
+    pub permission: lk::ParticipantPermission,
+    /// Subscribe to every track automatically.
+    pub auto_subscribe: bool,
+    /// The client's `client_protocol`, copied into its info.
+    pub client_protocol: i32,
+}
+
 /// Inputs from signalling sessions and operators.
 #[derive(Debug)]
 pub enum Command {
     /// A validated client joins (token checked by `signal`).
-    Join {
-        /// New session ID.
-        session: SessionId,
-        /// LiveKit room name.
-        room: String,
-        /// Identity (`sub`).
-        identity: String,
-        /// Display name.
-        name: String,
-        /// Metadata from the token.
-        metadata: String,
-        /// Permissions from the token grants.
-        permission: lk::ParticipantPermission,
-        /// Subscribe to every track automatically.
-        auto_subscribe: bool,
-        /// The client's `client_protocol`, copied into its info.
-        client_protocol: i32,
-    },
+    Join(Join),
     /// A signal request from a session's client.
     Request {
         /// Session.
@@ -490,26 +494,7 @@ impl Sfu {
     pub fn handle_command(&mut self, now: Instant, command: Command) {
         self.last_now = now;
         match command {
-            Command::Join {
-                session,
-                room,
-                identity,
-                name,
-                metadata,
-                permission,
-                auto_subscribe,
-                client_protocol,
-            } => self.join(
-                now,
-                session,
-                room,
-                identity,
-                name,
-                metadata,
-                permission,
-                auto_subscribe,
-                client_protocol,
-            ),
+            Command::Join(join) => self.join(now, join),
             Command::Request { session, message } => self.request(now, session, *message),
             Command::Disconnect { session, reason } => self.leave(now, session, reason, false),
             Command::Remove {
@@ -650,19 +635,17 @@ impl Sfu {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn join(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        room_name: String,
-        identity: String,
-        name: String,
-        metadata: String,
-        permission: lk::ParticipantPermission,
-        auto_subscribe: bool,
-        client_protocol: i32,
-    ) {
+    fn join(&mut self, now: Instant, join: Join) {
+        let Join {
+            session,
+            room: room_name,
+            identity,
+            name,
+            metadata,
+            permission,
+            auto_subscribe,
+            client_protocol,
+        } = join;
         // One participant per identity: the newcomer replaces the old session.
         let duplicate = self.rooms.get(&room_name).and_then(|r| {
             r.participants
@@ -2151,7 +2134,7 @@ mod tests {
     fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
         s.handle_command(
             now,
-            Command::Join {
+            Command::Join(Join {
                 session,
                 room: "room".into(),
                 identity: identity.into(),
@@ -2160,7 +2143,7 @@ mod tests {
                 permission: permission(true),
                 auto_subscribe: true,
                 client_protocol: 2,
-            },
+            }),
         );
     }
 
@@ -2399,7 +2382,7 @@ mod tests {
         let mut s = sfu(now);
         s.handle_command(
             now,
-            Command::Join {
+            Command::Join(Join {
                 session: 1,
                 room: "room".into(),
                 identity: "viewer".into(),
@@ -2408,7 +2391,7 @@ mod tests {
                 permission: permission(false),
                 auto_subscribe: true,
                 client_protocol: 2,
-            },
+            }),
         );
         drain(&mut s);
         request(&mut s, now, 1, add_track("cam", true));

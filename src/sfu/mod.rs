@@ -22,5 +22,5 @@ pub mod simulcast;
 pub mod stun;
 
 pub use engine::{
-    Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut, Transmit,
+    Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut, Transmit,
 };

@@ -23,7 +23,7 @@ use super::validate::check_connect;
 use crate::app::AppState;
 use crate::auth::jwt::Claims;
 use crate::net::{LoopRequest, SfuHandle, SESSION_QUEUE};
-use crate::sfu::{Command, SessionId, SignalOut};
+use crate::sfu::{Command, Join, SessionId, SignalOut};
 
 /// How long the SFU may take to produce the join response.
 const JOIN_WAIT: Duration = Duration::from_secs(4);
@@ -141,7 +141,7 @@ pub async fn get_rtc(
         .get("client_protocol")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let join = Command::Join {
+    let join = Command::Join(Join {
         session,
         room: claims.video.room.clone(),
         identity: claims.sub.clone(),
@@ -150,7 +150,7 @@ pub async fn get_rtc(
         permission: permission_from(&claims),
         auto_subscribe: flag(&query, "auto_subscribe", true),
         client_protocol,
-    };
+    });
     if !sfu
         .send(LoopRequest::Open {
             session,

@@ -122,7 +122,7 @@ impl Sfu {
                 }
             }
             // The signalling commands are handled by `handle_command` itself.
-            Command::Join { .. }
+            Command::Join(_)
             | Command::Request { .. }
             | Command::Disconnect { .. }
             | Command::Remove { .. } => {}
@@ -262,7 +262,7 @@ impl Sfu {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{SfuConfig, SignalOut};
+    use super::super::{Join, SfuConfig, SignalOut};
     use super::*;
 
     fn sfu(now: Instant) -> Sfu {
@@ -278,7 +278,7 @@ mod tests {
     fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
         s.handle_command(
             now,
-            Command::Join {
+            Command::Join(Join {
                 session,
                 room: "room".into(),
                 identity: identity.into(),
@@ -292,7 +292,7 @@ mod tests {
                 },
                 auto_subscribe: true,
                 client_protocol: 2,
-            },
+            }),
         );
     }
 
