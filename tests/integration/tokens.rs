@@ -198,6 +198,31 @@ async fn tokens_over_federation_only_for_joined_members() {
         assert_eq!(s, StatusCode::FORBIDDEN, "{who} on /sfu/get");
     }
 
+    // An expired OpenID token → 401: Synapse's tokens live an hour, so age one in its database.
+    let expired = alice.openid_token().await.unwrap();
+    {
+        let db = rusqlite::Connection::open(hs1.dir.join("homeserver.db")).unwrap();
+        db.busy_timeout(Duration::from_secs(5)).unwrap();
+        let n = db
+            .execute(
+                "UPDATE open_id_tokens SET ts_valid_until_ms = 1 WHERE token = ?1",
+                [expired["access_token"].as_str().unwrap()],
+            )
+            .unwrap();
+        assert_eq!(n, 1, "the token row exists");
+    }
+    let (s, b) = post(
+        &c,
+        "/sfu/get",
+        &json!({"room": room2, "openid_token": expired, "device_id": alice.device_id}),
+    )
+    .await;
+    assert_eq!(
+        (s, b["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNAUTHORIZED")),
+        "{b}"
+    );
+
     // Forged OpenID token → 401.
     let forged = json!({
         "access_token": "forged-token", "token_type": "Bearer",
