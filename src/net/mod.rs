@@ -16,6 +16,8 @@ use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+mod batch;
+
 use crate::sfu::registry::RoomRegistry;
 use crate::sfu::{Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
 
@@ -279,15 +281,42 @@ struct Loop {
     events: broadcast::Sender<SfuEvent>,
     dropped_sends: u64,
     stats: Arc<NetStats>,
+    /// Datagrams to send, per socket (capacity kept between drains).
+    pending: Vec<Vec<(SocketAddr, Vec<u8>)>>,
 }
 
 impl Loop {
+    /// Sends every queued datagram, batched per socket; never waits.
+    fn flush(&mut self) {
+        for (i, (_, sock)) in self.sockets.iter().enumerate() {
+            let Some(q) = self.pending.get_mut(i) else {
+                continue;
+            };
+            if q.is_empty() {
+                continue;
+            }
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                self.dropped_sends += batch::send_batch(sock.as_raw_fd(), q) as u64;
+            }
+            #[cfg(not(target_os = "linux"))]
+            for (dest, bytes) in q.iter() {
+                if sock.try_send_to(bytes, *dest).is_err() {
+                    self.dropped_sends += 1;
+                }
+            }
+            q.clear();
+        }
+    }
+
     /// Carries out every pending output; returns the next timeout.
     fn drain(&mut self) -> Instant {
         let mut overloaded = Vec::new();
         loop {
             match self.sfu.poll_output() {
                 Output::Timeout(t) => {
+                    self.flush();
                     let s = self.sfu.stats();
                     self.stats.datagrams.store(s.datagrams, Ordering::Relaxed);
                     self.stats
@@ -316,15 +345,14 @@ impl Loop {
                     return t;
                 }
                 Output::Transmit(t) => {
-                    let sock = self
+                    // Queued per socket; flushed in batches when the drain is over.
+                    let idx = self
                         .sockets
                         .iter()
-                        .find(|(a, _)| *a == t.source)
-                        .or_else(|| self.sockets.first());
-                    if let Some((_, sock)) = sock {
-                        if sock.try_send_to(&t.contents, t.destination).is_err() {
-                            self.dropped_sends += 1;
-                        }
+                        .position(|(a, _)| *a == t.source)
+                        .unwrap_or(0);
+                    if let Some(q) = self.pending.get_mut(idx) {
+                        q.push((t.destination, t.contents));
                     }
                 }
                 Output::Signal(session, out) => {
@@ -413,6 +441,7 @@ async fn run(
     stats: Arc<NetStats>,
 ) {
     let mut lp = Loop {
+        pending: sockets.iter().map(|_| Vec::new()).collect(),
         stats,
         sfu,
         sockets,
