@@ -65,7 +65,8 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// The `q`-quantile (upper edge of its bucket), `None` without samples.
+    /// The `q`-quantile (upper edge of its bucket; 500 ms means "500 ms or more"), `None`
+    /// without samples.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let n = self.count();
         if n == 0 {
@@ -110,6 +111,10 @@ pub struct Shared {
     pub failures: Mutex<Vec<String>>,
     /// Datagrams the kernel would not take from a client.
     pub tx_drops: AtomicU64,
+    /// Frames str0m refused to send.
+    pub write_errors: AtomicU64,
+    /// Times a publisher fell more than five frames behind and restarted its schedule.
+    pub send_stalls: AtomicU64,
     /// Latency of frames sent inside the window.
     pub latency: Histogram,
     /// Join times (token → first remote frame) of the join probes.
@@ -133,6 +138,8 @@ impl Shared {
             failed: AtomicUsize::new(0),
             failures: Mutex::new(Vec::new()),
             tx_drops: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            send_stalls: AtomicU64::new(0),
             latency: Histogram::default(),
             joins: Mutex::new(Vec::new()),
         }
@@ -490,7 +497,6 @@ impl MediaClient {
     /// Handles a wake-up, then runs both peer connections until they wait again.
     pub fn on_wake(&mut self, wake: Wake) {
         let now = Instant::now();
-        tracing::trace!(client = %self.spec.identity, ?wake, "wake");
         match wake {
             Wake::Publisher => self.read(false, now),
             Wake::Subscriber => self.read(true, now),
@@ -597,10 +603,13 @@ impl MediaClient {
                 self.want_keyframe = false;
                 self.last_keyframe = Some(now);
             }
+        } else {
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
         }
         // Next frame on schedule; after a stall, restart the schedule instead of bursting.
         let mut next = due + profile.frame_interval;
         if next + profile.frame_interval * 5 < now {
+            self.shared.send_stalls.fetch_add(1, Ordering::Relaxed);
             next = now + profile.frame_interval;
         }
         self.next_frame = Some(next);

@@ -108,7 +108,7 @@ impl JanusTarget {
             &format!(
                 "general: {{\n\tconfigs_folder = \"{ds}\"\n\tplugins_folder = \"{ds}/plugins\"\n\
                  \ttransports_folder = \"{ds}/transports\"\n\tevents_folder = \"{ds}/events\"\n\
-                 \tloggers_folder = \"{ds}/loggers\"\n\tdebug_level = 4\n\tsession_timeout = 0\n\
+                 \tloggers_folder = \"{ds}/loggers\"\n\tdebug_level = 3\n\tsession_timeout = 0\n\
                  \tadmin_secret = \"{}\"\n}}\ncertificates: {{\n}}\n\
                  media: {{\n\trtp_port_range = \"20000-60000\"\n}}\n\
                  nat: {{\n\tice_enforce_list = \"{}\"\n\tnice_debug = false\n}}\n\
@@ -237,14 +237,13 @@ impl JanusTarget {
 
     /// Tells subscribers that every publisher is in (they subscribe to all feeds at once).
     pub fn all_published(&self) {
-        let _ = self.published_tx.send(true);
+        self.published_tx.send_replace(true);
     }
 }
 
 impl Drop for JanusTarget {
     fn drop(&mut self) {
         stop_child(&mut self.child);
-        let _ = std::fs::copy(&self.log, "/tmp/janus-last.log"); // TEMP
     }
 }
 

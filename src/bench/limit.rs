@@ -91,33 +91,64 @@ fn sockaddr_of(addr: &SocketAddr) -> Option<libc::sockaddr_in> {
     })
 }
 
-/// `sendmmsg` of one batch: `payload` to each of `dests`. Returns datagrams sent.
-fn send_batch(sock: &UdpSocket, payload: &[u8], dests: &mut [libc::sockaddr_in]) -> usize {
-    let n = dests.len();
-    let mut iov: Vec<libc::iovec> = (0..n)
-        .map(|_| libc::iovec {
-            iov_base: payload.as_ptr() as *mut libc::c_void,
-            iov_len: payload.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..n)
-        .map(|i| {
-            // SAFETY: an all-zero msghdr is a valid empty header.
-            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-            h.msg_name = (&mut dests[i]) as *mut libc::sockaddr_in as *mut libc::c_void;
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut iov[i];
-            h.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: h,
+/// Reusable `sendmmsg` buffers: [`MMSG_BATCH`] headers over one payload.
+struct Mmsg {
+    names: Vec<libc::sockaddr_in>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Mmsg {
+    fn new(payload: &[u8]) -> Self {
+        let names = vec![
+            libc::sockaddr_in {
+                sin_family: 0,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            };
+            MMSG_BATCH
+        ];
+        let iov = (0..MMSG_BATCH)
+            .map(|_| libc::iovec {
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: payload.len(),
+            })
+            .collect();
+        let msgs = (0..MMSG_BATCH)
+            .map(|_| libc::mmsghdr {
+                // SAFETY: an all-zero msghdr is a valid empty header; pointers are set per call.
+                msg_hdr: unsafe { std::mem::zeroed() },
                 msg_len: 0,
-            }
-        })
-        .collect();
-    // SAFETY: `msgs` points into `iov` and `dests`, which outlive the call; the payload is only
-    // read by the kernel.
-    let rc = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
-    rc.max(0) as usize
+            })
+            .collect();
+        Self { names, iov, msgs }
+    }
+
+    /// One `sendmmsg` of [`MMSG_BATCH`] datagrams to `dests[first..]`, wrapping around.
+    /// Returns datagrams sent.
+    fn send(&mut self, sock: &UdpSocket, dests: &[libc::sockaddr_in], first: usize) -> usize {
+        for i in 0..MMSG_BATCH {
+            self.names[i] = dests[(first + i) % dests.len()];
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = (&mut self.names[i]) as *mut libc::sockaddr_in as *mut libc::c_void;
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+        }
+        // SAFETY: every header points into `self.names` and `self.iov`, which live as long as
+        // `self` and are not moved during the call; the payload behind `iov` outlives `self`
+        // (owned by the caller) and is only read by the kernel.
+        let rc = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                MMSG_BATCH as u32,
+                0,
+            )
+        };
+        rc.max(0) as usize
+    }
 }
 
 /// One GSO `sendmsg`: `segments` datagrams of `seg` bytes from `payload` to `dest`.
@@ -182,6 +213,7 @@ fn run_method(
     }
     let payload = vec![0x80u8; packet * GSO_SEGMENTS];
     let one = &payload[..packet];
+    let mut mmsg = Mmsg::new(one);
     let start = Instant::now();
     let cpu0 = thread_cpu();
     let mut sent: u64 = 0;
@@ -196,10 +228,8 @@ fn run_method(
                     next += 1;
                 }
                 Method::SendMmsg => {
-                    let from = next % raw.len();
-                    let to = (from + MMSG_BATCH).min(raw.len());
-                    sent += send_batch(&sock, one, &mut raw[from..to]) as u64;
-                    next = to % raw.len();
+                    sent += mmsg.send(&sock, &raw, next) as u64;
+                    next = (next + MMSG_BATCH) % raw.len();
                 }
                 Method::Gso => {
                     let i = next % raw.len();

@@ -83,6 +83,17 @@ pub fn proc_rss_kb(pid: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// UDP datagrams the kernel dropped because a receive buffer was full (`RcvbufErrors` in
+/// `/proc/net/snmp`; per network namespace, so system-wide outside the bench's own one).
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|n| *n == "RcvbufErrors")?;
+    values.get(i)?.parse().ok()
+}
+
 fn clock_ticks_per_second() -> u64 {
     // USER_HZ is 100 on every Linux architecture Conclave targets.
     100
@@ -107,6 +118,11 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), Duration::from_millis(51));
         assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
         assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn udp_counters_are_readable() {
+        assert!(udp_rcvbuf_errors().is_some());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::client::{ClientSpec, MediaProfile, Shared};
 use super::janus::JanusTarget;
 use super::limit::{probe, LimitReport};
 use super::server::{have_taskset, pin_self, ConclaveTarget};
-use super::{proc_cpu_time, proc_rss_kb, BenchError};
+use super::{proc_cpu_time, proc_rss_kb, udp_rcvbuf_errors, BenchError};
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -128,6 +128,15 @@ pub struct SutReport {
     pub join_p99_ms: Option<f64>,
     /// Server RSS growth per connected idle participant, KiB.
     pub rss_per_participant_kb: Option<f64>,
+    /// Datagrams dropped in the window because a UDP receive buffer was full (the bench's
+    /// network namespace when Janus runs, else the whole machine): clients not keeping up.
+    pub udp_rcvbuf_drops: Option<u64>,
+    /// Datagrams the clients' sockets refused to send.
+    pub client_tx_drops: u64,
+    /// Frames str0m refused to send (whole run).
+    pub client_write_errors: u64,
+    /// Publisher schedule restarts after falling five frames behind (whole run).
+    pub client_send_stalls: u64,
 }
 
 /// One scenario's results: Conclave, the limit, Janus, and the ratios.
@@ -392,11 +401,13 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
     let s_cpu0 = cpu_of(pid);
     let c_cpu0 = proc_cpu_time("self").map(|d| d.as_secs_f64());
+    let drops0 = udp_rcvbuf_errors();
     let rtp0 = shared.rx_rtp.load(Ordering::Relaxed);
     let bytes0 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
     tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
     let s_cpu1 = cpu_of(pid);
     let c_cpu1 = proc_cpu_time("self").map(|d| d.as_secs_f64());
+    let drops1 = udp_rcvbuf_errors();
     let rtp1 = shared.rx_rtp.load(Ordering::Relaxed);
     let bytes1 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
     let window = end.saturating_duration_since(start).as_secs_f64();
@@ -463,6 +474,13 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         join_p50_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.50))),
         join_p99_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.99))),
         rss_per_participant_kb: rss_per,
+        udp_rcvbuf_drops: match (drops0, drops1) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        },
+        client_tx_drops: shared.tx_drops.load(Ordering::Relaxed),
+        client_write_errors: shared.write_errors.load(Ordering::Relaxed),
+        client_send_stalls: shared.send_stalls.load(Ordering::Relaxed),
     })
 }
 
@@ -565,6 +583,14 @@ fn f(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".to_owned(), |x| format!("{x:.digits$}"))
 }
 
+/// Latency quantiles at the histogram's ceiling mean "at least that".
+fn lat(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x >= 500.0 => "> 500".to_owned(),
+        other => f(other, 2),
+    }
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_owned(), |x| format!("{:.2} %", x * 100.0))
 }
@@ -572,13 +598,13 @@ fn pct(v: Option<f64>) -> String {
 impl MediaBenchReport {
     /// The Markdown table header (one row per scenario follows).
     pub fn markdown_header() -> &'static str {
-        "| scenario | server | fwd pkt/s | fwd Mbit/s | server CPU s | client CPU s | pkt/CPU-s | loss | latency p50 / p99 ms | join p50 / p99 ms | RSS/participant kB | failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| scenario | server | fwd pkt/s | fwd Mbit/s | server CPU s | client CPU s | pkt/CPU-s | loss | latency p50 / p99 ms | join p50 / p99 ms | RSS/participant kB | rcvbuf drops | failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     }
 
     fn row(&self, server: &str, r: &SutReport) -> String {
         format!(
-            "| {} ({}→{}) | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} |\n",
+            "| {} ({}→{}) | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |\n",
             self.scenario,
             self.publishers,
             self.subscribers,
@@ -589,11 +615,13 @@ impl MediaBenchReport {
             f(r.client_cpu_s, 2),
             f(r.pkts_per_cpu_s, 0),
             pct(r.loss_ratio),
-            f(r.latency_p50_ms, 2),
-            f(r.latency_p99_ms, 2),
+            lat(r.latency_p50_ms),
+            lat(r.latency_p99_ms),
             f(r.join_p50_ms, 0),
             f(r.join_p99_ms, 0),
             f(r.rss_per_participant_kb, 1),
+            r.udp_rcvbuf_drops
+                .map_or_else(|| "–".to_owned(), |d| d.to_string()),
             r.failed_clients,
         )
     }
