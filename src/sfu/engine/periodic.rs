@@ -1,0 +1,236 @@
+//! Periodic room work and per-subscriber video settings: speakers, connection quality,
+//! dynacast (`subscribed_quality_update`), stream state, and `update_track_settings`.
+
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Msg;
+use str0m::media::{MediaKind, Rid};
+
+use super::{msg, OutState, Output, SessionId, Sfu, Track, QUALITY_INTERVAL, SPEAKER_INTERVAL};
+use crate::sfu::simulcast;
+
+impl Sfu {
+    pub(super) fn update_speakers(&mut self, now: Instant) {
+        self.next_speakers = Some(now + SPEAKER_INTERVAL);
+        self.update_layers(now);
+        for room in self.rooms.values_mut() {
+            let mut changed = Vec::new();
+            for p in room.participants.values_mut() {
+                let level = p.audio_level;
+                p.audio_level = 0.0;
+                let speaking = level > 0.02;
+                if speaking != p.speaking || speaking {
+                    changed.push(lk::SpeakerInfo {
+                        sid: p.info.sid.clone(),
+                        level,
+                        active: speaking,
+                    });
+                }
+                p.speaking = speaking;
+            }
+            if changed.is_empty() {
+                continue;
+            }
+            let m = Msg::SpeakersChanged(lk::SpeakersChanged { speakers: changed });
+            for p in room.participants.values() {
+                self.out
+                    .push_back(Output::Signal(p.session, msg(m.clone())));
+            }
+        }
+    }
+
+    pub(super) fn update_quality(&mut self, now: Instant) {
+        self.next_quality = Some(now + QUALITY_INTERVAL);
+        for room in self.rooms.values() {
+            let updates: Vec<lk::ConnectionQualityInfo> = room
+                .participants
+                .values()
+                .map(|p| lk::ConnectionQualityInfo {
+                    participant_sid: p.info.sid.clone(),
+                    quality: if p.subscriber.connected {
+                        lk::ConnectionQuality::Excellent as i32
+                    } else {
+                        lk::ConnectionQuality::Poor as i32
+                    },
+                    score: if p.subscriber.connected { 5.0 } else { 1.0 },
+                })
+                .collect();
+            let m = Msg::ConnectionQuality(lk::ConnectionQualityUpdate { updates });
+            for p in room.participants.values() {
+                self.out
+                    .push_back(Output::Signal(p.session, msg(m.clone())));
+            }
+        }
+    }
+
+    /// Dynacast and stream state: tells publishers which simulcast qualities anyone watches,
+    /// and subscribers when a stream they get stopped or resumed.
+    // `subscribed_qualities` is deprecated in favour of `subscribed_codecs` but older clients
+    // still read it; both are filled.
+    #[allow(deprecated)]
+    fn update_layers(&mut self, now: Instant) {
+        for room in self.rooms.values_mut() {
+            // What subscribers want of each video track, and whether it is alive.
+            let mut wants: Vec<(SessionId, String, Option<i32>, bool)> = Vec::new();
+            for p in room.participants.values() {
+                for t in p.tracks.iter().filter(|t| t.kind == MediaKind::Video) {
+                    let max = room
+                        .participants
+                        .values()
+                        .flat_map(|s| s.outs.iter())
+                        .filter(|o| o.track_sid == t.info.sid && !o.disabled)
+                        .map(|o| o.max_quality)
+                        .max();
+                    wants.push((p.session, t.info.sid.clone(), max, t.layers.any_alive(now)));
+                }
+            }
+            for (publisher, sid, max, alive) in wants {
+                let Some(p) = room.participants.get_mut(&publisher) else {
+                    continue;
+                };
+                if let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == sid) {
+                    let enabled = simulcast::enabled_qualities(max);
+                    if t.layers.is_simulcast() && t.sent_qualities != Some(enabled) {
+                        t.sent_qualities = Some(enabled);
+                        let qualities: Vec<lk::SubscribedQuality> = enabled
+                            .iter()
+                            .enumerate()
+                            .map(|(q, on)| lk::SubscribedQuality {
+                                quality: q as i32,
+                                enabled: *on,
+                            })
+                            .collect();
+                        let codec = t
+                            .info
+                            .mime_type
+                            .split('/')
+                            .nth(1)
+                            .unwrap_or("vp8")
+                            .to_ascii_lowercase();
+                        let update = Msg::SubscribedQualityUpdate(lk::SubscribedQualityUpdate {
+                            track_sid: sid.clone(),
+                            subscribed_qualities: qualities.clone(),
+                            subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
+                        });
+                        tracing::info!(
+                            track = %sid,
+                            low = enabled[0],
+                            medium = enabled[1],
+                            high = enabled[2],
+                            "dynacast: publisher told which layers to send"
+                        );
+                        self.out.push_back(Output::Signal(publisher, msg(update)));
+                    }
+                }
+                let publisher_sid = p.info.sid.clone();
+                for s in room.participants.values_mut() {
+                    let session = s.session;
+                    for o in s.outs.iter_mut().filter(|o| o.track_sid == sid) {
+                        let paused = !alive || o.disabled;
+                        if paused != o.paused && matches!(o.state, OutState::Open(_)) {
+                            o.paused = paused;
+                            let state = if paused {
+                                lk::StreamState::Paused
+                            } else {
+                                lk::StreamState::Active
+                            };
+                            let m = Msg::StreamStateUpdate(lk::StreamStateUpdate {
+                                stream_states: vec![lk::StreamStateInfo {
+                                    participant_sid: publisher_sid.clone(),
+                                    track_sid: sid.clone(),
+                                    state: state as i32,
+                                }],
+                            });
+                            self.out.push_back(Output::Signal(session, msg(m)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn track_settings(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        s: lk::UpdateTrackSettings,
+    ) {
+        // Dimensions map to a quality through the publisher's announced layers.
+        let mut wanted: Vec<(String, i32)> = Vec::new();
+        for sid in &s.track_sids {
+            let quality = if s.width > 0 || s.height > 0 {
+                self.track(sid)
+                    .map_or(simulcast::HIGH, |t| t.layers.quality_for(s.width, s.height))
+            } else {
+                s.quality.clamp(simulcast::LOW, simulcast::HIGH)
+            };
+            wanted.push((sid.clone(), quality));
+        }
+        tracing::debug!(session, settings = ?s, ?wanted, "track settings");
+        #[allow(deprecated)]
+        let off = s.disabled || s.quality == lk::VideoQuality::Off as i32;
+        let mut keyframes = Vec::new();
+        if let Some(p) = self.participant_mut(session) {
+            for (sid, quality) in wanted {
+                for o in p.outs.iter_mut().filter(|o| o.track_sid == sid) {
+                    let was_disabled = o.disabled;
+                    o.disabled = off;
+                    let changed = o.max_quality != quality;
+                    o.max_quality = quality;
+                    if o.kind == MediaKind::Video && ((was_disabled && !off) || changed) {
+                        if was_disabled {
+                            o.waiting_keyframe = true;
+                        }
+                        keyframes.push((o.publisher, o.track_sid.clone()));
+                    }
+                }
+            }
+        }
+        for (publisher, track) in keyframes {
+            self.request_keyframe_for_subscribers(now, publisher, &track);
+        }
+        self.update_layers(now);
+    }
+
+    /// A published track by SID.
+    fn track(&self, track_sid: &str) -> Option<&Track> {
+        self.rooms.values().find_map(|r| {
+            r.participants
+                .values()
+                .find_map(|p| p.tracks.iter().find(|t| t.info.sid == track_sid))
+        })
+    }
+
+    /// Asks the publisher for keyframes of the layers its subscribers now want.
+    fn request_keyframe_for_subscribers(&mut self, now: Instant, publisher: SessionId, sid: &str) {
+        let mut rids: Vec<Option<Rid>> = Vec::new();
+        if let Some(room_name) = self.sessions.get(&publisher).cloned() {
+            if let Some(room) = self.rooms.get(&room_name) {
+                let layers = room
+                    .participants
+                    .get(&publisher)
+                    .and_then(|p| p.tracks.iter().find(|t| t.info.sid == sid))
+                    .map(|t| &t.layers);
+                for p in room.participants.values() {
+                    for o in p.outs.iter().filter(|o| o.track_sid == sid && !o.disabled) {
+                        let rid = layers.and_then(|l| l.choose(o.max_quality, now));
+                        if !rids.contains(&rid) {
+                            rids.push(rid);
+                        }
+                    }
+                }
+            }
+        }
+        for rid in rids {
+            // Separate layers are separate requests; the throttle is per track, so clear it.
+            if let Some(t) = self
+                .participant_mut(publisher)
+                .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == sid))
+            {
+                t.last_keyframe_request = None;
+            }
+            self.request_keyframe(now, publisher, sid, rid);
+        }
+    }
+}
