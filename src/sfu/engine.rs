@@ -396,7 +396,7 @@ fn msg(m: Msg) -> SignalOut {
     SignalOut::Message(Box::new(m))
 }
 
-fn ms_from_level(level: i8) -> f32 {
+fn linear_audio_level(level: i8) -> f32 {
     // RFC 6464: -dBov, 0 (loudest) ..= 127 (silence).
     let dbov = f32::from(level.clamp(0, 127));
     10f32.powf(-dbov / 20.0)
@@ -1092,7 +1092,7 @@ impl Sfu {
                                     }
                                     if t.kind == MediaKind::Audio {
                                         if let Some(level) = data.ext_vals.audio_level {
-                                            let l = ms_from_level(level);
+                                            let l = linear_audio_level(level);
                                             p.audio_level = p.audio_level.max(l);
                                         }
                                     }
