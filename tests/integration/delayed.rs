@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 use conclave::auth::naming::LEGACY_SLOT;
 use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
-use ruma::events::room::member::MembershipState;
 use serde_json::{json, Value};
 
-use crate::support::conclave::{eventually, pair_with_conclave_on_hs1, Conclave};
+use crate::support::conclave::{pair_with_conclave_on_hs1, wait_joined, Conclave};
 use crate::support::lk_ws::{expect_join, WsClient};
 use crate::support::matrix_client::{TestUser, CALL_MEMBER};
 use crate::support::synapse::heavy_lock;
@@ -35,23 +34,6 @@ async fn get_token(
         .await
         .unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-async fn wait_joined(c: &Conclave, room: &str, user: &str) {
-    use conclave::store::Store;
-    let store = c.store().unwrap();
-    let (r, u) = (
-        ruma::RoomId::parse(room).unwrap(),
-        ruma::UserId::parse(user).unwrap(),
-    );
-    eventually(Duration::from_secs(10), "join in the store", || async {
-        Ok(store
-            .membership(&r, &u)?
-            .filter(|m| m.membership == MembershipState::Join)
-            .map(|_| ()))
-    })
-    .await
-    .unwrap();
 }
 
 /// The `call.member` content Element Call sends for a room call.

@@ -4,13 +4,12 @@
 use std::time::{Duration, Instant};
 
 use conclave::auth::naming::{member_identity, room_name, LEGACY_SLOT};
-use conclave::store::Store;
 use reqwest::StatusCode;
 use ruma::events::room::member::MembershipState;
 use serde_json::{json, Value};
 
 use crate::support::conclave::{
-    eventually, jwt_payload, pair_with_conclave_on_hs1, Conclave, ConclaveOptions,
+    jwt_payload, pair_with_conclave_on_hs1, wait_membership, Conclave, ConclaveOptions,
 };
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
@@ -76,24 +75,6 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-async fn wait_membership(c: &Conclave, room: &str, user: &str, want: MembershipState) {
-    let store = c.store().unwrap();
-    let room_id = ruma::RoomId::parse(room).unwrap();
-    let user_id = ruma::UserId::parse(user).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "membership in Conclave's store",
-        || async {
-            Ok(store
-                .membership(&room_id, &user_id)?
-                .filter(|m| m.membership == want)
-                .map(|_| ()))
-        },
-    )
-    .await
-    .unwrap();
 }
 
 /// Acceptance of the token service with two federating homeservers.

@@ -464,6 +464,41 @@ pub async fn pair_with_conclave_on_hs1(
     Ok((hs1, hs2, c))
 }
 
+/// Waits (10 s at most) until Conclave's store holds `want` for `user` in `room`.
+pub async fn wait_membership(
+    c: &Conclave,
+    room: &str,
+    user: &str,
+    want: ruma::events::room::member::MembershipState,
+) {
+    let store = c.store().expect("store");
+    let room_id = ruma::RoomId::parse(room).expect("room id");
+    let user_id = ruma::UserId::parse(user).expect("user id");
+    eventually(
+        Duration::from_secs(10),
+        "membership in Conclave's store",
+        || async {
+            Ok(store
+                .membership(&room_id, &user_id)?
+                .filter(|m| m.membership == want)
+                .map(|_| ()))
+        },
+    )
+    .await
+    .expect("membership reached the store");
+}
+
+/// Waits until `user` is joined to `room` in Conclave's store.
+pub async fn wait_joined(c: &Conclave, room: &str, user: &str) {
+    wait_membership(
+        c,
+        room,
+        user,
+        ruma::events::room::member::MembershipState::Join,
+    )
+    .await;
+}
+
 /// Decodes a JWT's payload without verifying it.
 pub fn jwt_payload(jwt: &str) -> serde_json::Value {
     use base64::Engine;
