@@ -183,17 +183,19 @@ impl ClientReport {
 
 // ---------------------------------------------------------------- child process plumbing
 
+/// What a client process printed (shared with `support::web`, whose driver prints the same
+/// JSON-lines protocol).
 #[derive(Default)]
-struct Output {
-    events: Vec<Value>,
-    summary: Option<Value>,
-    other_stdout: Vec<String>,
-    stderr: VecDeque<String>,
-    stdout_closed: bool,
+pub(super) struct Output {
+    pub(super) events: Vec<Value>,
+    pub(super) summary: Option<Value>,
+    pub(super) other_stdout: Vec<String>,
+    pub(super) stderr: VecDeque<String>,
+    pub(super) stdout_closed: bool,
 }
 
 impl Output {
-    fn stderr_tail(&self) -> String {
+    pub(super) fn stderr_tail(&self) -> String {
         let skip = self.stderr.len().saturating_sub(STDERR_TAIL_LINES);
         self.stderr
             .iter()
@@ -370,7 +372,7 @@ fn event_names(events: &[Value]) -> String {
     format!("[{}]", names.join(", "))
 }
 
-fn exit_code(status: std::process::ExitStatus) -> i32 {
+pub(super) fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
         .code()
@@ -378,7 +380,12 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-async fn read_stdout(stdout: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
+/// Most events kept per process (a runaway client cannot fill memory).
+const MAX_EVENTS: usize = 20_000;
+
+/// Reads JSON lines: `{"type":"event"}` into events, `{"type":"summary"}` into the summary,
+/// anything else into other stdout.
+pub(super) async fn read_stdout(stdout: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let parsed: Option<Value> = serde_json::from_str(&line).ok();
@@ -389,7 +396,11 @@ async fn read_stdout(stdout: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>)
             .map(str::to_owned);
         let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
         match (kind.as_deref(), parsed) {
-            (Some("event"), Some(v)) => out.events.push(v),
+            (Some("event"), Some(v)) => {
+                if out.events.len() < MAX_EVENTS {
+                    out.events.push(v);
+                }
+            }
             (Some("summary"), Some(v)) => out.summary = Some(v),
             _ => {
                 if out.other_stdout.len() < 2000 {
@@ -404,7 +415,8 @@ async fn read_stdout(stdout: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>)
         .stdout_closed = true;
 }
 
-async fn read_stderr(stderr: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
+/// Keeps the last lines of stderr.
+pub(super) async fn read_stderr(stderr: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut out = output.lock().unwrap_or_else(|p| p.into_inner());

@@ -23,7 +23,7 @@
 //!
 //! CPU: one tab publishing simulcast video costs most of a core; at most two tabs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -31,16 +31,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use super::lk_clients::clients_dir;
+use super::lk_clients::{clients_dir, exit_code, read_stderr, read_stdout, Output};
 
 const HINT: &str = "run `./scripts/test` (which installs it) or \
                     `eval \"$(scripts/install-test-deps)\"`";
-const STDERR_KEEP_LINES: usize = 400;
-const STDERR_TAIL_LINES: usize = 60;
 
 // ---------------------------------------------------------------- locations
 
@@ -345,27 +342,6 @@ impl BrowserReport {
 
 // ---------------------------------------------------------------- the driver process
 
-#[derive(Default)]
-struct Output {
-    events: Vec<Value>,
-    summary: Option<Value>,
-    other_stdout: Vec<String>,
-    stderr: VecDeque<String>,
-    stdout_closed: bool,
-}
-
-impl Output {
-    fn stderr_tail(&self) -> String {
-        let skip = self.stderr.len().saturating_sub(STDERR_TAIL_LINES);
-        self.stderr
-            .iter()
-            .skip(skip)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
 /// A running `driver.mjs`. SIGTERM then SIGKILL on drop.
 pub struct Browser {
     /// What it was started with.
@@ -608,53 +584,4 @@ fn event_names(events: &[Value]) -> String {
         })
         .collect();
     format!("[{}]", names.join(", "))
-}
-
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-async fn read_stdout(stdout: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let parsed: Option<Value> = serde_json::from_str(&line).ok();
-        let kind = parsed
-            .as_ref()
-            .and_then(|v| v.get("type"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-        match (kind.as_deref(), parsed) {
-            (Some("event"), Some(v)) => {
-                if out.events.len() < 20_000 {
-                    out.events.push(v);
-                }
-            }
-            (Some("summary"), Some(v)) => out.summary = Some(v),
-            _ => {
-                if out.other_stdout.len() < 2000 {
-                    out.other_stdout.push(line);
-                }
-            }
-        }
-    }
-    output
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .stdout_closed = true;
-}
-
-async fn read_stderr(stderr: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-        if out.stderr.len() == STDERR_KEEP_LINES {
-            out.stderr.pop_front();
-        }
-        out.stderr.push_back(line);
-    }
 }
