@@ -309,7 +309,7 @@ struct Target {
 
 impl Target {
     async fn post(&self, body: &Arc<Vec<u8>>) -> Result<(), WebhookError> {
-        let token = sign(&self.api_key, &self.secret, body, unix_now())?;
+        let token = sign(&self.api_key, &self.secret, body, crate::clock::unix_secs())?;
         let response = self
             .client
             .post(&self.url)
@@ -379,14 +379,6 @@ impl Target {
     }
 }
 
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // webhook timestamps and token times
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Runs the webhook notifier until the event stream ends; returns at once when no URL is
 /// configured.
 pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>) {
@@ -446,7 +438,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
             | SfuEvent::ParticipantLeft { room, .. } => room.clone(),
         };
         let registered = state.rooms.get(&room_name, Instant::now());
-        let now = i64::try_from(unix_now()).unwrap_or(0);
+        let now = i64::try_from(crate::clock::unix_secs()).unwrap_or(0);
         let hook = builder.build(&event, registered.as_ref(), now);
         let body = match encode(&hook) {
             Ok(b) => Arc::new(b),

@@ -199,14 +199,6 @@ impl Normalized {
     }
 }
 
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // the HTTP edge reads the wall clock for JWT times
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Whether users of `server` may create SFU rooms.
 fn is_full_access(state: &AppState, server: &ServerName) -> bool {
     let list = &state.config.auth.full_access_homeservers;
@@ -248,7 +240,7 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
     }
     let local = user_id.server_name() == state.config.matrix.server_name;
     let auth = &state.config.auth;
-    let unix = unix_now();
+    let unix = crate::clock::unix_secs();
     let claims = Claims {
         iss: state.signer.key().to_owned(),
         sub: identity.clone(),

@@ -220,7 +220,7 @@ impl ConclaveTarget {
 
     /// A token for `identity` in `room`, valid for an hour.
     pub fn token(&self, room: &str, identity: &str, publish: bool) -> Result<String, BenchError> {
-        let now = unix_now();
+        let now = crate::clock::unix_secs();
         let claims = Claims {
             iss: self.signer.key().to_owned(),
             sub: identity.to_owned(),
@@ -249,13 +249,4 @@ impl Drop for ConclaveTarget {
             stop_child(c);
         }
     }
-}
-
-/// Wall clock in Unix seconds (JWT times).
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // JWT times need the wall clock
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

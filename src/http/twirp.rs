@@ -261,16 +261,8 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Claims, TwirpEr
         .ok_or_else(|| TwirpError::Unauthenticated("Authorization is not a Bearer token".into()))?;
     state
         .signer
-        .verify(token, unix_now())
+        .verify(token, crate::clock::unix_secs())
         .map_err(|e| TwirpError::Unauthenticated(format!("invalid token: {e}")))
-}
-
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT and room creation times
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// One authenticated call.
@@ -343,7 +335,8 @@ impl Call<'_> {
         };
         let mut room = live.unwrap_or_default();
         let age = Instant::now().saturating_duration_since(reg.created_at);
-        let created = i64::try_from(unix_now().saturating_sub(age.as_secs())).unwrap_or(0);
+        let created =
+            i64::try_from(crate::clock::unix_secs().saturating_sub(age.as_secs())).unwrap_or(0);
         room.name = reg.name.clone();
         room.empty_timeout = secs(reg.options.empty_timeout);
         room.departure_timeout = secs(reg.options.departure_timeout);

@@ -126,7 +126,7 @@ pub async fn put_transaction(
         if store.is_transaction_processed(&txn)? {
             return Ok((TxnOutcome::Replayed, Vec::new()));
         }
-        let effects = events_to_effects(&state2, &parsed.events, unix_ms());
+        let effects = events_to_effects(&state2, &parsed.events, crate::clock::unix_millis());
         store
             .apply_transaction(&txn, &effects)
             .map(|outcome| (outcome, effects))
@@ -175,15 +175,6 @@ async fn accept_invite(state: Arc<AppState>, room_id: ruma::OwnedRoomId) {
         Ok(_) => tracing::info!(room_id = %room_id, "bot accepted an invite"),
         Err(e) => tracing::warn!(room_id = %room_id, error = %e, "bot could not join"),
     }
-}
-
-/// Wall clock in ms (the appservice edge decides what "expired on arrival" means).
-fn unix_ms() -> i64 {
-    #[allow(clippy::disallowed_methods)]
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Turns the events of a transaction into store effects, skipping what cannot be parsed.

@@ -12,18 +12,10 @@ use crate::app::AppState;
 use crate::net::LoopRequest;
 use crate::sfu::{Command, SfuEvent};
 
-fn unix_ms() -> i64 {
-    #[allow(clippy::disallowed_methods)]
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Ends expired memberships now; returns how many changes it made.
 pub async fn expire_once(state: &AppState) -> usize {
     let store = state.store.clone();
-    let now = unix_ms();
+    let now = crate::clock::unix_millis();
     match tokio::task::spawn_blocking(move || store.expire_call_members(now)).await {
         Ok(Ok(changes)) => {
             let n = changes.len();

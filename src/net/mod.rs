@@ -265,14 +265,6 @@ pub fn start(
     Ok(handle)
 }
 
-fn unix_now() -> i64 {
-    #[allow(clippy::disallowed_methods)] // the net loop owns the clock
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 struct Loop {
     sfu: Sfu,
     sockets: Vec<(SocketAddr, UdpSocket)>,
@@ -399,7 +391,7 @@ impl Loop {
 
     fn request(&mut self, req: LoopRequest) {
         let now = Instant::now();
-        self.sfu.set_unix_time(unix_now());
+        self.sfu.set_unix_time(crate::clock::unix_secs() as i64);
         match req {
             LoopRequest::Sfu(c) => self.sfu.handle_command(now, c),
             LoopRequest::Open {
@@ -468,7 +460,7 @@ async fn run(
                 }
             },
             () = sleep => {
-                lp.sfu.set_unix_time(unix_now());
+                lp.sfu.set_unix_time(crate::clock::unix_secs() as i64);
                 lp.sfu.handle_timeout(Instant::now());
             }
         }

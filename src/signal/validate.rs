@@ -87,14 +87,6 @@ pub fn check_connect(
     Ok(claims)
 }
 
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT times
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn text(status: StatusCode, body: String) -> Response {
     let mut r = (status, body).into_response();
     r.headers_mut().insert(
@@ -112,7 +104,14 @@ pub async fn get_validate(
 ) -> Response {
     // Validation never creates a room, but with auto-create a missing room is no error.
     let auto = state.config.sfu_auto_create();
-    let result = check_connect(&state, &headers, &query, Instant::now(), unix_now(), false);
+    let result = check_connect(
+        &state,
+        &headers,
+        &query,
+        Instant::now(),
+        crate::clock::unix_secs(),
+        false,
+    );
     let result = match result {
         Err(r) if auto && r.message == ROOM_DOES_NOT_EXIST => Ok(Claims::default()),
         other => other,

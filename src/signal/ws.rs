@@ -38,22 +38,6 @@ fn text(status: StatusCode, body: &str) -> Response {
     (status, body.to_owned()).into_response()
 }
 
-fn unix_now() -> u64 {
-    #[allow(clippy::disallowed_methods)] // HTTP edge: JWT times and ping timestamps
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn unix_ms() -> i64 {
-    #[allow(clippy::disallowed_methods)]
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn flag(query: &HashMap<String, String>, key: &str, default: bool) -> bool {
     match query.get(key).map(String::as_str) {
         Some("1") | Some("true") => true,
@@ -111,7 +95,7 @@ pub async fn get_rtc(
         &headers,
         &query,
         Instant::now(),
-        unix_now(),
+        crate::clock::unix_secs(),
         state.config.sfu_auto_create(),
     ) {
         Ok(c) => c,
@@ -268,12 +252,12 @@ async fn run_session(
                 match message {
                     Req::Ping(ts) => {
                         let _ = ts;
-                        let _ = socket.send(encode(&Msg::Pong(unix_ms()), json)).await;
+                        let _ = socket.send(encode(&Msg::Pong(crate::clock::unix_millis()), json)).await;
                     }
                     Req::PingReq(p) => {
                         let pong = Msg::PongResp(lk::Pong {
                             last_ping_timestamp: p.timestamp,
-                            timestamp: unix_ms(),
+                            timestamp: crate::clock::unix_millis(),
                         });
                         let _ = socket.send(encode(&pong, json)).await;
                     }
@@ -344,7 +328,7 @@ async fn run_session(
 
 /// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.
 fn refresh_token(state: &AppState, claims: &Claims) -> Option<String> {
-    let now = unix_now();
+    let now = crate::clock::unix_secs();
     let mut c = claims.clone();
     c.nbf = now;
     c.exp = (now + state.config.auth.token_lifetime_secs).max(claims.exp);

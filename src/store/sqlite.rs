@@ -103,14 +103,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
-    #[allow(clippy::disallowed_methods)] // wall clock for an audit column only
-    let now = std::time::SystemTime::now();
-    now.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn ts_to_i64(ts: MilliSecondsSinceUnixEpoch) -> i64 {
     i64::try_from(u64::from(ts.0)).unwrap_or(i64::MAX)
 }
@@ -382,7 +374,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "INSERT INTO appservice_txn_processed (txn_id, event_count, processed_ts)
                  VALUES (?1, ?2, ?3)",
-                params![txn_id, effects.len() as i64, now_ms()],
+                params![txn_id, effects.len() as i64, crate::clock::unix_millis()],
             )?;
             if fault == Fault::AbortBeforeCommit {
                 tracing::error!(txn_id, "fault injection: aborting before commit");
@@ -471,7 +463,7 @@ impl Store for SqliteStore {
                     d.device_id,
                     d.delay_id,
                     i64::try_from(d.delay_timeout_ms).unwrap_or(i64::MAX),
-                    now_ms()
+                    crate::clock::unix_millis()
                 ],
             )?;
             Ok(())
