@@ -235,12 +235,14 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
         Some(member) => member_identity(user_id.as_str(), &req.device_id, member),
         None => legacy_identity(user_id.as_str(), &req.device_id),
     };
+    let unix = crate::clock::unix_secs();
     if full_access {
-        state.rooms.create(&room, RoomOptions::default(), now);
+        state
+            .rooms
+            .create(&room, RoomOptions::default(), now, unix as i64);
     }
     let local = user_id.server_name() == state.config.matrix.server_name;
     let auth = &state.config.auth;
-    let unix = crate::clock::unix_secs();
     let claims = Claims {
         iss: state.signer.key().to_owned(),
         sub: identity.clone(),

@@ -334,9 +334,7 @@ impl Call<'_> {
             None => None,
         };
         let mut room = live.unwrap_or_default();
-        let age = Instant::now().saturating_duration_since(reg.created_at);
-        let created =
-            i64::try_from(crate::clock::unix_secs().saturating_sub(age.as_secs())).unwrap_or(0);
+        let created = reg.created_unix;
         room.name = reg.name.clone();
         room.empty_timeout = secs(reg.options.empty_timeout);
         room.departure_timeout = secs(reg.options.departure_timeout);
@@ -414,7 +412,10 @@ impl Call<'_> {
             max_participants: req.max_participants,
         };
         let now = Instant::now();
-        let created = self.state.rooms.create(name, options, now);
+        let created = self
+            .state
+            .rooms
+            .create(name, options, now, crate::clock::unix_secs() as i64);
         if created && !req.metadata.is_empty() {
             self.state.rooms.set_metadata(name, &req.metadata);
         }

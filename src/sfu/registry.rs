@@ -35,6 +35,8 @@ pub struct RegisteredRoom {
     pub name: String,
     /// When it was created.
     pub created_at: Instant,
+    /// When it was created, Unix seconds (RoomService `creation_time`).
+    pub created_unix: i64,
     /// Lifetime settings.
     pub options: RoomOptions,
     /// Participants connected now.
@@ -72,8 +74,9 @@ impl RoomRegistry {
         f(&mut guard)
     }
 
-    /// Creates `name` unless it exists; returns true if it was created now.
-    pub fn create(&self, name: &str, options: RoomOptions, now: Instant) -> bool {
+    /// Creates `name` unless it exists; returns true if it was created now. `unix_now` (seconds)
+    /// is kept as its creation time.
+    pub fn create(&self, name: &str, options: RoomOptions, now: Instant, unix_now: i64) -> bool {
         self.with(|rooms| {
             rooms.retain(|_, r| !r.expired(now));
             if rooms.contains_key(name) {
@@ -84,6 +87,7 @@ impl RoomRegistry {
                 RegisteredRoom {
                     name: name.to_owned(),
                     created_at: now,
+                    created_unix: unix_now,
                     options,
                     participants: 0,
                     emptied_at: None,
@@ -179,15 +183,15 @@ mod tests {
     fn create_is_idempotent_and_rooms_expire() {
         let reg = RoomRegistry::default();
         let t0 = Instant::now();
-        assert!(reg.create("a", RoomOptions::default(), t0));
-        assert!(!reg.create("a", RoomOptions::default(), t0 + Duration::from_secs(1)));
+        assert!(reg.create("a", RoomOptions::default(), t0, 0));
+        assert!(!reg.create("a", RoomOptions::default(), t0 + Duration::from_secs(1), 1));
         assert!(reg.exists("a", t0 + Duration::from_secs(299)));
         assert!(
             !reg.exists("a", t0 + Duration::from_secs(300)),
             "empty timeout"
         );
 
-        assert!(reg.create("b", RoomOptions::default(), t0));
+        assert!(reg.create("b", RoomOptions::default(), t0, 0));
         reg.participant_joined("b");
         assert!(
             reg.exists("b", t0 + Duration::from_secs(1000)),

@@ -80,9 +80,12 @@ pub fn check_connect(
         if !create {
             return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
         }
-        state
-            .rooms
-            .create(&claims.video.room, RoomOptions::default(), now);
+        state.rooms.create(
+            &claims.video.room,
+            RoomOptions::default(),
+            now,
+            unix_now as i64,
+        );
     }
     Ok(claims)
 }
