@@ -202,6 +202,12 @@ pub struct AuthConfig {
     pub remote_can_subscribe: bool,
     /// Timeout of one federation request (OpenID userinfo), in milliseconds. Default 5000.
     pub federation_timeout_ms: u64,
+    /// How long a token request for a room Conclave follows may wait for evidence that the
+    /// user is joined, in milliseconds. A user of another server who joined the room before
+    /// this server did becomes known here only through an event of theirs (typically their
+    /// call membership), which can arrive over federation a moment after their client asks
+    /// for a token. Default 3000; 0 refuses at once.
+    pub membership_wait_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -213,6 +219,7 @@ impl Default for AuthConfig {
             remote_can_publish: true,
             remote_can_subscribe: true,
             federation_timeout_ms: 5000,
+            membership_wait_ms: 3000,
         }
     }
 }

@@ -32,9 +32,11 @@ pub async fn require_joined(
         Some(r) => Some(r.membership),
         // No event seen for this user: they may have joined before Conclave was registered.
         None => match ask_homeserver(state, room_id, user_id).await {
-            Ok(m) => m,
-            // The homeserver cannot tell us, but Conclave follows this room: no membership.
-            Err(_) if known => None,
+            Ok(Some(m)) => Some(m),
+            // The homeserver cannot tell us, but Conclave follows this room: the user may have
+            // joined before this server took part, with their first event here in flight.
+            Ok(None) | Err(_) if known => wait_for_evidence(state, room_id, user_id).await?,
+            Ok(None) => None,
             Err(e) => return Err(e),
         },
     };
@@ -47,6 +49,30 @@ pub async fn require_joined(
             "{user_id} is not a member of {room_id}"
         ))),
     }
+}
+
+/// Polls the store for `auth.membership_wait_ms` until a membership of `user_id` in
+/// `room_id` is recorded (an event of theirs reached the appservice); `None` if none did.
+async fn wait_for_evidence(
+    state: &AppState,
+    room_id: &RoomId,
+    user_id: &UserId,
+) -> Result<Option<MembershipState>, AuthError> {
+    let wait = std::time::Duration::from_millis(state.config.auth.membership_wait_ms);
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let store = state.store.clone();
+        let (room, user) = (room_id.to_owned(), user_id.to_owned());
+        let record = tokio::task::spawn_blocking(move || store.membership(&room, &user))
+            .await
+            .map_err(|e| AuthError::Internal(e.to_string()))??;
+        if let Some(r) = record {
+            tracing::debug!(%room_id, %user_id, membership = %r.membership, "membership evidence arrived");
+            return Ok(Some(r.membership));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads `m.room.member` for `user_id` from the homeserver as the bot.

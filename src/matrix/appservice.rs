@@ -178,6 +178,24 @@ async fn accept_invite(state: Arc<AppState>, room_id: ruma::OwnedRoomId) {
 }
 
 /// Turns the events of a transaction into store effects, skipping what cannot be parsed.
+/// For a non-membership event: its sender was joined to its room when it was sent (the
+/// homeserver checked the room's auth rules before accepting it). `None` for `m.room.member`
+/// events and for events missing a field.
+fn sender_joined(event: &serde_json::Value) -> Option<MembershipRecord> {
+    let field = |k: &str| event.get(k).and_then(serde_json::Value::as_str);
+    if field("type")? == "m.room.member" {
+        return None;
+    }
+    let ts = event.get("origin_server_ts").and_then(serde_json::Value::as_u64)?;
+    Some(MembershipRecord {
+        room_id: ruma::RoomId::parse(field("room_id")?).ok()?,
+        user_id: ruma::UserId::parse(field("sender")?).ok()?,
+        membership: ruma::events::room::member::MembershipState::Join,
+        event_id: ruma::EventId::parse(field("event_id")?).ok()?,
+        origin_server_ts: ruma::MilliSecondsSinceUnixEpoch(ruma::UInt::try_from(ts).ok()?),
+    })
+}
+
 fn events_to_effects(
     state: &AppState,
     events: &[Raw<AnyTimelineEvent>],
@@ -188,6 +206,9 @@ fn events_to_effects(
         inc(&state.metrics.events_received);
         // MatrixRTC membership events are custom types: read them as JSON.
         if let Ok(value) = raw.deserialize_as::<serde_json::Value>() {
+            if let Some(seen) = sender_joined(&value) {
+                effects.push(Effect::SenderJoined(seen));
+            }
             if let Some(result) = super::calls::effects(&value, now_ms) {
                 match result {
                     Ok(e) => effects.extend(e),

@@ -53,6 +53,12 @@ pub enum Effect {
     Membership(MembershipRecord),
     /// A MatrixRTC member joined or refreshed its membership.
     CallMemberJoined(CallMemberJoin),
+    /// A user sent a non-membership event into the room. The homeserver only accepts such an
+    /// event from a joined sender (room auth rules), so it proves the sender was joined when
+    /// it was sent. Recorded as `join` only when no `m.room.member` event of that user is
+    /// known: explicit membership always wins. This covers users who joined before this
+    /// homeserver took part in the room (their join never reaches the appservice).
+    SenderJoined(MembershipRecord),
     /// The room turned on encryption (`m.room.encryption`).
     RoomEncrypted {
         /// The room.

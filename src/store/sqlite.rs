@@ -350,6 +350,20 @@ impl Store for SqliteStore {
                             }
                         }
                     }
+                    Effect::SenderJoined(m) => {
+                        tx.execute(
+                            "INSERT INTO room_user_membership
+                               (room_id, user_id, membership, event_id, origin_server_ts)
+                             VALUES (?1, ?2, 'join', ?3, ?4)
+                             ON CONFLICT (room_id, user_id) DO NOTHING",
+                            params![
+                                m.room_id.as_str(),
+                                m.user_id.as_str(),
+                                m.event_id.as_str(),
+                                ts_to_i64(m.origin_server_ts)
+                            ],
+                        )?;
+                    }
                     Effect::CallMemberJoined(j) => changes.extend(call_member_joined(&tx, j)?),
                     Effect::RoomEncrypted {
                         room_id,

@@ -32,3 +32,5 @@ mod browser;
 mod twirp;
 // LiveKit-compatible webhooks, verified by `livekit-api`'s WebhookReceiver.
 mod webhooks;
+// Unmodified Element Call in Chromium across two ministries (two Synapses, two Conclaves).
+mod element_call;

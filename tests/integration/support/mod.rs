@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conclave;
+pub mod element_call;
 pub mod lk_clients;
 pub mod lk_ws;
 pub mod matrix_client;

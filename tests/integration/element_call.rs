@@ -1,0 +1,250 @@
+//! Element Call, unmodified, across two ministries: alice@hs1 and bob@hs2 in one call, each
+//! publishing to their own ministry's Conclave (found through their own Synapse's MSC4143
+//! transports) and subscribing at the other's (Element Call's multi-SFU mode). Without and
+//! with per-participant E2EE; then alice is banned by the room's admin.
+//!
+//! Screenshots of both pages mid-call are written to `$CARGO_TARGET_TMPDIR/element-call/`;
+//! with `CONCLAVE_UPDATE_SCREENSHOTS=1` they also replace `docs/element-call-*.png`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::conclave::Conclave;
+use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries};
+use crate::support::matrix_client::TestUser;
+use crate::support::synapse::heavy_lock;
+
+/// How long the pages get to start Element Call and exchange media (cold Chromium, two
+/// Synapse round trips, two SFUs): bounded, so a broken setup fails instead of hanging.
+const IN_CALL_TIMEOUT_S: u64 = 100;
+
+fn screenshot_dir(run: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("element-call")
+        .join(run)
+}
+
+/// A room created by bob (its admin) on hs2, alice@hs1 invited and joined over federation.
+async fn shared_room(m: &Ministries, bob_admin: &TestUser, alice: &TestUser) -> String {
+    let room = bob_admin
+        .create_call_room(&[alice.user_id.as_str()])
+        .await
+        .expect("bob creates the room");
+    alice
+        .wait_for_invite(&room, Duration::from_secs(20))
+        .await
+        .expect("alice's invite arrives over federation");
+    alice
+        .join(&room, &[m.hs2.server_name.as_str()])
+        .await
+        .expect("alice joins over federation");
+    bob_admin
+        .wait_for_membership(&room, &alice.user_id, "join", Duration::from_secs(20))
+        .await
+        .expect("hs2 sees alice joined");
+    room
+}
+
+fn pages(m: &Ministries, room: &str, alice: &TestUser, bob: &TestUser, e2ee: bool) -> Vec<EcPage> {
+    let page = |label: &str, hs: &str, u: &TestUser, intent: &str| EcPage {
+        label: label.into(),
+        hs: hs.into(),
+        token: u.access_token.clone(),
+        user: u.user_id.clone(),
+        device: u.device_id.clone(),
+        room: room.into(),
+        intent: intent.into(),
+        e2ee,
+    };
+    vec![
+        page("alice", &m.hs1.client_url, alice, "start_call"),
+        page("bob", &m.hs2.client_url, bob, "join_existing"),
+    ]
+}
+
+/// The SFU participants of `room` on `c` as (user_id, publisher) pairs.
+async fn sfu_view(c: &Conclave, room: &str) -> Vec<(String, bool)> {
+    let call = admin_call(c, room).await.expect("admin API");
+    let mut v: Vec<(String, bool)> = call["sfu"]["participants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p["user_id"].as_str().unwrap_or("?").to_owned(),
+                p["publisher"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Each ministry's SFU holds its own user as the publisher and the other ministry's user as
+/// a subscriber only.
+async fn assert_media_stays_home(m: &Ministries, room: &str, alice: &str, bob: &str) {
+    let want1 = {
+        let mut v = vec![(alice.to_owned(), true), (bob.to_owned(), false)];
+        v.sort();
+        v
+    };
+    let want2 = {
+        let mut v = vec![(alice.to_owned(), false), (bob.to_owned(), true)];
+        v.sort();
+        v
+    };
+    // The admin view follows the SFU; subscriptions settle within a moment of media flowing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (v1, v2) = (sfu_view(&m.c1, room).await, sfu_view(&m.c2, room).await);
+        if v1 == want1 && v2 == want2 {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "SFU views: Conclave-1 {v1:?} (want {want1:?}), Conclave-2 {v2:?} (want {want2:?})\n\
+                 Conclave-1: {}\nConclave-2: {}",
+                admin_call(&m.c1, room).await.unwrap_or(Value::Null),
+                admin_call(&m.c2, room).await.unwrap_or(Value::Null),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Copies the latest screenshots into docs/ when asked to.
+fn update_docs_screenshots(dir: &Path) {
+    if std::env::var("CONCLAVE_UPDATE_SCREENSHOTS").as_deref() != Ok("1") {
+        return;
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for who in ["alice", "bob"] {
+        std::fs::copy(
+            dir.join(format!("{who}.png")),
+            docs.join(format!("element-call-{who}.png")),
+        )
+        .expect("copying a screenshot into docs/");
+    }
+}
+
+fn assert_in_call(ev: &Value) {
+    for who in ["alice", "bob"] {
+        let p = &ev["pages"][who];
+        assert!(
+            p["remote_video_width"].as_u64().unwrap_or(0) > 0,
+            "{who} plays remote video: {p}"
+        );
+        assert!(
+            p["audio_level"].as_f64().unwrap_or(0.0) > 0.001,
+            "{who} hears non-silent remote audio: {p}"
+        );
+        assert!(
+            p["host"]["errors"].as_array().is_some_and(|e| e.is_empty()),
+            "{who}'s widget host reported no error: {p}"
+        );
+    }
+}
+
+async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
+    let run = if e2ee { "e2ee" } else { "plain" };
+    // Fresh devices for every run: the widget host keeps its crypto store in memory.
+    let bob = m.hs2.register("bob", true).await.expect("bob");
+    let alice = m.hs1.register("alice", false).await.expect("alice");
+    let room = shared_room(m, &bob, &alice).await;
+    let dir = screenshot_dir(run);
+    let mut driver = EcDriver::spawn(&pages(m, &room, &alice, &bob, e2ee), IN_CALL_TIMEOUT_S, &dir)
+        .expect("starting the Element Call driver");
+    let in_call = match driver
+        .wait_event("in_call", Duration::from_secs(IN_CALL_TIMEOUT_S + 30))
+        .await
+    {
+        Ok(ev) => ev,
+        Err(e) => panic!("{run}: {e:#}\nministries: {}", m.health().await),
+    };
+    assert_in_call(&in_call);
+    if e2ee {
+        for who in ["alice", "bob"] {
+            let host = &in_call["pages"][who]["host"];
+            assert!(
+                host["toDeviceSentEncrypted"].as_u64().unwrap_or(0) > 0
+                    && host["toDeviceReceived"].as_u64().unwrap_or(0) > 0,
+                "{who}'s Element Call exchanged its media key as encrypted to-device messages: {host}"
+            );
+        }
+    }
+    assert_media_stays_home(m, &room, &alice.user_id, &bob.user_id).await;
+    update_docs_screenshots(&dir);
+
+    if ban {
+        driver
+            .send(json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}))
+            .await
+            .expect("watch_ban");
+        bob.ban(&room, &alice.user_id, Some("end-to-end test"))
+            .await
+            .expect("bob bans alice");
+        let seen = driver
+            .wait_event("ban_observed", Duration::from_secs(20))
+            .await
+            .expect("ban observed");
+        let stopped = seen["media_stopped_ms"].as_u64();
+        let left = seen["victim_left_ms"].as_u64();
+        assert!(
+            stopped.is_some_and(|ms| ms <= 2000),
+            "alice's media stops at bob's page within 2 s of the ban: {seen}"
+        );
+        assert!(
+            left.is_some_and(|ms| ms <= 2000),
+            "alice's Element Call shows she was banned within 2 s: {seen}"
+        );
+        // Conclave-1 removed her: nobody publishes on alice's ministry SFU any more.
+        let v1 = sfu_view(&m.c1, &room).await;
+        assert!(
+            !v1.iter().any(|(u, _)| u == &alice.user_id),
+            "alice is gone from Conclave-1: {v1:?}"
+        );
+    }
+    driver.quit().await;
+}
+
+/// The product as ministries' users get it: Element Call, two Synapses, two Conclaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_two_ministries() {
+    let _heavy = heavy_lock();
+    let m = Ministries::start().await.expect("two ministries");
+    run_call(&m, false, false).await;
+    run_call(&m, true, true).await;
+}
+
+/// With a ministry's Conclave down the test says so within its bounded wait, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_reports_a_conclave_down() {
+    let _heavy = heavy_lock();
+    let mut m = Ministries::start().await.expect("two ministries");
+    m.c2.stop().await.expect("stopping Conclave-2");
+    let bob = m.hs2.register("bob", true).await.expect("bob");
+    let alice = m.hs1.register("alice", false).await.expect("alice");
+    let room = shared_room(&m, &bob, &alice).await;
+    let started = std::time::Instant::now();
+    let mut driver = EcDriver::spawn(&pages(&m, &room, &alice, &bob, false), 45, &screenshot_dir("down"))
+        .expect("driver");
+    let err = driver
+        .wait_event("in_call", Duration::from_secs(75))
+        .await
+        .expect_err("no call without bob's SFU");
+    let health = m.health().await;
+    let message = format!("{err:#}\nministries: {health}");
+    assert!(started.elapsed() < Duration::from_secs(80), "bounded: {message}");
+    assert!(
+        message.contains("no two-way media within 45 s"),
+        "the driver names what did not happen: {message}"
+    );
+    assert!(
+        health.contains("Conclave-2 (hs2)") && health.contains("is DOWN"),
+        "the failure names the Conclave that is down: {health}"
+    );
+    driver.quit().await;
+}
