@@ -186,7 +186,9 @@ fn sender_joined(event: &serde_json::Value) -> Option<MembershipRecord> {
     if field("type")? == "m.room.member" {
         return None;
     }
-    let ts = event.get("origin_server_ts").and_then(serde_json::Value::as_u64)?;
+    let ts = event
+        .get("origin_server_ts")
+        .and_then(serde_json::Value::as_u64)?;
     Some(MembershipRecord {
         room_id: ruma::RoomId::parse(field("room_id")?).ok()?,
         user_id: ruma::UserId::parse(field("sender")?).ok()?,

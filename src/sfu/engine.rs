@@ -20,6 +20,7 @@ mod admin;
 mod forward;
 mod negotiate;
 mod periodic;
+mod red;
 mod requests;
 
 /// Identifies one signalling session (one WebSocket, one participant).
@@ -309,6 +310,8 @@ struct OutTrack {
     max_quality: i32,
     /// Whether the subscriber was told the stream is paused.
     paused: bool,
+    /// Whether the subscriber connection may wrap this track in RED ([`Track::red_allowed`]).
+    red: bool,
 }
 
 impl OutTrack {
@@ -333,6 +336,17 @@ struct Track {
     /// Last dynacast state sent to the publisher (LOW, MEDIUM, HIGH enabled).
     sent_qualities: Option<[bool; 3]>,
     last_keyframe_request: Option<Instant>,
+}
+
+impl Track {
+    /// Whether RED may carry this track: audio whose publisher did not disable it. End-to-end
+    /// encrypted tracks never: RED is built before encryption, so it cannot be unwrapped or
+    /// rebuilt on the way (see `red.rs`).
+    fn red_allowed(&self) -> bool {
+        self.kind == MediaKind::Audio
+            && !self.info.disable_red
+            && self.info.encryption == lk::encryption::Type::None as i32
+    }
 }
 
 struct Pc {
@@ -1226,6 +1240,7 @@ fn new_out(publisher: &Participant, t: &Track) -> OutTrack {
         disabled: false,
         max_quality: simulcast::HIGH,
         paused: false,
+        red: t.red_allowed(),
     }
 }
 

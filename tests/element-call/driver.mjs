@@ -10,7 +10,8 @@
 // Usage: node driver.mjs --config FILE.json
 //   {
 //     "timeout_s": 90,                 // to reach "in_call"; then each command has its own
-//     "screenshot_dir": "/tmp/x",      // where <label>.png is written once media flows
+//     "screenshot_dir": "/tmp/x",      // where <label>.png is written once media flows, and
+//                                      // <label>.console.log (the page's whole console)
 //     "pages": [ { "label": "alice", "hs": "http://127.0.0.1:8008", "token": "...",
 //                  "user": "@alice:hs1", "device": "ABC", "room": "!r:hs2",
 //                  "intent": "start_call" | "join_existing", "e2ee": false } ]   // 1 or 2
@@ -29,7 +30,8 @@
 //   {"cmd":"watch_ban","victim":"alice","observer":"bob","timeout_s":10}
 //       from now, waits until the observer's page stops receiving the victim's media (no
 //       remote video frame and no remote audio energy for `quiet_ms`) and the victim's
-//       Element Call shows it was banned; reports the times, measured from the command.
+//       host saw the ban and Element Call left its call view; reports the times, measured
+//       from the command.
 //   {"cmd":"stats"}   {"cmd":"quit"}
 // stdin EOF (the test went away) closes Chromium and exits.
 import { createRequire } from 'node:module';
@@ -185,14 +187,23 @@ async function frameSample() {
   let audioEnergy = 0;
   let audioLevel = 0;
   let audioPackets = 0;
+  let audioPacketsSent = 0;
+  const audioCodecs = new Set();
   let videoFramesDecoded = 0;
   for (const pc of window.__conclavePcs || []) {
     if (pc.connectionState === 'closed') continue;
     try {
       const stats = await pc.getStats();
       stats.forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.kind === 'audio') {
+          audioPacketsSent += s.packetsSent || 0;
+          const c = s.codecId && stats.get(s.codecId);
+          if (c) audioCodecs.add(`sent ${c.mimeType}`);
+        }
         if (s.type !== 'inbound-rtp') return;
         if (s.kind === 'audio') {
+          const c = s.codecId && stats.get(s.codecId);
+          if (c) audioCodecs.add(`received ${c.mimeType}`);
           audioEnergy += s.totalAudioEnergy || 0;
           audioLevel = Math.max(audioLevel, s.audioLevel || 0);
           audioPackets += s.packetsReceived || 0;
@@ -207,6 +218,8 @@ async function frameSample() {
     audio_energy: audioEnergy,
     audio_level: audioLevel,
     audio_packets: audioPackets,
+    audio_packets_sent: audioPacketsSent,
+    audio_codecs: [...audioCodecs],
     video_frames_decoded: videoFramesDecoded,
     text: (document.body ? document.body.innerText : '').slice(0, 1500),
   };
@@ -269,6 +282,8 @@ class Page {
       audio_level: s.audio_level ?? 0,
       audio_energy: s.audio_energy ?? 0,
       audio_packets: s.audio_packets ?? 0,
+      audio_packets_sent: s.audio_packets_sent ?? 0,
+      audio_codecs: s.audio_codecs ?? [],
       local_videos: (s.videos || []).filter((v) => v.local).length,
       text: s.text ?? '',
     };
@@ -312,11 +327,20 @@ async function main() {
     await ctx.addInitScript(INIT_SCRIPT);
     const page = await ctx.newPage();
     const p = new Page(spec, page);
-    page.on('console', (m) => {
-      p.console.push(`${m.type()}: ${m.text()}`.slice(0, 500));
+    // The whole console goes to <screenshot_dir>/<label>.console.log for diagnosis; the
+    // last lines also go into an error event.
+    let consoleLog = null;
+    if (cfg.screenshot_dir) {
+      fs.mkdirSync(cfg.screenshot_dir, { recursive: true });
+      consoleLog = fs.createWriteStream(path.join(cfg.screenshot_dir, `${spec.label}.console.log`));
+    }
+    const record = (line) => {
+      if (consoleLog) consoleLog.write(`${new Date().toISOString()} ${line}\n`);
+      p.console.push(line.slice(0, 500));
       if (p.console.length > 400) p.console.splice(0, 100);
-    });
-    page.on('pageerror', (e) => p.console.push(`pageerror: ${e.message}`.slice(0, 500)));
+    };
+    page.on('console', (m) => record(`${m.type()}: ${m.text()}`));
+    page.on('pageerror', (e) => record(`pageerror: ${e.message}`));
     const q = new URLSearchParams({
       hs: spec.hs, token: spec.token, user: spec.user, device: spec.device, room: spec.room,
       ec: `${base}/ec/index.html`, e2ee: spec.e2ee ? '1' : '0', intent: spec.intent || 'start_call',
@@ -401,8 +425,14 @@ async function main() {
         if (mediaStopped === null && s && now - lastMedia >= quiet) {
           mediaStopped = Math.max(0, lastMedia - t0);
         }
+        // Left: the victim's host saw the ban (and hung the call up, as Element Web does) and
+        // Element Call no longer shows its call view (no "End call" control).
         const v = await victim.sample();
-        if (victimLeft === null && v && /banned/i.test(v.text)) victimLeft = now - t0;
+        const vh = await victim.host();
+        if (victimLeft === null && vh && vh.myMembership === 'ban'
+            && !(v && /End call/.test(v.text))) {
+          victimLeft = now - t0;
+        }
         await sleep(100);
       }
       emit({
@@ -411,6 +441,7 @@ async function main() {
         victim_left_ms: victimLeft,
         observer: observer.summary(),
         victim: victim.summary(),
+        victim_host: await victim.host(),
         victim_console_tail: victim.console.slice(-30),
       });
     } else {

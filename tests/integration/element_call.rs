@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::support::conclave::Conclave;
 use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries};
-use crate::support::matrix_client::TestUser;
+use crate::support::matrix_client::{TestUser, CALL_MEMBER, RTC_MEMBER};
 use crate::support::synapse::heavy_lock;
 
 /// How long the pages get to start Element Call and exchange media (cold Chromium, two
@@ -27,9 +27,34 @@ fn screenshot_dir(run: &str) -> PathBuf {
 }
 
 /// A room created by bob (its admin) on hs2, alice@hs1 invited and joined over federation.
-async fn shared_room(m: &Ministries, bob_admin: &TestUser, alice: &TestUser) -> String {
+/// Element Call turns per-participant E2EE on exactly when the room is encrypted.
+async fn shared_room(
+    m: &Ministries,
+    bob_admin: &TestUser,
+    alice: &TestUser,
+    encrypted: bool,
+) -> String {
+    let mut initial_state = vec![];
+    if encrypted {
+        initial_state.push(json!({
+            "type": "m.room.encryption",
+            "state_key": "",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+        }));
+    }
     let room = bob_admin
-        .create_call_room(&[alice.user_id.as_str()])
+        .create_room(json!({
+            "preset": "private_chat",
+            "name": "conclave test call",
+            "invite": [alice.user_id],
+            "initial_state": initial_state,
+            "power_level_content_override": {
+                "events": {
+                    CALL_MEMBER: 0,
+                    RTC_MEMBER: 0,
+                }
+            },
+        }))
         .await
         .expect("bob creates the room");
     alice
@@ -153,10 +178,14 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
     // Fresh devices for every run: the widget host keeps its crypto store in memory.
     let bob = m.hs2.register("bob", true).await.expect("bob");
     let alice = m.hs1.register("alice", false).await.expect("alice");
-    let room = shared_room(m, &bob, &alice).await;
+    let room = shared_room(m, &bob, &alice, e2ee).await;
     let dir = screenshot_dir(run);
-    let mut driver = EcDriver::spawn(&pages(m, &room, &alice, &bob, e2ee), IN_CALL_TIMEOUT_S, &dir)
-        .expect("starting the Element Call driver");
+    let mut driver = EcDriver::spawn(
+        &pages(m, &room, &alice, &bob, e2ee),
+        IN_CALL_TIMEOUT_S,
+        &dir,
+    )
+    .expect("starting the Element Call driver");
     let in_call = match driver
         .wait_event("in_call", Duration::from_secs(IN_CALL_TIMEOUT_S + 30))
         .await
@@ -180,7 +209,9 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
 
     if ban {
         driver
-            .send(json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}))
+            .send(
+                json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}),
+            )
             .await
             .expect("watch_ban");
         bob.ban(&room, &alice.user_id, Some("end-to-end test"))
@@ -190,6 +221,10 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
             .wait_event("ban_observed", Duration::from_secs(20))
             .await
             .expect("ban observed");
+        eprintln!(
+            "ban observed: media stopped after {} ms, alice left after {} ms",
+            seen["media_stopped_ms"], seen["victim_left_ms"]
+        );
         let stopped = seen["media_stopped_ms"].as_u64();
         let left = seen["victim_left_ms"].as_u64();
         assert!(
@@ -227,17 +262,24 @@ async fn element_call_reports_a_conclave_down() {
     m.c2.stop().await.expect("stopping Conclave-2");
     let bob = m.hs2.register("bob", true).await.expect("bob");
     let alice = m.hs1.register("alice", false).await.expect("alice");
-    let room = shared_room(&m, &bob, &alice).await;
+    let room = shared_room(&m, &bob, &alice, false).await;
     let started = std::time::Instant::now();
-    let mut driver = EcDriver::spawn(&pages(&m, &room, &alice, &bob, false), 45, &screenshot_dir("down"))
-        .expect("driver");
+    let mut driver = EcDriver::spawn(
+        &pages(&m, &room, &alice, &bob, false),
+        45,
+        &screenshot_dir("down"),
+    )
+    .expect("driver");
     let err = driver
         .wait_event("in_call", Duration::from_secs(75))
         .await
         .expect_err("no call without bob's SFU");
     let health = m.health().await;
     let message = format!("{err:#}\nministries: {health}");
-    assert!(started.elapsed() < Duration::from_secs(80), "bounded: {message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(80),
+        "bounded: {message}"
+    );
     assert!(
         message.contains("no two-way media within 45 s"),
         "the driver names what did not happen: {message}"

@@ -23,7 +23,15 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
-        let offer = match SdpOffer::from_sdp_string(&sd.sdp) {
+        // Audio tracks announced without RED (every E2EE track is): answer them without it.
+        let no_red: Vec<&str> = p
+            .tracks
+            .iter()
+            .filter(|t| t.kind == MediaKind::Audio && !t.red_allowed())
+            .map(|t| t.cid.as_str())
+            .collect();
+        let sdp = super::red::strip_red(&sd.sdp, &no_red);
+        let offer = match SdpOffer::from_sdp_string(&sdp) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(session, error = %e, "unparseable publisher offer");
@@ -75,10 +83,13 @@ impl Sfu {
             return;
         }
         for o in &mut p.outs {
-            o.state = match o.state {
-                OutState::Negotiating(m) => OutState::Open(m),
-                s => s,
-            };
+            if let OutState::Negotiating(m) = o.state {
+                o.state = OutState::Open(m);
+                if o.kind == MediaKind::Audio {
+                    // A transceiver may carry a RED-less track after a RED one, or the reverse.
+                    p.subscriber.rtc.direct_api().set_red_send(m, o.red);
+                }
+            }
         }
         p.outs
             .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));

@@ -40,6 +40,9 @@ const state = {
   openIdTokens: 0,
   transports: null,
   capabilities: [],
+  myMembership: null,
+  hangupSent: null,
+  hangupAcked: null,
 };
 window.conclaveHost = state;
 const fail = (where, e) => {
@@ -287,10 +290,24 @@ async function main() {
     api.setViewedRoomId(ROOM);
   });
 
+  // Like Element Web: once the user is no longer in the room (left, kicked, banned), the call
+  // is hung up; Element Call then leaves the MatrixRTC session and its call view.
+  const onMyMembership = (membership) => {
+    console.info(`conclave host: own membership is now ${membership}`);
+    state.myMembership = membership;
+    if (membership === 'join' || state.hangupSent) return;
+    state.hangupSent = Date.now();
+    api.transport.send('im.vector.hangup', {}).then(
+      () => { state.hangupAcked = Date.now(); },
+      (e) => fail('hangup', e));
+  };
   // Live room events and state changes, and to-device messages (decrypted by the Rust
   // crypto), go to the widget.
   client.on(sdk.RoomEvent.Timeline, (ev, room, toStart, removed, data) => {
     if (!room || room.roomId !== ROOM || toStart || removed || (data && data.liveEvent === false)) return;
+    if (ev.getType() === 'm.room.member' && ev.getStateKey() === USER) {
+      onMyMembership(ev.getContent().membership);
+    }
     const feed = () => api.feedEvent(ev.getEffectiveEvent(), ROOM).catch((e) => fail('feedEvent', e));
     if (ev.isBeingDecrypted() || ev.shouldAttemptDecryption()) {
       client.decryptEventIfNeeded(ev).then(feed, feed);
@@ -300,7 +317,13 @@ async function main() {
   });
   client.on(sdk.RoomStateEvent.Events, (ev) => {
     if (ev.getRoomId() !== ROOM) return;
+    if (ev.getType() === 'm.room.member' && ev.getStateKey() === USER) {
+      onMyMembership(ev.getContent().membership);
+    }
     api.feedStateUpdate(ev.getEffectiveEvent()).catch((e) => fail('feedStateUpdate', e));
+  });
+  client.on(sdk.RoomEvent.MyMembership, (room, membership) => {
+    if (room.roomId === ROOM) onMyMembership(membership);
   });
   client.on(sdk.ClientEvent.ToDeviceEvent, (ev) => {
     state.toDeviceReceived += 1;

@@ -143,9 +143,12 @@ impl Conclave {
                 "CONCLAVE_RTC__NODE_IPS".to_owned(),
                 "[\"127.0.0.1\"]".to_owned(),
             ),
+            // CONCLAVE_TEST_RUST_LOG overrides the filter for diagnosis, e.g.
+            // `info,conclave=debug,str0m=trace` to see every RTP packet.
             (
                 "RUST_LOG".to_owned(),
-                "info,conclave=debug,tower_http=info".to_owned(),
+                std::env::var("CONCLAVE_TEST_RUST_LOG")
+                    .unwrap_or_else(|_| "info,conclave=debug,tower_http=info".to_owned()),
             ),
         ];
         if let Some(ca) = &self.opts.ca_file {

@@ -112,7 +112,10 @@ impl Ministries {
                 .context("conclave print-discovery --json output")?;
             let transports = &discovery["synapse"]["matrix_rtc"]["transports"];
             if transports[0]["livekit_service_url"] != json!(c.url) {
-                bail!("print-discovery advertises {transports}, not this Conclave ({})", c.url);
+                bail!(
+                    "print-discovery advertises {transports}, not this Conclave ({})",
+                    c.url
+                );
             }
             Ok(HsOptions::new(ca.clone())
                 .ports(http, fed)
@@ -132,7 +135,10 @@ impl Ministries {
     pub async fn health(&self) -> String {
         let client = reqwest::Client::new();
         let mut out = Vec::new();
-        for (name, c) in [("Conclave-1 (hs1)", &self.c1), ("Conclave-2 (hs2)", &self.c2)] {
+        for (name, c) in [
+            ("Conclave-1 (hs1)", &self.c1),
+            ("Conclave-2 (hs2)", &self.c2),
+        ] {
             let r = client
                 .get(format!("{}/healthz", c.url))
                 .timeout(Duration::from_secs(2))
@@ -190,7 +196,11 @@ pub struct EcDriver {
 impl EcDriver {
     /// Starts the driver: it serves the host and Element Call, opens the pages in order (the
     /// first starts the call) and reports `in_call` once every page plays the other's media.
-    pub fn spawn(pages: &[EcPage], timeout_s: u64, screenshot_dir: &std::path::Path) -> Result<Self> {
+    pub fn spawn(
+        pages: &[EcPage],
+        timeout_s: u64,
+        screenshot_dir: &std::path::Path,
+    ) -> Result<Self> {
         let deps = ec_host_dir()?;
         let exe = chromium()?;
         let config = json!({
@@ -254,7 +264,9 @@ impl EcDriver {
             {
                 let out = self.output.lock().unwrap_or_else(|p| p.into_inner());
                 let mut seen = out.events.iter().enumerate().skip(self.consumed);
-                if let Some((i, e)) = seen.find(|(_, e)| e["event"] == name || e["event"] == "error") {
+                if let Some((i, e)) =
+                    seen.find(|(_, e)| e["event"] == name || e["event"] == "error")
+                {
                     let e = e.clone();
                     drop(out);
                     self.consumed = i + 1;
