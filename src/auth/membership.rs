@@ -8,9 +8,16 @@ use ruma::events::room::member::MembershipState;
 use ruma::events::StateEventType;
 use ruma::{RoomId, UserId};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::AuthError;
 use crate::app::AppState;
 use crate::matrix::client::ClientError;
+use crate::store::Store;
+
+/// How often [`wait_for_evidence`] looks at the store.
+const EVIDENCE_POLL: Duration = Duration::from_millis(100);
 
 /// Succeeds if `user_id` is joined to `room_id`; otherwise says why not.
 pub async fn require_joined(
@@ -35,7 +42,10 @@ pub async fn require_joined(
             Ok(Some(m)) => Some(m),
             // The homeserver cannot tell us, but Conclave follows this room: the user may have
             // joined before this server took part, with their first event here in flight.
-            Ok(None) | Err(_) if known => wait_for_evidence(state, room_id, user_id).await?,
+            Ok(None) | Err(_) if known => {
+                let wait = std::time::Duration::from_millis(state.config.auth.membership_wait_ms);
+                wait_for_evidence(state.store.clone(), room_id, user_id, wait).await?
+            }
             Ok(None) => None,
             Err(e) => return Err(e),
         },
@@ -51,18 +61,18 @@ pub async fn require_joined(
     }
 }
 
-/// Polls the store for `auth.membership_wait_ms` until a membership of `user_id` in
-/// `room_id` is recorded (an event of theirs reached the appservice); `None` if none did.
+/// Polls `store` for up to `wait` until a membership of `user_id` in `room_id` is recorded
+/// (an event of theirs reached the appservice); `None` if none was.
 async fn wait_for_evidence(
-    state: &AppState,
+    store: Arc<dyn Store>,
     room_id: &RoomId,
     user_id: &UserId,
+    wait: Duration,
 ) -> Result<Option<MembershipState>, AuthError> {
-    let wait = std::time::Duration::from_millis(state.config.auth.membership_wait_ms);
     let deadline = tokio::time::Instant::now() + wait;
     while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let store = state.store.clone();
+        tokio::time::sleep(EVIDENCE_POLL.min(wait)).await;
+        let store = store.clone();
         let (room, user) = (room_id.to_owned(), user_id.to_owned());
         let record = tokio::task::spawn_blocking(move || store.membership(&room, &user))
             .await
@@ -114,5 +124,67 @@ async fn ask_homeserver(
                 state.config.matrix.server_name.to_string(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Effect, MembershipRecord, SqliteStore};
+    use ruma::events::room::member::MembershipState;
+    use ruma::{owned_event_id, owned_room_id, owned_user_id, uint, MilliSecondsSinceUnixEpoch};
+
+    fn sender_joined() -> Effect {
+        Effect::SenderJoined(MembershipRecord {
+            room_id: owned_room_id!("!call:hs2.example"),
+            user_id: owned_user_id!("@bob:hs2.example"),
+            membership: MembershipState::Join,
+            event_id: owned_event_id!("$callmember"),
+            origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(1000)),
+        })
+    }
+
+    #[tokio::test]
+    async fn late_evidence_is_found_within_the_wait() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().expect("store"));
+        let writer = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::task::spawn_blocking(move || writer.apply_transaction("t1", &[sender_joined()]))
+                .await
+                .expect("join")
+                .expect("apply");
+        });
+        let found = wait_for_evidence(
+            store,
+            &owned_room_id!("!call:hs2.example"),
+            &owned_user_id!("@bob:hs2.example"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("wait");
+        assert_eq!(found, Some(MembershipState::Join));
+    }
+
+    #[tokio::test]
+    async fn no_evidence_means_no_membership_after_the_wait() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().expect("store"));
+        store
+            .apply_transaction("t1", &[sender_joined()])
+            .expect("apply");
+        let started = std::time::Instant::now();
+        let found = wait_for_evidence(
+            store,
+            &owned_room_id!("!call:hs2.example"),
+            &owned_user_id!("@mallory:hs2.example"),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("wait");
+        assert_eq!(found, None, "another user's evidence is not mallory's");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "waited the full time"
+        );
     }
 }

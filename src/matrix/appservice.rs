@@ -320,3 +320,52 @@ pub async fn post_ping(
     tracing::info!(transaction_id = ?txn, "ping from the homeserver");
     Ok(Json(serde_json::json!({})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sender_joined;
+    use ruma::events::room::member::MembershipState;
+    use serde_json::json;
+
+    fn call_member() -> serde_json::Value {
+        json!({
+            "type": "org.matrix.msc3401.call.member",
+            "state_key": "_@bob:hs2.example_DEV_m.call",
+            "room_id": "!call:hs2.example",
+            "sender": "@bob:hs2.example",
+            "event_id": "$member",
+            "origin_server_ts": 1234,
+            "content": {},
+        })
+    }
+
+    #[test]
+    fn any_non_membership_event_is_evidence_its_sender_was_joined() {
+        let r = sender_joined(&call_member()).expect("evidence");
+        assert_eq!(r.user_id.as_str(), "@bob:hs2.example");
+        assert_eq!(r.room_id.as_str(), "!call:hs2.example");
+        assert_eq!(r.membership, MembershipState::Join);
+        assert_eq!(r.event_id.as_str(), "$member");
+        assert_eq!(u64::from(r.origin_server_ts.0), 1234);
+    }
+
+    #[test]
+    fn membership_events_and_incomplete_events_are_not() {
+        let mut member = call_member();
+        member["type"] = json!("m.room.member");
+        assert!(
+            sender_joined(&member).is_none(),
+            "m.room.member speaks for itself"
+        );
+        for (field, bad) in [
+            ("sender", json!("not a user id")),
+            ("room_id", json!(42)),
+            ("event_id", json!(null)),
+            ("origin_server_ts", json!("yesterday")),
+        ] {
+            let mut e = call_member();
+            e[field] = bad;
+            assert!(sender_joined(&e).is_none(), "{field} invalid");
+        }
+    }
+}

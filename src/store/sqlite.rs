@@ -706,6 +706,65 @@ mod tests {
     }
 
     #[test]
+    fn sender_evidence_never_overrides_explicit_membership() {
+        let store = SqliteStore::open_in_memory().expect("open");
+        let room = owned_room_id!("!room:example.org");
+        let alice = owned_user_id!("@alice:example.org");
+        let bob = owned_user_id!("@bob:example.org");
+        let evidence = |user: &ruma::UserId, event: &str| {
+            Effect::SenderJoined(MembershipRecord {
+                room_id: room.clone(),
+                user_id: user.to_owned(),
+                membership: MembershipState::Join,
+                event_id: EventId::parse(event).expect("event id"),
+                origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(2000)),
+            })
+        };
+        // alice was banned; a later event of hers (sent before the ban reached us) must not
+        // bring her back.
+        store
+            .apply_transaction("t1", &[member("$ban", MembershipState::Ban)])
+            .expect("apply");
+        store
+            .apply_transaction("t2", &[evidence(&alice, "$late")])
+            .expect("apply");
+        let m = store
+            .membership(&room, &alice)
+            .expect("query")
+            .expect("present");
+        assert_eq!(
+            (m.membership, m.event_id),
+            (MembershipState::Ban, owned_event_id!("$ban"))
+        );
+        // bob joined before this server took part: his first event is the evidence...
+        store
+            .apply_transaction("t3", &[evidence(&bob, "$callmember")])
+            .expect("apply");
+        let m = store
+            .membership(&room, &bob)
+            .expect("query")
+            .expect("present");
+        assert_eq!(m.membership, MembershipState::Join);
+        // ...until an explicit membership event replaces it.
+        let leave = Effect::Membership(MembershipRecord {
+            room_id: room.clone(),
+            user_id: bob.clone(),
+            membership: MembershipState::Leave,
+            event_id: owned_event_id!("$leave"),
+            origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(3000)),
+        });
+        store.apply_transaction("t4", &[leave]).expect("apply");
+        store
+            .apply_transaction("t5", &[evidence(&bob, "$stale")])
+            .expect("apply");
+        let m = store
+            .membership(&room, &bob)
+            .expect("query")
+            .expect("present");
+        assert_eq!(m.membership, MembershipState::Leave);
+    }
+
+    #[test]
     fn reopen_keeps_data_and_schema_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.db");
