@@ -664,3 +664,74 @@ fn hostile_datagrams_are_dropped_and_counted() {
         "the participant is unharmed"
     );
 }
+
+/// RED stays off end-to-end encrypted audio and off tracks that disable it: a browser builds
+/// RED before it encrypts, so such a payload could not be split here. Plain audio keeps it.
+#[test]
+fn encrypted_or_red_less_audio_is_answered_without_red() {
+    let none = lk::encryption::Type::None as i32;
+    let gcm = lk::encryption::Type::Gcm as i32;
+    for (encryption, disable_red, want_red) in [
+        (gcm, false, false),
+        (none, true, false),
+        (none, false, true),
+    ] {
+        let now = Instant::now();
+        let mut s = sfu(now);
+        join(&mut s, now, 1, "alice");
+        drain(&mut s);
+        let lk::signal_request::Message::AddTrack(mut add) = add_track("mic", false) else {
+            unreachable!("add_track builds an AddTrack request")
+        };
+        add.encryption = encryption;
+        add.disable_red = disable_red;
+        request(&mut s, now, 1, lk::signal_request::Message::AddTrack(add));
+        // A client that offers Opus with RED, as browsers do.
+        let mut client = Rtc::builder()
+            .clear_codecs()
+            .enable_opus(true, true)
+            .build(now);
+        let mut api = client.sdp_api();
+        api.add_media(
+            MediaKind::Audio,
+            Direction::SendOnly,
+            Some("stream".into()),
+            Some("mic".into()),
+            None,
+        );
+        let (offer, pending) = api.apply().unwrap();
+        let offer = offer.to_sdp_string();
+        assert!(
+            offer.contains("red/48000"),
+            "the client offers RED: {offer}"
+        );
+        request(
+            &mut s,
+            now,
+            1,
+            lk::signal_request::Message::Offer(lk::SessionDescription {
+                r#type: "offer".into(),
+                sdp: offer,
+                id: 1,
+                mid_to_track_id: HashMap::new(),
+            }),
+        );
+        let (msgs, _, _) = drain(&mut s);
+        let answer = msgs
+            .iter()
+            .find_map(|(id, m)| match m {
+                Msg::Answer(a) if *id == 1 => Some(a.sdp.clone()),
+                _ => None,
+            })
+            .expect("the publisher offer is answered");
+        assert_eq!(
+            answer.contains("red/48000"),
+            want_red,
+            "encryption {encryption}, disable_red {disable_red}: {answer}"
+        );
+        client
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+            .expect("the client accepts the answer");
+    }
+}
