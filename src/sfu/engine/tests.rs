@@ -375,7 +375,19 @@ struct Peer {
 
 impl Peer {
     fn new(now: Instant, addr: &str) -> Self {
-        let mut rtc = Rtc::builder().build(now);
+        Self::with(now, addr, Rtc::builder())
+    }
+
+    /// A peer that accepts Opus with RED and reports every RTP packet it receives.
+    fn red_capable(now: Instant, addr: &str) -> Self {
+        let config = Rtc::builder()
+            .enable_opus(true, true)
+            .enable_raw_packets(true);
+        Self::with(now, addr, config)
+    }
+
+    fn with(now: Instant, addr: &str, config: str0m::RtcConfig) -> Self {
+        let mut rtc = config.build(now);
         let addr: SocketAddr = addr.parse().unwrap();
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         Self {
@@ -437,15 +449,52 @@ fn answer_offer(peer: &mut Peer, o: &lk::SessionDescription) -> lk::signal_reque
     })
 }
 
-/// Two str0m peers through the engine, no sockets: alice publishes audio, bob is offered
-/// the track only after the update announcing it, with msid `PA_alice|TR_x`, and receives
-/// alice's frames with continuous timestamps.
+/// Two str0m peers through the engine, no sockets: alice publishes (end-to-end encrypted)
+/// audio, bob is offered the track only after the update announcing it, with msid
+/// `PA_alice|TR_x`, and receives alice's frames unchanged, with continuous timestamps, never
+/// wrapped in RED although his connection accepts RED.
 #[test]
 fn trap_update_before_media_and_msid_through_a_virtual_network() {
+    let bob = alice_audio_to_bob(lk::encryption::Type::Gcm);
+    let (opus, red) = rx_payload_types(&bob);
+    assert!(opus > 20 && red == 0, "{opus} Opus and {red} RED packets");
+}
+
+/// The same with plain audio: the subscriber connection may carry it in RED.
+#[test]
+fn plain_audio_may_reach_a_subscriber_in_red() {
+    let bob = alice_audio_to_bob(lk::encryption::Type::None);
+    let (_, red) = rx_payload_types(&bob);
+    assert!(red > 20, "{red} RED packets");
+}
+
+/// Counts the Opus and the RED packets `peer` received.
+fn rx_payload_types(peer: &Peer) -> (usize, usize) {
+    let (mut opus, mut red) = (0, 0);
+    for e in &peer.events {
+        if let Event::RawPacket(p) = e {
+            if let str0m::rtp::RawPacket::RtpRx(header, _) = p.as_ref() {
+                let params = peer.rtc.codec_config().find(|p| {
+                    p.pt() == header.payload_type || p.red() == Some(header.payload_type)
+                });
+                match params {
+                    Some(p) if p.red() == Some(header.payload_type) => red += 1,
+                    Some(p) if p.spec().codec == str0m::format::Codec::Opus => opus += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    (opus, red)
+}
+
+/// alice publishes one audio track with `encryption` and sends 20 ms frames; bob (RED-capable)
+/// subscribes. Checks the signalling order and what bob receives; returns bob's peer.
+fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
     let mut now = Instant::now();
     let mut s = sfu(now);
     let mut alice = Peer::new(now, "10.0.0.1:5000");
-    let mut bob = Peer::new(now, "10.0.0.2:5000");
+    let mut bob = Peer::red_capable(now, "10.0.0.2:5000");
     let mut msgs = Vec::new();
     join(&mut s, now, 1, "alice");
     join(&mut s, now, 2, "bob");
@@ -464,7 +513,11 @@ fn trap_update_before_media_and_msid_through_a_virtual_network() {
     }
     // alice publishes one audio track on her publisher connection.
     let mut alice_pub = Peer::new(now, "10.0.0.1:5001");
-    request(&mut s, now, 1, add_track("mic", false));
+    let lk::signal_request::Message::AddTrack(mut add) = add_track("mic", false) else {
+        unreachable!("add_track builds an AddTrack request")
+    };
+    add.encryption = encryption as i32;
+    request(&mut s, now, 1, lk::signal_request::Message::AddTrack(add));
     let mut api = alice_pub.rtc.sdp_api();
     let mid = api.add_media(
         MediaKind::Audio,
@@ -578,9 +631,11 @@ fn trap_update_before_media_and_msid_through_a_virtual_network() {
         "bob received {} of {sent}",
         received.len()
     );
-    // Outgoing timestamps advance by exactly one frame each time.
+    // Outgoing timestamps advance by exactly one frame each time; payloads are untouched.
     let ts: Vec<u64> = received.iter().map(|d| d.time.numer()).collect();
     assert!(ts.windows(2).all(|w| w[1] - w[0] == 960), "{ts:?}");
+    assert!(received.iter().all(|d| d.data[..] == [0x78u8; 60]));
+    bob
 }
 
 fn msgs_update_with_track_pos(all: &[(SessionId, Msg)], to: SessionId) -> Option<usize> {
