@@ -585,6 +585,12 @@ async fn caddy_routes_public_paths_only() {
         let verb = from.split(' ').next().unwrap();
         text = substitute(&text, from, &format!("{verb} 127.0.0.1:{to}"));
     }
+    // Tests listen on loopback only.
+    text = substitute(
+        &text,
+        "\tskip_install_trust\n",
+        "\tskip_install_trust\n\tdefault_bind 127.0.0.1\n",
+    );
     // Site addresses: the compose stack publishes 8080 and 8082 from the caddy container.
     text = substitute(&text, "\n:8080 {", &format!("\n:{public} {{"));
     text = substitute(&text, "\n:8082 {", &format!("\n:{ec} {{"));

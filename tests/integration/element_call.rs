@@ -194,6 +194,15 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
         Err(e) => panic!("{run}: {e:#}\nministries: {}", m.health().await),
     };
     assert_in_call(&in_call);
+    // Each Element Call found its own ministry's Conclave through its own Synapse (MSC4143).
+    for (who, c) in [("alice", &m.c1), ("bob", &m.c2)] {
+        let transports = &in_call["pages"][who]["host"]["transports"];
+        assert_eq!(
+            transports[0]["livekit_service_url"],
+            json!(c.url),
+            "{who}'s homeserver advertises {transports}"
+        );
+    }
     if e2ee {
         for who in ["alice", "bob"] {
             let host = &in_call["pages"][who]["host"];
