@@ -40,6 +40,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { CHROME_ARGS } from '../clients/chromium-args.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const depsDir = path.resolve(process.env.CONCLAVE_EC_HOST || here);
@@ -49,20 +50,6 @@ const emit = (o) => process.stdout.write(JSON.stringify({ type: 'event', ...o })
 const log = (...a) => console.error('[ec-driver]', ...a);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// Same Chromium flags as tests/clients/web/driver.mjs: closed network, fake camera (pattern)
-// and microphone (beep), no permission prompts, loopback ICE, autoplay.
-const CHROME_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--disable-dev-shm-usage',
-  '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-  '--allow-loopback-in-peer-connection',
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  '--autoplay-policy=no-user-gesture-required',
-  '--mute-audio',
-  '--disable-background-timer-throttling', '--disable-renderer-backgrounding',
-  '--disable-backgrounding-occluded-windows',
-];
 
 function parseConfig() {
   const i = process.argv.indexOf('--config');

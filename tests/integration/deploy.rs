@@ -71,19 +71,26 @@ fn tool(var: &str) -> PathBuf {
 }
 
 /// `conclave print-discovery --json` for the compose stack's Conclave config.
-fn discovery() -> Value {
+/// Runs `conclave <args> --config deploy/conclave/conclave.toml` (no environment) and
+/// asserts it succeeds; returns its stdout.
+fn conclave_on_deploy_config(args: &[&str]) -> Vec<u8> {
     let out = Command::new(binary())
-        .args(["print-discovery", "--json", "--config"])
+        .args(args)
+        .arg("--config")
         .arg(root("deploy/conclave/conclave.toml"))
         .env_clear()
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "print-discovery: {}",
+        "conclave {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
+}
+
+fn discovery() -> Value {
+    serde_json::from_slice(&conclave_on_deploy_config(&["print-discovery", "--json"])).unwrap()
 }
 
 /// The public origin: Synapse's `public_baseurl` without the trailing slash.
@@ -240,17 +247,7 @@ fn compose_services_images_and_mounts() {
 
 #[test]
 fn compose_conclave_config_is_valid() {
-    let out = Command::new(binary())
-        .args(["check-config", "--config"])
-        .arg(root("deploy/conclave/conclave.toml"))
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    conclave_on_deploy_config(&["check-config"]);
 }
 
 // ------------------------------------------------------------------------- Synapse

@@ -53,6 +53,7 @@ import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { CHROME_ARGS } from '../chromium-args.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const depsDir = path.resolve(process.env.CONCLAVE_WEB_CLIENTS || here);
@@ -63,24 +64,6 @@ const RESULT = Object.fromEntries(Object.entries(EXIT).map(([k, v]) => [v, k]));
 const CONSOLE_TAIL = 150;
 const MAX_TABS = 2;
 
-// Chromium flags. The first group is what this machine needs for any headless Chromium
-// (closed network: no background fetches, no QUIC); the second makes WebRTC work without
-// devices or a user: fake camera (pattern) + mic (beep), no permission prompt, loopback ICE
-// candidates (127.0.0.1), raw IPs rather than mDNS names, autoplay without a gesture.
-// playwright-core adds its own --user-data-dir (a fresh temp profile, removed on close).
-const CHROME_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--disable-dev-shm-usage',
-  '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-  '--allow-loopback-in-peer-connection',
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  '--autoplay-policy=no-user-gesture-required',
-  '--mute-audio',
-  // two tabs are both "foreground": no timer/renderer throttling of the other one
-  '--disable-background-timer-throttling', '--disable-renderer-backgrounding',
-  '--disable-backgrounding-occluded-windows',
-];
 
 const emit = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const log = (...a) => console.error('[driver]', ...a);
