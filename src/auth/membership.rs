@@ -3,13 +3,13 @@
 //! The store (fed by appservice transactions) answers for rooms Conclave follows; for a room it
 //! has never seen, the homeserver is asked as the appservice bot.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::events::room::member::MembershipState;
 use ruma::events::StateEventType;
 use ruma::{RoomId, UserId};
-
-use std::sync::Arc;
-use std::time::Duration;
 
 use super::AuthError;
 use crate::app::AppState;
@@ -43,7 +43,7 @@ pub async fn require_joined(
             // The homeserver cannot tell us, but Conclave follows this room: the user may have
             // joined before this server took part, with their first event here in flight.
             Ok(None) | Err(_) if known => {
-                let wait = std::time::Duration::from_millis(state.config.auth.membership_wait_ms);
+                let wait = Duration::from_millis(state.config.auth.membership_wait_ms);
                 wait_for_evidence(state.store.clone(), room_id, user_id, wait).await?
             }
             Ok(None) => None,

@@ -5,7 +5,9 @@
 //! SFU's subscribers could not decrypt what it re-packetises. LiveKit clients therefore mark such
 //! tracks `disable_red` (and every E2EE track is one), and LiveKit's SFU answers them without
 //! RED. Conclave does the same by removing RED from those tracks' m-sections of the publisher's
-//! offer before answering it: the browser then sends plain Opus, which survives forwarding.
+//! offer before answering it: the browser then sends plain Opus, which survives forwarding. On
+//! the subscriber side the engine turns str0m's RED wrapping off for those tracks
+//! (`set_red_send`), so the Opus frames arrive as the publisher encrypted them.
 
 /// Returns `sdp` without the RED payload types in the audio m-sections whose `a=msid` track id
 /// is in `track_ids`. Other sections, and sections where RED is the only format, are unchanged.
