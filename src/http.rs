@@ -48,6 +48,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let token_routes = Router::new()
         .route("/sfu/get", post(lk_jwt::post_sfu_get))
         .route("/get_token", post(lk_jwt::post_get_token))
+        .route(
+            "/delegate_delayed_leave",
+            post(lk_jwt::post_delegate_delayed_leave),
+        )
         .layer(DefaultBodyLimit::max(lk_jwt::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(lk_jwt::cors));
 

@@ -363,6 +363,15 @@ pub async fn post_get_token(
     respond(&state, result)
 }
 
+/// `POST /delegate_delayed_leave`: lk-jwt-service's separate endpoint for delegating the
+/// delayed leave event, which Element Call probes with an empty `POST` (404 = not supported).
+/// Conclave takes the delayed leave with the token request instead (`delay_id`, see
+/// `matrix::delayed`), so it answers 404 `M_UNRECOGNIZED`, through the CORS layer: the browser
+/// can read that answer rather than report a CORS failure.
+pub async fn post_delegate_delayed_leave() -> MatrixErrorResponse {
+    MatrixErrorResponse::unrecognized()
+}
+
 /// CORS exactly as lk-jwt-service: every response carries it; `OPTIONS` answers 200 at once.
 pub async fn cors(request: Request, next: Next) -> Response {
     let mut response = if request.method() == Method::OPTIONS {

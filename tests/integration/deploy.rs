@@ -458,6 +458,7 @@ fn conclave_routes() -> Vec<String> {
 const PUBLIC_CONCLAVE: &[&str] = &[
     "/sfu/get",
     "/get_token",
+    "/delegate_delayed_leave",
     "/healthz",
     "/rtc",
     "/rtc/validate",
@@ -640,6 +641,7 @@ async fn caddy_routes_public_paths_only() {
         ("OPTIONS", "/sfu/get"),
         ("POST", "/get_token"),
         ("OPTIONS", "/get_token"),
+        ("POST", "/delegate_delayed_leave"),
         ("GET", "/healthz"),
         ("GET", "/rtc/validate"),
         ("GET", "/rtc/v1/validate"),

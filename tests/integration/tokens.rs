@@ -359,7 +359,7 @@ async fn token_endpoints_reject_bad_input_clearly() {
     drop(silent);
 
     // CORS preflight from an arbitrary origin.
-    for path in ["/sfu/get", "/get_token"] {
+    for path in ["/sfu/get", "/get_token", "/delegate_delayed_leave"] {
         let r = http
             .request(reqwest::Method::OPTIONS, format!("{}{path}", c.url))
             .header("origin", "https://call.ministry.example")
@@ -375,6 +375,19 @@ async fn token_endpoints_reject_bad_input_clearly() {
             .unwrap()
             .contains("Content-Type"));
     }
+
+    // Element Call's probe for a separate delayed-leave delegation endpoint: a 404 it can
+    // read (CORS), so it concludes "not supported" without a CORS error.
+    let r = http
+        .post(format!("{}/delegate_delayed_leave", c.url))
+        .header("origin", "https://call.ministry.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_UNRECOGNIZED");
 
     // Wrong method: 405. Health: GET and HEAD.
     let r = http
