@@ -417,7 +417,7 @@ async function main() {
         const v = await victim.sample();
         const vh = await victim.host();
         if (victimLeft === null && vh && vh.myMembership === 'ban'
-            && !(v && /End call/.test(v.text))) {
+            && v && !/End call/.test(v.text)) {
           victimLeft = now - t0;
         }
         await sleep(100);
