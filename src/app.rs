@@ -35,4 +35,6 @@ pub struct AppState {
     pub sfu: Option<SfuHandle>,
     /// SFU identities issued by the token service, and to whom.
     pub issued: IssuedParticipants,
+    /// Delayed leaves delegated after the token request, for the delayed-leave runner.
+    pub delegations: crate::matrix::delayed::Delegations,
 }

@@ -314,6 +314,7 @@ pub fn build_state(
         rooms,
         sfu,
         issued: Default::default(),
+        delegations: Default::default(),
     }))
 }
 

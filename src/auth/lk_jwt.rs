@@ -1,6 +1,7 @@
 //! The lk-jwt-service drop-in: `POST /sfu/get` (legacy) and `POST /get_token` (MSC4195),
-//! both answering `{"url","jwt"}`. Unlike lk-jwt-service, a token is issued only to a user
-//! joined to the Matrix room (config `auth.require_membership`).
+//! both answering `{"url","jwt"}`, and `POST /delegate_delayed_leave`. Unlike lk-jwt-service,
+//! a token is issued only to a user joined to the Matrix room (config
+//! `auth.require_membership`).
 //!
 //! Errors follow lk-jwt-service's statuses and Matrix JSON; unknown fields are ignored, missing
 //! ones are named.
@@ -208,8 +209,23 @@ fn is_full_access(state: &AppState, server: &ServerName) -> bool {
     list.iter().any(|s| s == "*" || s == server.as_str())
 }
 
-async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthError> {
-    let now = Instant::now();
+/// Who a verified request is for and where its participant lives.
+struct Authorized {
+    user_id: ruma::OwnedUserId,
+    full_access: bool,
+    /// LiveKit room name.
+    room: String,
+    /// LiveKit participant identity.
+    identity: String,
+}
+
+/// The checks both token issuing and delegation make: the OpenID token over federation, the
+/// claimed user, room membership, and that delegation is for full-access users only.
+async fn authorize(
+    state: &AppState,
+    req: &Normalized,
+    now: Instant,
+) -> Result<Authorized, AuthError> {
     let user_id = state
         .openid
         .verify(&req.server_name, &req.access_token, req.expires_in, now)
@@ -235,11 +251,53 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
         Some(member) => member_identity(user_id.as_str(), &req.device_id, member),
         None => legacy_identity(user_id.as_str(), &req.device_id),
     };
+    Ok(Authorized {
+        user_id,
+        full_access,
+        room,
+        identity,
+    })
+}
+
+/// Records the request's delayed leave (if any) for `who`'s participant.
+async fn record_delay(
+    state: &AppState,
+    req: &Normalized,
+    who: &Authorized,
+) -> Result<(), AuthError> {
+    let Some((delay_id, delay_timeout_ms)) = req.delay.clone() else {
+        return Ok(());
+    };
+    let store = state.store.clone();
+    let leave = DelayedLeave {
+        room_name: who.room.clone(),
+        identity: who.identity.clone(),
+        matrix_room_id: req.room_id.clone(),
+        user_id: who.user_id.clone(),
+        device_id: req.device_id.clone(),
+        delay_id,
+        delay_timeout_ms,
+    };
+    tokio::task::spawn_blocking(move || store.record_delayed_leave(&leave))
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))??;
+    Ok(())
+}
+
+async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthError> {
+    let now = Instant::now();
+    let who = authorize(state, &req, now).await?;
+    let Authorized {
+        user_id,
+        full_access,
+        room,
+        identity,
+    } = &who;
     let unix = crate::clock::unix_secs();
-    if full_access {
+    if *full_access {
         state
             .rooms
-            .create(&room, RoomOptions::default(), now, unix as i64);
+            .create(room, RoomOptions::default(), now, unix as i64);
     }
     let local = user_id.server_name() == state.config.matrix.server_name;
     let auth = &state.config.auth;
@@ -270,21 +328,7 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
             user_id: user_id.clone(),
             device_id: req.device_id.clone(),
         });
-    if let Some((delay_id, delay_timeout_ms)) = req.delay {
-        let store = state.store.clone();
-        let leave = DelayedLeave {
-            room_name: room.clone(),
-            identity: identity.clone(),
-            matrix_room_id: req.room_id.clone(),
-            user_id: user_id.clone(),
-            device_id: req.device_id.clone(),
-            delay_id,
-            delay_timeout_ms,
-        };
-        tokio::task::spawn_blocking(move || store.record_delayed_leave(&leave))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))??;
-    }
+    record_delay(state, &req, &who).await?;
     tracing::info!(
         user_id = %user_id,
         room_id = %req.room_id,
@@ -297,6 +341,26 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
         url: state.config.livekit_public_url(),
         jwt,
     })
+}
+
+/// Hands an already connected (or connecting) participant's delayed leave to Conclave.
+async fn delegate(state: &AppState, req: Normalized) -> Result<(), AuthError> {
+    if req.delay.is_none() {
+        return Err(AuthError::BadJson(
+            "The request body is missing `delay_id` or `delay_timeout`".into(),
+        ));
+    }
+    let who = authorize(state, &req, Instant::now()).await?;
+    record_delay(state, &req, &who).await?;
+    state.delegations.delegated(&who.room, &who.identity);
+    tracing::info!(
+        user_id = %who.user_id,
+        room_id = %req.room_id,
+        sfu_room = %who.room,
+        identity = %who.identity,
+        "delayed leave delegated"
+    );
+    Ok(())
 }
 
 fn respond(state: &AppState, result: Result<TokenResponse, AuthError>) -> Response {
@@ -363,13 +427,32 @@ pub async fn post_get_token(
     respond(&state, result)
 }
 
-/// `POST /delegate_delayed_leave`: lk-jwt-service's separate endpoint for delegating the
-/// delayed leave event, which Element Call probes with an empty `POST` (404 = not supported).
-/// Conclave takes the delayed leave with the token request instead (`delay_id`, see
-/// `matrix::delayed`), so it answers 404 `M_UNRECOGNIZED`, through the CORS layer: the browser
-/// can read that answer rather than report a CORS failure.
-pub async fn post_delegate_delayed_leave() -> MatrixErrorResponse {
-    MatrixErrorResponse::unrecognized()
+/// `POST /delegate_delayed_leave`: lk-jwt-service's endpoint for handing over the delayed
+/// leave after the token request (the `/get_token` body with `delay_id` and `delay_timeout`
+/// required; `delay_cs_api_url` is accepted and ignored). Same checks as `/get_token`; the
+/// participant's delayed leave is then kept alive and sent as with `/get_token` (see
+/// `matrix::delayed`), including when the participant is connected already. Answers `{}`.
+pub async fn post_delegate_delayed_leave(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = match read_body::<TokenRequest>(body) {
+        Ok(req) => match Normalized::from_token_request(req) {
+            Ok(n) => delegate(&state, n).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => return e.into_response(),
+    };
+    match result {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => {
+            match &e {
+                AuthError::Internal(_) | AuthError::Store(_) => {}
+                _ => tracing::info!(error = %e, "delayed leave delegation refused"),
+            }
+            MatrixErrorResponse::from(e).into_response()
+        }
+    }
 }
 
 /// CORS exactly as lk-jwt-service: every response carries it; `OPTIONS` answers 200 at once.

@@ -1,8 +1,9 @@
 //! "No ghost members": MSC4140 delayed leave events driven by the SFU connection.
 //!
-//! A client that asks for a token with `delay_id`/`delay_timeout` hands over its delayed leave
-//! event (an empty `call.member` state event its homeserver sends when the timer runs out); the
-//! token service records it ([`DelayedLeave`]). Conclave sees the SFU connection itself, so for
+//! A client that asks for a token with `delay_id`/`delay_timeout`, or later posts them to
+//! `/delegate_delayed_leave`, hands over its delayed leave event (an empty `call.member` state
+//! event its homeserver sends when the timer runs out); the token service records it
+//! ([`DelayedLeave`]). Conclave sees the SFU connection itself, so for
 //! every participant with such a record it:
 //!
 //! * restarts the delayed event on the user's homeserver as soon as the participant joins and
@@ -39,7 +40,7 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::config::Config;
-use crate::sfu::{SessionId, SfuEvent};
+use crate::sfu::SfuEvent;
 use crate::store::{DelayedLeave, StoreError};
 
 /// Path of the MSC4140 management endpoints under the client-server API base URL.
@@ -141,9 +142,41 @@ impl Action {
     }
 }
 
+/// Delayed leaves handed over after the token request (`POST /delegate_delayed_leave`), for
+/// the runner to pick up when the participant is connected already. Cheap to clone.
+#[derive(Clone)]
+pub struct Delegations(broadcast::Sender<(String, String)>);
+
+impl Default for Delegations {
+    fn default() -> Self {
+        Self(broadcast::channel(256).0)
+    }
+}
+
+impl Delegations {
+    /// The delayed leave of `identity` in LiveKit room `room` was just recorded.
+    pub fn delegated(&self, room: &str, identity: &str) {
+        // No receiver only before the runner starts or after it stopped: the record is in the
+        // store and a later join picks it up.
+        let _ = self.0.send((room.to_owned(), identity.to_owned()));
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<(String, String)> {
+        self.0.subscribe()
+    }
+}
+
+/// What the runner reacts to.
+enum Input {
+    Sfu(Result<SfuEvent, broadcast::error::RecvError>),
+    Delegated(Result<(String, String), broadcast::error::RecvError>),
+}
+
 /// Runs forever: follows SFU joins and leaves and drives the delayed leave of each participant
-/// that handed one over. Returns only when the SFU's event stream closes.
+/// that handed one over (with its token request, or later through a delegation). Returns only
+/// when the SFU's event stream closes.
 pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>) {
+    let mut delegations = state.delegations.subscribe();
     let http = match build_http_client(&state.config).await {
         Ok(c) => c,
         Err(e) => {
@@ -158,71 +191,103 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
     });
     let mut jobs: HashMap<(String, String), Job> = HashMap::new();
     loop {
-        match events.recv().await {
-            Ok(SfuEvent::ParticipantJoined {
+        let input = tokio::select! {
+            ev = events.recv() => Input::Sfu(ev),
+            d = delegations.recv() => Input::Delegated(d),
+        };
+        match input {
+            Input::Sfu(Ok(SfuEvent::ParticipantJoined {
                 room,
                 identity,
                 sid,
-                session,
                 ..
-            }) => {
-                let key = (room.clone(), identity.clone());
-                if let Some(old) = jobs.remove(&key) {
-                    tracing::debug!(room = %room, identity = %identity, "new join replaces the delayed-leave job");
-                    old.task.abort();
-                }
-                let (ended_tx, ended_rx) = oneshot::channel();
-                let span = tracing::info_span!("delayed_leave", room = %room, identity = %identity);
-                let task = tokio::spawn(
-                    participant_job(ctx.clone(), room, identity, sid.clone(), ended_rx)
-                        .instrument(span),
-                );
-                jobs.insert(
-                    key,
-                    Job {
-                        session,
-                        sid,
-                        ended: ended_tx,
-                        task,
-                    },
-                );
-            }
-            Ok(SfuEvent::ParticipantLeft {
+            })) => start_job(&ctx, &mut jobs, room, identity, sid),
+            Input::Sfu(Ok(SfuEvent::ParticipantLeft {
                 room,
                 identity,
-                session,
+                sid,
                 reason,
                 ..
-            }) => {
+            })) => {
                 let key = (room, identity);
-                if jobs.get(&key).is_some_and(|j| j.session == session) {
+                if jobs.get(&key).is_some_and(|j| j.sid == sid) {
                     if let Some(job) = jobs.remove(&key) {
                         job.end(reason);
                     }
                 }
             }
             // Room and track events do not concern delayed leaves.
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
+            Input::Sfu(Ok(_)) => {}
+            Input::Sfu(Err(broadcast::error::RecvError::Lagged(missed))) => {
                 tracing::warn!(
                     missed,
                     "missed SFU events; checking which participants are still connected"
                 );
                 reconcile(&ctx, &mut jobs).await;
             }
-            Err(broadcast::error::RecvError::Closed) => {
+            Input::Sfu(Err(broadcast::error::RecvError::Closed)) => {
                 tracing::info!("SFU event stream closed; delayed leaves stop");
                 return;
             }
+            Input::Delegated(Ok((room, identity))) => {
+                // Connected already: start (or restart, for a newer record) its job now.
+                // Not connected yet: its join will find the record.
+                if let Some(sfu) = &ctx.state.sfu {
+                    let present = sfu
+                        .participants(&room)
+                        .await
+                        .into_iter()
+                        .find(|p| p.identity == identity);
+                    if let Some(p) = present {
+                        start_job(&ctx, &mut jobs, room, identity, p.sid);
+                    }
+                }
+            }
+            Input::Delegated(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                tracing::warn!(
+                    missed,
+                    "missed delegations; their participants' next join picks them up"
+                );
+            }
+            // The state holds the sender: never closed while the runner runs.
+            Input::Delegated(Err(broadcast::error::RecvError::Closed)) => {}
         }
         // Jobs with nothing to do (no delayed leave, event gone) end by themselves.
         jobs.retain(|_, j| !j.task.is_finished());
     }
 }
 
+/// Starts the job of the participant `sid`, replacing any job of the same room and identity.
+fn start_job(
+    ctx: &Arc<Ctx>,
+    jobs: &mut HashMap<(String, String), Job>,
+    room: String,
+    identity: String,
+    sid: String,
+) {
+    let key = (room.clone(), identity.clone());
+    if let Some(old) = jobs.remove(&key) {
+        tracing::debug!(room = %room, identity = %identity, "the delayed-leave job is replaced");
+        old.task.abort();
+    }
+    let (ended_tx, ended_rx) = oneshot::channel();
+    let span = tracing::info_span!("delayed_leave", room = %room, identity = %identity);
+    let task = tokio::spawn(
+        participant_job(ctx.clone(), room, identity, sid.clone(), ended_rx).instrument(span),
+    );
+    jobs.insert(
+        key,
+        Job {
+            sid,
+            ended: ended_tx,
+            task,
+        },
+    );
+}
+
 /// A running per-participant job.
 struct Job {
-    session: SessionId,
+    /// The participant (one SFU session) it follows.
     sid: String,
     ended: oneshot::Sender<i32>,
     task: JoinHandle<()>,

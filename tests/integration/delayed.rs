@@ -13,6 +13,32 @@ use crate::support::lk_ws::{expect_join, WsClient};
 use crate::support::matrix_client::{TestUser, CALL_MEMBER};
 use crate::support::synapse::heavy_lock;
 
+/// The `/get_token` body for `user` in `room`, with a delayed leave if `delay` is given.
+async fn token_body(user: &TestUser, room: &str, delay: Option<(&str, u64)>) -> Value {
+    let openid = user.openid_token().await.unwrap();
+    let mut body = json!({
+        "room_id": room, "slot_id": LEGACY_SLOT, "openid_token": openid,
+        "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
+                   "claimed_device_id": user.device_id},
+    });
+    if let Some((id, timeout)) = delay {
+        body["delay_id"] = json!(id);
+        body["delay_timeout"] = json!(timeout);
+        body["delay_cs_api_url"] = json!(user.client_url);
+    }
+    body
+}
+
+async fn post(c: &Conclave, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", c.url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 /// `/get_token` with a delayed leave handed over.
 async fn get_token(
     c: &Conclave,
@@ -21,19 +47,8 @@ async fn get_token(
     delay_id: &str,
     delay_timeout: u64,
 ) -> (u16, Value) {
-    let openid = user.openid_token().await.unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/get_token", c.url))
-        .json(&json!({
-            "room_id": room, "slot_id": LEGACY_SLOT, "openid_token": openid,
-            "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
-                       "claimed_device_id": user.device_id},
-            "delay_id": delay_id, "delay_timeout": delay_timeout,
-        }))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    let body = token_body(user, room, Some((delay_id, delay_timeout))).await;
+    post(c, "/get_token", &body).await
 }
 
 /// The `call.member` content Element Call sends for a room call.
@@ -198,5 +213,66 @@ async fn reconnecting_client_keeps_its_call_member() {
         .wait_for_state(&room, CALL_MEMBER, &key, Duration::from_secs(5), is_empty)
         .await
         .unwrap();
+    drop(hs1);
+}
+
+/// lk-jwt-service's separate delegation (what Element Call does when the token service
+/// supports it): the token request carries no delayed leave; once connected, the client hands
+/// it over with `POST /delegate_delayed_leave`, and a crash still clears its membership at once.
+#[tokio::test]
+async fn delayed_leave_delegated_after_connecting_is_sent_on_crash() {
+    let _heavy = heavy_lock();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 600_000).await;
+
+    // Bad delegations are refused clearly: Element Call's empty probe, no delay, a forged
+    // OpenID token.
+    let r = reqwest::Client::new()
+        .post(format!("{}/delegate_delayed_leave", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let (s, b) = post(
+        &c,
+        "/delegate_delayed_leave",
+        &token_body(&alice, &room, None).await,
+    )
+    .await;
+    assert_eq!((s, b["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{b}");
+    let mut forged = token_body(&alice, &room, Some((&delay_id, 600_000))).await;
+    forged["openid_token"]["access_token"] = json!("forged");
+    let (s, b) = post(&c, "/delegate_delayed_leave", &forged).await;
+    assert_eq!(s, 401, "{b}");
+
+    // Connect with a plain token, then delegate.
+    let (s, t) = post(&c, "/get_token", &token_body(&alice, &room, None).await).await;
+    assert_eq!(s, 200, "{t}");
+    let mut ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
+        .await
+        .unwrap();
+    expect_join(&mut ws).await.unwrap();
+    let body = token_body(&alice, &room, Some((&delay_id, 600_000))).await;
+    let (s, b) = post(&c, "/delegate_delayed_leave", &body).await;
+    assert_eq!((s, &b), (200, &json!({})));
+    let content = alice.get_state(&room, CALL_MEMBER, &key).await.unwrap();
+    assert_eq!(content["application"], "m.call", "{content}");
+
+    drop(ws);
+    let crashed = Instant::now();
+    alice
+        .wait_for_state(&room, CALL_MEMBER, &key, Duration::from_secs(5), is_empty)
+        .await
+        .unwrap();
+    eprintln!(
+        "call.member cleared {:?} after the crash",
+        crashed.elapsed()
+    );
+    let logs = c.logs();
+    assert!(logs.contains("delayed leave delegated"), "{logs}");
+    assert!(logs.contains("delayed leave sent"), "{logs}");
+    assert!(!logs.contains(&delay_id), "delay_id leaked into the log");
     drop(hs1);
 }

@@ -376,18 +376,18 @@ async fn token_endpoints_reject_bad_input_clearly() {
             .contains("Content-Type"));
     }
 
-    // Element Call's probe for a separate delayed-leave delegation endpoint: a 404 it can
-    // read (CORS), so it concludes "not supported" without a CORS error.
+    // Element Call's probe of the delegation endpoint (an empty POST): not a 404, so it
+    // delegates its delayed leave; readable cross-origin.
     let r = http
         .post(format!("{}/delegate_delayed_leave", c.url))
         .header("origin", "https://call.ministry.example")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["errcode"], "M_UNRECOGNIZED");
+    assert_eq!(body["errcode"], "M_NOT_JSON");
 
     // Wrong method: 405. Health: GET and HEAD.
     let r = http
