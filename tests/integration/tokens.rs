@@ -9,21 +9,11 @@ use ruma::events::room::member::MembershipState;
 use serde_json::{json, Value};
 
 use crate::support::conclave::{
-    jwt_payload, pair_with_conclave_on_hs1, wait_membership, Conclave, ConclaveOptions,
+    jwt_payload, pair_with_conclave_on_hs1, post_json as post, wait_membership, Conclave,
+    ConclaveOptions,
 };
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
-
-async fn post(c: &Conclave, path: &str, body: &Value) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{}{path}", c.url))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 async fn sfu_get(c: &Conclave, user: &TestUser, room: &str) -> (StatusCode, Value) {
     let openid = user.openid_token().await.unwrap();

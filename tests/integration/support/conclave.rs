@@ -511,3 +511,19 @@ pub fn jwt_payload(jwt: &str) -> serde_json::Value {
         .expect("base64url payload");
     serde_json::from_slice(&bytes).expect("JSON payload")
 }
+
+/// `POST {c.url}{path}` with a JSON body: the status and the JSON answer (`null` if none).
+pub async fn post_json(
+    c: &Conclave,
+    path: &str,
+    body: &serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", c.url))
+        .json(body)
+        .send()
+        .await
+        .expect("POST to Conclave");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
