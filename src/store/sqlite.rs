@@ -711,6 +711,12 @@ mod tests {
         let room = owned_room_id!("!room:example.org");
         let alice = owned_user_id!("@alice:example.org");
         let bob = owned_user_id!("@bob:example.org");
+        let membership_of = |user: &ruma::UserId| {
+            store
+                .membership(&room, user)
+                .expect("query")
+                .expect("present")
+        };
         let evidence = |user: &ruma::UserId, event: &str| {
             Effect::SenderJoined(MembershipRecord {
                 room_id: room.clone(),
@@ -728,10 +734,7 @@ mod tests {
         store
             .apply_transaction("t2", &[evidence(&alice, "$late")])
             .expect("apply");
-        let m = store
-            .membership(&room, &alice)
-            .expect("query")
-            .expect("present");
+        let m = membership_of(&alice);
         assert_eq!(
             (m.membership, m.event_id),
             (MembershipState::Ban, owned_event_id!("$ban"))
@@ -740,10 +743,7 @@ mod tests {
         store
             .apply_transaction("t3", &[evidence(&bob, "$callmember")])
             .expect("apply");
-        let m = store
-            .membership(&room, &bob)
-            .expect("query")
-            .expect("present");
+        let m = membership_of(&bob);
         assert_eq!(m.membership, MembershipState::Join);
         // ...until an explicit membership event replaces it.
         let leave = Effect::Membership(MembershipRecord {
@@ -757,10 +757,7 @@ mod tests {
         store
             .apply_transaction("t5", &[evidence(&bob, "$stale")])
             .expect("apply");
-        let m = store
-            .membership(&room, &bob)
-            .expect("query")
-            .expect("present");
+        let m = membership_of(&bob);
         assert_eq!(m.membership, MembershipState::Leave);
     }
 

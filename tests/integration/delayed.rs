@@ -32,16 +32,14 @@ async fn token_body(user: &TestUser, room: &str, delay: Option<(&str, u64)>) -> 
     body
 }
 
-/// `/get_token` with a delayed leave handed over.
+/// `/get_token`, handing over a delayed leave if `delay` is given.
 async fn get_token(
     c: &Conclave,
     user: &TestUser,
     room: &str,
-    delay_id: &str,
-    delay_timeout: u64,
+    delay: Option<(&str, u64)>,
 ) -> (StatusCode, Value) {
-    let body = token_body(user, room, Some((delay_id, delay_timeout))).await;
-    post(c, "/get_token", &body).await
+    post(c, "/get_token", &token_body(user, room, delay).await).await
 }
 
 /// The `call.member` content Element Call sends for a room call.
@@ -84,15 +82,14 @@ async fn join_call_with_delayed_leave(
     (room, key, delay_id)
 }
 
-/// Connects to the SFU with a token that hands over `delay_id`.
+/// Connects to the SFU with a token that hands over a delayed leave if `delay` is given.
 async fn connect(
     c: &Conclave,
     alice: &TestUser,
     room: &str,
-    delay_id: &str,
-    delay: u64,
+    delay: Option<(&str, u64)>,
 ) -> WsClient {
-    let (s, t) = get_token(c, alice, room, delay_id, delay).await;
+    let (s, t) = get_token(c, alice, room, delay).await;
     assert_eq!(s, 200, "{t}");
     let mut ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
         .await
@@ -133,7 +130,7 @@ async fn crashed_client_call_member_is_cleared_within_5s() {
     let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 600_000).await;
-    let ws = connect(&c, &alice, &room, &delay_id, 600_000).await;
+    let ws = connect(&c, &alice, &room, Some((&delay_id, 600_000))).await;
     // The membership is there while she is connected.
     let content = alice.get_state(&room, CALL_MEMBER, &key).await.unwrap();
     assert_eq!(content["application"], "m.call", "{content}");
@@ -149,7 +146,7 @@ async fn connected_client_keeps_its_call_member_alive() {
     let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 4_000).await;
-    let mut ws = connect(&c, &alice, &room, &delay_id, 4_000).await;
+    let mut ws = connect(&c, &alice, &room, Some((&delay_id, 4_000))).await;
 
     // Stay connected (a well-behaved client pings) for more than twice the delay.
     let joined = Instant::now();
@@ -197,7 +194,7 @@ async fn reconnecting_client_keeps_its_call_member() {
     let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[]).await.unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let (room, key, delay_id) = join_call_with_delayed_leave(&c, &alice, 600_000).await;
-    let (s, t) = get_token(&c, &alice, &room, &delay_id, 600_000).await;
+    let (s, t) = get_token(&c, &alice, &room, Some((&delay_id, 600_000))).await;
     assert_eq!(s, 200, "{t}");
     let jwt = t["jwt"].as_str().unwrap();
     let mut first = WsClient::connect(&c.ws_url(), jwt, "").await.unwrap();
@@ -258,12 +255,7 @@ async fn delayed_leave_delegated_after_connecting_is_sent_on_crash() {
     assert_eq!(s, 401, "{b}");
 
     // Connect with a plain token, then delegate.
-    let (s, t) = post(&c, "/get_token", &token_body(&alice, &room, None).await).await;
-    assert_eq!(s, 200, "{t}");
-    let mut ws = WsClient::connect(&c.ws_url(), t["jwt"].as_str().unwrap(), "")
-        .await
-        .unwrap();
-    expect_join(&mut ws).await.unwrap();
+    let ws = connect(&c, &alice, &room, None).await;
     let body = token_body(&alice, &room, Some((&delay_id, 600_000))).await;
     let (s, b) = post(&c, "/delegate_delayed_leave", &body).await;
     assert_eq!((s.as_u16(), &b), (200, &json!({})));

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::support::conclave::Conclave;
 use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries};
-use crate::support::matrix_client::{TestUser, CALL_MEMBER, RTC_MEMBER};
+use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
 
 /// How long the pages get to start Element Call and exchange media (cold Chromium, two
@@ -34,27 +34,8 @@ async fn shared_room(
     alice: &TestUser,
     encrypted: bool,
 ) -> String {
-    let mut initial_state = vec![];
-    if encrypted {
-        initial_state.push(json!({
-            "type": "m.room.encryption",
-            "state_key": "",
-            "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-        }));
-    }
     let room = bob_admin
-        .create_room(json!({
-            "preset": "private_chat",
-            "name": "conclave test call",
-            "invite": [alice.user_id],
-            "initial_state": initial_state,
-            "power_level_content_override": {
-                "events": {
-                    CALL_MEMBER: 0,
-                    RTC_MEMBER: 0,
-                }
-            },
-        }))
+        .create_call_room_with(&[alice.user_id.as_str()], encrypted)
         .await
         .expect("bob creates the room");
     alice

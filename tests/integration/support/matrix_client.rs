@@ -180,15 +180,28 @@ impl TestUser {
     /// A private room inviting `invite`, where ordinary members (power 0) may
     /// send `org.matrix.msc3401.call.member` and `org.matrix.msc4143.rtc.member`.
     pub async fn create_call_room(&self, invite: &[&str]) -> Result<String> {
-        self.create_room(json!({
+        self.create_call_room_with(invite, false).await
+    }
+
+    /// [`Self::create_call_room`], end-to-end encrypted (`m.room.encryption`) if `encrypted`:
+    /// Element Call turns per-participant E2EE on exactly in encrypted rooms.
+    pub async fn create_call_room_with(&self, invite: &[&str], encrypted: bool) -> Result<String> {
+        let mut body = json!({
             "preset": "private_chat",
             "name": "conclave test call",
             "invite": invite,
             "power_level_content_override": {
                 "events": {CALL_MEMBER: 0, RTC_MEMBER: 0}
             },
-        }))
-        .await
+        });
+        if encrypted {
+            body["initial_state"] = json!([{
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }]);
+        }
+        self.create_room(body).await
     }
 
     pub async fn invite(&self, room_id: &str, user_id: &str) -> Result<()> {
