@@ -35,12 +35,11 @@
 //   {"cmd":"stats"}   {"cmd":"quit"}
 // stdin EOF (the test went away) closes Chromium and exits.
 import { createRequire } from 'node:module';
-import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { CHROME_ARGS } from '../clients/chromium-args.mjs';
+import { CHROME_ARGS, serveLoopback } from '../clients/browser-common.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const depsDir = path.resolve(process.env.CONCLAVE_EC_HOST || here);
@@ -107,28 +106,12 @@ function serve(bundleDir) {
     }
     return null;
   };
-  const srv = http.createServer((req, res) => {
-    const p = decodeURIComponent(new URL(req.url, 'http://x').pathname);
-    const f = resolve(p);
-    if (!f || !fs.existsSync(f) || fs.statSync(f).isDirectory()) {
-      res.writeHead(404, { 'content-type': 'text/plain' });
-      res.end('not found');
-      return;
-    }
-    res.writeHead(200, {
-      'content-type': TYPES[path.extname(f)] || 'application/octet-stream',
-      'cache-control': 'no-store',
-    });
-    fs.createReadStream(f).pipe(res);
-  });
-  return new Promise((ok, ko) => {
-    srv.once('error', ko);
-    srv.listen(0, '127.0.0.1', () => ok(srv));
+  return serveLoopback((p) => {
+    const file = resolve(p);
+    return file ? { file, type: TYPES[path.extname(file)] || 'application/octet-stream' } : null;
   });
 }
 
-// Runs in every frame before its scripts: keeps the RTCPeerConnections Element Call's
-// livekit-client creates, so their inbound audio energy can be read.
 const INIT_SCRIPT = `(() => {
   const Orig = window.RTCPeerConnection;
   if (!Orig || window.__conclavePcs) return;

@@ -49,11 +49,10 @@
 // Exit: 0 ok, 2 a tab failed to connect, 3 expectations unmet, 4 a tab was disconnected by
 // the server, 5 browser/launch/driver error, 64 usage.
 import { createRequire } from 'node:module';
-import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CHROME_ARGS } from '../chromium-args.mjs';
+import { CHROME_ARGS, serveLoopback } from '../browser-common.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const depsDir = path.resolve(process.env.CONCLAVE_WEB_CLIENTS || here);
@@ -106,22 +105,15 @@ function parseConfig(argv) {
 function serve() {
   // The package's `require` export is dist/livekit-client.umd.js (deep paths are not exported).
   const umd = require.resolve('livekit-client');
+  const js = 'text/javascript; charset=utf-8';
+  const html = 'text/html; charset=utf-8';
   const files = {
-    '/': [path.join(here, 'index.html'), 'text/html; charset=utf-8'],
-    '/index.html': [path.join(here, 'index.html'), 'text/html; charset=utf-8'],
-    '/page.js': [path.join(here, 'page.js'), 'text/javascript; charset=utf-8'],
-    '/livekit-client.umd.js': [umd, 'text/javascript; charset=utf-8'],
+    '/': { file: path.join(here, 'index.html'), type: html },
+    '/index.html': { file: path.join(here, 'index.html'), type: html },
+    '/page.js': { file: path.join(here, 'page.js'), type: js },
+    '/livekit-client.umd.js': { file: umd, type: js },
   };
-  const srv = http.createServer((req, res) => {
-    const f = files[new URL(req.url, 'http://x').pathname];
-    if (!f) { res.writeHead(404, { 'content-type': 'text/plain' }); res.end('not found'); return; }
-    res.writeHead(200, { 'content-type': f[1], 'cache-control': 'no-store' });
-    fs.createReadStream(f[0]).pipe(res);
-  });
-  return new Promise((resolve, reject) => {
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => resolve(srv));
-  });
+  return serveLoopback((p) => files[p] || null);
 }
 
 // ---------------------------------------------------------------- expectations
