@@ -12,20 +12,19 @@
 //! esbuild, playwright-core) and `CONCLAVE_CHROMIUM`, both from `scripts/install-test-deps`.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, ChildStdin};
 use tokio::task::JoinHandle;
 
 use super::conclave::{Conclave, ConclaveOptions};
-use super::lk_clients::{read_stderr, read_stdout, Output};
+use super::lk_clients::Output;
 use super::synapse::{free_ports, start_pair_with, Homeserver, HsOptions, TestCa};
-use super::web::chromium;
+use super::web::{chromium, spawn_node_driver};
 
 const HINT: &str = "run `./scripts/test` (which installs it) or \
                     `eval \"$(scripts/install-test-deps)\"`";
@@ -211,37 +210,19 @@ impl EcDriver {
                 "device": p.device, "room": p.room, "intent": p.intent, "e2ee": p.e2ee,
             })).collect::<Vec<_>>(),
         });
-        let mut file = tempfile::Builder::new()
-            .prefix("conclave-ec-")
-            .suffix(".json")
-            .tempfile()?;
-        std::io::Write::write_all(&mut file, config.to_string().as_bytes())?;
-        let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
-        let mut child = Command::new(&node)
-            .arg(driver_script())
-            .arg("--config")
-            .arg(file.path())
-            .env("CONCLAVE_EC_HOST", &deps)
-            .env("CONCLAVE_CHROMIUM", &exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning `{node}` (Node.js >= 18)"))?;
-        let output = Arc::new(Mutex::new(Output::default()));
-        let stdout = child.stdout.take().context("driver stdout")?;
-        let stderr = child.stderr.take().context("driver stderr")?;
+        let mut driver = spawn_node_driver(
+            &driver_script(),
+            &config,
+            &[],
+            &[("CONCLAVE_EC_HOST", &deps), ("CONCLAVE_CHROMIUM", &exe)],
+        )?;
         Ok(EcDriver {
-            stdin: child.stdin.take(),
-            child,
-            _readers: vec![
-                tokio::spawn(read_stdout(stdout, output.clone())),
-                tokio::spawn(read_stderr(stderr, output.clone())),
-            ],
-            output,
+            stdin: driver.child.stdin.take(),
+            child: driver.child,
+            output: driver.output,
+            _readers: driver.readers,
             consumed: 0,
-            _config: file,
+            _config: driver.config,
         })
     }
 

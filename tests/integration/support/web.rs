@@ -24,7 +24,7 @@
 //! CPU: one tab publishing simulcast video costs most of a core; at most two tabs.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -342,6 +342,59 @@ impl BrowserReport {
 
 // ---------------------------------------------------------------- the driver process
 
+/// A Node.js driver script started by [`spawn_node_driver`]: its process, its output as read
+/// so far (stdout events, stderr tail) and the config file it reads (removed on drop).
+pub(super) struct NodeDriver {
+    pub child: Child,
+    pub output: Arc<Mutex<Output>>,
+    pub readers: Vec<JoinHandle<()>>,
+    pub config: tempfile::NamedTempFile,
+}
+
+/// Starts `node SCRIPT --config FILE ARGS…` (FILE holding `config`) with `env` added, stdin,
+/// stdout and stderr piped and read in the background; killed on drop. `CONCLAVE_NODE`
+/// overrides the `node` binary.
+pub(super) fn spawn_node_driver(
+    script: &Path,
+    config: &Value,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> Result<NodeDriver> {
+    let mut file = tempfile::Builder::new()
+        .prefix("conclave-driver-")
+        .suffix(".json")
+        .tempfile()?;
+    std::io::Write::write_all(&mut file, config.to_string().as_bytes())?;
+    let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
+    let mut cmd = Command::new(&node);
+    cmd.arg(script).arg("--config").arg(file.path()).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("spawning `{node}` (Node.js >= 18; set CONCLAVE_NODE to override)")
+        })?;
+    let output = Arc::new(Mutex::new(Output::default()));
+    let stdout = child.stdout.take().context("driver stdout")?;
+    let stderr = child.stderr.take().context("driver stderr")?;
+    let readers = vec![
+        tokio::spawn(read_stdout(stdout, output.clone())),
+        tokio::spawn(read_stderr(stderr, output.clone())),
+    ];
+    Ok(NodeDriver {
+        child,
+        output,
+        readers,
+        config: file,
+    })
+}
+
 /// A running `driver.mjs`. SIGTERM then SIGKILL on drop.
 pub struct Browser {
     /// What it was started with.
@@ -363,43 +416,22 @@ impl Browser {
         }
         let deps = web_clients_dir()?;
         let exe = chromium()?;
-        let mut config = tempfile::Builder::new()
-            .prefix("conclave-browser-")
-            .suffix(".json")
-            .tempfile()?;
-        std::io::Write::write_all(&mut config, spec.config().to_string().as_bytes())?;
-        let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
-        let mut cmd = Command::new(&node);
-        cmd.arg(driver_script())
-            .arg("--config")
-            .arg(config.path())
-            // Our stdin stays open while we live; if the test process dies, the driver sees
-            // EOF, leaves the room and closes Chromium.
-            .arg("--exit-on-stdin-eof")
-            .env("CONCLAVE_WEB_CLIENTS", &deps)
-            .env("CONCLAVE_CHROMIUM", &exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| {
-            format!("spawning `{node}` (Node.js >= 18; set CONCLAVE_NODE to override)")
-        })?;
-        let output = Arc::new(Mutex::new(Output::default()));
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stderr = child.stderr.take().context("child stderr")?;
-        let readers = vec![
-            tokio::spawn(read_stdout(stdout, output.clone())),
-            tokio::spawn(read_stderr(stderr, output.clone())),
-        ];
+        // Our stdin stays open while we live; if the test process dies, the driver sees EOF,
+        // leaves the room and closes Chromium.
+        let driver = spawn_node_driver(
+            &driver_script(),
+            &spec.config(),
+            &["--exit-on-stdin-eof"],
+            &[("CONCLAVE_WEB_CLIENTS", &deps), ("CONCLAVE_CHROMIUM", &exe)],
+        )?;
         Ok(Browser {
             spec,
-            child,
-            output,
-            readers,
+            child: driver.child,
+            output: driver.output,
+            readers: driver.readers,
             consumed: HashMap::new(),
             finished: false,
-            _config: config,
+            _config: driver.config,
         })
     }
 
