@@ -24,7 +24,8 @@ use axum::Router;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::conclave::{binary, free_port};
+use crate::support::conclave::binary;
+use crate::support::synapse::free_ports;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const HINT: &str = "run `./scripts/test` (which installs it) or \
@@ -570,7 +571,9 @@ async fn caddy_routes_public_paths_only() {
         upstream("element-web").await,
         upstream("element-call").await,
     );
-    let (public, ec, tls) = (free_port(), free_port(), free_port());
+    // Three distinct ports (free_port() thrice may return one port twice).
+    let ports = free_ports(3).unwrap();
+    let (public, ec, tls) = (ports[0], ports[1], ports[2]);
     let server = server_name();
 
     let mut text = read("deploy/caddy/Caddyfile");
