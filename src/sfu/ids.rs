@@ -1,8 +1,123 @@
-//! LiveKit identifiers (`RM_`, `PA_`, `TR_`) and ICE credentials from one seedable RNG, so a
-//! simulation with a fixed seed is reproducible.
+//! Typed identifiers of the SFU, and the LiveKit identifiers (`RM_`, `PA_`, `TR_`) and ICE
+//! credentials drawn from one seedable RNG, so a simulation with a fixed seed is reproducible.
+//!
+//! Room names, SIDs, identities and session ids are distinct types: a room name can never be
+//! passed where an identity is expected, and maps are keyed by what they mean.
+
+use std::borrow::Borrow;
+use std::fmt;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// Declares a string newtype with the conversions every id needs.
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a string.
+            pub fn new(s: impl Into<String>) -> Self {
+                Self(s.into())
+            }
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+            /// The id's text, owned.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+            /// Whether the id is empty (absent in protocol messages).
+            pub fn is_empty(&self) -> bool {
+                self.0.is_empty()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A LiveKit room name (the JWT's `video.room`; lk-jwt-service derives it from the Matrix
+    /// room and call slot).
+    RoomName
+);
+string_id!(
+    /// A room's server-assigned SID (`RM_…`).
+    RoomSid
+);
+string_id!(
+    /// A participant's identity (the JWT's `sub`): stable across reconnects.
+    ParticipantIdentity
+);
+string_id!(
+    /// One participant session's server-assigned SID (`PA_…`).
+    ParticipantSid
+);
+string_id!(
+    /// A published track's SID (`TR_…`).
+    TrackSid
+);
+
+/// One signalling session (one WebSocket) inside the SFU loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// short-uuid's base57 alphabet, as LiveKit's `guid` package uses.
 const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
