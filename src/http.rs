@@ -5,12 +5,15 @@
 //! token endpoints only).
 
 pub mod admin;
+pub mod appservice;
+mod bearer;
 pub mod error;
+pub mod tokens;
 pub mod twirp;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post, put};
@@ -20,14 +23,60 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::auth::lk_jwt;
-use crate::matrix::appservice;
+use crate::metrics::Metrics;
+use crate::net::SfuHandle;
 use crate::signal::{validate, ws};
-use error::MatrixErrorResponse;
+use admin::AdminState;
+use appservice::AppserviceState;
+use error::{InternalCause, MatrixErrorResponse};
+use tokens::TokenState;
+
+/// Everything the routes use, each handler taking only its part (`FromRef`).
+#[derive(Clone)]
+pub struct HttpState {
+    /// The appservice API's part.
+    pub appservice: AppserviceState,
+    /// The token endpoints' part.
+    pub tokens: TokenState,
+    /// The admin API's part.
+    pub admin: AdminState,
+    /// Signalling's and the RoomService's part.
+    pub sfu_side: Arc<AppState>,
+    /// The SFU loop (for its counters).
+    pub sfu: SfuHandle,
+    /// Process counters.
+    pub metrics: Arc<Metrics>,
+    /// `http.max_body_bytes`.
+    pub max_body_bytes: usize,
+}
+
+impl FromRef<HttpState> for AppserviceState {
+    fn from_ref(s: &HttpState) -> Self {
+        s.appservice.clone()
+    }
+}
+
+impl FromRef<HttpState> for TokenState {
+    fn from_ref(s: &HttpState) -> Self {
+        s.tokens.clone()
+    }
+}
+
+impl FromRef<HttpState> for AdminState {
+    fn from_ref(s: &HttpState) -> Self {
+        s.admin.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<AppState> {
+    fn from_ref(s: &HttpState) -> Self {
+        s.sfu_side.clone()
+    }
+}
 
 /// Builds the router for `state`.
-pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.config.http.max_body_bytes;
+pub fn router(state: HttpState) -> Router {
+    let body_limit = state.max_body_bytes;
     let appservice_routes = Router::new()
         .route(
             "/_matrix/app/v1/transactions/{txn_id}",
@@ -46,14 +95,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
 
     let token_routes = Router::new()
-        .route("/sfu/get", post(lk_jwt::post_sfu_get))
-        .route("/get_token", post(lk_jwt::post_get_token))
+        .route("/sfu/get", post(tokens::post_sfu_get))
+        .route("/get_token", post(tokens::post_get_token))
         .route(
             "/delegate_delayed_leave",
-            post(lk_jwt::post_delegate_delayed_leave),
+            post(tokens::post_delegate_delayed_leave),
         )
-        .layer(DefaultBodyLimit::max(lk_jwt::MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(lk_jwt::cors));
+        .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(tokens::cors));
 
     let signal_routes = Router::new()
         .route("/rtc", get(ws::get_rtc))
@@ -82,7 +131,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
-            state.clone(),
+            state.metrics.clone(),
             count_server_errors,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -102,23 +151,26 @@ async fn healthz() -> StatusCode {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], {
         let mut text = state.metrics.render();
-        if let Some(sfu) = &state.sfu {
-            text.push_str(&sfu.stats.render());
-        }
+        text.push_str(&state.sfu.stats.render());
         text
     })
 }
 
-/// Counts 5xx responses for `/metrics`.
+/// Counts 5xx responses for `/metrics` and logs their cause: the one place internal errors
+/// are logged.
 async fn count_server_errors(
-    State(state): State<Arc<AppState>>,
+    State(metrics): State<Arc<Metrics>>,
     response: axum::response::Response,
 ) -> axum::response::Response {
     if response.status().is_server_error() {
-        crate::metrics::inc(&state.metrics.internal_errors);
+        crate::metrics::inc(&metrics.internal_errors);
+        match response.extensions().get::<InternalCause>() {
+            Some(InternalCause(cause)) => tracing::error!(error = %cause, "internal error"),
+            None => tracing::error!(status = %response.status(), "server error"),
+        }
     }
     response
 }

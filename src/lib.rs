@@ -4,6 +4,7 @@
 pub mod app;
 pub mod auth;
 pub mod bench;
+pub mod calls;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod matrix;
 pub mod metrics;
 pub mod net;
+pub mod plumbing;
 pub mod secrets;
 pub mod sfu;
 pub mod signal;

@@ -7,17 +7,25 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::auth::jwt::TokenSigner;
+use crate::auth::membership::MembershipGate;
 use crate::auth::openid::OpenIdVerifier;
+use crate::auth::tokens::{TokenService, TokenSettings};
+use crate::calls::{Calls, CallsSettings};
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::config::{self, Config, ConfigError};
+use crate::http::admin::AdminState;
+use crate::http::appservice::AppserviceState;
+use crate::http::tokens::TokenState;
+use crate::http::HttpState;
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
 use crate::metrics::{inc, Metrics};
 use crate::net::SfuHandle;
+use crate::plumbing::{Backoff, ClientOptions, HttpClients};
 use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
 use crate::sfu::registry::RoomRegistry;
 use crate::store::sqlite::Fault;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{AsyncStore, SqliteStore, StoreError};
 
 /// Database file name inside the data directory.
 pub const DATABASE_FILE: &str = "conclave.db";
@@ -251,71 +259,98 @@ fn write_stdout(text: &str) -> Result<(), RunError> {
         })
 }
 
-fn read_extra_ca(config: &Config) -> Result<Option<Vec<u8>>, RunError> {
-    match &config.matrix.extra_ca_file {
-        Some(p) => std::fs::read(p).map(Some).map_err(|e| {
-            RunError::HttpClient(format!(
-                "cannot read matrix.extra_ca_file {}: {e}",
-                p.display()
-            ))
-        }),
-        None => Ok(None),
-    }
+/// The running service: the HTTP side's state, and the calls service whose workers follow
+/// the SFU.
+pub struct Services {
+    /// What the router serves.
+    pub http: HttpState,
+    /// The calls service (start its workers with [`Calls::start`]).
+    pub calls: Calls,
+    /// The SFU side's state (webhooks read it too).
+    pub sfu_side: Arc<AppState>,
 }
 
-/// Builds the client towards the local homeserver: rustls with system roots plus the extra CA.
-fn http_client(extra_ca: Option<&[u8]>) -> Result<reqwest::Client, RunError> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")));
-    if let Some(pem) = extra_ca {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| RunError::HttpClient(format!("matrix.extra_ca_file is not PEM: {e}")))?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| RunError::HttpClient(e.to_string()))
-}
-
-/// Opens the store and builds every shared component for `config`; `sfu` is the running media
-/// loop (absent for tools that only serve HTTP), sharing `rooms` with the token service.
-pub fn build_state(
+/// Opens the store and builds every service for `config` around the running SFU loop `sfu`,
+/// whose room view is `rooms`.
+pub fn build_services(
     config: Config,
     fault: Fault,
     rooms: Arc<RoomRegistry>,
-    sfu: Option<SfuHandle>,
-) -> Result<Arc<AppState>, RunError> {
+    sfu: SfuHandle,
+) -> Result<Services, RunError> {
     let secrets = Secrets::load_or_create(&config)?;
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?.with_fault(fault);
-    let extra_ca = read_extra_ca(&config)?;
+    let store = AsyncStore::new(Arc::new(store));
+    let clients = HttpClients::new(config.matrix.extra_ca_file.as_deref())
+        .map_err(|e| RunError::HttpClient(e.to_string()))?;
+    let homeserver_http = clients
+        .client(ClientOptions::with_timeout(Duration::from_secs(30)))
+        .map_err(|e| RunError::HttpClient(e.to_string()))?;
     let homeserver = HomeserverClient::new(
-        http_client(extra_ca.as_deref())?,
+        homeserver_http,
         &config.matrix.homeserver_url,
         secrets.as_token.clone(),
     );
     let openid = OpenIdVerifier::new(
-        extra_ca.as_deref(),
+        &clients,
         Duration::from_millis(config.auth.federation_timeout_ms),
     )
     .map_err(|e| RunError::HttpClient(e.to_string()))?;
-    let signer = TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose());
-    Ok(Arc::new(AppState {
-        config,
-        secrets,
-        store: Arc::new(store),
-        metrics: Arc::new(Metrics::default()),
+    let metrics = Arc::new(Metrics::default());
+    let calls = Calls::new(
+        CallsSettings::from_config(&config),
+        store.clone(),
+        homeserver.clone(),
+        sfu.clone(),
+        clients,
+        metrics.clone(),
+    );
+    let gate = MembershipGate::new(
+        store,
         homeserver,
-        signer,
+        config.matrix.server_name.clone(),
+        config.bot_user_id(),
+        Duration::from_millis(config.auth.membership_wait_ms),
+    );
+    let tokens = TokenService::new(
+        TokenSettings::from_config(&config),
         openid,
-        rooms,
+        TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose()),
+        gate,
+        calls.clone(),
+        rooms.clone(),
+    );
+    let http = HttpState {
+        appservice: AppserviceState {
+            calls: calls.clone(),
+            hs_token: secrets.hs_token.clone(),
+            bot_user_id: config.bot_user_id(),
+            metrics: metrics.clone(),
+        },
+        tokens: TokenState {
+            tokens,
+            metrics: metrics.clone(),
+        },
+        admin: AdminState {
+            calls: calls.clone(),
+            token: config.admin.token.clone(),
+        },
+        sfu_side: Arc::new(AppState {
+            signer: TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose()),
+            config: config.clone(),
+            secrets,
+            rooms,
+            sfu: Some(sfu.clone()),
+        }),
         sfu,
-        issued: Default::default(),
-        delegations: Default::default(),
-    }))
+        metrics,
+        max_body_bytes: config.http.max_body_bytes,
+    };
+    Ok(Services {
+        sfu_side: http.sfu_side.clone(),
+        http,
+        calls,
+    })
 }
 
 /// Binds `http.bind`.
@@ -347,32 +382,26 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let sfu = crate::net::start(&node_ips, config.rtc.udp_port, rooms.clone())
         .map_err(|e| RunError::Net(e.to_string()))?;
     let media = sfu.addresses.clone();
-    let state = build_state(config, fault, rooms, Some(sfu))?;
+    let events = sfu.subscribe_events();
+    let services = build_services(config.clone(), fault, rooms, sfu)?;
     tracing::info!(
         ?media,
-        auto_create = state.config.sfu_auto_create(),
+        auto_create = config.sfu_auto_create(),
         "SFU running"
     );
-    if let Some(sfu) = &state.sfu {
-        tokio::spawn(crate::matrix::delayed::run(
-            state.clone(),
-            sfu.subscribe_events(),
+    services.calls.start();
+    tokio::spawn(crate::webhook::run(services.sfu_side.clone(), events));
+    print_banner(&config, local);
+    if config.appservice.ping_on_start {
+        let homeserver = services.calls.homeserver().clone();
+        let metrics = services.http.metrics.clone();
+        tokio::spawn(ping_homeserver(
+            homeserver,
+            config.appservice.id.clone(),
+            metrics,
         ));
     }
-    if let Some(sfu) = &state.sfu {
-        tokio::spawn(crate::matrix::supervise::run(
-            state.clone(),
-            sfu.subscribe_events(),
-        ));
-    }
-    if let Some(sfu) = &state.sfu {
-        tokio::spawn(crate::webhook::run(state.clone(), sfu.subscribe_events()));
-    }
-    print_banner(&state.config, local);
-    if state.config.appservice.ping_on_start {
-        tokio::spawn(ping_homeserver(state.clone()));
-    }
-    let app = crate::http::router(state);
+    let app = crate::http::router(services.http);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -412,26 +441,30 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Pings the homeserver until it answers: proves the link and makes Synapse retry queued
 /// transactions immediately. An unreachable homeserver is a warning; serving goes on.
-async fn ping_homeserver(state: Arc<AppState>) {
-    let mut delay = Duration::from_millis(500);
+async fn ping_homeserver(
+    homeserver: HomeserverClient,
+    appservice_id: String,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut warned = false;
     loop {
-        match state.homeserver.ping(&state.config.appservice.id).await {
+        match homeserver.ping(&appservice_id).await {
             Ok(rtt) => {
-                inc(&state.metrics.homeserver_pings_ok);
+                inc(&metrics.homeserver_pings_ok);
                 tracing::info!(
                     duration_ms = rtt.as_millis() as u64,
-                    homeserver = %state.homeserver.base_url(),
+                    homeserver = %homeserver.base_url(),
                     "appservice ping round trip through the homeserver succeeded"
                 );
                 return;
             }
             Err(e) => {
-                inc(&state.metrics.homeserver_pings_failed);
+                inc(&metrics.homeserver_pings_failed);
                 if !warned {
                     tracing::warn!(
                         error = %e,
-                        homeserver = %state.homeserver.base_url(),
+                        homeserver = %homeserver.base_url(),
                         "homeserver ping failed; still serving, retrying with backoff \
                          (is Conclave registered in app_service_config_files?)"
                     );
@@ -441,8 +474,7 @@ async fn ping_homeserver(state: Arc<AppState>) {
                 }
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
+        backoff.wait().await;
     }
 }
 

@@ -1,14 +1,14 @@
-//! Authentication and authorisation: the lk-jwt-service drop-in token endpoints, OpenID
+//! Authentication and authorisation: the token service (the lk-jwt-service drop-in), OpenID
 //! verification over federation, the Matrix membership gate and LiveKit JWTs.
 #![warn(missing_docs)]
 
 pub mod discovery;
 pub mod jwt;
-pub mod lk_jwt;
 pub mod membership;
-pub mod naming;
 pub mod openid;
+pub mod tokens;
 
+use crate::calls::CallsError;
 use crate::store::StoreError;
 
 /// Why a token request (or a LiveKit token) was refused.
@@ -47,6 +47,9 @@ pub enum AuthError {
     /// The store failed (500).
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The calls service failed (500).
+    #[error("calls: {0}")]
+    Calls(#[from] CallsError),
     /// Anything else that is our fault (500).
     #[error("internal error: {0}")]
     Internal(String),

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::discovery::{self, Destination, NetLookup, SrvAwareResolver};
 use super::AuthError;
+use crate::plumbing::{ClientOptions, HttpClients, TtlCache};
 
 /// Most verified tokens kept in the cache.
 pub const CACHE_CAPACITY: usize = 10_000;
@@ -23,11 +24,8 @@ pub const MAX_CACHE_TTL: Duration = Duration::from_secs(3600);
 pub const PER_DESTINATION_CONCURRENCY: usize = 8;
 /// How long a resolved destination is reused.
 const DESTINATION_TTL: Duration = Duration::from_secs(3600);
-
-struct CacheEntry {
-    user_id: OwnedUserId,
-    expires: Instant,
-}
+/// Most resolved destinations kept.
+const DESTINATION_CAPACITY: usize = 10_000;
 
 /// Verifies OpenID tokens against their issuing homeserver.
 pub struct OpenIdVerifier {
@@ -35,39 +33,31 @@ pub struct OpenIdVerifier {
     lookup: NetLookup,
     resolver: SrvAwareResolver,
     timeout: Duration,
-    tokens: Mutex<HashMap<[u8; 32], CacheEntry>>,
-    destinations: Mutex<HashMap<String, (Destination, Instant)>>,
+    tokens: Mutex<TtlCache<[u8; 32], OwnedUserId>>,
+    destinations: Mutex<TtlCache<String, Destination>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl OpenIdVerifier {
-    /// A verifier whose HTTPS trusts the system roots plus `extra_ca` (PEM bundle), giving up
-    /// on a server after `timeout`.
-    pub fn new(extra_ca: Option<&[u8]>, timeout: Duration) -> Result<Self, AuthError> {
+    /// A verifier whose HTTPS trusts the roots of `clients`, giving up on a server after
+    /// `timeout`.
+    pub fn new(clients: &HttpClients, timeout: Duration) -> Result<Self, AuthError> {
         let resolver = SrvAwareResolver::default();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .dns_resolver(Arc::new(resolver.clone()))
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_ca {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| AuthError::Internal(format!("extra CA is not PEM: {e}")))?;
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        let http = builder
-            .build()
+        let options = ClientOptions {
+            connect_timeout: timeout,
+            timeout,
+            redirects: 3,
+        };
+        let http = clients
+            .client_with_resolver(options, Arc::new(resolver.clone()))
             .map_err(|e| AuthError::Internal(format!("HTTP client: {e}")))?;
         Ok(Self {
             lookup: NetLookup::new(http.clone()),
             http,
             resolver,
             timeout,
-            tokens: Mutex::new(HashMap::new()),
-            destinations: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(TtlCache::new(CACHE_CAPACITY)),
+            destinations: Mutex::new(TtlCache::new(DESTINATION_CAPACITY)),
             limits: Mutex::new(HashMap::new()),
         })
     }
@@ -80,8 +70,8 @@ impl OpenIdVerifier {
         h.finalize().into()
     }
 
-    /// Records a verified token (also used by the token benchmark to measure the cached path).
-    pub fn remember(
+    /// Records a verified token for `ttl` (at most [`MAX_CACHE_TTL`]).
+    fn remember(
         &self,
         server_name: &ServerName,
         access_token: &str,
@@ -90,27 +80,9 @@ impl OpenIdVerifier {
         now: Instant,
     ) {
         let key = Self::cache_key(server_name, access_token);
-        let Ok(mut cache) = self.tokens.lock() else {
-            return;
-        };
-        if cache.len() >= CACHE_CAPACITY {
-            cache.retain(|_, e| e.expires > now);
-            if cache.len() >= CACHE_CAPACITY {
-                // Still full of live entries: drop the ones closest to expiry.
-                let mut by_expiry: Vec<_> = cache.iter().map(|(k, e)| (e.expires, *k)).collect();
-                by_expiry.sort();
-                for (_, k) in by_expiry.into_iter().take(CACHE_CAPACITY / 10 + 1) {
-                    cache.remove(&k);
-                }
-            }
+        if let Ok(mut cache) = self.tokens.lock() {
+            cache.insert(key, user_id, ttl.min(MAX_CACHE_TTL), now);
         }
-        cache.insert(
-            key,
-            CacheEntry {
-                user_id,
-                expires: now + ttl.min(MAX_CACHE_TTL),
-            },
-        );
     }
 
     fn cached(
@@ -120,11 +92,7 @@ impl OpenIdVerifier {
         now: Instant,
     ) -> Option<OwnedUserId> {
         let key = Self::cache_key(server_name, access_token);
-        let cache = self.tokens.lock().ok()?;
-        cache
-            .get(&key)
-            .filter(|e| e.expires > now)
-            .map(|e| e.user_id.clone())
+        self.tokens.lock().ok()?.get(&key, now)
     }
 
     /// Number of cached tokens (for tests and metrics).
@@ -161,22 +129,15 @@ impl OpenIdVerifier {
 
     async fn destination(&self, server_name: &ServerName, now: Instant) -> Destination {
         let key = server_name.to_string();
-        if let Some((d, exp)) = self
-            .destinations
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key).cloned())
-        {
-            if exp > now {
-                return d;
-            }
+        if let Some(d) = self.destinations.lock().ok().and_then(|m| m.get(&key, now)) {
+            return d;
         }
         let d = discovery::resolve(&self.lookup, server_name).await;
         if let Some(target) = &d.connect_host {
             self.resolver.set_override(&d.host, target);
         }
         if let Ok(mut m) = self.destinations.lock() {
-            m.insert(key, (d.clone(), now + DESTINATION_TTL));
+            m.insert(key, d.clone(), DESTINATION_TTL, now);
         }
         d
     }
@@ -249,7 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_is_bounded_and_expires() {
-        let v = OpenIdVerifier::new(None, Duration::from_secs(1)).unwrap();
+        let v = OpenIdVerifier::new(&HttpClients::default(), Duration::from_secs(1)).unwrap();
         let server = ServerName::parse("example.org").unwrap();
         let user = UserId::parse("@a:example.org").unwrap();
         let t0 = Instant::now();
@@ -292,7 +253,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let v = OpenIdVerifier::new(None, Duration::from_secs(2)).unwrap();
+        let v = OpenIdVerifier::new(&HttpClients::default(), Duration::from_secs(2)).unwrap();
         let server = ServerName::parse(format!("127.0.0.1:{port}")).unwrap();
         let started = Instant::now();
         let err = v

@@ -1,6 +1,9 @@
-//! Errors at the HTTP edge, rendered as Matrix JSON (`{"errcode","error"}`).
+//! Errors at the HTTP edge, rendered as Matrix JSON (`{"errcode","error"}`): the services'
+//! error enums are converted here, and nowhere else.
 //!
-//! 5xx responses carry a generic message; the real cause is logged here, never sent.
+//! 5xx responses carry a generic message; the real cause travels in a response extension
+//! ([`InternalCause`]) to the router's outermost layer, which logs it once and counts it.
+//! Converting an error never logs.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +19,13 @@ pub struct MatrixErrorResponse {
     pub errcode: ErrorCode,
     /// Human-readable message, safe to show to the caller.
     pub message: String,
+    /// For 5xx: what really went wrong (logged by the router, never sent).
+    pub cause: Option<String>,
 }
+
+/// The cause of a 5xx response, for the router's logging layer.
+#[derive(Debug, Clone)]
+pub struct InternalCause(pub String);
 
 impl MatrixErrorResponse {
     /// An error with the given status, code and message.
@@ -25,17 +34,20 @@ impl MatrixErrorResponse {
             status,
             errcode,
             message: message.into(),
+            cause: None,
         }
     }
 
-    /// 500 with a generic message; `cause` is logged, not returned.
+    /// 500 with a generic message; `cause` is kept for the log, not returned.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Unknown,
-            "Internal Server Error",
-        )
+        Self {
+            cause: Some(cause.to_string()),
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Unknown,
+                "Internal Server Error",
+            )
+        }
     }
 
     /// 404 `M_UNRECOGNIZED` for unknown endpoints.
@@ -71,7 +83,11 @@ impl IntoResponse for MatrixErrorResponse {
             "errcode": self.errcode.as_str(),
             "error": self.message,
         });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(cause) = self.cause {
+            response.extensions_mut().insert(InternalCause(cause));
+        }
+        response
     }
 }
 
@@ -91,8 +107,20 @@ impl From<crate::auth::AuthError> for MatrixErrorResponse {
                 (StatusCode::BAD_GATEWAY, ErrorCode::ConnectionFailed)
             }
             E::HomeserverTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::ConnectionTimeout),
-            E::Store(_) | E::Internal(_) => return Self::internal(&e),
+            E::Store(_) | E::Calls(_) | E::Internal(_) => return Self::internal(&e),
         };
         Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<crate::calls::CallsError> for MatrixErrorResponse {
+    fn from(e: crate::calls::CallsError) -> Self {
+        use crate::calls::CallsError as E;
+        match &e {
+            E::NoCall(_) | E::NoParticipant(_) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+            }
+            E::Store(_) | E::SfuGone => Self::internal(&e),
+        }
     }
 }

@@ -1,11 +1,8 @@
-//! The Matrix side: the appservice API the homeserver calls, the client Conclave uses to call
-//! the homeserver, and the registration that links the two.
+//! The link to Matrix: the client Conclave uses to call its homeserver, the registration the
+//! homeserver loads, and lk-jwt-service's naming of SFU rooms and identities after Matrix
+//! rooms and users. Holds no state; the appservice endpoints are in `http`, what follows from
+//! them in `calls`.
 
-pub mod appservice;
-pub mod calls;
 pub mod client;
-pub mod delayed;
-pub mod enforce;
-pub mod notices;
+pub mod naming;
 pub mod registration;
-pub mod supervise;

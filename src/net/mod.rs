@@ -187,6 +187,22 @@ impl SfuHandle {
         rx.await.ok().flatten()
     }
 
+    /// Removes participant `identity` from `room`, telling its client `reason`; false if the
+    /// loop is gone.
+    pub async fn remove(
+        &self,
+        room: &crate::sfu::ids::RoomName,
+        identity: &crate::sfu::ids::ParticipantIdentity,
+        reason: livekit_protocol::DisconnectReason,
+    ) -> bool {
+        self.send(LoopRequest::Sfu(crate::sfu::Command::Remove {
+            room: room.to_string(),
+            identity: identity.to_string(),
+            reason: reason as i32,
+        }))
+        .await
+    }
+
     /// Participant `identity` of `room` right now.
     pub async fn participant(
         &self,

@@ -1,11 +1,18 @@
-//! Durable state: the [`Store`] trait of domain operations and its SQLite implementation.
+//! Durable state: the [`Store`] trait of domain operations, its SQLite implementation, and
+//! [`AsyncStore`], the facade through which the services reach it.
 //!
-//! Reached only from `matrix` and `auth`. Operations are synchronous (rusqlite); async callers
-//! run them with `tokio::task::spawn_blocking` and never hold a connection across an `.await`.
+//! Reached only by its owners, the `calls` and `auth` services (and `serve`, which opens it).
+//! Operations are synchronous (rusqlite); [`AsyncStore`] is the one place that runs them on the
+//! blocking pool, so no caller sees a connection. The store never reads the clock: times are
+//! arguments.
 
+mod facade;
 pub mod sqlite;
 
+pub use facade::AsyncStore;
 pub use sqlite::SqliteStore;
+
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 
 use ruma::events::room::member::MembershipState;
 use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId};
@@ -43,6 +50,9 @@ pub enum StoreError {
     /// The store's lock was poisoned by a panic elsewhere.
     #[error("store lock poisoned")]
     Poisoned,
+    /// A blocking store task failed (panicked or was cancelled).
+    #[error("store task failed: {0}")]
+    Task(String),
 }
 
 /// One change a transaction makes to the store.
@@ -198,9 +208,9 @@ pub struct MembershipRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DelayedLeave {
     /// LiveKit room name.
-    pub room_name: String,
+    pub room_name: RoomName,
     /// LiveKit participant identity.
-    pub identity: String,
+    pub identity: ParticipantIdentity,
     /// The Matrix room of the call.
     pub matrix_room_id: OwnedRoomId,
     /// The Matrix user.
@@ -224,10 +234,14 @@ pub enum TxnOutcome {
 
 /// Durable domain operations.
 pub trait Store: Send + Sync + 'static {
-    /// Applies `effects` and records `txn_id` in one database transaction; a txnId already
-    /// recorded changes nothing.
-    fn apply_transaction(&self, txn_id: &str, effects: &[Effect])
-        -> Result<TxnOutcome, StoreError>;
+    /// Applies `effects` and records `txn_id` (processed at `now_ms`) in one database
+    /// transaction; a txnId already recorded changes nothing.
+    fn apply_transaction(
+        &self,
+        txn_id: &str,
+        effects: &[Effect],
+        now_ms: i64,
+    ) -> Result<TxnOutcome, StoreError>;
 
     /// Whether `txn_id` was already applied.
     fn is_transaction_processed(&self, txn_id: &str) -> Result<bool, StoreError>;
@@ -246,14 +260,15 @@ pub trait Store: Send + Sync + 'static {
     fn room_memberships(&self, room_id: &ruma::RoomId)
         -> Result<Vec<MembershipRecord>, StoreError>;
 
-    /// Records (or replaces) the delayed leave of an issued SFU participant.
-    fn record_delayed_leave(&self, leave: &DelayedLeave) -> Result<(), StoreError>;
+    /// Records (or replaces) the delayed leave of an issued SFU participant, handed over at
+    /// `now_ms`.
+    fn record_delayed_leave(&self, leave: &DelayedLeave, now_ms: i64) -> Result<(), StoreError>;
 
     /// The delayed leave recorded for a participant, if any.
     fn delayed_leave(
         &self,
-        room_name: &str,
-        identity: &str,
+        room_name: &RoomName,
+        identity: &ParticipantIdentity,
     ) -> Result<Option<DelayedLeave>, StoreError>;
 
     /// Ends call memberships whose expiry is at or before `now_ms`.

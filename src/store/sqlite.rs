@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use ruma::events::room::member::MembershipState;
 use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, UInt, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -313,6 +314,7 @@ impl Store for SqliteStore {
         &self,
         txn_id: &str,
         effects: &[Effect],
+        now_ms: i64,
     ) -> Result<TxnOutcome, StoreError> {
         let fault = self.fault;
         self.with_conn(|conn| {
@@ -388,7 +390,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "INSERT INTO appservice_txn_processed (txn_id, event_count, processed_ts)
                  VALUES (?1, ?2, ?3)",
-                params![txn_id, effects.len() as i64, crate::clock::unix_millis()],
+                params![txn_id, effects.len() as i64, now_ms],
             )?;
             if fault == Fault::AbortBeforeCommit {
                 tracing::error!(txn_id, "fault injection: aborting before commit");
@@ -458,7 +460,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record_delayed_leave(&self, d: &DelayedLeave) -> Result<(), StoreError> {
+    fn record_delayed_leave(&self, d: &DelayedLeave, now_ms: i64) -> Result<(), StoreError> {
         self.with_conn(|conn| {
             conn.execute(
                 "INSERT INTO sfu_participant_delayed_leave
@@ -470,14 +472,14 @@ impl Store for SqliteStore {
                    device_id = excluded.device_id, delay_id = excluded.delay_id,
                    delay_timeout_ms = excluded.delay_timeout_ms, issued_ts = excluded.issued_ts",
                 params![
-                    d.room_name,
-                    d.identity,
+                    d.room_name.as_str(),
+                    d.identity.as_str(),
                     d.matrix_room_id.as_str(),
                     d.user_id.as_str(),
                     d.device_id,
                     d.delay_id,
                     i64::try_from(d.delay_timeout_ms).unwrap_or(i64::MAX),
-                    crate::clock::unix_millis()
+                    now_ms
                 ],
             )?;
             Ok(())
@@ -486,15 +488,15 @@ impl Store for SqliteStore {
 
     fn delayed_leave(
         &self,
-        room_name: &str,
-        identity: &str,
+        room_name: &RoomName,
+        identity: &ParticipantIdentity,
     ) -> Result<Option<DelayedLeave>, StoreError> {
         self.with_conn(|conn| {
             let row = conn
                 .query_row(
                     "SELECT matrix_room_id, user_id, device_id, delay_id, delay_timeout_ms
                      FROM sfu_participant_delayed_leave WHERE room_name = ?1 AND identity = ?2",
-                    params![room_name, identity],
+                    params![room_name.as_str(), identity.as_str()],
                     |r| {
                         Ok((
                             r.get::<_, String>(0)?,
@@ -514,8 +516,8 @@ impl Store for SqliteStore {
                 message,
             };
             Ok(Some(DelayedLeave {
-                room_name: room_name.to_owned(),
-                identity: identity.to_owned(),
+                room_name: room_name.clone(),
+                identity: identity.clone(),
                 matrix_room_id: RoomId::parse(&room).map_err(|e| corrupt(e.to_string()))?,
                 user_id: UserId::parse(&user).map_err(|e| corrupt(e.to_string()))?,
                 device_id: device,
@@ -669,11 +671,11 @@ mod tests {
         let store = SqliteStore::open_in_memory().expect("open");
         let effects = [member("$a", MembershipState::Join)];
         assert_eq!(
-            store.apply_transaction("t1", &effects).expect("apply"),
+            store.apply_transaction("t1", &effects, 0).expect("apply"),
             TxnOutcome::Applied(Vec::new())
         );
         assert_eq!(
-            store.apply_transaction("t1", &effects).expect("replay"),
+            store.apply_transaction("t1", &effects, 0).expect("replay"),
             TxnOutcome::Replayed
         );
         assert_eq!(
@@ -689,10 +691,10 @@ mod tests {
     fn latest_membership_wins() {
         let store = SqliteStore::open_in_memory().expect("open");
         store
-            .apply_transaction("t1", &[member("$a", MembershipState::Join)])
+            .apply_transaction("t1", &[member("$a", MembershipState::Join)], 0)
             .expect("apply");
         store
-            .apply_transaction("t2", &[member("$b", MembershipState::Ban)])
+            .apply_transaction("t2", &[member("$b", MembershipState::Ban)], 0)
             .expect("apply");
         let m = store
             .membership(
@@ -729,10 +731,10 @@ mod tests {
         // alice was banned; a later event of hers (sent before the ban reached us) must not
         // bring her back.
         store
-            .apply_transaction("t1", &[member("$ban", MembershipState::Ban)])
+            .apply_transaction("t1", &[member("$ban", MembershipState::Ban)], 0)
             .expect("apply");
         store
-            .apply_transaction("t2", &[evidence(&alice, "$late")])
+            .apply_transaction("t2", &[evidence(&alice, "$late")], 0)
             .expect("apply");
         let m = membership_of(&alice);
         assert_eq!(
@@ -741,7 +743,7 @@ mod tests {
         );
         // bob joined before this server took part: his first event is the evidence...
         store
-            .apply_transaction("t3", &[evidence(&bob, "$callmember")])
+            .apply_transaction("t3", &[evidence(&bob, "$callmember")], 0)
             .expect("apply");
         let m = membership_of(&bob);
         assert_eq!(m.membership, MembershipState::Join);
@@ -753,9 +755,9 @@ mod tests {
             event_id: owned_event_id!("$leave"),
             origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(3000)),
         });
-        store.apply_transaction("t4", &[leave]).expect("apply");
+        store.apply_transaction("t4", &[leave], 0).expect("apply");
         store
-            .apply_transaction("t5", &[evidence(&bob, "$stale")])
+            .apply_transaction("t5", &[evidence(&bob, "$stale")], 0)
             .expect("apply");
         let m = membership_of(&bob);
         assert_eq!(m.membership, MembershipState::Leave);
@@ -768,7 +770,7 @@ mod tests {
         {
             let store = SqliteStore::open(&path).expect("open");
             store
-                .apply_transaction("t1", &[member("$a", MembershipState::Join)])
+                .apply_transaction("t1", &[member("$a", MembershipState::Join)], 0)
                 .expect("apply");
         }
         let store = SqliteStore::open(&path).expect("reopen");

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use conclave::auth::naming::LEGACY_SLOT;
+use conclave::matrix::naming::LEGACY_SLOT;
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use serde_json::{json, Value};

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use conclave::auth::naming::LEGACY_SLOT;
+use conclave::matrix::naming::LEGACY_SLOT;
 use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
 use reqwest::StatusCode;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use conclave::auth::naming::{member_identity, room_name, LEGACY_SLOT};
+use conclave::matrix::naming::{member_identity, room_name, LEGACY_SLOT};
 use reqwest::StatusCode;
 use ruma::events::room::member::MembershipState;
 use serde_json::{json, Value};

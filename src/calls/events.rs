@@ -1,13 +1,18 @@
 //! MatrixRTC call membership: `org.matrix.msc3401.call.member` state events (per-device state
 //! keys like `_@user:server_DEVICE_m.call`; empty content = left; `expires` relative to
-//! `created_ts`) and `org.matrix.msc4143.rtc.member` sticky events, turned into store effects.
+//! `created_ts`) and `org.matrix.msc4143.rtc.member` sticky events, turned into store effects;
+//! and every event of an appservice transaction turned into effects ([`transaction_effects`]).
 //!
 //! Malformed contents are reported as errors for the caller to log; they never stop the
 //! transaction.
 
 use serde_json::Value;
 
-use crate::store::{CallMemberJoin, Effect};
+use ruma::events::{AnyStateEvent, AnyTimelineEvent};
+use ruma::serde::Raw;
+
+use crate::metrics::{inc, Metrics};
+use crate::store::{CallMemberJoin, Effect, MembershipRecord};
 
 /// Legacy/compat call membership state event type.
 pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
@@ -267,6 +272,103 @@ fn rtc_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError>
     })])
 }
 
+/// For a non-membership event: its sender was joined to its room when it was sent (the
+/// homeserver checked the room's auth rules before accepting it). `None` for `m.room.member`
+/// events and for events missing a field.
+fn sender_joined(event: &serde_json::Value) -> Option<MembershipRecord> {
+    let field = |k: &str| event.get(k).and_then(serde_json::Value::as_str);
+    if field("type")? == "m.room.member" {
+        return None;
+    }
+    let ts = event
+        .get("origin_server_ts")
+        .and_then(serde_json::Value::as_u64)?;
+    Some(MembershipRecord {
+        room_id: ruma::RoomId::parse(field("room_id")?).ok()?,
+        user_id: ruma::UserId::parse(field("sender")?).ok()?,
+        membership: ruma::events::room::member::MembershipState::Join,
+        event_id: ruma::EventId::parse(field("event_id")?).ok()?,
+        origin_server_ts: ruma::MilliSecondsSinceUnixEpoch(ruma::UInt::try_from(ts).ok()?),
+    })
+}
+
+/// Turns the events of a transaction into store effects, skipping (and counting) what cannot
+/// be parsed: one malformed event never blocks the queue.
+pub fn transaction_effects(
+    metrics: &Metrics,
+    events: &[Raw<AnyTimelineEvent>],
+    now_ms: i64,
+) -> Vec<Effect> {
+    let mut out = Vec::new();
+    for raw in events {
+        inc(&metrics.events_received);
+        // MatrixRTC membership events are custom types: read them as JSON.
+        if let Ok(value) = raw.deserialize_as::<serde_json::Value>() {
+            if let Some(seen) = sender_joined(&value) {
+                out.push(Effect::SenderJoined(seen));
+            }
+            if let Some(result) = effects(&value, now_ms) {
+                match result {
+                    Ok(e) => out.extend(e),
+                    Err(err) => {
+                        inc(&metrics.events_malformed);
+                        let id = value.get("event_id").and_then(|v| v.as_str()).unwrap_or("");
+                        tracing::warn!(event_id = %id, error = %err, "ignoring call membership event");
+                    }
+                }
+                continue;
+            }
+        }
+        let event = match raw.deserialize() {
+            Ok(e) => e,
+            Err(e) => {
+                inc(&metrics.events_malformed);
+                let id = raw
+                    .get_field::<String>("event_id")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                tracing::warn!(event_id = %id, error = %e, "skipping malformed event");
+                continue;
+            }
+        };
+        if let AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(enc)) = &event {
+            tracing::info!(room_id = %enc.room_id(), "room is encrypted");
+            let algorithm = match enc {
+                ruma::events::StateEvent::Original(o) => o.content.algorithm.to_string(),
+                ruma::events::StateEvent::Redacted(_) => String::new(),
+            };
+            out.push(Effect::RoomEncrypted {
+                room_id: enc.room_id().to_owned(),
+                algorithm,
+                event_id: enc.event_id().to_string(),
+            });
+            continue;
+        }
+        if let AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) = &event {
+            let Ok(user_id) = ruma::UserId::parse(member.state_key().as_str()) else {
+                inc(&metrics.events_malformed);
+                tracing::warn!(event_id = %member.event_id(), "member event with a bad state key");
+                continue;
+            };
+            tracing::info!(
+                room_id = %member.room_id(),
+                user_id = %user_id,
+                membership = %member.membership(),
+                "membership changed"
+            );
+            out.push(Effect::Membership(MembershipRecord {
+                room_id: member.room_id().to_owned(),
+                user_id,
+                membership: member.membership().clone(),
+                event_id: member.event_id().to_owned(),
+                origin_server_ts: member.origin_server_ts(),
+            }));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +471,54 @@ mod tests {
         assert!(
             matches!(&out[0], Effect::CallMemberLeft { member_key, .. } if member_key == "rtc:mem1")
         );
+    }
+}
+
+#[cfg(test)]
+mod sender_evidence_tests {
+    use super::sender_joined;
+    use ruma::events::room::member::MembershipState;
+    use serde_json::json;
+
+    fn call_member() -> serde_json::Value {
+        json!({
+            "type": "org.matrix.msc3401.call.member",
+            "state_key": "_@bob:hs2.example_DEV_m.call",
+            "room_id": "!call:hs2.example",
+            "sender": "@bob:hs2.example",
+            "event_id": "$member",
+            "origin_server_ts": 1234,
+            "content": {},
+        })
+    }
+
+    #[test]
+    fn any_non_membership_event_is_evidence_its_sender_was_joined() {
+        let r = sender_joined(&call_member()).expect("evidence");
+        assert_eq!(r.user_id.as_str(), "@bob:hs2.example");
+        assert_eq!(r.room_id.as_str(), "!call:hs2.example");
+        assert_eq!(r.membership, MembershipState::Join);
+        assert_eq!(r.event_id.as_str(), "$member");
+        assert_eq!(u64::from(r.origin_server_ts.0), 1234);
+    }
+
+    #[test]
+    fn membership_events_and_incomplete_events_are_not() {
+        let mut member = call_member();
+        member["type"] = json!("m.room.member");
+        assert!(
+            sender_joined(&member).is_none(),
+            "m.room.member speaks for itself"
+        );
+        for (field, bad) in [
+            ("sender", json!("not a user id")),
+            ("room_id", json!(42)),
+            ("event_id", json!(null)),
+            ("origin_server_ts", json!("yesterday")),
+        ] {
+            let mut e = call_member();
+            e[field] = bad;
+            assert!(sender_joined(&e).is_none(), "{field} invalid");
+        }
     }
 }

@@ -1,13 +1,13 @@
 //! Room notices: when a call starts and ends, the appservice bot posts an `m.notice` in the
 //! room (who started it, duration, peak participants), so chat bridged elsewhere sees calls too.
 //! Config `calls.notices` (default on). The bot can only post where it is joined; it accepts
-//! invites (see `appservice`).
+//! invites ([`accept_invite`]).
 
 use ruma::api::client::message::send_message_event;
 use ruma::events::room::message::RoomMessageEventContent;
-use ruma::{RoomId, TransactionId, UserId};
+use ruma::{OwnedRoomId, RoomId, TransactionId};
 
-use crate::app::AppState;
+use crate::matrix::client::HomeserverClient;
 
 fn human_duration(ms: i64) -> String {
     let secs = (ms / 1000).max(0);
@@ -35,10 +35,8 @@ pub fn ended_text(started_by: &str, duration_ms: i64, peak: i64) -> String {
     )
 }
 
-async fn post(state: &AppState, room_id: &RoomId, text: String) {
-    if !state.config.calls.notices {
-        return;
-    }
+/// Posts `text` as an `m.notice` in `room_id` as the bot; a room the bot is not in is skipped.
+pub async fn post(homeserver: &HomeserverClient, room_id: &RoomId, text: String) {
     let content = RoomMessageEventContent::notice_plain(text);
     let request = match send_message_event::v3::Request::new(
         room_id.to_owned(),
@@ -51,27 +49,20 @@ async fn post(state: &AppState, room_id: &RoomId, text: String) {
             return;
         }
     };
-    match state.homeserver.send(request, None).await {
+    match homeserver.send(request, None).await {
         Ok(_) => tracing::info!(room_id = %room_id, "call notice posted"),
         // Not in the room (never invited): nothing to announce there.
         Err(e) => tracing::debug!(room_id = %room_id, error = %e, "call notice not posted"),
     }
 }
 
-/// Announces a call start.
-pub async fn call_started(state: &AppState, room_id: &RoomId, started_by: &UserId) {
-    post(state, room_id, started_text(started_by.as_str())).await;
-}
-
-/// Announces a call end.
-pub async fn call_ended(
-    state: &AppState,
-    room_id: &RoomId,
-    started_by: &str,
-    duration_ms: i64,
-    peak: i64,
-) {
-    post(state, room_id, ended_text(started_by, duration_ms, peak)).await;
+/// The bot joins rooms it is invited to, so it can post call notices there.
+pub async fn accept_invite(homeserver: HomeserverClient, room_id: OwnedRoomId) {
+    let request = ruma::api::client::membership::join_room_by_id::v3::Request::new(room_id.clone());
+    match homeserver.send(request, None).await {
+        Ok(_) => tracing::info!(room_id = %room_id, "bot accepted an invite"),
+        Err(e) => tracing::warn!(room_id = %room_id, error = %e, "bot could not join"),
+    }
 }
 
 #[cfg(test)]

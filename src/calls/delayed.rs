@@ -29,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use livekit_protocol::DisconnectReason;
 use reqwest::header::RETRY_AFTER;
 use reqwest::{StatusCode, Url};
 use ruma::{OwnedServerName, ServerName};
@@ -38,10 +39,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::app::AppState;
-use crate::config::Config;
+use super::Calls;
+use crate::net::SfuHandle;
+use crate::plumbing::{Backoff, ClientOptions, TtlCache};
+use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, RoomName};
 use crate::sfu::SfuEvent;
-use crate::store::{DelayedLeave, StoreError};
+use crate::store::{AsyncStore, DelayedLeave, StoreError};
 
 /// Path of the MSC4140 management endpoints under the client-server API base URL.
 const DELAYED_EVENTS_PATH: [&str; 5] = [
@@ -111,9 +114,6 @@ pub enum DelayedLeaveError {
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    /// A blocking store task failed.
-    #[error("store task failed: {0}")]
-    Task(String),
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
@@ -145,7 +145,7 @@ impl Action {
 /// Delayed leaves handed over after the token request (`POST /delegate_delayed_leave`), for
 /// the runner to pick up when the participant is connected already. Cheap to clone.
 #[derive(Clone)]
-pub struct Delegations(broadcast::Sender<(String, String)>);
+pub struct Delegations(broadcast::Sender<Key>);
 
 impl Default for Delegations {
     fn default() -> Self {
@@ -155,41 +155,43 @@ impl Default for Delegations {
 
 impl Delegations {
     /// The delayed leave of `identity` in LiveKit room `room` was just recorded.
-    pub fn delegated(&self, room: &str, identity: &str) {
+    pub fn delegated(&self, room: &RoomName, identity: &ParticipantIdentity) {
         // No receiver only before the runner starts or after it stopped: the record is in the
         // store and a later join picks it up.
-        let _ = self.0.send((room.to_owned(), identity.to_owned()));
+        let _ = self.0.send((room.clone(), identity.clone()));
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<(String, String)> {
+    /// The stream of delegations, for the runner.
+    pub fn subscribe(&self) -> broadcast::Receiver<Key> {
         self.0.subscribe()
     }
 }
 
+/// One participant: its LiveKit room and identity.
+type Key = (RoomName, ParticipantIdentity);
+
 /// What the runner reacts to.
 enum Input {
     Sfu(Result<SfuEvent, broadcast::error::RecvError>),
-    Delegated(Result<(String, String), broadcast::error::RecvError>),
+    Delegated(Result<Key, broadcast::error::RecvError>),
 }
 
 /// Runs forever: follows SFU joins and leaves and drives the delayed leave of each participant
 /// that handed one over (with its token request, or later through a delegation). Returns only
 /// when the SFU's event stream closes.
-pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>) {
-    let mut delegations = state.delegations.subscribe();
-    let http = match build_http_client(&state.config).await {
-        Ok(c) => c,
+pub(super) async fn run(
+    calls: Calls,
+    mut events: broadcast::Receiver<SfuEvent>,
+    mut delegations: broadcast::Receiver<Key>,
+) {
+    let ctx = match Ctx::new(&calls) {
+        Ok(ctx) => Arc::new(ctx),
         Err(e) => {
             tracing::error!(error = %e, "delayed leaves disabled: no HTTP client");
             return;
         }
     };
-    let ctx = Arc::new(Ctx {
-        state,
-        http,
-        discovery: Mutex::new(HashMap::new()),
-    });
-    let mut jobs: HashMap<(String, String), Job> = HashMap::new();
+    let mut jobs: HashMap<Key, Job> = HashMap::new();
     loop {
         let input = tokio::select! {
             ev = events.recv() => Input::Sfu(ev),
@@ -201,7 +203,13 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 identity,
                 sid,
                 ..
-            })) => start_job(&ctx, &mut jobs, room, identity, sid),
+            })) => start_job(
+                &ctx,
+                &mut jobs,
+                RoomName::from(room),
+                ParticipantIdentity::from(identity),
+                ParticipantSid::from(sid),
+            ),
             Input::Sfu(Ok(SfuEvent::ParticipantLeft {
                 room,
                 identity,
@@ -209,10 +217,11 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 reason,
                 ..
             })) => {
-                let key = (room, identity);
+                let key = (RoomName::from(room), ParticipantIdentity::from(identity));
+                let sid = ParticipantSid::from(sid);
                 if jobs.get(&key).is_some_and(|j| j.sid == sid) {
                     if let Some(job) = jobs.remove(&key) {
-                        job.end(reason);
+                        job.end(DisconnectReason::try_from(reason).unwrap_or_default());
                     }
                 }
             }
@@ -232,15 +241,15 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
             Input::Delegated(Ok((room, identity))) => {
                 // Connected already: start (or restart, for a newer record) its job now.
                 // Not connected yet: its join will find the record.
-                if let Some(sfu) = &ctx.state.sfu {
-                    let present = sfu
-                        .participants(&room)
-                        .await
-                        .into_iter()
-                        .find(|p| p.identity == identity);
-                    if let Some(p) = present {
-                        start_job(&ctx, &mut jobs, room, identity, p.sid);
-                    }
+                let present = ctx
+                    .sfu
+                    .participants(room.as_str())
+                    .await
+                    .into_iter()
+                    .find(|p| identity == p.identity.as_str());
+                if let Some(p) = present {
+                    let sid = ParticipantSid::from(p.sid);
+                    start_job(&ctx, &mut jobs, room, identity, sid);
                 }
             }
             Input::Delegated(Err(broadcast::error::RecvError::Lagged(missed))) => {
@@ -249,7 +258,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                     "missed delegations; their participants' next join picks them up"
                 );
             }
-            // The state holds the sender: never closed while the runner runs.
+            // The calls service holds the sender: never closed while the runner runs.
             Input::Delegated(Err(broadcast::error::RecvError::Closed)) => {}
         }
         // Jobs with nothing to do (no delayed leave, event gone) end by themselves.
@@ -260,10 +269,10 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
 /// Starts the job of the participant `sid`, replacing any job of the same room and identity.
 fn start_job(
     ctx: &Arc<Ctx>,
-    jobs: &mut HashMap<(String, String), Job>,
-    room: String,
-    identity: String,
-    sid: String,
+    jobs: &mut HashMap<Key, Job>,
+    room: RoomName,
+    identity: ParticipantIdentity,
+    sid: ParticipantSid,
 ) {
     let key = (room.clone(), identity.clone());
     if let Some(old) = jobs.remove(&key) {
@@ -288,15 +297,15 @@ fn start_job(
 /// A running per-participant job.
 struct Job {
     /// The participant (one SFU session) it follows.
-    sid: String,
-    ended: oneshot::Sender<i32>,
+    sid: ParticipantSid,
+    ended: oneshot::Sender<DisconnectReason>,
     task: JoinHandle<()>,
 }
 
 impl Job {
     /// The participant's connection ended with `reason`.
-    fn end(self, reason: i32) {
-        if reason == livekit_protocol::DisconnectReason::DuplicateIdentity as i32 {
+    fn end(self, reason: DisconnectReason) {
+        if reason == DisconnectReason::DuplicateIdentity {
             // A newer session of the same identity took over: it is still in the call.
             self.task.abort();
         } else {
@@ -307,23 +316,21 @@ impl Job {
 }
 
 /// After lost events: ends the jobs whose participant is no longer in the SFU.
-async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<(String, String), Job>) {
-    let Some(sfu) = &ctx.state.sfu else {
-        return;
-    };
-    let rooms: HashSet<String> = jobs.keys().map(|(room, _)| room.clone()).collect();
-    let mut present: HashMap<String, HashMap<String, String>> = HashMap::new();
+async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<Key, Job>) {
+    let rooms: HashSet<RoomName> = jobs.keys().map(|(room, _)| room.clone()).collect();
+    let mut present: HashMap<RoomName, HashMap<ParticipantIdentity, ParticipantSid>> =
+        HashMap::new();
     for room in rooms {
-        let participants = sfu.participants(&room).await;
+        let participants = ctx.sfu.participants(room.as_str()).await;
         present.insert(
             room,
             participants
                 .into_iter()
-                .map(|p| (p.identity, p.sid))
+                .map(|p| (p.identity.into(), p.sid.into()))
                 .collect(),
         );
     }
-    let gone: Vec<(String, String)> = jobs
+    let gone: Vec<Key> = jobs
         .iter()
         .filter(|((room, identity), job)| {
             present
@@ -337,27 +344,25 @@ async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<(String, String), Job>) {
         if let Some(job) = jobs.remove(&key) {
             let replaced = present.get(&key.0).is_some_and(|m| m.contains_key(&key.1));
             let reason = if replaced {
-                livekit_protocol::DisconnectReason::DuplicateIdentity
+                DisconnectReason::DuplicateIdentity
             } else {
-                livekit_protocol::DisconnectReason::UnknownReason
+                DisconnectReason::UnknownReason
             };
-            job.end(reason as i32);
+            job.end(reason);
         }
     }
 }
 
-/// Shared by the jobs: state, HTTP client, discovery cache.
+/// Shared by the jobs: the store, the SFU, the HTTP client, the discovery cache.
 struct Ctx {
-    state: Arc<AppState>,
+    store: AsyncStore,
+    sfu: SfuHandle,
     http: reqwest::Client,
-    discovery: Mutex<HashMap<OwnedServerName, Discovered>>,
-}
-
-/// A cached discovery result.
-#[derive(Debug, Clone)]
-struct Discovered {
-    until: Instant,
-    result: Result<String, String>,
+    /// This homeserver's name and client-server API, for local users.
+    server_name: OwnedServerName,
+    homeserver_url: String,
+    /// Client-server API base URLs (or why discovery failed) by server name.
+    discovery: Mutex<TtlCache<OwnedServerName, Result<String, String>>>,
 }
 
 /// Why a keep-alive loop stopped without the participant's leave event.
@@ -373,10 +378,10 @@ enum KeepAlive {
 /// One participant: keep its delayed leave alive while connected, send it when it leaves.
 async fn participant_job(
     ctx: Arc<Ctx>,
-    room: String,
-    identity: String,
-    sid: String,
-    mut ended: oneshot::Receiver<i32>,
+    room: RoomName,
+    identity: ParticipantIdentity,
+    sid: ParticipantSid,
+    mut ended: oneshot::Receiver<DisconnectReason>,
 ) {
     let mut leave = match ctx.lookup(&room, &identity).await {
         Ok(Some(leave)) => leave,
@@ -403,7 +408,7 @@ async fn participant_job(
         },
         outcome = ctx.keep_alive(&mut leave, &room, &identity, &sid) => match outcome {
             KeepAlive::EventGone | KeepAlive::Replaced => return,
-            KeepAlive::ParticipantGone => livekit_protocol::DisconnectReason::UnknownReason as i32,
+            KeepAlive::ParticipantGone => DisconnectReason::UnknownReason,
         },
     };
     // The last delayed leave seen while connected: a record written later may belong to a
@@ -412,13 +417,13 @@ async fn participant_job(
     match ctx.call_with_retries(&leave, Action::Send).await {
         Ok(()) => tracing::info!(
             delay_id = %delay,
-            reason,
+            reason = reason.as_str_name(),
             connected_ms = connected_since.elapsed().as_millis() as u64,
             "participant left the SFU; delayed leave sent"
         ),
         Err(DelayedLeaveError::NotFound) => tracing::debug!(
             delay_id = %delay,
-            reason,
+            reason = reason.as_str_name(),
             "participant left the SFU; its delayed leave was already sent or cancelled"
         ),
         Err(e) => tracing::warn!(
@@ -431,18 +436,29 @@ async fn participant_job(
 }
 
 impl Ctx {
+    fn new(calls: &Calls) -> Result<Self, DelayedLeaveError> {
+        let inner = &calls.inner;
+        let http = inner
+            .http
+            .client(ClientOptions::with_timeout(REQUEST_TIMEOUT))
+            .map_err(|e| DelayedLeaveError::Client(e.to_string()))?;
+        Ok(Self {
+            store: inner.store.clone(),
+            sfu: inner.sfu.clone(),
+            http,
+            server_name: inner.settings.server_name.clone(),
+            homeserver_url: inner.settings.homeserver_url.clone(),
+            discovery: Mutex::new(TtlCache::new(DISCOVERY_CACHE_MAX)),
+        })
+    }
+
     /// The recorded delayed leave of a participant.
     async fn lookup(
         &self,
-        room: &str,
-        identity: &str,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
     ) -> Result<Option<DelayedLeave>, DelayedLeaveError> {
-        let store = self.state.store.clone();
-        let (room, identity) = (room.to_owned(), identity.to_owned());
-        tokio::task::spawn_blocking(move || store.delayed_leave(&room, &identity))
-            .await
-            .map_err(|e| DelayedLeaveError::Task(e.to_string()))?
-            .map_err(DelayedLeaveError::from)
+        Ok(self.store.delayed_leave(room, identity).await?)
     }
 
     /// Restarts the delayed event now and every 80 % of its timeout until something ends it.
@@ -451,9 +467,9 @@ impl Ctx {
     async fn keep_alive(
         &self,
         leave: &mut DelayedLeave,
-        room: &str,
-        identity: &str,
-        sid: &str,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+        sid: &ParticipantSid,
     ) -> KeepAlive {
         loop {
             // The first restart is immediate: time passed between scheduling the event and
@@ -478,15 +494,16 @@ impl Ctx {
             }
             tokio::time::sleep_until(started + restart_interval(leave.delay_timeout_ms)).await;
             // A missed leave event must not keep a ghost alive: ask the SFU.
-            if let Some(sfu) = &self.state.sfu {
-                let participants = sfu.participants(room).await;
-                match participants.iter().find(|p| p.identity == identity) {
-                    Some(p) if p.sid == sid => {}
-                    Some(_) => return KeepAlive::Replaced,
-                    None => {
-                        tracing::info!("participant no longer in the SFU (leave event missed)");
-                        return KeepAlive::ParticipantGone;
-                    }
+            let participants = self.sfu.participants(room.as_str()).await;
+            match participants
+                .iter()
+                .find(|p| identity == p.identity.as_str())
+            {
+                Some(p) if sid == p.sid.as_str() => {}
+                Some(_) => return KeepAlive::Replaced,
+                None => {
+                    tracing::info!("participant no longer in the SFU (leave event missed)");
+                    return KeepAlive::ParticipantGone;
                 }
             }
             match self.lookup(room, identity).await {
@@ -510,7 +527,7 @@ impl Ctx {
         leave: &DelayedLeave,
         action: Action,
     ) -> Result<(), DelayedLeaveError> {
-        let mut backoff = BACKOFF_START;
+        let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         let mut attempt = 1;
         loop {
             let result = match self.cs_base(leave.user_id.server_name()).await {
@@ -523,7 +540,7 @@ impl Ctx {
                 Err(e) if attempt >= MAX_ATTEMPTS => return Err(e),
                 Err(e) => e,
             };
-            let wait = retry_delay(&err, backoff);
+            let wait = retry_delay(&err, backoff.next_delay());
             tracing::warn!(
                 action = action.as_str(),
                 attempt,
@@ -532,7 +549,6 @@ impl Ctx {
                 "delayed event call failed; retrying"
             );
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
             attempt += 1;
         }
     }
@@ -576,18 +592,13 @@ impl Ctx {
 
     /// The client-server API base URL of `server`'s users (cached).
     async fn cs_base(&self, server: &ServerName) -> Result<String, DelayedLeaveError> {
-        let config = &self.state.config.matrix;
-        if let Some(local) = local_cs_base(&config.server_name, &config.homeserver_url, server) {
+        if let Some(local) = local_cs_base(&self.server_name, &self.homeserver_url, server) {
             return Ok(local);
         }
-        let now = Instant::now();
-        let cached = self
-            .discovery
-            .lock()
-            .ok()
-            .and_then(|m| m.get(server).filter(|d| d.until > now).cloned());
+        let now = Instant::now().into_std();
+        let cached = self.discovery.lock().ok().and_then(|m| m.get(server, now));
         let result = match cached {
-            Some(d) => d.result,
+            Some(result) => result,
             None => {
                 let result = self.discover(server).await;
                 let ttl = if result.is_ok() {
@@ -604,18 +615,7 @@ impl Ctx {
                     }
                 }
                 if let Ok(mut m) = self.discovery.lock() {
-                    if m.len() >= DISCOVERY_CACHE_MAX {
-                        m.retain(|_, d| d.until > now);
-                    }
-                    if m.len() < DISCOVERY_CACHE_MAX {
-                        m.insert(
-                            server.to_owned(),
-                            Discovered {
-                                until: now + ttl,
-                                result: result.clone(),
-                            },
-                        );
-                    }
+                    m.insert(server.to_owned(), result.clone(), ttl, now);
                 }
                 result
             }
@@ -661,31 +661,6 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// The HTTP client: rustls with the system roots plus `matrix.extra_ca_file`.
-async fn build_http_client(config: &Config) -> Result<reqwest::Client, DelayedLeaveError> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(REQUEST_TIMEOUT)
-        .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &config.matrix.extra_ca_file {
-        let pem = tokio::fs::read(path).await.map_err(|e| {
-            DelayedLeaveError::Client(format!(
-                "cannot read matrix.extra_ca_file {}: {e}",
-                path.display()
-            ))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            DelayedLeaveError::Client(format!("matrix.extra_ca_file is not PEM: {e}"))
-        })?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| DelayedLeaveError::Client(e.to_string()))
 }
 
 /// The local homeserver's client-server API for its own users; `None` for other servers.

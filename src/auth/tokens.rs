@@ -1,0 +1,485 @@
+//! The token service, an lk-jwt-service drop-in: the bodies of `POST /sfu/get` (legacy) and
+//! `POST /get_token` (MSC4195), both answered `{"url","jwt"}`, and `POST
+//! /delegate_delayed_leave`. Unlike lk-jwt-service, a token is issued only to a user joined to
+//! the Matrix room (config `auth.require_membership`). The HTTP edge (`http::tokens`) reads the
+//! bodies and renders [`AuthError`]s.
+//!
+//! Unknown fields are ignored, missing ones are named.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::jwt::{Claims, TokenSigner, VideoGrant};
+use super::membership::MembershipGate;
+use super::openid::OpenIdVerifier;
+use super::AuthError;
+use crate::calls::issued::IssuedParticipant;
+use crate::calls::Calls;
+use crate::config::{AuthConfig, Config};
+use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::registry::{RoomOptions, RoomRegistry};
+use crate::store::DelayedLeave;
+
+/// Largest accepted token request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `openid_token` as Element Call sends it.
+#[derive(Debug, Deserialize)]
+pub struct OpenIdTokenBody {
+    /// The token from `/_matrix/client/v3/user/{userId}/openid/request_token`.
+    pub access_token: Option<String>,
+    /// Always `Bearer`.
+    pub token_type: Option<String>,
+    /// The homeserver that issued it (and vouches for the user).
+    pub matrix_server_name: Option<String>,
+    /// Lifetime in seconds.
+    pub expires_in: Option<u64>,
+}
+
+/// `POST /sfu/get` body.
+#[derive(Debug, Deserialize)]
+pub struct LegacyRequest {
+    /// Matrix room ID.
+    pub room: Option<String>,
+    /// OpenID token.
+    pub openid_token: Option<OpenIdTokenBody>,
+    /// The caller's device.
+    pub device_id: Option<String>,
+    /// MSC4140 delayed leave event ID.
+    pub delay_id: Option<String>,
+    /// Its timeout in ms.
+    pub delay_timeout: Option<u64>,
+    /// Accepted and ignored (as lk-jwt-service does since 2026-06).
+    pub delay_cs_api_url: Option<String>,
+}
+
+/// `member` of `/get_token`.
+#[derive(Debug, Deserialize)]
+pub struct MemberBody {
+    /// The membership ID.
+    pub id: Option<String>,
+    /// The user the caller says it is (must match the OpenID subject).
+    pub claimed_user_id: Option<String>,
+    /// The device the caller says it uses.
+    pub claimed_device_id: Option<String>,
+}
+
+/// `POST /get_token` body.
+#[derive(Debug, Deserialize)]
+pub struct TokenRequest {
+    /// Matrix room ID.
+    pub room_id: Option<String>,
+    /// Call slot (`m.call#ROOM`).
+    pub slot_id: Option<String>,
+    /// OpenID token.
+    pub openid_token: Option<OpenIdTokenBody>,
+    /// The membership.
+    pub member: Option<MemberBody>,
+    /// MSC4140 delayed leave event ID.
+    pub delay_id: Option<String>,
+    /// Its timeout in ms.
+    pub delay_timeout: Option<u64>,
+    /// Accepted and ignored.
+    pub delay_cs_api_url: Option<String>,
+}
+
+/// The answer of both endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// SFU WebSocket URL.
+    pub url: String,
+    /// LiveKit access token.
+    pub jwt: String,
+}
+
+/// A request, normalised from either endpoint.
+struct Normalized {
+    room_id: OwnedRoomId,
+    slot_id: String,
+    server_name: OwnedServerName,
+    access_token: String,
+    expires_in: Option<u64>,
+    claimed_user: Option<String>,
+    device_id: String,
+    member_id: Option<String>,
+    delay: Option<(String, u64)>,
+}
+
+fn required<T>(v: Option<T>, name: &str) -> Result<T, AuthError> {
+    v.ok_or_else(|| AuthError::BadJson(format!("The request body is missing `{name}`")))
+}
+
+fn non_empty(v: Option<String>, name: &str) -> Result<String, AuthError> {
+    required(v.filter(|s| !s.is_empty()), name)
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, AuthError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| AuthError::NotJson(e.to_string()))?;
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| AuthError::BadJson(format!("invalid field `{}`: {}", e.path(), e.inner())))
+}
+
+fn parse_openid(
+    token: Option<OpenIdTokenBody>,
+) -> Result<(String, OwnedServerName, Option<u64>), AuthError> {
+    let token = required(token, "openid_token")?;
+    let access = non_empty(token.access_token, "openid_token.access_token")?;
+    let server = non_empty(token.matrix_server_name, "openid_token.matrix_server_name")?;
+    let server = ServerName::parse(&server).map_err(|_| {
+        AuthError::InvalidParam(format!(
+            "openid_token.matrix_server_name {server:?} is not a valid server name"
+        ))
+    })?;
+    Ok((access, server, token.expires_in))
+}
+
+fn parse_room(room: String, field: &str) -> Result<OwnedRoomId, AuthError> {
+    RoomId::parse(&room)
+        .map_err(|_| AuthError::InvalidParam(format!("`{field}` {room:?} is not a Matrix room ID")))
+}
+
+fn parse_delay(
+    id: Option<String>,
+    timeout: Option<u64>,
+) -> Result<Option<(String, u64)>, AuthError> {
+    match (id.filter(|s| !s.is_empty()), timeout) {
+        (None, None) => Ok(None),
+        (Some(id), Some(t)) if t > 0 => Ok(Some((id, t))),
+        _ => Err(AuthError::BadJson(
+            "`delay_id` and a positive `delay_timeout` must be given together".into(),
+        )),
+    }
+}
+
+impl Normalized {
+    fn from_legacy(r: LegacyRequest) -> Result<Self, AuthError> {
+        let room_id = parse_room(non_empty(r.room, "room")?, "room")?;
+        let (access_token, server_name, expires_in) = parse_openid(r.openid_token)?;
+        Ok(Self {
+            room_id,
+            slot_id: LEGACY_SLOT.to_owned(),
+            server_name,
+            access_token,
+            expires_in,
+            claimed_user: None,
+            device_id: non_empty(r.device_id, "device_id")?,
+            member_id: None,
+            delay: parse_delay(r.delay_id, r.delay_timeout)?,
+        })
+    }
+
+    fn from_token_request(r: TokenRequest) -> Result<Self, AuthError> {
+        let room_id = parse_room(non_empty(r.room_id, "room_id")?, "room_id")?;
+        let slot_id = non_empty(r.slot_id, "slot_id")?;
+        let member = required(r.member, "member")?;
+        let member_id = non_empty(member.id, "member.id")?;
+        let claimed_user = non_empty(member.claimed_user_id, "member.claimed_user_id")?;
+        let device_id = non_empty(member.claimed_device_id, "member.claimed_device_id")?;
+        let (access_token, server_name, expires_in) = parse_openid(r.openid_token)?;
+        Ok(Self {
+            room_id,
+            slot_id,
+            server_name,
+            access_token,
+            expires_in,
+            claimed_user: Some(claimed_user),
+            device_id,
+            member_id: Some(member_id),
+            delay: parse_delay(r.delay_id, r.delay_timeout)?,
+        })
+    }
+}
+
+/// What the token service needs of the configuration.
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    /// `[auth]`.
+    pub auth: AuthConfig,
+    /// This homeserver's name.
+    pub server_name: OwnedServerName,
+    /// The SFU URL handed to clients.
+    pub livekit_public_url: String,
+}
+
+impl TokenSettings {
+    /// The settings from the configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            auth: config.auth.clone(),
+            server_name: config.matrix.server_name.clone(),
+            livekit_public_url: config.livekit_public_url(),
+        }
+    }
+}
+
+/// Who a verified request is for and where its participant lives.
+struct Authorized {
+    user_id: ruma::OwnedUserId,
+    full_access: bool,
+    room: RoomName,
+    identity: ParticipantIdentity,
+}
+
+/// The token service. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: TokenSettings,
+    openid: OpenIdVerifier,
+    signer: TokenSigner,
+    gate: MembershipGate,
+    calls: Calls,
+    rooms: Arc<RoomRegistry>,
+}
+
+impl TokenService {
+    /// The service: verifies with `openid`, checks membership through `gate`, signs with
+    /// `signer`, records what it issues with `calls`, creates rooms in `rooms`.
+    pub fn new(
+        settings: TokenSettings,
+        openid: OpenIdVerifier,
+        signer: TokenSigner,
+        gate: MembershipGate,
+        calls: Calls,
+        rooms: Arc<RoomRegistry>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                openid,
+                signer,
+                gate,
+                calls,
+                rooms,
+            }),
+        }
+    }
+
+    /// `POST /sfu/get`: a legacy token request body (room = hash of `[room, "m.call#ROOM"]`,
+    /// identity = `user_id:device_id`).
+    pub async fn legacy_token(&self, body: &[u8]) -> Result<TokenResponse, AuthError> {
+        let req = Normalized::from_legacy(parse_body::<LegacyRequest>(body)?)?;
+        self.issue(req).await
+    }
+
+    /// `POST /get_token`: an MSC4195 token request body (identity = hash of
+    /// `[user_id, claimed_device_id, member.id]`).
+    pub async fn token(&self, body: &[u8]) -> Result<TokenResponse, AuthError> {
+        let req = Normalized::from_token_request(parse_body::<TokenRequest>(body)?)?;
+        self.issue(req).await
+    }
+
+    /// `POST /delegate_delayed_leave`: lk-jwt-service's hand-over of the delayed leave after
+    /// the token request (the `/get_token` body with `delay_id` and `delay_timeout` required;
+    /// `delay_cs_api_url` is accepted and ignored). Same checks as `/get_token`; the
+    /// participant's delayed leave is then kept alive and sent as with `/get_token` (see
+    /// `calls::delayed`), including when the participant is connected already.
+    pub async fn delegate_delayed_leave(&self, body: &[u8]) -> Result<(), AuthError> {
+        let req = Normalized::from_token_request(parse_body::<TokenRequest>(body)?)?;
+        if req.delay.is_none() {
+            return Err(AuthError::BadJson(
+                "The request body is missing `delay_id` or `delay_timeout`".into(),
+            ));
+        }
+        let who = self.authorize(&req, Instant::now()).await?;
+        self.hand_over_delay(&req, &who, true).await?;
+        tracing::info!(
+            user_id = %who.user_id,
+            room_id = %req.room_id,
+            sfu_room = %who.room,
+            identity = %who.identity,
+            "delayed leave delegated"
+        );
+        Ok(())
+    }
+
+    /// Whether users of `server` may create SFU rooms.
+    fn is_full_access(&self, server: &ServerName) -> bool {
+        let list = &self.inner.settings.auth.full_access_homeservers;
+        if list.is_empty() {
+            return server == self.inner.settings.server_name;
+        }
+        list.iter().any(|s| s == "*" || s == server.as_str())
+    }
+
+    /// The checks both token issuing and delegation make: the OpenID token over federation,
+    /// the claimed user, room membership, and that delegation is for full-access users only.
+    async fn authorize(&self, req: &Normalized, now: Instant) -> Result<Authorized, AuthError> {
+        let user_id = self
+            .inner
+            .openid
+            .verify(&req.server_name, &req.access_token, req.expires_in, now)
+            .await?;
+        if let Some(claimed) = &req.claimed_user {
+            if claimed != user_id.as_str() {
+                return Err(AuthError::Unauthorized(format!(
+                    "member.claimed_user_id {claimed} is not the token's user"
+                )));
+            }
+        }
+        if self.inner.settings.auth.require_membership {
+            self.inner
+                .gate
+                .require_joined(&req.room_id, &user_id)
+                .await?;
+        }
+        let full_access = self.is_full_access(&req.server_name);
+        if req.delay.is_some() && !full_access {
+            return Err(AuthError::BadJson(
+                "Delegation of delayed events is only supported for full access users".into(),
+            ));
+        }
+        let room = RoomName::from(room_name(req.room_id.as_str(), &req.slot_id));
+        let identity = ParticipantIdentity::from(match &req.member_id {
+            Some(member) => member_identity(user_id.as_str(), &req.device_id, member),
+            None => legacy_identity(user_id.as_str(), &req.device_id),
+        });
+        Ok(Authorized {
+            user_id,
+            full_access,
+            room,
+            identity,
+        })
+    }
+
+    /// Hands the request's delayed leave (if any) for `who`'s participant to the calls service.
+    async fn hand_over_delay(
+        &self,
+        req: &Normalized,
+        who: &Authorized,
+        delegated: bool,
+    ) -> Result<(), AuthError> {
+        let Some((delay_id, delay_timeout_ms)) = req.delay.clone() else {
+            return Ok(());
+        };
+        let leave = DelayedLeave {
+            room_name: who.room.clone(),
+            identity: who.identity.clone(),
+            matrix_room_id: req.room_id.clone(),
+            user_id: who.user_id.clone(),
+            device_id: req.device_id.clone(),
+            delay_id,
+            delay_timeout_ms,
+        };
+        Ok(self
+            .inner
+            .calls
+            .hand_over_delayed_leave(leave, delegated)
+            .await?)
+    }
+
+    async fn issue(&self, req: Normalized) -> Result<TokenResponse, AuthError> {
+        let now = Instant::now();
+        let who = self.authorize(&req, now).await?;
+        let Authorized {
+            user_id,
+            full_access,
+            room,
+            identity,
+        } = &who;
+        let unix = crate::clock::unix_secs();
+        if *full_access {
+            self.inner
+                .rooms
+                .create(room.as_str(), RoomOptions::default(), now, unix as i64);
+        }
+        let settings = &self.inner.settings;
+        let local = user_id.server_name() == settings.server_name;
+        let auth = &settings.auth;
+        let claims = Claims {
+            iss: self.inner.signer.key().to_owned(),
+            sub: identity.to_string(),
+            nbf: unix,
+            exp: unix + auth.token_lifetime_secs,
+            name: String::new(),
+            metadata: String::new(),
+            video: VideoGrant {
+                room: room.to_string(),
+                room_join: true,
+                can_publish: Some(local || auth.remote_can_publish),
+                can_subscribe: Some(local || auth.remote_can_subscribe),
+                can_publish_data: Some(local || auth.remote_can_publish),
+                can_update_own_metadata: Some(true),
+                ..VideoGrant::default()
+            },
+        };
+        let jwt = self.inner.signer.sign(&claims)?;
+        self.inner.calls.issued(
+            IssuedParticipant {
+                room_name: room.clone(),
+                identity: identity.clone(),
+                room_id: req.room_id.clone(),
+                user_id: user_id.clone(),
+                device_id: req.device_id.clone(),
+            },
+            now + Duration::from_secs(auth.token_lifetime_secs),
+        );
+        self.hand_over_delay(&req, &who, false).await?;
+        tracing::info!(
+            user_id = %user_id,
+            room_id = %req.room_id,
+            sfu_room = %room,
+            identity = %identity,
+            full_access,
+            "SFU token issued"
+        );
+        Ok(TokenResponse {
+            url: settings.livekit_public_url.clone(),
+            jwt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_are_named() {
+        let r: TokenRequest = parse_body(br#"{"room_id":"!a:b","extra":1}"#).unwrap();
+        let err = Normalized::from_token_request(r).err().unwrap();
+        assert_eq!(err.to_string(), "The request body is missing `slot_id`");
+        let r: TokenRequest = parse_body(
+            br#"{"room_id":"!a:b","slot_id":"m.call#ROOM","member":{"id":"x","claimed_user_id":"@u:b"}}"#,
+        )
+        .unwrap();
+        let err = Normalized::from_token_request(r).err().unwrap();
+        assert!(
+            err.to_string().contains("member.claimed_device_id"),
+            "{err}"
+        );
+        let r: LegacyRequest = parse_body(br#"{"room":"!a:b","device_id":"D"}"#).unwrap();
+        let err = Normalized::from_legacy(r).err().unwrap();
+        assert!(err.to_string().contains("openid_token"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_non_json() {
+        assert!(matches!(
+            parse_body::<LegacyRequest>(b"{nope"),
+            Err(AuthError::NotJson(_))
+        ));
+        let err = parse_body::<LegacyRequest>(br#"{"room": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("room"), "{err}");
+    }
+
+    #[test]
+    fn delay_fields_come_in_pairs() {
+        assert!(parse_delay(Some("d".into()), None).is_err());
+        assert!(parse_delay(None, Some(5)).is_err());
+        assert!(parse_delay(Some("d".into()), Some(0)).is_err());
+        assert_eq!(
+            parse_delay(Some("d".into()), Some(5)).unwrap(),
+            Some(("d".into(), 5))
+        );
+    }
+}

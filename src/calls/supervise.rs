@@ -1,0 +1,87 @@
+//! Keeps the SFU in line with MatrixRTC over time: expired call memberships end (checked every
+//! second, and at start-up, which reconciles what expired while Conclave was down), and an SFU
+//! participant issued by the token service that never shows a call membership is removed after
+//! the grace period (`calls.grace_period_secs`). It also keeps the issued-identity map in step
+//! with SFU joins and leaves.
+
+use std::time::{Duration, Instant};
+
+use livekit_protocol::DisconnectReason;
+use tokio::sync::broadcast;
+
+use super::Calls;
+use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, RoomName};
+use crate::sfu::SfuEvent;
+
+/// Runs until the SFU's event stream closes.
+pub(super) async fn run(calls: Calls, mut events: broadcast::Receiver<SfuEvent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                calls.expire_once().await;
+            }
+            ev = events.recv() => match ev {
+                Ok(SfuEvent::ParticipantJoined { room, identity, sid, .. }) => {
+                    let (room, identity) = (RoomName::from(room), ParticipantIdentity::from(identity));
+                    calls.inner.issued.joined(&room, &identity, &ParticipantSid::from(sid));
+                    watch_grace_period(&calls, room, identity);
+                }
+                Ok(SfuEvent::ParticipantLeft { room, identity, sid, .. }) => {
+                    calls.inner.issued.left(
+                        &RoomName::from(room),
+                        &ParticipantIdentity::from(identity),
+                        &ParticipantSid::from(sid),
+                        Instant::now(),
+                    );
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "supervisor lagged behind SFU events");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// After the grace period, removes an issued participant that shows no call membership.
+fn watch_grace_period(calls: &Calls, room: RoomName, identity: ParticipantIdentity) {
+    let grace = calls.inner.settings.grace_period;
+    if grace.is_zero() {
+        return;
+    }
+    let Some(p) = calls.inner.issued.get(&room, &identity, Instant::now()) else {
+        return;
+    };
+    let calls = calls.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        // In encrypted rooms rtc.member events are unreadable: Matrix room membership (already
+        // enforced) alone decides.
+        let member = calls
+            .inner
+            .store
+            .call_membership_or_encrypted(&p.room_id, &p.user_id, &p.device_id)
+            .await;
+        if matches!(member, Ok(true)) {
+            return;
+        }
+        tracing::info!(
+            room_id = %p.room_id,
+            user_id = %p.user_id,
+            identity = %p.identity,
+            grace_secs = grace.as_secs(),
+            "SFU participant without a call membership; removing it"
+        );
+        calls
+            .inner
+            .sfu
+            .remove(
+                &p.room_name,
+                &p.identity,
+                DisconnectReason::ParticipantRemoved,
+            )
+            .await;
+    });
+}
