@@ -67,7 +67,7 @@ fn sfu_room_of(call: &CallView) -> String {
 async fn call_json(state: &AppState, call: CallView) -> Value {
     let sfu_room = sfu_room_of(&call);
     let participants = match &state.sfu {
-        Some(sfu) => sfu.participants(&sfu_room).await,
+        Some(sfu) => sfu.participants(&sfu_room.as_str().into()).await,
         None => Vec::new(),
     };
     let sfu_view: Vec<Value> = participants
@@ -154,7 +154,7 @@ pub async fn post_remove(
         return Err(no_call(&room_id));
     };
     let present = sfu
-        .participants(&sfu_room)
+        .participants(&sfu_room.as_str().into())
         .await
         .iter()
         .any(|p| p.identity == identity);
@@ -167,9 +167,9 @@ pub async fn post_remove(
     }
     tracing::info!(room_id, identity, "admin removes a participant");
     sfu.send(LoopRequest::Sfu(Command::Remove {
-        room: sfu_room,
-        identity,
-        reason: livekit_protocol::DisconnectReason::ParticipantRemoved as i32,
+        room: sfu_room.into(),
+        identity: identity.into(),
+        reason: livekit_protocol::DisconnectReason::ParticipantRemoved,
     }))
     .await;
     Ok(Json(json!({})))

@@ -201,7 +201,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 identity,
                 sid,
                 ..
-            })) => start_job(&ctx, &mut jobs, room, identity, sid),
+            })) => start_job(&ctx, &mut jobs, room.into(), identity.into(), sid.into()),
             Input::Sfu(Ok(SfuEvent::ParticipantLeft {
                 room,
                 identity,
@@ -209,10 +209,10 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 reason,
                 ..
             })) => {
-                let key = (room, identity);
-                if jobs.get(&key).is_some_and(|j| j.sid == sid) {
+                let key = (room.into(), identity.into());
+                if jobs.get(&key).is_some_and(|j| sid == j.sid.as_str()) {
                     if let Some(job) = jobs.remove(&key) {
-                        job.end(reason);
+                        job.end(reason as i32);
                     }
                 }
             }
@@ -234,7 +234,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                 // Not connected yet: its join will find the record.
                 if let Some(sfu) = &ctx.state.sfu {
                     let present = sfu
-                        .participants(&room)
+                        .participants(&room.as_str().into())
                         .await
                         .into_iter()
                         .find(|p| p.identity == identity);
@@ -314,7 +314,7 @@ async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<(String, String), Job>) {
     let rooms: HashSet<String> = jobs.keys().map(|(room, _)| room.clone()).collect();
     let mut present: HashMap<String, HashMap<String, String>> = HashMap::new();
     for room in rooms {
-        let participants = sfu.participants(&room).await;
+        let participants = sfu.participants(&room.as_str().into()).await;
         present.insert(
             room,
             participants
@@ -479,7 +479,7 @@ impl Ctx {
             tokio::time::sleep_until(started + restart_interval(leave.delay_timeout_ms)).await;
             // A missed leave event must not keep a ghost alive: ask the SFU.
             if let Some(sfu) = &self.state.sfu {
-                let participants = sfu.participants(room).await;
+                let participants = sfu.participants(&room.into()).await;
                 match participants.iter().find(|p| p.identity == identity) {
                     Some(p) if p.sid == sid => {}
                     Some(_) => return KeepAlive::Replaced,

@@ -138,9 +138,9 @@ async fn remove(state: &AppState, participants: Vec<IssuedParticipant>, why: &st
             "removing SFU participant: Matrix says it no longer belongs to the call"
         );
         let cmd = Command::Remove {
-            room: p.room_name,
-            identity: p.identity,
-            reason: livekit_protocol::DisconnectReason::ParticipantRemoved as i32,
+            room: p.room_name.into(),
+            identity: p.identity.into(),
+            reason: livekit_protocol::DisconnectReason::ParticipantRemoved,
         };
         if !sfu.send(LoopRequest::Sfu(cmd)).await {
             tracing::warn!("SFU loop gone; cannot remove participant");

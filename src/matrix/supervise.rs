@@ -50,7 +50,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                     if grace == 0 {
                         continue;
                     }
-                    if let Some(p) = state.issued.get(&room, &identity) {
+                    if let Some(p) = state.issued.get(room.as_str(), identity.as_str()) {
                         let state = state.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_secs(grace)).await;
@@ -82,10 +82,9 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
                             if let Some(sfu) = &state.sfu {
                                 let _ = sfu
                                     .send(LoopRequest::Sfu(Command::Remove {
-                                        room: p.room_name,
-                                        identity: p.identity,
-                                        reason: livekit_protocol::DisconnectReason::ParticipantRemoved
-                                            as i32,
+                                        room: p.room_name.into(),
+                                        identity: p.identity.into(),
+                                        reason: livekit_protocol::DisconnectReason::ParticipantRemoved,
                                     }))
                                     .await;
                             }
