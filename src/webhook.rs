@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Notify};
 
 use crate::app::AppState;
-use crate::sfu::ids::Ids;
+use crate::sfu::ids::{Ids, RoomName, RoomSid};
 use crate::sfu::registry::RegisteredRoom;
 use crate::sfu::SfuEvent;
 
@@ -105,8 +105,8 @@ pub fn sign(api_key: &str, secret: &str, body: &[u8], now: u64) -> Result<String
 #[derive(Debug)]
 pub struct EventBuilder {
     ids: Ids,
-    sids: HashMap<String, String>,
-    counts: HashMap<String, u32>,
+    sids: HashMap<RoomName, RoomSid>,
+    counts: HashMap<RoomName, u32>,
 }
 
 impl Default for EventBuilder {
@@ -192,8 +192,12 @@ impl EventBuilder {
             ),
         };
         let mut info = lk::Room {
-            sid: self.sids.get(room).cloned().unwrap_or_default(),
-            name: room.clone(),
+            sid: self
+                .sids
+                .get(room)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            name: room.to_string(),
             num_participants: self.counts.get(room).copied().unwrap_or(0),
             ..Default::default()
         };
@@ -230,7 +234,7 @@ pub fn encode(event: &lk::WebhookEvent) -> Result<Vec<u8>, WebhookError> {
 #[derive(Debug)]
 struct Pending {
     name: String,
-    room: String,
+    room: RoomName,
     body: Arc<Vec<u8>>,
 }
 
@@ -429,15 +433,8 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        let room_name = match &event {
-            SfuEvent::RoomStarted { room, .. }
-            | SfuEvent::RoomFinished { room, .. }
-            | SfuEvent::TrackPublished { room, .. }
-            | SfuEvent::TrackUnpublished { room, .. }
-            | SfuEvent::ParticipantJoined { room, .. }
-            | SfuEvent::ParticipantLeft { room, .. } => room.clone(),
-        };
-        let registered = state.rooms.get(&room_name, Instant::now());
+        let room_name = event.room().clone();
+        let registered = state.rooms.get(room_name.as_str(), Instant::now());
         let now = i64::try_from(crate::clock::unix_secs()).unwrap_or(0);
         let hook = builder.build(&event, registered.as_ref(), now);
         let body = match encode(&hook) {
@@ -479,6 +476,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sfu::SessionId;
 
     fn info(identity: &str) -> Box<lk::ParticipantInfo> {
         Box::new(lk::ParticipantInfo {
@@ -507,7 +505,7 @@ mod tests {
                 room: "r".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
-                session: 1,
+                session: SessionId(1),
                 info: info("a"),
             },
             None,
@@ -527,8 +525,8 @@ mod tests {
                 room: "r".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
-                session: 1,
-                reason: lk::DisconnectReason::ClientInitiated as i32,
+                session: SessionId(1),
+                reason: lk::DisconnectReason::ClientInitiated,
                 info: gone.clone(),
                 ever_connected: false,
             },
@@ -541,8 +539,8 @@ mod tests {
                 room: "r".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
-                session: 1,
-                reason: lk::DisconnectReason::ClientInitiated as i32,
+                session: SessionId(1),
+                reason: lk::DisconnectReason::ClientInitiated,
                 info: gone,
                 ever_connected: true,
             },

@@ -203,13 +203,7 @@ pub(super) async fn run(
                 identity,
                 sid,
                 ..
-            })) => start_job(
-                &ctx,
-                &mut jobs,
-                RoomName::from(room),
-                ParticipantIdentity::from(identity),
-                ParticipantSid::from(sid),
-            ),
+            })) => start_job(&ctx, &mut jobs, room, identity, sid),
             Input::Sfu(Ok(SfuEvent::ParticipantLeft {
                 room,
                 identity,
@@ -217,11 +211,10 @@ pub(super) async fn run(
                 reason,
                 ..
             })) => {
-                let key = (RoomName::from(room), ParticipantIdentity::from(identity));
-                let sid = ParticipantSid::from(sid);
+                let key = (room, identity);
                 if jobs.get(&key).is_some_and(|j| j.sid == sid) {
                     if let Some(job) = jobs.remove(&key) {
-                        job.end(DisconnectReason::try_from(reason).unwrap_or_default());
+                        job.end(reason);
                     }
                 }
             }
@@ -243,7 +236,7 @@ pub(super) async fn run(
                 // Not connected yet: its join will find the record.
                 let present = ctx
                     .sfu
-                    .participants(room.as_str())
+                    .participants(&room)
                     .await
                     .into_iter()
                     .find(|p| identity == p.identity.as_str());
@@ -321,7 +314,7 @@ async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<Key, Job>) {
     let mut present: HashMap<RoomName, HashMap<ParticipantIdentity, ParticipantSid>> =
         HashMap::new();
     for room in rooms {
-        let participants = ctx.sfu.participants(room.as_str()).await;
+        let participants = ctx.sfu.participants(&room).await;
         present.insert(
             room,
             participants
@@ -494,7 +487,7 @@ impl Ctx {
             }
             tokio::time::sleep_until(started + restart_interval(leave.delay_timeout_ms)).await;
             // A missed leave event must not keep a ghost alive: ask the SFU.
-            let participants = self.sfu.participants(room.as_str()).await;
+            let participants = self.sfu.participants(room).await;
             match participants
                 .iter()
                 .find(|p| identity == p.identity.as_str())

@@ -423,7 +423,7 @@ impl Calls {
         let participants = self
             .inner
             .sfu
-            .participants(room.as_str())
+            .participants(&room)
             .await
             .into_iter()
             .map(|p| {
@@ -467,7 +467,7 @@ impl Calls {
         let present = self
             .inner
             .sfu
-            .participants(room.as_str())
+            .participants(&room)
             .await
             .iter()
             .any(|p| identity == p.identity.as_str());

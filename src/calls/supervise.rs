@@ -10,7 +10,7 @@ use livekit_protocol::DisconnectReason;
 use tokio::sync::broadcast;
 
 use super::Calls;
-use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, RoomName};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::SfuEvent;
 
 /// Runs until the SFU's event stream closes.
@@ -23,15 +23,15 @@ pub(super) async fn run(calls: Calls, mut events: broadcast::Receiver<SfuEvent>)
             }
             ev = events.recv() => match ev {
                 Ok(SfuEvent::ParticipantJoined { room, identity, sid, .. }) => {
-                    let (room, identity) = (RoomName::from(room), ParticipantIdentity::from(identity));
-                    calls.inner.issued.joined(&room, &identity, &ParticipantSid::from(sid));
+                    let (room, identity) = (room, identity);
+                    calls.inner.issued.joined(&room, &identity, &sid);
                     watch_grace_period(&calls, room, identity);
                 }
                 Ok(SfuEvent::ParticipantLeft { room, identity, sid, .. }) => {
                     calls.inner.issued.left(
-                        &RoomName::from(room),
-                        &ParticipantIdentity::from(identity),
-                        &ParticipantSid::from(sid),
+                        &room,
+                        &identity,
+                        &sid,
                         Instant::now(),
                     );
                 }

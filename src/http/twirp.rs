@@ -24,7 +24,8 @@ use serde::Serialize;
 
 use crate::app::AppState;
 use crate::auth::jwt::Claims;
-use crate::net::{LoopRequest, SfuHandle};
+use crate::net::SfuHandle;
+use crate::sfu::ids::{ParticipantIdentity, RoomName, TrackSid};
 use crate::sfu::registry::{RegisteredRoom, RoomOptions};
 use crate::sfu::Command;
 
@@ -319,7 +320,7 @@ impl Call<'_> {
     }
 
     async fn command(&self, command: Command) -> Result<(), TwirpError> {
-        if self.sfu()?.send(LoopRequest::Sfu(command)).await {
+        if self.sfu()?.command(command).await {
             Ok(())
         } else {
             Err(TwirpError::Unavailable("the SFU is not running".into()))
@@ -330,7 +331,7 @@ impl Call<'_> {
     /// fields (SID, counts).
     async fn room(&self, reg: &RegisteredRoom) -> lk::Room {
         let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(&reg.name).await,
+            Some(sfu) => sfu.room_info(&RoomName::from(reg.name.as_str())).await,
             None => None,
         };
         let mut room = live.unwrap_or_default();
@@ -354,8 +355,8 @@ impl Call<'_> {
 
     /// The registered room `name`, or whether the engine still has it (connected participants
     /// of a room the registry dropped).
-    async fn existing_room(&self, name: &str) -> Result<Option<RegisteredRoom>, TwirpError> {
-        if let Some(reg) = self.state.rooms.get(name, Instant::now()) {
+    async fn existing_room(&self, name: &RoomName) -> Result<Option<RegisteredRoom>, TwirpError> {
+        if let Some(reg) = self.state.rooms.get(name.as_str(), Instant::now()) {
             return Ok(Some(reg));
         }
         let live = match &self.state.sfu {
@@ -364,14 +365,14 @@ impl Call<'_> {
         };
         match live {
             Some(_) => Ok(None),
-            None => Err(room_not_found(name)),
+            None => Err(room_not_found(name.as_str())),
         }
     }
 
     async fn participant(
         &self,
-        room: &str,
-        identity: &str,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
     ) -> Result<lk::ParticipantInfo, TwirpError> {
         if identity.is_empty() {
             return Err(TwirpError::InvalidArgument("identity is required".into()));
@@ -446,9 +447,10 @@ impl Call<'_> {
         if req.room.is_empty() {
             return Err(TwirpError::InvalidArgument("room is required".into()));
         }
+        let room = RoomName::from(req.room.as_str());
         let registered = self.state.rooms.delete(&req.room);
         let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(&req.room).await.is_some(),
+            Some(sfu) => sfu.room_info(&room).await.is_some(),
             None => false,
         };
         if !registered && !live {
@@ -456,10 +458,7 @@ impl Call<'_> {
         }
         tracing::info!(room = %req.room, "RoomService DeleteRoom");
         if live {
-            self.command(Command::DeleteRoom {
-                room: req.room.clone(),
-            })
-            .await?;
+            self.command(Command::DeleteRoom { room }).await?;
         }
         self.encoding.reply(&lk::DeleteRoomResponse {})
     }
@@ -478,7 +477,7 @@ impl Call<'_> {
         let room = self.room(&reg).await;
         if self.state.sfu.is_some() {
             self.command(Command::UpdateRoom {
-                room: req.room.clone(),
+                room: RoomName::from(req.room.as_str()),
                 info: Box::new(room.clone()),
             })
             .await?;
@@ -491,8 +490,9 @@ impl Call<'_> {
     async fn list_participants(&self) -> TwirpResult {
         let req: lk::ListParticipantsRequest = self.decode()?;
         self.require_admin(&req.room)?;
-        self.existing_room(&req.room).await?;
-        let participants = self.sfu()?.participants(&req.room).await;
+        let room = RoomName::from(req.room);
+        self.existing_room(&room).await?;
+        let participants = self.sfu()?.participants(&room).await;
         self.encoding
             .reply(&lk::ListParticipantsResponse { participants })
     }
@@ -500,28 +500,32 @@ impl Call<'_> {
     async fn get_participant(&self) -> TwirpResult {
         let req: lk::RoomParticipantIdentity = self.decode()?;
         self.require_admin(&req.room)?;
-        let p = self.participant(&req.room, &req.identity).await?;
+        let (room, identity) = ids(req.room, req.identity);
+        let p = self.participant(&room, &identity).await?;
         self.encoding.reply(&p)
     }
 
     async fn remove_participant(&self) -> TwirpResult {
         let req: lk::RoomParticipantIdentity = self.decode()?;
         self.require_admin(&req.room)?;
-        self.participant(&req.room, &req.identity).await?;
-        tracing::info!(room = %req.room, identity = %req.identity, "RoomService RemoveParticipant");
-        self.command(Command::Remove {
-            room: req.room,
-            identity: req.identity,
-            reason: lk::DisconnectReason::ParticipantRemoved as i32,
-        })
-        .await?;
+        let (room, identity) = ids(req.room, req.identity);
+        self.participant(&room, &identity).await?;
+        tracing::info!(%room, %identity, "RoomService RemoveParticipant");
+        if !self
+            .sfu()?
+            .remove(&room, &identity, lk::DisconnectReason::ParticipantRemoved)
+            .await
+        {
+            return Err(TwirpError::Unavailable("the SFU is not running".into()));
+        }
         self.encoding.reply(&lk::RemoveParticipantResponse {})
     }
 
     async fn mute_published_track(&self) -> TwirpResult {
         let req: lk::MuteRoomTrackRequest = self.decode()?;
         self.require_admin(&req.room)?;
-        let p = self.participant(&req.room, &req.identity).await?;
+        let (room, identity) = ids(req.room.clone(), req.identity.clone());
+        let p = self.participant(&room, &identity).await?;
         if !p.tracks.iter().any(|t| t.sid == req.track_sid) {
             return Err(TwirpError::NotFound(format!(
                 "track {:?} is not published by {:?}",
@@ -535,15 +539,15 @@ impl Call<'_> {
             ));
         }
         self.command(Command::MuteTrack {
-            room: req.room.clone(),
-            identity: req.identity.clone(),
-            track_sid: req.track_sid.clone(),
+            room: room.clone(),
+            identity: identity.clone(),
+            track_sid: TrackSid::from(req.track_sid.as_str()),
             muted: req.muted,
         })
         .await?;
         let track = self
             .sfu()?
-            .participant(&req.room, &req.identity)
+            .participant(&room, &identity)
             .await
             .and_then(|p| p.tracks.into_iter().find(|t| t.sid == req.track_sid));
         self.encoding.reply(&lk::MuteRoomTrackResponse { track })
@@ -552,31 +556,34 @@ impl Call<'_> {
     async fn update_participant(&self) -> TwirpResult {
         let req: lk::UpdateParticipantRequest = self.decode()?;
         self.require_admin(&req.room)?;
-        self.participant(&req.room, &req.identity).await?;
+        let (room, identity) = ids(req.room, req.identity);
+        self.participant(&room, &identity).await?;
         self.command(Command::UpdateParticipant {
-            room: req.room.clone(),
-            identity: req.identity.clone(),
+            room: room.clone(),
+            identity: identity.clone(),
             metadata: req.metadata,
             name: req.name,
             attributes: req.attributes,
             permission: req.permission,
         })
         .await?;
-        let p = self.participant(&req.room, &req.identity).await?;
+        let p = self.participant(&room, &identity).await?;
         self.encoding.reply(&p)
     }
 
     async fn update_subscriptions(&self) -> TwirpResult {
         let req: lk::UpdateSubscriptionsRequest = self.decode()?;
         self.require_admin(&req.room)?;
-        self.participant(&req.room, &req.identity).await?;
-        let mut track_sids = req.track_sids;
+        let (room, identity) = ids(req.room, req.identity);
+        self.participant(&room, &identity).await?;
+        let mut track_sids: Vec<TrackSid> =
+            req.track_sids.into_iter().map(TrackSid::from).collect();
         for pt in req.participant_tracks {
-            track_sids.extend(pt.track_sids);
+            track_sids.extend(pt.track_sids.into_iter().map(TrackSid::from));
         }
         self.command(Command::UpdateSubscriptions {
-            room: req.room,
-            identity: req.identity,
+            room,
+            identity,
             track_sids,
             subscribe: req.subscribe,
         })
@@ -594,7 +601,8 @@ impl Call<'_> {
         }
         let kind = lk::data_packet::Kind::try_from(req.kind)
             .map_err(|_| TwirpError::InvalidArgument(format!("unknown kind {}", req.kind)))?;
-        self.existing_room(&req.room).await?;
+        let room = RoomName::from(req.room);
+        self.existing_room(&room).await?;
         #[allow(deprecated)] // `kind` and the user packet's destinations are what clients read
         let packet = lk::DataPacket {
             kind: kind as i32,
@@ -609,13 +617,18 @@ impl Call<'_> {
             ..Default::default()
         };
         self.command(Command::SendData {
-            room: req.room,
+            room,
             packet: Box::new(packet),
             reliable: kind == lk::data_packet::Kind::Reliable,
         })
         .await?;
         self.encoding.reply(&lk::SendDataResponse {})
     }
+}
+
+/// A request's room name and identity as typed ids.
+fn ids(room: String, identity: String) -> (RoomName, ParticipantIdentity) {
+    (RoomName::from(room), ParticipantIdentity::from(identity))
 }
 
 fn room_not_found(room: &str) -> TwirpError {

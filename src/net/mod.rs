@@ -18,8 +18,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod batch;
 
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::registry::RoomRegistry;
-use crate::sfu::{Command, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
+use crate::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
+use livekit_protocol::DisconnectReason;
 
 /// Capacity of the command queue into the loop.
 const COMMAND_QUEUE: usize = 4096;
@@ -49,29 +51,29 @@ pub enum LoopRequest {
         session: SessionId,
         /// Where its signal messages go.
         sink: mpsc::Sender<SignalOut>,
-        /// The join command.
-        join: Command,
+        /// The join.
+        join: Join,
     },
     /// Snapshot of a room's participants.
     Participants {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Reply.
         reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
     },
     /// The live part of a room's info (RoomService), `None` when nobody is connected.
     Room {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Reply.
         reply: oneshot::Sender<Option<livekit_protocol::Room>>,
     },
     /// One participant's info (RoomService), `None` when absent.
     Participant {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// Reply.
         reply: oneshot::Sender<Option<livekit_protocol::ParticipantInfo>>,
     },
@@ -148,12 +150,50 @@ pub struct SfuHandle {
 impl SfuHandle {
     /// A fresh session ID.
     pub fn new_session(&self) -> SessionId {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Sends a request to the loop (waits if its queue is full).
+    /// Sends a request to the loop (waits if its queue is full); false if the loop is gone.
     pub async fn send(&self, req: LoopRequest) -> bool {
         self.tx.send(req).await.is_ok()
+    }
+
+    /// Sends an engine command to the loop; false if the loop is gone.
+    pub async fn command(&self, command: Command) -> bool {
+        self.send(LoopRequest::Sfu(command)).await
+    }
+
+    /// Removes participant `identity` from `room` (the client is told `reason`); true if the
+    /// loop got the request (whether the participant was there is not checked).
+    pub async fn remove(
+        &self,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+        reason: DisconnectReason,
+    ) -> bool {
+        self.command(Command::Remove {
+            room: room.clone(),
+            identity: identity.clone(),
+            reason,
+        })
+        .await
+    }
+
+    /// Tells the loop that `session`'s signalling ended; false if the loop is gone.
+    pub async fn disconnect(&self, session: SessionId, reason: DisconnectReason) -> bool {
+        self.command(Command::Disconnect { session, reason }).await
+    }
+
+    /// Registers `session`'s signal queue and joins it; false if the loop is gone. A refused
+    /// join (room full) drops `sink`.
+    pub async fn open(&self, sink: mpsc::Sender<SignalOut>, join: Join) -> bool {
+        let session = join.session;
+        self.send(LoopRequest::Open {
+            session,
+            sink,
+            join,
+        })
+        .await
     }
 
     /// Lifecycle events (joins, leaves).
@@ -162,10 +202,10 @@ impl SfuHandle {
     }
 
     /// The participants of `room` right now.
-    pub async fn participants(&self, room: &str) -> Vec<livekit_protocol::ParticipantInfo> {
+    pub async fn participants(&self, room: &RoomName) -> Vec<livekit_protocol::ParticipantInfo> {
         let (reply, rx) = oneshot::channel();
         let req = LoopRequest::Participants {
-            room: room.to_owned(),
+            room: room.clone(),
             reply,
         };
         if !self.send(req).await {
@@ -175,10 +215,10 @@ impl SfuHandle {
     }
 
     /// The live part of `room`'s info (SID, creation time, counts), if anybody is connected.
-    pub async fn room_info(&self, room: &str) -> Option<livekit_protocol::Room> {
+    pub async fn room_info(&self, room: &RoomName) -> Option<livekit_protocol::Room> {
         let (reply, rx) = oneshot::channel();
         let req = LoopRequest::Room {
-            room: room.to_owned(),
+            room: room.clone(),
             reply,
         };
         if !self.send(req).await {
@@ -187,32 +227,16 @@ impl SfuHandle {
         rx.await.ok().flatten()
     }
 
-    /// Removes participant `identity` from `room`, telling its client `reason`; false if the
-    /// loop is gone.
-    pub async fn remove(
-        &self,
-        room: &crate::sfu::ids::RoomName,
-        identity: &crate::sfu::ids::ParticipantIdentity,
-        reason: livekit_protocol::DisconnectReason,
-    ) -> bool {
-        self.send(LoopRequest::Sfu(crate::sfu::Command::Remove {
-            room: room.to_string(),
-            identity: identity.to_string(),
-            reason: reason as i32,
-        }))
-        .await
-    }
-
     /// Participant `identity` of `room` right now.
     pub async fn participant(
         &self,
-        room: &str,
-        identity: &str,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
     ) -> Option<livekit_protocol::ParticipantInfo> {
         let (reply, rx) = oneshot::channel();
         let req = LoopRequest::Participant {
-            room: room.to_owned(),
-            identity: identity.to_owned(),
+            room: room.clone(),
+            identity: identity.clone(),
             reply,
         };
         if !self.send(req).await {
@@ -340,13 +364,13 @@ impl Loop {
                         .dropped_sends
                         .store(self.dropped_sends, Ordering::Relaxed);
                     for s in overloaded {
-                        tracing::warn!(session = s, "session queue full; disconnecting it");
+                        tracing::warn!(session = %s, "session queue full; disconnecting it");
                         self.sinks.remove(&s);
                         self.sfu.handle_command(
                             Instant::now(),
                             Command::Disconnect {
                                 session: s,
-                                reason: livekit_protocol::DisconnectReason::SignalClose as i32,
+                                reason: DisconnectReason::SignalClose,
                             },
                         );
                     }
@@ -377,10 +401,11 @@ impl Loop {
                 Output::Event(e) => {
                     match &e {
                         SfuEvent::ParticipantJoined { room, .. } => {
-                            self.registry.participant_joined(room);
+                            self.registry.participant_joined(room.as_str());
                         }
                         SfuEvent::ParticipantLeft { room, .. } => {
-                            self.registry.participant_left(room, Instant::now());
+                            self.registry
+                                .participant_left(room.as_str(), Instant::now());
                         }
                         _ => {}
                     }
@@ -392,13 +417,11 @@ impl Loop {
 
     /// Whether `join` would exceed its room's `max_participants` (RoomService `CreateRoom`); an
     /// identity already in the room replaces itself and always fits.
-    fn room_full(&self, join: &Command, now: Instant) -> bool {
-        let Command::Join(crate::sfu::Join { room, identity, .. }) = join else {
-            return false;
-        };
+    fn room_full(&self, join: &Join, now: Instant) -> bool {
+        let Join { room, identity, .. } = join;
         let max = self
             .registry
-            .get(room, now)
+            .get(room.as_str(), now)
             .map_or(0, |r| r.options.max_participants);
         max > 0
             && self.sfu.participant_count(room) >= max as usize
@@ -417,11 +440,11 @@ impl Loop {
             } => {
                 if self.room_full(&join, now) {
                     // Dropping the sink fails the session's join wait (the client is refused).
-                    tracing::info!(session, "room full (max_participants); join refused");
+                    tracing::info!(%session, "room full (max_participants); join refused");
                     return;
                 }
                 self.sinks.insert(session, sink);
-                self.sfu.handle_command(now, join);
+                self.sfu.handle_command(now, Command::Join(join));
             }
             LoopRequest::Participants { room, reply } => {
                 let _ = reply.send(self.sfu.participants(&room));

@@ -12,7 +12,11 @@ use str0m::media::{Direction, MediaData, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
 
-use super::ids::{Ids, PARTICIPANT_PREFIX, ROOM_PREFIX, TRACK_PREFIX};
+pub use super::ids::SessionId;
+use super::ids::{
+    Ids, ParticipantIdentity, ParticipantSid, RoomName, RoomSid, TrackSid, PARTICIPANT_PREFIX,
+    ROOM_PREFIX, TRACK_PREFIX,
+};
 use super::rewrite::Timeline;
 use super::simulcast::{self, Layers};
 
@@ -22,9 +26,6 @@ mod negotiate;
 mod periodic;
 mod red;
 mod requests;
-
-/// Identifies one signalling session (one WebSocket, one participant).
-pub type SessionId = u64;
 
 /// Server version reported to clients. Not `0.15.1` (client-sdk-js disables dynacast there).
 const SERVER_VERSION: &str = "1.9.0";
@@ -89,21 +90,21 @@ pub enum SfuEvent {
     /// The first participant joined a room the engine had no state for.
     RoomStarted {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// Room SID.
-        sid: String,
+        sid: RoomSid,
     },
     /// The last participant left; the engine dropped the room's state.
     RoomFinished {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// Room SID.
-        sid: String,
+        sid: RoomSid,
     },
     /// A track's media arrived and subscribers can get it.
     TrackPublished {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// The publisher.
         participant: Box<lk::ParticipantInfo>,
         /// The track.
@@ -112,7 +113,7 @@ pub enum SfuEvent {
     /// A track went away (unpublished, or its publisher left).
     TrackUnpublished {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// The publisher.
         participant: Box<lk::ParticipantInfo>,
         /// The track.
@@ -121,11 +122,11 @@ pub enum SfuEvent {
     /// A participant joined a room.
     ParticipantJoined {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// Participant identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// Participant SID.
-        sid: String,
+        sid: ParticipantSid,
         /// Session.
         session: SessionId,
         /// Its info at join time.
@@ -134,21 +135,35 @@ pub enum SfuEvent {
     /// A participant left.
     ParticipantLeft {
         /// LiveKit room name.
-        room: String,
+        room: RoomName,
         /// Participant identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// Participant SID.
-        sid: String,
+        sid: ParticipantSid,
         /// Session.
         session: SessionId,
-        /// Why (LiveKit `DisconnectReason`).
-        reason: i32,
+        /// Why it left.
+        reason: lk::DisconnectReason,
         /// Its last info (state `DISCONNECTED`, with the disconnect reason).
         info: Box<lk::ParticipantInfo>,
         /// Whether its peer connections ever connected (else LiveKit's
         /// `participant_connection_aborted`).
         ever_connected: bool,
     },
+}
+
+impl SfuEvent {
+    /// The room the event is about.
+    pub fn room(&self) -> &RoomName {
+        match self {
+            Self::RoomStarted { room, .. }
+            | Self::RoomFinished { room, .. }
+            | Self::TrackPublished { room, .. }
+            | Self::TrackUnpublished { room, .. }
+            | Self::ParticipantJoined { room, .. }
+            | Self::ParticipantLeft { room, .. } => room,
+        }
+    }
 }
 
 /// Outputs of the engine.
@@ -170,9 +185,9 @@ pub struct Join {
     /// New session ID.
     pub session: SessionId,
     /// LiveKit room name.
-    pub room: String,
+    pub room: RoomName,
     /// Identity (`sub`).
-    pub identity: String,
+    pub identity: ParticipantIdentity,
     /// Display name.
     pub name: String,
     /// Metadata from the token.
@@ -201,27 +216,27 @@ pub enum Command {
     Disconnect {
         /// Session.
         session: SessionId,
-        /// `DisconnectReason`.
-        reason: i32,
+        /// Why.
+        reason: lk::DisconnectReason,
     },
     /// Remove a participant by identity (operator, Matrix membership).
     Remove {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Identity.
-        identity: String,
-        /// `DisconnectReason` shown to the client.
-        reason: i32,
+        identity: ParticipantIdentity,
+        /// Reason shown to the client.
+        reason: lk::DisconnectReason,
     },
     /// Server-initiated (un)mute of a published track (RoomService `MutePublishedTrack`): the
     /// track info changes for everyone and the publisher gets a `mute` message.
     MuteTrack {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// The publisher's identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// The track.
-        track_sid: String,
+        track_sid: TrackSid,
         /// Muted or not.
         muted: bool,
     },
@@ -229,9 +244,9 @@ pub enum Command {
     /// empty attribute value deletes the attribute.
     UpdateParticipant {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// New metadata.
         metadata: String,
         /// New display name.
@@ -245,11 +260,11 @@ pub enum Command {
     /// `UpdateSubscriptions`).
     UpdateSubscriptions {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// Identity.
-        identity: String,
+        identity: ParticipantIdentity,
         /// Track SIDs.
-        track_sids: Vec<String>,
+        track_sids: Vec<TrackSid>,
         /// Subscribe (true) or unsubscribe.
         subscribe: bool,
     },
@@ -257,7 +272,7 @@ pub enum Command {
     /// `destination_identities`, or to everyone when empty.
     SendData {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// The packet, sent as is.
         packet: Box<lk::DataPacket>,
         /// Over `_reliable` (else `_lossy`).
@@ -267,14 +282,14 @@ pub enum Command {
     /// (RoomService `UpdateRoomMetadata`).
     UpdateRoom {
         /// Room name.
-        room: String,
+        room: RoomName,
         /// The room info (metadata and lifetime settings from the registry).
         info: Box<lk::Room>,
     },
     /// Removes every participant of a room with `ROOM_DELETED` (RoomService `DeleteRoom`).
     DeleteRoom {
         /// Room name.
-        room: String,
+        room: RoomName,
     },
 }
 
@@ -296,7 +311,7 @@ enum OutState {
 /// A track forwarded to one subscriber.
 struct OutTrack {
     publisher: SessionId,
-    track_sid: String,
+    track_sid: TrackSid,
     kind: MediaKind,
     stream_id: String,
     state: OutState,
@@ -328,6 +343,8 @@ impl OutTrack {
 
 /// A track published by a participant.
 struct Track {
+    /// Its SID (also in `info.sid`).
+    sid: TrackSid,
     info: lk::TrackInfo,
     cid: String,
     kind: MediaKind,
@@ -377,7 +394,7 @@ struct Participant {
 }
 
 struct Room {
-    sid: String,
+    sid: RoomSid,
     created_unix: i64,
     participants: BTreeMap<SessionId, Participant>,
 }
@@ -385,7 +402,7 @@ struct Room {
 /// Media handed from a publisher to its room.
 struct Forward {
     publisher: SessionId,
-    track_sid: String,
+    track_sid: TrackSid,
     data: MediaData,
     keyframe: bool,
 }
@@ -394,8 +411,8 @@ struct Forward {
 pub struct Sfu {
     config: SfuConfig,
     ids: Ids,
-    rooms: BTreeMap<String, Room>,
-    sessions: HashMap<SessionId, String>,
+    rooms: BTreeMap<RoomName, Room>,
+    sessions: HashMap<SessionId, RoomName>,
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
     out: VecDeque<Output>,
@@ -459,12 +476,12 @@ impl Sfu {
     }
 
     /// Number of participants in `room`.
-    pub fn participant_count(&self, room: &str) -> usize {
+    pub fn participant_count(&self, room: &RoomName) -> usize {
         self.rooms.get(room).map_or(0, |r| r.participants.len())
     }
 
     /// Snapshot of a room's participants (Twirp `ListParticipants`).
-    pub fn participants(&self, room: &str) -> Vec<lk::ParticipantInfo> {
+    pub fn participants(&self, room: &RoomName) -> Vec<lk::ParticipantInfo> {
         self.rooms
             .get(room)
             .map(|r| r.participants.values().map(|p| p.info.clone()).collect())
@@ -519,13 +536,7 @@ impl Sfu {
                 identity,
                 reason,
             } => {
-                let found = self.rooms.get(&room).and_then(|r| {
-                    r.participants
-                        .values()
-                        .find(|p| p.info.identity == identity)
-                        .map(|p| p.session)
-                });
-                if let Some(session) = found {
+                if let Some(session) = self.session_of(&room, &identity) {
                     self.leave(now, session, reason, true);
                 }
             }
@@ -568,7 +579,7 @@ impl Sfu {
         };
         if failed {
             self.stats.rejected_by_peer += 1;
-            tracing::debug!(session, "peer connection rejected input");
+            tracing::debug!(%session, "peer connection rejected input");
         } else if stun_ufrag.is_some() {
             // Learn the address from STUN carrying this connection's ufrag that it took
             // without error (str0m verifies message integrity before answering).
@@ -589,9 +600,9 @@ impl Sfu {
                 }
                 let never_connected = !p.subscriber.connected && !p.publisher.connected;
                 if never_connected && now >= p.joined_at + CONNECT_DEADLINE {
-                    dead.push((p.session, lk::DisconnectReason::JoinFailure as i32));
+                    dead.push((p.session, lk::DisconnectReason::JoinFailure));
                 } else if !p.subscriber.rtc.is_alive() || !p.publisher.rtc.is_alive() {
-                    dead.push((p.session, lk::DisconnectReason::ConnectionTimeout as i32));
+                    dead.push((p.session, lk::DisconnectReason::ConnectionTimeout));
                 }
             }
         }
@@ -607,8 +618,8 @@ impl Sfu {
         }
         for (session, reason) in dead {
             tracing::info!(
-                session,
-                reason,
+                %session,
+                ?reason,
                 "peer connection lost; removing participant"
             );
             self.leave(now, session, reason, true);
@@ -667,18 +678,13 @@ impl Sfu {
         let duplicate = self.rooms.get(&room_name).and_then(|r| {
             r.participants
                 .values()
-                .find(|p| p.info.identity == identity)
+                .find(|p| p.info.identity == identity.as_str())
                 .map(|p| p.session)
         });
         if let Some(old) = duplicate {
-            self.leave(
-                now,
-                old,
-                lk::DisconnectReason::DuplicateIdentity as i32,
-                true,
-            );
+            self.leave(now, old, lk::DisconnectReason::DuplicateIdentity, true);
         }
-        let room_sid = self.ids.sid(ROOM_PREFIX);
+        let room_sid = RoomSid::new(self.ids.sid(ROOM_PREFIX));
         let unix = self.unix_now;
         if !self.rooms.contains_key(&room_name) {
             self.out.push_back(Output::Event(SfuEvent::RoomStarted {
@@ -693,7 +699,7 @@ impl Sfu {
         });
         let room_sid = room.sid.clone();
         let room_created = room.created_unix;
-        let sid = self.ids.sid(PARTICIPANT_PREFIX);
+        let sid = ParticipantSid::new(self.ids.sid(PARTICIPANT_PREFIX));
         let span = tracing::info_span!("participant", room = %room_name, %identity, %sid);
         let _enter = span.enter();
 
@@ -701,8 +707,8 @@ impl Sfu {
         let subscriber = self.new_pc(now);
 
         let info = lk::ParticipantInfo {
-            sid: sid.clone(),
-            identity: identity.clone(),
+            sid: sid.to_string(),
+            identity: identity.to_string(),
             name,
             metadata,
             state: lk::participant_info::State::Joined as i32,
@@ -751,8 +757,8 @@ impl Sfu {
 
         let join = lk::JoinResponse {
             room: Some(lk::Room {
-                sid: room_sid,
-                name: room_name.clone(),
+                sid: room_sid.into_string(),
+                name: room_name.to_string(),
                 creation_time: room_created,
                 creation_time_ms: room_created * 1000,
                 num_participants: (room.participants.len() + 1) as u32,
@@ -843,7 +849,13 @@ impl Sfu {
         self.drain(now, session);
     }
 
-    fn leave(&mut self, now: Instant, session: SessionId, reason: i32, server_initiated: bool) {
+    fn leave(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        reason: lk::DisconnectReason,
+        server_initiated: bool,
+    ) {
         let Some(room_name) = self.sessions.remove(&session) else {
             return;
         };
@@ -861,7 +873,7 @@ impl Sfu {
                 session,
                 msg(Msg::Leave(lk::LeaveRequest {
                     can_reconnect: false,
-                    reason,
+                    reason: reason as i32,
                     action: lk::leave_request::Action::Disconnect as i32,
                     regions: None,
                 })),
@@ -873,7 +885,7 @@ impl Sfu {
         p.subscriber.rtc.disconnect();
         p.info.state = lk::participant_info::State::Disconnected as i32;
         p.info.version += 1;
-        p.info.disconnect_reason = reason;
+        p.info.disconnect_reason = reason as i32;
         for t in p.tracks.iter().filter(|t| t.mid.is_some()) {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
@@ -883,7 +895,7 @@ impl Sfu {
                 }));
         }
         p.info.tracks.clear();
-        tracing::info!(room = %room_name, identity = %p.info.identity, reason, "participant left");
+        tracing::info!(room = %room_name, identity = %p.info.identity, ?reason, "participant left");
         let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
         let update = Msg::Update(lk::ParticipantUpdate {
             participants: vec![p.info.clone()],
@@ -912,8 +924,8 @@ impl Sfu {
         let finished = room.participants.is_empty().then(|| room.sid.clone());
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
             room: room_name.clone(),
-            identity: p.info.identity.clone(),
-            sid: p.info.sid.clone(),
+            identity: ParticipantIdentity::new(p.info.identity.clone()),
+            sid: ParticipantSid::new(p.info.sid.clone()),
             session,
             reason,
             ever_connected: p.publisher.connected || p.subscriber.connected,
@@ -948,17 +960,12 @@ impl Sfu {
             Req::Subscription(s) => self.subscription(now, session, s),
             Req::TrackSetting(s) => self.track_settings(now, session, s),
             Req::Leave(_) => {
-                self.leave(
-                    now,
-                    session,
-                    lk::DisconnectReason::ClientInitiated as i32,
-                    false,
-                );
+                self.leave(now, session, lk::DisconnectReason::ClientInitiated, false);
                 return;
             }
             Req::UpdateMetadata(u) => self.update_metadata(session, u),
             other => {
-                tracing::debug!(session, request = ?std::mem::discriminant(&other), "ignored signal request");
+                tracing::debug!(%session, request = ?std::mem::discriminant(&other), "ignored signal request");
             }
         }
         self.drain(now, session);
@@ -1016,7 +1023,7 @@ impl Sfu {
                     let output = match pc.rtc.poll_output() {
                         Ok(o) => o,
                         Err(e) => {
-                            tracing::info!(session, error = %e, "peer connection failed");
+                            tracing::info!(%session, error = %e, "peer connection failed");
                             dead = true;
                             break;
                         }
@@ -1035,7 +1042,7 @@ impl Sfu {
                         }
                         RtcOutput::Event(e) => match e {
                             Event::Connected => {
-                                tracing::debug!(session, ?kind, "peer connection connected");
+                                tracing::debug!(%session, ?kind, "peer connection connected");
                                 pc.connected = true;
                                 if kind == PcKind::Subscriber
                                     && p.info.state != lk::participant_info::State::Active as i32
@@ -1044,7 +1051,7 @@ impl Sfu {
                                 }
                             }
                             Event::IceConnectionStateChange(state) => {
-                                tracing::debug!(session, ?kind, ?state, "ICE state");
+                                tracing::debug!(%session, ?kind, ?state, "ICE state");
                             }
                             // Only media the client sends: v0 publisher offers may also carry
                             // recvonly transceivers (sendonly from here), which are no tracks.
@@ -1073,7 +1080,7 @@ impl Sfu {
                                     Some(i) => {
                                         p.tracks[i].mid = Some(added.mid);
                                         p.tracks[i].info.mid = added.mid.to_string();
-                                        newly_bound.push(p.tracks[i].info.sid.clone());
+                                        newly_bound.push(p.tracks[i].sid.clone());
                                     }
                                     None => p.unbound_mids.push((added.mid, added.kind, tid)),
                                 }
@@ -1092,7 +1099,7 @@ impl Sfu {
                                                 track: Box::new(t.info.clone()),
                                             },
                                         ));
-                                        unpublished.push(t.info.sid);
+                                        unpublished.push(t.sid);
                                     }
                                 }
                             }
@@ -1111,12 +1118,12 @@ impl Sfu {
                                         }
                                     }
                                     if !data.contiguous && t.kind == MediaKind::Video {
-                                        keyframe_wanted.push((t.info.sid.clone(), data.rid));
+                                        keyframe_wanted.push((t.sid.clone(), data.rid));
                                     }
                                     let keyframe = data.is_keyframe();
                                     forwards.push(Forward {
                                         publisher: session,
-                                        track_sid: t.info.sid.clone(),
+                                        track_sid: t.sid.clone(),
                                         data,
                                         keyframe,
                                     });
@@ -1144,12 +1151,7 @@ impl Sfu {
             }
         }
         if dead {
-            self.leave(
-                now,
-                session,
-                lk::DisconnectReason::MediaFailure as i32,
-                true,
-            );
+            self.leave(now, session, lk::DisconnectReason::MediaFailure, true);
             return Vec::new();
         }
         for (track, rid) in keyframe_wanted {
@@ -1172,11 +1174,11 @@ impl Sfu {
         forwards
     }
 
-    fn publisher_of(&self, track_sid: &str) -> Option<SessionId> {
+    fn publisher_of(&self, track_sid: &TrackSid) -> Option<SessionId> {
         self.rooms.values().find_map(|r| {
             r.participants
                 .values()
-                .find(|p| p.tracks.iter().any(|t| t.info.sid == track_sid))
+                .find(|p| p.tracks.iter().any(|t| t.sid == *track_sid))
                 .map(|p| p.session)
         })
     }
@@ -1229,7 +1231,7 @@ impl Sfu {
 fn new_out(publisher: &Participant, t: &Track) -> OutTrack {
     OutTrack {
         publisher: publisher.session,
-        track_sid: t.info.sid.clone(),
+        track_sid: t.sid.clone(),
         kind: t.kind,
         stream_id: format!("{}|{}", publisher.info.sid, t.info.sid),
         state: OutState::ToOpen,

@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use super::validate::check_connect;
 use crate::app::AppState;
 use crate::auth::jwt::Claims;
-use crate::net::{LoopRequest, SfuHandle, SESSION_QUEUE};
+use crate::net::{SfuHandle, SESSION_QUEUE};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::{Command, Join, SessionId, SignalOut};
 
 /// How long the SFU may take to produce the join response.
@@ -125,41 +126,31 @@ pub async fn get_rtc(
         .get("client_protocol")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let join = Command::Join(Join {
+    let join = Join {
         session,
-        room: claims.video.room.clone(),
-        identity: claims.sub.clone(),
+        room: RoomName::from(claims.video.room.as_str()),
+        identity: ParticipantIdentity::from(claims.sub.as_str()),
         name: claims.name.clone(),
         metadata: claims.metadata.clone(),
         permission: permission_from(&claims),
         auto_subscribe: flag(&query, "auto_subscribe", true),
         client_protocol,
-    });
-    if !sfu
-        .send(LoopRequest::Open {
-            session,
-            sink,
-            join,
-        })
-        .await
-    {
+    };
+    if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
     }
     let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
         Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Join(_)) => m,
         other => {
-            tracing::warn!(session, ?other, "join did not complete");
+            tracing::warn!(%session, ?other, "join did not complete");
             let _ = sfu
-                .send(LoopRequest::Sfu(Command::Disconnect {
-                    session,
-                    reason: lk::DisconnectReason::JoinFailure as i32,
-                }))
+                .disconnect(session, lk::DisconnectReason::JoinFailure)
                 .await;
             return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
         }
     };
     let span =
-        tracing::info_span!("signal", session, identity = %claims.sub, room = %claims.video.room);
+        tracing::info_span!("signal", %session, identity = %claims.sub, room = %claims.video.room);
     ws.on_upgrade(move |socket| {
         let fut = run_session(state, sfu, socket, session, claims, *first, events);
         tracing::Instrument::instrument(fut, span)
@@ -205,10 +196,7 @@ async fn run_session(
     let mut json = false;
     if socket.send(encode(&first, json)).await.is_err() {
         let _ = sfu
-            .send(LoopRequest::Sfu(Command::Disconnect {
-                session,
-                reason: lk::DisconnectReason::SignalClose as i32,
-            }))
+            .disconnect(session, lk::DisconnectReason::SignalClose)
             .await;
         return;
     }
@@ -221,7 +209,7 @@ async fn run_session(
     refresh.tick().await;
     let mut last_heard = Instant::now();
     let mut bad_frames = 0u32;
-    let mut reason = lk::DisconnectReason::SignalClose as i32;
+    let mut reason = lk::DisconnectReason::SignalClose;
     let mut closed_by_server = false;
     let silence_limit = Duration::from_secs(state.config.rtc.signal_timeout_secs.max(1));
     loop {
@@ -240,9 +228,9 @@ async fn run_session(
                 let Some(decoded) = decode(&frame) else { continue };
                 let Ok((req, is_json)) = decoded else {
                     bad_frames += 1;
-                    tracing::debug!(session, bad_frames, "undecodable signal frame");
+                    tracing::debug!(%session, bad_frames, "undecodable signal frame");
                     if bad_frames > MAX_BAD_FRAMES {
-                        tracing::warn!(session, "too many undecodable frames; closing");
+                        tracing::warn!(%session, "too many undecodable frames; closing");
                         break;
                     }
                     continue;
@@ -262,12 +250,12 @@ async fn run_session(
                         let _ = socket.send(encode(&pong, json)).await;
                     }
                     Req::Leave(_) => {
-                        reason = lk::DisconnectReason::ClientInitiated as i32;
+                        reason = lk::DisconnectReason::ClientInitiated;
                         break;
                     }
                     other => {
                         let cmd = Command::Request { session, message: Box::new(other) };
-                        if !sfu.send(LoopRequest::Sfu(cmd)).await {
+                        if !sfu.command(cmd).await {
                             break;
                         }
                     }
@@ -295,11 +283,11 @@ async fn run_session(
                 }
             }
             () = silence => {
-                tracing::info!(session, "client silent too long; closing its session");
-                reason = lk::DisconnectReason::ConnectionTimeout as i32;
+                tracing::info!(%session, "client silent too long; closing its session");
+                reason = lk::DisconnectReason::ConnectionTimeout;
                 let leave = Msg::Leave(lk::LeaveRequest {
                     can_reconnect: false,
-                    reason,
+                    reason: reason as i32,
                     action: lk::leave_request::Action::Disconnect as i32,
                     regions: None,
                 });
@@ -309,9 +297,7 @@ async fn run_session(
         }
     }
     if !closed_by_server {
-        let _ = sfu
-            .send(LoopRequest::Sfu(Command::Disconnect { session, reason }))
-            .await;
+        let _ = sfu.disconnect(session, reason).await;
     } else {
         // Flush what the SFU queued before closing (the leave message).
         while let Ok(SignalOut::Message(m)) = events.try_recv() {

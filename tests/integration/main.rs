@@ -8,6 +8,8 @@ mod support;
 mod appservice;
 // The command line: defaults, secrets, config errors, exit codes.
 mod cli;
+// The module layering rule of docs/ARCHITECTURE.md, on the source text.
+mod layering;
 // The test harness itself: two federating Synapses, OpenID over federation.
 mod harness;
 // The token service: lk-jwt-service endpoints, OpenID over federation, membership gate.

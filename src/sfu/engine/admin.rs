@@ -10,11 +10,12 @@ use lk::signal_response::Message as Msg;
 use prost::Message as _;
 
 use super::{msg, Command, Output, SessionId, Sfu};
+use crate::sfu::ids::{ParticipantIdentity, RoomName, TrackSid};
 
 impl Sfu {
     /// The live part of a room's info (`sid`, `name`, creation time, participant and publisher
     /// counts), if the engine has the room (somebody is connected).
-    pub fn room_info(&self, room: &str) -> Option<lk::Room> {
+    pub fn room_info(&self, room: &RoomName) -> Option<lk::Room> {
         let r = self.rooms.get(room)?;
         let publishers = r
             .participants
@@ -22,8 +23,8 @@ impl Sfu {
             .filter(|p| !p.tracks.is_empty())
             .count();
         Some(lk::Room {
-            sid: r.sid.clone(),
-            name: room.to_owned(),
+            sid: r.sid.to_string(),
+            name: room.to_string(),
             creation_time: r.created_unix,
             creation_time_ms: r.created_unix * 1000,
             num_participants: u32::try_from(r.participants.len()).unwrap_or(u32::MAX),
@@ -33,24 +34,32 @@ impl Sfu {
     }
 
     /// The info of participant `identity` in `room` now, with its current tracks.
-    pub fn participant_info(&self, room: &str, identity: &str) -> Option<lk::ParticipantInfo> {
+    pub fn participant_info(
+        &self,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+    ) -> Option<lk::ParticipantInfo> {
         let p = self
             .rooms
             .get(room)?
             .participants
             .values()
-            .find(|p| p.info.identity == identity)?;
+            .find(|p| p.info.identity == identity.as_str())?;
         let mut info = p.info.clone();
         info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
         Some(info)
     }
 
-    fn session_of(&self, room: &str, identity: &str) -> Option<SessionId> {
+    pub(super) fn session_of(
+        &self,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+    ) -> Option<SessionId> {
         self.rooms
             .get(room)?
             .participants
             .values()
-            .find(|p| p.info.identity == identity)
+            .find(|p| p.info.identity == identity.as_str())
             .map(|p| p.session)
     }
 
@@ -81,7 +90,7 @@ impl Sfu {
             } => {
                 if let Some(session) = self.session_of(&room, &identity) {
                     let update = lk::UpdateSubscription {
-                        track_sids,
+                        track_sids: track_sids.into_iter().map(String::from).collect(),
                         subscribe,
                         participant_tracks: Vec::new(),
                     };
@@ -99,26 +108,14 @@ impl Sfu {
             } => self.server_data(now, &room, &packet, reliable),
             Command::UpdateRoom { room, info } => self.server_room_update(&room, *info),
             Command::DeleteRoom { room } => {
-                let identities: Vec<String> = self
+                let sessions: Vec<SessionId> = self
                     .rooms
                     .get(&room)
-                    .map(|r| {
-                        r.participants
-                            .values()
-                            .map(|p| p.info.identity.clone())
-                            .collect()
-                    })
+                    .map(|r| r.participants.keys().copied().collect())
                     .unwrap_or_default();
-                tracing::info!(%room, participants = identities.len(), "room deleted");
-                for identity in identities {
-                    self.handle_command(
-                        now,
-                        Command::Remove {
-                            room: room.clone(),
-                            identity,
-                            reason: lk::DisconnectReason::RoomDeleted as i32,
-                        },
-                    );
+                tracing::info!(%room, participants = sessions.len(), "room deleted");
+                for session in sessions {
+                    self.leave(now, session, lk::DisconnectReason::RoomDeleted, true);
                 }
             }
             // The signalling commands are handled by `handle_command` itself.
@@ -132,9 +129,9 @@ impl Sfu {
     fn server_mute(
         &mut self,
         now: Instant,
-        room: &str,
-        identity: &str,
-        track_sid: String,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+        track_sid: TrackSid,
         muted: bool,
     ) {
         let Some(session) = self.session_of(room, identity) else {
@@ -142,17 +139,17 @@ impl Sfu {
         };
         let published = self
             .participant_info(room, identity)
-            .is_some_and(|p| p.tracks.iter().any(|t| t.sid == track_sid));
+            .is_some_and(|p| p.tracks.iter().any(|t| t.sid == track_sid.as_str()));
         if !published {
             return;
         }
-        tracing::info!(room, identity, track = %track_sid, muted, "server-initiated mute");
+        tracing::info!(%room, %identity, track = %track_sid, muted, "server-initiated mute");
         // Exactly what the publisher's own mute request does (track info, broadcast)...
         self.request(
             now,
             session,
             lk::signal_request::Message::Mute(lk::MuteTrackRequest {
-                sid: track_sid.clone(),
+                sid: track_sid.to_string(),
                 muted,
             }),
         );
@@ -160,7 +157,7 @@ impl Sfu {
         self.out.push_back(Output::Signal(
             session,
             msg(Msg::Mute(lk::MuteTrackRequest {
-                sid: track_sid,
+                sid: track_sid.into_string(),
                 muted,
             })),
         ));
@@ -168,8 +165,8 @@ impl Sfu {
 
     fn server_update_participant(
         &mut self,
-        room: &str,
-        identity: &str,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
         metadata: String,
         name: String,
         attributes: HashMap<String, String>,
@@ -198,11 +195,17 @@ impl Sfu {
             p.auto_subscribe = p.auto_subscribe && permission.can_subscribe;
             p.info.permission = Some(permission);
         }
-        tracing::info!(room, identity, "participant updated by the server");
+        tracing::info!(%room, %identity, "participant updated by the server");
         self.broadcast_participant(session);
     }
 
-    fn server_data(&mut self, now: Instant, room: &str, packet: &lk::DataPacket, reliable: bool) {
+    fn server_data(
+        &mut self,
+        now: Instant,
+        room: &RoomName,
+        packet: &lk::DataPacket,
+        reliable: bool,
+    ) {
         let encoded = packet.encode_to_vec();
         let destinations = &packet.destination_identities;
         let mut touched = Vec::new();
@@ -217,14 +220,14 @@ impl Sfu {
                     p.sub_lossy
                 };
                 let Some(mut ch) = id.and_then(|id| p.subscriber.rtc.channel(id)) else {
-                    tracing::debug!(session = p.session, "no open data channel for server data");
+                    tracing::debug!(session = %p.session, "no open data channel for server data");
                     continue;
                 };
                 match ch.write(true, &encoded) {
                     Ok(_) => touched.push(p.session),
                     Err(e) => {
                         tracing::debug!(
-                            session = p.session,
+                            session = %p.session,
                             error = %e,
                             "server data write failed"
                         );
@@ -237,7 +240,7 @@ impl Sfu {
         }
     }
 
-    fn server_room_update(&mut self, room: &str, mut info: lk::Room) {
+    fn server_room_update(&mut self, room: &RoomName, mut info: lk::Room) {
         let Some(live) = self.room_info(room) else {
             return;
         };
@@ -275,11 +278,11 @@ mod tests {
         )
     }
 
-    fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
+    fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
         s.handle_command(
             now,
             Command::Join(Join {
-                session,
+                session: SessionId(session),
                 room: "room".into(),
                 identity: identity.into(),
                 name: identity.into(),
@@ -296,13 +299,13 @@ mod tests {
         );
     }
 
-    fn drain(s: &mut Sfu) -> Vec<(SessionId, Option<Msg>)> {
+    fn drain(s: &mut Sfu) -> Vec<(u64, Option<Msg>)> {
         let mut out = Vec::new();
         loop {
             match s.poll_output() {
                 Output::Timeout(_) => return out,
-                Output::Signal(id, SignalOut::Message(m)) => out.push((id, Some(*m))),
-                Output::Signal(id, SignalOut::Close) => out.push((id, None)),
+                Output::Signal(id, SignalOut::Message(m)) => out.push((id.0, Some(*m))),
+                Output::Signal(id, SignalOut::Close) => out.push((id.0, None)),
                 _ => {}
             }
         }
@@ -316,16 +319,20 @@ mod tests {
         join(&mut s, now, 1, "alice");
         join(&mut s, now, 2, "bob");
         drain(&mut s);
-        let room = s.room_info("room").expect("room");
+        let room = s.room_info(&"room".into()).expect("room");
         assert!(room.sid.starts_with("RM_"));
         assert_eq!(room.num_participants, 2);
         assert_eq!(room.creation_time, 1_700_000_000);
-        assert!(s.room_info("other").is_none());
+        assert!(s.room_info(&"other".into()).is_none());
         assert_eq!(
-            s.participant_info("room", "bob").expect("bob").identity,
+            s.participant_info(&"room".into(), &"bob".into())
+                .expect("bob")
+                .identity,
             "bob"
         );
-        assert!(s.participant_info("room", "carol").is_none());
+        assert!(s
+            .participant_info(&"room".into(), &"carol".into())
+            .is_none());
 
         // Metadata, name and attributes: everyone (bob too) gets bob's new info.
         s.handle_command(
@@ -377,7 +384,7 @@ mod tests {
         s.handle_command(
             now,
             Command::Request {
-                session: 1,
+                session: SessionId(1),
                 message: Box::new(lk::signal_request::Message::AddTrack(lk::AddTrackRequest {
                     cid: "mic".into(),
                     r#type: lk::TrackType::Audio as i32,
@@ -386,7 +393,10 @@ mod tests {
             },
         );
         drain(&mut s);
-        let track = s.participant_info("room", "alice").expect("alice").tracks[0]
+        let track = s
+            .participant_info(&"room".into(), &"alice".into())
+            .expect("alice")
+            .tracks[0]
             .sid
             .clone();
         let mute = |sid: &str| Command::MuteTrack {
@@ -404,7 +414,12 @@ mod tests {
         ));
         assert!(msgs.iter().any(|(id, m)| *id == 2
             && matches!(m, Some(Msg::Update(u)) if u.participants.iter().any(|p| p.tracks.iter().any(|t| t.muted)))));
-        assert!(s.participant_info("room", "alice").expect("alice").tracks[0].muted);
+        assert!(
+            s.participant_info(&"room".into(), &"alice".into())
+                .expect("alice")
+                .tracks[0]
+                .muted
+        );
 
         // Deleting the room removes both with ROOM_DELETED and drops the room.
         s.handle_command(
@@ -422,6 +437,6 @@ mod tests {
                 "closed"
             );
         }
-        assert!(s.room_info("room").is_none());
+        assert!(s.room_info(&"room".into()).is_none());
     }
 }

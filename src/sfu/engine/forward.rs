@@ -9,6 +9,7 @@ use prost::Message as _;
 use str0m::media::{KeyframeRequestKind, MediaKind, Rid};
 
 use super::{rid_rank, Forward, OutState, SessionId, Sfu, KEYFRAME_THROTTLE};
+use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast;
 
 impl Sfu {
@@ -24,7 +25,7 @@ impl Sfu {
         let mut layers = room
             .participants
             .get_mut(&f.publisher)
-            .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == f.track_sid))
+            .and_then(|p| p.tracks.iter_mut().find(|t| t.sid == f.track_sid))
             .map(|t| std::mem::take(&mut t.layers))
             .unwrap_or_default();
         let mut touched = Vec::new();
@@ -50,7 +51,7 @@ impl Sfu {
                     // layer keeps flowing.
                     if f.data.rid == o.wanted_rid && f.keyframe {
                         tracing::debug!(
-                            session = p.session,
+                            session = %p.session,
                             track = %f.track_sid,
                             from = ?o.current_rid,
                             to = ?f.data.rid,
@@ -77,14 +78,14 @@ impl Sfu {
                 continue;
             };
             let Some(pt) = writer.match_params(f.data.params) else {
-                tracing::debug!(session = p.session, track = %f.track_sid, "no matching payload type");
+                tracing::debug!(session = %p.session, track = %f.track_sid, "no matching payload type");
                 continue;
             };
             let hz = f.data.time.frequency().get();
             let ts = o.timeline.map(source_key, f.data.time.numer(), hz, now);
             let time = str0m::media::MediaTime::new(ts, f.data.time.frequency());
             if let Err(e) = writer.write(pt, f.data.network_time, time, f.data.data.clone()) {
-                tracing::debug!(session = p.session, error = %e, "write failed");
+                tracing::debug!(session = %p.session, error = %e, "write failed");
                 continue;
             }
             touched.push(p.session);
@@ -92,7 +93,7 @@ impl Sfu {
         if let Some(t) = room
             .participants
             .get_mut(&f.publisher)
-            .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == f.track_sid))
+            .and_then(|p| p.tracks.iter_mut().find(|t| t.sid == f.track_sid))
         {
             std::mem::swap(&mut t.layers, &mut layers);
         }
@@ -106,13 +107,13 @@ impl Sfu {
         &mut self,
         now: Instant,
         publisher: SessionId,
-        track_sid: &str,
+        track_sid: &TrackSid,
         rid: Option<Rid>,
     ) {
         let Some(p) = self.participant_mut(publisher) else {
             return;
         };
-        let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == track_sid) else {
+        let Some(t) = p.tracks.iter_mut().find(|t| t.sid == *track_sid) else {
             return;
         };
         if t.kind != MediaKind::Video {
@@ -137,7 +138,7 @@ impl Sfu {
 
     pub(super) fn relay_data(&mut self, sender: SessionId, reliable: bool, bytes: &[u8]) {
         let Ok(mut packet) = lk::DataPacket::decode(bytes) else {
-            tracing::debug!(sender, "undecodable data packet dropped");
+            tracing::debug!(%sender, "undecodable data packet dropped");
             return;
         };
         let Some(room_name) = self.sessions.get(&sender).cloned() else {
@@ -180,7 +181,7 @@ impl Sfu {
             };
             if let Some(mut ch) = id.and_then(|id| p.subscriber.rtc.channel(id)) {
                 if let Err(e) = ch.write(true, &encoded) {
-                    tracing::debug!(session = p.session, error = %e, "data write failed");
+                    tracing::debug!(session = %p.session, error = %e, "data write failed");
                 }
             }
         }

@@ -11,6 +11,8 @@ use str0m::channel::{ChannelConfig, Reliability};
 use str0m::media::{Direction, MediaKind};
 use str0m::Candidate;
 
+use crate::sfu::ids::TrackSid;
+
 use super::{new_out, OutState, Output, PcKind, SessionId, Sfu, SfuEvent};
 
 impl Sfu {
@@ -34,7 +36,7 @@ impl Sfu {
         let offer = match SdpOffer::from_sdp_string(&sdp) {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!(session, error = %e, "unparseable publisher offer");
+                tracing::warn!(%session, error = %e, "unparseable publisher offer");
                 return;
             }
         };
@@ -48,7 +50,7 @@ impl Sfu {
                 };
                 self.signal(session, Msg::Answer(answer));
             }
-            Err(e) => tracing::warn!(session, error = %e, "publisher offer refused"),
+            Err(e) => tracing::warn!(%session, error = %e, "publisher offer refused"),
         }
         self.drain(now, session);
     }
@@ -63,23 +65,23 @@ impl Sfu {
             return;
         };
         let Some((pending, id)) = p.sub_pending.take() else {
-            tracing::debug!(session, "answer without a pending offer");
+            tracing::debug!(%session, "answer without a pending offer");
             return;
         };
         if sd.id != 0 && sd.id != id {
-            tracing::debug!(session, got = sd.id, want = id, "stale subscriber answer");
+            tracing::debug!(%session, got = sd.id, want = id, "stale subscriber answer");
             p.sub_pending = Some((pending, id));
             return;
         }
         let answer = match SdpAnswer::from_sdp_string(&sd.sdp) {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(session, error = %e, "unparseable subscriber answer");
+                tracing::warn!(%session, error = %e, "unparseable subscriber answer");
                 return;
             }
         };
         if let Err(e) = p.subscriber.rtc.sdp_api().accept_answer(pending, answer) {
-            tracing::warn!(session, error = %e, "subscriber answer refused");
+            tracing::warn!(%session, error = %e, "subscriber answer refused");
             return;
         }
         for o in &mut p.outs {
@@ -94,7 +96,7 @@ impl Sfu {
         p.outs
             .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
         // Newly open video needs a keyframe from its publisher.
-        let wants: Vec<(SessionId, String)> = p
+        let wants: Vec<(SessionId, TrackSid)> = p
             .outs
             .iter()
             .filter(|o| o.kind == MediaKind::Video)
@@ -118,7 +120,7 @@ impl Sfu {
             candidate: String,
         }
         let Ok(init) = serde_json::from_str::<Init>(&t.candidate_init) else {
-            tracing::debug!(session, "unparseable trickle candidate");
+            tracing::debug!(%session, "unparseable trickle candidate");
             return;
         };
         if init.candidate.is_empty() {
@@ -131,17 +133,22 @@ impl Sfu {
                     pc.rtc.add_remote_candidate(c);
                 }
             }
-            Err(e) => tracing::debug!(session, error = %e, "ignored remote candidate"),
+            Err(e) => tracing::debug!(%session, error = %e, "ignored remote candidate"),
         }
     }
 
-    pub(super) fn subscribe_all_to(&mut self, now: Instant, publisher: SessionId, track_sid: &str) {
+    pub(super) fn subscribe_all_to(
+        &mut self,
+        now: Instant,
+        publisher: SessionId,
+        track_sid: &TrackSid,
+    ) {
         let Some(room_name) = self.sessions.get(&publisher).cloned() else {
             return;
         };
         // Media is bound: the track is published (webhooks).
         let published = self.participant_mut(publisher).and_then(|p| {
-            let track = p.tracks.iter().find(|t| t.info.sid == track_sid)?;
+            let track = p.tracks.iter().find(|t| t.sid == *track_sid)?;
             let mut info = p.info.clone();
             info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
             Some((Box::new(info), Box::new(track.info.clone())))
@@ -171,7 +178,7 @@ impl Sfu {
         }
     }
 
-    pub(super) fn subscribe(&mut self, _now: Instant, session: SessionId, track_sid: &str) {
+    pub(super) fn subscribe(&mut self, _now: Instant, session: SessionId, track_sid: &TrackSid) {
         let Some(room_name) = self.sessions.get(&session).cloned() else {
             return;
         };
@@ -181,7 +188,7 @@ impl Sfu {
         let found = room.participants.values().find_map(|p| {
             p.tracks
                 .iter()
-                .find(|t| t.info.sid == track_sid && t.mid.is_some())
+                .find(|t| t.sid == *track_sid && t.mid.is_some())
                 .map(|t| (p.session, new_out(p, t)))
         });
         let Some((publisher, out)) = found else {
@@ -194,7 +201,7 @@ impl Sfu {
             return;
         };
         let may = p.info.permission.as_ref().is_some_and(|x| x.can_subscribe);
-        if !may || p.outs.iter().any(|o| o.track_sid == track_sid) {
+        if !may || p.outs.iter().any(|o| o.track_sid == *track_sid) {
             return;
         }
         p.outs.push(out);
@@ -246,7 +253,7 @@ impl Sfu {
                         o.kind,
                         Direction::SendOnly,
                         Some(o.stream_id.clone()),
-                        Some(o.track_sid.clone()),
+                        Some(o.track_sid.to_string()),
                         None,
                     );
                     o.state = OutState::Negotiating(mid);
@@ -267,7 +274,7 @@ impl Sfu {
         let mut mid_to_track_id = HashMap::new();
         for o in &p.outs {
             if let Some(m) = o.mid() {
-                mid_to_track_id.insert(m.to_string(), o.track_sid.clone());
+                mid_to_track_id.insert(m.to_string(), o.track_sid.to_string());
             }
         }
         p.sub_offer_id = id;
@@ -281,7 +288,7 @@ impl Sfu {
         self.signal(session, Msg::Offer(sd));
     }
 
-    pub(super) fn unpublish(&mut self, now: Instant, publisher: SessionId, track_sid: &str) {
+    pub(super) fn unpublish(&mut self, now: Instant, publisher: SessionId, track_sid: &TrackSid) {
         let Some(room_name) = self.sessions.get(&publisher).cloned() else {
             return;
         };
@@ -289,7 +296,7 @@ impl Sfu {
         if let Some(room) = self.rooms.get_mut(&room_name) {
             for p in room.participants.values_mut() {
                 let mut hit = false;
-                for o in p.outs.iter_mut().filter(|o| o.track_sid == track_sid) {
+                for o in p.outs.iter_mut().filter(|o| o.track_sid == *track_sid) {
                     hit = true;
                     o.state = match o.state {
                         OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
@@ -297,7 +304,7 @@ impl Sfu {
                     };
                 }
                 p.outs
-                    .retain(|o| !(o.track_sid == track_sid && o.state == OutState::ToOpen));
+                    .retain(|o| !(o.track_sid == *track_sid && o.state == OutState::ToOpen));
                 if hit {
                     touched.push(p.session);
                 }

@@ -8,6 +8,7 @@ use lk::signal_response::Message as Msg;
 use str0m::media::{MediaKind, Rid};
 
 use super::{msg, OutState, Output, SessionId, Sfu, Track, QUALITY_INTERVAL, SPEAKER_INTERVAL};
+use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast;
 
 impl Sfu {
@@ -72,24 +73,24 @@ impl Sfu {
     fn update_layers(&mut self, now: Instant) {
         for room in self.rooms.values_mut() {
             // What subscribers want of each video track, and whether it is alive.
-            let mut wants: Vec<(SessionId, String, Option<i32>, bool)> = Vec::new();
+            let mut wants: Vec<(SessionId, TrackSid, Option<i32>, bool)> = Vec::new();
             for p in room.participants.values() {
                 for t in p.tracks.iter().filter(|t| t.kind == MediaKind::Video) {
                     let max = room
                         .participants
                         .values()
                         .flat_map(|s| s.outs.iter())
-                        .filter(|o| o.track_sid == t.info.sid && !o.disabled)
+                        .filter(|o| o.track_sid == t.sid && !o.disabled)
                         .map(|o| o.max_quality)
                         .max();
-                    wants.push((p.session, t.info.sid.clone(), max, t.layers.any_alive(now)));
+                    wants.push((p.session, t.sid.clone(), max, t.layers.any_alive(now)));
                 }
             }
             for (publisher, sid, max, alive) in wants {
                 let Some(p) = room.participants.get_mut(&publisher) else {
                     continue;
                 };
-                if let Some(t) = p.tracks.iter_mut().find(|t| t.info.sid == sid) {
+                if let Some(t) = p.tracks.iter_mut().find(|t| t.sid == sid) {
                     let enabled = simulcast::enabled_qualities(max);
                     if t.layers.is_simulcast() && t.sent_qualities != Some(enabled) {
                         t.sent_qualities = Some(enabled);
@@ -109,7 +110,7 @@ impl Sfu {
                             .unwrap_or("vp8")
                             .to_ascii_lowercase();
                         let update = Msg::SubscribedQualityUpdate(lk::SubscribedQualityUpdate {
-                            track_sid: sid.clone(),
+                            track_sid: sid.to_string(),
                             subscribed_qualities: qualities.clone(),
                             subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
                         });
@@ -138,7 +139,7 @@ impl Sfu {
                             let m = Msg::StreamStateUpdate(lk::StreamStateUpdate {
                                 stream_states: vec![lk::StreamStateInfo {
                                     participant_sid: publisher_sid.clone(),
-                                    track_sid: sid.clone(),
+                                    track_sid: sid.to_string(),
                                     state: state as i32,
                                 }],
                             });
@@ -157,17 +158,17 @@ impl Sfu {
         s: lk::UpdateTrackSettings,
     ) {
         // Dimensions map to a quality through the publisher's announced layers.
-        let mut wanted: Vec<(String, i32)> = Vec::new();
-        for sid in &s.track_sids {
+        let mut wanted: Vec<(TrackSid, i32)> = Vec::new();
+        for sid in s.track_sids.iter().map(|s| TrackSid::from(s.as_str())) {
             let quality = if s.width > 0 || s.height > 0 {
-                self.track(sid)
+                self.track(&sid)
                     .map_or(simulcast::HIGH, |t| t.layers.quality_for(s.width, s.height))
             } else {
                 s.quality.clamp(simulcast::LOW, simulcast::HIGH)
             };
-            wanted.push((sid.clone(), quality));
+            wanted.push((sid, quality));
         }
-        tracing::debug!(session, settings = ?s, ?wanted, "track settings");
+        tracing::debug!(%session, settings = ?s, ?wanted, "track settings");
         #[allow(deprecated)]
         let off = s.disabled || s.quality == lk::VideoQuality::Off as i32;
         let mut keyframes = Vec::new();
@@ -194,26 +195,31 @@ impl Sfu {
     }
 
     /// A published track by SID.
-    fn track(&self, track_sid: &str) -> Option<&Track> {
+    fn track(&self, track_sid: &TrackSid) -> Option<&Track> {
         self.rooms.values().find_map(|r| {
             r.participants
                 .values()
-                .find_map(|p| p.tracks.iter().find(|t| t.info.sid == track_sid))
+                .find_map(|p| p.tracks.iter().find(|t| t.sid == *track_sid))
         })
     }
 
     /// Asks the publisher for keyframes of the layers its subscribers now want.
-    fn request_keyframe_for_subscribers(&mut self, now: Instant, publisher: SessionId, sid: &str) {
+    fn request_keyframe_for_subscribers(
+        &mut self,
+        now: Instant,
+        publisher: SessionId,
+        sid: &TrackSid,
+    ) {
         let mut rids: Vec<Option<Rid>> = Vec::new();
         if let Some(room_name) = self.sessions.get(&publisher).cloned() {
             if let Some(room) = self.rooms.get(&room_name) {
                 let layers = room
                     .participants
                     .get(&publisher)
-                    .and_then(|p| p.tracks.iter().find(|t| t.info.sid == sid))
+                    .and_then(|p| p.tracks.iter().find(|t| t.sid == *sid))
                     .map(|t| &t.layers);
                 for p in room.participants.values() {
-                    for o in p.outs.iter().filter(|o| o.track_sid == sid && !o.disabled) {
+                    for o in p.outs.iter().filter(|o| o.track_sid == *sid && !o.disabled) {
                         let rid = layers.and_then(|l| l.choose(o.max_quality, now));
                         if !rids.contains(&rid) {
                             rids.push(rid);
@@ -226,7 +232,7 @@ impl Sfu {
             // Separate layers are separate requests; the throttle is per track, so clear it.
             if let Some(t) = self
                 .participant_mut(publisher)
-                .and_then(|p| p.tracks.iter_mut().find(|t| t.info.sid == sid))
+                .and_then(|p| p.tracks.iter_mut().find(|t| t.sid == *sid))
             {
                 t.last_keyframe_request = None;
             }

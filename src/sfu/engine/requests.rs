@@ -8,6 +8,7 @@ use lk::signal_response::Message as Msg;
 use str0m::media::MediaKind;
 
 use super::{OutState, SessionId, Sfu, Track, MAX_TRACKS_PER_PARTICIPANT, TRACK_PREFIX};
+use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast::Layers;
 
 impl Sfu {
@@ -15,14 +16,14 @@ impl Sfu {
     // older clients, so they are filled too.
     #[allow(deprecated)]
     pub(super) fn add_track(&mut self, now: Instant, session: SessionId, req: lk::AddTrackRequest) {
-        let track_sid = self.ids.sid(TRACK_PREFIX);
+        let track_sid = TrackSid::new(self.ids.sid(TRACK_PREFIX));
         let unix_now = self.unix_now;
         let Some(p) = self.participant_mut(session) else {
             return;
         };
         let can_publish = p.info.permission.as_ref().is_some_and(|x| x.can_publish);
         if !can_publish {
-            tracing::info!(session, cid = %req.cid, "add_track without canPublish refused");
+            tracing::info!(%session, cid = %req.cid, "add_track without canPublish refused");
             self.signal(
                 session,
                 Msg::RequestResponse(lk::RequestResponse {
@@ -35,7 +36,7 @@ impl Sfu {
         }
         if p.tracks.len() >= MAX_TRACKS_PER_PARTICIPANT || p.tracks.iter().any(|t| t.cid == req.cid)
         {
-            tracing::warn!(session, cid = %req.cid, "add_track refused (limit or duplicate cid)");
+            tracing::warn!(%session, cid = %req.cid, "add_track refused (limit or duplicate cid)");
             self.signal(
                 session,
                 Msg::RequestResponse(lk::RequestResponse {
@@ -68,7 +69,7 @@ impl Sfu {
             "audio/opus"
         };
         let info = lk::TrackInfo {
-            sid: track_sid,
+            sid: track_sid.to_string(),
             r#type: req.r#type,
             name: req.name.clone(),
             muted: req.muted,
@@ -99,6 +100,7 @@ impl Sfu {
             ..Default::default()
         };
         let mut track = Track {
+            sid: track_sid,
             info: info.clone(),
             cid: req.cid.clone(),
             kind,
@@ -125,10 +127,10 @@ impl Sfu {
             track.info.mid = mid.to_string();
         }
         let bound = track.mid.is_some();
-        let sid = track.info.sid.clone();
+        let sid = track.sid.clone();
         p.tracks.push(track);
         p.info.is_publisher = true;
-        tracing::info!(session, cid = %req.cid, track = %sid, "track published");
+        tracing::info!(%session, cid = %req.cid, track = %sid, "track published");
         self.signal(
             session,
             Msg::TrackPublished(lk::TrackPublishedResponse {
@@ -153,7 +155,7 @@ impl Sfu {
             return;
         }
         t.info.muted = muted;
-        tracing::info!(session, track = track_sid, muted, "track mute changed");
+        tracing::info!(%session, track = track_sid, muted, "track mute changed");
         self.broadcast_participant(session);
     }
 
@@ -215,7 +217,7 @@ impl Sfu {
         for pt in &s.participant_tracks {
             sids.extend(pt.track_sids.iter().cloned());
         }
-        for sid in sids {
+        for sid in sids.into_iter().map(TrackSid::from) {
             if s.subscribe {
                 self.subscribe(now, session, &sid);
             } else if let Some(p) = self.participant_mut(session) {

@@ -24,11 +24,11 @@ fn permission(publish: bool) -> lk::ParticipantPermission {
     }
 }
 
-fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
+fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
     s.handle_command(
         now,
         Command::Join(Join {
-            session,
+            session: SessionId(session),
             room: "room".into(),
             identity: identity.into(),
             name: identity.into(),
@@ -41,14 +41,14 @@ fn join(s: &mut Sfu, now: Instant, session: SessionId, identity: &str) {
 }
 
 /// Drains outputs: signal messages per session, in order, and lifecycle events.
-fn drain(s: &mut Sfu) -> (Vec<(SessionId, Msg)>, Vec<SfuEvent>, usize) {
+fn drain(s: &mut Sfu) -> (Vec<(u64, Msg)>, Vec<SfuEvent>, usize) {
     let mut msgs = Vec::new();
     let mut events = Vec::new();
     let mut closes = 0;
     loop {
         match s.poll_output() {
             Output::Timeout(_) => return (msgs, events, closes),
-            Output::Signal(id, SignalOut::Message(m)) => msgs.push((id, *m)),
+            Output::Signal(id, SignalOut::Message(m)) => msgs.push((id.0, *m)),
             Output::Signal(_, SignalOut::Close) => closes += 1,
             Output::Event(e) => events.push(e),
             Output::Transmit(_) => {}
@@ -56,11 +56,11 @@ fn drain(s: &mut Sfu) -> (Vec<(SessionId, Msg)>, Vec<SfuEvent>, usize) {
     }
 }
 
-fn request(s: &mut Sfu, now: Instant, session: SessionId, m: lk::signal_request::Message) {
+fn request(s: &mut Sfu, now: Instant, session: u64, m: lk::signal_request::Message) {
     s.handle_command(
         now,
         Command::Request {
-            session,
+            session: SessionId(session),
             message: Box::new(m),
         },
     );
@@ -102,7 +102,7 @@ fn publisher_offer(now: Instant, cid: &str) -> (Rtc, String) {
     (client, offer.to_sdp_string())
 }
 
-fn versions_of(msgs: &[(SessionId, Msg)], to: SessionId, sid: &str) -> Vec<u32> {
+fn versions_of(msgs: &[(u64, Msg)], to: u64, sid: &str) -> Vec<u32> {
     msgs.iter()
         .filter(|(id, _)| *id == to)
         .filter_map(|(_, m)| match m {
@@ -230,8 +230,8 @@ fn others_learn_of_joins_and_leaves_with_increasing_versions() {
     s.handle_command(
         now,
         Command::Disconnect {
-            session: 2,
-            reason: lk::DisconnectReason::ClientInitiated as i32,
+            session: SessionId(2),
+            reason: lk::DisconnectReason::ClientInitiated,
         },
     );
     let (msgs, events, closes) = drain(&mut s);
@@ -244,7 +244,7 @@ fn others_learn_of_joins_and_leaves_with_increasing_versions() {
     assert!(gone.version > 1);
     assert_eq!(closes, 1);
     assert!(matches!(&events[0], SfuEvent::ParticipantLeft { identity, .. } if identity == "bob"));
-    assert_eq!(s.participant_count("room"), 1);
+    assert_eq!(s.participant_count(&"room".into()), 1);
 }
 
 #[test]
@@ -264,7 +264,7 @@ fn duplicate_identity_replaces_the_old_session() {
         lk::DisconnectReason::DuplicateIdentity as i32
     );
     assert_eq!(closes, 1);
-    assert_eq!(s.participant_count("room"), 1);
+    assert_eq!(s.participant_count(&"room".into()), 1);
 }
 
 #[test]
@@ -274,7 +274,7 @@ fn publishing_without_permission_is_refused() {
     s.handle_command(
         now,
         Command::Join(Join {
-            session: 1,
+            session: SessionId(1),
             room: "room".into(),
             identity: "viewer".into(),
             name: String::new(),
@@ -399,7 +399,7 @@ impl Peer {
 }
 
 /// Moves packets between the engine and the peers until everything is quiet at `now`.
-fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(SessionId, Msg)>) {
+fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(u64, Msg)>) {
     for _ in 0..1000 {
         let mut moved = false;
         loop {
@@ -413,7 +413,7 @@ fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(Sess
                         moved = true;
                     }
                 }
-                Output::Signal(id, SignalOut::Message(m)) => msgs.push((id, *m)),
+                Output::Signal(id, SignalOut::Message(m)) => msgs.push((id.0, *m)),
                 _ => {}
             }
         }
@@ -544,7 +544,7 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
         now,
         &mut msgs,
     );
-    let mut all: Vec<(SessionId, Msg)> = msgs.clone();
+    let mut all: Vec<(u64, Msg)> = msgs.clone();
     let answer = msgs
         .iter()
         .find_map(|(id, m)| match m {
@@ -602,7 +602,7 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
         .iter()
         .position(|(id, m)| *id == 2 && matches!(m, Msg::Offer(o) if o.sdp.contains("m=audio")));
     let update_pos = msgs_update_with_track_pos(&all, 2);
-    let alice_sid = s.participants("room")[0].sid.clone();
+    let alice_sid = s.participants(&"room".into())[0].sid.clone();
     let (offer_pos, update_pos) = (offer_pos.expect("bob offered the track"), update_pos);
     let update_pos = update_pos.expect("bob told of alice's track");
     assert!(
@@ -638,7 +638,7 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
     bob
 }
 
-fn msgs_update_with_track_pos(all: &[(SessionId, Msg)], to: SessionId) -> Option<usize> {
+fn msgs_update_with_track_pos(all: &[(u64, Msg)], to: u64) -> Option<usize> {
     all.iter().position(|(id, m)| {
         *id == to
             && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| !p.tracks.is_empty()))
@@ -714,7 +714,7 @@ fn hostile_datagrams_are_dropped_and_counted() {
     assert!(st.dropped_unknown_peer > 20_000, "{st:?}");
     assert!(st.dropped_invalid > 0, "{st:?}");
     assert_eq!(
-        s.participant_count("room"),
+        s.participant_count(&"room".into()),
         1,
         "the participant is unharmed"
     );
