@@ -7,6 +7,7 @@
 //! arguments.
 
 mod facade;
+pub mod lifecycle;
 pub mod sqlite;
 
 pub use facade::AsyncStore;

@@ -9,6 +9,7 @@ use ruma::events::room::member::MembershipState;
 use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, UInt, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::lifecycle::{self, ActiveMember, CallLedger, CallSummary};
 use super::{
     CallChange, CallMemberJoin, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
     Store, StoreError, TxnOutcome,
@@ -146,146 +147,153 @@ fn apply_membership(
     Ok(())
 }
 
-fn active_members(tx: &rusqlite::Transaction<'_>, call_key: i64) -> Result<i64, StoreError> {
-    Ok(tx.query_row(
-        "SELECT COUNT(*) FROM rtc_call_member WHERE call_key = ?1 AND left_ts IS NULL",
-        [call_key],
-        |r| r.get(0),
-    )?)
-}
+/// The lifecycle rules' reads and writes on one SQLite transaction.
+struct TxLedger<'a, 'c>(&'a rusqlite::Transaction<'c>);
 
-fn call_member_joined(
-    tx: &rusqlite::Transaction<'_>,
-    j: &CallMemberJoin,
-) -> Result<Vec<CallChange>, StoreError> {
-    let mut changes = Vec::new();
-    // A membership moving to another call leaves the old one first.
-    let current: Option<i64> = tx
-        .query_row(
-            "SELECT m.call_key FROM rtc_call_member m JOIN rtc_call c USING (call_key)
-             WHERE m.room_id = ?1 AND m.member_key = ?2 AND m.left_ts IS NULL",
-            params![j.room_id.as_str(), j.member_key],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let existing: Option<i64> = tx
-        .query_row(
-            "SELECT call_key FROM rtc_call
-             WHERE room_id = ?1 AND application = ?2 AND call_id = ?3 AND ended_ts IS NULL",
-            params![j.room_id.as_str(), j.application, j.call_id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if let Some(cur) = current {
-        if Some(cur) != existing {
-            changes.extend(call_member_left(tx, &j.room_id, &j.member_key, j.ts)?);
-        }
+impl CallLedger for TxLedger<'_, '_> {
+    fn active_member(
+        &mut self,
+        room_id: &RoomId,
+        member_key: &str,
+    ) -> Result<Option<ActiveMember>, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT call_key, user_id, device_id FROM rtc_call_member
+                 WHERE room_id = ?1 AND member_key = ?2 AND left_ts IS NULL",
+                params![room_id.as_str(), member_key],
+                |r| {
+                    Ok(ActiveMember {
+                        call_key: r.get(0)?,
+                        user_id: r.get(1)?,
+                        device_id: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
     }
-    let call_key = match existing {
-        Some(k) => k,
-        None => {
-            tx.execute(
-                "INSERT INTO rtc_call (room_id, application, call_id, started_by, started_ts)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    j.room_id.as_str(),
-                    j.application,
-                    j.call_id,
-                    j.user_id.as_str(),
-                    j.ts
-                ],
-            )?;
-            changes.push(CallChange::Started {
-                room_id: j.room_id.clone(),
-                started_by: j.user_id.clone(),
-            });
-            tx.last_insert_rowid()
-        }
-    };
-    tx.execute(
-        "INSERT INTO rtc_call_member
-           (call_key, room_id, member_key, user_id, device_id, membership_id, focus_active,
-            foci_preferred, event_id, joined_ts, expires_ts, left_ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)
-         ON CONFLICT (call_key, member_key) DO UPDATE SET
-           user_id = excluded.user_id, device_id = excluded.device_id,
-           membership_id = excluded.membership_id, focus_active = excluded.focus_active,
-           foci_preferred = excluded.foci_preferred, event_id = excluded.event_id,
-           expires_ts = excluded.expires_ts,
-           joined_ts = CASE WHEN rtc_call_member.left_ts IS NULL
-                            THEN rtc_call_member.joined_ts ELSE excluded.joined_ts END,
-           left_ts = NULL",
-        params![
-            call_key,
-            j.room_id.as_str(),
-            j.member_key,
-            j.user_id.as_str(),
-            j.device_id,
-            j.membership_id,
-            j.focus_active,
-            j.foci_preferred,
-            j.event_id,
-            j.ts,
-            j.expires_ts
-        ],
-    )?;
-    let n = active_members(tx, call_key)?;
-    tx.execute(
-        "UPDATE rtc_call SET peak_members = MAX(peak_members, ?2) WHERE call_key = ?1",
-        params![call_key, n],
-    )?;
-    Ok(changes)
-}
 
-fn call_member_left(
-    tx: &rusqlite::Transaction<'_>,
-    room_id: &RoomId,
-    member_key: &str,
-    ts: i64,
-) -> Result<Vec<CallChange>, StoreError> {
-    let row: Option<(i64, String, String)> = tx
-        .query_row(
-            "SELECT call_key, user_id, device_id FROM rtc_call_member
-             WHERE room_id = ?1 AND member_key = ?2 AND left_ts IS NULL",
-            params![room_id.as_str(), member_key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let Some((call_key, user, device)) = row else {
-        return Ok(Vec::new());
-    };
-    tx.execute(
-        "UPDATE rtc_call_member SET left_ts = ?3 WHERE call_key = ?1 AND member_key = ?2",
-        params![call_key, member_key, ts],
-    )?;
-    let mut changes = Vec::new();
-    if let Ok(user_id) = UserId::parse(&user) {
-        changes.push(CallChange::MemberLeft {
-            room_id: room_id.to_owned(),
-            user_id,
-            device_id: device,
-        });
+    fn active_call(
+        &mut self,
+        room_id: &RoomId,
+        application: &str,
+        call_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT call_key FROM rtc_call
+                 WHERE room_id = ?1 AND application = ?2 AND call_id = ?3 AND ended_ts IS NULL",
+                params![room_id.as_str(), application, call_id],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
-    if active_members(tx, call_key)? == 0 {
-        let (started_by, started_ts, peak): (String, i64, i64) = tx.query_row(
+
+    fn insert_call(&mut self, j: &CallMemberJoin) -> Result<i64, StoreError> {
+        self.0.execute(
+            "INSERT INTO rtc_call (room_id, application, call_id, started_by, started_ts)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                j.room_id.as_str(),
+                j.application,
+                j.call_id,
+                j.user_id.as_str(),
+                j.ts
+            ],
+        )?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    fn upsert_member(&mut self, call_key: i64, j: &CallMemberJoin) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO rtc_call_member
+               (call_key, room_id, member_key, user_id, device_id, membership_id, focus_active,
+                foci_preferred, event_id, joined_ts, expires_ts, left_ts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)
+             ON CONFLICT (call_key, member_key) DO UPDATE SET
+               user_id = excluded.user_id, device_id = excluded.device_id,
+               membership_id = excluded.membership_id, focus_active = excluded.focus_active,
+               foci_preferred = excluded.foci_preferred, event_id = excluded.event_id,
+               expires_ts = excluded.expires_ts,
+               joined_ts = CASE WHEN rtc_call_member.left_ts IS NULL
+                                THEN rtc_call_member.joined_ts ELSE excluded.joined_ts END,
+               left_ts = NULL",
+            params![
+                call_key,
+                j.room_id.as_str(),
+                j.member_key,
+                j.user_id.as_str(),
+                j.device_id,
+                j.membership_id,
+                j.focus_active,
+                j.foci_preferred,
+                j.event_id,
+                j.ts,
+                j.expires_ts
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn mark_left(&mut self, call_key: i64, member_key: &str, ts: i64) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE rtc_call_member SET left_ts = ?3 WHERE call_key = ?1 AND member_key = ?2",
+            params![call_key, member_key, ts],
+        )?;
+        Ok(())
+    }
+
+    fn active_count(&mut self, call_key: i64) -> Result<i64, StoreError> {
+        Ok(self.0.query_row(
+            "SELECT COUNT(*) FROM rtc_call_member WHERE call_key = ?1 AND left_ts IS NULL",
+            [call_key],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn summary(&mut self, call_key: i64) -> Result<CallSummary, StoreError> {
+        Ok(self.0.query_row(
             "SELECT started_by, started_ts, peak_members FROM rtc_call WHERE call_key = ?1",
             [call_key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        let ended = ts.max(started_ts);
-        tx.execute(
-            "UPDATE rtc_call SET ended_ts = ?2 WHERE call_key = ?1",
-            params![call_key, ended],
-        )?;
-        changes.push(CallChange::Ended {
-            room_id: room_id.to_owned(),
-            started_by,
-            started_ts,
-            ended_ts: ended,
-            peak_members: peak,
-        });
+            |r| {
+                Ok(CallSummary {
+                    started_by: r.get(0)?,
+                    started_ts: r.get(1)?,
+                    peak_members: r.get(2)?,
+                })
+            },
+        )?)
     }
-    Ok(changes)
+
+    fn set_peak(&mut self, call_key: i64, peak: i64) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE rtc_call SET peak_members = ?2 WHERE call_key = ?1",
+            params![call_key, peak],
+        )?;
+        Ok(())
+    }
+
+    fn end_call(&mut self, call_key: i64, ended_ts: i64) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE rtc_call SET ended_ts = ?2 WHERE call_key = ?1",
+            params![call_key, ended_ts],
+        )?;
+        Ok(())
+    }
+
+    fn active_keys_of(
+        &mut self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT member_key FROM rtc_call_member
+             WHERE room_id = ?1 AND user_id = ?2 AND left_ts IS NULL",
+        )?;
+        let rows = stmt.query_map(params![room_id.as_str(), user_id.as_str()], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
 }
 
 fn row_to_membership(row: &rusqlite::Row<'_>) -> Result<MembershipRecord, StoreError> {
@@ -334,23 +342,7 @@ impl Store for SqliteStore {
                 match effect {
                     Effect::Membership(m) => {
                         apply_membership(&tx, txn_id, m)?;
-                        if m.membership != MembershipState::Join {
-                            let keys: Vec<String> = {
-                                let mut stmt = tx.prepare_cached(
-                                    "SELECT member_key FROM rtc_call_member
-                                     WHERE room_id = ?1 AND user_id = ?2 AND left_ts IS NULL",
-                                )?;
-                                let rows = stmt.query_map(
-                                    params![m.room_id.as_str(), m.user_id.as_str()],
-                                    |r| r.get(0),
-                                )?;
-                                rows.collect::<Result<_, _>>()?
-                            };
-                            for key in keys {
-                                let ts = ts_to_i64(m.origin_server_ts);
-                                changes.extend(call_member_left(&tx, &m.room_id, &key, ts)?);
-                            }
-                        }
+                        changes.extend(lifecycle::membership_changed(&mut TxLedger(&tx), m)?);
                     }
                     Effect::SenderJoined(m) => {
                         tx.execute(
@@ -366,7 +358,9 @@ impl Store for SqliteStore {
                             ],
                         )?;
                     }
-                    Effect::CallMemberJoined(j) => changes.extend(call_member_joined(&tx, j)?),
+                    Effect::CallMemberJoined(j) => {
+                        changes.extend(lifecycle::member_joined(&mut TxLedger(&tx), j)?)
+                    }
                     Effect::RoomEncrypted {
                         room_id,
                         algorithm,
@@ -384,7 +378,12 @@ impl Store for SqliteStore {
                         room_id,
                         member_key,
                         ts,
-                    } => changes.extend(call_member_left(&tx, room_id, member_key, *ts)?),
+                    } => changes.extend(lifecycle::member_left(
+                        &mut TxLedger(&tx),
+                        room_id,
+                        member_key,
+                        *ts,
+                    )?),
                 }
             }
             tx.execute(
@@ -543,7 +542,12 @@ impl Store for SqliteStore {
                 let Ok(room_id) = RoomId::parse(&room) else {
                     continue;
                 };
-                changes.extend(call_member_left(&tx, &room_id, &key, at)?);
+                changes.extend(lifecycle::member_left(
+                    &mut TxLedger(&tx),
+                    &room_id,
+                    &key,
+                    at,
+                )?);
             }
             tx.commit()?;
             Ok(changes)
