@@ -295,9 +295,10 @@ async fn issue(state: &AppState, req: Normalized) -> Result<TokenResponse, AuthE
     } = &who;
     let unix = crate::clock::unix_secs();
     if *full_access {
-        state
-            .rooms
-            .create(room, RoomOptions::default(), now, unix as i64);
+        if let Some(sfu) = &state.sfu {
+            sfu.create_room(&room.as_str().into(), RoomOptions::default())
+                .await;
+        }
     }
     let local = user_id.server_name() == state.config.matrix.server_name;
     let auth = &state.config.auth;

@@ -15,10 +15,12 @@ use super::ids::{
     Ids, ParticipantIdentity, ParticipantSid, RoomName, RoomSid, TrackSid, PARTICIPANT_PREFIX,
     ROOM_PREFIX, TRACK_PREFIX,
 };
+use super::registry::RegisteredRoom;
 
 mod admin;
 mod downtrack;
 mod forward;
+mod lifetime;
 mod negotiate;
 mod participant;
 mod periodic;
@@ -309,7 +311,13 @@ struct Forward {
 pub struct Sfu {
     config: SfuConfig,
     ids: Ids,
+    /// Rooms with participants.
     rooms: BTreeMap<RoomName, Room>,
+    /// Room records and lifetimes (created rooms, with or without participants).
+    registered: BTreeMap<RoomName, RegisteredRoom>,
+    /// Whether `registered` changed since the loop last published it.
+    rooms_changed: bool,
+    /// Which room each session is in.
     sessions: HashMap<SessionId, RoomName>,
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
@@ -361,6 +369,8 @@ impl Sfu {
             config,
             ids,
             rooms: BTreeMap::new(),
+            registered: BTreeMap::new(),
+            rooms_changed: false,
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
@@ -414,6 +424,9 @@ impl Sfu {
         };
         if let Some(q) = self.next_quality {
             take(q);
+        }
+        if let Some(e) = self.next_expiry() {
+            take(e);
         }
         for room in self.rooms.values() {
             for p in room.participants.values() {
@@ -527,6 +540,7 @@ impl Sfu {
             );
             self.leave(now, session, reason, true);
         }
+        self.expire_rooms(now);
         if self.next_speakers.is_some_and(|t| t <= now) {
             self.update_speakers(now);
         }
@@ -577,6 +591,9 @@ impl Sfu {
             auto_subscribe,
             client_protocol,
         } = join;
+        if self.refuse_if_full(session, &room_name, &identity) {
+            return;
+        }
         // One participant per identity: the newcomer replaces the old session.
         if let Some(old) = self.session_of(&room_name, &identity) {
             self.leave(now, old, lk::DisconnectReason::DuplicateIdentity, true);
@@ -724,6 +741,7 @@ impl Sfu {
             }
         }
         room.participants.insert(session, participant);
+        self.count_participant(now, &room_name, true);
         // The first subscriber offer: data channels plus existing tracks (fast start).
         self.renegotiate(now, session);
         let info = self
@@ -805,6 +823,7 @@ impl Sfu {
             }
         }
         let finished = room.participants.is_empty().then(|| room.sid.clone());
+        self.count_participant(now, &room_name, false);
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
             room: room_name.clone(),
             identity: p.identity.clone(),

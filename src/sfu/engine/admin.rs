@@ -78,15 +78,7 @@ impl Sfu {
             } => self.server_data(now, &room, &packet, reliable),
             Command::UpdateRoom { room, info } => self.server_room_update(&room, *info),
             Command::DeleteRoom { room } => {
-                let sessions = self
-                    .rooms
-                    .get(&room)
-                    .map(|r| r.sessions())
-                    .unwrap_or_default();
-                tracing::info!(%room, participants = sessions.len(), "room deleted");
-                for session in sessions {
-                    self.leave(now, session, lk::DisconnectReason::RoomDeleted, true);
-                }
+                self.delete_room(now, &room);
             }
             // The signalling commands are handled by `handle_command` itself.
             Command::Join(_)
