@@ -318,7 +318,7 @@ pub fn build_services(
         TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose()),
         gate,
         calls.clone(),
-        rooms.clone(),
+        sfu.clone(),
     );
     let http = HttpState {
         appservice: AppserviceState {

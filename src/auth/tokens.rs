@@ -22,7 +22,8 @@ use crate::calls::Calls;
 use crate::config::{AuthConfig, Config};
 use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
-use crate::sfu::registry::{RoomOptions, RoomRegistry};
+use crate::net::SfuHandle;
+use crate::sfu::registry::RoomOptions;
 use crate::store::DelayedLeave;
 
 /// Largest accepted token request body.
@@ -238,19 +239,19 @@ struct Inner {
     signer: TokenSigner,
     gate: MembershipGate,
     calls: Calls,
-    rooms: Arc<RoomRegistry>,
+    sfu: SfuHandle,
 }
 
 impl TokenService {
     /// The service: verifies with `openid`, checks membership through `gate`, signs with
-    /// `signer`, records what it issues with `calls`, creates rooms in `rooms`.
+    /// `signer`, records what it issues with `calls`, creates rooms in the SFU `sfu`.
     pub fn new(
         settings: TokenSettings,
         openid: OpenIdVerifier,
         signer: TokenSigner,
         gate: MembershipGate,
         calls: Calls,
-        rooms: Arc<RoomRegistry>,
+        sfu: SfuHandle,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -259,7 +260,7 @@ impl TokenService {
                 signer,
                 gate,
                 calls,
-                rooms,
+                sfu,
             }),
         }
     }
@@ -388,9 +389,7 @@ impl TokenService {
         } = &who;
         let unix = crate::clock::unix_secs();
         if *full_access {
-            self.inner
-                .rooms
-                .create(room.as_str(), RoomOptions::default(), now, unix as i64);
+            self.inner.sfu.create_room(room, RoomOptions::default()).await;
         }
         let settings = &self.inner.settings;
         let local = user_id.server_name() == settings.server_name;

@@ -9,8 +9,8 @@
 //! `video.room` = that room. Errors are Twirp JSON (`{"code":"not_found","msg":"…"}`) with
 //! Twirp's HTTP statuses. `rtc.twirp_enabled = false` turns every route into `bad_route`.
 //!
-//! Rooms live in [`crate::sfu::registry`] (lifetimes, metadata); participants and tracks in
-//! the SFU engine, reached through [`crate::net::SfuHandle`].
+//! Rooms are read from the [`crate::sfu::registry`] view (lifetimes, metadata) and changed
+//! through [`crate::net::SfuHandle`] (the engine owns them), like participants and tracks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -331,12 +331,12 @@ impl Call<'_> {
     /// fields (SID, counts).
     async fn room(&self, reg: &RegisteredRoom) -> lk::Room {
         let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(&RoomName::from(reg.name.as_str())).await,
+            Some(sfu) => sfu.room_info(&reg.name).await,
             None => None,
         };
         let mut room = live.unwrap_or_default();
         let created = reg.created_unix;
-        room.name = reg.name.clone();
+        room.name = reg.name.to_string();
         room.empty_timeout = secs(reg.options.empty_timeout);
         room.departure_timeout = secs(reg.options.departure_timeout);
         room.max_participants = reg.options.max_participants;
@@ -412,17 +412,15 @@ impl Call<'_> {
             departure_timeout: nonzero_secs(req.departure_timeout, defaults.departure_timeout),
             max_participants: req.max_participants,
         };
-        let now = Instant::now();
-        let created = self
-            .state
-            .rooms
-            .create(name, options, now, crate::clock::unix_secs() as i64);
+        let room_name = RoomName::from(name);
+        let sfu = self.sfu()?;
+        let created = sfu.create_room(&room_name, options).await;
         if created && !req.metadata.is_empty() {
-            self.state.rooms.set_metadata(name, &req.metadata);
+            sfu.set_room_metadata(&room_name, &req.metadata).await;
         }
         tracing::info!(room = name, created, "RoomService CreateRoom");
         let reg =
-            self.state.rooms.get(name, now).ok_or_else(|| {
+            self.state.rooms.get(name, Instant::now()).ok_or_else(|| {
                 TwirpError::Internal(format!("room {name:?} vanished on creation"))
             })?;
         let room = self.room(&reg).await;
@@ -434,7 +432,7 @@ impl Call<'_> {
         let req: lk::ListRoomsRequest = self.decode()?;
         let mut rooms = Vec::new();
         for reg in self.state.rooms.list(Instant::now()) {
-            if req.names.is_empty() || req.names.contains(&reg.name) {
+            if req.names.is_empty() || req.names.iter().any(|n| reg.name == n.as_str()) {
                 rooms.push(self.room(&reg).await);
             }
         }
@@ -448,25 +446,18 @@ impl Call<'_> {
             return Err(TwirpError::InvalidArgument("room is required".into()));
         }
         let room = RoomName::from(req.room.as_str());
-        let registered = self.state.rooms.delete(&req.room);
-        let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(&room).await.is_some(),
-            None => false,
-        };
-        if !registered && !live {
+        if !self.sfu()?.delete_room(&room).await {
             return Err(room_not_found(&req.room));
         }
-        tracing::info!(room = %req.room, "RoomService DeleteRoom");
-        if live {
-            self.command(Command::DeleteRoom { room }).await?;
-        }
+        tracing::info!(%room, "RoomService DeleteRoom");
         self.encoding.reply(&lk::DeleteRoomResponse {})
     }
 
     async fn update_room_metadata(&self) -> TwirpResult {
         let req: lk::UpdateRoomMetadataRequest = self.decode()?;
         self.require_admin(&req.room)?;
-        if !self.state.rooms.set_metadata(&req.room, &req.metadata) {
+        let name = RoomName::from(req.room.as_str());
+        if !self.sfu()?.set_room_metadata(&name, &req.metadata).await {
             return Err(room_not_found(&req.room));
         }
         let reg = self
@@ -475,13 +466,11 @@ impl Call<'_> {
             .get(&req.room, Instant::now())
             .ok_or_else(|| room_not_found(&req.room))?;
         let room = self.room(&reg).await;
-        if self.state.sfu.is_some() {
-            self.command(Command::UpdateRoom {
-                room: RoomName::from(req.room.as_str()),
-                info: Box::new(room.clone()),
-            })
-            .await?;
-        }
+        self.command(Command::UpdateRoom {
+            room: name,
+            info: Box::new(room.clone()),
+        })
+        .await?;
         self.encoding.reply(&room)
     }
 

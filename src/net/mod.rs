@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod batch;
 
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
-use crate::sfu::registry::RoomRegistry;
+use crate::sfu::registry::{RoomOptions, RoomRegistry};
 use crate::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
 use livekit_protocol::DisconnectReason;
 
@@ -53,6 +53,31 @@ pub enum LoopRequest {
         sink: mpsc::Sender<SignalOut>,
         /// The join.
         join: Join,
+    },
+    /// Creates a room unless it exists; replies whether it was created now.
+    CreateRoom {
+        /// Room name.
+        room: RoomName,
+        /// Lifetime settings.
+        options: RoomOptions,
+        /// Reply.
+        reply: oneshot::Sender<bool>,
+    },
+    /// Sets a room's metadata; replies whether the room exists.
+    SetRoomMetadata {
+        /// Room name.
+        room: RoomName,
+        /// New metadata.
+        metadata: String,
+        /// Reply.
+        reply: oneshot::Sender<bool>,
+    },
+    /// Deletes a room (its participants are removed); replies whether it existed.
+    DeleteRoom {
+        /// Room name.
+        room: RoomName,
+        /// Reply.
+        reply: oneshot::Sender<bool>,
     },
     /// Snapshot of a room's participants.
     Participants {
@@ -201,6 +226,49 @@ impl SfuHandle {
         self.events.subscribe()
     }
 
+    /// Creates `room` unless it exists (idempotent); true if it was created now. When this
+    /// returns, the registry view shows the room.
+    pub async fn create_room(&self, room: &RoomName, options: RoomOptions) -> bool {
+        self.ask(|reply| LoopRequest::CreateRoom {
+            room: room.clone(),
+            options,
+            reply,
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Sets `room`'s metadata; false if the room does not exist (or the loop is gone).
+    pub async fn set_room_metadata(&self, room: &RoomName, metadata: &str) -> bool {
+        self.ask(|reply| LoopRequest::SetRoomMetadata {
+            room: room.clone(),
+            metadata: metadata.to_owned(),
+            reply,
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Deletes `room` and removes its participants (`ROOM_DELETED`); false if it existed
+    /// neither as a created room nor with participants (or the loop is gone).
+    pub async fn delete_room(&self, room: &RoomName) -> bool {
+        self.ask(|reply| LoopRequest::DeleteRoom {
+            room: room.clone(),
+            reply,
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Sends the request `make` builds and waits for its reply; `None` if the loop is gone.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> LoopRequest) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(make(reply)).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+
     /// The participants of `room` right now.
     pub async fn participants(&self, room: &RoomName) -> Vec<livekit_protocol::ParticipantInfo> {
         let (reply, rx) = oneshot::channel();
@@ -342,8 +410,16 @@ impl Loop {
         }
     }
 
+    /// Publishes the engine's room records to the registry view if they changed.
+    fn publish_rooms(&mut self) {
+        if self.sfu.take_rooms_changed() {
+            self.registry.publish(self.sfu.registered_rooms().cloned());
+        }
+    }
+
     /// Carries out every pending output; returns the next timeout.
     fn drain(&mut self) -> Instant {
+        self.publish_rooms();
         let mut overloaded = Vec::new();
         loop {
             match self.sfu.poll_output() {
@@ -399,33 +475,10 @@ impl Loop {
                     }
                 }
                 Output::Event(e) => {
-                    match &e {
-                        SfuEvent::ParticipantJoined { room, .. } => {
-                            self.registry.participant_joined(room.as_str());
-                        }
-                        SfuEvent::ParticipantLeft { room, .. } => {
-                            self.registry
-                                .participant_left(room.as_str(), Instant::now());
-                        }
-                        _ => {}
-                    }
                     let _ = self.events.send(e);
                 }
             }
         }
-    }
-
-    /// Whether `join` would exceed its room's `max_participants` (RoomService `CreateRoom`); an
-    /// identity already in the room replaces itself and always fits.
-    fn room_full(&self, join: &Join, now: Instant) -> bool {
-        let Join { room, identity, .. } = join;
-        let max = self
-            .registry
-            .get(room.as_str(), now)
-            .map_or(0, |r| r.options.max_participants);
-        max > 0
-            && self.sfu.participant_count(room) >= max as usize
-            && self.sfu.participant_info(room, identity).is_none()
     }
 
     fn request(&mut self, req: LoopRequest) {
@@ -438,13 +491,32 @@ impl Loop {
                 sink,
                 join,
             } => {
-                if self.room_full(&join, now) {
-                    // Dropping the sink fails the session's join wait (the client is refused).
-                    tracing::info!(%session, "room full (max_participants); join refused");
-                    return;
-                }
+                // A refused join (room full) closes the session: its sink goes at once.
                 self.sinks.insert(session, sink);
                 self.sfu.handle_command(now, Command::Join(join));
+            }
+            LoopRequest::CreateRoom {
+                room,
+                options,
+                reply,
+            } => {
+                let created = self.sfu.create_room(now, &room, options);
+                self.publish_rooms();
+                let _ = reply.send(created);
+            }
+            LoopRequest::SetRoomMetadata {
+                room,
+                metadata,
+                reply,
+            } => {
+                let found = self.sfu.set_room_metadata(now, &room, &metadata);
+                self.publish_rooms();
+                let _ = reply.send(found);
+            }
+            LoopRequest::DeleteRoom { room, reply } => {
+                let found = self.sfu.delete_room(now, &room);
+                self.publish_rooms();
+                let _ = reply.send(found);
             }
             LoopRequest::Participants { room, reply } => {
                 let _ = reply.send(self.sfu.participants(&room));

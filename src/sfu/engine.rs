@@ -6,26 +6,32 @@ use std::time::{Duration, Instant};
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
-use str0m::change::SdpPendingOffer;
-use str0m::channel::ChannelId;
-use str0m::media::{Direction, MediaData, MediaKind, Mid, Rid};
+use str0m::media::{MediaData, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
+use str0m::{Candidate, Input, Rtc};
 
 pub use super::ids::SessionId;
 use super::ids::{
     Ids, ParticipantIdentity, ParticipantSid, RoomName, RoomSid, TrackSid, PARTICIPANT_PREFIX,
     ROOM_PREFIX, TRACK_PREFIX,
 };
-use super::rewrite::Timeline;
-use super::simulcast::{self, Layers};
+use super::registry::RegisteredRoom;
 
 mod admin;
+mod downtrack;
 mod forward;
+mod lifetime;
 mod negotiate;
+mod participant;
 mod periodic;
 mod red;
 mod requests;
+mod room;
+mod track;
+
+use downtrack::DownTrack;
+use participant::{Participant, Pc, PcKind};
+use room::Room;
 
 /// Server version reported to clients. Not `0.15.1` (client-sdk-js disables dynacast there).
 const SERVER_VERSION: &str = "1.9.0";
@@ -293,112 +299,6 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum PcKind {
-    Publisher,
-    Subscriber,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OutState {
-    ToOpen,
-    Negotiating(Mid),
-    Open(Mid),
-    ToStop(Mid),
-    NegotiatingStop(Mid),
-}
-
-/// A track forwarded to one subscriber.
-struct OutTrack {
-    publisher: SessionId,
-    track_sid: TrackSid,
-    kind: MediaKind,
-    stream_id: String,
-    state: OutState,
-    timeline: Timeline,
-    /// Simulcast layer forwarded now, and the one wanted (switch on its keyframe).
-    current_rid: Option<Rid>,
-    wanted_rid: Option<Rid>,
-    waiting_keyframe: bool,
-    disabled: bool,
-    /// Highest quality the subscriber asked for (`update_track_settings`).
-    max_quality: i32,
-    /// Whether the subscriber was told the stream is paused.
-    paused: bool,
-    /// Whether the subscriber connection may wrap this track in RED ([`Track::red_allowed`]).
-    red: bool,
-}
-
-impl OutTrack {
-    fn mid(&self) -> Option<Mid> {
-        match self.state {
-            OutState::ToOpen => None,
-            OutState::Negotiating(m)
-            | OutState::Open(m)
-            | OutState::ToStop(m)
-            | OutState::NegotiatingStop(m) => Some(m),
-        }
-    }
-}
-
-/// A track published by a participant.
-struct Track {
-    /// Its SID (also in `info.sid`).
-    sid: TrackSid,
-    info: lk::TrackInfo,
-    cid: String,
-    kind: MediaKind,
-    mid: Option<Mid>,
-    layers: Layers,
-    /// Last dynacast state sent to the publisher (LOW, MEDIUM, HIGH enabled).
-    sent_qualities: Option<[bool; 3]>,
-    last_keyframe_request: Option<Instant>,
-}
-
-impl Track {
-    /// Whether RED may carry this track: audio whose publisher did not disable it. End-to-end
-    /// encrypted tracks never: RED is built before encryption, so it cannot be unwrapped or
-    /// rebuilt on the way (see `red.rs`).
-    fn red_allowed(&self) -> bool {
-        self.kind == MediaKind::Audio
-            && !self.info.disable_red
-            && self.info.encryption == lk::encryption::Type::None as i32
-    }
-}
-
-struct Pc {
-    rtc: Rtc,
-    ufrag: String,
-    next_timeout: Instant,
-    connected: bool,
-}
-
-struct Participant {
-    session: SessionId,
-    info: lk::ParticipantInfo,
-    auto_subscribe: bool,
-    publisher: Pc,
-    subscriber: Pc,
-    tracks: Vec<Track>,
-    /// Media the publisher PC announced before a matching `add_track`.
-    unbound_mids: Vec<(Mid, MediaKind, String)>,
-    outs: Vec<OutTrack>,
-    sub_pending: Option<(SdpPendingOffer, u32)>,
-    sub_offer_id: u32,
-    sub_reliable: Option<ChannelId>,
-    sub_lossy: Option<ChannelId>,
-    pub_channels: HashMap<ChannelId, bool>,
-    joined_at: Instant,
-    audio_level: f32,
-    speaking: bool,
-}
-
-struct Room {
-    sid: RoomSid,
-    created_unix: i64,
-    participants: BTreeMap<SessionId, Participant>,
-}
-
 /// Media handed from a publisher to its room.
 struct Forward {
     publisher: SessionId,
@@ -411,7 +311,13 @@ struct Forward {
 pub struct Sfu {
     config: SfuConfig,
     ids: Ids,
+    /// Rooms with participants.
     rooms: BTreeMap<RoomName, Room>,
+    /// Room records and lifetimes (created rooms, with or without participants).
+    registered: BTreeMap<RoomName, RegisteredRoom>,
+    /// Whether `registered` changed since the loop last published it.
+    rooms_changed: bool,
+    /// Which room each session is in.
     sessions: HashMap<SessionId, RoomName>,
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
@@ -421,6 +327,16 @@ pub struct Sfu {
     unix_now: i64,
     last_now: Instant,
     stats: SfuStats,
+}
+
+/// The room of `session`, borrowing only the room map and the session index (so the output
+/// queue stays usable).
+fn room_mut<'a>(
+    rooms: &'a mut BTreeMap<RoomName, Room>,
+    sessions: &HashMap<SessionId, RoomName>,
+    session: SessionId,
+) -> Option<&'a mut Room> {
+    rooms.get_mut(sessions.get(&session)?)
 }
 
 fn msg(m: Msg) -> SignalOut {
@@ -453,6 +369,8 @@ impl Sfu {
             config,
             ids,
             rooms: BTreeMap::new(),
+            registered: BTreeMap::new(),
+            rooms_changed: false,
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
@@ -507,11 +425,12 @@ impl Sfu {
         if let Some(q) = self.next_quality {
             take(q);
         }
+        if let Some(e) = self.next_expiry() {
+            take(e);
+        }
         for room in self.rooms.values() {
             for p in room.participants.values() {
-                take(p.publisher.next_timeout);
-                take(p.subscriber.next_timeout);
-                take(p.joined_at + CONNECT_DEADLINE);
+                take(p.next_timeout());
             }
         }
         // With nothing scheduled, wake up rarely.
@@ -573,8 +492,12 @@ impl Sfu {
             self.stats.dropped_invalid += 1;
             return;
         };
-        let failed = match self.pc_mut(session, kind) {
-            Some(pc) => pc.rtc.handle_input(Input::Receive(now, receive)).is_err(),
+        let failed = match self.participant_mut(session) {
+            Some(p) => p
+                .pc_mut(kind)
+                .rtc
+                .handle_input(Input::Receive(now, receive))
+                .is_err(),
             None => true,
         };
         if failed {
@@ -595,24 +518,17 @@ impl Sfu {
         let mut dead = Vec::new();
         for room in self.rooms.values() {
             for p in room.participants.values() {
-                if p.publisher.next_timeout <= now || p.subscriber.next_timeout <= now {
+                if p.timers_due(now) {
                     due.push(p.session);
                 }
-                let never_connected = !p.subscriber.connected && !p.publisher.connected;
-                if never_connected && now >= p.joined_at + CONNECT_DEADLINE {
-                    dead.push((p.session, lk::DisconnectReason::JoinFailure));
-                } else if !p.subscriber.rtc.is_alive() || !p.publisher.rtc.is_alive() {
-                    dead.push((p.session, lk::DisconnectReason::ConnectionTimeout));
+                if let Some(reason) = p.connection_lost(now) {
+                    dead.push((p.session, reason));
                 }
             }
         }
         for session in due {
-            for kind in [PcKind::Publisher, PcKind::Subscriber] {
-                if let Some(pc) = self.pc_mut(session, kind) {
-                    if pc.next_timeout <= now {
-                        let _ = pc.rtc.handle_input(Input::Timeout(now));
-                    }
-                }
+            if let Some(p) = self.participant_mut(session) {
+                p.handle_timeout(now);
             }
             self.drain(now, session);
         }
@@ -624,6 +540,7 @@ impl Sfu {
             );
             self.leave(now, session, reason, true);
         }
+        self.expire_rooms(now);
         if self.next_speakers.is_some_and(|t| t <= now) {
             self.update_speakers(now);
         }
@@ -674,14 +591,11 @@ impl Sfu {
             auto_subscribe,
             client_protocol,
         } = join;
+        if self.refuse_if_full(session, &room_name, &identity) {
+            return;
+        }
         // One participant per identity: the newcomer replaces the old session.
-        let duplicate = self.rooms.get(&room_name).and_then(|r| {
-            r.participants
-                .values()
-                .find(|p| p.info.identity == identity.as_str())
-                .map(|p| p.session)
-        });
-        if let Some(old) = duplicate {
+        if let Some(old) = self.session_of(&room_name, &identity) {
             self.leave(now, old, lk::DisconnectReason::DuplicateIdentity, true);
         }
         let room_sid = RoomSid::new(self.ids.sid(ROOM_PREFIX));
@@ -692,11 +606,10 @@ impl Sfu {
                 sid: room_sid.clone(),
             }));
         }
-        let room = self.rooms.entry(room_name.clone()).or_insert_with(|| Room {
-            sid: room_sid,
-            created_unix: unix,
-            participants: BTreeMap::new(),
-        });
+        let room = self
+            .rooms
+            .entry(room_name.clone())
+            .or_insert_with(|| Room::new(room_name.clone(), room_sid, unix));
         let room_sid = room.sid.clone();
         let room_created = room.created_unix;
         let sid = ParticipantSid::new(self.ids.sid(PARTICIPANT_PREFIX));
@@ -728,13 +641,15 @@ impl Sfu {
 
         let mut participant = Participant {
             session,
+            identity: identity.clone(),
+            sid: sid.clone(),
             info: info.clone(),
             auto_subscribe: auto_subscribe && permission.can_subscribe,
             publisher,
             subscriber,
             tracks: Vec::new(),
             unbound_mids: Vec::new(),
-            outs: Vec::new(),
+            down_tracks: Vec::new(),
             sub_pending: None,
             sub_offer_id: 0,
             sub_reliable: None,
@@ -751,7 +666,7 @@ impl Sfu {
         let others: Vec<lk::ParticipantInfo> = room
             .participants
             .values()
-            .filter(|p| !p.info.permission.as_ref().is_some_and(|x| x.hidden))
+            .filter(|p| !p.hidden())
             .map(|p| p.info.clone())
             .collect();
 
@@ -808,10 +723,10 @@ impl Sfu {
         // Existing tracks go into the first subscriber offer (fast start).
         if participant.auto_subscribe {
             for p in room.participants.values() {
-                for t in &p.tracks {
-                    if t.mid.is_some() {
-                        participant.outs.push(new_out(p, t));
-                    }
+                for t in p.bound_tracks() {
+                    participant
+                        .down_tracks
+                        .push(DownTrack::new(p.session, p.sid.as_str(), t));
                 }
             }
         }
@@ -826,6 +741,7 @@ impl Sfu {
             }
         }
         room.participants.insert(session, participant);
+        self.count_participant(now, &room_name, true);
         // The first subscriber offer: data channels plus existing tracks (fast start).
         self.renegotiate(now, session);
         let info = self
@@ -881,12 +797,8 @@ impl Sfu {
         }
         self.out
             .push_back(Output::Signal(session, SignalOut::Close));
-        p.publisher.rtc.disconnect();
-        p.subscriber.rtc.disconnect();
-        p.info.state = lk::participant_info::State::Disconnected as i32;
-        p.info.version += 1;
-        p.info.disconnect_reason = reason as i32;
-        for t in p.tracks.iter().filter(|t| t.mid.is_some()) {
+        p.close(reason);
+        for t in p.bound_tracks() {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
                     room: room_name.clone(),
@@ -895,8 +807,8 @@ impl Sfu {
                 }));
         }
         p.info.tracks.clear();
-        tracing::info!(room = %room_name, identity = %p.info.identity, ?reason, "participant left");
-        let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
+        tracing::info!(room = %room_name, identity = %p.identity, ?reason, "participant left");
+        let hidden = p.hidden();
         let update = Msg::Update(lk::ParticipantUpdate {
             participants: vec![p.info.clone()],
         });
@@ -906,29 +818,19 @@ impl Sfu {
                 self.out
                     .push_back(Output::Signal(other.session, msg(update.clone())));
             }
-            let mut changed = false;
-            for o in other.outs.iter_mut().filter(|o| o.publisher == session) {
-                changed = true;
-                o.state = match o.state {
-                    OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
-                    s => s,
-                };
-            }
-            other
-                .outs
-                .retain(|o| !(o.publisher == session && o.state == OutState::ToOpen));
-            if changed {
+            if other.stop_down_tracks(|d| d.publisher == session) {
                 touched.push(other.session);
             }
         }
         let finished = room.participants.is_empty().then(|| room.sid.clone());
+        self.count_participant(now, &room_name, false);
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
             room: room_name.clone(),
-            identity: ParticipantIdentity::new(p.info.identity.clone()),
-            sid: ParticipantSid::new(p.info.sid.clone()),
+            identity: p.identity.clone(),
+            sid: p.sid.clone(),
             session,
             reason,
-            ever_connected: p.publisher.connected || p.subscriber.connected,
+            ever_connected: p.ever_connected(),
             info: Box::new(p.info.clone()),
         }));
         if let Some(sid) = finished {
@@ -997,226 +899,92 @@ impl Sfu {
     }
 
     fn drain_one(&mut self, now: Instant, session: SessionId) -> Vec<Forward> {
-        let mut forwards = Vec::new();
-        let mut keyframe_wanted = Vec::new();
-        let mut data_out: Vec<(bool, Vec<u8>)> = Vec::new();
-        let mut newly_bound = Vec::new();
-        let mut renegotiate = false;
-        let mut unpublished = Vec::new();
-        let mut dead = false;
-        {
-            let Some(room_name) = self.sessions.get(&session).cloned() else {
-                return forwards;
-            };
-            let Some(room) = self.rooms.get_mut(&room_name) else {
-                return forwards;
-            };
-            let Some(p) = room.participants.get_mut(&session) else {
-                return forwards;
-            };
-            for kind in [PcKind::Publisher, PcKind::Subscriber] {
-                loop {
-                    let pc = match kind {
-                        PcKind::Publisher => &mut p.publisher,
-                        PcKind::Subscriber => &mut p.subscriber,
-                    };
-                    let output = match pc.rtc.poll_output() {
-                        Ok(o) => o,
-                        Err(e) => {
-                            tracing::info!(%session, error = %e, "peer connection failed");
-                            dead = true;
-                            break;
-                        }
-                    };
-                    match output {
-                        RtcOutput::Timeout(t) => {
-                            pc.next_timeout = t;
-                            break;
-                        }
-                        RtcOutput::Transmit(t) => {
-                            self.out.push_back(Output::Transmit(Transmit {
-                                source: t.source,
-                                destination: t.destination,
-                                contents: t.contents.into(),
-                            }));
-                        }
-                        RtcOutput::Event(e) => match e {
-                            Event::Connected => {
-                                tracing::debug!(%session, ?kind, "peer connection connected");
-                                pc.connected = true;
-                                if kind == PcKind::Subscriber
-                                    && p.info.state != lk::participant_info::State::Active as i32
-                                {
-                                    p.info.state = lk::participant_info::State::Active as i32;
-                                }
-                            }
-                            Event::IceConnectionStateChange(state) => {
-                                tracing::debug!(%session, ?kind, ?state, "ICE state");
-                            }
-                            // Only media the client sends: v0 publisher offers may also carry
-                            // recvonly transceivers (sendonly from here), which are no tracks.
-                            Event::MediaAdded(added)
-                                if kind == PcKind::Publisher
-                                    && matches!(
-                                        added.direction,
-                                        Direction::RecvOnly | Direction::SendRecv
-                                    ) =>
-                            {
-                                let tid = pc
-                                    .rtc
-                                    .media(added.mid)
-                                    .map(|m| m.track_id().to_owned())
-                                    .unwrap_or_default();
-                                let pos = p
-                                    .tracks
-                                    .iter()
-                                    .position(|t| t.mid.is_none() && t.cid == tid)
-                                    .or_else(|| {
-                                        p.tracks
-                                            .iter()
-                                            .position(|t| t.mid.is_none() && t.kind == added.kind)
-                                    });
-                                match pos {
-                                    Some(i) => {
-                                        p.tracks[i].mid = Some(added.mid);
-                                        p.tracks[i].info.mid = added.mid.to_string();
-                                        newly_bound.push(p.tracks[i].sid.clone());
-                                    }
-                                    None => p.unbound_mids.push((added.mid, added.kind, tid)),
-                                }
-                            }
-                            Event::MediaChanged(ch) if kind == PcKind::Publisher => {
-                                if matches!(ch.direction, Direction::Inactive | Direction::SendOnly)
-                                {
-                                    if let Some(i) =
-                                        p.tracks.iter().position(|t| t.mid == Some(ch.mid))
-                                    {
-                                        let t = p.tracks.remove(i);
-                                        self.out.push_back(Output::Event(
-                                            SfuEvent::TrackUnpublished {
-                                                room: room_name.clone(),
-                                                participant: Box::new(p.info.clone()),
-                                                track: Box::new(t.info.clone()),
-                                            },
-                                        ));
-                                        unpublished.push(t.sid);
-                                    }
-                                }
-                            }
-                            Event::MediaData(data) if kind == PcKind::Publisher => {
-                                if let Some(t) =
-                                    p.tracks.iter_mut().find(|t| t.mid == Some(data.mid))
-                                {
-                                    match data.rid {
-                                        Some(rid) => t.layers.saw(rid, now),
-                                        None => t.layers.saw_plain(now),
-                                    }
-                                    if t.kind == MediaKind::Audio {
-                                        if let Some(level) = data.ext_vals.audio_level {
-                                            let l = linear_audio_level(level);
-                                            p.audio_level = p.audio_level.max(l);
-                                        }
-                                    }
-                                    if !data.contiguous && t.kind == MediaKind::Video {
-                                        keyframe_wanted.push((t.sid.clone(), data.rid));
-                                    }
-                                    let keyframe = data.is_keyframe();
-                                    forwards.push(Forward {
-                                        publisher: session,
-                                        track_sid: t.sid.clone(),
-                                        data,
-                                        keyframe,
-                                    });
-                                }
-                            }
-                            Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
-                                if let Some(o) = p.outs.iter().find(|o| o.mid() == Some(req.mid)) {
-                                    keyframe_wanted.push((o.track_sid.clone(), o.current_rid));
-                                }
-                            }
-                            Event::ChannelOpen(id, label) if kind == PcKind::Publisher => {
-                                p.pub_channels.insert(id, label != "_lossy");
-                            }
-                            Event::ChannelData(d) if kind == PcKind::Publisher => {
-                                let reliable = p.pub_channels.get(&d.id).copied().unwrap_or(true);
-                                data_out.push((reliable, d.data));
-                            }
-                            _ => {}
-                        },
-                    }
-                }
-            }
-            if !unpublished.is_empty() {
-                renegotiate = true;
-            }
+        let Some(room) = room_mut(&mut self.rooms, &self.sessions, session) else {
+            return Vec::new();
+        };
+        let room_name = room.name.clone();
+        let Some(p) = room.participants.get_mut(&session) else {
+            return Vec::new();
+        };
+        let polled = p.poll(now, &mut self.out);
+        for t in &polled.unpublished {
+            self.out
+                .push_back(Output::Event(SfuEvent::TrackUnpublished {
+                    room: room_name.clone(),
+                    participant: Box::new(p.info.clone()),
+                    track: Box::new(t.info.clone()),
+                }));
         }
-        if dead {
+        if polled.dead {
             self.leave(now, session, lk::DisconnectReason::MediaFailure, true);
             return Vec::new();
         }
-        for (track, rid) in keyframe_wanted {
+        for (track, rid) in polled.keyframe_wanted {
             // A subscriber's request goes to the track's publisher.
             let publisher = self.publisher_of(&track).unwrap_or(session);
             self.request_keyframe(now, publisher, &track, rid);
         }
-        for sid in newly_bound {
+        for sid in polled.newly_bound {
             self.subscribe_all_to(now, session, &sid);
         }
-        if renegotiate {
-            for sid in &unpublished {
-                self.unpublish(now, session, sid);
+        if !polled.unpublished.is_empty() {
+            for t in &polled.unpublished {
+                self.unpublish(now, session, &t.sid);
             }
             self.broadcast_participant(session);
         }
-        for (reliable, bytes) in data_out {
+        for (reliable, bytes) in polled.data {
             self.relay_data(session, reliable, &bytes);
         }
-        forwards
+        polled.forwards
     }
 
     fn publisher_of(&self, track_sid: &TrackSid) -> Option<SessionId> {
-        self.rooms.values().find_map(|r| {
-            r.participants
-                .values()
-                .find(|p| p.tracks.iter().any(|t| t.sid == *track_sid))
-                .map(|p| p.session)
-        })
+        self.rooms
+            .values()
+            .find_map(|r| r.track(track_sid).map(|(p, _)| p.session))
     }
 
-    // ------------------------------------------------------------------ periodic
+    // ------------------------------------------------------------------ lookup
 
-    // ------------------------------------------------------------------ helpers
+    /// The room of `session` (through the session index).
+    fn room_of(&self, session: SessionId) -> Option<&Room> {
+        self.rooms.get(self.sessions.get(&session)?)
+    }
 
+    /// The room of `session`, mutably.
+    fn room_of_mut(&mut self, session: SessionId) -> Option<&mut Room> {
+        room_mut(&mut self.rooms, &self.sessions, session)
+    }
+
+    /// The room and participant of `session`.
+    fn locate(&self, session: SessionId) -> Option<(&Room, &Participant)> {
+        let room = self.room_of(session)?;
+        Some((room, room.participants.get(&session)?))
+    }
+
+    /// The participant of `session`, mutably.
     fn participant_mut(&mut self, session: SessionId) -> Option<&mut Participant> {
-        let room = self.sessions.get(&session)?;
-        self.rooms.get_mut(room)?.participants.get_mut(&session)
+        self.room_of_mut(session)?.participants.get_mut(&session)
     }
 
-    fn pc_mut(&mut self, session: SessionId, kind: PcKind) -> Option<&mut Pc> {
-        let p = self.participant_mut(session)?;
-        Some(match kind {
-            PcKind::Publisher => &mut p.publisher,
-            PcKind::Subscriber => &mut p.subscriber,
-        })
+    /// The session of participant `identity` in `room`.
+    fn session_of(&self, room: &RoomName, identity: &ParticipantIdentity) -> Option<SessionId> {
+        Some(self.rooms.get(room)?.by_identity(identity)?.session)
     }
 
     /// Bumps the participant's version and sends its complete info to the whole room
     /// (including itself).
     fn broadcast_participant(&mut self, session: SessionId) {
-        let Some(room_name) = self.sessions.get(&session).cloned() else {
-            return;
-        };
-        let Some(room) = self.rooms.get_mut(&room_name) else {
+        let Some(room) = room_mut(&mut self.rooms, &self.sessions, session) else {
             return;
         };
         let Some(p) = room.participants.get_mut(&session) else {
             return;
         };
-        p.info.version += 1;
-        p.info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
-        let hidden = p.info.permission.as_ref().is_some_and(|x| x.hidden);
+        let hidden = p.hidden();
         let update = Msg::Update(lk::ParticipantUpdate {
-            participants: vec![p.info.clone()],
+            participants: vec![p.next_version()],
         });
         for other in room.participants.values() {
             if hidden && other.session != session {
@@ -1225,24 +993,6 @@ impl Sfu {
             self.out
                 .push_back(Output::Signal(other.session, msg(update.clone())));
         }
-    }
-}
-
-fn new_out(publisher: &Participant, t: &Track) -> OutTrack {
-    OutTrack {
-        publisher: publisher.session,
-        track_sid: t.sid.clone(),
-        kind: t.kind,
-        stream_id: format!("{}|{}", publisher.info.sid, t.info.sid),
-        state: OutState::ToOpen,
-        timeline: Timeline::default(),
-        current_rid: None,
-        wanted_rid: None,
-        waiting_keyframe: t.kind == MediaKind::Video,
-        disabled: false,
-        max_quality: simulcast::HIGH,
-        paused: false,
-        red: t.red_allowed(),
     }
 }
 

@@ -1,11 +1,17 @@
-//! The SFU room registry, with lk-jwt-service / LiveKit semantics: rooms are created
-//! explicitly (by a full-access user's token request or the RoomService API), idempotently;
-//! a room nobody joins closes after `empty_timeout`, and one everybody left closes after
-//! `departure_timeout`. Time is an input.
+//! Room lifetimes with lk-jwt-service / LiveKit semantics, and the read-only view of them the
+//! rest of the service reads.
+//!
+//! Rooms are created explicitly (by a full-access user's token request, auto-create, or the
+//! RoomService API), idempotently; a room nobody joins closes after `empty_timeout`, and one
+//! everybody left closes after `departure_timeout`. The engine owns these records (creation,
+//! metadata, participant counts, expiry: time is an input there); the net loop publishes a
+//! snapshot into [`RoomRegistry`] after every change, and everybody else only reads it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
+
+use super::ids::RoomName;
 
 /// Per-room lifetime settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +38,7 @@ impl Default for RoomOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisteredRoom {
     /// LiveKit room name.
-    pub name: String,
+    pub name: RoomName,
     /// When it was created.
     pub created_at: Instant,
     /// When it was created, Unix seconds (RoomService `creation_time`).
@@ -48,55 +54,75 @@ pub struct RegisteredRoom {
 }
 
 impl RegisteredRoom {
-    fn expired(&self, now: Instant) -> bool {
-        if self.participants > 0 {
-            return false;
+    /// A new, empty room created at `now` (`unix_now` in Unix seconds).
+    pub fn new(name: RoomName, options: RoomOptions, now: Instant, unix_now: i64) -> Self {
+        Self {
+            name,
+            created_at: now,
+            created_unix: unix_now,
+            options,
+            participants: 0,
+            emptied_at: None,
+            metadata: String::new(),
         }
-        match self.emptied_at {
-            Some(t) => now >= t + self.options.departure_timeout,
-            None => now >= self.created_at + self.options.empty_timeout,
+    }
+
+    /// When it closes if nobody joins (none while occupied).
+    pub fn expires_at(&self) -> Option<Instant> {
+        if self.participants > 0 {
+            return None;
+        }
+        Some(match self.emptied_at {
+            Some(t) => t + self.options.departure_timeout,
+            None => self.created_at + self.options.empty_timeout,
+        })
+    }
+
+    /// Whether it is closed at `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at().is_some_and(|t| now >= t)
+    }
+
+    /// A participant connected.
+    pub fn participant_joined(&mut self) {
+        self.participants += 1;
+        self.emptied_at = None;
+    }
+
+    /// A participant left at `now`.
+    pub fn participant_left(&mut self, now: Instant) {
+        self.participants = self.participants.saturating_sub(1);
+        if self.participants == 0 {
+            self.emptied_at = Some(now);
         }
     }
 }
 
-/// All rooms of this SFU.
+/// The rooms of this SFU as the net loop last published them: a read-only view (expired
+/// rooms are hidden at once, even before the loop drops them).
 #[derive(Debug, Default)]
 pub struct RoomRegistry {
-    rooms: Mutex<BTreeMap<String, RegisteredRoom>>,
+    rooms: RwLock<BTreeMap<RoomName, RegisteredRoom>>,
 }
 
 impl RoomRegistry {
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, RegisteredRoom>) -> T) -> T {
-        let mut guard = match self.rooms.lock() {
+    fn read<T>(&self, f: impl FnOnce(&BTreeMap<RoomName, RegisteredRoom>) -> T) -> T {
+        let guard = match self.rooms.read() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        f(&mut guard)
+        f(&guard)
     }
 
-    /// Creates `name` unless it exists; returns true if it was created now. `unix_now` (seconds)
-    /// is kept as its creation time.
-    pub fn create(&self, name: &str, options: RoomOptions, now: Instant, unix_now: i64) -> bool {
-        self.with(|rooms| {
-            rooms.retain(|_, r| !r.expired(now));
-            if rooms.contains_key(name) {
-                return false;
-            }
-            rooms.insert(
-                name.to_owned(),
-                RegisteredRoom {
-                    name: name.to_owned(),
-                    created_at: now,
-                    created_unix: unix_now,
-                    options,
-                    participants: 0,
-                    emptied_at: None,
-                    metadata: String::new(),
-                },
-            );
-            tracing::info!(room = name, "SFU room created");
-            true
-        })
+    /// Replaces the view with `rooms` (the engine's records). Only the net loop calls this.
+    pub fn publish(&self, rooms: impl IntoIterator<Item = RegisteredRoom>) {
+        let rooms: BTreeMap<RoomName, RegisteredRoom> =
+            rooms.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let mut guard = match self.rooms.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = rooms;
     }
 
     /// Whether `name` exists (not expired) at `now`.
@@ -106,66 +132,12 @@ impl RoomRegistry {
 
     /// The room, if it exists at `now`.
     pub fn get(&self, name: &str, now: Instant) -> Option<RegisteredRoom> {
-        self.with(|rooms| rooms.get(name).filter(|r| !r.expired(now)).cloned())
-    }
-
-    /// Removes expired rooms; returns their names.
-    pub fn expire(&self, now: Instant) -> Vec<String> {
-        self.with(|rooms| {
-            let gone: Vec<String> = rooms
-                .values()
-                .filter(|r| r.expired(now))
-                .map(|r| r.name.clone())
-                .collect();
-            for name in &gone {
-                rooms.remove(name);
-                tracing::info!(room = %name, "SFU room closed");
-            }
-            gone
-        })
-    }
-
-    /// Deletes a room now; returns whether it existed.
-    pub fn delete(&self, name: &str) -> bool {
-        self.with(|rooms| rooms.remove(name).is_some())
-    }
-
-    /// Sets the metadata of `name`; returns whether the room exists.
-    pub fn set_metadata(&self, name: &str, metadata: &str) -> bool {
-        self.with(|rooms| match rooms.get_mut(name) {
-            Some(r) => {
-                r.metadata = metadata.to_owned();
-                true
-            }
-            None => false,
-        })
-    }
-
-    /// A participant connected to `name`.
-    pub fn participant_joined(&self, name: &str) {
-        self.with(|rooms| {
-            if let Some(r) = rooms.get_mut(name) {
-                r.participants += 1;
-                r.emptied_at = None;
-            }
-        });
-    }
-
-    /// A participant left `name`.
-    pub fn participant_left(&self, name: &str, now: Instant) {
-        self.with(|rooms| {
-            if let Some(r) = rooms.get_mut(name) {
-                r.participants = r.participants.saturating_sub(1);
-                if r.participants == 0 {
-                    r.emptied_at = Some(now);
-                }
-            }
-        });
+        self.read(|rooms| rooms.get(name).filter(|r| !r.expired(now)).cloned())
     }
 
     /// Every live room at `now`, ordered by name.
     pub fn list(&self, now: Instant) -> Vec<RegisteredRoom> {
-        self.with(|rooms| {
+        self.read(|rooms| {
             rooms
                 .values()
                 .filter(|r| !r.expired(now))
@@ -180,26 +152,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn create_is_idempotent_and_rooms_expire() {
-        let reg = RoomRegistry::default();
+    fn lifetimes_and_the_view() {
         let t0 = Instant::now();
-        assert!(reg.create("a", RoomOptions::default(), t0, 0));
-        assert!(!reg.create("a", RoomOptions::default(), t0 + Duration::from_secs(1), 1));
-        assert!(reg.exists("a", t0 + Duration::from_secs(299)));
+        let mut a = RegisteredRoom::new("a".into(), RoomOptions::default(), t0, 0);
+        assert!(!a.expired(t0 + Duration::from_secs(299)));
+        assert!(a.expired(t0 + Duration::from_secs(300)), "empty timeout");
+        a.participant_joined();
         assert!(
-            !reg.exists("a", t0 + Duration::from_secs(300)),
-            "empty timeout"
-        );
-
-        assert!(reg.create("b", RoomOptions::default(), t0, 0));
-        reg.participant_joined("b");
-        assert!(
-            reg.exists("b", t0 + Duration::from_secs(1000)),
+            !a.expired(t0 + Duration::from_secs(1000)),
             "occupied rooms stay"
         );
-        reg.participant_left("b", t0 + Duration::from_secs(1000));
-        assert!(reg.exists("b", t0 + Duration::from_secs(1019)));
-        assert_eq!(reg.expire(t0 + Duration::from_secs(1020)), vec!["a", "b"]);
-        assert!(reg.list(t0 + Duration::from_secs(1020)).is_empty());
+        a.participant_left(t0 + Duration::from_secs(1000));
+        assert!(!a.expired(t0 + Duration::from_secs(1019)));
+        assert!(
+            a.expired(t0 + Duration::from_secs(1020)),
+            "departure timeout"
+        );
+
+        let reg = RoomRegistry::default();
+        reg.publish([
+            a,
+            RegisteredRoom::new("b".into(), RoomOptions::default(), t0, 0),
+        ]);
+        assert!(reg.exists("b", t0));
+        assert_eq!(reg.list(t0 + Duration::from_secs(1019)).len(), 1);
+        assert!(reg.get("a", t0 + Duration::from_secs(1020)).is_none());
     }
 }

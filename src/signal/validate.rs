@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
 use crate::auth::jwt::Claims;
-use crate::sfu::registry::RoomOptions;
 
 /// The text LiveKit clients look for to stop retrying.
 pub const ROOM_DOES_NOT_EXIST: &str = "requested room does not exist";
@@ -34,7 +33,9 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> ConnectRefusal {
     }
 }
 
-/// Extracts the token (header first, then `access_token`) and checks it, the grant and the room.
+/// Extracts the token (header first, then `access_token`) and checks it, the grant and the
+/// room. A missing room is no error when `create` is set: the caller creates it (auto-create,
+/// through the SFU loop).
 pub fn check_connect(
     state: &AppState,
     headers: &HeaderMap,
@@ -76,16 +77,8 @@ pub fn check_connect(
     if claims.sub.is_empty() {
         return Err(refuse(StatusCode::UNAUTHORIZED, "token has no identity"));
     }
-    if !state.rooms.exists(&claims.video.room, now) {
-        if !create {
-            return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
-        }
-        state.rooms.create(
-            &claims.video.room,
-            RoomOptions::default(),
-            now,
-            unix_now as i64,
-        );
+    if !create && !state.rooms.exists(&claims.video.room, now) {
+        return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
     }
     Ok(claims)
 }

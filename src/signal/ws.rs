@@ -24,6 +24,7 @@ use crate::app::AppState;
 use crate::auth::jwt::Claims;
 use crate::net::{SfuHandle, SESSION_QUEUE};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::registry::RoomOptions;
 use crate::sfu::{Command, Join, SessionId, SignalOut};
 
 /// How long the SFU may take to produce the join response.
@@ -102,6 +103,11 @@ pub async fn get_rtc(
         Ok(c) => c,
         Err(r) => return text(r.status, &r.message),
     };
+    let room = RoomName::from(claims.video.room.as_str());
+    if !state.rooms.exists(room.as_str(), Instant::now()) {
+        // Auto-create (check_connect let a missing room through only then).
+        sfu.create_room(&room, RoomOptions::default()).await;
+    }
     if flag(&query, "reconnect", false) {
         // Resume is disabled (ClientConfiguration); an unknown session must rejoin in full.
         return ws.on_upgrade(|mut socket| async move {
@@ -128,7 +134,7 @@ pub async fn get_rtc(
         .unwrap_or(0);
     let join = Join {
         session,
-        room: RoomName::from(claims.video.room.as_str()),
+        room,
         identity: ParticipantIdentity::from(claims.sub.as_str()),
         name: claims.name.clone(),
         metadata: claims.metadata.clone(),

@@ -9,28 +9,14 @@ use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use prost::Message as _;
 
-use super::{msg, Command, Output, SessionId, Sfu};
+use super::{msg, Command, Output, Sfu};
 use crate::sfu::ids::{ParticipantIdentity, RoomName, TrackSid};
 
 impl Sfu {
     /// The live part of a room's info (`sid`, `name`, creation time, participant and publisher
     /// counts), if the engine has the room (somebody is connected).
     pub fn room_info(&self, room: &RoomName) -> Option<lk::Room> {
-        let r = self.rooms.get(room)?;
-        let publishers = r
-            .participants
-            .values()
-            .filter(|p| !p.tracks.is_empty())
-            .count();
-        Some(lk::Room {
-            sid: r.sid.to_string(),
-            name: room.to_string(),
-            creation_time: r.created_unix,
-            creation_time_ms: r.created_unix * 1000,
-            num_participants: u32::try_from(r.participants.len()).unwrap_or(u32::MAX),
-            num_publishers: u32::try_from(publishers).unwrap_or(u32::MAX),
-            ..Default::default()
-        })
+        Some(self.rooms.get(room)?.info())
     }
 
     /// The info of participant `identity` in `room` now, with its current tracks.
@@ -39,28 +25,12 @@ impl Sfu {
         room: &RoomName,
         identity: &ParticipantIdentity,
     ) -> Option<lk::ParticipantInfo> {
-        let p = self
-            .rooms
-            .get(room)?
-            .participants
-            .values()
-            .find(|p| p.info.identity == identity.as_str())?;
-        let mut info = p.info.clone();
-        info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
-        Some(info)
-    }
-
-    pub(super) fn session_of(
-        &self,
-        room: &RoomName,
-        identity: &ParticipantIdentity,
-    ) -> Option<SessionId> {
-        self.rooms
-            .get(room)?
-            .participants
-            .values()
-            .find(|p| p.info.identity == identity.as_str())
-            .map(|p| p.session)
+        Some(
+            self.rooms
+                .get(room)?
+                .by_identity(identity)?
+                .info_with_tracks(),
+        )
     }
 
     /// Carries out one of the RoomService commands.
@@ -108,15 +78,7 @@ impl Sfu {
             } => self.server_data(now, &room, &packet, reliable),
             Command::UpdateRoom { room, info } => self.server_room_update(&room, *info),
             Command::DeleteRoom { room } => {
-                let sessions: Vec<SessionId> = self
-                    .rooms
-                    .get(&room)
-                    .map(|r| r.participants.keys().copied().collect())
-                    .unwrap_or_default();
-                tracing::info!(%room, participants = sessions.len(), "room deleted");
-                for session in sessions {
-                    self.leave(now, session, lk::DisconnectReason::RoomDeleted, true);
-                }
+                self.delete_room(now, &room);
             }
             // The signalling commands are handled by `handle_command` itself.
             Command::Join(_)
@@ -178,19 +140,7 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
-        if !metadata.is_empty() {
-            p.info.metadata = metadata;
-        }
-        if !name.is_empty() {
-            p.info.name = name;
-        }
-        for (k, v) in attributes {
-            if v.is_empty() {
-                p.info.attributes.remove(&k);
-            } else {
-                p.info.attributes.insert(k, v);
-            }
-        }
+        p.update(metadata, name, attributes);
         if let Some(permission) = permission {
             p.auto_subscribe = p.auto_subscribe && permission.can_subscribe;
             p.info.permission = Some(permission);
@@ -214,24 +164,8 @@ impl Sfu {
                 if !destinations.is_empty() && !destinations.contains(&p.info.identity) {
                     continue;
                 }
-                let id = if reliable {
-                    p.sub_reliable
-                } else {
-                    p.sub_lossy
-                };
-                let Some(mut ch) = id.and_then(|id| p.subscriber.rtc.channel(id)) else {
-                    tracing::debug!(session = %p.session, "no open data channel for server data");
-                    continue;
-                };
-                match ch.write(true, &encoded) {
-                    Ok(_) => touched.push(p.session),
-                    Err(e) => {
-                        tracing::debug!(
-                            session = %p.session,
-                            error = %e,
-                            "server data write failed"
-                        );
-                    }
+                if p.send_data(reliable, &encoded) {
+                    touched.push(p.session);
                 }
             }
         }
@@ -251,21 +185,15 @@ impl Sfu {
         info.num_participants = live.num_participants;
         info.num_publishers = live.num_publishers;
         let update = Msg::RoomUpdate(lk::RoomUpdate { room: Some(info) });
-        let sessions: Vec<SessionId> = self
-            .rooms
-            .get(room)
-            .map(|r| r.participants.keys().copied().collect())
-            .unwrap_or_default();
-        for session in sessions {
-            self.out
-                .push_back(Output::Signal(session, msg(update.clone())));
+        if let Some(r) = self.rooms.get(room) {
+            r.broadcast(&mut self.out, &update, |_| true);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Join, SfuConfig, SignalOut};
+    use super::super::{Join, SessionId, SfuConfig, SignalOut};
     use super::*;
 
     fn sfu(now: Instant) -> Sfu {

@@ -13,7 +13,8 @@ use str0m::Candidate;
 
 use crate::sfu::ids::TrackSid;
 
-use super::{new_out, OutState, Output, PcKind, SessionId, Sfu, SfuEvent};
+use super::downtrack::{DownState, DownTrack};
+use super::{Output, PcKind, SessionId, Sfu, SfuEvent};
 
 impl Sfu {
     pub(super) fn publisher_offer(
@@ -84,23 +85,23 @@ impl Sfu {
             tracing::warn!(%session, error = %e, "subscriber answer refused");
             return;
         }
-        for o in &mut p.outs {
-            if let OutState::Negotiating(m) = o.state {
-                o.state = OutState::Open(m);
-                if o.kind == MediaKind::Audio {
+        for d in &mut p.down_tracks {
+            if let DownState::Negotiating(m) = d.state {
+                d.state = DownState::Open(m);
+                if d.kind == MediaKind::Audio {
                     // A transceiver may carry a RED-less track after a RED one, or the reverse.
-                    p.subscriber.rtc.direct_api().set_red_send(m, o.red);
+                    p.subscriber.rtc.direct_api().set_red_send(m, d.red);
                 }
             }
         }
-        p.outs
-            .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
+        p.down_tracks
+            .retain(|d| !matches!(d.state, DownState::NegotiatingStop(_)));
         // Newly open video needs a keyframe from its publisher.
         let wants: Vec<(SessionId, TrackSid)> = p
-            .outs
+            .down_tracks
             .iter()
-            .filter(|o| o.kind == MediaKind::Video)
-            .map(|o| (o.publisher, o.track_sid.clone()))
+            .filter(|d| d.kind == MediaKind::Video)
+            .map(|d| (d.publisher, d.track_sid.clone()))
             .collect();
         for (publisher, track) in wants {
             self.request_keyframe(now, publisher, &track, None);
@@ -129,8 +130,8 @@ impl Sfu {
         let text = init.candidate.trim_start_matches("a=");
         match Candidate::from_sdp_string(text) {
             Ok(c) => {
-                if let Some(pc) = self.pc_mut(session, kind) {
-                    pc.rtc.add_remote_candidate(c);
+                if let Some(p) = self.participant_mut(session) {
+                    p.pc_mut(kind).rtc.add_remote_candidate(c);
                 }
             }
             Err(e) => tracing::debug!(%session, error = %e, "ignored remote candidate"),
@@ -143,34 +144,27 @@ impl Sfu {
         publisher: SessionId,
         track_sid: &TrackSid,
     ) {
-        let Some(room_name) = self.sessions.get(&publisher).cloned() else {
+        let Some((room, p)) = self.locate(publisher) else {
             return;
         };
         // Media is bound: the track is published (webhooks).
-        let published = self.participant_mut(publisher).and_then(|p| {
-            let track = p.tracks.iter().find(|t| t.sid == *track_sid)?;
-            let mut info = p.info.clone();
-            info.tracks = p.tracks.iter().map(|t| t.info.clone()).collect();
-            Some((Box::new(info), Box::new(track.info.clone())))
-        });
-        if let Some((participant, track)) = published {
-            self.out.push_back(Output::Event(SfuEvent::TrackPublished {
-                room: room_name.clone(),
-                participant,
-                track,
-            }));
+        if let Some(track) = p.track(track_sid) {
+            let event = SfuEvent::TrackPublished {
+                room: room.name.clone(),
+                participant: Box::new(p.info_with_tracks()),
+                track: Box::new(track.info.clone()),
+            };
+            self.out.push_back(Output::Event(event));
         }
-        let subscribers: Vec<SessionId> = self
-            .rooms
-            .get(&room_name)
-            .map(|r| {
-                r.participants
-                    .values()
-                    .filter(|p| p.session != publisher && p.auto_subscribe)
-                    .map(|p| p.session)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let Some(room) = self.room_of(publisher) else {
+            return;
+        };
+        let subscribers: Vec<SessionId> = room
+            .participants
+            .values()
+            .filter(|p| p.session != publisher && p.auto_subscribe)
+            .map(|p| p.session)
+            .collect();
         for s in subscribers {
             self.subscribe(now, s, track_sid);
             self.renegotiate(now, s);
@@ -179,54 +173,33 @@ impl Sfu {
     }
 
     pub(super) fn subscribe(&mut self, _now: Instant, session: SessionId, track_sid: &TrackSid) {
-        let Some(room_name) = self.sessions.get(&session).cloned() else {
+        let Some(room) = self.room_of_mut(session) else {
             return;
         };
-        let Some(room) = self.rooms.get_mut(&room_name) else {
-            return;
+        let down = match room.track(track_sid) {
+            Some((p, t)) if t.is_bound() && p.session != session => {
+                DownTrack::new(p.session, p.sid.as_str(), t)
+            }
+            _ => return,
         };
-        let found = room.participants.values().find_map(|p| {
-            p.tracks
-                .iter()
-                .find(|t| t.sid == *track_sid && t.mid.is_some())
-                .map(|t| (p.session, new_out(p, t)))
-        });
-        let Some((publisher, out)) = found else {
-            return;
-        };
-        if publisher == session {
-            return;
-        }
         let Some(p) = room.participants.get_mut(&session) else {
             return;
         };
-        let may = p.info.permission.as_ref().is_some_and(|x| x.can_subscribe);
-        if !may || p.outs.iter().any(|o| o.track_sid == *track_sid) {
+        if !p.can_subscribe() || p.receives(track_sid) {
             return;
         }
-        p.outs.push(out);
+        p.down_tracks.push(down);
     }
 
     /// Sends a subscriber offer if changes are waiting and none is in flight.
     pub(super) fn renegotiate(&mut self, _now: Instant, session: SessionId) {
-        let id = {
-            let Some(p) = self.participant_mut(session) else {
-                return;
-            };
-            if p.sub_pending.is_some() {
-                return;
-            }
-            p.sub_offer_id + 1
-        };
-        let Some(room_name) = self.sessions.get(&session).cloned() else {
+        let Some(p) = self.participant_mut(session) else {
             return;
         };
-        let Some(room) = self.rooms.get_mut(&room_name) else {
+        if p.sub_pending.is_some() {
             return;
-        };
-        let Some(p) = room.participants.get_mut(&session) else {
-            return;
-        };
+        }
+        let id = p.sub_offer_id + 1;
         let mut api = p.subscriber.rtc.sdp_api();
         if p.sub_reliable.is_none() {
             // Server-created channels on the subscriber PC (subscriber_primary): clients adopt
@@ -246,21 +219,21 @@ impl Sfu {
                 protocol: String::new(),
             }));
         }
-        for o in &mut p.outs {
-            match o.state {
-                OutState::ToOpen => {
+        for d in &mut p.down_tracks {
+            match d.state {
+                DownState::ToOpen => {
                     let mid = api.add_media(
-                        o.kind,
+                        d.kind,
                         Direction::SendOnly,
-                        Some(o.stream_id.clone()),
-                        Some(o.track_sid.to_string()),
+                        Some(d.stream_id.clone()),
+                        Some(d.track_sid.to_string()),
                         None,
                     );
-                    o.state = OutState::Negotiating(mid);
+                    d.state = DownState::Negotiating(mid);
                 }
-                OutState::ToStop(m) => {
+                DownState::ToStop(m) => {
                     api.stop_media(m);
-                    o.state = OutState::NegotiatingStop(m);
+                    d.state = DownState::NegotiatingStop(m);
                 }
                 _ => {}
             }
@@ -272,9 +245,9 @@ impl Sfu {
             return;
         };
         let mut mid_to_track_id = HashMap::new();
-        for o in &p.outs {
-            if let Some(m) = o.mid() {
-                mid_to_track_id.insert(m.to_string(), o.track_sid.to_string());
+        for d in &p.down_tracks {
+            if let Some(m) = d.mid() {
+                mid_to_track_id.insert(m.to_string(), d.track_sid.to_string());
             }
         }
         p.sub_offer_id = id;
@@ -289,23 +262,10 @@ impl Sfu {
     }
 
     pub(super) fn unpublish(&mut self, now: Instant, publisher: SessionId, track_sid: &TrackSid) {
-        let Some(room_name) = self.sessions.get(&publisher).cloned() else {
-            return;
-        };
         let mut touched = Vec::new();
-        if let Some(room) = self.rooms.get_mut(&room_name) {
+        if let Some(room) = self.room_of_mut(publisher) {
             for p in room.participants.values_mut() {
-                let mut hit = false;
-                for o in p.outs.iter_mut().filter(|o| o.track_sid == *track_sid) {
-                    hit = true;
-                    o.state = match o.state {
-                        OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
-                        s => s,
-                    };
-                }
-                p.outs
-                    .retain(|o| !(o.track_sid == *track_sid && o.state == OutState::ToOpen));
-                if hit {
+                if p.stop_down_tracks(|d| d.track_sid == *track_sid) {
                     touched.push(p.session);
                 }
             }

@@ -7,7 +7,8 @@ use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use str0m::media::{MediaKind, Rid};
 
-use super::{msg, OutState, Output, SessionId, Sfu, Track, QUALITY_INTERVAL, SPEAKER_INTERVAL};
+use super::track::Track;
+use super::{msg, Output, SessionId, Sfu, QUALITY_INTERVAL, SPEAKER_INTERVAL};
 use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast;
 
@@ -16,28 +17,16 @@ impl Sfu {
         self.next_speakers = Some(now + SPEAKER_INTERVAL);
         self.update_layers(now);
         for room in self.rooms.values_mut() {
-            let mut changed = Vec::new();
-            for p in room.participants.values_mut() {
-                let level = p.audio_level;
-                p.audio_level = 0.0;
-                let speaking = level > 0.02;
-                if speaking != p.speaking || speaking {
-                    changed.push(lk::SpeakerInfo {
-                        sid: p.info.sid.clone(),
-                        level,
-                        active: speaking,
-                    });
-                }
-                p.speaking = speaking;
-            }
+            let changed: Vec<lk::SpeakerInfo> = room
+                .participants
+                .values_mut()
+                .filter_map(|p| p.speaker_update())
+                .collect();
             if changed.is_empty() {
                 continue;
             }
             let m = Msg::SpeakersChanged(lk::SpeakersChanged { speakers: changed });
-            for p in room.participants.values() {
-                self.out
-                    .push_back(Output::Signal(p.session, msg(m.clone())));
-            }
+            room.broadcast(&mut self.out, &m, |_| true);
         }
     }
 
@@ -47,21 +36,10 @@ impl Sfu {
             let updates: Vec<lk::ConnectionQualityInfo> = room
                 .participants
                 .values()
-                .map(|p| lk::ConnectionQualityInfo {
-                    participant_sid: p.info.sid.clone(),
-                    quality: if p.subscriber.connected {
-                        lk::ConnectionQuality::Excellent as i32
-                    } else {
-                        lk::ConnectionQuality::Poor as i32
-                    },
-                    score: if p.subscriber.connected { 5.0 } else { 1.0 },
-                })
+                .map(|p| p.connection_quality())
                 .collect();
             let m = Msg::ConnectionQuality(lk::ConnectionQualityUpdate { updates });
-            for p in room.participants.values() {
-                self.out
-                    .push_back(Output::Signal(p.session, msg(m.clone())));
-            }
+            room.broadcast(&mut self.out, &m, |_| true);
         }
     }
 
@@ -79,9 +57,9 @@ impl Sfu {
                     let max = room
                         .participants
                         .values()
-                        .flat_map(|s| s.outs.iter())
-                        .filter(|o| o.track_sid == t.sid && !o.disabled)
-                        .map(|o| o.max_quality)
+                        .flat_map(|s| s.down_tracks.iter())
+                        .filter(|d| d.track_sid == t.sid && !d.disabled)
+                        .map(|d| d.max_quality)
                         .max();
                     wants.push((p.session, t.sid.clone(), max, t.layers.any_alive(now)));
                 }
@@ -127,10 +105,8 @@ impl Sfu {
                 let publisher_sid = p.info.sid.clone();
                 for s in room.participants.values_mut() {
                     let session = s.session;
-                    for o in s.outs.iter_mut().filter(|o| o.track_sid == sid) {
-                        let paused = !alive || o.disabled;
-                        if paused != o.paused && matches!(o.state, OutState::Open(_)) {
-                            o.paused = paused;
+                    for d in s.down_tracks.iter_mut().filter(|d| d.track_sid == sid) {
+                        if let Some(paused) = d.pause_changed(alive) {
                             let state = if paused {
                                 lk::StreamState::Paused
                             } else {
@@ -174,16 +150,9 @@ impl Sfu {
         let mut keyframes = Vec::new();
         if let Some(p) = self.participant_mut(session) {
             for (sid, quality) in wanted {
-                for o in p.outs.iter_mut().filter(|o| o.track_sid == sid) {
-                    let was_disabled = o.disabled;
-                    o.disabled = off;
-                    let changed = o.max_quality != quality;
-                    o.max_quality = quality;
-                    if o.kind == MediaKind::Video && ((was_disabled && !off) || changed) {
-                        if was_disabled {
-                            o.waiting_keyframe = true;
-                        }
-                        keyframes.push((o.publisher, o.track_sid.clone()));
+                for d in p.down_tracks.iter_mut().filter(|d| d.track_sid == sid) {
+                    if d.set_settings(off, quality) {
+                        keyframes.push((d.publisher, d.track_sid.clone()));
                     }
                 }
             }
@@ -196,11 +165,9 @@ impl Sfu {
 
     /// A published track by SID.
     fn track(&self, track_sid: &TrackSid) -> Option<&Track> {
-        self.rooms.values().find_map(|r| {
-            r.participants
-                .values()
-                .find_map(|p| p.tracks.iter().find(|t| t.sid == *track_sid))
-        })
+        self.rooms
+            .values()
+            .find_map(|r| r.track(track_sid).map(|(_, t)| t))
     }
 
     /// Asks the publisher for keyframes of the layers its subscribers now want.
@@ -211,19 +178,17 @@ impl Sfu {
         sid: &TrackSid,
     ) {
         let mut rids: Vec<Option<Rid>> = Vec::new();
-        if let Some(room_name) = self.sessions.get(&publisher).cloned() {
-            if let Some(room) = self.rooms.get(&room_name) {
-                let layers = room
-                    .participants
-                    .get(&publisher)
-                    .and_then(|p| p.tracks.iter().find(|t| t.sid == *sid))
-                    .map(|t| &t.layers);
-                for p in room.participants.values() {
-                    for o in p.outs.iter().filter(|o| o.track_sid == *sid && !o.disabled) {
-                        let rid = layers.and_then(|l| l.choose(o.max_quality, now));
-                        if !rids.contains(&rid) {
-                            rids.push(rid);
-                        }
+        if let Some((room, p)) = self.locate(publisher) {
+            let layers = p.track(sid).map(|t| &t.layers);
+            for s in room.participants.values() {
+                for d in s
+                    .down_tracks
+                    .iter()
+                    .filter(|d| d.track_sid == *sid && !d.disabled)
+                {
+                    let rid = layers.and_then(|l| l.choose(d.max_quality, now));
+                    if !rids.contains(&rid) {
+                        rids.push(rid);
                     }
                 }
             }
@@ -232,7 +197,7 @@ impl Sfu {
             // Separate layers are separate requests; the throttle is per track, so clear it.
             if let Some(t) = self
                 .participant_mut(publisher)
-                .and_then(|p| p.tracks.iter_mut().find(|t| t.sid == *sid))
+                .and_then(|p| p.track_mut(sid))
             {
                 t.last_keyframe_request = None;
             }

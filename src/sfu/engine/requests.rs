@@ -7,7 +7,8 @@ use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use str0m::media::MediaKind;
 
-use super::{OutState, SessionId, Sfu, Track, MAX_TRACKS_PER_PARTICIPANT, TRACK_PREFIX};
+use super::track::Track;
+use super::{SessionId, Sfu, MAX_TRACKS_PER_PARTICIPANT, TRACK_PREFIX};
 use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast::Layers;
 
@@ -21,7 +22,7 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
-        let can_publish = p.info.permission.as_ref().is_some_and(|x| x.can_publish);
+        let can_publish = p.can_publish();
         if !can_publish {
             tracing::info!(%session, cid = %req.cid, "add_track without canPublish refused");
             self.signal(
@@ -163,12 +164,7 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
-        let allowed = p
-            .info
-            .permission
-            .as_ref()
-            .is_some_and(|x| x.can_update_metadata);
-        if !allowed {
+        if !p.can_update_metadata() {
             self.signal(
                 session,
                 Msg::RequestResponse(lk::RequestResponse {
@@ -180,19 +176,7 @@ impl Sfu {
             );
             return;
         }
-        if !u.metadata.is_empty() {
-            p.info.metadata = u.metadata;
-        }
-        if !u.name.is_empty() {
-            p.info.name = u.name;
-        }
-        for (k, v) in u.attributes {
-            if v.is_empty() {
-                p.info.attributes.remove(&k);
-            } else {
-                p.info.attributes.insert(k, v);
-            }
-        }
+        p.update(u.metadata, u.name, u.attributes);
         self.broadcast_participant(session);
         // The Rust SDK waits for this acknowledgement (JS waits for the echoed update).
         if u.request_id != 0 {
@@ -221,14 +205,7 @@ impl Sfu {
             if s.subscribe {
                 self.subscribe(now, session, &sid);
             } else if let Some(p) = self.participant_mut(session) {
-                for o in p.outs.iter_mut().filter(|o| o.track_sid == sid) {
-                    o.state = match o.state {
-                        OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
-                        s => s,
-                    };
-                }
-                p.outs
-                    .retain(|o| !(o.track_sid == sid && o.state == OutState::ToOpen));
+                p.stop_down_tracks(|d| d.track_sid == sid);
             }
         }
         self.renegotiate(now, session);

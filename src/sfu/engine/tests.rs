@@ -3,6 +3,8 @@
 
 use super::*;
 use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::media::{Direction, MediaKind};
+use str0m::{Event, Output as RtcOutput};
 
 fn sfu(now: Instant) -> Sfu {
     Sfu::new(

@@ -1,0 +1,417 @@
+//! One participant: its two peer connections, published tracks, down-tracks and info, and
+//! what concerns only it (permissions, its own info and versions, timers, data channels).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
+use str0m::media::{Direction, MediaKind, Mid, Rid};
+use str0m::{Event, Input, Output as RtcOutput, Rtc};
+
+use super::downtrack::DownTrack;
+use super::track::Track;
+use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DEADLINE};
+use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
+
+/// Which of a participant's two peer connections (v0 signalling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum PcKind {
+    /// The client sends media on it; the client offers.
+    Publisher,
+    /// The client receives media on it; the SFU offers.
+    Subscriber,
+}
+
+/// One peer connection.
+pub(super) struct Pc {
+    pub(super) rtc: Rtc,
+    pub(super) ufrag: String,
+    pub(super) next_timeout: Instant,
+    pub(super) connected: bool,
+}
+
+/// What draining a participant's peer connections produced for the rest of the room.
+#[derive(Default)]
+pub(super) struct Polled {
+    /// Media to forward to subscribers.
+    pub(super) forwards: Vec<Forward>,
+    /// Keyframes wanted (track, layer): its own lost video, or its subscribers' requests.
+    pub(super) keyframe_wanted: Vec<(TrackSid, Option<Rid>)>,
+    /// Data packets it sent: (reliable, bytes).
+    pub(super) data: Vec<(bool, Vec<u8>)>,
+    /// Its tracks whose media just arrived.
+    pub(super) newly_bound: Vec<TrackSid>,
+    /// Its tracks whose media stopped (removed from it).
+    pub(super) unpublished: Vec<Track>,
+    /// A peer connection failed.
+    pub(super) dead: bool,
+}
+
+/// A participant (one signalling session) in a room.
+pub(super) struct Participant {
+    pub(super) session: SessionId,
+    pub(super) identity: ParticipantIdentity,
+    pub(super) sid: ParticipantSid,
+    pub(super) info: lk::ParticipantInfo,
+    pub(super) auto_subscribe: bool,
+    pub(super) publisher: Pc,
+    pub(super) subscriber: Pc,
+    pub(super) tracks: Vec<Track>,
+    /// Media the publisher PC announced before a matching `add_track`.
+    pub(super) unbound_mids: Vec<(Mid, MediaKind, String)>,
+    /// What it receives of the others' tracks.
+    pub(super) down_tracks: Vec<DownTrack>,
+    pub(super) sub_pending: Option<(SdpPendingOffer, u32)>,
+    pub(super) sub_offer_id: u32,
+    pub(super) sub_reliable: Option<ChannelId>,
+    pub(super) sub_lossy: Option<ChannelId>,
+    pub(super) pub_channels: HashMap<ChannelId, bool>,
+    pub(super) joined_at: Instant,
+    pub(super) audio_level: f32,
+    pub(super) speaking: bool,
+}
+
+impl Participant {
+    /// One of its peer connections.
+    pub(super) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+        match kind {
+            PcKind::Publisher => &mut self.publisher,
+            PcKind::Subscriber => &mut self.subscriber,
+        }
+    }
+
+    fn permission(&self) -> Option<&lk::ParticipantPermission> {
+        self.info.permission.as_ref()
+    }
+
+    /// Hidden participants are not announced to the others.
+    pub(super) fn hidden(&self) -> bool {
+        self.permission().is_some_and(|x| x.hidden)
+    }
+
+    /// May subscribe to tracks.
+    pub(super) fn can_subscribe(&self) -> bool {
+        self.permission().is_some_and(|x| x.can_subscribe)
+    }
+
+    /// May publish tracks.
+    pub(super) fn can_publish(&self) -> bool {
+        self.permission().is_some_and(|x| x.can_publish)
+    }
+
+    /// May send data packets.
+    pub(super) fn can_publish_data(&self) -> bool {
+        self.permission().is_some_and(|x| x.can_publish_data)
+    }
+
+    /// May change its own metadata, name and attributes.
+    pub(super) fn can_update_metadata(&self) -> bool {
+        self.permission().is_some_and(|x| x.can_update_metadata)
+    }
+
+    /// Its info now, with its current tracks.
+    pub(super) fn info_with_tracks(&self) -> lk::ParticipantInfo {
+        let mut info = self.info.clone();
+        info.tracks = self.tracks.iter().map(|t| t.info.clone()).collect();
+        info
+    }
+
+    /// Bumps its info's version and returns the new info (with tracks) to broadcast.
+    pub(super) fn next_version(&mut self) -> lk::ParticipantInfo {
+        self.info.version += 1;
+        self.info.tracks = self.tracks.iter().map(|t| t.info.clone()).collect();
+        self.info.clone()
+    }
+
+    /// One of its published tracks.
+    pub(super) fn track(&self, sid: &TrackSid) -> Option<&Track> {
+        self.tracks.iter().find(|t| t.sid == *sid)
+    }
+
+    /// One of its published tracks, mutably.
+    pub(super) fn track_mut(&mut self, sid: &TrackSid) -> Option<&mut Track> {
+        self.tracks.iter_mut().find(|t| t.sid == *sid)
+    }
+
+    /// Its published tracks that subscribers can get.
+    pub(super) fn bound_tracks(&self) -> impl Iterator<Item = &Track> {
+        self.tracks.iter().filter(|t| t.is_bound())
+    }
+
+    /// Asks for a keyframe of its track `sid` (see [`Track::request_keyframe`]).
+    pub(super) fn request_keyframe(
+        &mut self,
+        sid: &TrackSid,
+        now: Instant,
+        rid: Option<str0m::media::Rid>,
+    ) {
+        if let Some(t) = self.tracks.iter_mut().find(|t| t.sid == *sid) {
+            t.request_keyframe(&mut self.publisher.rtc, now, rid);
+        }
+    }
+
+    /// Whether it receives track `sid` already.
+    pub(super) fn receives(&self, sid: &TrackSid) -> bool {
+        self.down_tracks.iter().any(|d| d.track_sid == *sid)
+    }
+
+    /// Stops the down-tracks `which` selects (removed in the next subscriber offer, or at
+    /// once if never offered); returns whether any matched.
+    pub(super) fn stop_down_tracks(&mut self, which: impl Fn(&DownTrack) -> bool) -> bool {
+        let mut hit = false;
+        self.down_tracks.retain_mut(|d| {
+            if !which(d) {
+                return true;
+            }
+            hit = true;
+            d.stop()
+        });
+        hit
+    }
+
+    /// Applies a metadata update: empty strings keep a field, an empty attribute value
+    /// deletes the attribute.
+    pub(super) fn update(
+        &mut self,
+        metadata: String,
+        name: String,
+        attributes: HashMap<String, String>,
+    ) {
+        if !metadata.is_empty() {
+            self.info.metadata = metadata;
+        }
+        if !name.is_empty() {
+            self.info.name = name;
+        }
+        for (k, v) in attributes {
+            if v.is_empty() {
+                self.info.attributes.remove(&k);
+            } else {
+                self.info.attributes.insert(k, v);
+            }
+        }
+    }
+
+    /// Whether either peer connection ever connected.
+    pub(super) fn ever_connected(&self) -> bool {
+        self.publisher.connected || self.subscriber.connected
+    }
+
+    /// Why it must be dropped at `now`, if so: it never connected within the deadline, or a
+    /// connection died.
+    pub(super) fn connection_lost(&self, now: Instant) -> Option<lk::DisconnectReason> {
+        if !self.ever_connected() && now >= self.joined_at + CONNECT_DEADLINE {
+            Some(lk::DisconnectReason::JoinFailure)
+        } else if !self.subscriber.rtc.is_alive() || !self.publisher.rtc.is_alive() {
+            Some(lk::DisconnectReason::ConnectionTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a peer connection timer is due at `now`.
+    pub(super) fn timers_due(&self, now: Instant) -> bool {
+        self.publisher.next_timeout <= now || self.subscriber.next_timeout <= now
+    }
+
+    /// Drives the due peer connection timers.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        for pc in [&mut self.publisher, &mut self.subscriber] {
+            if pc.next_timeout <= now {
+                let _ = pc.rtc.handle_input(Input::Timeout(now));
+            }
+        }
+    }
+
+    /// Its earliest timer: peer connections and the connect deadline.
+    pub(super) fn next_timeout(&self) -> Instant {
+        self.publisher
+            .next_timeout
+            .min(self.subscriber.next_timeout)
+            .min(self.joined_at + CONNECT_DEADLINE)
+    }
+
+    /// Ends its connections and marks its info disconnected with `reason`.
+    pub(super) fn close(&mut self, reason: lk::DisconnectReason) {
+        self.publisher.rtc.disconnect();
+        self.subscriber.rtc.disconnect();
+        self.info.state = lk::participant_info::State::Disconnected as i32;
+        self.info.version += 1;
+        self.info.disconnect_reason = reason as i32;
+    }
+
+    /// Writes `bytes` to its `_reliable` or `_lossy` subscriber data channel; false if none
+    /// is open or the write failed.
+    pub(super) fn send_data(&mut self, reliable: bool, bytes: &[u8]) -> bool {
+        let id = if reliable {
+            self.sub_reliable
+        } else {
+            self.sub_lossy
+        };
+        let Some(mut ch) = id.and_then(|id| self.subscriber.rtc.channel(id)) else {
+            tracing::debug!(session = %self.session, "no open data channel");
+            return false;
+        };
+        match ch.write(true, bytes) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(session = %self.session, error = %e, "data write failed");
+                false
+            }
+        }
+    }
+
+    /// Its speaker state for the last interval, if worth telling (speaking, or stopped);
+    /// resets the level.
+    pub(super) fn speaker_update(&mut self) -> Option<lk::SpeakerInfo> {
+        let level = self.audio_level;
+        self.audio_level = 0.0;
+        let speaking = level > 0.02;
+        let changed = speaking != self.speaking || speaking;
+        self.speaking = speaking;
+        changed.then(|| lk::SpeakerInfo {
+            sid: self.sid.to_string(),
+            level,
+            active: speaking,
+        })
+    }
+
+    /// Its connection quality (connected subscriber connection: excellent).
+    pub(super) fn connection_quality(&self) -> lk::ConnectionQualityInfo {
+        let connected = self.subscriber.connected;
+        lk::ConnectionQualityInfo {
+            participant_sid: self.sid.to_string(),
+            quality: if connected {
+                lk::ConnectionQuality::Excellent as i32
+            } else {
+                lk::ConnectionQuality::Poor as i32
+            },
+            score: if connected { 5.0 } else { 1.0 },
+        }
+    }
+
+    /// Drains both peer connections: datagrams go to `out`, timers are stored, events change
+    /// its state (connected, tracks bound or unpublished, audio level, data channels) and what
+    /// concerns others is returned.
+    pub(super) fn poll(&mut self, now: Instant, out: &mut VecDeque<Output>) -> Polled {
+        let mut polled = Polled::default();
+        for kind in [PcKind::Publisher, PcKind::Subscriber] {
+            loop {
+                let output = match self.pc_mut(kind).rtc.poll_output() {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::info!(session = %self.session, error = %e, "peer connection failed");
+                        polled.dead = true;
+                        break;
+                    }
+                };
+                match output {
+                    RtcOutput::Timeout(t) => {
+                        self.pc_mut(kind).next_timeout = t;
+                        break;
+                    }
+                    RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    })),
+                    RtcOutput::Event(e) => self.event(kind, e, now, &mut polled),
+                }
+            }
+        }
+        polled
+    }
+
+    fn event(&mut self, kind: PcKind, e: Event, now: Instant, polled: &mut Polled) {
+        let session = self.session;
+        match e {
+            Event::Connected => {
+                tracing::debug!(%session, ?kind, "peer connection connected");
+                self.pc_mut(kind).connected = true;
+                if kind == PcKind::Subscriber {
+                    self.info.state = lk::participant_info::State::Active as i32;
+                }
+            }
+            Event::IceConnectionStateChange(state) => {
+                tracing::debug!(%session, ?kind, ?state, "ICE state");
+            }
+            // Only media the client sends: v0 publisher offers may also carry recvonly
+            // transceivers (sendonly from here), which are no tracks.
+            Event::MediaAdded(added)
+                if kind == PcKind::Publisher
+                    && matches!(added.direction, Direction::RecvOnly | Direction::SendRecv) =>
+            {
+                let tid = self
+                    .publisher
+                    .rtc
+                    .media(added.mid)
+                    .map(|m| m.track_id().to_owned())
+                    .unwrap_or_default();
+                let pos = self
+                    .tracks
+                    .iter()
+                    .position(|t| !t.is_bound() && t.cid == tid)
+                    .or_else(|| {
+                        self.tracks
+                            .iter()
+                            .position(|t| !t.is_bound() && t.kind == added.kind)
+                    });
+                match pos.and_then(|i| self.tracks.get_mut(i)) {
+                    Some(t) => {
+                        t.bind(added.mid);
+                        polled.newly_bound.push(t.sid.clone());
+                    }
+                    None => self.unbound_mids.push((added.mid, added.kind, tid)),
+                }
+            }
+            Event::MediaChanged(ch) if kind == PcKind::Publisher => {
+                if matches!(ch.direction, Direction::Inactive | Direction::SendOnly) {
+                    if let Some(i) = self.tracks.iter().position(|t| t.mid == Some(ch.mid)) {
+                        polled.unpublished.push(self.tracks.remove(i));
+                    }
+                }
+            }
+            Event::MediaData(data) if kind == PcKind::Publisher => {
+                let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else {
+                    return;
+                };
+                match data.rid {
+                    Some(rid) => t.layers.saw(rid, now),
+                    None => t.layers.saw_plain(now),
+                }
+                if t.kind == MediaKind::Audio {
+                    if let Some(level) = data.ext_vals.audio_level {
+                        self.audio_level = self.audio_level.max(linear_audio_level(level));
+                    }
+                }
+                if !data.contiguous && t.kind == MediaKind::Video {
+                    polled.keyframe_wanted.push((t.sid.clone(), data.rid));
+                }
+                let keyframe = data.is_keyframe();
+                polled.forwards.push(Forward {
+                    publisher: session,
+                    track_sid: t.sid.clone(),
+                    data,
+                    keyframe,
+                });
+            }
+            Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
+                if let Some(d) = self.down_tracks.iter().find(|d| d.mid() == Some(req.mid)) {
+                    polled
+                        .keyframe_wanted
+                        .push((d.track_sid.clone(), d.current_rid));
+                }
+            }
+            Event::ChannelOpen(id, label) if kind == PcKind::Publisher => {
+                self.pub_channels.insert(id, label != "_lossy");
+            }
+            Event::ChannelData(d) if kind == PcKind::Publisher => {
+                let reliable = self.pub_channels.get(&d.id).copied().unwrap_or(true);
+                polled.data.push((reliable, d.data));
+            }
+            _ => {}
+        }
+    }
+}

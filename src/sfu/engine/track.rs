@@ -1,0 +1,73 @@
+//! A track published by a participant: its info, the publisher connection's mid it arrives
+//! on, its simulcast layers and keyframe requests upstream.
+
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid};
+use str0m::Rtc;
+
+use super::KEYFRAME_THROTTLE;
+use crate::sfu::ids::TrackSid;
+use crate::sfu::simulcast::{self, Layers};
+
+/// A track published by a participant.
+pub(super) struct Track {
+    /// Its SID (also in `info.sid`).
+    pub(super) sid: TrackSid,
+    pub(super) info: lk::TrackInfo,
+    pub(super) cid: String,
+    pub(super) kind: MediaKind,
+    /// The publisher connection's mid its media arrives on, once bound.
+    pub(super) mid: Option<Mid>,
+    pub(super) layers: Layers,
+    /// Last dynacast state sent to the publisher (LOW, MEDIUM, HIGH enabled).
+    pub(super) sent_qualities: Option<[bool; 3]>,
+    pub(super) last_keyframe_request: Option<Instant>,
+}
+
+impl Track {
+    /// Whether RED may carry this track: audio whose publisher did not disable it. End-to-end
+    /// encrypted tracks never: RED is built before encryption, so it cannot be unwrapped or
+    /// rebuilt on the way (see `red.rs`).
+    pub(super) fn red_allowed(&self) -> bool {
+        self.kind == MediaKind::Audio
+            && !self.info.disable_red
+            && self.info.encryption == lk::encryption::Type::None as i32
+    }
+
+    /// Whether its media arrives (subscribers can get it).
+    pub(super) fn is_bound(&self) -> bool {
+        self.mid.is_some()
+    }
+
+    /// Binds the track to the publisher connection's `mid`.
+    pub(super) fn bind(&mut self, mid: Mid) {
+        self.mid = Some(mid);
+        self.info.mid = mid.to_string();
+    }
+
+    /// Asks the publisher (connection `rtc`) for a keyframe of layer `rid` (or the best
+    /// layer), at most once per [`KEYFRAME_THROTTLE`]. Audio never needs one.
+    pub(super) fn request_keyframe(&mut self, rtc: &mut Rtc, now: Instant, rid: Option<Rid>) {
+        if self.kind != MediaKind::Video {
+            return;
+        }
+        if self
+            .last_keyframe_request
+            .is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_THROTTLE)
+        {
+            return;
+        }
+        let Some(mid) = self.mid else {
+            return;
+        };
+        self.last_keyframe_request = Some(now);
+        let rid = rid.or_else(|| self.layers.choose(simulcast::HIGH, now));
+        if let Some(mut w) = rtc.writer(mid) {
+            if let Err(e) = w.request_keyframe(rid, KeyframeRequestKind::Pli) {
+                tracing::debug!(track = %self.sid, error = %e, "keyframe request failed");
+            }
+        }
+    }
+}
