@@ -22,14 +22,14 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::app::AppState;
 use crate::metrics::Metrics;
 use crate::net::SfuHandle;
-use crate::signal::{validate, ws};
+use crate::signal::{validate, ws, SignalState};
 use admin::AdminState;
 use appservice::AppserviceState;
 use error::{InternalCause, MatrixErrorResponse};
 use tokens::TokenState;
+use twirp::TwirpState;
 
 /// Everything the routes use, each handler taking only its part (`FromRef`).
 #[derive(Clone)]
@@ -40,8 +40,10 @@ pub struct HttpState {
     pub tokens: TokenState,
     /// The admin API's part.
     pub admin: AdminState,
-    /// Signalling's and the RoomService's part.
-    pub sfu_side: Arc<AppState>,
+    /// Signalling's part.
+    pub signal: Arc<SignalState>,
+    /// The RoomService API's part.
+    pub twirp: TwirpState,
     /// The SFU loop (for its counters).
     pub sfu: SfuHandle,
     /// Process counters.
@@ -68,9 +70,15 @@ impl FromRef<HttpState> for AdminState {
     }
 }
 
-impl FromRef<HttpState> for Arc<AppState> {
+impl FromRef<HttpState> for Arc<SignalState> {
     fn from_ref(s: &HttpState) -> Self {
-        s.sfu_side.clone()
+        s.signal.clone()
+    }
+}
+
+impl FromRef<HttpState> for TwirpState {
+    fn from_ref(s: &HttpState) -> Self {
+        s.twirp.clone()
     }
 }
 

@@ -1,7 +1,6 @@
 //! Conclave: a Matrix application service, a LiveKit-compatible token service and an embedded
 //! SFU in one binary. See `docs/ARCHITECTURE.md` for the data flow.
 
-pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod calls;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::app::AppState;
 use crate::auth::jwt::TokenSigner;
 use crate::auth::membership::MembershipGate;
 use crate::auth::openid::OpenIdVerifier;
@@ -16,6 +15,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::http::admin::AdminState;
 use crate::http::appservice::AppserviceState;
 use crate::http::tokens::TokenState;
+use crate::http::twirp::TwirpState;
 use crate::http::HttpState;
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
@@ -24,8 +24,10 @@ use crate::net::SfuHandle;
 use crate::plumbing::{Backoff, ClientOptions, HttpClients};
 use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
 use crate::sfu::registry::RoomRegistry;
+use crate::signal::SignalState;
 use crate::store::sqlite::Fault;
 use crate::store::{AsyncStore, SqliteStore, StoreError};
+use crate::webhook::WebhookSettings;
 
 /// Database file name inside the data directory.
 pub const DATABASE_FILE: &str = "conclave.db";
@@ -266,8 +268,8 @@ pub struct Services {
     pub http: HttpState,
     /// The calls service (start its workers with [`Calls::start`]).
     pub calls: Calls,
-    /// The SFU side's state (webhooks read it too).
-    pub sfu_side: Arc<AppState>,
+    /// What webhooks need: where they go, the client factory, the room view.
+    pub webhooks: (WebhookSettings, HttpClients, Arc<RoomRegistry>),
 }
 
 /// Opens the store and builds every service for `config` around the running SFU loop `sfu`,
@@ -302,7 +304,7 @@ pub fn build_services(
         store.clone(),
         homeserver.clone(),
         sfu.clone(),
-        clients,
+        clients.clone(),
         metrics.clone(),
     );
     let gate = MembershipGate::new(
@@ -312,10 +314,11 @@ pub fn build_services(
         config.bot_user_id(),
         Duration::from_millis(config.auth.membership_wait_ms),
     );
+    let signer = TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose());
     let tokens = TokenService::new(
         TokenSettings::from_config(&config),
         openid,
-        TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose()),
+        signer.clone(),
         gate,
         calls.clone(),
         sfu.clone(),
@@ -335,21 +338,37 @@ pub fn build_services(
             calls: calls.clone(),
             token: config.admin.token.clone(),
         },
-        sfu_side: Arc::new(AppState {
-            signer: TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose()),
-            config: config.clone(),
-            secrets,
-            rooms,
-            sfu: Some(sfu.clone()),
+        signal: Arc::new(SignalState {
+            signer: signer.clone(),
+            sfu: sfu.clone(),
+            rooms: rooms.clone(),
+            auto_create: config.sfu_auto_create(),
+            signal_timeout: Duration::from_secs(config.rtc.signal_timeout_secs.max(1)),
+            token_lifetime_secs: config.auth.token_lifetime_secs,
         }),
+        twirp: TwirpState {
+            enabled: config.rtc.twirp_enabled,
+            signer,
+            sfu: sfu.clone(),
+            rooms: rooms.clone(),
+        },
         sfu,
         metrics,
         max_body_bytes: config.http.max_body_bytes,
     };
+    let webhooks = WebhookSettings {
+        urls: config.webhook.urls.clone(),
+        api_key: config
+            .webhook
+            .api_key
+            .clone()
+            .unwrap_or_else(|| secrets.livekit_key.clone()),
+        secret: secrets.livekit_secret.clone(),
+    };
     Ok(Services {
-        sfu_side: http.sfu_side.clone(),
         http,
         calls,
+        webhooks: (webhooks, clients, rooms),
     })
 }
 
@@ -390,7 +409,8 @@ async fn serve(config: Config) -> Result<(), RunError> {
         "SFU running"
     );
     services.calls.start();
-    tokio::spawn(crate::webhook::run(services.sfu_side.clone(), events));
+    let (webhooks, clients, rooms) = services.webhooks;
+    tokio::spawn(crate::webhook::run(webhooks, clients, rooms, events));
     print_banner(&config, local);
     if config.appservice.ping_on_start {
         let homeserver = services.calls.homeserver().clone();

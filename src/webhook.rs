@@ -24,9 +24,11 @@ use livekit_protocol as lk;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Notify};
 
-use crate::app::AppState;
+use crate::config::Secret;
+use crate::plumbing::{ClientOptions, HttpClients};
 use crate::sfu::ids::{Ids, RoomName, RoomSid};
 use crate::sfu::registry::RegisteredRoom;
+use crate::sfu::registry::RoomRegistry;
 use crate::sfu::SfuEvent;
 
 /// Events waiting per URL; beyond this the oldest is dropped.
@@ -383,30 +385,40 @@ impl Target {
     }
 }
 
+/// Where webhooks go and how they are signed.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// `webhook.urls`.
+    pub urls: Vec<String>,
+    /// The key named in the signature (`webhook.api_key`, default the LiveKit key).
+    pub api_key: String,
+    /// The LiveKit secret that signs them.
+    pub secret: Secret,
+}
+
 /// Runs the webhook notifier until the event stream ends; returns at once when no URL is
 /// configured.
-pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>) {
-    let urls = state.config.webhook.urls.clone();
+pub async fn run(
+    settings: WebhookSettings,
+    clients: HttpClients,
+    rooms: Arc<RoomRegistry>,
+    mut events: broadcast::Receiver<SfuEvent>,
+) {
+    let WebhookSettings {
+        urls,
+        api_key,
+        secret,
+    } = settings;
     if urls.is_empty() {
         return;
     }
-    let client = match reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .user_agent(concat!("conclave/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+    let client = match clients.client(ClientOptions::with_timeout(REQUEST_TIMEOUT)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %WebhookError::Client(e.to_string()), "webhooks disabled");
             return;
         }
     };
-    let api_key = state
-        .config
-        .webhook
-        .api_key
-        .clone()
-        .unwrap_or_else(|| state.secrets.livekit_key.clone());
     let stats = Arc::new(WebhookStats::default());
     let mut queues = Vec::new();
     for url in &urls {
@@ -415,7 +427,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
             client: client.clone(),
             url: url.clone(),
             api_key: api_key.clone(),
-            secret: state.secrets.livekit_secret.expose().to_owned(),
+            secret: secret.expose().to_owned(),
             stats: stats.clone(),
         };
         tokio::spawn(target.work(queue.clone()));
@@ -434,7 +446,7 @@ pub async fn run(state: Arc<AppState>, mut events: broadcast::Receiver<SfuEvent>
             Err(broadcast::error::RecvError::Closed) => break,
         };
         let room_name = event.room().clone();
-        let registered = state.rooms.get(room_name.as_str(), Instant::now());
+        let registered = rooms.get(room_name.as_str(), Instant::now());
         let now = i64::try_from(crate::clock::unix_secs()).unwrap_or(0);
         let hook = builder.build(&event, registered.as_ref(), now);
         let body = match encode(&hook) {

@@ -21,8 +21,8 @@ use crate::calls::issued::IssuedParticipant;
 use crate::calls::Calls;
 use crate::config::{AuthConfig, Config};
 use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
-use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::net::SfuHandle;
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::registry::RoomOptions;
 use crate::store::DelayedLeave;
 
@@ -389,7 +389,10 @@ impl TokenService {
         } = &who;
         let unix = crate::clock::unix_secs();
         if *full_access {
-            self.inner.sfu.create_room(room, RoomOptions::default()).await;
+            self.inner
+                .sfu
+                .create_room(room, RoomOptions::default())
+                .await;
         }
         let settings = &self.inner.settings;
         let local = user_id.server_name() == settings.server_name;

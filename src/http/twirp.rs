@@ -22,10 +22,11 @@ use livekit_protocol as lk;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::app::AppState;
 use crate::auth::jwt::Claims;
+use crate::auth::jwt::TokenSigner;
 use crate::net::SfuHandle;
 use crate::sfu::ids::{ParticipantIdentity, RoomName, TrackSid};
+use crate::sfu::registry::RoomRegistry;
 use crate::sfu::registry::{RegisteredRoom, RoomOptions};
 use crate::sfu::Command;
 
@@ -173,9 +174,22 @@ impl Encoding {
     }
 }
 
+/// What the RoomService API uses.
+#[derive(Clone)]
+pub struct TwirpState {
+    /// `rtc.twirp_enabled`.
+    pub enabled: bool,
+    /// Verifies the callers' LiveKit tokens.
+    pub signer: TokenSigner,
+    /// The SFU loop, for every change and live snapshot.
+    pub sfu: SfuHandle,
+    /// The SFU's room view (lifetimes, metadata).
+    pub rooms: Arc<RoomRegistry>,
+}
+
 /// `/twirp/{*path}` (any HTTP method): `path` is `{service}/{method}`.
 pub async fn handle(
-    State(state): State<Arc<AppState>>,
+    State(state): State<TwirpState>,
     Path(path): Path<String>,
     request: Request,
 ) -> Response {
@@ -186,8 +200,8 @@ pub async fn handle(
     }
 }
 
-async fn serve(state: &AppState, service: &str, method: &str, request: Request) -> TwirpResult {
-    if !state.config.rtc.twirp_enabled {
+async fn serve(state: &TwirpState, service: &str, method: &str, request: Request) -> TwirpResult {
+    if !state.enabled {
         return Err(TwirpError::BadRoute(
             "the RoomService API is disabled (rtc.twirp_enabled)".into(),
         ));
@@ -249,7 +263,7 @@ const METHODS: &[&str] = &[
     "UpdateRoomMetadata",
 ];
 
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Claims, TwirpError> {
+fn authenticate(state: &TwirpState, headers: &HeaderMap) -> Result<Claims, TwirpError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -268,7 +282,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Claims, TwirpEr
 
 /// One authenticated call.
 struct Call<'a> {
-    state: &'a AppState,
+    state: &'a TwirpState,
     claims: Claims,
     encoding: Encoding,
     body: &'a [u8],
@@ -313,10 +327,7 @@ impl Call<'_> {
     }
 
     fn sfu(&self) -> Result<&SfuHandle, TwirpError> {
-        self.state
-            .sfu
-            .as_ref()
-            .ok_or_else(|| TwirpError::Unavailable("the SFU is not running".into()))
+        Ok(&self.state.sfu)
     }
 
     async fn command(&self, command: Command) -> Result<(), TwirpError> {
@@ -330,10 +341,7 @@ impl Call<'_> {
     /// The full room info: registry (lifetimes, metadata, creation) plus the engine's live
     /// fields (SID, counts).
     async fn room(&self, reg: &RegisteredRoom) -> lk::Room {
-        let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(&reg.name).await,
-            None => None,
-        };
+        let live = self.state.sfu.room_info(&reg.name).await;
         let mut room = live.unwrap_or_default();
         let created = reg.created_unix;
         room.name = reg.name.to_string();
@@ -359,10 +367,7 @@ impl Call<'_> {
         if let Some(reg) = self.state.rooms.get(name.as_str(), Instant::now()) {
             return Ok(Some(reg));
         }
-        let live = match &self.state.sfu {
-            Some(sfu) => sfu.room_info(name).await,
-            None => None,
-        };
+        let live = self.state.sfu.room_info(name).await;
         match live {
             Some(_) => Ok(None),
             None => Err(room_not_found(name.as_str())),

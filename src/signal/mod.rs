@@ -3,3 +3,26 @@
 
 pub mod validate;
 pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::jwt::TokenSigner;
+use crate::net::SfuHandle;
+use crate::sfu::registry::RoomRegistry;
+
+/// What signalling uses.
+pub struct SignalState {
+    /// Verifies access tokens and signs refreshed ones.
+    pub signer: TokenSigner,
+    /// The SFU loop.
+    pub sfu: SfuHandle,
+    /// The SFU's room view.
+    pub rooms: Arc<RoomRegistry>,
+    /// Rooms are created on first connect (`rtc.auto_create`).
+    pub auto_create: bool,
+    /// A session silent this long is closed (`rtc.signal_timeout_secs`, at least 1 s).
+    pub signal_timeout: Duration,
+    /// Lifetime of refreshed tokens (`auth.token_lifetime_secs`).
+    pub token_lifetime_secs: u64,
+}

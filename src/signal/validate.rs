@@ -11,7 +11,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
+use super::SignalState;
 use crate::auth::jwt::Claims;
 
 /// The text LiveKit clients look for to stop retrying.
@@ -37,7 +37,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> ConnectRefusal {
 /// room. A missing room is no error when `create` is set: the caller creates it (auto-create,
 /// through the SFU loop).
 pub fn check_connect(
-    state: &AppState,
+    state: &SignalState,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     now: Instant,
@@ -94,12 +94,12 @@ fn text(status: StatusCode, body: String) -> Response {
 
 /// `GET /rtc/validate` (v0).
 pub async fn get_validate(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<SignalState>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     // Validation never creates a room, but with auto-create a missing room is no error.
-    let auto = state.config.sfu_auto_create();
+    let auto = state.auto_create;
     let result = check_connect(
         &state,
         &headers,

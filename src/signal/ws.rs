@@ -20,7 +20,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::validate::check_connect;
-use crate::app::AppState;
+use super::SignalState;
 use crate::auth::jwt::Claims;
 use crate::net::{SfuHandle, SESSION_QUEUE};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
@@ -80,7 +80,7 @@ pub async fn get_rtc_v1() -> Response {
 
 /// `GET /rtc`: validate, join, upgrade.
 pub async fn get_rtc(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<SignalState>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -89,16 +89,14 @@ pub async fn get_rtc(
         // LiveKit answers a non-upgrade request to /rtc with 404.
         return text(StatusCode::NOT_FOUND, "WebSocket upgrade required");
     };
-    let Some(sfu) = state.sfu.clone() else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
-    };
+    let sfu = state.sfu.clone();
     let claims = match check_connect(
         &state,
         &headers,
         &query,
         Instant::now(),
         crate::clock::unix_secs(),
-        state.config.sfu_auto_create(),
+        state.auto_create,
     ) {
         Ok(c) => c,
         Err(r) => return text(r.status, &r.message),
@@ -191,7 +189,7 @@ fn decode(frame: &WsMessage) -> Option<Result<(lk::SignalRequest, bool), ()>> {
 }
 
 async fn run_session(
-    state: Arc<AppState>,
+    state: Arc<SignalState>,
     sfu: SfuHandle,
     mut socket: WebSocket,
     session: SessionId,
@@ -217,7 +215,7 @@ async fn run_session(
     let mut bad_frames = 0u32;
     let mut reason = lk::DisconnectReason::SignalClose;
     let mut closed_by_server = false;
-    let silence_limit = Duration::from_secs(state.config.rtc.signal_timeout_secs.max(1));
+    let silence_limit = state.signal_timeout;
     loop {
         let silence =
             tokio::time::sleep_until(tokio::time::Instant::from_std(last_heard + silence_limit));
@@ -319,10 +317,10 @@ async fn run_session(
 }
 
 /// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.
-fn refresh_token(state: &AppState, claims: &Claims) -> Option<String> {
+fn refresh_token(state: &SignalState, claims: &Claims) -> Option<String> {
     let now = crate::clock::unix_secs();
     let mut c = claims.clone();
     c.nbf = now;
-    c.exp = (now + state.config.auth.token_lifetime_secs).max(claims.exp);
+    c.exp = (now + state.token_lifetime_secs).max(claims.exp);
     state.signer.sign(&c).ok()
 }

@@ -21,11 +21,10 @@ const RANKS: &[(&str, u32)] = &[
     ("matrix", 3),
     ("calls", 4),
     ("auth", 5),
-    ("app", 6),
-    ("signal", 7),
-    ("webhook", 7),
-    ("http", 8),
-    ("serve", 9),
+    ("signal", 6),
+    ("webhook", 6),
+    ("http", 7),
+    ("serve", 8),
 ];
 
 /// Who may import `store`: its owners, and `serve`, which opens it.
