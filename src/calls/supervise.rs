@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use livekit_protocol::DisconnectReason;
 use tokio::sync::broadcast;
 
 use super::Calls;
@@ -67,21 +66,10 @@ fn watch_grace_period(calls: &Calls, room: RoomName, identity: ParticipantIdenti
         if matches!(member, Ok(true)) {
             return;
         }
-        tracing::info!(
-            room_id = %p.room_id,
-            user_id = %p.user_id,
-            identity = %p.identity,
-            grace_secs = grace.as_secs(),
-            "SFU participant without a call membership; removing it"
+        let why = format!(
+            "no call membership after the {} s grace period",
+            grace.as_secs()
         );
-        calls
-            .inner
-            .sfu
-            .remove(
-                &p.room_name,
-                &p.identity,
-                DisconnectReason::ParticipantRemoved,
-            )
-            .await;
+        calls.remove(vec![p], &why).await;
     });
 }

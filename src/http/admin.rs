@@ -3,14 +3,14 @@
 //! participant. Authorised by `admin.token` (Bearer); off (404) when unset. The calls service
 //! builds the views; this is only the edge.
 
-use axum::extract::{FromRef, FromRequestParts, Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
 use ruma::api::error::ErrorCode;
 use serde_json::{json, Value};
 
-use super::bearer;
+use super::bearer::{self, Bearer, BearerPolicy};
 use crate::calls::Calls;
 use crate::config::Secret;
 use crate::http::error::MatrixErrorResponse;
@@ -25,19 +25,18 @@ pub struct AdminState {
     pub token: Option<Secret>,
 }
 
-/// Proof of the admin token.
+/// Proof of the admin token (`Authorization: Bearer`); 404 when the API is off.
 pub struct AdminAuth;
 
-impl<S> FromRequestParts<S> for AdminAuth
+/// The admin API's bearer extractor.
+type Admin = Bearer<AdminAuth>;
+
+impl<S> BearerPolicy<S> for AdminAuth
 where
     AdminState: FromRef<S>,
-    S: Send + Sync,
 {
-    type Rejection = MatrixErrorResponse;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let state = AdminState::from_ref(state);
-        let Some(expected) = &state.token else {
+    fn check(parts: &Parts, state: &S) -> Result<Self, MatrixErrorResponse> {
+        let Some(expected) = AdminState::from_ref(state).token else {
             return Err(MatrixErrorResponse::unrecognized());
         };
         match bearer::presented(parts).filter(|t| !t.is_empty()) {
@@ -59,7 +58,7 @@ where
 /// `GET /_conclave/admin/v1/calls`: every active call, Matrix and SFU views.
 pub async fn get_calls(
     State(state): State<AdminState>,
-    _auth: AdminAuth,
+    _auth: Admin,
 ) -> Result<Json<Value>, MatrixErrorResponse> {
     let calls = state.calls.reports().await?;
     Ok(Json(json!({ "calls": calls })))
@@ -68,7 +67,7 @@ pub async fn get_calls(
 /// `GET /_conclave/admin/v1/calls/{room_id}`.
 pub async fn get_call(
     State(state): State<AdminState>,
-    _auth: AdminAuth,
+    _auth: Admin,
     Path(room_id): Path<String>,
 ) -> Result<Json<Value>, MatrixErrorResponse> {
     let call = state.calls.report_of(&room_id).await?;
@@ -78,7 +77,7 @@ pub async fn get_call(
 /// `POST /_conclave/admin/v1/calls/{room_id}/participants/{identity}/remove`.
 pub async fn post_remove(
     State(state): State<AdminState>,
-    _auth: AdminAuth,
+    _auth: Admin,
     Path((room_id, identity)): Path<(String, String)>,
 ) -> Result<Json<Value>, MatrixErrorResponse> {
     state

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRef, FromRequestParts, Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -17,7 +17,7 @@ use ruma::events::AnyTimelineEvent;
 use ruma::serde::Raw;
 use serde::Deserialize;
 
-use super::bearer;
+use super::bearer::{self, Bearer, BearerPolicy};
 use crate::calls::{Applied, Calls};
 use crate::config::Secret;
 use crate::http::error::MatrixErrorResponse;
@@ -42,14 +42,14 @@ pub struct AppserviceState {
 /// present they must match. Missing → 401 `M_MISSING_TOKEN`; wrong → 403 `M_FORBIDDEN`.
 pub struct AppserviceAuth;
 
-impl<S> FromRequestParts<S> for AppserviceAuth
+/// The appservice API's bearer extractor.
+type Homeserver = Bearer<AppserviceAuth>;
+
+impl<S> BearerPolicy<S> for AppserviceAuth
 where
     AppserviceState: FromRef<S>,
-    S: Send + Sync,
 {
-    type Rejection = MatrixErrorResponse;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+    fn check(parts: &Parts, state: &S) -> Result<Self, MatrixErrorResponse> {
         let state = AppserviceState::from_ref(state);
         let query = parts.uri.query().and_then(|q| {
             form_urlencoded_pairs(q)
@@ -97,7 +97,7 @@ struct TransactionBody {
 /// `PUT /_matrix/app/v1/transactions/{txnId}` (and the legacy `/transactions/{txnId}`).
 pub async fn put_transaction(
     State(state): State<AppserviceState>,
-    _auth: AppserviceAuth,
+    _auth: Homeserver,
     Path(txn_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, MatrixErrorResponse> {
@@ -145,7 +145,7 @@ pub async fn put_transaction(
 /// `GET /_matrix/app/v1/users/{userId}`: only the bot exists; puppets are never provisioned.
 pub async fn get_user(
     State(state): State<AppserviceState>,
-    _auth: AppserviceAuth,
+    _auth: Homeserver,
     Path(user_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, MatrixErrorResponse> {
     if user_id == state.bot_user_id {
@@ -160,10 +160,7 @@ pub async fn get_user(
 }
 
 /// `GET /_matrix/app/v1/rooms/{roomAlias}`: Conclave manages no aliases.
-pub async fn get_room_alias(
-    _auth: AppserviceAuth,
-    Path(_alias): Path<String>,
-) -> MatrixErrorResponse {
+pub async fn get_room_alias(_auth: Homeserver, Path(_alias): Path<String>) -> MatrixErrorResponse {
     MatrixErrorResponse::new(
         StatusCode::NOT_FOUND,
         ErrorCode::NotFound,
@@ -174,7 +171,7 @@ pub async fn get_room_alias(
 /// `POST /_matrix/app/v1/ping`: the homeserver checks the link.
 pub async fn post_ping(
     State(state): State<AppserviceState>,
-    _auth: AppserviceAuth,
+    _auth: Homeserver,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, MatrixErrorResponse> {
     let body = body.map_err(|r| MatrixErrorResponse::from_body_rejection(&r))?;

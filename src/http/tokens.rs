@@ -55,21 +55,21 @@ pub async fn post_sfu_get(
     State(state): State<TokenState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(r) => {
-            inc(&state.metrics.tokens_refused);
-            return MatrixErrorResponse::from_body_rejection(&r).into_response();
-        }
-    };
-    let result = state.tokens.legacy_token(&body).await;
-    respond(&state, result)
+    token_endpoint(state, body, true).await
 }
 
 /// `POST /get_token`: MSC4195 token endpoint.
 pub async fn post_get_token(
     State(state): State<TokenState>,
     body: Result<Bytes, BytesRejection>,
+) -> Response {
+    token_endpoint(state, body, false).await
+}
+
+async fn token_endpoint(
+    state: TokenState,
+    body: Result<Bytes, BytesRejection>,
+    legacy: bool,
 ) -> Response {
     let body = match body {
         Ok(b) => b,
@@ -78,7 +78,11 @@ pub async fn post_get_token(
             return MatrixErrorResponse::from_body_rejection(&r).into_response();
         }
     };
-    let result = state.tokens.token(&body).await;
+    let result = if legacy {
+        state.tokens.legacy_token(&body).await
+    } else {
+        state.tokens.token(&body).await
+    };
     respond(&state, result)
 }
 

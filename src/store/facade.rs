@@ -157,7 +157,7 @@ impl AsyncStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ruma::{owned_event_id, owned_room_id, owned_user_id, uint, MilliSecondsSinceUnixEpoch};
+    use ruma::{owned_event_id, owned_room_id, uint, MilliSecondsSinceUnixEpoch};
 
     fn joined(user: &str) -> Effect {
         Effect::SenderJoined(MembershipRecord {
@@ -167,6 +167,17 @@ mod tests {
             event_id: owned_event_id!("$callmember"),
             origin_server_ts: MilliSecondsSinceUnixEpoch(uint!(1000)),
         })
+    }
+
+    async fn wait_for(store: &AsyncStore, user: &str, wait: Duration) -> Option<MembershipState> {
+        store
+            .wait_for_membership(
+                &owned_room_id!("!call:hs2.example"),
+                &ruma::UserId::parse(user).expect("user"),
+                wait,
+            )
+            .await
+            .expect("wait")
     }
 
     #[tokio::test]
@@ -181,14 +192,7 @@ mod tests {
                 .expect("apply");
         });
         let started = std::time::Instant::now();
-        let found = store
-            .wait_for_membership(
-                &owned_room_id!("!call:hs2.example"),
-                &owned_user_id!("@bob:hs2.example"),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("wait");
+        let found = wait_for(&store, "@bob:hs2.example", Duration::from_secs(10)).await;
         assert_eq!(found, Some(MembershipState::Join));
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -204,14 +208,7 @@ mod tests {
             .await
             .expect("apply");
         let started = std::time::Instant::now();
-        let found = store
-            .wait_for_membership(
-                &owned_room_id!("!call:hs2.example"),
-                &owned_user_id!("@mallory:hs2.example"),
-                Duration::from_millis(300),
-            )
-            .await
-            .expect("wait");
+        let found = wait_for(&store, "@mallory:hs2.example", Duration::from_millis(300)).await;
         assert_eq!(found, None, "another user's evidence is not mallory's");
         assert!(
             started.elapsed() >= Duration::from_millis(300),
