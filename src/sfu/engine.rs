@@ -997,4 +997,6 @@ impl Sfu {
 }
 
 #[cfg(test)]
+mod room_tests;
+#[cfg(test)]
 mod tests;
