@@ -822,7 +822,10 @@ impl Sfu {
                 touched.push(other.session);
             }
         }
-        let finished = room.participants.is_empty().then(|| room.sid.clone());
+        // A session replaced by a newer one of the same identity leaves the room to it: the
+        // room goes on (same SID, no RoomFinished/RoomStarted), as in LiveKit.
+        let replaced = reason == lk::DisconnectReason::DuplicateIdentity;
+        let finished = (room.participants.is_empty() && !replaced).then(|| room.sid.clone());
         self.count_participant(now, &room_name, false);
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
             room: room_name.clone(),

@@ -398,7 +398,6 @@ fn room_metadata_is_kept_in_the_record() {
 }
 
 #[test]
-#[ignore = "bug: a lone participant replaced by a duplicate-identity join ends and restarts the room (RoomFinished, then RoomStarted with a new SID)"]
 fn replacing_the_only_participant_keeps_the_room() {
     let t0 = Instant::now();
     let mut s = sfu(t0);
