@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, Notify};
 
 use crate::config::Secret;
-use crate::plumbing::{ClientOptions, HttpClients};
+use crate::plumbing::{Backoff, ClientOptions, HttpClients};
 use crate::sfu::ids::{Ids, RoomName, RoomSid};
 use crate::sfu::registry::RegisteredRoom;
 use crate::sfu::registry::RoomRegistry;
@@ -37,6 +37,8 @@ pub const QUEUE_CAPACITY: usize = 1024;
 const MAX_ATTEMPTS: u32 = 4;
 /// Wait before the first retry; doubled for each further one.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Timeout of one POST.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Validity of the signature token (LiveKit: 5 minutes).
@@ -340,7 +342,7 @@ impl Target {
     }
 
     async fn deliver(&self, p: &Pending) {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         for attempt in 1..=MAX_ATTEMPTS {
             match self.post(&p.body).await {
                 Ok(()) => {
@@ -360,8 +362,7 @@ impl Target {
                         event = %p.name,
                         "webhook failed; retrying"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    backoff.wait().await;
                 }
                 Err(e) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
