@@ -13,11 +13,11 @@ use ruma::{MilliSecondsSinceUnixEpoch, UInt};
 use serde::Serialize;
 
 use super::{process_cpu_time, quantile};
-use crate::auth::lk_jwt::prime_openid_cache;
-use crate::config::Config;
-use crate::serve::{build_state, RunError};
-use crate::store::sqlite::Fault;
-use crate::store::{Effect, MembershipRecord};
+use conclave::auth::lk_jwt::prime_openid_cache;
+use conclave::config::Config;
+use conclave::serve::{build_state, RunError};
+use conclave::store::sqlite::Fault;
+use conclave::store::{Effect, MembershipRecord};
 
 /// Benchmark settings.
 #[derive(Debug, Clone)]
@@ -73,9 +73,9 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, RunError> 
     };
     config.http.bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.appservice.ping_on_start = false;
-    let listener = crate::serve::bind(&config).await?;
+    let listener = conclave::serve::bind(&config).await?;
     let addr = listener.local_addr().map_err(bench_err)?;
-    let rooms = std::sync::Arc::new(crate::sfu::registry::RoomRegistry::default());
+    let rooms = std::sync::Arc::new(conclave::sfu::registry::RoomRegistry::default());
     let state = build_state(config, Fault::None, rooms, None)?;
 
     let server_name = state.config.matrix.server_name.clone();
@@ -94,7 +94,7 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, RunError> 
         .map_err(bench_err)?;
     prime_openid_cache(&state, &server_name, "bench-openid-token", user_id.clone());
 
-    let app = crate::http::router(state);
+    let app = conclave::http::router(state);
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

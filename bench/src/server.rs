@@ -1,19 +1,43 @@
-//! The servers under test as child processes: a Conclave (`current_exe() serve` on loopback
-//! with a temporary data dir) and, in [`super::janus`], Janus. Both are optionally pinned to a
+//! The servers under test as child processes: a Conclave (`conclave serve` on loopback with a
+//! temporary data dir; by default the `conclave` binary next to `conclave-bench`, see
+//! [`default_server_exe`]) and, in [`super::janus`], Janus. Both are optionally pinned to a
 //! core with `taskset` and killed when dropped.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::BenchError;
-use crate::auth::jwt::{Claims, TokenSigner, VideoGrant};
-use crate::config::Config;
-use crate::secrets::Secrets;
+use conclave::auth::jwt::{Claims, TokenSigner, VideoGrant};
+use conclave::config::Config;
+use conclave::secrets::Secrets;
 
 /// How long a server may take to answer its health check.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// File name of the server binary.
+pub const SERVER_BIN: &str = "conclave";
+
+/// The server under test by default: the `conclave` binary in the directory of the running
+/// `conclave-bench` (cargo builds both into `target/<profile>/`). Fails, saying how to build
+/// it, when it is not there.
+pub fn default_server_exe() -> Result<PathBuf, BenchError> {
+    let me = std::env::current_exe().map_err(|e| BenchError::io("locating conclave-bench", e))?;
+    let dir = me.parent().unwrap_or_else(|| Path::new("."));
+    let exe = dir.join(SERVER_BIN);
+    if exe.is_file() {
+        return Ok(exe);
+    }
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "",
+        _ => " --release",
+    };
+    Err(BenchError::MissingServer {
+        path: exe,
+        build: format!("cargo build{profile} -p conclave"),
+    })
+}
 
 /// A free loopback TCP port (bound and released; good enough on a quiet loopback).
 pub fn free_tcp_port() -> Result<u16, BenchError> {
@@ -132,13 +156,13 @@ pub struct ConclaveTarget {
 }
 
 impl ConclaveTarget {
-    /// Starts `exe serve` (default: `current_exe()`) on free loopback ports with a temporary
-    /// data dir, no homeserver, rooms created on first connect; pinned to `cpu` when given.
+    /// Starts `exe serve` (default: [`default_server_exe`]) on free loopback ports with a
+    /// temporary data dir, no homeserver, rooms created on first connect; pinned to `cpu` when
+    /// given.
     pub async fn start(exe: Option<&Path>, cpu: Option<usize>) -> Result<Self, BenchError> {
         let exe = match exe {
             Some(p) => p.to_path_buf(),
-            None => std::env::current_exe()
-                .map_err(|e| BenchError::io("locating the conclave binary", e))?,
+            None => default_server_exe()?,
         };
         let dir = tempfile::tempdir().map_err(|e| BenchError::io("creating a data dir", e))?;
         let data_dir = dir.path().join("data");
@@ -220,7 +244,7 @@ impl ConclaveTarget {
 
     /// A token for `identity` in `room`, valid for an hour.
     pub fn token(&self, room: &str, identity: &str, publish: bool) -> Result<String, BenchError> {
-        let now = crate::clock::unix_secs();
+        let now = conclave::clock::unix_secs();
         let claims = Claims {
             iss: self.signer.key().to_owned(),
             sub: identity.to_owned(),

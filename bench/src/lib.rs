@@ -1,4 +1,6 @@
-//! `conclave bench …`: benchmarks that report ratios and rates measured in one run.
+//! `conclave-bench …`: benchmarks of Conclave that report ratios and rates measured in one run.
+//! The server under test is a `conclave serve` child process (see [`server`]); this crate is
+//! not linked into the server.
 //!
 //! Every load loop is bounded in count and time and sends to loopback only.
 
@@ -41,6 +43,18 @@ pub enum BenchError {
     /// The options make no sense (e.g. a non-loopback URL).
     #[error("invalid options: {0}")]
     Options(String),
+    /// The server binary to start is not there.
+    #[error(
+        "the server binary {} does not exist; build it with `{build}` \
+         (media scenarios also take --server-exe)",
+        path.display()
+    )]
+    MissingServer {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+        /// The command that builds it there.
+        build: String,
+    },
 }
 
 impl BenchError {
