@@ -5,6 +5,7 @@
 //! Every load loop is bounded in count and time and sends to loopback only.
 
 pub mod client;
+pub mod homeserver;
 pub mod janus;
 pub mod limit;
 pub mod lk;
@@ -40,6 +41,9 @@ pub enum BenchError {
     /// Something did not happen within its time bound.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The stand-in homeserver's certificates or TLS set-up failed.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The options make no sense (e.g. a non-loopback URL).
     #[error("invalid options: {0}")]
     Options(String),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use conclave_bench::scenario::{run_to_text, CommonArgs, Kind};
 use conclave_bench::tokens::{self, TokenBenchOptions};
+use conclave_bench::BenchError;
 
 /// Conclave's benchmarks: loopback only, bounded in time. The server under test is the
 /// `conclave` binary next to this one.
@@ -89,8 +90,20 @@ enum BenchCommand {
     },
 }
 
+impl BenchCommand {
+    /// The subcommand's name, for error messages.
+    fn name(&self) -> &'static str {
+        match self {
+            BenchCommand::Tokens { .. } => "tokens",
+            BenchCommand::Audio { .. } => "audio",
+            BenchCommand::Video { .. } => "video",
+            BenchCommand::Livestream { .. } => "livestream",
+        }
+    }
+}
+
 /// Runs the chosen benchmark and renders its report.
-async fn run(scenario: BenchCommand) -> Result<String, String> {
+async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
     match scenario {
         BenchCommand::Tokens {
             requests,
@@ -103,8 +116,7 @@ async fn run(scenario: BenchCommand) -> Result<String, String> {
                 concurrency,
                 max_duration: Duration::from_secs(max_seconds),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             Ok(if json {
                 format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
             } else {
@@ -118,9 +130,7 @@ async fn run(scenario: BenchCommand) -> Result<String, String> {
             common,
         } => {
             let opts = common.options(Kind::Audio, publishers, subscribers, payload_bytes, 0, 0);
-            run_to_text(opts, common.json)
-                .await
-                .map_err(|e| format!("bench audio: {e}"))
+            run_to_text(opts, common.json).await
         }
         BenchCommand::Video {
             participants,
@@ -130,9 +140,7 @@ async fn run(scenario: BenchCommand) -> Result<String, String> {
             common,
         } => {
             let opts = common.options(Kind::Video, participants, subscribers, 0, bitrate_kbps, fps);
-            run_to_text(opts, common.json)
-                .await
-                .map_err(|e| format!("bench video: {e}"))
+            run_to_text(opts, common.json).await
         }
         BenchCommand::Livestream {
             subscribers,
@@ -141,9 +149,7 @@ async fn run(scenario: BenchCommand) -> Result<String, String> {
             common,
         } => {
             let opts = common.options(Kind::Livestream, 1, subscribers, 0, bitrate_kbps, fps);
-            run_to_text(opts, common.json)
-                .await
-                .map_err(|e| format!("bench livestream: {e}"))
+            run_to_text(opts, common.json).await
         }
     }
 }
@@ -165,10 +171,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let name = cli.scenario.name();
     let text = match runtime.block_on(run(cli.scenario)) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("conclave-bench: {e}");
+            eprintln!("conclave-bench {name}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -3,6 +3,7 @@
 //! [`default_server_exe`]) and, in [`super::janus`], Janus. Both are optionally pinned to a
 //! core with `taskset` and killed when dropped.
 
+use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -152,6 +153,7 @@ pub struct ConclaveTarget {
     /// PID of the child (for CPU and RSS), absent for an external server.
     pub pid: Option<u32>,
     child: Option<Child>,
+    log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -160,6 +162,16 @@ impl ConclaveTarget {
     /// temporary data dir, no homeserver, rooms created on first connect; pinned to `cpu` when
     /// given.
     pub async fn start(exe: Option<&Path>, cpu: Option<usize>) -> Result<Self, BenchError> {
+        Self::start_with_env(exe, cpu, &[]).await
+    }
+
+    /// [`ConclaveTarget::start`] with more environment for the child (`CONCLAVE_*`
+    /// configuration, `RUST_LOG`), set after and over the defaults.
+    pub async fn start_with_env(
+        exe: Option<&Path>,
+        cpu: Option<usize>,
+        env: &[(&str, OsString)],
+    ) -> Result<Self, BenchError> {
         let exe = match exe {
             Some(p) => p.to_path_buf(),
             None => default_server_exe()?,
@@ -185,6 +197,7 @@ impl ConclaveTarget {
             .env("CONCLAVE_RTC__AUTO_CREATE", "true")
             .env("CONCLAVE_APPSERVICE__PING_ON_START", "false")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -208,6 +221,7 @@ impl ConclaveTarget {
             signer,
             pid: Some(child.id()),
             child: Some(child),
+            log: Some(log),
             _dir: Some(dir),
         })
     }
@@ -233,8 +247,14 @@ impl ConclaveTarget {
             signer: TokenSigner::new(key, secret),
             pid: None,
             child: None,
+            log: None,
             _dir: None,
         })
+    }
+
+    /// The last lines of the child's log (empty for an external server), for error messages.
+    pub fn log_tail(&self) -> String {
+        self.log.as_deref().map(tail).unwrap_or_default()
     }
 
     /// The WebSocket base (`ws://…`).

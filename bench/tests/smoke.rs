@@ -40,7 +40,7 @@ fn missing_server_binary_says_how_to_build_it() {
     if std::fs::hard_link(binary(), &lonely).is_err() {
         std::fs::copy(binary(), &lonely).unwrap();
     }
-    for args in [&["audio", "--no-janus"][..]] {
+    for args in [&["tokens"][..], &["audio", "--no-janus"][..]] {
         let out = Command::new(&lonely).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");

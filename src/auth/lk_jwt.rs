@@ -7,7 +7,7 @@
 //! ones are named.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -482,22 +482,6 @@ pub async fn cors(request: Request, next: Next) -> Response {
         HeaderValue::from_static("86400"),
     );
     response
-}
-
-/// Ensures a verified token is cached, then the route can be measured without federation.
-pub fn prime_openid_cache(
-    state: &AppState,
-    server: &ServerName,
-    token: &str,
-    user: ruma::OwnedUserId,
-) {
-    state.openid.remember(
-        server,
-        token,
-        user,
-        Duration::from_secs(3600),
-        Instant::now(),
-    );
 }
 
 #[cfg(test)]

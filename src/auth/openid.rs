@@ -80,7 +80,7 @@ impl OpenIdVerifier {
         h.finalize().into()
     }
 
-    /// Records a verified token (also used by the token benchmark to measure the cached path).
+    /// Records a verified token.
     pub fn remember(
         &self,
         server_name: &ServerName,
