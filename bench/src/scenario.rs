@@ -811,8 +811,12 @@ async fn rerun_in_private_netns() -> Result<String, BenchError> {
         .args(std::env::args_os().skip(1))
         .env(NETNS_ENV, "1")
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // Its errors reach our stderr (tokio's `output()` would capture and drop them).
         .stderr(std::process::Stdio::inherit())
-        .output()
+        .spawn()
+        .map_err(|e| BenchError::io("re-running the bench in a network namespace", e))?
+        .wait_with_output()
         .await
         .map_err(|e| BenchError::io("re-running the bench in a network namespace", e))?;
     if !out.status.success() {
