@@ -15,7 +15,7 @@ pub mod tokens;
 
 use std::time::Duration;
 
-/// Why a media benchmark failed.
+/// Why a benchmark failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// A system call or file operation failed.
