@@ -14,9 +14,11 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 
 # Only what the build reads: the manifest, the lock file, the sources and the example config
-# (src/config.rs embeds conclave.example.toml with include_str!).
+# (src/config.rs embeds conclave.example.toml with include_str!). bench/ is a workspace member,
+# so cargo needs it to load the workspace; only the conclave binary is built.
 COPY Cargo.toml Cargo.lock conclave.example.toml ./
 COPY src ./src
+COPY bench ./bench
 
 # Cache mounts keep the registry and compiled dependencies between builds; the binary is copied
 # out of the cached target directory because cache mounts are not part of the image.

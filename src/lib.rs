@@ -2,7 +2,6 @@
 //! SFU in one binary. See `docs/ARCHITECTURE.md` for the data flow.
 
 pub mod auth;
-pub mod bench;
 pub mod calls;
 pub mod cli;
 pub mod clock;

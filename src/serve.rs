@@ -10,7 +10,7 @@ use crate::auth::membership::MembershipGate;
 use crate::auth::openid::OpenIdVerifier;
 use crate::auth::tokens::{TokenService, TokenSettings};
 use crate::calls::{Calls, CallsSettings};
-use crate::cli::{BenchCommand, Cli, Command};
+use crate::cli::{Cli, Command};
 use crate::config::{self, Config, ConfigError};
 use crate::http::admin::AdminState;
 use crate::http::appservice::AppserviceState;
@@ -113,78 +113,6 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
                 "# configuration is valid; effective values:\n{text}"
             ))
         }
-        Command::Bench { scenario } => match scenario {
-            BenchCommand::Tokens {
-                requests,
-                concurrency,
-                max_seconds,
-                json,
-            } => {
-                let report = crate::bench::tokens::run(crate::bench::tokens::TokenBenchOptions {
-                    requests,
-                    concurrency,
-                    max_duration: Duration::from_secs(max_seconds),
-                })
-                .await?;
-                let text = if json {
-                    format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
-                } else {
-                    report.markdown()
-                };
-                write_stdout(&text)
-            }
-            BenchCommand::Audio {
-                publishers,
-                subscribers,
-                payload_bytes,
-                common,
-            } => {
-                use crate::bench::scenario::{run_to_text, Kind};
-                let opts =
-                    common.options(Kind::Audio, publishers, subscribers, payload_bytes, 0, 0);
-                let text = run_to_text(opts, common.json)
-                    .await
-                    .map_err(|e| RunError::Io {
-                        context: "bench audio".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                write_stdout(&text)
-            }
-            BenchCommand::Video {
-                participants,
-                subscribers,
-                bitrate_kbps,
-                fps,
-                common,
-            } => {
-                use crate::bench::scenario::{run_to_text, Kind};
-                let opts =
-                    common.options(Kind::Video, participants, subscribers, 0, bitrate_kbps, fps);
-                let text = run_to_text(opts, common.json)
-                    .await
-                    .map_err(|e| RunError::Io {
-                        context: "bench video".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                write_stdout(&text)
-            }
-            BenchCommand::Livestream {
-                subscribers,
-                bitrate_kbps,
-                fps,
-                common,
-            } => {
-                use crate::bench::scenario::{run_to_text, Kind};
-                let opts = common.options(Kind::Livestream, 1, subscribers, 0, bitrate_kbps, fps);
-                let text = run_to_text(opts, common.json)
-                    .await
-                    .map_err(|e| RunError::Io {
-                        context: "bench livestream".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                write_stdout(&text)
-            }
-        },
         Command::PrintDiscovery { config, json } => {
             let config = load_config(config.as_deref())?;
             write_stdout(&discovery_text(&config, json)?)

@@ -14,8 +14,6 @@ mod layering;
 mod harness;
 // The token service: lk-jwt-service endpoints, OpenID over federation, membership gate.
 mod tokens;
-// Benchmark smoke runs (no thresholds).
-mod bench;
 // LiveKit signalling at the protocol level: the traps and hostile input.
 mod signal;
 // Deployment files: docker-compose.yml, deploy/, the example registration.

@@ -198,7 +198,7 @@ impl JanusTarget {
                     "request": "create", "room": room, "publishers": publishers + 1,
                     "audiocodec": "opus", "videocodec": "vp8", "bitrate": 0,
                     "fir_freq": 0, "notify_joining": false, "permanent": false,
-                    "description": "conclave bench"}}),
+                    "description": "conclave-bench"}}),
             )
             .await?;
         let data = &r["plugindata"]["data"];

@@ -1,8 +1,11 @@
-//! `conclave bench …`: benchmarks that report ratios and rates measured in one run.
+//! `conclave-bench …`: benchmarks of Conclave that report ratios and rates measured in one run.
+//! The server under test is a `conclave serve` child process (see [`server`]); this crate is
+//! not linked into the server.
 //!
 //! Every load loop is bounded in count and time and sends to loopback only.
 
 pub mod client;
+pub mod homeserver;
 pub mod janus;
 pub mod limit;
 pub mod lk;
@@ -12,7 +15,7 @@ pub mod tokens;
 
 use std::time::Duration;
 
-/// Why a media benchmark failed.
+/// Why a benchmark failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// A system call or file operation failed.
@@ -38,9 +41,24 @@ pub enum BenchError {
     /// Something did not happen within its time bound.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The stand-in homeserver's certificates or TLS set-up failed.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The options make no sense (e.g. a non-loopback URL).
     #[error("invalid options: {0}")]
     Options(String),
+    /// The server binary to start is not there.
+    #[error(
+        "the server binary {} does not exist; build it with `{build}` \
+         (media scenarios also take --server-exe)",
+        path.display()
+    )]
+    MissingServer {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+        /// The command that builds it there.
+        build: String,
+    },
 }
 
 impl BenchError {

@@ -1,19 +1,44 @@
-//! The servers under test as child processes: a Conclave (`current_exe() serve` on loopback
-//! with a temporary data dir) and, in [`super::janus`], Janus. Both are optionally pinned to a
+//! The servers under test as child processes: a Conclave (`conclave serve` on loopback with a
+//! temporary data dir; by default the `conclave` binary next to `conclave-bench`, see
+//! [`default_server_exe`]) and, in [`super::janus`], Janus. Both are optionally pinned to a
 //! core with `taskset` and killed when dropped.
 
+use std::ffi::OsString;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::BenchError;
-use crate::auth::jwt::{Claims, TokenSigner, VideoGrant};
-use crate::config::Config;
-use crate::secrets::Secrets;
+use conclave::auth::jwt::{Claims, TokenSigner, VideoGrant};
+use conclave::config::Config;
+use conclave::secrets::Secrets;
 
 /// How long a server may take to answer its health check.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// File name of the server binary.
+pub const SERVER_BIN: &str = "conclave";
+
+/// The server under test by default: the `conclave` binary in the directory of the running
+/// `conclave-bench` (cargo builds both into `target/<profile>/`). Fails, saying how to build
+/// it, when it is not there.
+pub fn default_server_exe() -> Result<PathBuf, BenchError> {
+    let me = std::env::current_exe().map_err(|e| BenchError::io("locating conclave-bench", e))?;
+    let dir = me.parent().unwrap_or_else(|| Path::new("."));
+    let exe = dir.join(SERVER_BIN);
+    if exe.is_file() {
+        return Ok(exe);
+    }
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "",
+        _ => " --release",
+    };
+    Err(BenchError::MissingServer {
+        path: exe,
+        build: format!("cargo build{profile} -p conclave"),
+    })
+}
 
 /// A free loopback TCP port (bound and released; good enough on a quiet loopback).
 pub fn free_tcp_port() -> Result<u16, BenchError> {
@@ -128,17 +153,28 @@ pub struct ConclaveTarget {
     /// PID of the child (for CPU and RSS), absent for an external server.
     pub pid: Option<u32>,
     child: Option<Child>,
+    log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl ConclaveTarget {
-    /// Starts `exe serve` (default: `current_exe()`) on free loopback ports with a temporary
-    /// data dir, no homeserver, rooms created on first connect; pinned to `cpu` when given.
+    /// Starts `exe serve` (default: [`default_server_exe`]) on free loopback ports with a
+    /// temporary data dir, no homeserver, rooms created on first connect; pinned to `cpu` when
+    /// given.
     pub async fn start(exe: Option<&Path>, cpu: Option<usize>) -> Result<Self, BenchError> {
+        Self::start_with_env(exe, cpu, &[]).await
+    }
+
+    /// [`ConclaveTarget::start`] with more environment for the child (`CONCLAVE_*`
+    /// configuration, `RUST_LOG`), set after and over the defaults.
+    pub async fn start_with_env(
+        exe: Option<&Path>,
+        cpu: Option<usize>,
+        env: &[(&str, OsString)],
+    ) -> Result<Self, BenchError> {
         let exe = match exe {
             Some(p) => p.to_path_buf(),
-            None => std::env::current_exe()
-                .map_err(|e| BenchError::io("locating the conclave binary", e))?,
+            None => default_server_exe()?,
         };
         let dir = tempfile::tempdir().map_err(|e| BenchError::io("creating a data dir", e))?;
         let data_dir = dir.path().join("data");
@@ -161,6 +197,7 @@ impl ConclaveTarget {
             .env("CONCLAVE_RTC__AUTO_CREATE", "true")
             .env("CONCLAVE_APPSERVICE__PING_ON_START", "false")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -184,6 +221,7 @@ impl ConclaveTarget {
             signer,
             pid: Some(child.id()),
             child: Some(child),
+            log: Some(log),
             _dir: Some(dir),
         })
     }
@@ -209,8 +247,14 @@ impl ConclaveTarget {
             signer: TokenSigner::new(key, secret),
             pid: None,
             child: None,
+            log: None,
             _dir: None,
         })
+    }
+
+    /// The last lines of the child's log (empty for an external server), for error messages.
+    pub fn log_tail(&self) -> String {
+        self.log.as_deref().map(tail).unwrap_or_default()
     }
 
     /// The WebSocket base (`ws://…`).
@@ -220,7 +264,7 @@ impl ConclaveTarget {
 
     /// A token for `identity` in `room`, valid for an hour.
     pub fn token(&self, room: &str, identity: &str, publish: bool) -> Result<String, BenchError> {
-        let now = crate::clock::unix_secs();
+        let now = conclave::clock::unix_secs();
         let claims = Claims {
             iss: self.signer.key().to_owned(),
             sub: identity.to_owned(),

@@ -1,15 +1,61 @@
 //! Smoke runs of the benchmarks: they run end to end and report every field. No thresholds
 //! (machines are shared and noisy); the full runs are documented in docs/performance.md.
+//!
+//! The server under test is the `conclave` binary next to `conclave-bench`:
+//! `cargo test --workspace` builds it first; with `cargo test -p conclave-bench` build it
+//! before (`cargo build -p conclave`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::conclave::binary;
+/// The benchmark binary cargo built for this test.
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_conclave-bench")
+}
+
+/// The server binary the benchmark starts by default.
+fn server_binary() -> PathBuf {
+    Path::new(binary())
+        .parent()
+        .expect("conclave-bench has a directory")
+        .join("conclave")
+}
+
+#[test]
+fn server_binary_is_next_to_the_bench() {
+    let server = server_binary();
+    assert!(
+        server.is_file(),
+        "{} missing: run `cargo test --workspace` or `cargo build -p conclave` first",
+        server.display()
+    );
+}
+
+/// A `conclave-bench` alone in its directory refuses to run and says how to build the server.
+#[test]
+fn missing_server_binary_says_how_to_build_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lonely = dir.path().join("conclave-bench");
+    if std::fs::hard_link(binary(), &lonely).is_err() {
+        std::fs::copy(binary(), &lonely).unwrap();
+    }
+    for args in [&["tokens"][..], &["audio", "--no-janus"][..]] {
+        let out = Command::new(&lonely).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("does not exist")
+                && stderr.contains("cargo build --release -p conclave"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
 
 #[test]
 fn bench_tokens_smoke() {
     let out = Command::new(binary())
         .args([
-            "bench",
             "tokens",
             "--requests",
             "300",
@@ -38,11 +84,10 @@ fn bench_tokens_smoke() {
     }
 }
 
-/// Runs `conclave bench <scenario> …` seconds-long without Janus (`--no-janus`: CI machines
+/// Runs `conclave-bench <scenario> …` seconds-long without Janus (`--no-janus`: CI machines
 /// need not have it; the documented full run includes it) and checks every reported field.
 fn media_smoke(args: &[&str]) -> serde_json::Value {
     let out = Command::new(binary())
-        .args(["bench"])
         .args(args)
         .args([
             "--seconds",

@@ -1,4 +1,4 @@
-//! `conclave bench audio|video|livestream`: synthetic str0m clients against a Conclave the
+//! `conclave-bench audio|video|livestream`: synthetic str0m clients against a Conclave the
 //! bench starts (or a loopback URL), side by side with the raw-limit probe and Janus VideoRoom
 //! under the same scenario, in one run.
 //!
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::client::{ClientSpec, MediaProfile, Shared};
 use super::janus::JanusTarget;
 use super::limit::{probe, LimitReport};
-use super::server::{have_taskset, pin_self, ConclaveTarget};
+use super::server::{default_server_exe, have_taskset, pin_self, ConclaveTarget};
 use super::{proc_cpu_time, proc_rss_kb, udp_rcvbuf_errors, BenchError};
 
 /// Which scenario.
@@ -79,7 +79,7 @@ pub struct MediaBenchOptions {
     pub limit_seconds: f64,
     /// An external Conclave: URL, API key, API secret (loopback only).
     pub url: Option<(String, String, String)>,
-    /// The server binary (default: the running executable).
+    /// The server binary (default: `conclave` next to `conclave-bench`).
     pub server_exe: Option<std::path::PathBuf>,
     /// Receivers joining at once.
     pub join_concurrency: usize,
@@ -681,7 +681,7 @@ impl MediaBenchReport {
     }
 }
 
-/// Options shared by `conclave bench audio|video|livestream`.
+/// Options shared by `conclave-bench audio|video|livestream`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// Length of the measurement window, seconds.
@@ -721,8 +721,8 @@ pub struct CommonArgs {
     /// LiveKit API secret of --url.
     #[arg(long)]
     pub api_secret: Option<String>,
-    /// The `conclave` binary to start as the server (default: this one), e.g. to compare two
-    /// builds with the same load generator.
+    /// The `conclave` binary to start as the server (default: the one next to
+    /// `conclave-bench`), e.g. to compare two builds with the same load generator.
     #[arg(long)]
     pub server_exe: Option<std::path::PathBuf>,
     /// Stop after this many seconds whatever happens.
@@ -803,8 +803,7 @@ async fn rerun_in_private_netns() -> Result<String, BenchError> {
                 .into(),
         ));
     }
-    let exe =
-        std::env::current_exe().map_err(|e| BenchError::io("locating the conclave binary", e))?;
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("locating conclave-bench", e))?;
     let out = tokio::process::Command::new("unshare")
         .args(["-n", "--", "sh", "-c"])
         .arg(format!("{} && exec \"$0\" \"$@\"", netns_script()))
@@ -812,8 +811,12 @@ async fn rerun_in_private_netns() -> Result<String, BenchError> {
         .args(std::env::args_os().skip(1))
         .env(NETNS_ENV, "1")
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // Its errors reach our stderr (tokio's `output()` would capture and drop them).
         .stderr(std::process::Stdio::inherit())
-        .output()
+        .spawn()
+        .map_err(|e| BenchError::io("re-running the bench in a network namespace", e))?
+        .wait_with_output()
         .await
         .map_err(|e| BenchError::io("re-running the bench in a network namespace", e))?;
     if !out.status.success() {
@@ -827,6 +830,10 @@ async fn rerun_in_private_netns() -> Result<String, BenchError> {
 
 /// Runs a scenario and renders it: one JSON object, or the Markdown table and summary.
 pub async fn run_to_text(mut opts: MediaBenchOptions, json: bool) -> Result<String, BenchError> {
+    // Before any re-execution: a missing server binary is reported here, once.
+    if opts.url.is_none() && opts.server_exe.is_none() {
+        opts.server_exe = Some(default_server_exe()?);
+    }
     if opts.janus && opts.url.is_none() && std::env::var_os(NETNS_ENV).is_none() {
         match rerun_in_private_netns().await {
             Ok(text) => return Ok(text),

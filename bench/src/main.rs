@@ -1,0 +1,190 @@
+//! The `conclave-bench` binary: parse arguments, set up logging, run one benchmark, print its
+//! report (Markdown, or one JSON object with `--json`), map errors to exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use conclave_bench::scenario::{run_to_text, CommonArgs, Kind};
+use conclave_bench::tokens::{self, TokenBenchOptions};
+use conclave_bench::BenchError;
+
+/// Conclave's benchmarks: loopback only, bounded in time. The server under test is the
+/// `conclave` binary next to this one.
+#[derive(Debug, Parser)]
+#[command(name = "conclave-bench", version, about, long_about = None)]
+struct Cli {
+    /// Which benchmark.
+    #[command(subcommand)]
+    scenario: BenchCommand,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// `/get_token` requests/s and latency with a cached OpenID verification.
+    Tokens {
+        /// Total requests.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Stop after this many seconds whatever the count.
+        #[arg(long, default_value_t = 60)]
+        max_seconds: u64,
+        /// Print one JSON object instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Audio forwarding: P publishers → S subscribers, Opus-sized packets at 50 pkt/s, against
+    /// Conclave, the raw sendto/sendmmsg/GSO limit and Janus VideoRoom.
+    Audio {
+        /// Publishers.
+        #[arg(long, default_value_t = 10)]
+        publishers: usize,
+        /// Subscribers (receive only).
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Payload bytes per packet.
+        #[arg(long, default_value_t = 80)]
+        payload_bytes: usize,
+        /// Common options.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Video conference: N participants each publish VP8-like frames and receive the N − 1
+    /// others.
+    Video {
+        /// Participants (each publishes one video track).
+        #[arg(long, default_value_t = 10)]
+        participants: usize,
+        /// Extra receive-only participants.
+        #[arg(long, default_value_t = 0)]
+        subscribers: usize,
+        /// Bitrate per publisher, kbit/s.
+        #[arg(long, default_value_t = 1000)]
+        bitrate_kbps: u32,
+        /// Frames per second.
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// Common options.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Livestream: one video publisher → S subscribers.
+    Livestream {
+        /// Subscribers (receive only).
+        #[arg(long, default_value_t = 300)]
+        subscribers: usize,
+        /// Bitrate, kbit/s.
+        #[arg(long, default_value_t = 1500)]
+        bitrate_kbps: u32,
+        /// Frames per second.
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// Common options.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+impl BenchCommand {
+    /// The subcommand's name, for error messages.
+    fn name(&self) -> &'static str {
+        match self {
+            BenchCommand::Tokens { .. } => "tokens",
+            BenchCommand::Audio { .. } => "audio",
+            BenchCommand::Video { .. } => "video",
+            BenchCommand::Livestream { .. } => "livestream",
+        }
+    }
+}
+
+/// Runs the chosen benchmark and renders its report.
+async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
+    match scenario {
+        BenchCommand::Tokens {
+            requests,
+            concurrency,
+            max_seconds,
+            json,
+        } => {
+            let report = tokens::run(TokenBenchOptions {
+                requests,
+                concurrency,
+                max_duration: Duration::from_secs(max_seconds),
+            })
+            .await?;
+            Ok(if json {
+                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
+            } else {
+                report.markdown()
+            })
+        }
+        BenchCommand::Audio {
+            publishers,
+            subscribers,
+            payload_bytes,
+            common,
+        } => {
+            let opts = common.options(Kind::Audio, publishers, subscribers, payload_bytes, 0, 0);
+            run_to_text(opts, common.json).await
+        }
+        BenchCommand::Video {
+            participants,
+            subscribers,
+            bitrate_kbps,
+            fps,
+            common,
+        } => {
+            let opts = common.options(Kind::Video, participants, subscribers, 0, bitrate_kbps, fps);
+            run_to_text(opts, common.json).await
+        }
+        BenchCommand::Livestream {
+            subscribers,
+            bitrate_kbps,
+            fps,
+            common,
+        } => {
+            let opts = common.options(Kind::Livestream, 1, subscribers, 0, bitrate_kbps, fps);
+            run_to_text(opts, common.json).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("conclave-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = cli.scenario.name();
+    let text = match runtime.block_on(run(cli.scenario)) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("conclave-bench {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conclave-bench: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
