@@ -3,7 +3,7 @@
 //! participant. Authorised by `admin.token` (Bearer); off (404) when unset. The calls service
 //! builds the views; this is only the edge.
 
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -31,12 +31,11 @@ pub struct AdminAuth;
 /// The admin API's bearer extractor.
 type Admin = Bearer<AdminAuth>;
 
-impl<S> BearerPolicy<S> for AdminAuth
-where
-    AdminState: FromRef<S>,
-{
-    fn check(parts: &Parts, state: &S) -> Result<Self, MatrixErrorResponse> {
-        let Some(expected) = AdminState::from_ref(state).token else {
+impl BearerPolicy for AdminAuth {
+    type State = AdminState;
+
+    fn check(parts: &Parts, state: &AdminState) -> Result<Self, MatrixErrorResponse> {
+        let Some(expected) = &state.token else {
             return Err(MatrixErrorResponse::unrecognized());
         };
         match bearer::presented(parts).filter(|t| !t.is_empty()) {

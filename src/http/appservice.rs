@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -45,12 +45,10 @@ pub struct AppserviceAuth;
 /// The appservice API's bearer extractor.
 type Homeserver = Bearer<AppserviceAuth>;
 
-impl<S> BearerPolicy<S> for AppserviceAuth
-where
-    AppserviceState: FromRef<S>,
-{
-    fn check(parts: &Parts, state: &S) -> Result<Self, MatrixErrorResponse> {
-        let state = AppserviceState::from_ref(state);
+impl BearerPolicy for AppserviceAuth {
+    type State = AppserviceState;
+
+    fn check(parts: &Parts, state: &AppserviceState) -> Result<Self, MatrixErrorResponse> {
         let query = parts.uri.query().and_then(|q| {
             form_urlencoded_pairs(q)
                 .into_iter()

@@ -1,16 +1,18 @@
 //! The one bearer-token check of the HTTP edge: `Authorization: Bearer <token>` compared in
 //! constant time. Used by the appservice API (`hs_token`) and the admin API (`admin.token`).
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
 
 use super::error::MatrixErrorResponse;
 
-/// How one API checks its bearer token against its part of the state `S`.
-pub trait BearerPolicy<S>: Sized {
+/// How one API checks its bearer token against its part of the router's state.
+pub trait BearerPolicy: Sized {
+    /// The part of the state the check reads.
+    type State;
     /// Accepts the request (returning the proof) or says why not.
-    fn check(parts: &Parts, state: &S) -> Result<Self, MatrixErrorResponse>;
+    fn check(parts: &Parts, state: &Self::State) -> Result<Self, MatrixErrorResponse>;
 }
 
 /// The one bearer-token extractor: proof `P` that the request passed `P`'s check.
@@ -19,12 +21,13 @@ pub struct Bearer<P>(pub P);
 impl<S, P> FromRequestParts<S> for Bearer<P>
 where
     S: Send + Sync,
-    P: BearerPolicy<S>,
+    P: BearerPolicy,
+    P::State: FromRef<S>,
 {
     type Rejection = MatrixErrorResponse;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        P::check(parts, state).map(Bearer)
+        P::check(parts, &P::State::from_ref(state)).map(Bearer)
     }
 }
 
