@@ -27,7 +27,7 @@ use crate::sfu::registry::RoomRegistry;
 use crate::signal::SignalState;
 use crate::store::sqlite::Fault;
 use crate::store::{AsyncStore, SqliteStore, StoreError};
-use crate::webhook::WebhookSettings;
+use crate::webhook::{WebhookSettings, Webhooks};
 
 /// Database file name inside the data directory.
 pub const DATABASE_FILE: &str = "conclave.db";
@@ -196,8 +196,8 @@ pub struct Services {
     pub http: HttpState,
     /// The calls service (start its workers with [`Calls::start`]).
     pub calls: Calls,
-    /// What webhooks need: where they go, the client factory, the room view.
-    pub webhooks: (WebhookSettings, HttpClients, Arc<RoomRegistry>),
+    /// What the webhook notifier needs.
+    pub webhooks: Webhooks,
 }
 
 /// Opens the store and builds every service for `config` around the running SFU loop `sfu`,
@@ -284,7 +284,7 @@ pub fn build_services(
         metrics,
         max_body_bytes: config.http.max_body_bytes,
     };
-    let webhooks = WebhookSettings {
+    let settings = WebhookSettings {
         urls: config.webhook.urls.clone(),
         api_key: config
             .webhook
@@ -296,7 +296,11 @@ pub fn build_services(
     Ok(Services {
         http,
         calls,
-        webhooks: (webhooks, clients, rooms),
+        webhooks: Webhooks {
+            settings,
+            clients,
+            rooms,
+        },
     })
 }
 
@@ -337,8 +341,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         "SFU running"
     );
     services.calls.start();
-    let (webhooks, clients, rooms) = services.webhooks;
-    tokio::spawn(crate::webhook::run(webhooks, clients, rooms, events));
+    tokio::spawn(crate::webhook::run(services.webhooks, events));
     print_banner(&config, local);
     if config.appservice.ping_on_start {
         let homeserver = services.calls.homeserver().clone();

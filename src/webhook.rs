@@ -397,14 +397,24 @@ pub struct WebhookSettings {
     pub secret: Secret,
 }
 
+/// What the webhook notifier needs: where to send, how to reach it, the SFU's room view.
+pub struct Webhooks {
+    /// Where and how signed.
+    pub settings: WebhookSettings,
+    /// The client factory (one CA policy).
+    pub clients: HttpClients,
+    /// Room records for the events' room info.
+    pub rooms: Arc<RoomRegistry>,
+}
+
 /// Runs the webhook notifier until the event stream ends; returns at once when no URL is
 /// configured.
-pub async fn run(
-    settings: WebhookSettings,
-    clients: HttpClients,
-    rooms: Arc<RoomRegistry>,
-    mut events: broadcast::Receiver<SfuEvent>,
-) {
+pub async fn run(webhooks: Webhooks, mut events: broadcast::Receiver<SfuEvent>) {
+    let Webhooks {
+        settings,
+        clients,
+        rooms,
+    } = webhooks;
     let WebhookSettings {
         urls,
         api_key,

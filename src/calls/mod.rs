@@ -218,11 +218,6 @@ impl Calls {
         &self.inner.homeserver
     }
 
-    /// The SFU identities issued so far and not yet pruned.
-    pub fn issued_participants(&self) -> &IssuedParticipants {
-        &self.inner.issued
-    }
-
     /// The token service issued `p` a token valid until `token_expires`.
     pub fn issued(&self, p: IssuedParticipant, token_expires: Instant) {
         self.inner.issued.record(p, token_expires, Instant::now());
