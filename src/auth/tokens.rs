@@ -423,7 +423,7 @@ impl TokenService {
                 user_id: user_id.clone(),
                 device_id: req.device_id.clone(),
             },
-            now + Duration::from_secs(auth.token_lifetime_secs),
+            Duration::from_secs(auth.token_lifetime_secs),
         );
         self.hand_over_delay(&req, &who, false).await?;
         tracing::info!(

@@ -2,14 +2,16 @@
 //! stays in the SFU: when a user stops being joined to a room (leave, kick, ban) or their call
 //! membership ends, every participant issued to them is removed.
 //!
-//! Bounded: an identity is kept while its participant is connected, and otherwise only until
-//! its token expires (a LiveKit SDK may rejoin with the same token after a drop) or its call
-//! ends, whichever comes first; never more than [`PENDING_CAPACITY`] unconnected identities.
-//! Time is an input.
+//! Bounded: an identity is kept while its participant is connected, and otherwise only while a
+//! token for it may still be valid: until its token expires, or, once it has been connected,
+//! for one token lifetime after it left (connected participants are sent refreshed tokens, and
+//! a LiveKit SDK rejoins with the token it holds after a network drop: such a rejoin must stay
+//! enforceable, and subject to the grace period). Never more than [`PENDING_CAPACITY`]
+//! unconnected identities. Time is an input.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
@@ -36,22 +38,26 @@ pub struct IssuedParticipant {
 
 type Key = (RoomName, ParticipantIdentity);
 
+/// An issued identity and how long its tokens are valid.
 #[derive(Debug, Clone)]
-struct Connected {
+struct Entry {
     participant: IssuedParticipant,
-    sid: ParticipantSid,
+    /// When the latest token issued for it expires.
     token_expires: Instant,
+    /// How long a token (and a refreshed one) is valid.
+    lifetime: Duration,
 }
 
 #[derive(Debug)]
 struct Inner {
-    connected: HashMap<Key, Connected>,
-    /// Issued and not connected (yet, or any more), until the token expires.
-    pending: TtlCache<Key, (IssuedParticipant, Instant)>,
+    /// Connected now, with the SFU session's participant SID.
+    connected: HashMap<Key, (Entry, ParticipantSid)>,
+    /// Issued and not connected (yet, or any more), while a token may still be valid.
+    pending: TtlCache<Key, Entry>,
 }
 
-/// The issued identities. Shared by the token service (writes at issue time) and the calls
-/// service (follows SFU joins and leaves, reads for enforcement).
+/// The issued identities. Written by the token service at issue time; the calls service keeps
+/// it in step with SFU joins and leaves and reads it for enforcement.
 #[derive(Debug)]
 pub struct IssuedParticipants {
     inner: Mutex<Inner>,
@@ -82,17 +88,24 @@ impl IssuedParticipants {
         f(&mut guard)
     }
 
-    /// A token for `p` was issued at `now`, valid until `token_expires`.
-    pub fn record(&self, p: IssuedParticipant, token_expires: Instant, now: Instant) {
+    /// A token for `p`, valid for `lifetime`, was issued at `now`.
+    pub fn record(&self, p: IssuedParticipant, lifetime: Duration, now: Instant) {
         let key = (p.room_name.clone(), p.identity.clone());
+        let token_expires = now + lifetime;
         self.with(|m| match m.connected.get_mut(&key) {
-            Some(c) => {
-                c.participant = p;
-                c.token_expires = c.token_expires.max(token_expires);
+            Some((entry, _)) => {
+                entry.participant = p;
+                entry.token_expires = entry.token_expires.max(token_expires);
+                entry.lifetime = lifetime;
             }
-            None => m
-                .pending
-                .insert_until(key, (p, token_expires), token_expires, now),
+            None => {
+                let entry = Entry {
+                    participant: p,
+                    token_expires,
+                    lifetime,
+                };
+                m.pending.insert_until(key, entry, token_expires, now);
+            }
         });
     }
 
@@ -100,17 +113,10 @@ impl IssuedParticipants {
     pub fn joined(&self, room: &RoomName, identity: &ParticipantIdentity, sid: &ParticipantSid) {
         let key = (room.clone(), identity.clone());
         self.with(|m| {
-            if let Some(c) = m.connected.get_mut(&key) {
-                c.sid = sid.clone();
-            } else if let Some((participant, token_expires)) = m.pending.remove(&key) {
-                m.connected.insert(
-                    key,
-                    Connected {
-                        participant,
-                        sid: sid.clone(),
-                        token_expires,
-                    },
-                );
+            if let Some((_, current)) = m.connected.get_mut(&key) {
+                *current = sid.clone();
+            } else if let Some(entry) = m.pending.remove(&key) {
+                m.connected.insert(key, (entry, sid.clone()));
             }
         });
     }
@@ -126,22 +132,23 @@ impl IssuedParticipants {
     ) {
         let key = (room.clone(), identity.clone());
         self.with(|m| {
-            if m.connected.get(&key).is_some_and(|c| &c.sid == sid) {
-                if let Some(c) = m.connected.remove(&key) {
-                    m.pending.insert_until(
-                        key,
-                        (c.participant, c.token_expires),
-                        c.token_expires,
-                        now,
-                    );
+            if m.connected
+                .get(&key)
+                .is_some_and(|(_, current)| current == sid)
+            {
+                if let Some((entry, _)) = m.connected.remove(&key) {
+                    // It may hold a token refreshed while connected: valid up to one lifetime
+                    // from now.
+                    let until = entry.token_expires.max(now + entry.lifetime);
+                    m.pending.insert_until(key, entry, until, now);
                 }
             }
         });
     }
 
-    /// The call in `room_id` ended: identities issued for it that are not connected go.
-    pub fn call_ended(&self, room_id: &RoomId, now: Instant) {
-        self.with(|m| m.pending.retain(now, |_, (p, _)| p.room_id != room_id));
+    /// Drops the identities whose tokens can no longer be valid at `now`.
+    pub fn prune(&self, now: Instant) {
+        self.with(|m| m.pending.purge(now));
     }
 
     /// The issued participants of `user_id` in `room_id` at `now`.
@@ -150,8 +157,8 @@ impl IssuedParticipants {
         self.with(|m| {
             m.connected
                 .values()
-                .map(|c| &c.participant)
-                .chain(m.pending.values(now).map(|(p, _)| p))
+                .map(|(e, _)| &e.participant)
+                .chain(m.pending.values(now).map(|e| &e.participant))
                 .filter(|p| matches(p))
                 .cloned()
                 .collect()
@@ -183,12 +190,12 @@ impl IssuedParticipants {
         self.with(|m| {
             m.connected
                 .get(&key)
-                .map(|c| c.participant.clone())
-                .or_else(|| m.pending.get(&key, now).map(|(p, _)| p))
+                .map(|(e, _)| e.participant.clone())
+                .or_else(|| m.pending.get(&key, now).map(|e| e.participant))
         })
     }
 
-    /// Identities held (connected plus pending, expired ones not yet dropped included).
+    /// Identities held (connected plus unconnected, expired ones not yet dropped included).
     pub fn len(&self) -> usize {
         self.with(|m| m.connected.len() + m.pending.len())
     }
@@ -202,7 +209,8 @@ impl IssuedParticipants {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     fn issued(room: &str, identity: &str, user: &OwnedUserId) -> IssuedParticipant {
         IssuedParticipant {
@@ -217,13 +225,12 @@ mod tests {
     #[test]
     fn issued_participants_are_found_by_room_and_user() {
         let t0 = Instant::now();
-        let exp = t0 + Duration::from_secs(3600);
         let reg = IssuedParticipants::default();
         let room = ruma::owned_room_id!("!r:example.org");
         let alice = ruma::owned_user_id!("@alice:example.org");
         let bob = ruma::owned_user_id!("@bob:example.org");
         for (identity, user) in [("a1", &alice), ("a2", &alice), ("b1", &bob)] {
-            reg.record(issued("sfu", identity, user), exp, t0);
+            reg.record(issued("sfu", identity, user), HOUR, t0);
         }
         reg.joined(&"sfu".into(), &"a2".into(), &"PA_1".into());
         let mut ids: Vec<String> = reg
@@ -239,7 +246,7 @@ mod tests {
             .of(&ruma::owned_room_id!("!x:example.org"), &alice, t0)
             .is_empty());
         assert!(
-            reg.get(&"sfu".into(), &"b1".into(), exp).is_none(),
+            reg.get(&"sfu".into(), &"b1".into(), t0 + HOUR).is_none(),
             "an unused token's identity is gone when the token expires"
         );
     }
@@ -249,19 +256,26 @@ mod tests {
         let t0 = Instant::now();
         let reg = IssuedParticipants::default();
         let alice = ruma::owned_user_id!("@alice:example.org");
-        reg.record(issued("sfu", "a", &alice), t0 + Duration::from_secs(60), t0);
+        reg.record(issued("sfu", "a", &alice), Duration::from_secs(60), t0);
         let (room, id) = (RoomName::from("sfu"), ParticipantIdentity::from("a"));
         reg.joined(&room, &id, &"PA_old".into());
         reg.joined(&room, &id, &"PA_new".into());
         reg.left(&room, &id, &"PA_old".into(), t0);
         // Far past the token's expiry: only a connected entry can still be there.
-        let later = t0 + Duration::from_secs(3600);
+        let later = t0 + HOUR;
         assert!(
             reg.get(&room, &id, later).is_some(),
             "the new session is connected"
         );
         reg.left(&room, &id, &"PA_new".into(), later);
-        assert!(reg.get(&room, &id, later).is_none());
+        assert!(
+            reg.get(&room, &id, later + Duration::from_secs(59))
+                .is_some(),
+            "a refreshed token may let it rejoin for one lifetime after it left"
+        );
+        assert!(reg
+            .get(&room, &id, later + Duration::from_secs(60))
+            .is_none());
     }
 
     /// 10 000 participants, one per millisecond from `t0`: token, join, leave. Returns the
@@ -274,11 +288,7 @@ mod tests {
             let user = ruma::UserId::parse(format!("@u{i}:example.org")).expect("user");
             let identity = ParticipantIdentity::from(format!("id{i}"));
             let sid = ParticipantSid::from(format!("PA_{i}"));
-            reg.record(
-                issued("sfu-room", identity.as_str(), &user),
-                now + lifetime,
-                now,
-            );
+            reg.record(issued("sfu-room", identity.as_str(), &user), lifetime, now);
             reg.joined(&room, &identity, &sid);
             reg.left(&room, &identity, &sid, now);
             peak = peak.max(reg.len());
@@ -287,47 +297,39 @@ mod tests {
     }
 
     /// The acceptance check of the owned-services issue: 10 000 participants churn through one
-    /// room (token, join, leave) and the map comes back to its resting size: at once for the
-    /// ones whose call ended, after their tokens expire for the others, and never above its
-    /// bound meanwhile.
+    /// room (token, join, leave) and the map comes back to its resting size once their tokens
+    /// can no longer be valid, never above its bound meanwhile; enforcement still finds a
+    /// participant that left until then.
     #[test]
     fn churning_ten_thousand_participants_returns_to_the_resting_size() {
         let t0 = Instant::now();
-        let lifetime = Duration::from_secs(3600);
         let reg = IssuedParticipants::with_capacity(1_000);
         let room = RoomName::from("sfu-room");
         let host = ruma::owned_user_id!("@host:example.org");
         // Resting state: one participant who stays connected throughout.
-        reg.record(issued("sfu-room", "host", &host), t0 + lifetime, t0);
+        reg.record(issued("sfu-room", "host", &host), HOUR, t0);
         reg.joined(&room, &"host".into(), &"PA_host".into());
         let resting = reg.len();
         assert_eq!(resting, 1);
 
-        let peak = churn(&reg, t0, lifetime);
+        let peak = churn(&reg, t0, HOUR);
         assert!(
             peak <= resting + 1_000,
             "bounded while churning: peak {peak}"
         );
-        let after = t0 + Duration::from_secs(10);
-        // Their call ends: every identity that is not connected goes at once.
-        reg.call_ended(&ruma::owned_room_id!("!r:example.org"), after);
-        assert_eq!(
-            reg.len(),
-            resting,
-            "back at the resting size after the call ends"
-        );
+        let last = ParticipantIdentity::from("id9999");
         assert!(
-            reg.get(&room, &"host".into(), after).is_some(),
-            "the host stays"
+            reg.get(&room, &last, t0 + Duration::from_secs(60))
+                .is_some(),
+            "a participant that just left can still be enforced"
         );
 
-        // Without the call ending, the tokens' expiry brings it back too.
-        let reg = IssuedParticipants::with_capacity(1_000);
-        assert!(churn(&reg, t0, lifetime) <= 1_000);
-        reg.call_ended(
-            &ruma::owned_room_id!("!other:example.org"),
-            t0 + lifetime * 2,
+        let after = t0 + HOUR + Duration::from_secs(10);
+        reg.prune(after);
+        assert_eq!(reg.len(), resting, "back at the resting size");
+        assert!(
+            reg.get(&room, &"host".into(), after).is_some(),
+            "the connected host stays"
         );
-        assert_eq!(reg.len(), 0, "expired tokens' identities are dropped");
     }
 }

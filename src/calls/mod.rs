@@ -218,9 +218,9 @@ impl Calls {
         &self.inner.homeserver
     }
 
-    /// The token service issued `p` a token valid until `token_expires`.
-    pub fn issued(&self, p: IssuedParticipant, token_expires: Instant) {
-        self.inner.issued.record(p, token_expires, Instant::now());
+    /// The token service issued `p` a token valid for `lifetime`.
+    pub fn issued(&self, p: IssuedParticipant, lifetime: Duration) {
+        self.inner.issued.record(p, lifetime, Instant::now());
     }
 
     /// A client handed over its delayed leave for its participant (with its token request
@@ -292,8 +292,7 @@ impl Calls {
     }
 
     /// Acts on call changes: a member whose call membership ended leaves the SFU; calls that
-    /// start or end are announced in the room; identities issued for an ended call are
-    /// forgotten.
+    /// start or end are announced in the room.
     pub async fn act_on_call_changes(&self, changes: Vec<CallChange>) {
         for change in changes {
             match change {
@@ -324,7 +323,6 @@ impl Calls {
                     peak_members,
                 } => {
                     tracing::info!(room_id = %room_id, peak_members, "call ended");
-                    self.inner.issued.call_ended(&room_id, Instant::now());
                     let text =
                         notices::ended_text(&started_by, ended_ts - started_ts, peak_members);
                     self.notice(&room_id, text).await;
@@ -364,8 +362,10 @@ impl Calls {
         }
     }
 
-    /// Ends call memberships expired now; returns how many changes that made.
+    /// Ends call memberships expired now, and forgets issued identities whose tokens can no
+    /// longer be valid; returns how many call changes that made.
     pub async fn expire_once(&self) -> usize {
+        self.inner.issued.prune(Instant::now());
         match self
             .inner
             .store
