@@ -48,6 +48,17 @@ const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Minimum gap between keyframe requests to one publisher track.
 const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
 
+/// How a participant session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// The client left (or its signalling ended).
+    Left,
+    /// The server removed it.
+    Removed,
+    /// A newer session of the same identity took its place: the room goes on.
+    Replaced,
+}
+
 /// Datagram counters (exported at `/metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SfuStats {
@@ -596,7 +607,12 @@ impl Sfu {
         }
         // One participant per identity: the newcomer replaces the old session.
         if let Some(old) = self.session_of(&room_name, &identity) {
-            self.leave(now, old, lk::DisconnectReason::DuplicateIdentity, true);
+            self.leave_as(
+                now,
+                old,
+                lk::DisconnectReason::DuplicateIdentity,
+                Departure::Replaced,
+            );
         }
         let room_sid = RoomSid::new(self.ids.sid(ROOM_PREFIX));
         let unix = self.unix_now;
@@ -772,6 +788,22 @@ impl Sfu {
         reason: lk::DisconnectReason,
         server_initiated: bool,
     ) {
+        let how = if server_initiated {
+            Departure::Removed
+        } else {
+            Departure::Left
+        };
+        self.leave_as(now, session, reason, how);
+    }
+
+    fn leave_as(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        reason: lk::DisconnectReason,
+        how: Departure,
+    ) {
+        let server_initiated = how != Departure::Left;
         let Some(room_name) = self.sessions.remove(&session) else {
             return;
         };
@@ -824,7 +856,7 @@ impl Sfu {
         }
         // A session replaced by a newer one of the same identity leaves the room to it: the
         // room goes on (same SID, no RoomFinished/RoomStarted), as in LiveKit.
-        let replaced = reason == lk::DisconnectReason::DuplicateIdentity;
+        let replaced = how == Departure::Replaced;
         let finished = (room.participants.is_empty() && !replaced).then(|| room.sid.clone());
         self.count_participant(now, &room_name, false);
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {

@@ -102,7 +102,7 @@ pub async fn get_rtc(
         Err(r) => return text(r.status, &r.message),
     };
     let room = RoomName::from(claims.video.room.as_str());
-    if !state.rooms.exists(room.as_str(), Instant::now()) {
+    if state.auto_create && !state.rooms.exists(room.as_str(), Instant::now()) {
         // Auto-create (check_connect let a missing room through only then).
         sfu.create_room(&room, RoomOptions::default()).await;
     }

@@ -227,10 +227,17 @@ impl Participant {
 
     /// Its earliest timer: peer connections and the connect deadline.
     pub(super) fn next_timeout(&self) -> Instant {
-        self.publisher
+        let pcs = self
+            .publisher
             .next_timeout
-            .min(self.subscriber.next_timeout)
-            .min(self.joined_at + CONNECT_DEADLINE)
+            .min(self.subscriber.next_timeout);
+        // The connect deadline counts only until a connection is up; after that it lies in the
+        // past and would wake the loop at once, forever.
+        if self.ever_connected() {
+            pcs
+        } else {
+            pcs.min(self.joined_at + CONNECT_DEADLINE)
+        }
     }
 
     /// Ends its connections and marks its info disconnected with `reason`.

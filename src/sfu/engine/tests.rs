@@ -792,3 +792,48 @@ fn encrypted_or_red_less_audio_is_answered_without_red() {
             .expect("the client accepts the answer");
     }
 }
+
+/// Once a participant is connected, its connect deadline no longer counts: the engine must not
+/// ask to be woken in the past (which made the net loop spin on a core for every call older
+/// than the deadline).
+#[test]
+fn a_connected_participant_does_not_keep_the_loop_awake() {
+    let mut now = Instant::now();
+    let mut s = sfu(now);
+    let mut alice = Peer::new(now, "10.0.0.1:5000");
+    let mut msgs = Vec::new();
+    join(&mut s, now, 1, "alice");
+    pump(&mut s, &mut [&mut alice], now, &mut msgs);
+    let offer = msgs
+        .iter()
+        .find_map(|(sid, m)| match m {
+            Msg::Offer(o) if *sid == 1 => Some(o.clone()),
+            _ => None,
+        })
+        .expect("subscriber offer");
+    let answer = answer_offer(&mut alice, &offer);
+    request(&mut s, now, 1, answer);
+    let start = now;
+    while now < start + CONNECT_DEADLINE + Duration::from_secs(5) {
+        now += Duration::from_millis(100);
+        s.handle_timeout(now);
+        let _ = alice.rtc.handle_input(Input::Timeout(now));
+        pump(&mut s, &mut [&mut alice], now, &mut msgs);
+    }
+    assert_eq!(
+        s.participant_count(&"room".into()),
+        1,
+        "alice connected and stayed past the connect deadline"
+    );
+    s.handle_timeout(now);
+    let next = loop {
+        if let Output::Timeout(t) = s.poll_output() {
+            break t;
+        }
+    };
+    assert!(
+        next > now,
+        "the engine asks to be woken {:?} in the past",
+        now - next
+    );
+}
