@@ -202,6 +202,12 @@ pub struct AuthConfig {
     pub remote_can_subscribe: bool,
     /// Timeout of one federation request (OpenID userinfo), in milliseconds. Default 5000.
     pub federation_timeout_ms: u64,
+    /// Let federation requests (OpenID userinfo, `/.well-known/matrix/server`) go to loopback,
+    /// private (RFC 1918, `100.64/10`), link-local and unique-local (`fc00::/7`) addresses.
+    /// Default false: a token request naming a homeserver that resolves only to such addresses
+    /// is refused (403) without sending anything. Turn on when homeservers federate on a
+    /// private network (and in tests on loopback).
+    pub allow_private_federation: bool,
     /// How long a token request for a room Conclave follows may wait for evidence that the
     /// user is joined, in milliseconds. A user of another server who joined the room before
     /// this server did becomes known here only through an event of theirs (typically their
@@ -219,6 +225,7 @@ impl Default for AuthConfig {
             remote_can_publish: true,
             remote_can_subscribe: true,
             federation_timeout_ms: 5000,
+            allow_private_federation: false,
             membership_wait_ms: 3000,
         }
     }

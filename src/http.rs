@@ -27,7 +27,7 @@ use crate::net::SfuHandle;
 use crate::signal::{validate, ws, SignalState};
 use admin::AdminState;
 use appservice::AppserviceState;
-use error::{InternalCause, MatrixErrorResponse};
+use error::{InternalCause, MatrixErrorResponse, UpstreamFailure};
 use tokens::TokenState;
 use twirp::TwirpState;
 
@@ -168,12 +168,15 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 /// Counts 5xx responses for `/metrics` and logs their cause: the one place internal errors
-/// are logged.
+/// are logged. A 502/504 marked [`UpstreamFailure`] (a user's homeserver failed) is counted
+/// apart and not logged here (the token service logs its refusals).
 async fn count_server_errors(
     State(metrics): State<Arc<Metrics>>,
     response: axum::response::Response,
 ) -> axum::response::Response {
-    if response.status().is_server_error() {
+    if response.extensions().get::<UpstreamFailure>().is_some() {
+        crate::metrics::inc(&metrics.upstream_errors);
+    } else if response.status().is_server_error() {
         crate::metrics::inc(&metrics.internal_errors);
         match response.extensions().get::<InternalCause>() {
             Some(InternalCause(cause)) => tracing::error!(error = %cause, "internal error"),
@@ -193,4 +196,35 @@ async fn method_not_allowed() -> MatrixErrorResponse {
         ruma::api::error::ErrorCode::Unrecognized,
         "Method not allowed",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::auth::AuthError;
+
+    #[tokio::test]
+    async fn a_homeserver_failure_is_not_counted_as_an_internal_error() {
+        let metrics = Arc::new(Metrics::default());
+        let count = |e: AuthError| {
+            let metrics = metrics.clone();
+            async move {
+                count_server_errors(State(metrics), MatrixErrorResponse::from(e).into_response())
+                    .await
+                    .status()
+            }
+        };
+        let s = count(AuthError::HomeserverBadResponse("hs.example".into())).await;
+        assert_eq!(s, StatusCode::BAD_GATEWAY);
+        let s = count(AuthError::HomeserverTimeout("hs.example".into())).await;
+        assert_eq!(s, StatusCode::GATEWAY_TIMEOUT);
+        count(AuthError::HomeserverNotAllowed("hs.example".into())).await;
+        assert_eq!(metrics.internal_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.upstream_errors.load(Ordering::Relaxed), 2);
+        let s = count(AuthError::Internal("ours".into())).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(metrics.internal_errors.load(Ordering::Relaxed), 1);
+    }
 }

@@ -22,8 +22,10 @@ pub struct Metrics {
     pub homeserver_pings_ok: AtomicU64,
     /// Failed ping attempts towards the homeserver.
     pub homeserver_pings_failed: AtomicU64,
-    /// Requests answered with a 5xx status.
+    /// Requests answered with a 5xx status that is Conclave's own failure.
     pub internal_errors: AtomicU64,
+    /// Requests answered 502/504 because another server (a homeserver) failed.
+    pub upstream_errors: AtomicU64,
     /// SFU tokens issued.
     pub tokens_issued: AtomicU64,
     /// Token requests refused.
@@ -38,7 +40,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &AtomicU64); 12] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -81,8 +83,13 @@ impl Metrics {
             ),
             (
                 "conclave_http_internal_errors_total",
-                "HTTP requests answered with a 5xx status.",
+                "HTTP requests answered with a 5xx status because Conclave failed.",
                 &self.internal_errors,
+            ),
+            (
+                "conclave_http_upstream_errors_total",
+                "HTTP requests answered 502/504 because another server (a homeserver) failed.",
+                &self.upstream_errors,
             ),
             (
                 "conclave_tokens_issued_total",

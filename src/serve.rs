@@ -21,7 +21,7 @@ use crate::matrix::client::HomeserverClient;
 use crate::matrix::registration::Registration;
 use crate::metrics::{inc, Metrics};
 use crate::net::SfuHandle;
-use crate::plumbing::{Backoff, ClientOptions, HttpClients};
+use crate::plumbing::{Backoff, ClientOptions, DestinationPolicy, HttpClients};
 use crate::secrets::{Secrets, SecretsError, SECRETS_FILE};
 use crate::sfu::registry::RoomRegistry;
 use crate::signal::SignalState;
@@ -224,6 +224,7 @@ pub fn build_services(
     let openid = OpenIdVerifier::new(
         &clients,
         Duration::from_millis(config.auth.federation_timeout_ms),
+        DestinationPolicy::new(config.auth.allow_private_federation),
     )
     .map_err(|e| RunError::HttpClient(e.to_string()))?;
     let metrics = Arc::new(Metrics::default());

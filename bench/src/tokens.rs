@@ -121,13 +121,15 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, BenchError
     let hs_token = format!("bench-hs-{:032x}", rand::random::<u128>());
     // The stand-in is the server's own homeserver, so the bench user is local with full
     // access (rooms created on demand), and the server logs at its default level.
-    let env: [(&str, OsString); 4] = [
+    let env: [(&str, OsString); 5] = [
         (
             "CONCLAVE_MATRIX__SERVER_NAME",
             homeserver.server_name.clone().into(),
         ),
         ("CONCLAVE_MATRIX__EXTRA_CA_FILE", ca_file.into_os_string()),
         ("CONCLAVE_APPSERVICE__HS_TOKEN", hs_token.clone().into()),
+        // The stand-in homeserver listens on loopback.
+        ("CONCLAVE_AUTH__ALLOW_PRIVATE_FEDERATION", "true".into()),
         ("RUST_LOG", "info".into()),
     ];
     let server = ConclaveTarget::start_with_env(Some(&exe), None, &env).await?;

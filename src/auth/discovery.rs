@@ -4,16 +4,23 @@
 //! Order: IP literal; explicit port; `/.well-known/matrix/server` (then the same steps for the
 //! delegated name); SRV `_matrix-fed._tcp`; legacy SRV `_matrix._tcp`; port 8448.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ruma::ServerName;
 
+use crate::plumbing::{read_capped, TtlCache};
+
 /// Default federation port.
 pub const DEFAULT_PORT: u16 = 8448;
+/// Largest accepted `/.well-known/matrix/server` body (it holds one server name).
+pub const MAX_WELL_KNOWN_BYTES: usize = 4 * 1024;
+/// How long an SRV target is used for a host without being set again.
+pub const OVERRIDE_TTL: Duration = Duration::from_secs(3600);
+/// Most SRV targets remembered.
+pub const OVERRIDE_CAPACITY: usize = 10_000;
 
 /// Where to connect for a server name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +110,9 @@ async fn resolve_srv(lookup: &impl Lookup, host: String) -> Destination {
     }
 }
 
-/// Real lookups: HTTPS for `.well-known`, hickory for SRV.
+/// Real lookups: HTTPS for `.well-known` (through the federation client, so its redirect and
+/// destination policies apply; the body is capped at [`MAX_WELL_KNOWN_BYTES`]), hickory for
+/// SRV.
 pub struct NetLookup {
     http: reqwest::Client,
     dns: Option<hickory_resolver::TokioResolver>,
@@ -149,10 +158,7 @@ impl Lookup for NetLookup {
         if !resp.status().is_success() {
             return None;
         }
-        let bytes = resp.bytes().await.ok()?;
-        if bytes.len() > 64 * 1024 {
-            return None;
-        }
+        let bytes = read_capped(resp, MAX_WELL_KNOWN_BYTES).await.ok()?;
         serde_json::from_slice::<WellKnown>(&bytes)
             .ok()
             .map(|w| w.server)
@@ -169,17 +175,39 @@ impl Lookup for NetLookup {
 
 /// reqwest DNS resolver that sends connections for SRV-resolved hosts to their targets, so the
 /// URL (and therefore SNI, certificate check and `Host`) keeps the server's own name.
-#[derive(Clone, Default)]
+///
+/// The host → target table is bounded ([`OVERRIDE_CAPACITY`]) and each entry expires
+/// ([`OVERRIDE_TTL`]) unless set again.
+#[derive(Clone)]
 pub struct SrvAwareResolver {
-    overrides: Arc<Mutex<HashMap<String, String>>>,
+    overrides: Arc<Mutex<TtlCache<String, String>>>,
+}
+
+impl Default for SrvAwareResolver {
+    fn default() -> Self {
+        Self {
+            overrides: Arc::new(Mutex::new(TtlCache::new(OVERRIDE_CAPACITY))),
+        }
+    }
 }
 
 impl SrvAwareResolver {
-    /// Connect to `target`'s addresses whenever `host` is requested.
-    pub fn set_override(&self, host: &str, target: &str) {
+    /// Connect to `target`'s addresses whenever `host` is requested, for [`OVERRIDE_TTL`] from
+    /// `now`.
+    pub fn set_override(&self, host: &str, target: &str, now: Instant) {
         if let Ok(mut m) = self.overrides.lock() {
-            m.insert(host.to_owned(), target.to_owned());
+            m.insert(host.to_owned(), target.to_owned(), OVERRIDE_TTL, now);
         }
+    }
+
+    /// Entries held (for tests and bounds checks).
+    pub fn len(&self) -> usize {
+        self.overrides.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no override is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -189,7 +217,7 @@ impl reqwest::dns::Resolve for SrvAwareResolver {
             .overrides
             .lock()
             .ok()
-            .and_then(|m| m.get(name.as_str()).cloned())
+            .and_then(|m| m.get(name.as_str(), Instant::now()))
             .unwrap_or_else(|| name.as_str().to_owned());
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.as_str(), 0))
@@ -203,6 +231,8 @@ impl reqwest::dns::Resolve for SrvAwareResolver {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     /// Unit-test lookups: fixed answers.
@@ -304,5 +334,23 @@ mod tests {
         f.well_known
             .insert("a.org".into(), "not a server name!".into());
         assert_eq!(resolve(&f, &name("a.org")).await, dest("a.org", 8448, None));
+    }
+
+    #[test]
+    fn srv_overrides_are_bounded_and_expire() {
+        let r = SrvAwareResolver::default();
+        let t0 = Instant::now();
+        for i in 0..(OVERRIDE_CAPACITY + 100) {
+            r.set_override(&format!("h{i}.org"), "target.org", t0);
+        }
+        assert!(r.len() <= OVERRIDE_CAPACITY);
+        let newest = format!("h{}.org", OVERRIDE_CAPACITY + 99);
+        let later = t0 + OVERRIDE_TTL + Duration::from_secs(1);
+        let cache = r.overrides.lock().unwrap();
+        assert_eq!(
+            cache.get(newest.as_str(), t0),
+            Some("target.org".to_owned())
+        );
+        assert_eq!(cache.get(newest.as_str(), later), None);
     }
 }

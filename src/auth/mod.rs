@@ -41,6 +41,16 @@ pub enum AuthError {
     /// The user's homeserver answered something unusable (502).
     #[error("homeserver {0} answered with an invalid response")]
     HomeserverBadResponse(String),
+    /// The user's homeserver answered with a body over Conclave's cap (502).
+    #[error("homeserver {0} answered with a response larger than Conclave accepts")]
+    HomeserverResponseTooLarge(String),
+    /// The user's homeserver redirected to another host, to plain HTTP, or too often (502).
+    #[error("homeserver {0} redirected to a destination Conclave does not follow")]
+    HomeserverRedirected(String),
+    /// The homeserver's addresses are ones Conclave does not send federation requests to
+    /// (loopback, private, link-local...; `auth.allow_private_federation`) (403).
+    #[error("homeserver {0} is not an allowed federation destination")]
+    HomeserverNotAllowed(String),
     /// A LiveKit JWT is invalid or expired (401).
     #[error("invalid token: {0}")]
     InvalidToken(String),

@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use super::Calls;
 use crate::net::SfuHandle;
-use crate::plumbing::{Backoff, ClientOptions, TtlCache};
+use crate::plumbing::{read_capped, Backoff, ClientOptions, TtlCache};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, RoomName};
 use crate::sfu::SfuEvent;
 use crate::store::{AsyncStore, DelayedLeave, StoreError};
@@ -569,7 +569,7 @@ impl Ctx {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_capped(resp).await.unwrap_or_default();
+        let body = read_capped(resp, MAX_BODY_BYTES).await.unwrap_or_default();
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         Err(match status {
             StatusCode::NOT_FOUND => DelayedLeaveError::NotFound,
@@ -630,7 +630,9 @@ impl Ctx {
             .map_err(|e| e.without_url().to_string())?;
         match resp.status() {
             s if s.is_success() => {
-                let body = read_capped(resp).await?;
+                let body = read_capped(resp, MAX_BODY_BYTES)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 base_url_from_well_known(&body)
             }
             // No well-known: the server name itself serves the API (client discovery's fallback).
@@ -638,22 +640,6 @@ impl Ctx {
             s => Err(format!("{url} answered {s}")),
         }
     }
-}
-
-/// Reads a response body, failing beyond [`MAX_BODY_BYTES`].
-async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| e.without_url().to_string())?
-    {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(format!("body larger than {MAX_BODY_BYTES} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// The local homeserver's client-server API for its own users; `None` for other servers.

@@ -3,7 +3,8 @@
 //!
 //! 5xx responses carry a generic message; the real cause travels in a response extension
 //! ([`InternalCause`]) to the router's outermost layer, which logs it once and counts it.
-//! Converting an error never logs.
+//! A 502/504 because another server failed (a user's homeserver) is not Conclave's own error:
+//! it is marked [`UpstreamFailure`] and counted apart. Converting an error never logs.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -21,11 +22,18 @@ pub struct MatrixErrorResponse {
     pub message: String,
     /// For 5xx: what really went wrong (logged by the router, never sent).
     pub cause: Option<String>,
+    /// Another server failed, not Conclave (a 502/504 counted apart from internal errors).
+    pub upstream: bool,
 }
 
 /// The cause of a 5xx response, for the router's logging layer.
 #[derive(Debug, Clone)]
 pub struct InternalCause(pub String);
+
+/// Marks a 5xx response caused by another server's failure (a user's homeserver unreachable,
+/// slow or answering nonsense), so the router counts it as such and not as an internal error.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamFailure;
 
 impl MatrixErrorResponse {
     /// An error with the given status, code and message.
@@ -35,6 +43,15 @@ impl MatrixErrorResponse {
             errcode,
             message: message.into(),
             cause: None,
+            upstream: false,
+        }
+    }
+
+    /// The same error, marked as another server's failure ([`UpstreamFailure`]).
+    pub fn upstream(self) -> Self {
+        Self {
+            upstream: true,
+            ..self
         }
     }
 
@@ -87,6 +104,9 @@ impl IntoResponse for MatrixErrorResponse {
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(InternalCause(cause));
         }
+        if self.upstream {
+            response.extensions_mut().insert(UpstreamFailure);
+        }
         response
     }
 }
@@ -103,10 +123,26 @@ impl From<crate::auth::AuthError> for MatrixErrorResponse {
             }
             E::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
             E::RoomUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-            E::HomeserverUnreachable(_) | E::HomeserverBadResponse(_) => {
-                (StatusCode::BAD_GATEWAY, ErrorCode::ConnectionFailed)
+            E::HomeserverNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            E::HomeserverUnreachable(_)
+            | E::HomeserverBadResponse(_)
+            | E::HomeserverResponseTooLarge(_)
+            | E::HomeserverRedirected(_) => {
+                return Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::ConnectionFailed,
+                    e.to_string(),
+                )
+                .upstream()
             }
-            E::HomeserverTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::ConnectionTimeout),
+            E::HomeserverTimeout(_) => {
+                return Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorCode::ConnectionTimeout,
+                    e.to_string(),
+                )
+                .upstream()
+            }
             E::Store(_) | E::Calls(_) | E::Internal(_) => return Self::internal(&e),
         };
         Self::new(status, code, e.to_string())
@@ -122,5 +158,41 @@ impl From<crate::calls::CallsError> for MatrixErrorResponse {
             }
             E::Store(_) | E::SfuGone => Self::internal(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthError;
+
+    #[test]
+    fn a_homeserver_failure_is_a_marked_gateway_error_naming_only_the_server() {
+        let cases = [
+            (AuthError::HomeserverUnreachable("hs.example".into()), 502),
+            (AuthError::HomeserverBadResponse("hs.example".into()), 502),
+            (
+                AuthError::HomeserverResponseTooLarge("hs.example".into()),
+                502,
+            ),
+            (AuthError::HomeserverRedirected("hs.example".into()), 502),
+            (AuthError::HomeserverTimeout("hs.example".into()), 504),
+        ];
+        for (e, status) in cases {
+            let r = MatrixErrorResponse::from(e);
+            assert_eq!(r.status.as_u16(), status);
+            assert!(r.upstream && r.cause.is_none(), "{r:?}");
+            assert!(r.message.contains("hs.example"), "{r:?}");
+            let response = r.into_response();
+            assert!(response.extensions().get::<UpstreamFailure>().is_some());
+            assert!(response.extensions().get::<InternalCause>().is_none());
+        }
+        let refused = MatrixErrorResponse::from(AuthError::HomeserverNotAllowed("10.0.0.1".into()));
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert!(!refused.upstream);
+        let ours = MatrixErrorResponse::from(AuthError::Internal("boom".into()));
+        assert_eq!(ours.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!ours.upstream && ours.cause.is_some());
+        assert!(!ours.message.contains("boom"));
     }
 }

@@ -1,12 +1,19 @@
 //! Plumbing written once for the whole service: the outbound HTTP client factory (one CA
-//! policy), a bounded TTL cache, and exponential backoff. No module above reimplements these.
+//! policy, one redirect policy, one destination policy), the capped response body reader, a
+//! bounded TTL cache, and exponential backoff. No module above reimplements these.
 //!
 //! Imports nothing from the rest of the crate.
 
 pub mod backoff;
+pub mod body;
+pub mod destination;
 pub mod http_client;
 pub mod ttl_cache;
 
 pub use backoff::Backoff;
-pub use http_client::{ClientOptions, HttpClientError, HttpClients};
+pub use body::{read_capped, BodyError};
+pub use destination::{DestinationPolicy, RefusedDestination};
+pub use http_client::{
+    error_cause, ClientOptions, HttpClientError, HttpClients, RedirectRefused, Redirects,
+};
 pub use ttl_cache::TtlCache;

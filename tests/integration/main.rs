@@ -14,6 +14,8 @@ mod layering;
 mod harness;
 // The token service: lk-jwt-service endpoints, OpenID over federation, membership gate.
 mod tokens;
+// Outbound federation requests against hostile homeservers: caps, redirects, destinations.
+mod federation;
 // LiveKit signalling at the protocol level: the traps and hostile input.
 mod signal;
 // Deployment files: docker-compose.yml, deploy/, the example registration.

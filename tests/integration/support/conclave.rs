@@ -143,6 +143,12 @@ impl Conclave {
                 "CONCLAVE_RTC__NODE_IPS".to_owned(),
                 "[\"127.0.0.1\"]".to_owned(),
             ),
+            // Test homeservers federate on loopback, which Conclave refuses by default. A test
+            // can set it back to false through `ConclaveOptions::env` (applied after this).
+            (
+                "CONCLAVE_AUTH__ALLOW_PRIVATE_FEDERATION".to_owned(),
+                "true".to_owned(),
+            ),
             // CONCLAVE_TEST_RUST_LOG overrides the filter for diagnosis, e.g.
             // `info,conclave=debug,str0m=trace` to see every RTP packet.
             (
@@ -252,10 +258,19 @@ impl Conclave {
 
     /// Resident memory of the process in kB (from /proc).
     pub fn rss_kb(&self) -> Option<u64> {
+        self.proc_status_kb("VmRSS:")
+    }
+
+    /// Peak resident memory of the process so far in kB (`VmHWM`, from /proc).
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        self.proc_status_kb("VmHWM:")
+    }
+
+    fn proc_status_kb(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
