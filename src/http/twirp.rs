@@ -26,6 +26,7 @@ use crate::auth::jwt::Claims;
 use crate::auth::jwt::TokenSigner;
 use crate::net::SfuHandle;
 use crate::sfu::ids::{ParticipantIdentity, RoomName, TrackSid};
+use crate::sfu::limits::{self, LimitExceeded};
 use crate::sfu::registry::RoomRegistry;
 use crate::sfu::registry::{RegisteredRoom, RoomOptions};
 use crate::sfu::Command;
@@ -36,8 +37,6 @@ pub const ROOM_SERVICE: &str = "livekit.RoomService";
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest `SendData` payload, in bytes (one SCTP message towards every participant).
 const MAX_DATA_BYTES: usize = 64 * 1024;
-/// Longest room name accepted by `CreateRoom`.
-const MAX_ROOM_NAME: usize = 256;
 
 /// A Twirp error: code, HTTP status and a message for the caller.
 #[derive(Debug, thiserror::Error)]
@@ -406,11 +405,8 @@ impl Call<'_> {
                 "name is required (no surrounding spaces)".into(),
             ));
         }
-        if name.len() > MAX_ROOM_NAME {
-            return Err(TwirpError::InvalidArgument(format!(
-                "name is longer than {MAX_ROOM_NAME} bytes"
-            )));
-        }
+        limits::check_room_name(name).map_err(over_limit)?;
+        limits::check_room_metadata(&req.metadata).map_err(over_limit)?;
         let defaults = RoomOptions::default();
         let options = RoomOptions {
             empty_timeout: nonzero_secs(req.empty_timeout, defaults.empty_timeout),
@@ -461,6 +457,7 @@ impl Call<'_> {
     async fn update_room_metadata(&self) -> TwirpResult {
         let req: lk::UpdateRoomMetadataRequest = self.decode()?;
         self.require_admin(&req.room)?;
+        limits::check_room_metadata(&req.metadata).map_err(over_limit)?;
         let name = RoomName::from(req.room.as_str());
         if !self.sfu()?.set_room_metadata(&name, &req.metadata).await {
             return Err(room_not_found(&req.room));
@@ -551,7 +548,8 @@ impl Call<'_> {
         let req: lk::UpdateParticipantRequest = self.decode()?;
         self.require_admin(&req.room)?;
         let (room, identity) = ids(req.room, req.identity);
-        self.participant(&room, &identity).await?;
+        let current = self.participant(&room, &identity).await?;
+        check_update_participant(&current, &req.name, &req.metadata, &req.attributes)?;
         self.command(Command::UpdateParticipant {
             room: room.clone(),
             identity: identity.clone(),
@@ -625,6 +623,23 @@ fn ids(room: String, identity: String) -> (RoomName, ParticipantIdentity) {
     (RoomName::from(room), ParticipantIdentity::from(identity))
 }
 
+/// An over-the-limit value as LiveKit answers it: `invalid_argument`.
+fn over_limit(e: LimitExceeded) -> TwirpError {
+    TwirpError::InvalidArgument(e.to_string())
+}
+
+/// `UpdateParticipant`'s name, metadata and attributes against the limits, the participant's
+/// attributes after the update included.
+fn check_update_participant(
+    current: &lk::ParticipantInfo,
+    name: &str,
+    metadata: &str,
+    attributes: &std::collections::HashMap<String, String>,
+) -> Result<(), TwirpError> {
+    limits::check_participant_update(&current.attributes, name, metadata, attributes)
+        .map_err(over_limit)
+}
+
 fn room_not_found(room: &str) -> TwirpError {
     TwirpError::NotFound(format!("requested room {room:?} does not exist"))
 }
@@ -691,6 +706,35 @@ mod tests {
             Encoding::Json.decode::<lk::CreateRoomRequest>(b"nope"),
             Err(TwirpError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn values_over_the_limits_are_invalid_arguments() {
+        let mib = "x".repeat(1024 * 1024);
+        let current = lk::ParticipantInfo {
+            attributes: [("a".to_owned(), "v".repeat(40_000))].into(),
+            ..Default::default()
+        };
+        let none = std::collections::HashMap::new();
+        let big = [("k".to_owned(), mib.clone())].into();
+        let adds_up = [("b".to_owned(), "v".repeat(30_000))].into();
+        for (name, metadata, attributes, what) in [
+            ("", mib.as_str(), &none, "metadata"),
+            (mib.as_str(), "", &none, "name"),
+            ("", "", &big, "attributes"),
+            ("", "", &adds_up, "attributes"),
+        ] {
+            let e = check_update_participant(&current, name, metadata, attributes).expect_err(what);
+            assert_eq!(e.code(), "invalid_argument");
+            assert_eq!(e.status().as_u16(), 400);
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        assert!(check_update_participant(&current, "Bob", "meta", &none).is_ok());
+        let e = limits::check_room_metadata(&mib)
+            .map_err(over_limit)
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_argument");
+        assert!(e.to_string().contains("room metadata"), "{e}");
     }
 
     #[test]

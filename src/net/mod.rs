@@ -2,31 +2,40 @@
 //! IP), feeds it datagrams, commands and timeouts, and carries out what it outputs.
 //!
 //! Sends never wait: a datagram the kernel will not take now is dropped (counted), so a slow or
-//! dead peer cannot block the others. Sessions get their signal messages through bounded
-//! channels; a session that does not keep up is disconnected (policy of [`SfuHandle`]).
+//! dead peer cannot block the others. Sessions get their signal messages through queues bounded
+//! by messages and bytes ([`queue`]); a session that does not keep up is disconnected with
+//! [`QUEUE_FULL_REASON`], never waited for.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod batch;
+pub mod queue;
 
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::registry::{RoomOptions, RoomRegistry};
 use crate::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
 use livekit_protocol::DisconnectReason;
+pub use queue::{session_queue, Refused, SignalQueue, SignalSink};
 
 /// Capacity of the command queue into the loop.
 const COMMAND_QUEUE: usize = 4096;
-/// Capacity of each session's outgoing signal queue.
-pub const SESSION_QUEUE: usize = 1024;
+/// How long a session that ends waits for the loop to take its disconnect (see
+/// [`SfuHandle::hang_up`]).
+const HANG_UP_WAIT: Duration = Duration::from_secs(5);
+/// Why a session whose signal queue is full is disconnected: it did not take its messages in
+/// time. LiveKit has no reason of its own for this; `CONNECTION_TIMEOUT` is what a client that
+/// stops answering gets too, and it keeps a full queue apart from a closed signal connection
+/// (`SIGNAL_CLOSE`) in webhooks (docs/decisions.md).
+pub const QUEUE_FULL_REASON: DisconnectReason = DisconnectReason::ConnectionTimeout;
 
 /// A network failure at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +59,7 @@ pub enum LoopRequest {
         /// The session.
         session: SessionId,
         /// Where its signal messages go.
-        sink: mpsc::Sender<SignalOut>,
+        sink: SignalSink,
         /// The join.
         join: Join,
     },
@@ -117,6 +126,8 @@ pub struct NetStats {
     pub rejected_by_peer: AtomicU64,
     /// Datagrams the kernel would not take at once (dropped, never waited for).
     pub dropped_sends: AtomicU64,
+    /// Sessions disconnected because their signal queue was full.
+    pub signal_queue_full: AtomicU64,
 }
 
 impl NetStats {
@@ -147,6 +158,11 @@ impl NetStats {
                 "conclave_media_send_dropped_total",
                 "Datagrams not sent because the socket was full.",
                 &self.dropped_sends,
+            ),
+            (
+                "conclave_signal_queue_full_total",
+                "Signalling sessions disconnected because they did not take their messages in time.",
+                &self.signal_queue_full,
             ),
         ];
         let mut out = String::new();
@@ -209,9 +225,36 @@ impl SfuHandle {
         self.command(Command::Disconnect { session, reason }).await
     }
 
+    /// Ends `session` for `reason` and waits (at most a few seconds) until the loop has taken
+    /// the disconnect and let go of the session's queue: until then `queue` stays open and is
+    /// emptied, so a message the loop sends meanwhile neither finds a closed session (which
+    /// would count as a vanished session, `SIGNAL_CLOSE`) nor a full queue, and the reason the
+    /// others and the webhooks get is `reason`.
+    pub async fn hang_up(
+        &self,
+        session: SessionId,
+        reason: DisconnectReason,
+        mut queue: SignalQueue,
+    ) {
+        if !self.disconnect(session, reason).await {
+            return;
+        }
+        let drained = tokio::time::timeout(HANG_UP_WAIT, async {
+            while let Some(out) = queue.recv().await {
+                if matches!(out, SignalOut::Close) {
+                    break;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(%session, "the SFU loop did not take the disconnect in time");
+        }
+    }
+
     /// Registers `session`'s signal queue and joins it; false if the loop is gone. A refused
     /// join (room full) drops `sink`.
-    pub async fn open(&self, sink: mpsc::Sender<SignalOut>, join: Join) -> bool {
+    pub async fn open(&self, sink: SignalSink, join: Join) -> bool {
         let session = join.session;
         self.send(LoopRequest::Open {
             session,
@@ -376,7 +419,7 @@ pub fn start(
 struct Loop {
     sfu: Sfu,
     sockets: Vec<(SocketAddr, UdpSocket)>,
-    sinks: HashMap<SessionId, mpsc::Sender<SignalOut>>,
+    sinks: HashMap<SessionId, SignalSink>,
     registry: Arc<RoomRegistry>,
     events: broadcast::Sender<SfuEvent>,
     dropped_sends: u64,
@@ -417,10 +460,39 @@ impl Loop {
         }
     }
 
-    /// Carries out every pending output; returns the next timeout.
+    /// Carries out every pending output; returns the next timeout. Sessions whose queue was
+    /// full or closed are disconnected, and what that outputs is carried out too.
     fn drain(&mut self) -> Instant {
+        loop {
+            let (next, gone) = self.drain_outputs();
+            if gone.is_empty() {
+                return next;
+            }
+            for (session, refused) in gone {
+                let reason = match refused {
+                    Refused::Full => {
+                        tracing::warn!(%session, "session queue full; disconnecting it");
+                        self.stats.signal_queue_full.fetch_add(1, Ordering::Relaxed);
+                        QUEUE_FULL_REASON
+                    }
+                    // Its task ended without a disconnect of its own (failed upgrade, panic):
+                    // the signal connection is gone.
+                    Refused::Closed => {
+                        tracing::info!(%session, "session gone without a word; disconnecting it");
+                        DisconnectReason::SignalClose
+                    }
+                };
+                self.sfu
+                    .handle_command(Instant::now(), Command::Disconnect { session, reason });
+            }
+        }
+    }
+
+    /// Carries out the pending outputs; returns the next timeout and the sessions whose queue
+    /// refused a message (their sinks are dropped).
+    fn drain_outputs(&mut self) -> (Instant, Vec<(SessionId, Refused)>) {
         self.publish_rooms();
-        let mut overloaded = Vec::new();
+        let mut gone = Vec::new();
         loop {
             match self.sfu.poll_output() {
                 Output::Timeout(t) => {
@@ -439,18 +511,7 @@ impl Loop {
                     self.stats
                         .dropped_sends
                         .store(self.dropped_sends, Ordering::Relaxed);
-                    for s in overloaded {
-                        tracing::warn!(session = %s, "session queue full; disconnecting it");
-                        self.sinks.remove(&s);
-                        self.sfu.handle_command(
-                            Instant::now(),
-                            Command::Disconnect {
-                                session: s,
-                                reason: DisconnectReason::SignalClose,
-                            },
-                        );
-                    }
-                    return t;
+                    return (t, gone);
                 }
                 Output::Transmit(t) => {
                     // Queued per socket; flushed in batches when the drain is over.
@@ -465,13 +526,16 @@ impl Loop {
                 }
                 Output::Signal(session, out) => {
                     let close = matches!(out, SignalOut::Close);
-                    if let Some(sink) = self.sinks.get(&session) {
-                        if sink.try_send(out).is_err() && !close {
-                            overloaded.push(session);
-                        }
-                    }
+                    let refused = match self.sinks.get(&session) {
+                        Some(sink) => sink.offer(out).err(),
+                        None => None,
+                    };
                     if close {
+                        // Dropping the sink ends the session's queue after what it holds.
                         self.sinks.remove(&session);
+                    } else if let Some(refused) = refused {
+                        self.sinks.remove(&session);
+                        gone.push((session, refused));
                     }
                 }
                 Output::Event(e) => {
@@ -601,4 +665,152 @@ async fn recv_any(
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livekit_protocol as lk;
+    use lk::signal_request::Message as Req;
+    use lk::signal_response::Message as Msg;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn loop_on_loopback() -> SfuHandle {
+        start(
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            0,
+            Arc::new(RoomRegistry::default()),
+        )
+        .expect("bind a loopback port")
+    }
+
+    fn join(session: SessionId, identity: &str) -> Join {
+        Join {
+            session,
+            room: "room".into(),
+            identity: identity.into(),
+            name: identity.into(),
+            metadata: String::new(),
+            permission: livekit_protocol::ParticipantPermission {
+                can_subscribe: true,
+                can_publish: true,
+                can_publish_data: true,
+                can_update_metadata: true,
+                ..Default::default()
+            },
+            auto_subscribe: true,
+            client_protocol: 17,
+        }
+    }
+
+    /// Opens a session and reads its join response.
+    async fn open(sfu: &SfuHandle, identity: &str) -> (SessionId, SignalQueue) {
+        let session = sfu.new_session();
+        let (sink, mut queue) = session_queue();
+        assert!(sfu.open(sink, join(session, identity)).await);
+        let first = tokio::time::timeout(WAIT, queue.recv())
+            .await
+            .expect("join");
+        assert!(
+            matches!(&first, Some(SignalOut::Message(m)) if matches!(**m, Msg::Join(_))),
+            "{first:?}"
+        );
+        (session, queue)
+    }
+
+    /// Reads a queue to its end in the background.
+    fn read_all(mut queue: SignalQueue) {
+        tokio::spawn(async move { while queue.recv().await.is_some() {} });
+    }
+
+    async fn update(sfu: &SfuHandle, session: SessionId, metadata: String) {
+        let message = Box::new(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
+            metadata,
+            ..Default::default()
+        }));
+        assert!(sfu.command(Command::Request { session, message }).await);
+    }
+
+    /// The reason `who` left with.
+    async fn left(events: &mut broadcast::Receiver<SfuEvent>, who: &str) -> DisconnectReason {
+        loop {
+            let event = tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("in time")
+                .expect("events");
+            if let SfuEvent::ParticipantLeft {
+                identity, reason, ..
+            } = event
+            {
+                if identity.as_str() == who {
+                    return reason;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_reads_is_disconnected_within_the_byte_bound() {
+        let sfu = loop_on_loopback();
+        let mut events = sfu.subscribe_events();
+        // The observer's queue is never read, not even its join response.
+        let observer = sfu.new_session();
+        let (sink, mut observer_queue) = session_queue();
+        assert!(sfu.open(sink, join(observer, "observer")).await);
+        let (talker, talker_queue) = open(&sfu, "talker").await;
+        read_all(talker_queue);
+        // 200 updates of 60 kB (within the limits) would be 12 MB for the observer.
+        for i in 0..200 {
+            update(&sfu, talker, format!("{i:05}{}", "m".repeat(60_000))).await;
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            let queued = observer_queue.queued_bytes();
+            assert!(
+                queued <= queue::SESSION_QUEUE_BYTES,
+                "{queued} bytes queued"
+            );
+        }
+        assert_eq!(left(&mut events, "observer").await, QUEUE_FULL_REASON);
+        assert!(observer_queue.queued_bytes() <= queue::SESSION_QUEUE_BYTES);
+        // Its backlog is dropped at once, and the others stay.
+        assert!(observer_queue.recv().await.is_none());
+        assert_eq!(sfu.stats.signal_queue_full.load(Ordering::Relaxed), 1);
+        assert!(sfu
+            .participant(&"room".into(), &"talker".into())
+            .await
+            .is_some());
+        assert!(sfu
+            .participant(&"room".into(), &"observer".into())
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn hang_ups_keep_their_reason_and_a_vanished_session_is_no_full_queue() {
+        let sfu = loop_on_loopback();
+        let mut events = sfu.subscribe_events();
+        let (alice, alice_queue) = open(&sfu, "alice").await;
+        read_all(alice_queue);
+        let (bob, bob_queue) = open(&sfu, "bob").await;
+        let (_carol, carol_queue) = open(&sfu, "carol").await;
+        // alice's update is queued before bob's leave: the loop sends it to bob while bob hangs
+        // up (the race that made ~1 % of hang-ups `SIGNAL_CLOSE`).
+        update(&sfu, alice, "hello".into()).await;
+        sfu.hang_up(bob, DisconnectReason::ClientInitiated, bob_queue)
+            .await;
+        assert_eq!(
+            left(&mut events, "bob").await,
+            DisconnectReason::ClientInitiated
+        );
+        // A session whose task vanished without a word: a closed signal connection.
+        drop(carol_queue);
+        update(&sfu, alice, "again".into()).await;
+        assert_eq!(
+            left(&mut events, "carol").await,
+            DisconnectReason::SignalClose
+        );
+        assert_eq!(sfu.stats.signal_queue_full.load(Ordering::Relaxed), 0);
+    }
 }

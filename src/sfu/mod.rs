@@ -16,6 +16,7 @@
 
 mod engine;
 pub mod ids;
+pub mod limits;
 pub mod registry;
 pub mod rewrite;
 pub mod simulcast;

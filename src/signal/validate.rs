@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::SignalState;
 use crate::auth::jwt::Claims;
+use crate::sfu::limits;
 
 /// The text LiveKit clients look for to stop retrying.
 pub const ROOM_DOES_NOT_EXIST: &str = "requested room does not exist";
@@ -77,6 +78,15 @@ pub fn check_connect(
     if claims.sub.is_empty() {
         return Err(refuse(StatusCode::UNAUTHORIZED, "token has no identity"));
     }
+    // LiveKit checks identity and room name here (400); name and metadata too, so that every
+    // participant's info is within the limits from its join on.
+    limits::check_join(
+        &claims.sub,
+        &claims.video.room,
+        &claims.name,
+        &claims.metadata,
+    )
+    .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("token {e}")))?;
     if !create && !state.rooms.exists(&claims.video.room, now) {
         return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
     }

@@ -3,11 +3,22 @@
 //! Everything is checked and the participant joined *before* the upgrade; the first frame
 //! after it is the `join` response. Binary frames carry protobuf `SignalRequest`s; text frames
 //! protojson, answered in kind. Pings are answered here; everything else goes to the SFU loop.
+//!
+//! A client must keep up: an incoming message may be at most [`MAX_MESSAGE_BYTES`], a frame
+//! that the client does not take within [`SEND_TIMEOUT`] ends the session, and so does a full
+//! signal queue (the loop's side, [`crate::net::queue`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::validate::check_connect;
+use super::SignalState;
+use crate::auth::jwt::Claims;
+use crate::net::{session_queue, SfuHandle, SignalQueue, QUEUE_FULL_REASON};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::registry::RoomOptions;
+use crate::sfu::{Command, Join, SessionId, SignalOut};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -17,15 +28,6 @@ use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
 use lk::signal_response::Message as Msg;
 use prost::Message as _;
-use tokio::sync::mpsc;
-
-use super::validate::check_connect;
-use super::SignalState;
-use crate::auth::jwt::Claims;
-use crate::net::{SfuHandle, SESSION_QUEUE};
-use crate::sfu::ids::{ParticipantIdentity, RoomName};
-use crate::sfu::registry::RoomOptions;
-use crate::sfu::{Command, Join, SessionId, SignalOut};
 
 /// How long the SFU may take to produce the join response.
 const JOIN_WAIT: Duration = Duration::from_secs(4);
@@ -35,6 +37,14 @@ const WS_PING_EVERY: Duration = Duration::from_secs(10);
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
 /// Undecodable frames tolerated before the session is closed.
 const MAX_BAD_FRAMES: u32 = 50;
+/// Largest incoming WebSocket message (and frame), in bytes: far above any legitimate request
+/// (an SDP offer, or a metadata update at the limits of [`crate::sfu::limits`], about 130 kB),
+/// far below tungstenite's 64 MiB default. A larger one ends the session.
+pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// How long one frame may take to go out: a client that does not take it in that time is
+/// disconnected ([`QUEUE_FULL_REASON`]). The join response's `ping_timeout` (15 s): a client
+/// that gets nothing for that long takes the server for dead anyway.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn text(status: StatusCode, body: &str) -> Response {
     (status, body.to_owned()).into_response()
@@ -89,6 +99,9 @@ pub async fn get_rtc(
         // LiveKit answers a non-upgrade request to /rtc with 404.
         return text(StatusCode::NOT_FOUND, "WebSocket upgrade required");
     };
+    let ws = ws
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES);
     let sfu = state.sfu.clone();
     let claims = match check_connect(
         &state,
@@ -115,17 +128,12 @@ pub async fn get_rtc(
                 action: lk::leave_request::Action::Reconnect as i32,
                 regions: None,
             });
-            let _ = socket.send(encode(&leave, false)).await;
-            let _ = socket
-                .send(WsMessage::Close(Some(CloseFrame {
-                    code: 1000,
-                    reason: "".into(),
-                })))
-                .await;
+            let _ = send(&mut socket, encode(&leave, false)).await;
+            let _ = send(&mut socket, close_frame()).await;
         });
     }
     let session = sfu.new_session();
-    let (sink, mut events) = mpsc::channel(SESSION_QUEUE);
+    let (sink, mut events) = session_queue();
     let client_protocol = query
         .get("client_protocol")
         .and_then(|v| v.parse().ok())
@@ -147,8 +155,7 @@ pub async fn get_rtc(
         Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Join(_)) => m,
         other => {
             tracing::warn!(%session, ?other, "join did not complete");
-            let _ = sfu
-                .disconnect(session, lk::DisconnectReason::JoinFailure)
+            sfu.hang_up(session, lk::DisconnectReason::JoinFailure, events)
                 .await;
             return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
         }
@@ -159,6 +166,27 @@ pub async fn get_rtc(
         let fut = run_session(state, sfu, socket, session, claims, *first, events);
         tracing::Instrument::instrument(fut, span)
     })
+}
+
+fn close_frame() -> WsMessage {
+    WsMessage::Close(Some(CloseFrame {
+        code: 1000,
+        reason: "".into(),
+    }))
+}
+
+/// Writes one frame, waiting at most [`SEND_TIMEOUT`]; the error is why the session ends
+/// (`SIGNAL_CLOSE` when the socket failed, [`QUEUE_FULL_REASON`] when the client did not take
+/// the frame in time).
+async fn send(socket: &mut WebSocket, frame: WsMessage) -> Result<(), lk::DisconnectReason> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(lk::DisconnectReason::SignalClose),
+        Err(_) => {
+            tracing::info!("client did not take a frame in time; closing its session");
+            Err(QUEUE_FULL_REASON)
+        }
+    }
 }
 
 fn encode(m: &Msg, json: bool) -> WsMessage {
@@ -195,17 +223,18 @@ async fn run_session(
     session: SessionId,
     claims: Claims,
     first: Msg,
-    mut events: mpsc::Receiver<SignalOut>,
+    mut events: SignalQueue,
 ) {
     let mut json = false;
-    if socket.send(encode(&first, json)).await.is_err() {
-        let _ = sfu
-            .disconnect(session, lk::DisconnectReason::SignalClose)
-            .await;
+    if let Err(reason) = send(&mut socket, encode(&first, json)).await {
+        sfu.hang_up(session, reason, events).await;
         return;
     }
     if let Some(t) = refresh_token(&state, &claims) {
-        let _ = socket.send(encode(&Msg::RefreshToken(t), json)).await;
+        if let Err(reason) = send(&mut socket, encode(&Msg::RefreshToken(t), json)).await {
+            sfu.hang_up(session, reason, events).await;
+            return;
+        }
     }
     let mut ws_ping = tokio::time::interval(WS_PING_EVERY);
     ws_ping.tick().await;
@@ -244,14 +273,21 @@ async fn run_session(
                 match message {
                     Req::Ping(ts) => {
                         let _ = ts;
-                        let _ = socket.send(encode(&Msg::Pong(crate::clock::unix_millis()), json)).await;
+                        let pong = Msg::Pong(crate::clock::unix_millis());
+                        if let Err(r) = send(&mut socket, encode(&pong, json)).await {
+                            reason = r;
+                            break;
+                        }
                     }
                     Req::PingReq(p) => {
                         let pong = Msg::PongResp(lk::Pong {
                             last_ping_timestamp: p.timestamp,
                             timestamp: crate::clock::unix_millis(),
                         });
-                        let _ = socket.send(encode(&pong, json)).await;
+                        if let Err(r) = send(&mut socket, encode(&pong, json)).await {
+                            reason = r;
+                            break;
+                        }
                     }
                     Req::Leave(_) => {
                         reason = lk::DisconnectReason::ClientInitiated;
@@ -267,7 +303,8 @@ async fn run_session(
             }
             out = events.recv() => match out {
                 Some(SignalOut::Message(m)) => {
-                    if socket.send(encode(&m, json)).await.is_err() {
+                    if let Err(r) = send(&mut socket, encode(&m, json)).await {
+                        reason = r;
                         break;
                     }
                 }
@@ -277,13 +314,17 @@ async fn run_session(
                 }
             },
             _ = ws_ping.tick() => {
-                if socket.send(WsMessage::Ping(Vec::new().into())).await.is_err() {
+                if let Err(r) = send(&mut socket, WsMessage::Ping(Vec::new().into())).await {
+                    reason = r;
                     break;
                 }
             }
             _ = refresh.tick() => {
                 if let Some(t) = refresh_token(&state, &claims) {
-                    let _ = socket.send(encode(&Msg::RefreshToken(t), json)).await;
+                    if let Err(r) = send(&mut socket, encode(&Msg::RefreshToken(t), json)).await {
+                        reason = r;
+                        break;
+                    }
                 }
             }
             () = silence => {
@@ -295,25 +336,23 @@ async fn run_session(
                     action: lk::leave_request::Action::Disconnect as i32,
                     regions: None,
                 });
-                let _ = socket.send(encode(&leave, json)).await;
+                let _ = send(&mut socket, encode(&leave, json)).await;
                 break;
             }
         }
     }
     if !closed_by_server {
-        let _ = sfu.disconnect(session, reason).await;
+        // Others and webhooks learn `reason`; the queue stays open until the loop took it.
+        sfu.hang_up(session, reason, events).await;
     } else {
         // Flush what the SFU queued before closing (the leave message).
-        while let Ok(SignalOut::Message(m)) = events.try_recv() {
-            let _ = socket.send(encode(&m, json)).await;
+        while let Some(SignalOut::Message(m)) = events.try_recv() {
+            if send(&mut socket, encode(&m, json)).await.is_err() {
+                break;
+            }
         }
     }
-    let _ = socket
-        .send(WsMessage::Close(Some(CloseFrame {
-            code: 1000,
-            reason: "".into(),
-        })))
-        .await;
+    let _ = send(&mut socket, close_frame()).await;
 }
 
 /// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.

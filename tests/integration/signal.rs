@@ -320,6 +320,34 @@ async fn bad_tokens_are_refused_before_the_upgrade() {
         .unwrap();
     assert_eq!(refused.status, 404);
     assert_eq!(refused.body, "requested room does not exist");
+    // Over the limits (identity or room name longer than 256 bytes, metadata over 64 000):
+    // 400 before the upgrade, the limit named.
+    let long = "x".repeat(300);
+    let fat = sign(
+        json!({"iss": key, "sub": "a", "nbf": now, "exp": now + 60, "video": video,
+               "metadata": "m".repeat(70_000)}),
+        &secret,
+    );
+    for (what, token) in [
+        ("identity", c.token("r", &long, json!({}))),
+        ("room name", c.token(&long, "a", json!({}))),
+    ] {
+        let refused = WsClient::connect(&c.ws_url(), &token, "")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.status, 400, "{what}: {}", refused.body);
+        assert!(refused.body.contains(what), "{what}: {}", refused.body);
+    }
+    // (Too long for a URL: in the header, at validate, which makes the same checks.)
+    let r = reqwest::Client::new()
+        .get(format!("{}/rtc/validate", c.url))
+        .bearer_auth(fat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("metadata"));
     // Bearer header works like the query parameter (rust/python SDKs use it).
     let r = reqwest::Client::new()
         .get(format!("{}/rtc/validate", c.url))
@@ -563,4 +591,77 @@ async fn trap_room_names_with_plus_and_slash_round_trip() {
     let j = expect_join(&mut a).await.unwrap();
     assert_eq!(j.room.unwrap().name, room);
     assert_eq!(j.participant.unwrap().identity, identity);
+}
+
+/// Limits: a 1 MiB metadata update is refused with `LIMIT_EXCEEDED` and nobody else ever sees
+/// it; a client's leave reaches the others as `CLIENT_INITIATED`.
+#[tokio::test]
+async fn oversized_updates_are_refused_and_a_leave_is_client_initiated() {
+    let c = sfu().await;
+    let mut a = WsClient::connect(
+        &c.ws_url(),
+        &c.token("r", "alice", json!({"canUpdateOwnMetadata": true})),
+        "",
+    )
+    .await
+    .unwrap();
+    let alice_sid = expect_join(&mut a).await.unwrap().participant.unwrap().sid;
+    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
+        .await
+        .unwrap();
+    expect_join(&mut b).await.unwrap();
+
+    a.send(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
+        metadata: "x".repeat(1024 * 1024),
+        request_id: 42,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let seen = a
+        .recv_until(
+            T,
+            |m| matches!(m, Msg::RequestResponse(r) if r.request_id == 42),
+        )
+        .await
+        .unwrap();
+    let Some(Msg::RequestResponse(r)) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(
+        r.reason,
+        lk::request_response::Reason::LimitExceeded as i32,
+        "{r:?}"
+    );
+    assert!(r.message.contains("metadata"), "{r:?}");
+    // A small update after it goes through; bob sees that one and nothing large before it.
+    a.send(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
+        metadata: "small".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let seen = b
+        .recv_until(T, |m| {
+            matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.sid == alice_sid && p.metadata == "small"))
+        })
+        .await
+        .unwrap();
+    assert!(
+        seen.iter().all(|m| m.encoded_len() < 10_000),
+        "bob got a large message"
+    );
+
+    // alice leaves: bob sees her go as CLIENT_INITIATED.
+    a.send(Req::Leave(lk::LeaveRequest::default()))
+        .await
+        .unwrap();
+    b.recv_until(T, |m| {
+        matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.sid == alice_sid
+            && p.state == lk::participant_info::State::Disconnected as i32
+            && p.disconnect_reason == lk::DisconnectReason::ClientInitiated as i32))
+    })
+    .await
+    .unwrap();
+    assert!(a.closed_within(T).await, "alice's socket was closed");
 }

@@ -540,6 +540,44 @@ async fn twirp_wire_format_errors_and_signalled_updates() {
         .await
         .unwrap();
 
+    // Over the limits (64 000 bytes of metadata or attributes, 256 of name): invalid_argument,
+    // nothing changes.
+    let big = "x".repeat(100_000);
+    for (method, body) in [
+        (
+            "UpdateParticipant",
+            json!({"room": "j", "identity": "bob", "metadata": big}),
+        ),
+        (
+            "UpdateParticipant",
+            json!({"room": "j", "identity": "bob", "name": "n".repeat(300)}),
+        ),
+        (
+            "UpdateParticipant",
+            json!({"room": "j", "identity": "bob", "attributes": {"k": big}}),
+        ),
+        ("UpdateRoomMetadata", json!({"room": "j", "metadata": big})),
+    ] {
+        let (s, e) = json_call(&c, method, body, &admin).await;
+        assert_eq!(
+            (s, e["code"].as_str()),
+            (400, Some("invalid_argument")),
+            "{method}: {e}"
+        );
+    }
+    let (s, p) = json_call(
+        &c,
+        "GetParticipant",
+        json!({"room": "j", "identity": "bob"}),
+        &admin,
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(
+        (p["name"].as_str(), p["metadata"].as_str()),
+        (Some("Bob B."), Some("m"))
+    );
+
     // Server mute of a track announced by add_track: the publisher is told, bob sees it.
     alice
         .send(Req::AddTrack(lk::AddTrackRequest {

@@ -140,6 +140,12 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
+        // The RoomService checks first (and answers `invalid_argument`); this holds the line
+        // for every other caller and for a race with the participant's own update.
+        if let Err(e) = p.check_update(&name, &metadata, &attributes) {
+            tracing::warn!(%room, %identity, error = %e, "server update over the limits ignored");
+            return;
+        }
         p.update(metadata, name, attributes);
         if let Some(permission) = permission {
             p.auto_subscribe = p.auto_subscribe && permission.can_subscribe;
@@ -282,6 +288,35 @@ mod tests {
                 "{to} told: {msgs:?}"
             );
         }
+
+        // Over the limits: ignored whole (the RoomService refuses it first), nobody is told.
+        for (metadata, name, attributes) in [
+            ("m".repeat(64_001), String::new(), HashMap::new()),
+            (String::new(), "n".repeat(257), HashMap::new()),
+            (
+                String::new(),
+                String::new(),
+                HashMap::from([("k".to_owned(), "v".repeat(64_000))]),
+            ),
+        ] {
+            s.handle_command(
+                now,
+                Command::UpdateParticipant {
+                    room: "room".into(),
+                    identity: "bob".into(),
+                    metadata,
+                    name,
+                    attributes,
+                    permission: Some(lk::ParticipantPermission::default()),
+                },
+            );
+            assert!(drain(&mut s).is_empty());
+        }
+        let bob = s
+            .participant_info(&"room".into(), &"bob".into())
+            .expect("bob");
+        assert_eq!((bob.metadata.as_str(), bob.name.as_str()), ("meta", "Bob"));
+        assert!(bob.permission.is_some_and(|p| p.can_publish));
 
         // Room update reaches everyone with the live fields filled in.
         s.handle_command(

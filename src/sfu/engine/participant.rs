@@ -14,6 +14,7 @@ use super::downtrack::DownTrack;
 use super::track::Track;
 use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DEADLINE};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
+use crate::sfu::limits::{self, LimitExceeded};
 
 /// Which of a participant's two peer connections (v0 signalling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,8 +172,19 @@ impl Participant {
         hit
     }
 
+    /// Whether an update of its name, metadata and attributes stays within the limits
+    /// ([`crate::sfu::limits`]), its attributes after the update included.
+    pub(super) fn check_update(
+        &self,
+        name: &str,
+        metadata: &str,
+        attributes: &HashMap<String, String>,
+    ) -> Result<(), LimitExceeded> {
+        limits::check_participant_update(&self.info.attributes, name, metadata, attributes)
+    }
+
     /// Applies a metadata update: empty strings keep a field, an empty attribute value
-    /// deletes the attribute.
+    /// deletes the attribute. The caller checked it ([`Participant::check_update`]).
     pub(super) fn update(
         &mut self,
         metadata: String,

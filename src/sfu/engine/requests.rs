@@ -176,6 +176,20 @@ impl Sfu {
             );
             return;
         }
+        if let Err(e) = p.check_update(&u.name, &u.metadata, &u.attributes) {
+            // Refused whole, like LiveKit; the oversized request is not echoed back.
+            tracing::info!(%session, error = %e, "metadata update over the limits refused");
+            self.signal(
+                session,
+                Msg::RequestResponse(lk::RequestResponse {
+                    request_id: u.request_id,
+                    reason: lk::request_response::Reason::LimitExceeded as i32,
+                    message: e.to_string(),
+                    ..Default::default()
+                }),
+            );
+            return;
+        }
         p.update(u.metadata, u.name, u.attributes);
         self.broadcast_participant(session);
         // The Rust SDK waits for this acknowledgement (JS waits for the echoed update).

@@ -297,6 +297,106 @@ fn publishing_without_permission_is_refused() {
         .any(|(_, m)| matches!(m, Msg::RequestResponse(r) if r.reason == lk::request_response::Reason::NotAllowed as i32)));
 }
 
+/// The limits (`sfu::limits`): a 1 MiB metadata, name or attributes update is refused with
+/// `LIMIT_EXCEEDED`, changes nothing and reaches nobody else; one at the limit goes through.
+#[test]
+fn updates_over_the_limits_are_refused_and_reach_nobody() {
+    use lk::signal_request::Message as Req;
+    let now = Instant::now();
+    let mut s = sfu(now);
+    join(&mut s, now, 1, "alice");
+    join(&mut s, now, 2, "bob");
+    drain(&mut s);
+    let mib = "x".repeat(1024 * 1024);
+    let cases = [
+        (
+            "metadata",
+            lk::UpdateParticipantMetadata {
+                metadata: mib.clone(),
+                request_id: 7,
+                ..Default::default()
+            },
+        ),
+        (
+            "name",
+            lk::UpdateParticipantMetadata {
+                name: mib.clone(),
+                request_id: 8,
+                ..Default::default()
+            },
+        ),
+        (
+            "attributes",
+            lk::UpdateParticipantMetadata {
+                attributes: HashMap::from([("k".to_owned(), mib.clone())]),
+                request_id: 9,
+                ..Default::default()
+            },
+        ),
+        (
+            "name",
+            lk::UpdateParticipantMetadata {
+                name: "n".repeat(257),
+                metadata: "small".into(),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (what, u) in cases {
+        let id = u.request_id;
+        request(&mut s, now, 1, Req::UpdateMetadata(u));
+        let (msgs, _, _) = drain(&mut s);
+        assert!(
+            msgs.iter().any(|(to, m)| *to == 1
+                && matches!(m, Msg::RequestResponse(r) if r.request_id == id
+                    && r.reason == lk::request_response::Reason::LimitExceeded as i32
+                    && r.message.contains(what))),
+            "{what}: alice is told: {msgs:?}"
+        );
+        assert!(
+            !msgs.iter().any(|(to, _)| *to == 2),
+            "{what}: bob hears nothing"
+        );
+        assert!(
+            msgs.iter().all(|(_, m)| m.encoded_len() < 1024),
+            "{what}: nothing big is sent back"
+        );
+    }
+    let alice = s
+        .participant_info(&"room".into(), &"alice".into())
+        .expect("alice");
+    assert!(alice.metadata.is_empty() && alice.name == "alice" && alice.attributes.is_empty());
+
+    // At the limits: accepted, acknowledged and sent to everyone.
+    request(
+        &mut s,
+        now,
+        1,
+        Req::UpdateMetadata(lk::UpdateParticipantMetadata {
+            metadata: "m".repeat(crate::sfu::limits::MAX_METADATA_BYTES),
+            name: "n".repeat(crate::sfu::limits::MAX_PARTICIPANT_NAME_BYTES),
+            request_id: 10,
+            ..Default::default()
+        }),
+    );
+    let (msgs, _, _) = drain(&mut s);
+    assert!(msgs.iter().any(|(to, m)| *to == 1
+        && matches!(m, Msg::RequestResponse(r) if r.request_id == 10
+            && r.reason == lk::request_response::Reason::Ok as i32)));
+    assert!(msgs.iter().any(|(to, m)| *to == 2
+        && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.metadata.len() == 64_000))));
+
+    // A late joiner's join response stays proportionate.
+    join(&mut s, now, 3, "carol");
+    let (msgs, _, _) = drain(&mut s);
+    let join_len = msgs
+        .iter()
+        .find(|(to, m)| *to == 3 && matches!(m, Msg::Join(_)))
+        .map(|(_, m)| m.encoded_len())
+        .expect("carol's join");
+    assert!(join_len < 70_000, "join response of {join_len} bytes");
+}
+
 #[test]
 fn add_track_flood_is_bounded() {
     let now = Instant::now();
