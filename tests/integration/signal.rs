@@ -160,11 +160,8 @@ async fn trap_refresh_token_is_sent_and_outlives_the_original() {
     assert_eq!(r.status(), 200);
 }
 
-/// Traps: `track_published` with another cid; `TrackInfo.encryption` not echoed;
-/// non-increasing versions; partial track lists.
-#[tokio::test]
-async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
-    let c = sfu().await;
+/// alice (who may update her metadata) and bob joined to room `r`; alice's SID.
+async fn alice_and_bob(c: &Conclave) -> (WsClient, String, WsClient) {
     let mut a = WsClient::connect(
         &c.ws_url(),
         &c.token("r", "alice", json!({"canUpdateOwnMetadata": true})),
@@ -177,6 +174,15 @@ async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
         .await
         .unwrap();
     expect_join(&mut b).await.unwrap();
+    (a, alice_sid, b)
+}
+
+/// Traps: `track_published` with another cid; `TrackInfo.encryption` not echoed;
+/// non-increasing versions; partial track lists.
+#[tokio::test]
+async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
+    let c = sfu().await;
+    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
 
     a.send(add_track("local-cid-1", lk::encryption::Type::Gcm))
         .await
@@ -598,18 +604,7 @@ async fn trap_room_names_with_plus_and_slash_round_trip() {
 #[tokio::test]
 async fn oversized_updates_are_refused_and_a_leave_is_client_initiated() {
     let c = sfu().await;
-    let mut a = WsClient::connect(
-        &c.ws_url(),
-        &c.token("r", "alice", json!({"canUpdateOwnMetadata": true})),
-        "",
-    )
-    .await
-    .unwrap();
-    let alice_sid = expect_join(&mut a).await.unwrap().participant.unwrap().sid;
-    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
-        .await
-        .unwrap();
-    expect_join(&mut b).await.unwrap();
+    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
 
     a.send(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
         metadata: "x".repeat(1024 * 1024),
