@@ -214,6 +214,19 @@ pub struct AuthConfig {
     /// call membership), which can arrive over federation a moment after their client asks
     /// for a token. Default 3000; 0 refuses at once.
     pub membership_wait_ms: u64,
+    /// Token requests (`/sfu/get`, `/get_token`, `/delegate_delayed_leave`) naming one
+    /// homeserver (`openid_token.matrix_server_name`) allowed per second on average, counted
+    /// before the OpenID lookup on that server, so no caller can flood a homeserver (or this
+    /// one) with lookups. Over it: 429 `M_LIMIT_EXCEEDED` with `Retry-After`. Default 50; 0
+    /// turns the limit off.
+    pub homeserver_rate_per_sec: u32,
+    /// Requests naming one homeserver allowed at once, above the average rate. Default 200.
+    pub homeserver_burst: u32,
+    /// Token requests of one user (after the OpenID check) allowed per second on average.
+    /// Default 2; 0 turns the limit off.
+    pub user_rate_per_sec: u32,
+    /// Requests of one user allowed at once, above the average rate. Default 20.
+    pub user_burst: u32,
 }
 
 impl Default for AuthConfig {
@@ -227,6 +240,10 @@ impl Default for AuthConfig {
             federation_timeout_ms: 5000,
             allow_private_federation: false,
             membership_wait_ms: 3000,
+            homeserver_rate_per_sec: 50,
+            homeserver_burst: 200,
+            user_rate_per_sec: 2,
+            user_burst: 20,
         }
     }
 }
@@ -556,6 +573,25 @@ impl Config {
                     .to_owned(),
             );
         }
+        for (key, rate, burst) in [
+            (
+                "auth.homeserver_burst",
+                self.auth.homeserver_rate_per_sec,
+                self.auth.homeserver_burst,
+            ),
+            (
+                "auth.user_burst",
+                self.auth.user_rate_per_sec,
+                self.auth.user_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                problems.push(format!(
+                    "key `{key}`: value 0: expected at least 1 while its rate is not 0 \
+                     (set the rate to 0 to turn the limit off)"
+                ));
+            }
+        }
         if let Some(k) = &self.livekit.key {
             if k.trim().is_empty() {
                 problems.push("key `livekit.key`: value \"\": expected a non-empty API key".into());
@@ -746,6 +782,26 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("matrix.homeserver_url"), "{msg}");
         assert!(msg.contains("appservice.id"), "{msg}");
+    }
+
+    #[test]
+    fn a_rate_limit_needs_a_burst_unless_it_is_off() {
+        let err = load(None, env(&[("CONCLAVE_AUTH__USER_BURST", "0")])).unwrap_err();
+        assert!(err.to_string().contains("auth.user_burst"), "{err}");
+        let (c, _) = load(
+            None,
+            env(&[
+                ("CONCLAVE_AUTH__USER_BURST", "0"),
+                ("CONCLAVE_AUTH__USER_RATE_PER_SEC", "0"),
+                ("CONCLAVE_AUTH__HOMESERVER_RATE_PER_SEC", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.auth.user_rate_per_sec, c.auth.homeserver_rate_per_sec),
+            (0, 0)
+        );
+        assert_eq!(c.auth.homeserver_burst, 200);
     }
 
     #[test]

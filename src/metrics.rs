@@ -30,6 +30,9 @@ pub struct Metrics {
     pub tokens_issued: AtomicU64,
     /// Token requests refused.
     pub tokens_refused: AtomicU64,
+    /// Token endpoint requests refused by a rate limit (429; also counted as refused when
+    /// they asked for a token).
+    pub tokens_rate_limited: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -40,7 +43,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &AtomicU64); 13] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -100,6 +103,11 @@ impl Metrics {
                 "conclave_tokens_refused_total",
                 "SFU token requests refused.",
                 &self.tokens_refused,
+            ),
+            (
+                "conclave_tokens_rate_limited_total",
+                "Token endpoint requests refused by a rate limit (429).",
+                &self.tokens_rate_limited,
             ),
         ];
         let mut out = String::new();

@@ -121,7 +121,7 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, BenchError
     let hs_token = format!("bench-hs-{:032x}", rand::random::<u128>());
     // The stand-in is the server's own homeserver, so the bench user is local with full
     // access (rooms created on demand), and the server logs at its default level.
-    let env: [(&str, OsString); 5] = [
+    let env: [(&str, OsString); 7] = [
         (
             "CONCLAVE_MATRIX__SERVER_NAME",
             homeserver.server_name.clone().into(),
@@ -130,6 +130,9 @@ pub async fn run(opts: TokenBenchOptions) -> Result<TokenBenchReport, BenchError
         ("CONCLAVE_APPSERVICE__HS_TOKEN", hs_token.clone().into()),
         // The stand-in homeserver listens on loopback.
         ("CONCLAVE_AUTH__ALLOW_PRIVATE_FEDERATION", "true".into()),
+        // One user asking as fast as it can is what the bench measures: no rate limits.
+        ("CONCLAVE_AUTH__HOMESERVER_RATE_PER_SEC", "0".into()),
+        ("CONCLAVE_AUTH__USER_RATE_PER_SEC", "0".into()),
         ("RUST_LOG", "info".into()),
     ];
     let server = ConclaveTarget::start_with_env(Some(&exe), None, &env).await?;

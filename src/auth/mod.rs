@@ -51,6 +51,15 @@ pub enum AuthError {
     /// (loopback, private, link-local...; `auth.allow_private_federation`) (403).
     #[error("homeserver {0} is not an allowed federation destination")]
     HomeserverNotAllowed(String),
+    /// Too many token requests naming one homeserver, or of one user (429
+    /// `M_LIMIT_EXCEEDED`, `auth.homeserver_rate_per_sec`, `auth.user_rate_per_sec`).
+    #[error("too many token requests {what}; try again in {} ms", .retry_after.as_millis())]
+    RateLimited {
+        /// Whose limit: `naming homeserver …` or `of user …`.
+        what: String,
+        /// How long until a request may pass.
+        retry_after: std::time::Duration,
+    },
     /// A LiveKit JWT is invalid or expired (401).
     #[error("invalid token: {0}")]
     InvalidToken(String),

@@ -5,11 +5,15 @@
 //! bodies and renders [`AuthError`]s.
 //!
 //! Unknown fields are ignored, missing ones are named.
+//!
+//! Rate limits (token buckets, [`RateLimiter`]): per homeserver named in the request, counted
+//! before the OpenID lookup on it (so nobody floods a homeserver with lookups through us), and
+//! per user, counted once the OpenID token is verified. Over either: [`AuthError::RateLimited`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -22,12 +26,17 @@ use crate::calls::Calls;
 use crate::config::{AuthConfig, Config};
 use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
 use crate::net::SfuHandle;
+use crate::plumbing::RateLimiter;
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::registry::RoomOptions;
 use crate::store::DelayedLeave;
 
 /// Largest accepted token request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Most rate-limit buckets kept per kind (homeservers, users); when full, the buckets closest
+/// to full are forgotten first.
+pub const RATE_LIMIT_CAPACITY: usize = 10_000;
 
 /// `openid_token` as Element Call sends it.
 #[derive(Debug, Deserialize)]
@@ -235,6 +244,10 @@ pub struct TokenService {
 
 struct Inner {
     settings: TokenSettings,
+    /// Per homeserver host (lower case, without port: one machine, whatever the spelling).
+    homeserver_limits: Mutex<RateLimiter<String>>,
+    /// Per verified user.
+    user_limits: Mutex<RateLimiter<OwnedUserId>>,
     openid: OpenIdVerifier,
     signer: TokenSigner,
     gate: MembershipGate,
@@ -253,9 +266,22 @@ impl TokenService {
         calls: Calls,
         sfu: SfuHandle,
     ) -> Self {
+        let auth = &settings.auth;
+        let homeserver_limits = Mutex::new(RateLimiter::new(
+            auth.homeserver_rate_per_sec,
+            auth.homeserver_burst,
+            RATE_LIMIT_CAPACITY,
+        ));
+        let user_limits = Mutex::new(RateLimiter::new(
+            auth.user_rate_per_sec,
+            auth.user_burst,
+            RATE_LIMIT_CAPACITY,
+        ));
         Self {
             inner: Arc::new(Inner {
                 settings,
+                homeserver_limits,
+                user_limits,
                 openid,
                 signer,
                 gate,
@@ -312,14 +338,49 @@ impl TokenService {
         list.iter().any(|s| s == "*" || s == server.as_str())
     }
 
-    /// The checks both token issuing and delegation make: the OpenID token over federation,
-    /// the claimed user, room membership, and that delegation is for full-access users only.
+    /// Takes a request from `server`'s bucket at `now` (before anything is asked of it).
+    fn limit_homeserver(&self, server: &ServerName, now: Instant) -> Result<(), AuthError> {
+        let host = server.host().to_ascii_lowercase();
+        let mut limits = self
+            .inner
+            .homeserver_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        limits
+            .check(&host, now)
+            .map_err(|retry_after| AuthError::RateLimited {
+                what: format!("naming homeserver {host}"),
+                retry_after,
+            })
+    }
+
+    /// Takes a request from `user`'s bucket at `now`.
+    fn limit_user(&self, user: &OwnedUserId, now: Instant) -> Result<(), AuthError> {
+        let mut limits = self
+            .inner
+            .user_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        limits
+            .check(user, now)
+            .map_err(|retry_after| AuthError::RateLimited {
+                what: format!("of user {user}"),
+                retry_after,
+            })
+    }
+
+    /// The checks both token issuing and delegation make: the homeserver's rate limit, the
+    /// OpenID token over federation, the user's rate limit, the claimed user, room membership,
+    /// and that delegation is for full-access users only.
     async fn authorize(&self, req: &Normalized, now: Instant) -> Result<Authorized, AuthError> {
+        self.limit_homeserver(&req.server_name, now)?;
         let user_id = self
             .inner
             .openid
             .verify(&req.server_name, &req.access_token, req.expires_in, now)
             .await?;
+        // The lookup may have taken a while: the clock of the request is not the clock now.
+        self.limit_user(&user_id, Instant::now())?;
         if let Some(claimed) = &req.claimed_user {
             if claimed != user_id.as_str() {
                 return Err(AuthError::Unauthorized(format!(

@@ -6,7 +6,9 @@
 //! A 502/504 because another server failed (a user's homeserver) is not Conclave's own error:
 //! it is marked [`UpstreamFailure`] and counted apart. Converting an error never logs.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ruma::api::error::ErrorCode;
@@ -24,6 +26,9 @@ pub struct MatrixErrorResponse {
     pub cause: Option<String>,
     /// Another server failed, not Conclave (a 502/504 counted apart from internal errors).
     pub upstream: bool,
+    /// For 429: when to try again (`retry_after_ms` in the body, `Retry-After` in seconds,
+    /// rounded up).
+    pub retry_after: Option<Duration>,
 }
 
 /// The cause of a 5xx response, for the router's logging layer.
@@ -44,6 +49,19 @@ impl MatrixErrorResponse {
             message: message.into(),
             cause: None,
             upstream: false,
+            retry_after: None,
+        }
+    }
+
+    /// 429 `M_LIMIT_EXCEEDED`: try again after `retry_after`.
+    pub fn limit_exceeded(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::LimitExceeded,
+                message,
+            )
         }
     }
 
@@ -96,11 +114,22 @@ impl MatrixErrorResponse {
 
 impl IntoResponse for MatrixErrorResponse {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "errcode": self.errcode.as_str(),
             "error": self.message,
         });
+        let retry_after_ms = self
+            .retry_after
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        if let Some(ms) = retry_after_ms {
+            body["retry_after_ms"] = serde_json::json!(ms);
+        }
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(ms) = retry_after_ms {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+        }
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(InternalCause(cause));
         }
@@ -142,6 +171,9 @@ impl From<crate::auth::AuthError> for MatrixErrorResponse {
                     e.to_string(),
                 )
                 .upstream()
+            }
+            E::RateLimited { retry_after, .. } => {
+                return Self::limit_exceeded(e.to_string(), *retry_after)
             }
             E::Store(_) | E::Calls(_) | E::Internal(_) => return Self::internal(&e),
         };
@@ -194,5 +226,27 @@ mod tests {
         assert_eq!(ours.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!ours.upstream && ours.cause.is_some());
         assert!(!ours.message.contains("boom"));
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_is_a_429_with_retry_after_rounded_up() {
+        let e = AuthError::RateLimited {
+            what: "naming homeserver hs.example".into(),
+            retry_after: Duration::from_millis(1500),
+        };
+        let response = MatrixErrorResponse::from(e).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert!(response.extensions().get::<InternalCause>().is_none());
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
+        assert_eq!(body["retry_after_ms"], 1500);
+        assert!(body["error"].as_str().unwrap().contains("hs.example"));
+        let short = MatrixErrorResponse::limit_exceeded("x", Duration::from_micros(10));
+        let response = short.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     }
 }

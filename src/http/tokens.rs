@@ -1,6 +1,7 @@
 //! The token endpoints at the edge: `POST /sfu/get`, `POST /get_token`, `POST
 //! /delegate_delayed_leave` (the [`TokenService`] does the work), with lk-jwt-service's CORS
-//! and statuses, and Matrix JSON errors.
+//! and statuses, and Matrix JSON errors (rate limits: 429 `M_LIMIT_EXCEEDED` with
+//! `retry_after_ms` and `Retry-After`, CORS headers as on every answer).
 
 use std::sync::Arc;
 
@@ -36,9 +37,17 @@ fn respond(state: &TokenState, result: Result<TokenResponse, AuthError>) -> Resp
         }
         Err(e) => {
             inc(&state.metrics.tokens_refused);
+            count_rate_limited(state, &e);
             log_refusal(&e, "SFU token refused");
             MatrixErrorResponse::from(e).into_response()
         }
+    }
+}
+
+/// Counts a refusal by a rate limit (429, `Retry-After`).
+fn count_rate_limited(state: &TokenState, e: &AuthError) {
+    if matches!(e, AuthError::RateLimited { .. }) {
+        inc(&state.metrics.tokens_rate_limited);
     }
 }
 
@@ -98,6 +107,7 @@ pub async fn post_delegate_delayed_leave(
     match state.tokens.delegate_delayed_leave(&body).await {
         Ok(()) => Json(serde_json::json!({})).into_response(),
         Err(e) => {
+            count_rate_limited(&state, &e);
             log_refusal(&e, "delayed leave delegation refused");
             MatrixErrorResponse::from(e).into_response()
         }

@@ -151,7 +151,7 @@ impl NetStats {
             ),
             (
                 "conclave_media_rejected_total",
-                "Datagrams refused by their peer connection.",
+                "Datagrams refused by their peer connection (STUN failing integrity included).",
                 &self.rejected_by_peer,
             ),
             (

@@ -1,6 +1,7 @@
 //! Plumbing written once for the whole service: the outbound HTTP client factory (one CA
 //! policy, one redirect policy, one destination policy), the capped response body reader, a
-//! bounded TTL cache, and exponential backoff. No module above reimplements these.
+//! bounded TTL cache, a token-bucket rate limiter, and exponential backoff. No module above
+//! reimplements these.
 //!
 //! Imports nothing from the rest of the crate.
 
@@ -8,6 +9,7 @@ pub mod backoff;
 pub mod body;
 pub mod destination;
 pub mod http_client;
+pub mod rate_limit;
 pub mod ttl_cache;
 
 pub use backoff::Backoff;
@@ -16,4 +18,5 @@ pub use destination::{DestinationPolicy, RefusedDestination};
 pub use http_client::{
     error_cause, ClientOptions, HttpClientError, HttpClients, RedirectRefused, Redirects,
 };
+pub use rate_limit::RateLimiter;
 pub use ttl_cache::TtlCache;

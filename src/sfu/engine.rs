@@ -68,7 +68,8 @@ pub struct SfuStats {
     pub dropped_unknown_peer: u64,
     /// Dropped: not STUN, DTLS, RTP or RTCP.
     pub dropped_invalid: u64,
-    /// Refused by the peer connection they were routed to.
+    /// Refused by the peer connection they were routed to (STUN that fails its ICE checks,
+    /// e.g. a wrong MESSAGE-INTEGRITY, included).
     pub rejected_by_peer: u64,
 }
 
@@ -503,20 +504,26 @@ impl Sfu {
             self.stats.dropped_invalid += 1;
             return;
         };
-        let failed = match self.participant_mut(session) {
-            Some(p) => p
-                .pc_mut(kind)
-                .rtc
-                .handle_input(Input::Receive(now, receive))
-                .is_err(),
-            None => true,
+        let input = Input::Receive(now, receive);
+        let Some(p) = self.participant_mut(session) else {
+            self.stats.rejected_by_peer += 1;
+            return;
         };
-        if failed {
+        let rtc = &mut p.pc_mut(kind).rtc;
+        // STUN is taken only if str0m's ICE agent accepts it (`Rtc::accepts`): for a binding
+        // request, our ufrag, the peer's (once known) and a MESSAGE-INTEGRITY made with our ICE
+        // password; or it comes from the address already nominated. `handle_input` answers
+        // `Ok` for STUN it ignores, so its result alone says nothing about integrity: only an
+        // accepted message may teach us the sender's address.
+        if stun_ufrag.is_some() && !rtc.accepts(&input) {
+            self.stats.rejected_by_peer += 1;
+            tracing::debug!(%session, "STUN message failed the peer connection's checks");
+            return;
+        }
+        if rtc.handle_input(input).is_err() {
             self.stats.rejected_by_peer += 1;
             tracing::debug!(%session, "peer connection rejected input");
         } else if stun_ufrag.is_some() {
-            // Learn the address from STUN carrying this connection's ufrag that it took
-            // without error (str0m verifies message integrity before answering).
             self.by_addr.insert(source, (session, kind));
         }
         self.drain(now, session);

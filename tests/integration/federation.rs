@@ -1,6 +1,7 @@
 //! Outbound federation requests against hostile homeservers started by the tests on loopback:
 //! huge bodies, redirects elsewhere, loopback destinations with the default configuration,
-//! floods of bogus server names, and what a remote failure does to Conclave's own error count.
+//! floods of bogus server names, floods of token requests naming one server (rate limited),
+//! and what a remote failure does to Conclave's own error count.
 //!
 //! Loopback is the only place tests may send to, so every Conclave here runs with
 //! `auth.allow_private_federation = true` (the harness default) except the one checking that
@@ -162,7 +163,7 @@ where
             let body = format!("{{\"errcode\":\"M_UNKNOWN\",\"error\":\"{UPSTREAM_SECRET}\"}}");
             let answer = format!(
                 "HTTP/1.1 {status} Whatever\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\n\r\n{body}",
+                 connection: close\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(answer.as_bytes()).await;
@@ -387,4 +388,97 @@ async fn bogus_homeservers_leave_the_per_server_state_bounded() {
     assert!(after <= DESTINATION_CAPACITY, "{after}");
     assert_eq!(verifier.cache_len(), 0);
     assert!(took < Duration::from_secs(180), "{took:?}");
+}
+
+/// A burst of token requests naming one homeserver: after `homeserver_burst` requests the rest
+/// get 429 `M_LIMIT_EXCEEDED` with `Retry-After` (and CORS) without any lookup on that server,
+/// which saw at most as many userinfo requests as passed; another homeserver is not affected.
+#[tokio::test]
+async fn token_requests_naming_one_homeserver_are_rate_limited() {
+    const BURST: usize = 5;
+    const REQUESTS: usize = 30;
+    let ca = TestCa::new().unwrap();
+    let mut opts = ConclaveOptions::standalone()
+        .env("CONCLAVE_AUTH__HOMESERVER_RATE_PER_SEC", "1")
+        .env("CONCLAVE_AUTH__HOMESERVER_BURST", &BURST.to_string());
+    opts.ca_file = Some(ca.cert_path.clone());
+    let c = Conclave::start(opts).await.unwrap();
+    // Both refuse every OpenID token (401): each request that passes is one lookup, as
+    // failures are not cached.
+    let flooded = Hostile::tls(&ca, Answer::Status(401)).await;
+    let other = Hostile::tls(&ca, Answer::Status(401)).await;
+
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut passed = 0;
+    let mut limited = Vec::new();
+    for i in 0..REQUESTS {
+        let r = client
+            .post(format!("{}/get_token", c.url))
+            .header("origin", "https://call.example.org")
+            .json(&token_request(&flooded.server_name()))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(i >= BURST, "request {i} was limited within the burst");
+            let headers = r.headers().clone();
+            let body: Value = r.json().await.unwrap();
+            limited.push((headers, body));
+        } else {
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "request {i}");
+            passed += 1;
+        }
+    }
+    let took = started.elapsed();
+    // 1 request per second refills while the loop runs (well under a second on loopback).
+    let refilled = took.as_secs() as usize + 1;
+    eprintln!(
+        "{REQUESTS} requests in {took:?}: {passed} passed, {} limited",
+        limited.len()
+    );
+    assert!(
+        (BURST..=BURST + refilled).contains(&passed),
+        "{passed} passed"
+    );
+    assert_eq!(passed + limited.len(), REQUESTS);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        flooded.connections() <= passed,
+        "{} lookups for {passed} requests let through",
+        flooded.connections()
+    );
+    let (headers, body) = &limited[0];
+    assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+    let retry_ms = body["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=1000).contains(&retry_ms), "{body}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry_after, retry_ms.div_ceil(1000), "{headers:?}");
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    assert!(
+        body["error"].as_str().unwrap().contains("127.0.0.1"),
+        "{body}"
+    );
+
+    // Another homeserver (another host: `localhost`, not `127.0.0.1`) still gets its lookups.
+    let (s, b) = post(
+        &c,
+        "/get_token",
+        &token_request(&format!("localhost:{}", other.port)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert_eq!(other.connections(), 1);
+    assert_eq!(
+        c.metric("conclave_tokens_rate_limited_total")
+            .await
+            .unwrap(),
+        limited.len() as u64
+    );
+    assert_eq!(
+        c.metric("conclave_http_internal_errors_total")
+            .await
+            .unwrap(),
+        0
+    );
 }

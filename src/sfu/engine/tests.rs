@@ -822,6 +822,96 @@ fn hostile_datagrams_are_dropped_and_counted() {
     );
 }
 
+/// The ICE ufrag and password of the subscriber offer sent to session `to`.
+fn offered_ice_credentials(msgs: &[(u64, Msg)], to: u64) -> (String, String) {
+    let sdp = msgs
+        .iter()
+        .find_map(|(id, m)| match m {
+            Msg::Offer(o) if *id == to => Some(o.sdp.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let attr = |name: &str| {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            .unwrap()
+    };
+    (attr("a=ice-ufrag:"), attr("a=ice-pwd:"))
+}
+
+/// A STUN binding request (RFC 8489) for `username` (`local:remote`) with PRIORITY and a
+/// MESSAGE-INTEGRITY keyed with `password` (HMAC-SHA1 over the message up to that attribute,
+/// its length field covering the attribute, RFC 8489 §14.5).
+fn binding_request(username: &str, password: &str) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut attrs = Vec::new();
+    attrs.extend_from_slice(&[0x00, 0x06]);
+    attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    attrs.extend_from_slice(username.as_bytes());
+    while attrs.len() % 4 != 0 {
+        attrs.push(0);
+    }
+    attrs.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 0x6e, 0x00, 0x01, 0xff]);
+    let mut packet = vec![0x00, 0x01];
+    packet.extend_from_slice(&((attrs.len() + 24) as u16).to_be_bytes());
+    packet.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    packet.extend_from_slice(&[5; 12]);
+    packet.extend_from_slice(&attrs);
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(password.as_bytes()).unwrap();
+    mac.update(&packet);
+    let tag = mac.finalize().into_bytes();
+    packet.extend_from_slice(&[0x00, 0x08, 0x00, 0x14]);
+    packet.extend_from_slice(&tag);
+    packet
+}
+
+/// STUN carrying a live connection's ufrag but a MESSAGE-INTEGRITY not made with its ICE
+/// password teaches the engine nothing: later media from that address is dropped as from an
+/// unknown peer. The same request with the right password does teach it the address.
+#[test]
+fn stun_with_a_wrong_message_integrity_teaches_no_address() {
+    let now = Instant::now();
+    let mut s = sfu(now);
+    join(&mut s, now, 1, "alice");
+    let (msgs, _, _) = drain(&mut s);
+    let (ufrag, pwd) = offered_ice_credentials(&msgs, 1);
+    let server: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+    let evil: SocketAddr = "10.9.9.9:5000".parse().unwrap();
+    let good: SocketAddr = "10.9.9.10:5000".parse().unwrap();
+    let user = format!("{ufrag}:peer");
+    let rtp = [0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 7, 1, 2, 3, 4];
+
+    let forged = binding_request(&user, "not-the-ice-password-at-all");
+    s.handle_datagram(now, evil, server, &forged);
+    drain(&mut s);
+    let after_forged = s.stats();
+    assert_eq!(after_forged.rejected_by_peer, 1, "{after_forged:?}");
+    assert_eq!(after_forged.dropped_unknown_peer, 0, "{after_forged:?}");
+    s.handle_datagram(now, evil, server, &rtp);
+    drain(&mut s);
+    let st = s.stats();
+    assert_eq!(
+        st.dropped_unknown_peer, 1,
+        "media from the forger's address is from an unknown peer: {st:?}"
+    );
+    assert_eq!(st.rejected_by_peer, 1, "{st:?}");
+
+    let genuine = binding_request(&user, &pwd);
+    s.handle_datagram(now, good, server, &genuine);
+    drain(&mut s);
+    s.handle_datagram(now, good, server, &rtp);
+    drain(&mut s);
+    let after = s.stats();
+    assert_eq!(
+        after.dropped_unknown_peer, 1,
+        "an address that passed the integrity check is known: {after:?}"
+    );
+    // The forger's address stays unknown.
+    s.handle_datagram(now, evil, server, &rtp);
+    assert_eq!(s.stats().dropped_unknown_peer, 2);
+    assert_eq!(s.participant_count(&"room".into()), 1);
+}
+
 /// RED stays off end-to-end encrypted audio and off tracks that disable it: a browser builds
 /// RED before it encrypts, so such a payload could not be split here. Plain audio keeps it.
 #[test]
