@@ -590,7 +590,7 @@ async fn serve_connection(
         let deadline = match activity.check(&settings) {
             Ok(d) => d,
             Err(why) => {
-                tracing::debug!(%peer, ?why, "closing connection: timeout");
+                tracing::trace!(%peer, ?why, "closing connection: timeout");
                 return;
             }
         };
