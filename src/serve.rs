@@ -355,9 +355,10 @@ async fn serve(config: Config) -> Result<(), RunError> {
             metrics,
         ));
     }
+    let metrics = services.http.metrics.clone();
     let app = crate::http::router(services.http);
     let settings = ServerSettings::from_config(&config.http);
-    crate::http::server::run(listener, app, settings, shutdown_signal())
+    crate::http::server::run(listener, app, settings, metrics, shutdown_signal())
         .await
         .map_err(|source| RunError::Io {
             context: "HTTP server failed".into(),

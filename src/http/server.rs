@@ -46,6 +46,7 @@ use tokio::sync::{watch, Notify};
 use tower::ServiceExt;
 
 use crate::config::HttpConfig;
+use crate::metrics::{inc, Metrics};
 
 /// How long shutdown waits for open connections to finish their requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -455,6 +456,7 @@ pub async fn run(
     listener: TcpListener,
     app: Router,
     settings: ServerSettings,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let settings = Arc::new(settings);
@@ -479,6 +481,7 @@ pub async fn run(
             },
         };
         let Some(slot) = limits.admit(peer.ip()) else {
+            inc(&metrics.http_connections_refused);
             if let Some(more) = refusals.tick() {
                 let (full, reserved) = limits.open();
                 tracing::warn!(
@@ -494,6 +497,7 @@ pub async fn run(
             continue;
         };
         if slot.kind() == SlotKind::Reserved {
+            inc(&metrics.http_connections_reserved);
             if let Some(more) = refusals.tick() {
                 tracing::warn!(
                     %peer,
@@ -509,6 +513,7 @@ pub async fn run(
             slot,
             app.clone(),
             settings.clone(),
+            metrics.clone(),
             stop_rx.clone(),
         ));
     }
@@ -535,6 +540,7 @@ async fn serve_connection(
     slot: Slot,
     app: Router,
     settings: Arc<ServerSettings>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let reserved = slot.kind() == SlotKind::Reserved;
@@ -591,6 +597,7 @@ async fn serve_connection(
             Ok(d) => d,
             Err(why) => {
                 tracing::trace!(%peer, ?why, "closing connection: timeout");
+                inc(&metrics.http_connection_timeouts);
                 return;
             }
         };

@@ -123,6 +123,11 @@ async fn idle_connections_are_closed_and_healthz_answers_throughout() {
     }
     assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
     assert!(c.logs().contains("open-files limit"), "fd limit logged");
+    let timeouts = c
+        .metric("conclave_http_connection_timeouts_total")
+        .await
+        .unwrap();
+    assert!(timeouts >= 2000, "{timeouts} timeouts counted");
 }
 
 /// A connection that never finishes its request head is closed after the header timeout,
@@ -213,6 +218,11 @@ async fn healthz_and_the_appservice_api_answer_when_the_cap_is_reached() {
     })
     .await
     .unwrap();
+    let reserved = c
+        .metric("conclave_http_connections_reserved_total")
+        .await
+        .unwrap();
+    assert!(reserved >= 7, "{reserved} reserved connections counted");
 }
 
 /// `http.max_connections_per_ip` holds for one source (127.0.0.2) and not for another
@@ -238,6 +248,11 @@ async fn the_per_address_cap_holds_per_address() {
     let answer = String::from_utf8_lossy(&out);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
     assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
+    let refused = c
+        .metric("conclave_http_connections_refused_total")
+        .await
+        .unwrap();
+    assert_eq!(refused, 1);
     let s = connect_from([127, 0, 0, 1], addr(&c)).await;
     assert!(request_on(s, "GET", "/metrics", "", "")
         .await
