@@ -103,6 +103,26 @@ pub struct HttpConfig {
     pub public_url: Option<String>,
     /// Largest accepted request body, in bytes (appservice transactions). Default 16 MiB.
     pub max_body_bytes: usize,
+    /// A request head must be complete this many seconds after its first byte, or the
+    /// connection is closed. Default 10.
+    pub header_timeout_secs: u64,
+    /// A connection with no request in flight is closed after this many seconds. Default 60.
+    pub idle_timeout_secs: u64,
+    /// A WebSocket upgrade (`/rtc`) must be handed over this many seconds after its request,
+    /// or the connection is closed. Default 10.
+    pub ws_handshake_timeout_secs: u64,
+    /// Open connections (WebSockets included) served in full, from all sources together.
+    /// Default 10000.
+    pub max_connections: usize,
+    /// Open connections served in full from one source address (IPv6: one `/64`). Behind a
+    /// reverse proxy every client shares the proxy's address: raise it to `max_connections`.
+    /// Default 1000.
+    pub max_connections_per_ip: usize,
+    /// Connections accepted beyond the two caps above, each serving one request and only
+    /// `/healthz` and the appservice API (503 otherwise), so health checks and the homeserver
+    /// get through a flood. Loopback and private sources may use all of them, others half.
+    /// Default 32.
+    pub reserved_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -111,6 +131,12 @@ impl Default for HttpConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: None,
             max_body_bytes: 16 * 1024 * 1024,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            ws_handshake_timeout_secs: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 1000,
+            reserved_connections: 32,
         }
     }
 }
@@ -567,6 +593,39 @@ impl Config {
                 self.http.max_body_bytes
             ));
         }
+        for (key, v) in [
+            ("http.header_timeout_secs", self.http.header_timeout_secs),
+            ("http.idle_timeout_secs", self.http.idle_timeout_secs),
+            (
+                "http.ws_handshake_timeout_secs",
+                self.http.ws_handshake_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                problems.push(format!(
+                    "key `{key}`: value {v}: expected 1 to 3600 seconds"
+                ));
+            }
+        }
+        for (key, v) in [
+            ("http.max_connections", self.http.max_connections),
+            (
+                "http.max_connections_per_ip",
+                self.http.max_connections_per_ip,
+            ),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                problems.push(format!(
+                    "key `{key}`: value {v}: expected 1 to 1000000 connections"
+                ));
+            }
+        }
+        if self.http.reserved_connections > 10_000 {
+            problems.push(format!(
+                "key `http.reserved_connections`: value {}: expected at most 10000",
+                self.http.reserved_connections
+            ));
+        }
         if self.auth.token_lifetime_secs == 0 {
             problems.push(
                 "key `auth.token_lifetime_secs`: value 0: expected a positive number of seconds"
@@ -802,6 +861,31 @@ mod tests {
             (0, 0)
         );
         assert_eq!(c.auth.homeserver_burst, 200);
+    }
+
+    #[test]
+    fn http_limits_are_validated() {
+        let (c, _) = load(
+            None,
+            env(&[
+                ("CONCLAVE_HTTP__IDLE_TIMEOUT_SECS", "2"),
+                ("CONCLAVE_HTTP__MAX_CONNECTIONS", "50"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(c.http.idle_timeout_secs, 2);
+        assert_eq!(c.http.max_connections, 50);
+        let err = load(
+            None,
+            env(&[
+                ("CONCLAVE_HTTP__HEADER_TIMEOUT_SECS", "0"),
+                ("CONCLAVE_HTTP__MAX_CONNECTIONS_PER_IP", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("http.header_timeout_secs"), "{msg}");
+        assert!(msg.contains("http.max_connections_per_ip"), "{msg}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod appservice;
 mod bearer;
 pub mod error;
+pub mod server;
 pub mod tokens;
 pub mod twirp;
 

@@ -33,6 +33,12 @@ pub struct Metrics {
     /// Token endpoint requests refused by a rate limit (429; also counted as refused when
     /// they asked for a token).
     pub tokens_rate_limited: AtomicU64,
+    /// HTTP connections refused because every slot was taken (caps and reserved slots).
+    pub http_connections_refused: AtomicU64,
+    /// HTTP connections served on a reserved slot (caps reached).
+    pub http_connections_reserved: AtomicU64,
+    /// HTTP connections closed by the header, idle or WebSocket-handshake timeout.
+    pub http_connection_timeouts: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -43,7 +49,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 13] = [
+        let rows: [(&str, &str, &AtomicU64); 16] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -93,6 +99,21 @@ impl Metrics {
                 "conclave_http_upstream_errors_total",
                 "HTTP requests answered 502/504 because another server (a homeserver) failed.",
                 &self.upstream_errors,
+            ),
+            (
+                "conclave_http_connections_refused_total",
+                "HTTP connections refused because the connection caps and reserved slots were full.",
+                &self.http_connections_refused,
+            ),
+            (
+                "conclave_http_connections_reserved_total",
+                "HTTP connections served on a reserved slot (healthz and appservice API only).",
+                &self.http_connections_reserved,
+            ),
+            (
+                "conclave_http_connection_timeouts_total",
+                "HTTP connections closed by the header, idle or WebSocket-handshake timeout.",
+                &self.http_connection_timeouts,
             ),
             (
                 "conclave_tokens_issued_total",

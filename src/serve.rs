@@ -14,6 +14,7 @@ use crate::cli::{Cli, Command};
 use crate::config::{self, Config, ConfigError};
 use crate::http::admin::AdminState;
 use crate::http::appservice::AppserviceState;
+use crate::http::server::ServerSettings;
 use crate::http::tokens::TokenState;
 use crate::http::twirp::TwirpState;
 use crate::http::HttpState;
@@ -320,6 +321,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         Ok("abort-before-commit") => Fault::AbortBeforeCommit,
         _ => Fault::None,
     };
+    log_fd_limit(&config);
     let listener = bind(&config).await?;
     let local = listener.local_addr().map_err(|source| RunError::Io {
         context: "cannot read the bound address".into(),
@@ -353,9 +355,10 @@ async fn serve(config: Config) -> Result<(), RunError> {
             metrics,
         ));
     }
+    let metrics = services.http.metrics.clone();
     let app = crate::http::router(services.http);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    let settings = ServerSettings::from_config(&config.http);
+    crate::http::server::run(listener, app, settings, metrics, shutdown_signal())
         .await
         .map_err(|source| RunError::Io {
             context: "HTTP server failed".into(),
@@ -363,6 +366,37 @@ async fn serve(config: Config) -> Result<(), RunError> {
         })?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Raises the open-files limit to the hard limit and logs it; warns when it is below what
+/// the connection caps allow.
+fn log_fd_limit(config: &Config) {
+    #[cfg(unix)]
+    match crate::http::server::raise_fd_limit() {
+        Some((soft, hard)) => {
+            let needed = config
+                .http
+                .max_connections
+                .saturating_add(config.http.reserved_connections)
+                .saturating_add(256);
+            let needed = libc::rlim_t::try_from(needed).unwrap_or(libc::rlim_t::MAX);
+            if soft < needed {
+                tracing::warn!(
+                    soft,
+                    hard,
+                    needed,
+                    "the open-files limit (RLIMIT_NOFILE) is below http.max_connections + \
+                     http.reserved_connections + 256; raise it (systemd LimitNOFILE, \
+                     docker --ulimit nofile) or lower the caps"
+                );
+            } else {
+                tracing::info!(soft, hard, "open-files limit (RLIMIT_NOFILE)");
+            }
+        }
+        None => tracing::warn!("cannot read the open-files limit (RLIMIT_NOFILE)"),
+    }
+    #[cfg(not(unix))]
+    let _ = config;
 }
 
 fn print_banner(config: &Config, local: std::net::SocketAddr) {

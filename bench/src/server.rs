@@ -196,6 +196,8 @@ impl ConclaveTarget {
             .env("CONCLAVE_RTC__NODE_IPS", "[\"127.0.0.1\"]")
             .env("CONCLAVE_RTC__AUTO_CREATE", "true")
             .env("CONCLAVE_APPSERVICE__PING_ON_START", "false")
+            // Every simulated participant connects from 127.0.0.1: one address, many clients.
+            .env("CONCLAVE_HTTP__MAX_CONNECTIONS_PER_IP", "10000")
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -8,6 +8,8 @@ mod support;
 mod appservice;
 // The command line: defaults, secrets, config errors, exit codes.
 mod cli;
+// The HTTP port under idle, slow and too many connections: timeouts, caps, reserved slots.
+mod http_limits;
 // The module layering rule of docs/ARCHITECTURE.md, on the source text.
 mod layering;
 // The test harness itself: two federating Synapses, OpenID over federation.
