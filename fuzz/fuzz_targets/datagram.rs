@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use conclave::sfu::{Command, Join, Output, Sfu, SfuConfig};
+use conclave::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     sfu.handle_command(
         now,
         Command::Join(Join {
-            session: 1,
+            session: SessionId(1),
             room: "r".into(),
             identity: "a".into(),
             name: String::new(),
@@ -32,10 +32,10 @@ fuzz_target!(|data: &[u8]| {
                 can_publish: true,
                 can_subscribe: true,
                 ..Default::default()
-            }),
+            },
             auto_subscribe: true,
             client_protocol: 2,
-        },
+        }),
     );
     while !matches!(sfu.poll_output(), Output::Timeout(_)) {}
     // The first byte picks a source; the rest is the datagram.

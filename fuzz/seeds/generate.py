@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs in fuzz/seeds/<target>/ (small valid requests the fuzzer mutates).
+
+Protobuf is encoded by hand (field numbers from livekit-protocol 0.8's .proto files) so that
+this needs nothing but Python. Run from fuzz/: `python3 seeds/generate.py`.
+"""
+import json
+import os
+
+
+def varint(n):
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def vi(field, n):
+    return varint(field << 3) + varint(n)
+
+
+def ld(field, payload):
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def write(target, name, data):
+    d = os.path.join(os.path.dirname(__file__), target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+SDP = "\r\n".join([
+    "v=0", "o=- 1 2 IN IP4 127.0.0.1", "s=-", "t=0 0", "a=group:BUNDLE 0 1",
+    "a=msid-semantic: WMS *",
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111", "c=IN IP4 0.0.0.0", "a=rtcp:9 IN IP4 0.0.0.0",
+    "a=ice-ufrag:abcd", "a=ice-pwd:abcdefghijklmnopqrstuvwx", "a=ice-options:trickle",
+    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=setup:actpass", "a=mid:0",
+    "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level", "a=sendonly",
+    "a=msid:s a1", "a=rtcp-mux", "a=rtpmap:111 opus/48000/2", "a=fmtp:111 minptime=10;useinbandfec=1",
+    "a=ssrc:1111 cname:c",
+    "m=video 9 UDP/TLS/RTP/SAVPF 96", "c=IN IP4 0.0.0.0", "a=ice-ufrag:abcd",
+    "a=ice-pwd:abcdefghijklmnopqrstuvwx", "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
+    "a=setup:actpass", "a=mid:1", "a=sendonly", "a=msid:s v1", "a=rtcp-mux", "a=rtcp-rsize",
+    "a=rtpmap:96 VP8/90000", "a=rtcp-fb:96 nack", "a=rtcp-fb:96 nack pli",
+    "a=rid:q send", "a=rid:h send", "a=simulcast:send q;h", "",
+])
+
+# signal_request: SignalRequest oneof fields.
+sd_offer = ld(1, "offer") + ld(2, SDP) + vi(3, 1)
+write("signal_request", "offer", ld(1, sd_offer))
+write("signal_request", "answer", ld(2, ld(1, "answer") + ld(2, SDP.replace("sendonly", "recvonly"))))
+write("signal_request", "trickle", ld(3, ld(1, json.dumps({
+    "candidate": "candidate:1 1 udp 2130706431 10.0.0.1 5000 typ host",
+    "sdpMid": "0", "sdpMLineIndex": 0})) + vi(2, 0)))
+write("signal_request", "add_track_audio", ld(4, ld(1, "a1") + ld(2, "mic") + vi(3, 0) + vi(8, 2)))
+layer = vi(1, 2) + vi(2, 1280) + vi(3, 720) + vi(4, 1_000_000)
+write("signal_request", "add_track_video", ld(4, ld(1, "v1") + ld(2, "cam") + vi(3, 1) + vi(4, 1280)
+                                             + vi(5, 720) + vi(8, 1) + ld(9, layer)
+                                             + ld(10, ld(1, "video/VP8") + ld(2, "v1"))))
+write("signal_request", "mute", ld(5, ld(1, "TR_x") + vi(2, 1)))
+write("signal_request", "subscription", ld(6, ld(1, "TR_x") + vi(2, 1)))
+write("signal_request", "track_setting", ld(7, ld(1, "TR_x") + vi(3, 0) + vi(4, 2) + vi(5, 640) + vi(6, 360)))
+write("signal_request", "leave", ld(8, vi(1, 1) + vi(2, 1)))
+write("signal_request", "update_metadata", ld(15, ld(1, "m") + ld(2, "n") + ld(3, ld(1, "k") + ld(2, "v"))))
+write("signal_request", "ping_req", ld(16, vi(1, 1_700_000_000_000) + vi(2, 20)))
+write("signal_request", "json_add_track", json.dumps({"addTrack": {"cid": "a1", "name": "mic", "type": "AUDIO"}}))
+
+# appservice_txn: transaction bodies.
+room, user = "!r:example.org", "@alice:example.org"
+base = {"room_id": room, "sender": user, "event_id": "$e", "origin_server_ts": 1_000_000}
+call_member = dict(base, type="org.matrix.msc3401.call.member", state_key="_@alice:example.org_DEV_m.call",
+                   content={"application": "m.call", "call_id": "", "scope": "m.room", "device_id": "DEV",
+                            "expires": 60_000, "focus_active": {"type": "livekit", "focus_selection": "oldest_membership"},
+                            "foci_preferred": [{"type": "livekit", "livekit_service_url": "https://x.example"}],
+                            "membershipID": "m1"})
+rtc_member = dict(base, type="org.matrix.msc4143.rtc.member", msc4354_sticky={"duration_ms": 60_000},
+                  content={"slot_id": "m.call#ROOM", "application": {"type": "m.call"},
+                           "member": {"user_id": user, "device_id": "DEV", "id": "mem1"},
+                           "msc4354_sticky_key": "mem1", "rtc_transports": [{"type": "livekit"}]})
+member = dict(base, type="m.room.member", state_key=user, content={"membership": "join"})
+message = dict(base, type="m.room.message", content={"msgtype": "m.text", "body": "hi"})
+leave = dict(call_member, content={})
+write("appservice_txn", "call_member", json.dumps({"events": [call_member]}))
+write("appservice_txn", "rtc_member", json.dumps({"events": [rtc_member]}))
+write("appservice_txn", "mixed", json.dumps({"events": [member, message, leave, call_member]}))
+write("appservice_txn", "empty", json.dumps({"events": [], "ephemeral": []}))
+
+# token_request: /get_token and /sfu/get bodies.
+openid = {"access_token": "t", "token_type": "Bearer", "matrix_server_name": "example.org", "expires_in": 3600}
+write("token_request", "get_token", json.dumps({
+    "room_id": room, "slot_id": "m.call#ROOM", "openid_token": openid,
+    "member": {"id": "mem1", "claimed_user_id": user, "claimed_device_id": "DEV"},
+    "delay_id": "d", "delay_timeout": 10_000, "delay_cs_api_url": "https://x.example"}))
+write("token_request", "sfu_get", json.dumps({
+    "room": room, "openid_token": openid, "device_id": "DEV", "delay_id": "d", "delay_timeout": 10_000}))
+
+# twirp_body: RoomService requests, protobuf and protojson.
+write("twirp_body", "create_room.pb", ld(1, "r") + vi(2, 5) + vi(3, 2) + ld(5, "meta") + vi(10, 7))
+write("twirp_body", "create_room.json", json.dumps({"name": "r", "emptyTimeout": 5, "departureTimeout": 7,
+                                                    "maxParticipants": 2, "metadata": "m"}))
+write("twirp_body", "list_rooms.json", json.dumps({"names": ["r", "s"]}))
+write("twirp_body", "room_identity.pb", ld(1, "r") + ld(2, "alice"))
+write("twirp_body", "mute_track.json", json.dumps({"room": "r", "identity": "alice", "trackSid": "TR_x", "muted": True}))
+write("twirp_body", "update_participant.json", json.dumps({
+    "room": "r", "identity": "alice", "metadata": "m", "name": "A", "attributes": {"k": "v"},
+    "permission": {"canSubscribe": True, "canPublish": False, "canPublishData": True,
+                   "canPublishSources": ["CAMERA", "MICROPHONE"]}}))
+write("twirp_body", "update_subscriptions.json", json.dumps({
+    "room": "r", "identity": "alice", "trackSids": ["TR_x"], "subscribe": True,
+    "participantTracks": [{"participantSid": "PA_x", "trackSids": ["TR_y"]}]}))
+write("twirp_body", "send_data.json", json.dumps({
+    "room": "r", "data": "aGVsbG8=", "kind": "RELIABLE", "destinationIdentities": ["alice"], "topic": "t"}))
+write("twirp_body", "send_data.pb", ld(1, "r") + ld(2, b"hello") + vi(3, 0) + ld(6, "alice") + ld(5, "t"))
