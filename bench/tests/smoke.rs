@@ -52,17 +52,12 @@ fn missing_server_binary_says_how_to_build_it() {
     }
 }
 
-#[test]
-fn bench_tokens_smoke() {
+/// Runs `conclave-bench <args> <options> --json`, asserts it succeeded and returns its report.
+fn run_json(args: &[&str], options: &[&str]) -> serde_json::Value {
     let out = Command::new(binary())
-        .args([
-            "tokens",
-            "--requests",
-            "300",
-            "--concurrency",
-            "4",
-            "--json",
-        ])
+        .args(args)
+        .args(options)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -70,7 +65,12 @@ fn bench_tokens_smoke() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_tokens_smoke() {
+    let v = run_json(&["tokens", "--requests", "300", "--concurrency", "4"], &[]);
     assert_eq!(v["scenario"], "tokens");
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["ok"], 300);
@@ -87,9 +87,9 @@ fn bench_tokens_smoke() {
 /// Runs `conclave-bench <scenario> …` seconds-long without Janus (`--no-janus`: CI machines
 /// need not have it; the documented full run includes it) and checks every reported field.
 fn media_smoke(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(binary())
-        .args(args)
-        .args([
+    let v = run_json(
+        args,
+        &[
             "--seconds",
             "1",
             "--join-probes",
@@ -99,16 +99,8 @@ fn media_smoke(args: &[&str]) -> serde_json::Value {
             "--no-janus",
             "--max-seconds",
             "120",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["scenario"], args[0], "{v}");
     for key in [
         "forwarded_pps",
