@@ -40,8 +40,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Calls;
+use super::CallsSettings;
 use crate::net::SfuHandle;
-use crate::plumbing::{read_capped, Backoff, ClientOptions, TtlCache};
+use crate::plumbing::{
+    error_cause, read_capped, Backoff, ClientOptions, DestinationPolicy, HttpClients,
+    RedirectRefused, Redirects, RefusedDestination, TtlCache,
+};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, RoomName};
 use crate::sfu::SfuEvent;
 use crate::store::{AsyncStore, DelayedLeave, StoreError};
@@ -74,6 +78,8 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 const RESTART_INTERVAL_MIN: Duration = Duration::from_millis(250);
 /// Timeout of one request to a homeserver.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Redirects followed on another homeserver (same host, https only).
+const MAX_REMOTE_REDIRECTS: usize = 3;
 /// Characters of a delay ID shown in logs.
 const DELAY_ID_PREFIX_CHARS: usize = 8;
 
@@ -117,6 +123,10 @@ pub enum DelayedLeaveError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// Another homeserver's API is at an address or behind a redirect that is not allowed
+    /// (loopback or private without `auth.allow_private_federation`, another host, `http`).
+    #[error("destination refused: {0}")]
+    Refused(String),
 }
 
 impl From<reqwest::Error> for DelayedLeaveError {
@@ -346,14 +356,34 @@ async fn reconcile(ctx: &Ctx, jobs: &mut HashMap<Key, Job>) {
     }
 }
 
-/// Shared by the jobs: the store, the SFU, the HTTP client, the discovery cache.
+/// Shared by the jobs: the store, the SFU and the way to the users' homeservers.
 struct Ctx {
     store: AsyncStore,
     sfu: SfuHandle,
-    http: reqwest::Client,
+    apis: CsApis,
+}
+
+/// Where a user's client-server API is and how it may be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CsApi {
+    /// Base URL, no trailing slash.
+    base: String,
+    /// Another homeserver's (found through its `.well-known`): only `https`, only same-host
+    /// redirects, only destinations the federation policy allows.
+    remote: bool,
+}
+
+/// The client-server APIs of the users' homeservers: the configured one for local users
+/// (trusted, any address: often `http://localhost:8008`), discovered ones for remote users
+/// (whatever a `.well-known` names, so held to the federation rules: a remote server must not
+/// make Conclave post to internal addresses).
+struct CsApis {
     /// This homeserver's name and client-server API, for local users.
     server_name: OwnedServerName,
     homeserver_url: String,
+    local_http: reqwest::Client,
+    remote_http: reqwest::Client,
+    policy: DestinationPolicy,
     /// Client-server API base URLs (or why discovery failed) by server name.
     discovery: Mutex<TtlCache<OwnedServerName, Result<String, String>>>,
 }
@@ -431,17 +461,10 @@ async fn participant_job(
 impl Ctx {
     fn new(calls: &Calls) -> Result<Self, DelayedLeaveError> {
         let inner = &calls.inner;
-        let http = inner
-            .http
-            .client(ClientOptions::with_timeout(REQUEST_TIMEOUT))
-            .map_err(|e| DelayedLeaveError::Client(e.to_string()))?;
         Ok(Self {
             store: inner.store.clone(),
             sfu: inner.sfu.clone(),
-            http,
-            server_name: inner.settings.server_name.clone(),
-            homeserver_url: inner.settings.homeserver_url.clone(),
-            discovery: Mutex::new(TtlCache::new(DISCOVERY_CACHE_MAX)),
+            apis: CsApis::new(&inner.http, &inner.settings)?,
         })
     }
 
@@ -523,13 +546,15 @@ impl Ctx {
         let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         let mut attempt = 1;
         loop {
-            let result = match self.cs_base(leave.user_id.server_name()).await {
-                Ok(base) => self.post_action(&base, &leave.delay_id, action).await,
+            let result = match self.apis.cs_api(leave.user_id.server_name()).await {
+                Ok(api) => self.apis.post_action(&api, &leave.delay_id, action).await,
                 Err(e) => Err(e),
             };
             let err = match result {
                 Ok(()) => return Ok(()),
                 Err(DelayedLeaveError::NotFound) => return Err(DelayedLeaveError::NotFound),
+                // The policy will not change between attempts.
+                Err(e @ DelayedLeaveError::Refused(_)) => return Err(e),
                 Err(e) if attempt >= MAX_ATTEMPTS => return Err(e),
                 Err(e) => e,
             };
@@ -545,21 +570,60 @@ impl Ctx {
             attempt += 1;
         }
     }
+}
+
+impl CsApis {
+    fn new(clients: &HttpClients, settings: &CallsSettings) -> Result<Self, DelayedLeaveError> {
+        let local_http = clients
+            .client(ClientOptions::with_timeout(REQUEST_TIMEOUT))
+            .map_err(|e| DelayedLeaveError::Client(e.to_string()))?;
+        let remote_http = clients
+            .client(ClientOptions {
+                connect_timeout: REQUEST_TIMEOUT.min(Duration::from_secs(5)),
+                read_timeout: Some(REQUEST_TIMEOUT),
+                timeout: REQUEST_TIMEOUT,
+                redirects: Redirects::SameHostHttps(MAX_REMOTE_REDIRECTS),
+                https_only: true,
+                destinations: Some(settings.federation_destinations),
+            })
+            .map_err(|e| DelayedLeaveError::Client(e.to_string()))?;
+        Ok(Self {
+            server_name: settings.server_name.clone(),
+            homeserver_url: settings.homeserver_url.clone(),
+            local_http,
+            remote_http,
+            policy: settings.federation_destinations,
+            discovery: Mutex::new(TtlCache::new(DISCOVERY_CACHE_MAX)),
+        })
+    }
+
+    /// The client for `api`, after checking an IP-literal remote URL against the policy (the
+    /// resolver checks names).
+    fn client_for(&self, api: &CsApi, url: &Url) -> Result<&reqwest::Client, DelayedLeaveError> {
+        if !api.remote {
+            return Ok(&self.local_http);
+        }
+        self.policy
+            .check_url(url)
+            .map_err(|e| DelayedLeaveError::Refused(e.to_string()))?;
+        Ok(&self.remote_http)
+    }
 
     /// `POST {base}/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{id}/{action}`.
     async fn post_action(
         &self,
-        base: &str,
+        api: &CsApi,
         delay_id: &str,
         action: Action,
     ) -> Result<(), DelayedLeaveError> {
-        let url = action_url(base, delay_id, action)?;
+        let url = action_url(&api.base, delay_id, action)?;
         let resp = self
-            .http
+            .client_for(api, &url)?
             .post(url)
             .json(&serde_json::json!({}))
             .send()
-            .await?;
+            .await
+            .map_err(refused_or_unreachable)?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -583,10 +647,13 @@ impl Ctx {
         })
     }
 
-    /// The client-server API base URL of `server`'s users (cached).
-    async fn cs_base(&self, server: &ServerName) -> Result<String, DelayedLeaveError> {
-        if let Some(local) = local_cs_base(&self.server_name, &self.homeserver_url, server) {
-            return Ok(local);
+    /// The client-server API of `server`'s users (discovery cached).
+    async fn cs_api(&self, server: &ServerName) -> Result<CsApi, DelayedLeaveError> {
+        if let Some(base) = local_cs_base(&self.server_name, &self.homeserver_url, server) {
+            return Ok(CsApi {
+                base,
+                remote: false,
+            });
         }
         let now = Instant::now().into_std();
         let cached = self.discovery.lock().ok().and_then(|m| m.get(server, now));
@@ -613,33 +680,50 @@ impl Ctx {
                 result
             }
         };
-        result.map_err(|reason| DelayedLeaveError::Discovery {
-            server: server.to_string(),
-            reason,
-        })
+        result
+            .map(|base| CsApi { base, remote: true })
+            .map_err(|reason| DelayedLeaveError::Discovery {
+                server: server.to_string(),
+                reason,
+            })
     }
 
-    /// `GET https://{server}/.well-known/matrix/client` → `m.homeserver.base_url`.
+    /// `GET https://{server}/.well-known/matrix/client` → `m.homeserver.base_url` (https only).
     async fn discover(&self, server: &ServerName) -> Result<String, String> {
-        let url = format!("https://{server}/.well-known/matrix/client");
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| e.without_url().to_string())?;
+        let url = Url::parse(&format!("https://{server}/.well-known/matrix/client"))
+            .map_err(|e| format!("bad server name: {e}"))?;
+        self.policy.check_url(&url).map_err(|e| e.to_string())?;
+        let resp =
+            self.remote_http.get(url.clone()).send().await.map_err(
+                |e| match refused_or_unreachable(e) {
+                    DelayedLeaveError::Refused(reason) => reason,
+                    other => other.to_string(),
+                },
+            )?;
         match resp.status() {
             s if s.is_success() => {
                 let body = read_capped(resp, MAX_BODY_BYTES)
                     .await
                     .map_err(|e| e.to_string())?;
-                base_url_from_well_known(&body)
+                remote_base_url(&body)
             }
             // No well-known: the server name itself serves the API (client discovery's fallback).
             StatusCode::NOT_FOUND => Ok(format!("https://{server}")),
             s => Err(format!("{url} answered {s}")),
         }
     }
+}
+
+/// A failed request's error: [`DelayedLeaveError::Refused`] when the destination policy or
+/// the redirect rule stopped it, else unreachable (URL stripped: it holds the delay ID).
+fn refused_or_unreachable(e: reqwest::Error) -> DelayedLeaveError {
+    if let Some(refused) = error_cause::<RefusedDestination>(&e) {
+        return DelayedLeaveError::Refused(refused.to_string());
+    }
+    if let Some(refused) = error_cause::<RedirectRefused>(&e) {
+        return DelayedLeaveError::Refused(refused.to_string());
+    }
+    DelayedLeaveError::from(e)
 }
 
 /// The local homeserver's client-server API for its own users; `None` for other servers.
@@ -667,6 +751,19 @@ fn base_url_from_well_known(body: &[u8]) -> Result<String, String> {
         ));
     }
     Ok(base.trim_end_matches('/').to_owned())
+}
+
+/// `m.homeserver.base_url` of another homeserver's `.well-known/matrix/client`: as
+/// [`base_url_from_well_known`], and `https` only.
+fn remote_base_url(body: &[u8]) -> Result<String, String> {
+    let base = base_url_from_well_known(body)?;
+    if !base.starts_with("https://") {
+        return Err(format!(
+            "m.homeserver.base_url {base:?} is not https (another homeserver's API is only \
+             reached over https)"
+        ));
+    }
+    Ok(base)
 }
 
 /// The management URL of `delay_id` for `action` (the ID percent-encoded as one segment).
@@ -834,6 +931,79 @@ mod tests {
         assert!(
             base_url_from_well_known(br#"{"m.homeserver": {"base_url": "not a url"}}"#).is_err()
         );
+    }
+
+    #[test]
+    fn remote_base_urls_must_be_https() {
+        let body = br#"{"m.homeserver": {"base_url": "https://matrix.example.org/"}}"#;
+        assert_eq!(
+            remote_base_url(body),
+            Ok("https://matrix.example.org".to_owned())
+        );
+        let body = br#"{"m.homeserver": {"base_url": "http://10.0.0.1:8008"}}"#;
+        let err = remote_base_url(body).unwrap_err();
+        assert!(err.contains("not https"), "{err}");
+    }
+
+    fn apis(allow_private: bool) -> CsApis {
+        let settings = CallsSettings {
+            server_name: server("local.example"),
+            homeserver_url: "http://127.0.0.1:8008/".into(),
+            bot_user_id: "@conclave:local.example".into(),
+            notices: false,
+            grace_period: Duration::ZERO,
+            federation_destinations: DestinationPolicy::new(allow_private),
+        };
+        CsApis::new(&HttpClients::default(), &settings).unwrap()
+    }
+
+    /// A remote user's homeserver on loopback (by IP literal or by a name resolving there) is
+    /// never contacted with the default policy; the local homeserver is, whatever its address.
+    #[tokio::test]
+    async fn remote_apis_on_private_addresses_are_refused_by_default() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let strict = apis(false);
+
+        let local = strict.cs_api(&server("local.example")).await.unwrap();
+        assert_eq!(
+            local,
+            CsApi {
+                base: "http://127.0.0.1:8008".into(),
+                remote: false
+            }
+        );
+        for name in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            let err = strict.cs_api(&server(&name)).await.unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, DelayedLeaveError::Discovery { .. }) && text.contains("refused"),
+                "{name}: {text}"
+            );
+        }
+        // A base URL discovered earlier (or cached) at a private address is refused too.
+        let api = CsApi {
+            base: format!("https://127.0.0.1:{port}"),
+            remote: true,
+        };
+        let err = strict
+            .post_action(&api, "syd_abc", Action::Send)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DelayedLeaveError::Refused(_)), "{err}");
+        // Nothing connected.
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a refused destination was connected to");
+        drop(listener);
+
+        // With `allow_private_federation` the same destination is tried (and fails: nothing
+        // listens there any more).
+        let open = apis(true);
+        let err = open
+            .post_action(&api, "syd_abc", Action::Send)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DelayedLeaveError::Unreachable(_)), "{err}");
     }
 
     #[test]

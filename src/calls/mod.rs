@@ -31,7 +31,7 @@ use crate::matrix::client::HomeserverClient;
 use crate::matrix::naming::{room_name, LEGACY_SLOT};
 use crate::metrics::Metrics;
 use crate::net::SfuHandle;
-use crate::plumbing::HttpClients;
+use crate::plumbing::{DestinationPolicy, HttpClients};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::store::{
     AsyncStore, CallChange, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
@@ -70,6 +70,9 @@ pub struct CallsSettings {
     pub notices: bool,
     /// How long an issued SFU participant may stay without a call membership (0: forever).
     pub grace_period: Duration,
+    /// Which addresses other homeservers' client-server APIs may have (delayed leaves of
+    /// remote users): `auth.allow_private_federation`, as for the OpenID lookups.
+    pub federation_destinations: DestinationPolicy,
 }
 
 impl CallsSettings {
@@ -81,6 +84,7 @@ impl CallsSettings {
             bot_user_id: config.bot_user_id(),
             notices: config.calls.notices,
             grace_period: Duration::from_secs(config.calls.grace_period_secs),
+            federation_destinations: DestinationPolicy::new(config.auth.allow_private_federation),
         }
     }
 }

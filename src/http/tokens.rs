@@ -114,7 +114,8 @@ pub async fn post_delegate_delayed_leave(
     }
 }
 
-/// CORS exactly as lk-jwt-service: every response carries it; `OPTIONS` answers 200 at once.
+/// CORS as lk-jwt-service (plus `Retry-After` exposed): every response carries it; `OPTIONS`
+/// answers 200 at once.
 pub async fn cors(request: Request, next: Next) -> Response {
     let mut response = if request.method() == Method::OPTIONS {
         StatusCode::OK.into_response()
@@ -139,6 +140,11 @@ pub async fn cors(request: Request, next: Next) -> Response {
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("86400"),
+    );
+    // A browser client may read when to try again after a 429 (lk-jwt-service never sends one).
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Retry-After"),
     );
     response
 }

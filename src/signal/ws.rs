@@ -39,7 +39,7 @@ const REFRESH_EVERY: Duration = Duration::from_secs(300);
 const MAX_BAD_FRAMES: u32 = 50;
 /// Largest incoming WebSocket message (and frame), in bytes: far above any legitimate request
 /// (an SDP offer, or a metadata update at the limits of [`crate::sfu::limits`], about 130 kB),
-/// far below tungstenite's 64 MiB default. A larger one ends the session.
+/// far below tungstenite's 64 MiB default. A larger one ends the session with close code 1009.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 /// How long one frame may take to go out: a client that does not take it in that time is
 /// disconnected ([`QUEUE_FULL_REASON`]). The join response's `ping_timeout` (15 s): a client
@@ -175,6 +175,23 @@ fn close_frame() -> WsMessage {
     }))
 }
 
+/// The close frame for a message over [`MAX_MESSAGE_BYTES`]: RFC 6455's 1009, "Message Too
+/// Big", with the limit, so the client's log says what happened.
+fn too_big_close_frame() -> WsMessage {
+    WsMessage::Close(Some(CloseFrame {
+        code: 1009,
+        reason: "signal message larger than 2 MiB".into(),
+    }))
+}
+
+/// Whether a WebSocket read failed because the message exceeded [`MAX_MESSAGE_BYTES`]
+/// (tungstenite's `CapacityError::MessageTooLong`/`Space limit exceeded`; axum wraps it and
+/// does not export the type, so its text is what is left to look at).
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Message too long") || text.contains("Space limit exceeded")
+}
+
 /// Writes one frame, waiting at most [`SEND_TIMEOUT`]; the error is why the session ends
 /// (`SIGNAL_CLOSE` when the socket failed, [`QUEUE_FULL_REASON`] when the client did not take
 /// the frame in time).
@@ -244,13 +261,22 @@ async fn run_session(
     let mut bad_frames = 0u32;
     let mut reason = lk::DisconnectReason::SignalClose;
     let mut closed_by_server = false;
+    let mut too_big = false;
     let silence_limit = state.signal_timeout;
     loop {
         let silence =
             tokio::time::sleep_until(tokio::time::Instant::from_std(last_heard + silence_limit));
         tokio::select! {
             frame = socket.recv() => {
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) if is_too_big(&e) => {
+                        tracing::warn!(%session, limit = MAX_MESSAGE_BYTES, "signal message too big; closing");
+                        too_big = true;
+                        break;
+                    }
+                    _ => break,
+                };
                 if matches!(frame, WsMessage::Close(_)) {
                     break;
                 }
@@ -352,7 +378,12 @@ async fn run_session(
             }
         }
     }
-    let _ = send(&mut socket, close_frame()).await;
+    let close = if too_big {
+        too_big_close_frame()
+    } else {
+        close_frame()
+    };
+    let _ = send(&mut socket, close).await;
 }
 
 /// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.

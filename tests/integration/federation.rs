@@ -455,6 +455,7 @@ async fn token_requests_naming_one_homeserver_are_rate_limited() {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert_eq!(retry_after, retry_ms.div_ceil(1000), "{headers:?}");
     assert_eq!(headers["access-control-allow-origin"], "*");
+    assert_eq!(headers["access-control-expose-headers"], "Retry-After");
     assert!(
         body["error"].as_str().unwrap().contains("127.0.0.1"),
         "{body}"

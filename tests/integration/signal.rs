@@ -599,6 +599,33 @@ async fn trap_room_names_with_plus_and_slash_round_trip() {
     assert_eq!(j.participant.unwrap().identity, identity);
 }
 
+/// A signal message over 2 MiB ends that session with close code 1009 (Message Too Big) and
+/// the reason; the others see it leave and the server goes on.
+#[tokio::test]
+async fn a_message_over_2_mib_closes_with_1009() {
+    let c = sfu().await;
+    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
+    a.send_raw(WsMessage::Binary(vec![0u8; 3 * 1024 * 1024].into()))
+        .await
+        .unwrap();
+    let (code, reason) = a
+        .close_frame_within(T)
+        .await
+        .expect("the server closes with a close frame");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("2 MiB"), "{reason}");
+    b.recv_until(T, |m| {
+        matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.sid == alice_sid
+            && p.state == lk::participant_info::State::Disconnected as i32))
+    })
+    .await
+    .unwrap();
+    // The server still takes new sessions.
+    let token = c.token("r-after-big", "carol", json!({}));
+    let mut carol = WsClient::connect(&c.ws_url(), &token, "").await.unwrap();
+    expect_join(&mut carol).await.unwrap();
+}
+
 /// Limits: a 1 MiB metadata update is refused with `LIMIT_EXCEEDED` and nobody else ever sees
 /// it; a client's leave reaches the others as `CLIENT_INITIATED`.
 #[tokio::test]

@@ -105,6 +105,20 @@ impl WsClient {
     }
 
     /// Whether the server closed the connection within `timeout`.
+    /// The close frame's code and reason, if the server closes within `timeout` with one.
+    pub async fn close_frame_within(&mut self, timeout: Duration) -> Option<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Close(Some(f))))) => {
+                    return Some((f.code.into(), f.reason.to_string()))
+                }
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     pub async fn closed_within(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
