@@ -111,6 +111,10 @@ pub struct HttpConfig {
     /// A WebSocket upgrade (`/rtc`) must be handed over this many seconds after its request,
     /// or the connection is closed. Default 10.
     pub ws_handshake_timeout_secs: u64,
+    /// A request must be answered this many seconds after its head was read: its body must
+    /// have arrived and the handler answered (WebSocket sessions are not requests here; their
+    /// upgrade has `ws_handshake_timeout_secs`). Default 60.
+    pub request_timeout_secs: u64,
     /// Open connections (WebSockets included) served in full, from all sources together.
     /// Default 10000.
     pub max_connections: usize,
@@ -134,6 +138,7 @@ impl Default for HttpConfig {
             header_timeout_secs: 10,
             idle_timeout_secs: 60,
             ws_handshake_timeout_secs: 10,
+            request_timeout_secs: 60,
             max_connections: 10_000,
             max_connections_per_ip: 1000,
             reserved_connections: 32,
@@ -600,6 +605,7 @@ impl Config {
                 "http.ws_handshake_timeout_secs",
                 self.http.ws_handshake_timeout_secs,
             ),
+            ("http.request_timeout_secs", self.http.request_timeout_secs),
         ] {
             if !(1..=3600).contains(&v) {
                 problems.push(format!(

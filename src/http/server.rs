@@ -67,6 +67,9 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// From a WebSocket upgrade request to the hand-over of the socket.
     pub ws_handshake_timeout: Duration,
+    /// From the end of a request head to its response: the body must arrive and the handler
+    /// answer within it (a body trickled byte by byte is cut off).
+    pub request_timeout: Duration,
     /// Connections with a full slot, from all sources.
     pub max_connections: usize,
     /// Connections with a full slot from one source address (IPv6: one `/64`).
@@ -82,6 +85,7 @@ impl ServerSettings {
             header_timeout: Duration::from_secs(http.header_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(http.idle_timeout_secs.max(1)),
             ws_handshake_timeout: Duration::from_secs(http.ws_handshake_timeout_secs.max(1)),
+            request_timeout: Duration::from_secs(http.request_timeout_secs.max(1)),
             max_connections: http.max_connections.max(1),
             max_connections_per_ip: http.max_connections_per_ip.max(1),
             reserved_connections: http.reserved_connections,
@@ -255,6 +259,8 @@ struct Activity {
     since_ms: AtomicU64,
     /// Start of a WebSocket upgrade request plus one, in ms since `base`; 0 if none.
     upgrade_ms: AtomicU64,
+    /// Start of the request in flight (not an upgrade) plus one, in ms since `base`; 0 if none.
+    request_ms: AtomicU64,
     changed: Notify,
 }
 
@@ -264,6 +270,7 @@ enum Expiry {
     Header,
     Idle,
     Handshake,
+    Request,
 }
 
 impl Activity {
@@ -274,6 +281,7 @@ impl Activity {
             reading_head: AtomicBool::new(false),
             since_ms: AtomicU64::new(0),
             upgrade_ms: AtomicU64::new(0),
+            request_ms: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
@@ -298,6 +306,8 @@ impl Activity {
         self.reading_head.store(false, Ordering::Relaxed);
         if upgrade {
             self.upgrade_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        } else {
+            self.request_ms.store(self.now_ms() + 1, Ordering::Relaxed);
         }
         self.changed.notify_one();
     }
@@ -307,6 +317,7 @@ impl Activity {
         if !upgrading {
             self.upgrade_ms.store(0, Ordering::Relaxed);
         }
+        self.request_ms.store(0, Ordering::Relaxed);
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.since_ms.store(self.now_ms(), Ordering::Relaxed);
         }
@@ -325,6 +336,14 @@ impl Activity {
                 return Err(Expiry::Handshake);
             }
             next = Some(at);
+        }
+        let request = self.request_ms.load(Ordering::Relaxed);
+        if request > 0 {
+            let at = (request - 1).saturating_add(ms(s.request_timeout));
+            if now >= at {
+                return Err(Expiry::Request);
+            }
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
         if self.in_flight.load(Ordering::Relaxed) == 0 {
             let since = self.since_ms.load(Ordering::Relaxed);
@@ -638,6 +657,7 @@ mod tests {
             header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(2),
             ws_handshake_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(3),
             max_connections: max,
             max_connections_per_ip: per_ip,
             reserved_connections: reserved,
@@ -705,8 +725,19 @@ mod tests {
         // Idle from the start: the idle deadline.
         assert_eq!(a.check(&s).expect("open"), Some(2000));
         a.on_request(false);
-        assert_eq!(a.check(&s).expect("open"), None, "a request in flight");
+        assert!(
+            a.check(&s)
+                .expect("open")
+                .is_some_and(|d| d >= 3000 && d <= 3000 + a.now_ms()),
+            "a request in flight has the request deadline only"
+        );
+        let expired = ServerSettings {
+            request_timeout: Duration::ZERO,
+            ..s.clone()
+        };
+        assert!(matches!(a.check(&expired), Err(Expiry::Request)));
         a.on_response(false);
+        assert!(a.check(&expired).is_ok(), "no request in flight any more");
         assert!(a.check(&s).expect("open").is_some_and(|d| d >= 2000));
         a.on_request(true);
         assert!(a

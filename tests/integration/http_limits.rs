@@ -176,6 +176,46 @@ async fn half_sent_headers_are_closed_after_the_header_timeout() {
     assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
 }
 
+/// A request whose body never completes (or trickles in a byte at a time) is cut off after
+/// `http.request_timeout_secs`; other requests are not disturbed.
+#[tokio::test]
+async fn slow_request_bodies_are_cut_off_after_the_request_timeout() {
+    let c = start(&[("CONCLAVE_HTTP__REQUEST_TIMEOUT_SECS", "2")]).await;
+    let head = "POST /get_token HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                content-length: 1000\r\n\r\n";
+    // Half a body, then nothing.
+    let mut stalled = TcpStream::connect(addr(&c)).await.unwrap();
+    stalled
+        .write_all(format!("{head}{{\"room_id\": ").as_bytes())
+        .await
+        .unwrap();
+    // A byte every 200 ms: the deadline is from the head, not from the last byte.
+    let mut trickle = TcpStream::connect(addr(&c)).await.unwrap();
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let t = Instant::now();
+    let mut trickle_closed = false;
+    for _ in 0..40 {
+        if trickle.write_all(b" ").await.is_err() {
+            trickle_closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    assert!(
+        trickle_closed || closed_within(&mut trickle, Duration::from_secs(2)).await,
+        "a trickled body outlived the request timeout"
+    );
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(2)).await,
+        "a stalled body outlived the request timeout"
+    );
+    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
+    assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
+}
+
 /// With `http.max_connections` reached by idle connections, `/healthz` and the appservice
 /// API still answer (reserved slots); other routes get 503 there.
 #[tokio::test]
