@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::config::Secret;
 use crate::plumbing::{Backoff, ClientOptions, HttpClients};
-use crate::sfu::ids::{Ids, RoomName, RoomSid};
+use crate::sfu::ids::{Ids, RoomName};
 use crate::sfu::registry::RegisteredRoom;
 use crate::sfu::registry::RoomRegistry;
 use crate::sfu::SfuEvent;
@@ -105,11 +105,11 @@ pub fn sign(api_key: &str, secret: &str, body: &[u8], now: u64) -> Result<String
     .map_err(|e| WebhookError::Sign(e.to_string()))
 }
 
-/// Turns SFU events into `WebhookEvent`s, remembering room SIDs and participant counts.
+/// Turns SFU events into `WebhookEvent`s, remembering participant counts. The room SID is
+/// the one every event carries (the engine's, the same as `CreateRoom`'s and `ListRooms`').
 #[derive(Debug)]
 pub struct EventBuilder {
     ids: Ids,
-    sids: HashMap<RoomName, RoomSid>,
     counts: HashMap<RoomName, u32>,
 }
 
@@ -117,7 +117,6 @@ impl Default for EventBuilder {
     fn default() -> Self {
         Self {
             ids: Ids::from_entropy(),
-            sids: HashMap::new(),
             counts: HashMap::new(),
         }
     }
@@ -141,15 +140,11 @@ impl EventBuilder {
         unix_now: i64,
     ) -> lk::WebhookEvent {
         let (name, room, participant, track) = match event {
-            SfuEvent::RoomStarted { room, sid } => {
-                self.sids.insert(room.clone(), sid.clone());
+            SfuEvent::RoomStarted { room, .. } => {
                 self.counts.insert(room.clone(), 0);
                 ("room_started", room, None, None)
             }
-            SfuEvent::RoomFinished { room, sid } => {
-                self.sids.insert(room.clone(), sid.clone());
-                ("room_finished", room, None, None)
-            }
+            SfuEvent::RoomFinished { room, .. } => ("room_finished", room, None, None),
             SfuEvent::ParticipantJoined { room, info, .. } => {
                 *self.counts.entry(room.clone()).or_default() += 1;
                 (
@@ -178,6 +173,7 @@ impl EventBuilder {
                 room,
                 participant,
                 track,
+                ..
             } => (
                 "track_published",
                 room,
@@ -188,6 +184,7 @@ impl EventBuilder {
                 room,
                 participant,
                 track,
+                ..
             } => (
                 "track_unpublished",
                 room,
@@ -196,11 +193,7 @@ impl EventBuilder {
             ),
         };
         let mut info = lk::Room {
-            sid: self
-                .sids
-                .get(room)
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+            sid: event.room_sid().to_string(),
             name: room.to_string(),
             num_participants: self.counts.get(room).copied().unwrap_or(0),
             ..Default::default()
@@ -213,7 +206,6 @@ impl EventBuilder {
             info.metadata = reg.metadata.clone();
         }
         if matches!(event, SfuEvent::RoomFinished { .. }) {
-            self.sids.remove(room);
             self.counts.remove(room);
         }
         #[allow(deprecated)] // num_dropped: LiveKit leaves it 0 too
@@ -526,6 +518,7 @@ mod tests {
         let joined = b.build(
             &SfuEvent::ParticipantJoined {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -546,6 +539,7 @@ mod tests {
         let aborted = b.build(
             &SfuEvent::ParticipantLeft {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -560,6 +554,7 @@ mod tests {
         let left = b.build(
             &SfuEvent::ParticipantLeft {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -586,7 +581,7 @@ mod tests {
         );
         assert_eq!(finished.event, "room_finished");
         assert_eq!(finished.room.unwrap().sid, "RM_x");
-        assert!(b.sids.is_empty() && b.counts.is_empty());
+        assert!(b.counts.is_empty());
     }
 
     #[test]
