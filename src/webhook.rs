@@ -551,6 +551,7 @@ mod tests {
             1_700_000_002,
         );
         assert_eq!(aborted.event, "participant_connection_aborted");
+        assert_eq!(aborted.room.as_ref().unwrap().sid, "RM_x");
         let left = b.build(
             &SfuEvent::ParticipantLeft {
                 room: "r".into(),
@@ -582,6 +583,76 @@ mod tests {
         assert_eq!(finished.event, "room_finished");
         assert_eq!(finished.room.unwrap().sid, "RM_x");
         assert!(b.counts.is_empty());
+    }
+
+    /// Webhooks of a room made by `CreateRoom`, driven through the engine: `room_started`,
+    /// `participant_joined`, `participant_left` and `room_finished` carry the SID the room got
+    /// at creation (the one `CreateRoom`, `ListRooms` and the join response show).
+    #[test]
+    fn webhooks_carry_the_sid_the_room_got_at_creation() {
+        use crate::sfu::registry::RoomOptions;
+        use crate::sfu::{Command, Join, Output, Sfu, SfuConfig};
+
+        let t0 = Instant::now();
+        let mut sfu = Sfu::new(
+            SfuConfig {
+                candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+                seed: Some(3),
+            },
+            t0,
+        );
+        let room = RoomName::from("r");
+        assert!(sfu.create_room(t0, &room, RoomOptions::default()));
+        let record = sfu.registered_rooms().next().cloned().unwrap();
+        assert!(record.sid.as_str().starts_with("RM_"));
+        sfu.handle_command(
+            t0,
+            Command::Join(Join {
+                session: SessionId(1),
+                room: room.clone(),
+                identity: "alice".into(),
+                name: "alice".into(),
+                metadata: String::new(),
+                permission: lk::ParticipantPermission::default(),
+                auto_subscribe: false,
+                client_protocol: 2,
+            }),
+        );
+        sfu.handle_command(
+            t0 + Duration::from_millis(1),
+            Command::Disconnect {
+                session: SessionId(1),
+                reason: lk::DisconnectReason::ClientInitiated,
+            },
+        );
+        let mut events = Vec::new();
+        loop {
+            match sfu.poll_output() {
+                Output::Event(e) => events.push(e),
+                Output::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        let mut b = EventBuilder::with_ids(Ids::from_seed(1));
+        let hooks: Vec<lk::WebhookEvent> = events
+            .iter()
+            .map(|e| b.build(e, Some(&record), 1_700_000_000))
+            .collect();
+        let names: Vec<&str> = hooks.iter().map(|h| h.event.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "room_started",
+                "participant_joined",
+                "participant_connection_aborted",
+                "room_finished"
+            ]
+        );
+        for h in &hooks {
+            let body: serde_json::Value = serde_json::from_slice(&encode(h).unwrap()).unwrap();
+            assert_eq!(body["room"]["sid"], record.sid.as_str(), "{body}");
+            assert_eq!(body["room"]["name"], "r");
+        }
     }
 
     #[test]
