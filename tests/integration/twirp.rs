@@ -685,7 +685,11 @@ async fn python_livekit_api_room_sid_from_creation() {
     let sid = created["sid"].as_str().unwrap_or_default().to_owned();
     assert!(sid.starts_with("RM_") && sid.len() > 3, "{created}");
     let again = ok(&c, json!({"op": "create_room", "name": "sid-room"})).await;
-    assert_eq!(again["sid"], sid.as_str(), "an idempotent create keeps the SID");
+    assert_eq!(
+        again["sid"],
+        sid.as_str(),
+        "an idempotent create keeps the SID"
+    );
     let listed = ok(&c, json!({"op": "list_rooms", "names": ["sid-room"]})).await;
     assert_eq!(listed["rooms"][0]["sid"], sid.as_str(), "{listed}");
 

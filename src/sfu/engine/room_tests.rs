@@ -453,7 +453,10 @@ fn a_created_room_keeps_its_sid_through_joins_and_events() {
     assert_eq!(s.room_sid(&room), None, "no room, no SID");
     assert!(s.create_room(t0, &room, opts(300, 20, 0)));
     let sid = record(&s, "r").expect("record").sid;
-    assert!(sid.as_str().starts_with("RM_") && sid.as_str().len() == 15, "{sid}");
+    assert!(
+        sid.as_str().starts_with("RM_") && sid.as_str().len() == 15,
+        "{sid}"
+    );
     assert_eq!(s.room_sid(&room), Some(sid.clone()));
     // The idempotent create keeps it.
     assert!(!s.create_room(t0 + MS, &room, opts(5, 1, 0)));
@@ -565,7 +568,9 @@ fn a_room_created_again_after_it_ended_gets_a_new_sid() {
     let d = drain(&mut s);
     let fourth = joined_sid(&d, 3);
     assert!(fourth.starts_with("RM_"));
-    assert!(![&first, &second, &third].iter().any(|s| s.as_str() == fourth));
+    assert!(![&first, &second, &third]
+        .iter()
+        .any(|s| s.as_str() == fourth));
     assert!(s.create_room(gone, &room, opts(5, 1, 0)));
     assert_eq!(
         record(&s, "r").unwrap().sid.as_str(),
