@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::config::Secret;
 use crate::plumbing::{Backoff, ClientOptions, HttpClients};
-use crate::sfu::ids::{Ids, RoomName, RoomSid};
+use crate::sfu::ids::{Ids, RoomName};
 use crate::sfu::registry::RegisteredRoom;
 use crate::sfu::registry::RoomRegistry;
 use crate::sfu::SfuEvent;
@@ -105,11 +105,11 @@ pub fn sign(api_key: &str, secret: &str, body: &[u8], now: u64) -> Result<String
     .map_err(|e| WebhookError::Sign(e.to_string()))
 }
 
-/// Turns SFU events into `WebhookEvent`s, remembering room SIDs and participant counts.
+/// Turns SFU events into `WebhookEvent`s, remembering participant counts. The room SID is
+/// the one every event carries (the engine's, the same as `CreateRoom`'s and `ListRooms`').
 #[derive(Debug)]
 pub struct EventBuilder {
     ids: Ids,
-    sids: HashMap<RoomName, RoomSid>,
     counts: HashMap<RoomName, u32>,
 }
 
@@ -117,7 +117,6 @@ impl Default for EventBuilder {
     fn default() -> Self {
         Self {
             ids: Ids::from_entropy(),
-            sids: HashMap::new(),
             counts: HashMap::new(),
         }
     }
@@ -141,15 +140,11 @@ impl EventBuilder {
         unix_now: i64,
     ) -> lk::WebhookEvent {
         let (name, room, participant, track) = match event {
-            SfuEvent::RoomStarted { room, sid } => {
-                self.sids.insert(room.clone(), sid.clone());
+            SfuEvent::RoomStarted { room, .. } => {
                 self.counts.insert(room.clone(), 0);
                 ("room_started", room, None, None)
             }
-            SfuEvent::RoomFinished { room, sid } => {
-                self.sids.insert(room.clone(), sid.clone());
-                ("room_finished", room, None, None)
-            }
+            SfuEvent::RoomFinished { room, .. } => ("room_finished", room, None, None),
             SfuEvent::ParticipantJoined { room, info, .. } => {
                 *self.counts.entry(room.clone()).or_default() += 1;
                 (
@@ -178,6 +173,7 @@ impl EventBuilder {
                 room,
                 participant,
                 track,
+                ..
             } => (
                 "track_published",
                 room,
@@ -188,6 +184,7 @@ impl EventBuilder {
                 room,
                 participant,
                 track,
+                ..
             } => (
                 "track_unpublished",
                 room,
@@ -196,11 +193,7 @@ impl EventBuilder {
             ),
         };
         let mut info = lk::Room {
-            sid: self
-                .sids
-                .get(room)
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+            sid: event.room_sid().to_string(),
             name: room.to_string(),
             num_participants: self.counts.get(room).copied().unwrap_or(0),
             ..Default::default()
@@ -213,7 +206,6 @@ impl EventBuilder {
             info.metadata = reg.metadata.clone();
         }
         if matches!(event, SfuEvent::RoomFinished { .. }) {
-            self.sids.remove(room);
             self.counts.remove(room);
         }
         #[allow(deprecated)] // num_dropped: LiveKit leaves it 0 too
@@ -526,6 +518,7 @@ mod tests {
         let joined = b.build(
             &SfuEvent::ParticipantJoined {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -546,6 +539,7 @@ mod tests {
         let aborted = b.build(
             &SfuEvent::ParticipantLeft {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -557,9 +551,11 @@ mod tests {
             1_700_000_002,
         );
         assert_eq!(aborted.event, "participant_connection_aborted");
+        assert_eq!(aborted.room.as_ref().unwrap().sid, "RM_x");
         let left = b.build(
             &SfuEvent::ParticipantLeft {
                 room: "r".into(),
+                room_sid: "RM_x".into(),
                 identity: "a".into(),
                 sid: "PA_a".into(),
                 session: SessionId(1),
@@ -586,7 +582,77 @@ mod tests {
         );
         assert_eq!(finished.event, "room_finished");
         assert_eq!(finished.room.unwrap().sid, "RM_x");
-        assert!(b.sids.is_empty() && b.counts.is_empty());
+        assert!(b.counts.is_empty());
+    }
+
+    /// Webhooks of a room made by `CreateRoom`, driven through the engine: `room_started`,
+    /// `participant_joined`, `participant_left` and `room_finished` carry the SID the room got
+    /// at creation (the one `CreateRoom`, `ListRooms` and the join response show).
+    #[test]
+    fn webhooks_carry_the_sid_the_room_got_at_creation() {
+        use crate::sfu::registry::RoomOptions;
+        use crate::sfu::{Command, Join, Output, Sfu, SfuConfig};
+
+        let t0 = Instant::now();
+        let mut sfu = Sfu::new(
+            SfuConfig {
+                candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+                seed: Some(3),
+            },
+            t0,
+        );
+        let room = RoomName::from("r");
+        assert!(sfu.create_room(t0, &room, RoomOptions::default()));
+        let record = sfu.registered_rooms().next().cloned().unwrap();
+        assert!(record.sid.as_str().starts_with("RM_"));
+        sfu.handle_command(
+            t0,
+            Command::Join(Join {
+                session: SessionId(1),
+                room: room.clone(),
+                identity: "alice".into(),
+                name: "alice".into(),
+                metadata: String::new(),
+                permission: lk::ParticipantPermission::default(),
+                auto_subscribe: false,
+                client_protocol: 2,
+            }),
+        );
+        sfu.handle_command(
+            t0 + Duration::from_millis(1),
+            Command::Disconnect {
+                session: SessionId(1),
+                reason: lk::DisconnectReason::ClientInitiated,
+            },
+        );
+        let mut events = Vec::new();
+        loop {
+            match sfu.poll_output() {
+                Output::Event(e) => events.push(e),
+                Output::Timeout(_) => break,
+                _ => {}
+            }
+        }
+        let mut b = EventBuilder::with_ids(Ids::from_seed(1));
+        let hooks: Vec<lk::WebhookEvent> = events
+            .iter()
+            .map(|e| b.build(e, Some(&record), 1_700_000_000))
+            .collect();
+        let names: Vec<&str> = hooks.iter().map(|h| h.event.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "room_started",
+                "participant_joined",
+                "participant_connection_aborted",
+                "room_finished"
+            ]
+        );
+        for h in &hooks {
+            let body: serde_json::Value = serde_json::from_slice(&encode(h).unwrap()).unwrap();
+            assert_eq!(body["room"]["sid"], record.sid.as_str(), "{body}");
+            assert_eq!(body["room"]["name"], "r");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::matrix::naming::{room_name, LEGACY_SLOT};
 use crate::metrics::Metrics;
 use crate::net::SfuHandle;
 use crate::plumbing::{DestinationPolicy, HttpClients};
-use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::ids::{ParticipantIdentity, RoomName, RoomSid};
 use crate::store::{
     AsyncStore, CallChange, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
     StoreError, TxnOutcome,
@@ -148,6 +148,9 @@ pub struct MatrixView {
 pub struct SfuView {
     /// The SFU room name.
     pub room: RoomName,
+    /// The SFU room's SID (`RM_…`, as in RoomService and webhooks); `None` while the SFU has
+    /// no such room.
+    pub sid: Option<RoomSid>,
     /// Who is connected.
     pub participants: Vec<SfuParticipantView>,
 }
@@ -451,7 +454,11 @@ impl Calls {
             matrix: MatrixView {
                 members: call.members,
             },
-            sfu: SfuView { room, participants },
+            sfu: SfuView {
+                sid: self.inner.sfu.room_sid(&room).await,
+                room,
+                participants,
+            },
         }
     }
 

@@ -337,12 +337,13 @@ impl Call<'_> {
         }
     }
 
-    /// The full room info: registry (lifetimes, metadata, creation) plus the engine's live
-    /// fields (SID, counts).
+    /// The full room info: registry (SID, lifetimes, metadata, creation) plus the engine's
+    /// live fields (counts). The SID is the room's from its creation, participants or not.
     async fn room(&self, reg: &RegisteredRoom) -> lk::Room {
         let live = self.state.sfu.room_info(&reg.name).await;
         let mut room = live.unwrap_or_default();
         let created = reg.created_unix;
+        room.sid = reg.sid.to_string();
         room.name = reg.name.to_string();
         room.empty_timeout = secs(reg.options.empty_timeout);
         room.departure_timeout = secs(reg.options.departure_timeout);

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod batch;
 pub mod queue;
 
-use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::ids::{ParticipantIdentity, RoomName, RoomSid};
 use crate::sfu::registry::{RoomOptions, RoomRegistry};
 use crate::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
 use livekit_protocol::DisconnectReason;
@@ -101,6 +101,13 @@ pub enum LoopRequest {
         room: RoomName,
         /// Reply.
         reply: oneshot::Sender<Option<livekit_protocol::Room>>,
+    },
+    /// A room's SID, `None` when the room does not exist.
+    RoomSid {
+        /// Room name.
+        room: RoomName,
+        /// Reply.
+        reply: oneshot::Sender<Option<RoomSid>>,
     },
     /// One participant's info (RoomService), `None` when absent.
     Participant {
@@ -323,6 +330,17 @@ impl SfuHandle {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// `room`'s SID (`RM_…`), the same while the room exists, with or without participants;
+    /// `None` if it does not exist (or the loop is gone).
+    pub async fn room_sid(&self, room: &RoomName) -> Option<RoomSid> {
+        self.ask(|reply| LoopRequest::RoomSid {
+            room: room.clone(),
+            reply,
+        })
+        .await
+        .flatten()
     }
 
     /// The live part of `room`'s info (SID, creation time, counts), if anybody is connected.
@@ -587,6 +605,9 @@ impl Loop {
             }
             LoopRequest::Room { room, reply } => {
                 let _ = reply.send(self.sfu.room_info(&room));
+            }
+            LoopRequest::RoomSid { room, reply } => {
+                let _ = reply.send(self.sfu.room_sid(&room));
             }
             LoopRequest::Participant {
                 room,

@@ -123,6 +123,8 @@ pub enum SfuEvent {
     TrackPublished {
         /// LiveKit room name.
         room: RoomName,
+        /// The room's SID.
+        room_sid: RoomSid,
         /// The publisher.
         participant: Box<lk::ParticipantInfo>,
         /// The track.
@@ -132,6 +134,8 @@ pub enum SfuEvent {
     TrackUnpublished {
         /// LiveKit room name.
         room: RoomName,
+        /// The room's SID.
+        room_sid: RoomSid,
         /// The publisher.
         participant: Box<lk::ParticipantInfo>,
         /// The track.
@@ -141,6 +145,8 @@ pub enum SfuEvent {
     ParticipantJoined {
         /// LiveKit room name.
         room: RoomName,
+        /// The room's SID.
+        room_sid: RoomSid,
         /// Participant identity.
         identity: ParticipantIdentity,
         /// Participant SID.
@@ -154,6 +160,8 @@ pub enum SfuEvent {
     ParticipantLeft {
         /// LiveKit room name.
         room: RoomName,
+        /// The room's SID.
+        room_sid: RoomSid,
         /// Participant identity.
         identity: ParticipantIdentity,
         /// Participant SID.
@@ -180,6 +188,17 @@ impl SfuEvent {
             | Self::TrackUnpublished { room, .. }
             | Self::ParticipantJoined { room, .. }
             | Self::ParticipantLeft { room, .. } => room,
+        }
+    }
+
+    /// The SID of the room the event is about (the same from `RoomStarted` to `RoomFinished`).
+    pub fn room_sid(&self) -> &RoomSid {
+        match self {
+            Self::RoomStarted { sid, .. } | Self::RoomFinished { sid, .. } => sid,
+            Self::TrackPublished { room_sid, .. }
+            | Self::TrackUnpublished { room_sid, .. }
+            | Self::ParticipantJoined { room_sid, .. }
+            | Self::ParticipantLeft { room_sid, .. } => room_sid,
         }
     }
 }
@@ -621,18 +640,25 @@ impl Sfu {
                 Departure::Replaced,
             );
         }
-        let room_sid = RoomSid::new(self.ids.sid(ROOM_PREFIX));
         let unix = self.unix_now;
         if !self.rooms.contains_key(&room_name) {
+            // The room's one SID: its record's (created before anybody joined), else a new one.
+            let (room_sid, created) = match self.registered.get(&room_name) {
+                Some(r) => (r.sid.clone(), r.created_unix),
+                None => (RoomSid::new(self.ids.sid(ROOM_PREFIX)), unix),
+            };
             self.out.push_back(Output::Event(SfuEvent::RoomStarted {
                 room: room_name.clone(),
                 sid: room_sid.clone(),
             }));
+            self.rooms.insert(
+                room_name.clone(),
+                Room::new(room_name.clone(), room_sid, created),
+            );
         }
-        let room = self
-            .rooms
-            .entry(room_name.clone())
-            .or_insert_with(|| Room::new(room_name.clone(), room_sid, unix));
+        let Some(room) = self.rooms.get(&room_name) else {
+            return;
+        };
         let room_sid = room.sid.clone();
         let room_created = room.created_unix;
         let sid = ParticipantSid::new(self.ids.sid(PARTICIPANT_PREFIX));
@@ -695,7 +721,7 @@ impl Sfu {
 
         let join = lk::JoinResponse {
             room: Some(lk::Room {
-                sid: room_sid.into_string(),
+                sid: room_sid.to_string(),
                 name: room_name.to_string(),
                 creation_time: room_created,
                 creation_time_ms: room_created * 1000,
@@ -774,6 +800,7 @@ impl Sfu {
         self.out
             .push_back(Output::Event(SfuEvent::ParticipantJoined {
                 room: room_name,
+                room_sid,
                 identity,
                 sid,
                 session,
@@ -841,6 +868,7 @@ impl Sfu {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
                     room: room_name.clone(),
+                    room_sid: room.sid.clone(),
                     participant: Box::new(p.info.clone()),
                     track: Box::new(t.info.clone()),
                 }));
@@ -864,10 +892,12 @@ impl Sfu {
         // A session replaced by a newer one of the same identity leaves the room to it: the
         // room goes on (same SID, no RoomFinished/RoomStarted), as in LiveKit.
         let replaced = how == Departure::Replaced;
-        let finished = (room.participants.is_empty() && !replaced).then(|| room.sid.clone());
+        let room_sid = room.sid.clone();
+        let finished = room.participants.is_empty() && !replaced;
         self.count_participant(now, &room_name, false);
         self.out.push_back(Output::Event(SfuEvent::ParticipantLeft {
             room: room_name.clone(),
+            room_sid: room_sid.clone(),
             identity: p.identity.clone(),
             sid: p.sid.clone(),
             session,
@@ -875,11 +905,11 @@ impl Sfu {
             ever_connected: p.ever_connected(),
             info: Box::new(p.info.clone()),
         }));
-        if let Some(sid) = finished {
+        if finished {
             self.rooms.remove(&room_name);
             self.out.push_back(Output::Event(SfuEvent::RoomFinished {
                 room: room_name,
-                sid,
+                sid: room_sid,
             }));
         }
         for s in touched {
@@ -945,6 +975,7 @@ impl Sfu {
             return Vec::new();
         };
         let room_name = room.name.clone();
+        let room_sid = room.sid.clone();
         let Some(p) = room.participants.get_mut(&session) else {
             return Vec::new();
         };
@@ -953,6 +984,7 @@ impl Sfu {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
                     room: room_name.clone(),
+                    room_sid: room_sid.clone(),
                     participant: Box::new(p.info.clone()),
                     track: Box::new(t.info.clone()),
                 }));

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use super::ids::RoomName;
+use super::ids::{RoomName, RoomSid};
 
 /// Per-room lifetime settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,9 @@ impl Default for RoomOptions {
 pub struct RegisteredRoom {
     /// LiveKit room name.
     pub name: RoomName,
+    /// Its SID (`RM_…`): given when the room came to exist (`CreateRoom`, a token request or
+    /// the first join) and kept until it closes; the engine's live room carries the same one.
+    pub sid: RoomSid,
     /// When it was created.
     pub created_at: Instant,
     /// When it was created, Unix seconds (RoomService `creation_time`).
@@ -54,10 +57,17 @@ pub struct RegisteredRoom {
 }
 
 impl RegisteredRoom {
-    /// A new, empty room created at `now` (`unix_now` in Unix seconds).
-    pub fn new(name: RoomName, options: RoomOptions, now: Instant, unix_now: i64) -> Self {
+    /// A new, empty room `sid` created at `now` (`unix_now` in Unix seconds).
+    pub fn new(
+        name: RoomName,
+        sid: RoomSid,
+        options: RoomOptions,
+        now: Instant,
+        unix_now: i64,
+    ) -> Self {
         Self {
             name,
+            sid,
             created_at: now,
             created_unix: unix_now,
             options,
@@ -154,7 +164,7 @@ mod tests {
     #[test]
     fn lifetimes_and_the_view() {
         let t0 = Instant::now();
-        let mut a = RegisteredRoom::new("a".into(), RoomOptions::default(), t0, 0);
+        let mut a = RegisteredRoom::new("a".into(), "RM_a".into(), RoomOptions::default(), t0, 0);
         assert!(!a.expired(t0 + Duration::from_secs(299)));
         assert!(a.expired(t0 + Duration::from_secs(300)), "empty timeout");
         a.participant_joined();
@@ -172,7 +182,7 @@ mod tests {
         let reg = RoomRegistry::default();
         reg.publish([
             a,
-            RegisteredRoom::new("b".into(), RoomOptions::default(), t0, 0),
+            RegisteredRoom::new("b".into(), "RM_b".into(), RoomOptions::default(), t0, 0),
         ]);
         assert!(reg.exists("b", t0));
         assert_eq!(reg.list(t0 + Duration::from_secs(1019)).len(), 1);

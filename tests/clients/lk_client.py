@@ -102,6 +102,7 @@ class State:
             "signalling": {None: "default", True: "single-pc", False: "dual-pc"}[args.single_pc],
             "connected": False,
             "room": None,
+            "room_sid": None,
             "local_identity": None,
             "local_sid": None,
             "published": [],
@@ -477,10 +478,17 @@ async def run(args):
             return st, EXIT_CONNECT_FAILED
         st.connected_at = time.monotonic()
         lp = room.local_participant
-        st.summary.update(connected=True, room=room.name, local_identity=lp.identity,
-                          local_sid=lp.sid, connected_ms=st.now_ms())
-        st.ev("connected", room=room.name, identity=lp.identity, sid=lp.sid,
-              remote=sorted(room.remote_participants))
+        # The room's SID (`RM_...`): `Room.sid` is awaitable (it may arrive after the join
+        # response, in a room_update); a server that never sends one gives null here.
+        try:
+            room_sid = await asyncio.wait_for(room.sid, timeout=5.0)
+        except (asyncio.TimeoutError, RuntimeError):
+            room_sid = None
+        st.summary.update(connected=True, room=room.name, room_sid=room_sid,
+                          local_identity=lp.identity, local_sid=lp.sid,
+                          connected_ms=st.now_ms())
+        st.ev("connected", room=room.name, room_sid=room_sid, identity=lp.identity,
+              sid=lp.sid, remote=sorted(room.remote_participants))
         for p in room.remote_participants.values():
             rec = st.peer(p.identity)
             rec["sid"] = p.sid

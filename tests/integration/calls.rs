@@ -247,6 +247,17 @@ async fn call_membership_drives_the_sfu() {
     let (s, v) = admin(&c, &format!("calls/{room}")).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["matrix"]["members"].as_array().unwrap().len(), 2, "{v}");
+    // The SFU room's SID: the one the participants got in their join response.
+    let sid = v["sfu"]["sid"].as_str().unwrap_or_default();
+    assert!(sid.starts_with("RM_"), "{v}");
+    for client in &clients {
+        let connected = client
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "connected")
+            .expect("a connected event");
+        assert_eq!(connected["room_sid"], sid, "{connected}");
+    }
     let sfu: Vec<&Value> = v["sfu"]["participants"]
         .as_array()
         .unwrap()

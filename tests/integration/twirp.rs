@@ -672,6 +672,56 @@ async fn twirp_wire_format_errors_and_signalled_updates() {
     assert_eq!((s, e["code"].as_str()), (404, Some("not_found")));
 }
 
+/// The room's SID from creation (issue 17): `livekit-api`'s `create_room` answers a room with
+/// an `RM_` SID before anybody joined, `list_rooms` shows the same one, and so do a Python SDK
+/// participant (`Room.sid`) and a raw signalling client (its join response); deleted and
+/// created again, the room gets a new SID.
+#[tokio::test]
+async fn python_livekit_api_room_sid_from_creation() {
+    let _heavy = heavy_lock();
+    let c = conclave().await;
+
+    let created = ok(&c, json!({"op": "create_room", "name": "sid-room"})).await;
+    let sid = created["sid"].as_str().unwrap_or_default().to_owned();
+    assert!(sid.starts_with("RM_") && sid.len() > 3, "{created}");
+    let again = ok(&c, json!({"op": "create_room", "name": "sid-room"})).await;
+    assert_eq!(
+        again["sid"],
+        sid.as_str(),
+        "an idempotent create keeps the SID"
+    );
+    let listed = ok(&c, json!({"op": "list_rooms", "names": ["sid-room"]})).await;
+    assert_eq!(listed["rooms"][0]["sid"], sid.as_str(), "{listed}");
+
+    // A participant with the Python SDK: `await room.sid` is the same SID.
+    let mut spec = participant(&c, "sid-room", "alice", false);
+    spec.timeout_s = 30.0;
+    spec.min_duration_s = 0.0;
+    spec.leave_after_s = Some(60.0);
+    let alice = PyClient::spawn(spec);
+    let mut alice = alice.unwrap();
+    let connected = alice
+        .wait_event("connected", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(connected["room_sid"], sid.as_str(), "{connected}");
+    // A raw signalling client's join response: the same.
+    let (_ws, j) = join(&c, "sid-room", "bob").await;
+    assert_eq!(j.room.map(|r| r.sid).unwrap_or_default(), sid);
+    let listed = ok(&c, json!({"op": "list_rooms", "names": ["sid-room"]})).await;
+    assert_eq!(listed["rooms"][0]["sid"], sid.as_str(), "{listed}");
+    assert_eq!(listed["rooms"][0]["num_participants"], 2, "{listed}");
+    alice.terminate().unwrap();
+    alice.wait(Duration::from_secs(15)).await.unwrap();
+
+    // A room created again after it ended is a new room: a new SID.
+    ok(&c, json!({"op": "delete_room", "room": "sid-room"})).await;
+    let recreated = ok(&c, json!({"op": "create_room", "name": "sid-room"})).await;
+    let new_sid = recreated["sid"].as_str().unwrap_or_default();
+    assert!(new_sid.starts_with("RM_"), "{recreated}");
+    assert_ne!(new_sid, sid);
+}
+
 /// `rtc.twirp_enabled = false`: every RoomService route is Twirp `bad_route`.
 #[tokio::test]
 async fn twirp_can_be_disabled() {

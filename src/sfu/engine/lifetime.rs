@@ -7,25 +7,42 @@ use std::time::Instant;
 use livekit_protocol as lk;
 
 use super::{SessionId, Sfu, SignalOut};
-use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::ids::{ParticipantIdentity, RoomName, RoomSid, ROOM_PREFIX};
 use crate::sfu::registry::{RegisteredRoom, RoomOptions};
 use crate::sfu::Output;
 
 impl Sfu {
     /// Creates room `name` unless it exists (idempotent, as lk-jwt-service and `CreateRoom`);
     /// returns true if it was created now.
+    ///
+    /// A new room gets its SID now (or keeps the one of the participants already connected to
+    /// it); it keeps that SID until it closes, and a room created again after that gets a new
+    /// one, as in LiveKit.
     pub fn create_room(&mut self, now: Instant, name: &RoomName, options: RoomOptions) -> bool {
         self.last_now = now;
         self.expire_rooms(now);
         if self.registered.contains_key(name) {
             return false;
         }
-        let mut room = RegisteredRoom::new(name.clone(), options, now, self.unix_now);
+        let sid = match self.rooms.get(name) {
+            Some(live) => live.sid.clone(),
+            None => RoomSid::new(self.ids.sid(ROOM_PREFIX)),
+        };
+        let mut room = RegisteredRoom::new(name.clone(), sid, options, now, self.unix_now);
         room.participants = u32::try_from(self.participant_count(name)).unwrap_or(u32::MAX);
+        tracing::info!(room = %name, sid = %room.sid, "SFU room created");
         self.registered.insert(name.clone(), room);
         self.rooms_changed = true;
-        tracing::info!(room = %name, "SFU room created");
         true
+    }
+
+    /// The SID of room `name`: its record's, or (a room without one) its live room's; `None`
+    /// when it exists neither way.
+    pub fn room_sid(&self, name: &RoomName) -> Option<RoomSid> {
+        self.registered
+            .get(name)
+            .map(|r| r.sid.clone())
+            .or_else(|| self.rooms.get(name).map(|r| r.sid.clone()))
     }
 
     /// Sets the metadata of room `name`; returns whether the room exists.

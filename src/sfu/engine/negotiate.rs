@@ -151,6 +151,7 @@ impl Sfu {
         if let Some(track) = p.track(track_sid) {
             let event = SfuEvent::TrackPublished {
                 room: room.name.clone(),
+                room_sid: room.sid.clone(),
                 participant: Box::new(p.info_with_tracks()),
                 track: Box::new(track.info.clone()),
             };

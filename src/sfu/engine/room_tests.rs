@@ -431,3 +431,150 @@ fn replacing_the_only_participant_keeps_the_room() {
     );
     assert_eq!(j.room.as_ref().unwrap().sid, sid.as_str(), "same room SID");
 }
+
+/// The room's SID as every event carries it.
+fn event_sids(events: &[SfuEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.room_sid().as_str()).collect()
+}
+
+/// The room SID in the join response `session` got.
+fn joined_sid(d: &Drained, session: u64) -> String {
+    match d.to(session).first() {
+        Some(Some(Msg::Join(j))) => j.room.as_ref().map(|r| r.sid.clone()).unwrap_or_default(),
+        other => panic!("a join response first: {other:?}"),
+    }
+}
+
+#[test]
+fn a_created_room_keeps_its_sid_through_joins_and_events() {
+    let t0 = Instant::now();
+    let mut s = sfu(t0);
+    let room: RoomName = "r".into();
+    assert_eq!(s.room_sid(&room), None, "no room, no SID");
+    assert!(s.create_room(t0, &room, opts(300, 20, 0)));
+    let sid = record(&s, "r").expect("record").sid;
+    assert!(
+        sid.as_str().starts_with("RM_") && sid.as_str().len() == 15,
+        "{sid}"
+    );
+    assert_eq!(s.room_sid(&room), Some(sid.clone()));
+    // The idempotent create keeps it.
+    assert!(!s.create_room(t0 + MS, &room, opts(5, 1, 0)));
+    assert_eq!(record(&s, "r").unwrap().sid, sid);
+
+    // The first join: the join response, RoomStarted and ParticipantJoined carry it.
+    s.set_unix_time(1_700_000_050);
+    join(&mut s, t0 + 2 * MS, 1, "r", "alice");
+    let d = drain(&mut s);
+    assert_eq!(joined_sid(&d, 1), sid.as_str());
+    let Some(Some(Msg::Join(j))) = d.to(1).first() else {
+        unreachable!()
+    };
+    assert_eq!(
+        j.room.as_ref().unwrap().creation_time,
+        1_700_000_000,
+        "the room was created before its first join"
+    );
+    assert!(d.events.iter().any(is_started));
+    assert!(
+        event_sids(&d.events).iter().all(|s| *s == sid.as_str()),
+        "{:?}",
+        d.events
+    );
+    assert_eq!(s.room_info(&room).unwrap().sid, sid.as_str());
+    // A second participant: the same.
+    join(&mut s, t0 + 3 * MS, 2, "r", "bob");
+    let d = drain(&mut s);
+    assert_eq!(joined_sid(&d, 2), sid.as_str());
+
+    // Everybody leaves: ParticipantLeft and RoomFinished carry it; the record keeps it.
+    let mut events = Vec::new();
+    for session in [1, 2] {
+        s.handle_command(
+            t0 + 4 * MS,
+            Command::Disconnect {
+                session: SessionId(session),
+                reason: lk::DisconnectReason::ClientInitiated,
+            },
+        );
+        events.extend(drain(&mut s).events);
+    }
+    assert!(events.iter().any(is_finished), "{events:?}");
+    assert!(
+        event_sids(&events).iter().all(|s| *s == sid.as_str()),
+        "{events:?}"
+    );
+    assert_eq!(record(&s, "r").unwrap().sid, sid);
+
+    // Back within departure_timeout: the room still exists, so it is the same room.
+    join(&mut s, t0 + Duration::from_secs(5), 3, "r", "carol");
+    let d = drain(&mut s);
+    assert_eq!(joined_sid(&d, 3), sid.as_str());
+    assert!(
+        event_sids(&d.events).iter().all(|s| *s == sid.as_str()),
+        "{:?}",
+        d.events
+    );
+}
+
+#[test]
+fn a_room_created_again_after_it_ended_gets_a_new_sid() {
+    let t0 = Instant::now();
+    let mut s = sfu(t0);
+    let room: RoomName = "r".into();
+
+    // Deleted, then created again.
+    assert!(s.create_room(t0, &room, opts(5, 1, 0)));
+    let first = record(&s, "r").unwrap().sid;
+    join(&mut s, t0, 1, "r", "alice");
+    drain(&mut s);
+    assert!(s.delete_room(t0 + MS, &room));
+    let d = drain(&mut s);
+    assert!(
+        event_sids(&d.events).iter().all(|s| *s == first.as_str()),
+        "{:?}",
+        d.events
+    );
+    assert_eq!(s.room_sid(&room), None);
+    assert!(s.create_room(t0 + 2 * MS, &room, opts(5, 1, 0)));
+    let second = record(&s, "r").unwrap().sid;
+    assert_ne!(second, first, "a new room, a new SID");
+
+    // Expired (nobody joined within empty_timeout), then created again.
+    let later = t0 + Duration::from_secs(6);
+    run_until(&mut s, later);
+    assert!(names(&s).is_empty(), "expired");
+    assert!(s.create_room(later, &room, opts(5, 1, 0)));
+    let third = record(&s, "r").unwrap().sid;
+    assert!(third != first && third != second);
+
+    // Joined, emptied and past departure_timeout, then joined again without a record (a
+    // record made after that join, as on the auto-create path, takes the live room's SID).
+    join(&mut s, later, 2, "r", "bob");
+    let d = drain(&mut s);
+    assert_eq!(joined_sid(&d, 2), third.as_str());
+    s.handle_command(
+        later + MS,
+        Command::Disconnect {
+            session: SessionId(2),
+            reason: lk::DisconnectReason::ClientInitiated,
+        },
+    );
+    drain(&mut s);
+    let gone = later + Duration::from_secs(2);
+    run_until(&mut s, gone);
+    assert!(names(&s).is_empty(), "closed after departure_timeout");
+    join(&mut s, gone, 3, "r", "carol");
+    let d = drain(&mut s);
+    let fourth = joined_sid(&d, 3);
+    assert!(fourth.starts_with("RM_"));
+    assert!(![&first, &second, &third]
+        .iter()
+        .any(|s| s.as_str() == fourth));
+    assert!(s.create_room(gone, &room, opts(5, 1, 0)));
+    assert_eq!(
+        record(&s, "r").unwrap().sid.as_str(),
+        fourth,
+        "a record made while participants are connected takes their room's SID"
+    );
+}
