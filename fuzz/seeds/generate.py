@@ -122,3 +122,13 @@ write("twirp_body", "update_subscriptions.json", json.dumps({
 write("twirp_body", "send_data.json", json.dumps({
     "room": "r", "data": "aGVsbG8=", "kind": "RELIABLE", "destinationIdentities": ["alice"], "topic": "t"}))
 write("twirp_body", "send_data.pb", ld(1, "r") + ld(2, b"hello") + vi(3, 0) + ld(6, "alice") + ld(5, "t"))
+
+# datagram: the first byte picks the source (1: the peer that passed ICE), the rest is the
+# datagram: a DTLS ClientHello record head, RTP (VP8 payload type, SSRC 7), an RTCP receiver
+# report, a STUN binding request with no credentials.
+dtls = bytes([22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+rtp = bytes([0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 7]) + bytes([0x90, 0x80, 0x00, 0x9d, 0x01, 0x2a])
+rtcp_rr = bytes([0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 7] + [0] * 20)
+stun = bytes([0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42] + [7] * 12)
+for name, body in [("dtls", dtls), ("rtp", rtp), ("rtcp_rr", rtcp_rr), ("stun", stun)]:
+    write("datagram", name, bytes([1]) + body)
