@@ -1,6 +1,7 @@
 //! LiveKit signalling over WebSocket (`/rtc`) and the validate endpoints SDKs call around it.
 #![warn(missing_docs)]
 
+pub mod join_request;
 pub mod validate;
 pub mod ws;
 
