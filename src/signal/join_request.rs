@@ -380,6 +380,27 @@ mod tests {
         assert_eq!(from_query(&HashMap::new()), Err(JoinRequestError::Missing));
     }
 
+    /// The fuzz target's seeds (`fuzz/seeds/generate.py`) are valid requests, so that the
+    /// fuzzer starts from inside every layer: text ones through [`decode`], `*.pb` ones (the
+    /// wrapped protobuf) through [`decode_wrapped`].
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/join_request");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let decoded = if path.extension().is_some_and(|e| e == "pb") {
+                decode_wrapped(&bytes)
+            } else {
+                decode(std::str::from_utf8(&bytes).unwrap())
+            };
+            assert!(decoded.is_ok(), "{}: {decoded:?}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} seeds in {}", dir.display());
+    }
+
     #[test]
     fn every_error_is_a_400_with_livekits_text() {
         let r = ConnectRefusal::from(JoinRequestError::Base64);
