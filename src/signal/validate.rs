@@ -95,8 +95,10 @@ pub fn check_connect(
 }
 
 /// [`check_connect`] for v1 (`/rtc/v1`): the token, then the `join_request` (400 when absent
-/// or undecodable), then what it asks for, then the room. The order is LiveKit's: its auth
-/// middleware refuses a bad token before the handler decodes anything.
+/// or undecodable), then what it asks for, then the room (no error for a missing one when
+/// `create` is set, as in [`check_connect`]). The order is LiveKit's: its auth middleware
+/// refuses a bad token before the handler decodes anything, and the handler decodes the join
+/// request before it looks for the room.
 ///
 /// The request's `metadata` and `participant_attributes` replace or extend the token's, so they
 /// need the grant `canUpdateOwnMetadata` (else 401, as LiveKit) and must be within
@@ -109,7 +111,7 @@ pub fn check_connect_v1(
     unix_now: u64,
     create: bool,
 ) -> Result<(Claims, lk::JoinRequest), ConnectRefusal> {
-    // The room is checked last, below: LiveKit decodes the join request before it looks.
+    // The room is checked last, below.
     let claims = check_connect(state, headers, query, now, unix_now, true)?;
     let request = join_request::from_query(query)?;
     let overrides = !request.metadata.is_empty() || !request.participant_attributes.is_empty();
