@@ -298,6 +298,11 @@ pub struct RtcConfig {
     /// Serve the LiveKit RoomService API (Twirp, `/twirp/livekit.RoomService/…`), authorised
     /// by LiveKit JWTs with server grants. Default true.
     pub twirp_enabled: bool,
+    /// Serve LiveKit's single peer connection signalling (`/rtc/v1`, `/rtc/v1/validate`).
+    /// Default false: both paths answer a plain 404, on which every LiveKit SDK falls back to
+    /// v0 (`/rtc`, two peer connections). Being built in steps (`docs/design/rtc-v1.md`); so
+    /// far `true` only turns on `/rtc/v1/validate`, the WebSocket still answers 404.
+    pub single_pc: bool,
 }
 
 impl Default for RtcConfig {
@@ -308,6 +313,7 @@ impl Default for RtcConfig {
             auto_create: None,
             signal_timeout_secs: 30,
             twirp_enabled: true,
+            single_pc: false,
         }
     }
 }
@@ -755,6 +761,7 @@ mod tests {
             env(&[
                 ("CONCLAVE_HTTP__BIND", "127.0.0.1:9999"),
                 ("CONCLAVE_RTC__UDP_PORT", "7000"),
+                ("CONCLAVE_RTC__SINGLE_PC", "true"),
                 ("CONCLAVE_DATA_DIR", "/tmp/x"),
                 (
                     "CONCLAVE_AUTH__FULL_ACCESS_HOMESERVERS",
@@ -767,6 +774,7 @@ mod tests {
         .expect("loads");
         assert_eq!(c.http.bind.port(), 9999);
         assert_eq!(c.rtc.udp_port, 7000);
+        assert!(c.rtc.single_pc);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.auth.full_access_homeservers, vec!["a.org", "b.org"]);
         assert_eq!(

@@ -117,7 +117,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/rtc", get(ws::get_rtc))
         .route("/rtc/validate", get(validate::get_validate))
         .route("/rtc/v1", get(ws::get_rtc_v1))
-        .route("/rtc/v1/validate", get(ws::get_rtc_v1));
+        .route("/rtc/v1/validate", get(validate::get_validate_v1));
 
     let admin_routes = Router::new()
         .route("/_conclave/admin/v1/calls", get(admin::get_calls))

@@ -275,6 +275,7 @@ pub fn build_services(
             auto_create: config.sfu_auto_create(),
             signal_timeout: Duration::from_secs(config.rtc.signal_timeout_secs.max(1)),
             token_lifetime_secs: config.auth.token_lifetime_secs,
+            single_pc: config.rtc.single_pc,
         }),
         twirp: TwirpState {
             enabled: config.rtc.twirp_enabled,

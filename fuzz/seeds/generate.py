@@ -4,6 +4,8 @@
 Protobuf is encoded by hand (field numbers from livekit-protocol 0.8's .proto files) so that
 this needs nothing but Python. Run from fuzz/: `python3 seeds/generate.py`.
 """
+import base64
+import gzip
 import json
 import os
 
@@ -132,3 +134,28 @@ rtcp_rr = bytes([0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 7] + [0] * 20)
 stun = bytes([0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42] + [7] * 12)
 for name, body in [("dtls", dtls), ("rtp", rtp), ("rtcp_rr", rtcp_rr), ("stun", stun)]:
     write("datagram", name, bytes([1]) + body)
+# join_request: /rtc/v1's query parameter (text: base64 of a WrappedJoinRequest) and the
+# WrappedJoinRequest protobuf itself (*.pb); the target decodes each input both ways.
+client_info = vi(1, 1) + ld(2, "2.21.0") + vi(3, 16) + ld(7, "Chrome") + vi(12, 1)  # sdk JS
+connection_settings = vi(1, 1) + vi(2, 1)  # auto_subscribe, adaptive_stream
+placeholders = SDP.replace("sendonly", "recvonly")
+join = (ld(1, client_info) + ld(2, connection_settings) + ld(3, "meta")
+        + ld(4, ld(1, "k") + ld(2, "v"))
+        + ld(5, ld(1, "a1") + ld(2, "mic") + vi(3, 0) + vi(8, 2))
+        + ld(6, ld(1, "offer") + ld(2, placeholders) + vi(3, 1)))
+none = ld(2, join)  # compression NONE (0) is the default: not written
+gz = vi(1, 1) + ld(2, gzip.compress(join, mtime=0))
+
+
+def js_base64(b):
+    """client-sdk-js: btoa, then + and / swapped for - and _, padding kept."""
+    return base64.b64encode(b).decode().replace("+", "-").replace("/", "_")
+
+
+write("join_request", "js_gzip", js_base64(gz))
+write("join_request", "rust_none", base64.urlsafe_b64encode(none).decode())
+write("join_request", "unpadded_gzip", base64.urlsafe_b64encode(gz).decode().rstrip("="))
+write("join_request", "standard_none", base64.b64encode(none).decode())
+write("join_request", "wrapped_none.pb", none)
+write("join_request", "wrapped_gzip.pb", gz)
+write("join_request", "empty_request", base64.urlsafe_b64encode(ld(2, b"")).decode())

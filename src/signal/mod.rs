@@ -1,6 +1,7 @@
 //! LiveKit signalling over WebSocket (`/rtc`) and the validate endpoints SDKs call around it.
 #![warn(missing_docs)]
 
+pub mod join_request;
 pub mod validate;
 pub mod ws;
 
@@ -25,4 +26,7 @@ pub struct SignalState {
     pub signal_timeout: Duration,
     /// Lifetime of refreshed tokens (`auth.token_lifetime_secs`).
     pub token_lifetime_secs: u64,
+    /// Single peer connection signalling is served (`rtc.single_pc`); when false, `/rtc/v1*`
+    /// answer the plain 404 that makes SDKs fall back to `/rtc`.
+    pub single_pc: bool,
 }

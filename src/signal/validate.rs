@@ -10,8 +10,9 @@ use std::time::Instant;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use livekit_protocol as lk;
 
-use super::SignalState;
+use super::{join_request, SignalState};
 use crate::auth::jwt::Claims;
 use crate::sfu::limits;
 
@@ -93,6 +94,47 @@ pub fn check_connect(
     Ok(claims)
 }
 
+/// [`check_connect`] for v1 (`/rtc/v1`): the token, then the `join_request` (400 when absent
+/// or undecodable), then what it asks for, then the room (no error for a missing one when
+/// `create` is set, as in [`check_connect`]). The order is LiveKit's: its auth middleware
+/// refuses a bad token before the handler decodes anything, and the handler decodes the join
+/// request before it looks for the room.
+///
+/// The request's `metadata` and `participant_attributes` replace or extend the token's, so they
+/// need the grant `canUpdateOwnMetadata` (else 401, as LiveKit) and must be within
+/// [`limits`] (else 400).
+pub fn check_connect_v1(
+    state: &SignalState,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    now: Instant,
+    unix_now: u64,
+    create: bool,
+) -> Result<(Claims, lk::JoinRequest), ConnectRefusal> {
+    // The room is checked last, below.
+    let claims = check_connect(state, headers, query, now, unix_now, true)?;
+    let request = join_request::from_query(query)?;
+    let overrides = !request.metadata.is_empty() || !request.participant_attributes.is_empty();
+    if overrides && !claims.video.can_update_own_metadata.unwrap_or(false) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "permissions denied: metadata or attributes in join_request need canUpdateOwnMetadata",
+        ));
+    }
+    // The token carries no attributes (Conclave's claims have none): the request's are all.
+    limits::check_participant_update(
+        &HashMap::new(),
+        &claims.name,
+        &request.metadata,
+        &request.participant_attributes,
+    )
+    .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("join_request {e}")))?;
+    if !create && !state.rooms.exists(&claims.video.room, now) {
+        return Err(refuse(StatusCode::NOT_FOUND, ROOM_DOES_NOT_EXIST));
+    }
+    Ok((claims, request))
+}
+
 fn text(status: StatusCode, body: String) -> Response {
     let mut r = (status, body).into_response();
     r.headers_mut().insert(
@@ -122,8 +164,36 @@ pub async fn get_validate(
         Err(r) if auto && r.message == ROOM_DOES_NOT_EXIST => Ok(Claims::default()),
         other => other,
     };
+    answer(result.map(|_| ()))
+}
+
+/// `GET /rtc/v1/validate`: as [`get_validate`], with the `join_request` checked too
+/// ([`check_connect_v1`]). Without `rtc.single_pc` the plain 404 that makes SDKs use v0.
+pub async fn get_validate_v1(
+    State(state): State<Arc<SignalState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !state.single_pc {
+        return super::ws::v1_not_served();
+    }
+    let result = check_connect_v1(
+        &state,
+        &headers,
+        &query,
+        Instant::now(),
+        crate::clock::unix_secs(),
+        // As v0: never creates a room, and with auto-create a missing room is no error.
+        state.auto_create,
+    );
+    answer(result.map(|_| ()))
+}
+
+/// The validate answer: 200 `success`, or the refusal; with CORS either way (browsers fetch
+/// it from the page's origin).
+fn answer(result: Result<(), ConnectRefusal>) -> Response {
     match result {
-        Ok(_) => text(StatusCode::OK, "success".into()),
+        Ok(()) => text(StatusCode::OK, "success".into()),
         Err(r) => text(r.status, r.message),
     }
 }

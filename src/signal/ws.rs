@@ -72,9 +72,17 @@ pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
     }
 }
 
-/// `GET /rtc/v1` (and its validate): single-PC signalling is not implemented yet; a plain 404
-/// (never mentioning rooms) makes every current SDK fall back to `/rtc` at once.
+/// `GET /rtc/v1`: single-PC signalling is not served yet, whatever `rtc.single_pc` says: the
+/// engine's single-PC transport and negotiation come first (steps 3-5 of
+/// `docs/design/rtc-v1.md`, which turn this into the v1 connect). A plain 404 (never
+/// mentioning rooms) makes every current SDK fall back to `/rtc` at once.
 pub async fn get_rtc_v1() -> Response {
+    v1_not_served()
+}
+
+/// The answer of `/rtc/v1` and (without `rtc.single_pc`) `/rtc/v1/validate`: a plain 404 with
+/// CORS, on which client-sdk-js retries on `/rtc` and the Rust SDK too.
+pub fn v1_not_served() -> Response {
     let mut r = text(
         StatusCode::NOT_FOUND,
         "v1 signalling is not supported by this server; use /rtc",

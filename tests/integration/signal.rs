@@ -78,6 +78,132 @@ async fn trap_v1_paths_answer_plain_404_and_are_never_upgraded() {
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
 }
 
+/// A `join_request` as client-sdk-js builds it: gzip'd `JoinRequest`, `btoa` with `+/` swapped
+/// for `-_`, the `=` padding kept and percent-encoded by `URLSearchParams`.
+fn js_join_request(req: &lk::JoinRequest) -> String {
+    use prost::Message as _;
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&req.encode_to_vec()).unwrap();
+    js_encode(lk::WrappedJoinRequest {
+        compression: lk::wrapped_join_request::Compression::Gzip as i32,
+        join_request: gz.finish().unwrap(),
+    })
+}
+
+/// The outer layers of [`js_join_request`] alone.
+fn js_encode(wrapped: lk::WrappedJoinRequest) -> String {
+    use base64::Engine as _;
+    use prost::Message as _;
+    base64::engine::general_purpose::STANDARD
+        .encode(wrapped.encode_to_vec())
+        .replace('+', "-")
+        .replace('/', "_")
+        .replace('=', "%3D")
+}
+
+/// `rtc.single_pc = true`: `/rtc/v1/validate` answers as `/rtc/validate` (200, 401, 404 with
+/// the room text, CORS) and 400 with LiveKit's text for a missing or corrupt `join_request`;
+/// the `/rtc/v1` upgrade itself is still refused (steps 3-5 of `docs/design/rtc-v1.md`).
+#[tokio::test]
+async fn v1_validate_checks_token_and_join_request_with_single_pc() {
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "false")
+            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
+    )
+    .await
+    .unwrap();
+    let validate = |token: &str, join_request: Option<&str>| {
+        let mut url = format!("{}/rtc/v1/validate?access_token={token}", c.url);
+        if let Some(j) = join_request {
+            url.push_str(&format!("&join_request={j}"));
+        }
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            let status = r.status().as_u16();
+            assert_eq!(r.headers()["access-control-allow-origin"], "*");
+            (status, r.text().await.unwrap())
+        }
+    };
+    let request = lk::JoinRequest {
+        client_info: Some(lk::ClientInfo {
+            sdk: lk::client_info::Sdk::Js as i32,
+            protocol: 16,
+            ..Default::default()
+        }),
+        connection_settings: Some(lk::ConnectionSettings {
+            auto_subscribe: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let good = js_join_request(&request);
+    let token = c.token("r", "alice", json!({}));
+
+    // No room yet (auto-create is off): the text that stops client-sdk-js retrying.
+    assert_eq!(
+        validate(&token, Some(&good)).await,
+        (404, "requested room does not exist".into())
+    );
+    let create = c.token("", "operator", json!({"roomCreate": true}));
+    let r = reqwest::Client::new()
+        .post(format!("{}/twirp/livekit.RoomService/CreateRoom", c.url))
+        .bearer_auth(create)
+        .json(&json!({"name": "r"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    assert_eq!(validate(&token, Some(&good)).await, (200, "success".into()));
+    assert_eq!(
+        validate(&token, None).await,
+        (400, "join_request is required".into())
+    );
+    assert_eq!(
+        validate(&token, Some("%21%21%21")).await,
+        (400, "cannot base64 decode wrapped join request".into())
+    );
+    // Valid base64 of something that is not a WrappedJoinRequest, and a GZIP one whose payload
+    // is not gzip.
+    assert_eq!(
+        validate(&token, Some("____")).await,
+        (400, "cannot unmarshal wrapped join request".into())
+    );
+    let corrupt = js_encode(lk::WrappedJoinRequest {
+        compression: lk::wrapped_join_request::Compression::Gzip as i32,
+        join_request: b"not gzip".to_vec(),
+    });
+    assert_eq!(
+        validate(&token, Some(&corrupt)).await,
+        (400, "cannot read decompressed join request".into())
+    );
+    // Metadata in the request needs canUpdateOwnMetadata.
+    let with_meta = js_join_request(&lk::JoinRequest {
+        metadata: "m".into(),
+        ..request.clone()
+    });
+    assert_eq!(validate(&token, Some(&with_meta)).await.0, 401);
+    let may_update = c.token("r", "bob", json!({"canUpdateOwnMetadata": true}));
+    assert_eq!(validate(&may_update, Some(&with_meta)).await.0, 200);
+    // A bad token is a 401 before the join_request is even looked at.
+    assert_eq!(validate("not-a-jwt", Some(&good)).await.0, 401);
+    assert_eq!(validate("not-a-jwt", None).await.0, 401);
+
+    // The WebSocket stays closed until the engine speaks v1.
+    let url = format!(
+        "{}/rtc/v1?access_token={token}&join_request={good}",
+        c.ws_url()
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 404)
+        }
+        other => panic!("/rtc/v1 must not upgrade yet: {:?}", other.map(|_| ())),
+    }
+}
+
 /// Traps: first message must be `join` within 5 s; empty server version; missing permission;
 /// SIDs without exact prefixes; subscriber_primary without a subscriber offer.
 #[tokio::test]
