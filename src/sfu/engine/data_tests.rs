@@ -119,45 +119,8 @@ impl Net {
             clients: Vec::new(),
             stalled: Vec::new(),
         };
-        for (i, identity) in identities.iter().enumerate() {
-            let session = i as u64 + 1;
-            net.clients.push(Client::new(now, session, identity));
-            net.s.handle_command(
-                now,
-                Command::Join(Join {
-                    session: SessionId(session),
-                    room: "room".into(),
-                    identity: (*identity).into(),
-                    name: (*identity).into(),
-                    metadata: String::new(),
-                    permission: lk::ParticipantPermission {
-                        can_subscribe: true,
-                        can_publish: true,
-                        can_publish_data: true,
-                        hidden: hidden.contains(identity),
-                        ..Default::default()
-                    },
-                    auto_subscribe: true,
-                    client_protocol: 2,
-                }),
-            );
-            net.pump();
-            // The publisher connection: data channels only, as a client that publishes no
-            // media yet.
-            let c = net.clients.last_mut().unwrap();
-            let mut api = c.publ.sdp_api();
-            c.pub_reliable = Some(api.add_channel("_reliable".into()));
-            let (offer, pending) = api.apply().unwrap();
-            c.pub_pending = Some(pending);
-            net.request(
-                session,
-                lk::signal_request::Message::Offer(lk::SessionDescription {
-                    r#type: "offer".into(),
-                    sdp: offer.to_sdp_string(),
-                    id: 1,
-                    mid_to_track_id: HashMap::new(),
-                }),
-            );
+        for identity in identities {
+            net.join(identity, hidden.contains(identity));
         }
         for _ in 0..500 {
             if net.clients.iter().all(Client::ready) {
@@ -166,6 +129,47 @@ impl Net {
             net.tick();
         }
         panic!("data channels never opened");
+    }
+
+    /// Joins `identity` as the next session and sends its publisher offer (data channel
+    /// only, as a client that publishes no media yet); the rest happens as time goes on.
+    fn join(&mut self, identity: &'static str, hidden: bool) {
+        let session = self.clients.len() as u64 + 1;
+        self.clients.push(Client::new(self.now, session, identity));
+        self.s.handle_command(
+            self.now,
+            Command::Join(Join {
+                session: SessionId(session),
+                room: "room".into(),
+                identity: identity.into(),
+                name: identity.into(),
+                metadata: String::new(),
+                permission: lk::ParticipantPermission {
+                    can_subscribe: true,
+                    can_publish: true,
+                    can_publish_data: true,
+                    hidden,
+                    ..Default::default()
+                },
+                auto_subscribe: true,
+                client_protocol: 2,
+            }),
+        );
+        self.pump();
+        let c = self.clients.last_mut().unwrap();
+        let mut api = c.publ.sdp_api();
+        c.pub_reliable = Some(api.add_channel("_reliable".into()));
+        let (offer, pending) = api.apply().unwrap();
+        c.pub_pending = Some(pending);
+        self.request(
+            session,
+            lk::signal_request::Message::Offer(lk::SessionDescription {
+                r#type: "offer".into(),
+                sdp: offer.to_sdp_string(),
+                id: 1,
+                mid_to_track_id: HashMap::new(),
+            }),
+        );
     }
 
     fn client(&mut self, identity: &str) -> &mut Client {
@@ -626,4 +630,31 @@ fn a_hidden_sender_is_not_revealed() {
     };
     assert!(u.participant_identity.is_empty() && u.participant_sid.is_empty());
     assert_eq!(u.payload, b"boo");
+}
+
+/// A participant still connecting when a reliable packet is sent gets it once its channel
+/// opens (LiveKit holds reliable data for joining participants too).
+#[test]
+fn a_joining_participant_gets_reliable_data_once_connected() {
+    let mut net = Net::with(&["alice", "bob"]);
+    net.join("carol", false);
+    let carol_sub = net.client("carol").sub_addr;
+    net.stalled.push(carol_sub);
+    net.run_until(Duration::from_millis(200), |_| false);
+    assert!(!net.client("carol").ready());
+    assert!(net
+        .client("alice")
+        .send(&forged(lk::data_packet::Value::User(user_packet(b"early")))));
+    net.run_until(Duration::from_millis(500), |_| false);
+    net.stalled.clear();
+    assert!(
+        net.run_until(Duration::from_secs(30), |n| !n.clients[2]
+            .received
+            .is_empty()),
+        "carol never got the packet"
+    );
+    let got = net.client("carol").reliable_packets();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].participant_identity, "alice");
+    assert_eq!(net.client("bob").reliable_packets().len(), 1);
 }

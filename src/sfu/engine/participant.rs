@@ -273,7 +273,7 @@ impl Participant {
     /// is open, the write failed or the packet was dropped.
     ///
     /// str0m takes at most 128 KiB of unacknowledged data per connection. A reliable packet
-    /// that does not fit waits in the backlog (behind any packet already waiting, so the order
+    /// that does not fit, or comes before its channel is open, waits in the backlog (behind any packet already waiting, so the order
     /// holds) and is written by [`Participant::flush_data`] as the receiver acknowledges; past
     /// [`MAX_DATA_BACKLOG_BYTES`] it is dropped. A lossy packet that does not fit is dropped.
     pub(super) fn send_data(&mut self, reliable: bool, bytes: &[u8]) -> bool {
@@ -287,6 +287,11 @@ impl Participant {
             return self.queue_data(bytes);
         }
         let Some(mut ch) = id.and_then(|id| self.subscriber.rtc.channel(id)) else {
+            if reliable {
+                // Still joining: it gets the packet once its channel opens (as in LiveKit,
+                // which holds reliable data for joining participants).
+                return self.queue_data(bytes);
+            }
             tracing::debug!(%session, "no open data channel");
             return false;
         };
@@ -319,27 +324,31 @@ impl Participant {
         true
     }
 
-    /// Writes what the backlog holds, in order, as far as the send buffer takes it.
-    fn flush_data(&mut self) {
+    /// Writes what the backlog holds, in order, as far as the send buffer takes it; true if
+    /// it wrote anything.
+    fn flush_data(&mut self) -> bool {
         let Some(mut ch) = self
             .sub_reliable
             .and_then(|id| self.subscriber.rtc.channel(id))
         else {
-            return;
+            return false;
         };
+        let mut wrote = false;
         while let Some(front) = self.data_backlog.front() {
             match ch.write(true, front) {
                 Ok(true) => {
                     self.data_backlog_bytes -= front.len();
                     self.data_backlog.pop_front();
+                    wrote = true;
                 }
-                Ok(false) => return,
+                Ok(false) => break,
                 Err(e) => {
                     tracing::debug!(session = %self.session, error = %e, "data write failed");
-                    return;
+                    break;
                 }
             }
         }
+        wrote
     }
 
     /// Its speaker state for the last interval, if worth telling (speaking, or stopped);
@@ -380,30 +389,45 @@ impl Participant {
             self.flush_data();
         }
         for kind in [PcKind::Publisher, PcKind::Subscriber] {
-            loop {
-                let output = match self.pc_mut(kind).rtc.poll_output() {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::info!(session = %self.session, error = %e, "peer connection failed");
-                        polled.dead = true;
-                        break;
-                    }
-                };
-                match output {
-                    RtcOutput::Timeout(t) => {
-                        self.pc_mut(kind).next_timeout = t;
-                        break;
-                    }
-                    RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
-                        source: t.source,
-                        destination: t.destination,
-                        contents: t.contents.into(),
-                    })),
-                    RtcOutput::Event(e) => self.event(kind, e, now, &mut polled),
-                }
-            }
+            self.poll_pc(kind, now, out, &mut polled);
+        }
+        // A channel that just opened, or acknowledgements that made room: the backlog goes now.
+        if !self.data_backlog.is_empty() && self.flush_data() {
+            self.poll_pc(PcKind::Subscriber, now, out, &mut polled);
         }
         polled
+    }
+
+    /// Drains one peer connection (see [`Participant::poll`]).
+    fn poll_pc(
+        &mut self,
+        kind: PcKind,
+        now: Instant,
+        out: &mut VecDeque<Output>,
+        polled: &mut Polled,
+    ) {
+        loop {
+            let output = match self.pc_mut(kind).rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::info!(session = %self.session, error = %e, "peer connection failed");
+                    polled.dead = true;
+                    break;
+                }
+            };
+            match output {
+                RtcOutput::Timeout(t) => {
+                    self.pc_mut(kind).next_timeout = t;
+                    break;
+                }
+                RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                })),
+                RtcOutput::Event(e) => self.event(kind, e, now, polled),
+            }
+        }
     }
 
     fn event(&mut self, kind: PcKind, e: Event, now: Instant, polled: &mut Polled) {
