@@ -704,6 +704,8 @@ impl Sfu {
             sub_reliable: None,
             sub_lossy: None,
             pub_channels: HashMap::new(),
+            data_backlog: VecDeque::new(),
+            data_backlog_bytes: 0,
             joined_at: now,
             audio_level: 0.0,
             speaking: false,
@@ -959,25 +961,30 @@ impl Sfu {
                 tracing::error!("drain did not settle; giving up this round");
                 break;
             }
-            let forwards = self.drain_one(now, s);
+            let (forwards, relayed_to) = self.drain_one(now, s);
+            let mut touched = relayed_to;
             for f in forwards {
-                for t in self.forward(now, f) {
-                    if !queue.contains(&t) {
-                        queue.push_back(t);
-                    }
+                touched.extend(self.forward(now, f));
+            }
+            for t in touched {
+                if !queue.contains(&t) {
+                    queue.push_back(t);
                 }
             }
         }
     }
 
-    fn drain_one(&mut self, now: Instant, session: SessionId) -> Vec<Forward> {
+    /// Drains one participant's peer connections; returns the media to forward and the
+    /// sessions its data packets were written to (to be drained in turn, so that the data
+    /// leaves now rather than at their next timer).
+    fn drain_one(&mut self, now: Instant, session: SessionId) -> (Vec<Forward>, Vec<SessionId>) {
         let Some(room) = room_mut(&mut self.rooms, &self.sessions, session) else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let room_name = room.name.clone();
         let room_sid = room.sid.clone();
         let Some(p) = room.participants.get_mut(&session) else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let polled = p.poll(now, &mut self.out);
         for t in &polled.unpublished {
@@ -991,7 +998,7 @@ impl Sfu {
         }
         if polled.dead {
             self.leave(now, session, lk::DisconnectReason::MediaFailure, true);
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         for (track, rid) in polled.keyframe_wanted {
             // A subscriber's request goes to the track's publisher.
@@ -1007,10 +1014,15 @@ impl Sfu {
             }
             self.broadcast_participant(session);
         }
+        let mut relayed_to = Vec::new();
         for (reliable, bytes) in polled.data {
-            self.relay_data(session, reliable, &bytes);
+            for t in self.relay_data(session, reliable, &bytes) {
+                if !relayed_to.contains(&t) {
+                    relayed_to.push(t);
+                }
+            }
         }
-        polled.forwards
+        (polled.forwards, relayed_to)
     }
 
     fn publisher_of(&self, track_sid: &TrackSid) -> Option<SessionId> {
@@ -1070,6 +1082,8 @@ impl Sfu {
     }
 }
 
+#[cfg(test)]
+mod data_tests;
 #[cfg(test)]
 mod room_tests;
 #[cfg(test)]

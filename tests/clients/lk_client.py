@@ -6,7 +6,10 @@ libwebrtc), so it speaks to the SFU exactly as a real client does. It connects
 with a ready JWT, publishes a synthetic audio track (440 Hz sine, 48 kHz mono,
 10 ms frames) and/or a synthetic video track (moving bar, RGBA), subscribes to
 everything, counts decoded frames per remote participant, and can send data
-packets, mute its audio, set its metadata and leave on a schedule.
+packets, mute its audio, set its metadata and leave on a schedule. For the data
+features (off by default) it can serve an RPC method (`echo`), call it, send text
+streams (also one claiming another sender identity) and addressed data packets,
+and read every text stream of the given topics.
 
 Install: the venv from `scripts/install-test-deps` (CONCLAVE_LK_VENV).
 
@@ -24,7 +27,8 @@ Finishing: the client ends as soon as every expectation is met and
 room until then), at --timeout, when the server disconnects it, or on
 SIGTERM/SIGINT (a graceful leave). Expectations are the --expect-* flags,
 plus: every requested publish succeeded, and, with --set-metadata, the call
-resolved and the server echoed the new metadata back.
+resolved and the server echoed the new metadata back; with the data actions
+(--send-data-to, --rpc-call, --send-text, --forge-text), they all completed.
 
 Output (stdout; logs go to stderr, more with -v):
   * with --events-stdout, one JSON line per event as it happens:
@@ -43,6 +47,7 @@ Exit codes:
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -114,6 +119,12 @@ class State:
             "metadata_set": False,
             "metadata_error": None,
             "metadata_echoed": False,
+            "rpc_served": [],  # {"caller": identity, "payload": ...} per echo invocation
+            "rpc_result": None,  # {"response": ...} or {"error": ...} of --rpc-call
+            "text_streams": [],  # {"topic", "sender_identity", "length", "sha256"} per stream read
+            "text_sent": [],  # {"topic", "length", "sha256"} per --send-text / --forge-text
+            "data_actions_done": False,
+            "data_actions_error": None,
             "left_by_request": False,
             "disconnect_reason": None,
             "error": None,
@@ -321,6 +332,113 @@ async def set_metadata(room, st, text, deadline):
         st.ev("metadata_set_failed", error=error)
 
 
+# ---------------------------------------------------------------- data: RPC, text streams
+
+RPC_METHOD = "echo"
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_text(n):
+    """`n` bytes of deterministic, line-numbered ASCII text."""
+    lines, size, i = [], 0, 0
+    while size < n:
+        line = f"{i:07d} the quick brown fox jumps over the lazy dog\n"
+        lines.append(line)
+        size += len(line)
+        i += 1
+    return "".join(lines)[:n]
+
+
+def register_rpc(room, st):
+    """The `echo` RPC method (the local participant exists only once connected)."""
+    def echo(data):
+        st.summary["rpc_served"].append({"caller": data.caller_identity, "payload": data.payload})
+        st.ev("rpc_served", caller=data.caller_identity, length=len(data.payload))
+        return data.payload[::-1] + "|" + data.caller_identity
+    room.local_participant.register_rpc_method(RPC_METHOD, echo)
+
+
+def register_data_handlers(room, st, tasks):
+    """Text stream handlers (before connecting, so no stream is missed)."""
+    args = st.args
+
+    async def read_text(reader, sender):
+        text = await reader.read_all()
+        entry = {"topic": reader.info.topic, "sender_identity": sender, "length": len(text),
+                 "sha256": sha256(text)}
+        st.summary["text_streams"].append(entry)
+        st.ev("text_stream_read", **entry)
+
+    for topic in args.text_handler or []:
+        room.register_text_stream_handler(
+            topic, lambda reader, sender: tasks.append(asyncio.ensure_future(read_text(reader, sender))))
+
+
+async def data_actions(room, st, deadline):
+    """Waits for the remote participants, then runs the requested data actions in order:
+    addressed packets, the RPC call, the text stream, the forged text stream."""
+    args = st.args
+    lp = room.local_participant
+    try:
+        while len(room.remote_participants) < args.expect_participants:
+            if time.monotonic() > deadline:
+                raise TimeoutError("remote participants never arrived")
+            await asyncio.sleep(0.05)
+        if args.send_data_to:
+            for i in range(3):
+                payload = f"to-{args.send_data_to}-{i}"
+                await lp.publish_data(payload, reliable=True, topic="direct",
+                                      destination_identities=[args.send_data_to])
+                st.ev("data_sent", kind="reliable", payload=payload, topic="direct",
+                      to=args.send_data_to)
+        if args.rpc_call:
+            dest, _, payload = args.rpc_call.partition(":")
+            # The callee registers its method once connected, maybe after we saw it join:
+            # an early call may find no method yet, so try up to three times.
+            for attempt in range(1, 4):
+                try:
+                    response = await lp.perform_rpc(destination_identity=dest, method=RPC_METHOD,
+                                                    payload=payload, response_timeout=10.0)
+                    st.summary["rpc_result"] = {"response": response, "attempts": attempt}
+                    break
+                except Exception as e:  # rtc.RpcError and transport errors alike
+                    st.summary["rpc_result"] = {"error": repr(e), "attempts": attempt}
+                    st.ev("rpc_failed", error=repr(e), attempt=attempt)
+                    await asyncio.sleep(1.0)
+            st.ev("rpc_result", **st.summary["rpc_result"])
+        if args.send_text:
+            topic, _, size = args.send_text.partition(":")
+            text = test_text(int(size))
+            await lp.send_text(text, topic=topic, compress=False)
+            entry = {"topic": topic, "length": len(text), "sha256": sha256(text)}
+            st.summary["text_sent"].append(entry)
+            st.ev("text_sent", **entry)
+        if args.forge_text:
+            # A text stream whose packets claim to come from "mallory".
+            text = f"forged-by-{args.identity_label}"
+            writer = await lp.stream_text(topic=args.forge_text, sender_identity="mallory")
+            await writer.write(text)
+            await writer.aclose()
+            entry = {"topic": args.forge_text, "length": len(text), "sha256": sha256(text)}
+            st.summary["text_sent"].append(entry)
+            st.ev("text_sent", forged_as="mallory", **entry)
+        # send_text / publish_data return once the SDK took the data, not once it left: stay
+        # a moment so that leaving right after does not cut it off.
+        await asyncio.sleep(2.0)
+        st.summary["data_actions_done"] = True
+        st.ev("data_actions_done")
+    except Exception as e:
+        st.summary["data_actions_error"] = repr(e)
+        st.ev("data_actions_failed", error=repr(e))
+
+
+def wants_data_actions(args):
+    return bool(args.send_data_to or args.rpc_call or args.send_text or args.forge_text)
+
+
 # ---------------------------------------------------------------- main flow
 
 def expectations_met(args, st, room):
@@ -340,6 +458,12 @@ def expectations_met(args, st, room):
             st.summary["metadata_echoed"] = True
         if not st.summary["metadata_echoed"]:
             return False
+    if wants_data_actions(args) and not st.summary["data_actions_done"]:
+        return False
+    if len(st.summary["rpc_served"]) < args.expect_rpc_calls:
+        return False
+    if len(st.summary["text_streams"]) < args.expect_text_streams:
+        return False
     return True
 
 
@@ -451,6 +575,7 @@ async def run(args):
         loop.add_signal_handler(sig, leave.set)
 
     register_handlers(room, st, tasks, disconnected)
+    register_data_handlers(room, st, tasks)
 
     opts = rtc.RoomOptions(auto_subscribe=True)
     if args.connect_timeout is not None:
@@ -494,6 +619,9 @@ async def run(args):
             rec["sid"] = p.sid
             rec["metadata"] = p.metadata
 
+        if args.rpc_echo:
+            register_rpc(room, st)
+
         audio_track = None
         publish_ok = True
         if args.publish_audio:
@@ -533,6 +661,10 @@ async def run(args):
             tasks.append(asyncio.ensure_future(send_data_loop(room, st, kinds, stop)))
         if args.mute_after is not None:
             tasks.append(asyncio.ensure_future(mute_later(audio_track, st, args.mute_after)))
+        actions_task = None
+        if wants_data_actions(args):
+            actions_task = asyncio.ensure_future(data_actions(room, st, deadline))
+            tasks.append(actions_task)
         metadata_task = None
         if args.set_metadata is not None:
             metadata_task = asyncio.ensure_future(set_metadata(room, st, args.set_metadata, deadline))
@@ -552,6 +684,9 @@ async def run(args):
                 code = EXIT_UNMET
                 break
             if metadata_task is not None and metadata_task.done() and st.summary["metadata_error"]:
+                code = EXIT_UNMET
+                break
+            if actions_task is not None and actions_task.done() and st.summary["data_actions_error"]:
                 code = EXIT_UNMET
                 break
             if args.leave_after is not None and st.since_connect() >= args.leave_after:
@@ -621,6 +756,22 @@ def main():
     ap.add_argument("--set-metadata", default=None, metavar="TEXT",
                     help="set the own metadata after connect (needs canUpdateOwnMetadata); "
                          "success then also requires the server's echo")
+    ap.add_argument("--rpc-echo", action="store_true",
+                    help="serve RPC method 'echo': answers the payload reversed + '|' + caller identity")
+    ap.add_argument("--rpc-call", default=None, metavar="IDENTITY:PAYLOAD",
+                    help="call 'echo' on IDENTITY (once the expected participants are there)")
+    ap.add_argument("--text-handler", action="append", metavar="TOPIC",
+                    help="read every text stream of TOPIC completely (repeatable)")
+    ap.add_argument("--send-text", default=None, metavar="TOPIC:BYTES",
+                    help="send one uncompressed text stream of BYTES bytes on TOPIC to everyone")
+    ap.add_argument("--forge-text", default=None, metavar="TOPIC",
+                    help="send a short text stream on TOPIC claiming sender identity 'mallory'")
+    ap.add_argument("--send-data-to", default=None, metavar="IDENTITY",
+                    help="send 3 reliable packets 'to-IDENTITY-<i>' (topic 'direct') addressed to IDENTITY only")
+    ap.add_argument("--expect-rpc-calls", type=int, default=0,
+                    help="RPC invocations to serve (with --rpc-echo)")
+    ap.add_argument("--expect-text-streams", type=int, default=0,
+                    help="text streams to read completely (with --text-handler)")
     ap.add_argument("--leave-after", type=float, default=None, metavar="S",
                     help="stay until S seconds after connect, then leave")
     ap.add_argument("--width", type=int, default=320)

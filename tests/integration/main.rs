@@ -28,6 +28,8 @@ mod lk_tooling;
 mod calls;
 // Real LiveKit SDKs (Python, Node) exchanging media through the SFU.
 mod media;
+// LiveKit data with the Python SDK: RPC, text streams, addressed packets, stamped senders.
+mod data;
 // MSC4140 delayed leaves driven by the SFU connection.
 mod delayed;
 // Chromium + livekit-client through the SFU.

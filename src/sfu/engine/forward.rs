@@ -69,39 +69,84 @@ impl Sfu {
         }
     }
 
-    /// Relays a data packet from `sender` to the room (or its destination identities), with
-    /// the sender's identity and SID stamped in.
-    pub(super) fn relay_data(&mut self, sender: SessionId, reliable: bool, bytes: &[u8]) {
+    /// Relays a data packet from `sender` to the room, or to the participants it is addressed
+    /// to; returns the sessions it was written to.
+    ///
+    /// The server is the authority on who sent it, as LiveKit's `handleReceivedDataMessage`:
+    /// whatever the client put there, the sender identity and SID (top level and, for a user
+    /// packet, inside it) are the sender's own, or empty for a hidden sender, and the kind is
+    /// the channel's. Addressing follows LiveKit's `BroadcastDataPacketForRoom`: the top-level
+    /// `destination_identities`, else the user packet's, plus the user packet's
+    /// `destination_sids`; a participant named by either gets it, and nobody when none is set
+    /// but everyone else. The addressing is stripped before relaying (receivers need not learn
+    /// who else was addressed). Transcriptions (which name the speaker they transcribe; LiveKit
+    /// forwards them only from agents, which Conclave does not have) and metrics (which LiveKit
+    /// does not relay as data) are dropped.
+    #[allow(deprecated)]
+    pub(super) fn relay_data(
+        &mut self,
+        sender: SessionId,
+        reliable: bool,
+        bytes: &[u8],
+    ) -> Vec<SessionId> {
+        use lk::data_packet::{Kind, Value};
         let Ok(mut packet) = lk::DataPacket::decode(bytes) else {
             tracing::debug!(%sender, "undecodable data packet dropped");
-            return;
+            return Vec::new();
         };
+        if matches!(
+            packet.value,
+            Some(Value::Transcription(_) | Value::Metrics(_))
+        ) {
+            tracing::debug!(%sender, "transcription or metrics data packet dropped");
+            return Vec::new();
+        }
         let Some(room) = self.room_of_mut(sender) else {
-            return;
+            return Vec::new();
         };
         let Some(from) = room.participants.get(&sender) else {
-            return;
+            return Vec::new();
         };
         if !from.can_publish_data() {
-            return;
+            return Vec::new();
         }
-        packet.participant_identity = from.identity.to_string();
-        packet.participant_sid = from.sid.to_string();
-        #[allow(deprecated)]
-        if let Some(lk::data_packet::Value::User(u)) = packet.value.as_mut() {
-            u.participant_identity = from.identity.to_string();
-            u.participant_sid = from.sid.to_string();
+        let (identity, sid) = if from.hidden() {
+            (String::new(), String::new())
+        } else {
+            (from.identity.to_string(), from.sid.to_string())
+        };
+        packet.kind = if reliable {
+            Kind::Reliable
+        } else {
+            Kind::Lossy
+        } as i32;
+        let mut identities = std::mem::take(&mut packet.destination_identities);
+        let mut sids = Vec::new();
+        if let Some(Value::User(u)) = packet.value.as_mut() {
+            u.participant_identity.clone_from(&identity);
+            u.participant_sid.clone_from(&sid);
+            let inner = std::mem::take(&mut u.destination_identities);
+            if identities.is_empty() {
+                identities = inner;
+            }
+            sids = std::mem::take(&mut u.destination_sids);
         }
-        let destinations = std::mem::take(&mut packet.destination_identities);
+        packet.participant_identity = identity;
+        packet.participant_sid = sid;
+        let addressed = !identities.is_empty() || !sids.is_empty();
         let encoded = packet.encode_to_vec();
+        let mut written = Vec::new();
         for p in room.participants.values_mut() {
             if p.session == sender {
                 continue;
             }
-            if !destinations.is_empty() && !destinations.contains(&p.info.identity) {
+            if addressed && !identities.contains(&p.info.identity) && !sids.contains(&p.info.sid) {
                 continue;
             }
-            p.send_data(reliable, &encoded);
+            if p.send_data(reliable, &encoded) {
+                written.push(p.session);
+            }
         }
+        written
     }
 }

@@ -16,6 +16,10 @@ use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DE
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
 use crate::sfu::limits::{self, LimitExceeded};
 
+/// Most reliable data a participant may have waiting for its send buffer (see
+/// [`Participant::send_data`]); LiveKit's own buffer is unbounded by default.
+const MAX_DATA_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
+
 /// Which of a participant's two peer connections (v0 signalling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum PcKind {
@@ -69,6 +73,10 @@ pub(super) struct Participant {
     pub(super) sub_reliable: Option<ChannelId>,
     pub(super) sub_lossy: Option<ChannelId>,
     pub(super) pub_channels: HashMap<ChannelId, bool>,
+    /// Reliable data packets waiting for room in the subscriber connection's send buffer.
+    pub(super) data_backlog: VecDeque<Vec<u8>>,
+    /// Bytes in `data_backlog`.
+    pub(super) data_backlog_bytes: usize,
     pub(super) joined_at: Instant,
     pub(super) audio_level: f32,
     pub(super) speaking: bool,
@@ -262,24 +270,85 @@ impl Participant {
     }
 
     /// Writes `bytes` to its `_reliable` or `_lossy` subscriber data channel; false if none
-    /// is open or the write failed.
+    /// is open, the write failed or the packet was dropped.
+    ///
+    /// str0m takes at most 128 KiB of unacknowledged data per connection. A reliable packet
+    /// that does not fit, or comes before its channel is open, waits in the backlog (behind any packet already waiting, so the order
+    /// holds) and is written by [`Participant::flush_data`] as the receiver acknowledges; past
+    /// [`MAX_DATA_BACKLOG_BYTES`] it is dropped. A lossy packet that does not fit is dropped.
     pub(super) fn send_data(&mut self, reliable: bool, bytes: &[u8]) -> bool {
+        let session = self.session;
         let id = if reliable {
             self.sub_reliable
         } else {
             self.sub_lossy
         };
+        if reliable && !self.data_backlog.is_empty() {
+            return self.queue_data(bytes);
+        }
         let Some(mut ch) = id.and_then(|id| self.subscriber.rtc.channel(id)) else {
-            tracing::debug!(session = %self.session, "no open data channel");
+            if reliable {
+                // Still joining: it gets the packet once its channel opens (as in LiveKit,
+                // which holds reliable data for joining participants).
+                return self.queue_data(bytes);
+            }
+            tracing::debug!(%session, "no open data channel");
             return false;
         };
         match ch.write(true, bytes) {
-            Ok(_) => true,
+            Ok(true) => true,
+            Ok(false) if reliable => self.queue_data(bytes),
+            Ok(false) => {
+                tracing::debug!(%session, "lossy data dropped: send buffer full");
+                false
+            }
             Err(e) => {
-                tracing::debug!(session = %self.session, error = %e, "data write failed");
+                tracing::debug!(%session, error = %e, "data write failed");
                 false
             }
         }
+    }
+
+    /// Puts a reliable packet at the end of the backlog; false (dropped) if it is full.
+    fn queue_data(&mut self, bytes: &[u8]) -> bool {
+        if self.data_backlog_bytes + bytes.len() > MAX_DATA_BACKLOG_BYTES {
+            tracing::warn!(
+                session = %self.session,
+                backlog = self.data_backlog_bytes,
+                "reliable data dropped: the receiver is not keeping up"
+            );
+            return false;
+        }
+        self.data_backlog_bytes += bytes.len();
+        self.data_backlog.push_back(bytes.to_vec());
+        true
+    }
+
+    /// Writes what the backlog holds, in order, as far as the send buffer takes it; true if
+    /// it wrote anything.
+    fn flush_data(&mut self) -> bool {
+        let Some(mut ch) = self
+            .sub_reliable
+            .and_then(|id| self.subscriber.rtc.channel(id))
+        else {
+            return false;
+        };
+        let mut wrote = false;
+        while let Some(front) = self.data_backlog.front() {
+            match ch.write(true, front) {
+                Ok(true) => {
+                    self.data_backlog_bytes -= front.len();
+                    self.data_backlog.pop_front();
+                    wrote = true;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::debug!(session = %self.session, error = %e, "data write failed");
+                    break;
+                }
+            }
+        }
+        wrote
     }
 
     /// Its speaker state for the last interval, if worth telling (speaking, or stopped);
@@ -316,31 +385,49 @@ impl Participant {
     /// concerns others is returned.
     pub(super) fn poll(&mut self, now: Instant, out: &mut VecDeque<Output>) -> Polled {
         let mut polled = Polled::default();
+        if !self.data_backlog.is_empty() {
+            self.flush_data();
+        }
         for kind in [PcKind::Publisher, PcKind::Subscriber] {
-            loop {
-                let output = match self.pc_mut(kind).rtc.poll_output() {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::info!(session = %self.session, error = %e, "peer connection failed");
-                        polled.dead = true;
-                        break;
-                    }
-                };
-                match output {
-                    RtcOutput::Timeout(t) => {
-                        self.pc_mut(kind).next_timeout = t;
-                        break;
-                    }
-                    RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
-                        source: t.source,
-                        destination: t.destination,
-                        contents: t.contents.into(),
-                    })),
-                    RtcOutput::Event(e) => self.event(kind, e, now, &mut polled),
-                }
-            }
+            self.poll_pc(kind, now, out, &mut polled);
+        }
+        // A channel that just opened, or acknowledgements that made room: the backlog goes now.
+        if !self.data_backlog.is_empty() && self.flush_data() {
+            self.poll_pc(PcKind::Subscriber, now, out, &mut polled);
         }
         polled
+    }
+
+    /// Drains one peer connection (see [`Participant::poll`]).
+    fn poll_pc(
+        &mut self,
+        kind: PcKind,
+        now: Instant,
+        out: &mut VecDeque<Output>,
+        polled: &mut Polled,
+    ) {
+        loop {
+            let output = match self.pc_mut(kind).rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::info!(session = %self.session, error = %e, "peer connection failed");
+                    polled.dead = true;
+                    break;
+                }
+            };
+            match output {
+                RtcOutput::Timeout(t) => {
+                    self.pc_mut(kind).next_timeout = t;
+                    break;
+                }
+                RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                })),
+                RtcOutput::Event(e) => self.event(kind, e, now, polled),
+            }
+        }
     }
 
     fn event(&mut self, kind: PcKind, e: Event, now: Instant, polled: &mut Polled) {
