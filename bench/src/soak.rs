@@ -991,13 +991,6 @@ pub async fn run(opts: SoakOptions) -> Result<SoakReport, BenchError> {
     } else {
         (Vec::new(), 0, 0)
     };
-    if let Some(s) = samples.last_mut() {
-        // The final sample is the one after the settle period (refreshed if it was cut short).
-        if !died && s.rss_kb.is_none() {
-            s.rss_kb = proc_rss_kb(&soak.pid);
-        }
-    }
-
     let start = baseline.and_then(|i| samples.get(i));
     let end = samples.last();
     let rss_start_kb = start.and_then(|s| s.rss_kb);
