@@ -107,6 +107,8 @@ pub struct Sample {
     pub participants: Option<u64>,
     /// Active Matrix calls (admin API).
     pub calls: Option<u64>,
+    /// Bytes of the data dir's files (SQLite database, WAL, secrets).
+    pub store_bytes: Option<u64>,
 }
 
 /// Results.
@@ -156,6 +158,11 @@ pub struct SoakReport {
     pub rss_drift_kb: Option<i64>,
     /// Least-squares RSS slope over the second half of the load, KiB per hour.
     pub rss_slope_kb_per_h: Option<f64>,
+    /// Data dir size at the baseline sample, bytes: the store keeps every processed txnId
+    /// and every ended call and membership, so it grows with the load.
+    pub store_bytes_start: Option<u64>,
+    /// Data dir size after the settle period, bytes.
+    pub store_bytes_end: Option<u64>,
     /// Open fds at the baseline sample.
     pub fds_start: Option<u64>,
     /// Open fds after the settle period.
@@ -292,6 +299,14 @@ impl SoakReport {
                 ),
             ),
             (
+                "store start / end (MiB)",
+                format!(
+                    "{} / {}",
+                    mib(self.store_bytes_start.map(|b| b / 1024)),
+                    mib(self.store_bytes_end.map(|b| b / 1024))
+                ),
+            ),
+            (
                 "peak rooms / participants / calls",
                 format!(
                     "{} / {} / {}",
@@ -318,7 +333,8 @@ impl SoakReport {
         }
         let _ = writeln!(
             out,
-            "\n| t (s) | RSS (MiB) | fds | rooms | participants | calls |\n|---|---|---|---|---|---|"
+            "\n| t (s) | RSS (MiB) | fds | rooms | participants | calls | store (MiB) |\n\
+             |---|---|---|---|---|---|---|"
         );
         let step = self.samples.len().div_ceil(30).max(1);
         let last = self.samples.len().saturating_sub(1);
@@ -326,13 +342,14 @@ impl SoakReport {
             if i % step == 0 || i == last {
                 let _ = writeln!(
                     out,
-                    "| {:.0} | {} | {} | {} | {} | {} |",
+                    "| {:.0} | {} | {} | {} | {} | {} | {} |",
                     s.t_s,
                     mib(s.rss_kb),
                     opt(s.fds),
                     opt(s.rooms),
                     opt(s.participants),
-                    opt(s.calls)
+                    opt(s.calls),
+                    mib(s.store_bytes.map(|b| b / 1024))
                 );
             }
         }
@@ -570,6 +587,7 @@ impl Soak {
             rooms,
             participants,
             calls,
+            store_bytes: self.server.data_dir().and_then(dir_bytes),
         }
     }
 
@@ -619,6 +637,18 @@ impl Soak {
             Err("transaction_status")
         }
     }
+}
+
+/// Total size of the regular files directly in `dir`.
+fn dir_bytes(dir: &std::path::Path) -> Option<u64> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    Some(
+        entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum(),
+    )
 }
 
 /// A Matrix user of the soak.
@@ -1031,6 +1061,8 @@ pub async fn run(opts: SoakOptions) -> Result<SoakReport, BenchError> {
             .zip(rss_end_kb)
             .map(|(a, b)| b as i64 - a as i64),
         rss_slope_kb_per_h: slope_per_hour(&second_half),
+        store_bytes_start: start.and_then(|s| s.store_bytes),
+        store_bytes_end: end.and_then(|s| s.store_bytes),
         fds_start: start.and_then(|s| s.fds),
         fds_end: end.and_then(|s| s.fds),
         fds_peak: peak(|s| s.fds),

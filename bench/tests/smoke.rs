@@ -166,6 +166,8 @@ fn bench_soak_smoke() {
         "fds_start",
         "fds_end",
         "fds_peak",
+        "store_bytes_start",
+        "store_bytes_end",
         "settle_s",
     ] {
         assert!(v[key].is_number(), "{key} in {v}");
