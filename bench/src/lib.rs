@@ -11,6 +11,7 @@ pub mod limit;
 pub mod lk;
 pub mod scenario;
 pub mod server;
+pub mod soak;
 pub mod tokens;
 
 use std::time::Duration;
@@ -101,6 +102,29 @@ pub fn proc_rss_kb(pid: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Open file descriptors of process `pid` (entries of `/proc/<pid>/fd`).
+pub fn proc_fd_count(pid: &str) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count() as u64)
+}
+
+/// Whether process `pid` exists and is neither a zombie nor dead (`/proc/<pid>/stat` state).
+pub fn proc_alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// UDP datagrams the kernel dropped because a receive buffer was full (`RcvbufErrors` in
 /// `/proc/net/snmp`; per network namespace, so system-wide outside the bench's own one).
 pub fn udp_rcvbuf_errors() -> Option<u64> {
@@ -146,6 +170,13 @@ mod tests {
     #[test]
     fn rss_is_readable() {
         assert!(proc_rss_kb("self").expect("/proc/self/status") > 0);
+    }
+
+    #[test]
+    fn fds_and_liveness_are_readable() {
+        assert!(proc_fd_count("self").expect("/proc/self/fd") >= 3);
+        assert!(proc_alive("self"));
+        assert!(!proc_alive("0"));
     }
 
     #[test]

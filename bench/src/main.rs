@@ -1,5 +1,6 @@
 //! The `conclave-bench` binary: parse arguments, set up logging, run one benchmark, print its
-//! report (Markdown, or one JSON object with `--json`), map errors to exit codes.
+//! report (Markdown, or one JSON object with `--json`), map errors to exit codes: 1 when a
+//! benchmark could not run, 2 when the soak ran and found a leak or a dead server.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use conclave_bench::scenario::{run_to_text, CommonArgs, Kind};
+use conclave_bench::soak::{self, SoakOptions};
 use conclave_bench::tokens::{self, TokenBenchOptions};
 use conclave_bench::BenchError;
 
@@ -88,6 +90,44 @@ enum BenchCommand {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Soak: clients churn joins and leaves while appservice transactions toggle call
+    /// memberships, for a bounded time; reports RSS drift, open fds and leaked rooms,
+    /// participants and calls. Exits with 2 (after printing the report) if anything leaked or
+    /// the server died.
+    Soak {
+        /// How long the load runs, seconds (a settle period of up to 45 s follows).
+        #[arg(long, default_value_t = 60)]
+        duration_secs: u64,
+        /// Signalling clients churning in parallel.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Distinct rooms cycled through.
+        #[arg(long, default_value_t = 20)]
+        rooms: usize,
+        /// Sampling interval, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        sample_secs: f64,
+        /// Print one JSON object instead of Markdown tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What a benchmark printed, and whether it found a failure it reports rather than errors on.
+struct Outcome {
+    /// The report.
+    text: String,
+    /// Why the run failed after reporting (exit code 2).
+    failure: Option<String>,
+}
+
+impl From<String> for Outcome {
+    fn from(text: String) -> Self {
+        Self {
+            text,
+            failure: None,
+        }
+    }
 }
 
 impl BenchCommand {
@@ -98,12 +138,13 @@ impl BenchCommand {
             BenchCommand::Audio { .. } => "audio",
             BenchCommand::Video { .. } => "video",
             BenchCommand::Livestream { .. } => "livestream",
+            BenchCommand::Soak { .. } => "soak",
         }
     }
 }
 
 /// Runs the chosen benchmark and renders its report.
-async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
+async fn run(scenario: BenchCommand) -> Result<Outcome, BenchError> {
     match scenario {
         BenchCommand::Tokens {
             requests,
@@ -121,7 +162,8 @@ async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
                 format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
             } else {
                 report.markdown()
-            })
+            }
+            .into())
         }
         BenchCommand::Audio {
             publishers,
@@ -130,7 +172,7 @@ async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
             common,
         } => {
             let opts = common.options(Kind::Audio, publishers, subscribers, payload_bytes, 0, 0);
-            run_to_text(opts, common.json).await
+            run_to_text(opts, common.json).await.map(Outcome::from)
         }
         BenchCommand::Video {
             participants,
@@ -140,7 +182,7 @@ async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
             common,
         } => {
             let opts = common.options(Kind::Video, participants, subscribers, 0, bitrate_kbps, fps);
-            run_to_text(opts, common.json).await
+            run_to_text(opts, common.json).await.map(Outcome::from)
         }
         BenchCommand::Livestream {
             subscribers,
@@ -149,7 +191,33 @@ async fn run(scenario: BenchCommand) -> Result<String, BenchError> {
             common,
         } => {
             let opts = common.options(Kind::Livestream, 1, subscribers, 0, bitrate_kbps, fps);
-            run_to_text(opts, common.json).await
+            run_to_text(opts, common.json).await.map(Outcome::from)
+        }
+        BenchCommand::Soak {
+            duration_secs,
+            concurrency,
+            rooms,
+            sample_secs,
+            json,
+        } => {
+            let sample_interval = Duration::try_from_secs_f64(sample_secs)
+                .map_err(|e| BenchError::Options(format!("--sample-secs {sample_secs}: {e}")))?;
+            let report = soak::run(SoakOptions {
+                duration: Duration::from_secs(duration_secs),
+                concurrency,
+                rooms,
+                sample_interval,
+            })
+            .await?;
+            let text = if json {
+                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
+            } else {
+                report.markdown()
+            };
+            Ok(Outcome {
+                text,
+                failure: report.failure(),
+            })
         }
     }
 }
@@ -172,8 +240,8 @@ fn main() -> ExitCode {
         }
     };
     let name = cli.scenario.name();
-    let text = match runtime.block_on(run(cli.scenario)) {
-        Ok(text) => text,
+    let Outcome { text, failure } = match runtime.block_on(run(cli.scenario)) {
+        Ok(outcome) => outcome,
         Err(e) => {
             eprintln!("conclave-bench {name}: {e}");
             return ExitCode::FAILURE;
@@ -181,7 +249,13 @@ fn main() -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => match failure {
+            None => ExitCode::SUCCESS,
+            Some(why) => {
+                eprintln!("conclave-bench {name}: {why}");
+                ExitCode::from(2)
+            }
+        },
         Err(e) => {
             eprintln!("conclave-bench: cannot write to standard output: {e}");
             ExitCode::FAILURE

@@ -154,6 +154,7 @@ pub struct ConclaveTarget {
     pub pid: Option<u32>,
     child: Option<Child>,
     log: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -224,6 +225,7 @@ impl ConclaveTarget {
             pid: Some(child.id()),
             child: Some(child),
             log: Some(log),
+            data_dir: Some(data_dir),
             _dir: Some(dir),
         })
     }
@@ -250,6 +252,7 @@ impl ConclaveTarget {
             pid: None,
             child: None,
             log: None,
+            data_dir: None,
             _dir: None,
         })
     }
@@ -257,6 +260,11 @@ impl ConclaveTarget {
     /// The last lines of the child's log (empty for an external server), for error messages.
     pub fn log_tail(&self) -> String {
         self.log.as_deref().map(tail).unwrap_or_default()
+    }
+
+    /// The child's data dir (store, secrets); absent for an external server.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
     }
 
     /// The WebSocket base (`ws://…`).

@@ -136,3 +136,42 @@ fn bench_video_smoke() {
 fn bench_livestream_smoke() {
     media_smoke(&["livestream", "--subscribers", "4", "--bitrate-kbps", "500"]);
 }
+
+/// A ten-second soak: clients churn, transactions flow, the report has every field, and
+/// nothing is left once the load stops (`run_json` also asserts exit code 0, which a leak or
+/// a dead server would turn into 2).
+#[test]
+fn bench_soak_smoke() {
+    let v = run_json(
+        &["soak", "--duration-secs", "10"],
+        &["--concurrency", "3", "--rooms", "4", "--sample-secs", "2"],
+    );
+    assert_eq!(v["scenario"], "soak", "{v}");
+    for key in ["joins", "transactions", "call_joins"] {
+        assert!(v[key].as_u64().is_some_and(|x| x > 0), "{key} in {v}");
+    }
+    for key in ["leaked_rooms", "leaked_participants", "leaked_calls"] {
+        assert_eq!(v[key], 0, "{key} in {v}");
+    }
+    assert_eq!(v["server_alive"], true, "{v}");
+    for key in [
+        "leaves_clean",
+        "leaves_abrupt",
+        "transactions_replayed",
+        "errors",
+        "rss_start_kb",
+        "rss_end_kb",
+        "rss_peak_kb",
+        "rss_drift_kb",
+        "fds_start",
+        "fds_end",
+        "fds_peak",
+        "store_bytes_start",
+        "store_bytes_end",
+        "settle_s",
+    ] {
+        assert!(v[key].is_number(), "{key} in {v}");
+    }
+    assert!(v["errors_by_kind"].is_object(), "{v}");
+    assert!(v["samples"].as_array().is_some_and(|s| s.len() >= 3), "{v}");
+}
