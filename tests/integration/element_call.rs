@@ -19,8 +19,10 @@ use crate::support::synapse::heavy_lock;
 /// How long the pages get to start Element Call and exchange media (cold Chromium, two
 /// Synapse round trips, two SFUs): bounded, so a broken setup fails instead of hanging.
 const IN_CALL_TIMEOUT_S: u64 = 100;
-/// Longest time from bob's ban to alice's media stopping at his page (Conclave's enforcement).
-const BAN_MEDIA_STOP_MS: u64 = 2000;
+/// Longest time from bob's ban to alice's media stopping at his page: her home Conclave removes
+/// her when the ban has federated to her homeserver and reached it in an appservice transaction.
+/// 1.5–1.9 s on a quiet machine; 2.1 s was seen with builds and fuzzers running beside the test.
+const BAN_MEDIA_STOP_MS: u64 = 3000;
 /// Longest time from bob's ban to alice's Element Call leaving (her client, through sync).
 const BAN_CLIENT_LEAVE_MS: u64 = 4000;
 
@@ -225,7 +227,7 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
         );
         // Seconds, not a token lifetime. Media stops when Conclave's appservice learns of the
         // ban; her page leaves when her client syncs it, typically 1.5–1.9 s after the ban, but
-        // 2.3 s was seen on a loaded 2-core machine (two Synapses, two Chromiums, builds).
+        // 2.3–3.6 s was seen on a loaded 2-core machine (two Synapses, two Chromiums, builds).
         let stopped = seen["media_stopped_ms"].as_u64();
         let left = seen["victim_left_ms"].as_u64();
         assert!(
