@@ -24,7 +24,7 @@ const IN_CALL_TIMEOUT_S: u64 = 100;
 /// 1.5–1.9 s on a quiet machine; 2.1 s was seen with builds and fuzzers running beside the test.
 const BAN_MEDIA_STOP_MS: u64 = 3000;
 /// Longest time from bob's ban to alice's Element Call leaving (her client, through sync).
-const BAN_CLIENT_LEAVE_MS: u64 = 4000;
+const BAN_CLIENT_LEAVE_MS: u64 = 6000;
 
 fn screenshot_dir(run: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
