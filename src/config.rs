@@ -327,6 +327,9 @@ pub struct CallsConfig {
     /// Remove SFU participants (issued by the token service) that have no call membership
     /// after this many seconds. Default 30; 0 disables the check.
     pub grace_period_secs: u64,
+    /// History older than this many days is deleted from the store, hourly: processed
+    /// transaction ids, calls that ended and their members. Default 30; 0 keeps everything.
+    pub history_days: u64,
 }
 
 impl Default for CallsConfig {
@@ -334,6 +337,7 @@ impl Default for CallsConfig {
         Self {
             notices: true,
             grace_period_secs: 30,
+            history_days: 30,
         }
     }
 }

@@ -952,6 +952,7 @@ mod tests {
             bot_user_id: "@conclave:local.example".into(),
             notices: false,
             grace_period: Duration::ZERO,
+            history: None,
             federation_destinations: DestinationPolicy::new(allow_private),
         };
         CsApis::new(&HttpClients::default(), &settings).unwrap()

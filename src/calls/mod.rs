@@ -35,7 +35,7 @@ use crate::plumbing::{DestinationPolicy, HttpClients};
 use crate::sfu::ids::{ParticipantIdentity, RoomName, RoomSid};
 use crate::store::{
     AsyncStore, CallChange, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
-    StoreError, TxnOutcome,
+    Pruned, StoreError, TxnOutcome,
 };
 use delayed::Delegations;
 use issued::{IssuedParticipant, IssuedParticipants};
@@ -70,6 +70,8 @@ pub struct CallsSettings {
     pub notices: bool,
     /// How long an issued SFU participant may stay without a call membership (0: forever).
     pub grace_period: Duration,
+    /// Store history older than this is pruned hourly (`calls.history_days`; `None`: kept).
+    pub history: Option<Duration>,
     /// Which addresses other homeservers' client-server APIs may have (delayed leaves of
     /// remote users): `auth.allow_private_federation`, as for the OpenID lookups.
     pub federation_destinations: DestinationPolicy,
@@ -85,6 +87,8 @@ impl CallsSettings {
             notices: config.calls.notices,
             grace_period: Duration::from_secs(config.calls.grace_period_secs),
             federation_destinations: DestinationPolicy::new(config.auth.allow_private_federation),
+            history: (config.calls.history_days > 0)
+                .then(|| Duration::from_secs(config.calls.history_days.saturating_mul(86_400))),
         }
     }
 }
@@ -390,6 +394,32 @@ impl Calls {
             Err(e) => {
                 tracing::error!(error = %e, "cannot expire call memberships");
                 0
+            }
+        }
+    }
+
+    /// Deletes store history older than `calls.history_days` (nothing when 0); what went.
+    pub async fn prune_history_once(&self) -> Pruned {
+        let Some(keep) = self.inner.settings.history else {
+            return Pruned::default();
+        };
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let before = crate::clock::unix_millis().saturating_sub(keep_ms);
+        match self.inner.store.prune_history(before).await {
+            Ok(pruned) => {
+                if !pruned.is_empty() {
+                    tracing::info!(
+                        transactions = pruned.transactions,
+                        calls = pruned.calls,
+                        call_members = pruned.call_members,
+                        "old history deleted from the store"
+                    );
+                }
+                pruned
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prune the store's history");
+                Pruned::default()
             }
         }
     }

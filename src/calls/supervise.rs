@@ -2,7 +2,8 @@
 //! second, and at start-up, which reconciles what expired while Conclave was down), and an SFU
 //! participant issued by the token service that never shows a call membership is removed after
 //! the grace period (`calls.grace_period_secs`). It also keeps the issued-identity map in step
-//! with SFU joins and leaves.
+//! with SFU joins and leaves, and deletes store history older than `calls.history_days`
+//! (hourly).
 
 use std::time::{Duration, Instant};
 
@@ -12,13 +13,21 @@ use super::Calls;
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 use crate::sfu::SfuEvent;
 
+/// How often old store history is deleted (`calls.history_days`), the first time at start-up.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Runs until the SFU's event stream closes.
 pub(super) async fn run(calls: Calls, mut events: broadcast::Receiver<SfuEvent>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 calls.expire_once().await;
+            }
+            _ = prune.tick() => {
+                calls.prune_history_once().await;
             }
             ev = events.recv() => match ev {
                 Ok(SfuEvent::ParticipantJoined { room, identity, sid, .. }) => {

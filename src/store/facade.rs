@@ -10,8 +10,8 @@ use ruma::{RoomId, UserId};
 use tokio::sync::Notify;
 
 use super::{
-    CallChange, CallView, DelayedLeave, Effect, MembershipRecord, SqliteStore, Store, StoreError,
-    TxnOutcome,
+    CallChange, CallView, DelayedLeave, Effect, MembershipRecord, Pruned, SqliteStore, Store,
+    StoreError, TxnOutcome,
 };
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 
@@ -130,6 +130,11 @@ impl AsyncStore {
     /// Ends call memberships expired at `now_ms`.
     pub async fn expire_call_members(&self, now_ms: i64) -> Result<Vec<CallChange>, StoreError> {
         self.run(move |s| s.expire_call_members(now_ms)).await
+    }
+
+    /// Deletes history older than `before_ms` (see [`Store::prune_history`]).
+    pub async fn prune_history(&self, before_ms: i64) -> Result<Pruned, StoreError> {
+        self.run(move |s| s.prune_history(before_ms)).await
     }
 
     /// Active calls with their members.

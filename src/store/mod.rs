@@ -294,4 +294,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Number of transactions applied so far.
     fn processed_transactions(&self) -> Result<u64, StoreError>;
+
+    /// Deletes history older than `before_ms`: processed transaction ids (and their membership
+    /// log), calls that ended and their members. Current state (memberships, active calls,
+    /// delayed leaves) is never touched.
+    fn prune_history(&self, before_ms: i64) -> Result<Pruned, StoreError>;
+}
+
+/// What [`Store::prune_history`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Processed transaction ids.
+    pub transactions: u64,
+    /// Ended calls.
+    pub calls: u64,
+    /// Members of those calls.
+    pub call_members: u64,
+}
+
+impl Pruned {
+    /// Whether nothing was deleted.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }

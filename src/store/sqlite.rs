@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::lifecycle::{self, ActiveMember, CallLedger, CallSummary};
 use super::{
     CallChange, CallMemberJoin, CallMemberView, CallView, DelayedLeave, Effect, MembershipRecord,
-    Store, StoreError, TxnOutcome,
+    Pruned, Store, StoreError, TxnOutcome,
 };
 
 /// Migrations, applied in order; migration `i` brings the schema to version `i + 1`.
@@ -653,6 +653,37 @@ impl Store for SqliteStore {
             Ok(n.max(0) as u64)
         })
     }
+
+    fn prune_history(&self, before_ms: i64) -> Result<Pruned, StoreError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM membership_event_log WHERE txn_id IN
+                   (SELECT txn_id FROM appservice_txn_processed WHERE processed_ts < ?1)",
+                [before_ms],
+            )?;
+            let transactions = tx.execute(
+                "DELETE FROM appservice_txn_processed WHERE processed_ts < ?1",
+                [before_ms],
+            )?;
+            let ended =
+                "SELECT call_key FROM rtc_call WHERE ended_ts IS NOT NULL AND ended_ts < ?1";
+            let call_members = tx.execute(
+                &format!("DELETE FROM rtc_call_member WHERE call_key IN ({ended})"),
+                [before_ms],
+            )?;
+            let calls = tx.execute(
+                &format!("DELETE FROM rtc_call WHERE call_key IN ({ended})"),
+                [before_ms],
+            )?;
+            tx.commit()?;
+            Ok(Pruned {
+                transactions: transactions as u64,
+                calls: calls as u64,
+                call_members: call_members as u64,
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -765,6 +796,89 @@ mod tests {
             .expect("apply");
         let m = membership_of(&bob);
         assert_eq!(m.membership, MembershipState::Leave);
+    }
+
+    fn call_join(key: &str, room: &str, ts: i64) -> Effect {
+        Effect::CallMemberJoined(CallMemberJoin {
+            room_id: RoomId::parse(room).expect("room id"),
+            application: "m.call".into(),
+            call_id: String::new(),
+            member_key: key.into(),
+            user_id: owned_user_id!("@alice:example.org"),
+            device_id: "DEV".into(),
+            membership_id: key.into(),
+            focus_active: "{}".into(),
+            foci_preferred: "[]".into(),
+            event_id: format!("$join-{key}"),
+            ts,
+            expires_ts: None,
+        })
+    }
+
+    fn call_leave(key: &str, room: &str, ts: i64) -> Effect {
+        Effect::CallMemberLeft {
+            room_id: RoomId::parse(room).expect("room id"),
+            member_key: key.into(),
+            ts,
+        }
+    }
+
+    /// History older than the cut-off goes (transaction ids with their membership log, ended
+    /// calls with their members); current state and newer history stay, and a pruned
+    /// transaction id is still answered once applied again (it is new to the store).
+    #[test]
+    fn prune_history_deletes_old_history_only() {
+        let store = SqliteStore::open_in_memory().expect("open");
+        let (old_room, live_room) = ("!old:example.org", "!live:example.org");
+        store
+            .apply_transaction("t-old", &[member("$a", MembershipState::Join)], 1_000)
+            .expect("apply");
+        store
+            .apply_transaction("t-call", &[call_join("k1", old_room, 1_000)], 1_000)
+            .expect("apply");
+        store
+            .apply_transaction("t-end", &[call_leave("k1", old_room, 2_000)], 2_000)
+            .expect("apply");
+        store
+            .apply_transaction("t-live", &[call_join("k2", live_room, 1_500)], 1_500)
+            .expect("apply");
+        store
+            .apply_transaction("t-new", &[member("$b", MembershipState::Leave)], 9_000)
+            .expect("apply");
+        assert_eq!(store.active_calls().expect("calls").len(), 1);
+
+        let pruned = store.prune_history(5_000).expect("prune");
+        assert_eq!(
+            pruned,
+            Pruned {
+                transactions: 4,
+                calls: 1,
+                call_members: 1,
+            }
+        );
+        assert_eq!(store.processed_transactions().expect("count"), 1);
+        assert!(store.is_transaction_processed("t-new").expect("query"));
+        assert!(!store.is_transaction_processed("t-old").expect("query"));
+        assert_eq!(
+            store
+                .membership_event_applications(&owned_event_id!("$a"))
+                .expect("count"),
+            0
+        );
+        // Current state stays: the latest membership and the call still going.
+        let m = store
+            .membership(
+                &owned_room_id!("!room:example.org"),
+                &owned_user_id!("@alice:example.org"),
+            )
+            .expect("query")
+            .expect("present");
+        assert_eq!(m.event_id, owned_event_id!("$b"));
+        let calls = store.active_calls().expect("calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].room_id, live_room);
+        assert_eq!(calls[0].members.len(), 1);
+        assert!(store.prune_history(5_000).expect("again").is_empty());
     }
 
     #[test]
