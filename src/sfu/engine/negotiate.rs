@@ -41,7 +41,7 @@ impl Sfu {
                 return;
             }
         };
-        match p.publisher.rtc.sdp_api().accept_offer(offer) {
+        match p.transport.pub_pc_mut().rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 let answer = lk::SessionDescription {
                     r#type: "answer".into(),
@@ -65,6 +65,11 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
+        if p.transport.is_single() {
+            // v1: the SFU never offers, so a client answer means nothing (design §1.6).
+            tracing::debug!(%session, "answer on a single peer connection ignored");
+            return;
+        }
         let Some((pending, id)) = p.sub_pending.take() else {
             tracing::debug!(%session, "answer without a pending offer");
             return;
@@ -81,7 +86,13 @@ impl Sfu {
                 return;
             }
         };
-        if let Err(e) = p.subscriber.rtc.sdp_api().accept_answer(pending, answer) {
+        if let Err(e) = p
+            .transport
+            .sub_pc_mut()
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+        {
             tracing::warn!(%session, error = %e, "subscriber answer refused");
             return;
         }
@@ -90,7 +101,11 @@ impl Sfu {
                 d.state = DownState::Open(m);
                 if d.kind == MediaKind::Audio {
                     // A transceiver may carry a RED-less track after a RED one, or the reverse.
-                    p.subscriber.rtc.direct_api().set_red_send(m, d.red);
+                    p.transport
+                        .sub_pc_mut()
+                        .rtc
+                        .direct_api()
+                        .set_red_send(m, d.red);
                 }
             }
         }
@@ -200,8 +215,12 @@ impl Sfu {
         if p.sub_pending.is_some() {
             return;
         }
+        if p.transport.is_single() {
+            // v1: the SFU never offers (design §1.6).
+            return;
+        }
         let id = p.sub_offer_id + 1;
-        let mut api = p.subscriber.rtc.sdp_api();
+        let mut api = p.transport.sub_pc_mut().rtc.sdp_api();
         if p.sub_reliable.is_none() {
             // Server-created channels on the subscriber PC (subscriber_primary): clients adopt
             // them by label.
