@@ -27,6 +27,7 @@ mod periodic;
 mod red;
 mod requests;
 mod room;
+mod single;
 mod track;
 
 use downtrack::DownTrack;
@@ -673,6 +674,9 @@ impl Sfu {
         let transport = if single_pc {
             Transport::Single {
                 pc: Box::new(self.new_pc(now)),
+                slots: Vec::new(),
+                reoffer_requested: false,
+                answered: false,
             }
         } else {
             Transport::Dual {

@@ -34,6 +34,11 @@ impl Sfu {
             .map(|t| t.cid.as_str())
             .collect();
         let sdp = super::red::strip_red(&sd.sdp, &no_red);
+        if p.transport.is_single() {
+            self.single_offer(now, session, &sd, &sdp);
+            self.drain(now, session);
+            return;
+        }
         let offer = match SdpOffer::from_sdp_string(&sdp) {
             Ok(o) => o,
             Err(e) => {
@@ -207,16 +212,17 @@ impl Sfu {
         p.down_tracks.push(down);
     }
 
-    /// Sends a subscriber offer if changes are waiting and none is in flight.
+    /// Sends a subscriber offer if changes are waiting and none is in flight; on a single
+    /// peer connection, asks the client for an offer instead (see
+    /// [`Sfu::single_renegotiate`]).
     pub(super) fn renegotiate(&mut self, _now: Instant, session: SessionId) {
+        if self.single_renegotiate(session) {
+            return;
+        }
         let Some(p) = self.participant_mut(session) else {
             return;
         };
         if p.sub_pending.is_some() {
-            return;
-        }
-        if p.transport.is_single() {
-            // v1: the SFU never offers (design §1.6).
             return;
         }
         let id = p.sub_offer_id + 1;

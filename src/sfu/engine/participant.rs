@@ -52,7 +52,32 @@ pub(super) enum Transport {
     Single {
         /// The one peer connection (registered as [`PcKind::Publisher`]).
         pc: Box<Pc>,
+        /// The client's `recvonly` m-lines, which we may send on, in the order offered.
+        slots: Vec<Slot>,
+        /// A `media_sections_requirement` was sent and the client has not offered since.
+        reoffer_requested: bool,
+        /// At least one client offer was answered (before that, nothing to ask for: the
+        /// first offer picks up whatever waits).
+        answered: bool,
     },
+}
+
+/// A client `recvonly` m-line on a single peer connection (design §3, step 3).
+pub(super) struct Slot {
+    pub(super) mid: Mid,
+    pub(super) kind: MediaKind,
+    pub(super) state: SlotState,
+}
+
+/// What a [`Slot`] carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SlotState {
+    /// Nothing: answered `inactive`.
+    Free,
+    /// This track: answered `sendonly` with its msid.
+    Assigned(TrackSid),
+    /// Its track stopped: answered `inactive` once more, then `Free`.
+    Releasing,
 }
 
 impl Transport {

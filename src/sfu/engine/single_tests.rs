@@ -30,6 +30,28 @@ impl Peer {
             events: Vec::new(),
         }
     }
+
+    /// Media frames received on `mid`.
+    fn received_on(&self, mid: Mid) -> Vec<&MediaData> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::MediaData(d) if d.mid == mid => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Media frames received on any mid.
+    fn received(&self) -> Vec<&MediaData> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::MediaData(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// The engine and a clock; every signal message, in order.
@@ -161,6 +183,13 @@ impl Net {
             .map(|p| p.state)
             .unwrap_or(-1)
     }
+
+    fn track_sids(&self, identity: &str) -> Vec<String> {
+        self.s
+            .participant_info(&"room".into(), &identity.into())
+            .map(|p| p.tracks.iter().map(|t| t.sid.clone()).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// A LiveKit v1 client on one str0m connection: it creates `_reliable` and `_lossy`,
@@ -172,9 +201,18 @@ struct SinglePeer {
     placeholders: Vec<(Mid, MediaKind)>,
     /// Placeholders for the next offer (str0m keeps changes only within one `SdpApi`).
     to_add: Vec<MediaKind>,
+    /// Audio tracks for the next offer (cids).
+    to_publish: Vec<String>,
+    /// Mids it publishes on: (cid, mid).
+    published: Vec<(String, Mid)>,
     channels: bool,
     pending: Option<(SdpPendingOffer, u32)>,
     next_id: u32,
+    /// How many of the engine's messages it has looked at.
+    seen: usize,
+    /// Placeholders asked for by `media_sections_requirement`s not offered yet (audio,
+    /// video); `Some` also means "offer again".
+    asked: Option<(usize, usize)>,
 }
 
 impl SinglePeer {
@@ -187,10 +225,24 @@ impl SinglePeer {
             peer: Peer::new(now, &format!("10.0.1.{session}:5000")),
             placeholders: Vec::new(),
             to_add,
+            to_publish: Vec::new(),
+            published: Vec::new(),
             channels: false,
             pending: None,
             next_id: 1,
+            seen: 0,
+            asked: None,
         }
+    }
+
+    /// Publishes an audio track `cid` in the next offer.
+    fn publish_audio(&mut self, cid: &str) {
+        self.to_publish.push(cid.into());
+    }
+
+    /// Adds `n` more placeholders of `kind` to the next offer (a `media_sections_requirement`).
+    fn add_placeholders(&mut self, kind: MediaKind, n: usize) {
+        self.to_add.extend(std::iter::repeat_n(kind, n));
     }
 
     /// Builds an offer with every placeholder `recvonly` again (as a browser transceiver
@@ -209,6 +261,16 @@ impl SinglePeer {
         for kind in self.to_add.drain(..) {
             let mid = api.add_media(kind, Direction::RecvOnly, None, None, None);
             self.placeholders.push((mid, kind));
+        }
+        for cid in self.to_publish.drain(..) {
+            let mid = api.add_media(
+                MediaKind::Audio,
+                Direction::SendOnly,
+                Some("stream".into()),
+                Some(cid.clone()),
+                None,
+            );
+            self.published.push((cid, mid));
         }
         if !api.has_changes() {
             // Nothing changed, and str0m offers only changes: one more placeholder.
@@ -239,6 +301,62 @@ impl SinglePeer {
             .expect("the client accepts the answer");
         Some(answer)
     }
+
+    /// What a LiveKit v1 client does with the engine's messages: applies an answer to its
+    /// offer, and answers a `media_sections_requirement` with that many more placeholders and
+    /// a new offer (once its previous offer is answered).
+    fn react(&mut self, net: &mut Net) {
+        self.take_answer(net);
+        for (id, m) in &net.msgs[self.seen..] {
+            if let (true, Msg::MediaSectionsRequirement(r)) = (*id == self.session, m) {
+                let (a, v) = self.asked.unwrap_or_default();
+                self.asked = Some((a + r.num_audios as usize, v + r.num_videos as usize));
+            }
+        }
+        self.seen = net.msgs.len();
+        if self.pending.is_none() {
+            if let Some((a, v)) = self.asked.take() {
+                self.add_placeholders(MediaKind::Audio, a);
+                self.add_placeholders(MediaKind::Video, v);
+                let offer = self.offer();
+                net.request(self.session, offer);
+            }
+        }
+    }
+
+    /// Writes a 20 ms Opus-sized frame on its published `mid`, if it can already.
+    fn send_audio(&mut self, mid: Mid, seq: u64, now: Instant) -> bool {
+        let Some(w) = self.peer.rtc.writer(mid) else {
+            return false;
+        };
+        let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
+            return false;
+        };
+        let t = str0m::media::MediaTime::new(
+            1_000_000 + seq * 960,
+            str0m::media::Frequency::FORTY_EIGHT_KHZ,
+        );
+        w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
+    }
+}
+
+/// The lines of the m-section of `mid` in `sdp`.
+fn section<'a>(sdp: &'a str, mid: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            if current.contains(&format!("a=mid:{mid}").as_str()) {
+                return current;
+            }
+            current = Vec::new();
+        }
+        current.push(line);
+    }
+    if current.contains(&format!("a=mid:{mid}").as_str()) {
+        out = current;
+    }
+    out
 }
 
 /// A single-PC client joins and offers: `join` comes first with `subscriber_primary`
@@ -290,4 +408,105 @@ fn single_pc_client_connects_and_becomes_active() {
         net.tick(&mut [&mut bob.peer]);
     }
     assert!(open(&bob), "the client's own _reliable opens");
+}
+
+fn add_track(cid: &str) -> Req {
+    Req::AddTrack(lk::AddTrackRequest {
+        cid: cid.into(),
+        name: cid.into(),
+        r#type: lk::TrackType::Audio as i32,
+        source: lk::TrackSource::Microphone as i32,
+        ..Default::default()
+    })
+}
+
+/// The `mid_to_track_id` entry of `track` in `answer`, checked against the SDP: that
+/// section is `sendonly` with msid `PA_publisher|TR_track TR_track`, in `a=msid` and in
+/// every `a=ssrc … msid:` line.
+fn mid_carrying(answer: &lk::SessionDescription, publisher_sid: &str, track: &str) -> Mid {
+    let (mid, _) = answer
+        .mid_to_track_id
+        .iter()
+        .find(|(_, t)| *t == track)
+        .unwrap_or_else(|| panic!("{track} in {:?}", answer.mid_to_track_id));
+    let lines = section(&answer.sdp, mid);
+    let msid = format!("{publisher_sid}|{track} {track}");
+    assert!(lines.contains(&"a=sendonly"), "{lines:?}");
+    assert!(
+        lines.contains(&format!("a=msid:{msid}").as_str()),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("a=ssrc:") && l.contains(" msid:"))
+            .all(|l| l.ends_with(&format!(" msid:{msid}"))),
+        "{lines:?}"
+    );
+    Mid::from(mid.as_str())
+}
+
+/// Every frame alice sent arrived unchanged with timestamps one frame apart.
+fn assert_continuous(frames: &[&MediaData], sent: u64) {
+    assert!(sent > 50, "sent {sent}");
+    assert!(frames.len() > 20, "received {} of {sent}", frames.len());
+    let ts: Vec<u64> = frames.iter().map(|d| d.time.numer()).collect();
+    assert!(ts.windows(2).all(|w| w[1] - w[0] == 960), "{ts:?}");
+    assert!(frames.iter().all(|d| d.data[..] == [0x78u8; 60]));
+}
+
+/// (design §4, cases 2 and 3) alice (single PC) publishes audio; bob (single PC) joins with
+/// 3 + 3 placeholders and receives it on one of them, assigned in his first answer with
+/// `PA_alice|TR_x` and in `mid_to_track_id`; every other placeholder is answered `inactive`.
+#[test]
+fn single_pc_audio_reaches_a_single_pc_subscriber() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_track("mic"));
+    alice.publish_audio("mic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    // alice connects: her track is bound (published) once her connection is up.
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    assert_eq!(
+        net.state_of("alice"),
+        lk::participant_info::State::Active as i32
+    );
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mic = alice.published[0].1;
+    let mut sent = 0;
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if alice.send_audio(mic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &track);
+    for (m, _) in bob.placeholders.iter().filter(|(m, _)| *m != mid) {
+        let lines = section(&first.sdp, m);
+        assert!(lines.contains(&"a=inactive"), "{m}: {lines:?}");
+    }
+    assert_eq!(first.mid_to_track_id.len(), 1);
+    assert!(
+        !net.msgs.iter().any(|(_, m)| matches!(m, Msg::Offer(_))),
+        "no server offer"
+    );
+    assert_continuous(&bob.peer.received_on(mid), sent);
+    assert_eq!(bob.peer.received().len(), bob.peer.received_on(mid).len());
 }
