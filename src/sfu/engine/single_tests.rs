@@ -42,6 +42,21 @@ impl Peer {
             .collect()
     }
 
+    /// Writes a 20 ms Opus-sized frame on its published `mid`, if it can already.
+    fn send_audio(&mut self, mid: Mid, seq: u64, now: Instant) -> bool {
+        let Some(w) = self.rtc.writer(mid) else {
+            return false;
+        };
+        let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
+            return false;
+        };
+        let t = str0m::media::MediaTime::new(
+            1_000_000 + seq * 960,
+            str0m::media::Frequency::FORTY_EIGHT_KHZ,
+        );
+        w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
+    }
+
     /// Media frames received on any mid.
     fn received(&self) -> Vec<&MediaData> {
         self.events
@@ -323,21 +338,6 @@ impl SinglePeer {
             }
         }
     }
-
-    /// Writes a 20 ms Opus-sized frame on its published `mid`, if it can already.
-    fn send_audio(&mut self, mid: Mid, seq: u64, now: Instant) -> bool {
-        let Some(w) = self.peer.rtc.writer(mid) else {
-            return false;
-        };
-        let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
-            return false;
-        };
-        let t = str0m::media::MediaTime::new(
-            1_000_000 + seq * 960,
-            str0m::media::Frequency::FORTY_EIGHT_KHZ,
-        );
-        w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
-    }
 }
 
 /// The lines of the m-section of `mid` in `sdp`.
@@ -486,7 +486,7 @@ fn single_pc_audio_reaches_a_single_pc_subscriber() {
         net.tick(&mut [&mut alice.peer, &mut bob.peer]);
         alice.react(&mut net);
         bob.react(&mut net);
-        if alice.send_audio(mic, sent, net.now) {
+        if alice.peer.send_audio(mic, sent, net.now) {
             sent += 1;
         }
     }
@@ -509,4 +509,89 @@ fn single_pc_audio_reaches_a_single_pc_subscriber() {
     );
     assert_continuous(&bob.peer.received_on(mid), sent);
     assert_eq!(bob.peer.received().len(), bob.peer.received_on(mid).len());
+}
+
+/// (design §4, cases 4 and 5) bob (single PC) is connected when alice publishes: he is told
+/// of the track (`update`), then asked to offer again (`media_sections_requirement`,
+/// `{0, 0}` with a free audio placeholder, `{1, 0}` without one), and only the answer to his
+/// re-offer carries the track, which he then receives.
+#[test]
+fn a_mid_call_subscription_asks_for_a_reoffer() {
+    for (audio_placeholders, want_audios) in [(3, 0), (0, 1)] {
+        let mut net = Net::new();
+        let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+        let mut bob = SinglePeer::new(net.now, 2, audio_placeholders, 1);
+        net.join(1, "alice", true);
+        net.join(2, "bob", true);
+        for (session, peer) in [(1, &mut alice), (2, &mut bob)] {
+            let offer = peer.offer();
+            net.request(session, offer);
+        }
+        for _ in 0..50 {
+            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+            alice.react(&mut net);
+            bob.react(&mut net);
+        }
+        assert_eq!(
+            net.state_of("bob"),
+            lk::participant_info::State::Active as i32
+        );
+        let before = net.msgs.len();
+        net.request(1, add_track("mic"));
+        alice.publish_audio("mic");
+        let offer = alice.offer();
+        net.request(1, offer);
+        let mic = alice.published[0].1;
+        let mut sent = 0;
+        for _ in 0..300 {
+            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+            alice.react(&mut net);
+            bob.react(&mut net);
+            if alice.peer.send_audio(mic, sent, net.now) {
+                sent += 1;
+            }
+        }
+        let alice_sid = net
+            .s
+            .participant_info(&"room".into(), &"alice".into())
+            .unwrap()
+            .sid;
+        let track = net.track_sids("alice").pop().expect("alice's track");
+        let later: Vec<&Msg> = net.msgs[before..]
+            .iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, m)| m)
+            .collect();
+        let update = later
+            .iter()
+            .position(|m| matches!(m, Msg::Update(u) if u.participants.iter().any(|p| !p.tracks.is_empty())))
+            .expect("bob told of the track");
+        let requirement = later
+            .iter()
+            .position(|m| matches!(m, Msg::MediaSectionsRequirement(_)))
+            .expect("bob asked to offer again");
+        let Msg::MediaSectionsRequirement(r) = later[requirement] else {
+            unreachable!()
+        };
+        assert_eq!((r.num_audios, r.num_videos), (want_audios, 0));
+        let answer = later
+            .iter()
+            .position(
+                |m| matches!(m, Msg::Answer(a) if a.mid_to_track_id.values().any(|t| *t == track)),
+            )
+            .expect("an answer with the track");
+        assert!(
+            update < requirement && requirement < answer,
+            "{update} {requirement} {answer}"
+        );
+        let Msg::Answer(a) = later[answer] else {
+            unreachable!()
+        };
+        let mid = mid_carrying(a, &alice_sid, &track);
+        assert_continuous(&bob.peer.received_on(mid), sent);
+        assert!(
+            !net.msgs.iter().any(|(_, m)| matches!(m, Msg::Offer(_))),
+            "no server offer"
+        );
+    }
 }
