@@ -5,7 +5,7 @@
 
 use super::*;
 use lk::signal_request::Message as Req;
-use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Event, Output as RtcOutput};
 
@@ -594,4 +594,127 @@ fn a_mid_call_subscription_asks_for_a_reoffer() {
             "no server offer"
         );
     }
+}
+
+/// (design §4, case 8) A mixed room: v0 bob (two connections, the SFU offers on his
+/// subscriber one) receives single-PC alice's audio, and alice receives bob's on a slot.
+#[test]
+fn a_mixed_room_v0_and_single_pc_hear_each_other() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_track("amic"));
+    alice.publish_audio("amic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    // v0 bob: answers every subscriber offer, publishes on his publisher connection.
+    let mut bob_sub = Peer::new(net.now, "10.0.2.2:5000");
+    let mut bob_pub = Peer::new(net.now, "10.0.2.2:5001");
+    net.join(2, "bob", false);
+    net.request(2, add_track("bmic"));
+    let mut api = bob_pub.rtc.sdp_api();
+    api.add_channel("_reliable".into());
+    let bmic = api.add_media(
+        MediaKind::Audio,
+        Direction::SendOnly,
+        Some("s".into()),
+        Some("bmic".into()),
+        None,
+    );
+    let (offer, pending) = api.apply().unwrap();
+    let mut bob_pending = Some(pending);
+    net.request(
+        2,
+        Req::Offer(lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer.to_sdp_string(),
+            id: 1,
+            mid_to_track_id: HashMap::new(),
+        }),
+    );
+    let mut seen = 0;
+    let amic = alice.published[0].1;
+    let (mut sent_a, mut sent_b) = (0, 0);
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob_sub, &mut bob_pub]);
+        alice.react(&mut net);
+        let news: Vec<Msg> = net.msgs[seen..]
+            .iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, m)| m.clone())
+            .collect();
+        seen = net.msgs.len();
+        for m in news {
+            match m {
+                Msg::Offer(o) => {
+                    let answer = bob_sub
+                        .rtc
+                        .sdp_api()
+                        .accept_offer(SdpOffer::from_sdp_string(&o.sdp).unwrap())
+                        .unwrap();
+                    net.request(
+                        2,
+                        Req::Answer(lk::SessionDescription {
+                            r#type: "answer".into(),
+                            sdp: answer.to_sdp_string(),
+                            id: o.id,
+                            mid_to_track_id: HashMap::new(),
+                        }),
+                    );
+                }
+                Msg::Answer(a) => {
+                    if let Some(pending) = bob_pending.take() {
+                        bob_pub
+                            .rtc
+                            .sdp_api()
+                            .accept_answer(pending, SdpAnswer::from_sdp_string(&a.sdp).unwrap())
+                            .unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+        if alice.peer.send_audio(amic, sent_a, net.now) {
+            sent_a += 1;
+        }
+        if bob_pub.send_audio(bmic, sent_b, net.now) {
+            sent_b += 1;
+        }
+    }
+    // bob (v0) got alice's track in a subscriber offer, with her msid, and hears her.
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    assert!(net
+        .to(2)
+        .iter()
+        .any(|m| matches!(m, Msg::Offer(o) if o.sdp.contains(&format!("a=msid:{alice_sid}|TR_")))));
+    assert_continuous(&bob_sub.received(), sent_a);
+    // alice (single PC) got bob's track on a slot, and hears him.
+    let bob_sid = net
+        .s
+        .participant_info(&"room".into(), &"bob".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("bob").pop().expect("bob's track");
+    let answer = net
+        .to(1)
+        .into_iter()
+        .find_map(|m| match m {
+            Msg::Answer(a) if a.mid_to_track_id.values().any(|t| *t == track) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("alice's answer with bob's track");
+    let mid = mid_carrying(&answer, &bob_sid, &track);
+    assert_continuous(&alice.peer.received_on(mid), sent_b);
+    assert!(
+        !net.to(1).iter().any(|m| matches!(m, Msg::Offer(_))),
+        "no server offer to the single-PC participant"
+    );
 }
