@@ -19,6 +19,10 @@ use str0m::media::{MediaKind, Mid};
 use super::downtrack::DownState;
 use super::participant::{Slot, SlotState, Transport};
 use super::{SessionId, Sfu};
+
+/// Most slots one single-PC participant keeps (design §5, "m-line growth"); further
+/// `recvonly` m-lines are answered `inactive` for good.
+const MAX_SLOTS: usize = 64;
 use crate::sfu::ids::TrackSid;
 
 /// The `recvonly` audio and video m-lines of an offer (mid, kind): the slots it offers us.
@@ -134,7 +138,7 @@ impl Sfu {
         };
         let offered = offered_slots(sdp);
         for (mid, kind) in &offered {
-            if !slots.iter().any(|s| s.mid == *mid) {
+            if !slots.iter().any(|s| s.mid == *mid) && slots.len() < MAX_SLOTS {
                 slots.push(Slot {
                     mid: *mid,
                     kind: *kind,
@@ -184,7 +188,13 @@ impl Sfu {
                 }
             }
         }
-        let mut sections = HashMap::new();
+        // Every offered `recvonly` m-line is answered `inactive` unless a track is on it:
+        // str0m's `sendonly` with a random msid would make a browser fire a `track` event
+        // that LiveKit clients drop, and that mid would be dead (design §1.6).
+        let mut sections: HashMap<String, SlotAnswer> = offered
+            .iter()
+            .map(|(mid, _)| (mid.to_string(), None))
+            .collect();
         let mut mid_to_track_id = HashMap::new();
         for s in slots.iter() {
             let assigned = match &s.state {
@@ -203,8 +213,14 @@ impl Sfu {
             );
         }
         let sdp = rewrite_answer(&answer.to_sdp_string(), &sections);
+        // Released slots (and any whose down-track is gone) were just answered `inactive`:
+        // free for the next offer.
         for s in slots.iter_mut() {
-            if s.state == SlotState::Releasing {
+            let live = p
+                .down_tracks
+                .iter()
+                .any(|d| d.mid() == Some(s.mid) && matches!(d.state, DownState::Open(_)));
+            if s.state == SlotState::Releasing || !live {
                 s.state = SlotState::Free;
             }
         }

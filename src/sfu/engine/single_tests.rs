@@ -718,3 +718,111 @@ fn a_mixed_room_v0_and_single_pc_hear_each_other() {
         "no server offer to the single-PC participant"
     );
 }
+
+/// (design §4, case 6) alice's track goes (she leaves): bob's next answer has its mid
+/// `inactive` and no longer in `mid_to_track_id`; carol's track, published later, reuses
+/// that mid in a later answer, never straight from one msid to the other, and arrives.
+#[test]
+fn a_released_slot_goes_inactive_before_it_is_reused() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0);
+    let mut carol = SinglePeer::new(net.now, 3, 0, 0);
+    net.join(1, "alice", true);
+    net.request(1, add_track("amic"));
+    alice.publish_audio("amic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let amic = alice.published[0].1;
+    let mut sent = 0;
+    for _ in 0..100 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if alice.peer.send_audio(amic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let alice_track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &alice_track);
+    assert!(bob.peer.received_on(mid).len() > 20);
+
+    net.s.handle_command(
+        net.now,
+        Command::Disconnect {
+            session: SessionId(1),
+            reason: lk::DisconnectReason::ClientInitiated,
+        },
+    );
+    for _ in 0..50 {
+        net.tick(&mut [&mut bob.peer]);
+        bob.react(&mut net);
+    }
+    bob.peer.events.clear();
+    net.join(3, "carol", true);
+    net.request(3, add_track("cmic"));
+    carol.publish_audio("cmic");
+    let offer = carol.offer();
+    net.request(3, offer);
+    let cmic = carol.published[0].1;
+    let mut sent = 0;
+    for _ in 0..300 {
+        net.tick(&mut [&mut bob.peer, &mut carol.peer]);
+        bob.react(&mut net);
+        carol.react(&mut net);
+        if carol.peer.send_audio(cmic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let carol_sid = net
+        .s
+        .participant_info(&"room".into(), &"carol".into())
+        .unwrap()
+        .sid;
+    let carol_track = net.track_sids("carol").pop().expect("carol's track");
+    let answers: Vec<lk::SessionDescription> = net
+        .to(2)
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::Answer(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    let carried = |a: &lk::SessionDescription| a.mid_to_track_id.get(&mid.to_string()).cloned();
+    let reused = answers
+        .iter()
+        .position(|a| carried(a).as_deref() == Some(carol_track.as_str()))
+        .expect("carol's track on alice's old mid");
+    assert_eq!(
+        mid_carrying(&answers[reused], &carol_sid, &carol_track),
+        mid
+    );
+    let released = answers
+        .iter()
+        .position(|a| carried(a).is_none() && section(&a.sdp, &mid).contains(&"a=inactive"))
+        .expect("an answer releasing the mid");
+    assert!(
+        released < reused,
+        "released in {released}, reused in {reused}"
+    );
+    for a in &answers[..reused] {
+        assert_ne!(carried(a).as_deref(), Some(carol_track.as_str()));
+    }
+    assert!(answers[..released]
+        .iter()
+        .all(|a| carried(a).as_deref() == Some(alice_track.as_str())));
+    assert_continuous(&bob.peer.received_on(mid), sent);
+}
