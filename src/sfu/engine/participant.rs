@@ -194,7 +194,10 @@ pub(super) struct Participant {
     pub(super) sub_offer_id: u32,
     pub(super) sub_reliable: Option<ChannelId>,
     pub(super) sub_lossy: Option<ChannelId>,
-    pub(super) pub_channels: HashMap<ChannelId, bool>,
+    /// The client's channels: relayed as reliable (`true`) or lossy (`_lossy`), or not
+    /// relayed at all (`None`: `_data_track`, LiveKit's data-track channel, which carries
+    /// no `DataPacket`s).
+    pub(super) pub_channels: HashMap<ChannelId, Option<bool>>,
     /// Reliable data packets waiting for room in the subscriber connection's send buffer.
     pub(super) data_backlog: VecDeque<Vec<u8>>,
     /// Bytes in `data_backlog`.
@@ -651,11 +654,14 @@ impl Participant {
                         _ => {}
                     }
                 }
-                self.pub_channels.insert(id, label != "_lossy");
+                let relay = (label != "_data_track").then_some(label != "_lossy");
+                self.pub_channels.insert(id, relay);
             }
             Event::ChannelData(d) if publish_side => {
-                let reliable = self.pub_channels.get(&d.id).copied().unwrap_or(true);
-                polled.data.push((reliable, d.data));
+                match self.pub_channels.get(&d.id).copied().unwrap_or(Some(true)) {
+                    Some(reliable) => polled.data.push((reliable, d.data)),
+                    None => tracing::debug!(%session, "data-track channel data not relayed"),
+                }
             }
             _ => {}
         }

@@ -1,11 +1,13 @@
 //! v1 (single peer connection) tests on a virtual network with str0m clients, no sockets, no
 //! sleeps (`docs/design/rtc-v1.md` §4). A [`SinglePeer`] is a LiveKit v1 client: one
-//! connection, its own `_reliable`/`_lossy` channels, 3 audio + 3 video `recvonly`
+//! connection, its own `_reliable`/`_lossy`/`_data_track` channels, 3 audio + 3 video `recvonly`
 //! placeholders, and it always offers.
 
 use super::*;
 use lk::signal_request::Message as Req;
+use prost::Message as _;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::{Event, Output as RtcOutput};
 
@@ -220,7 +222,8 @@ struct SinglePeer {
     to_publish: Vec<String>,
     /// Mids it publishes on: (cid, mid).
     published: Vec<(String, Mid)>,
-    channels: bool,
+    /// Its channels (label, id), created with its first offer.
+    channels: Vec<(String, ChannelId)>,
     pending: Option<(SdpPendingOffer, u32)>,
     next_id: u32,
     /// How many of the engine's messages it has looked at.
@@ -242,7 +245,7 @@ impl SinglePeer {
             to_add,
             to_publish: Vec::new(),
             published: Vec::new(),
-            channels: false,
+            channels: Vec::new(),
             pending: None,
             next_id: 1,
             seen: 0,
@@ -265,10 +268,11 @@ impl SinglePeer {
     /// `inactive`).
     fn offer(&mut self) -> Req {
         let mut api = self.peer.rtc.sdp_api();
-        if !self.channels {
-            api.add_channel("_reliable".into());
-            api.add_channel("_lossy".into());
-            self.channels = true;
+        if self.channels.is_empty() {
+            for label in ["_reliable", "_lossy", "_data_track"] {
+                let id = api.add_channel(label.into());
+                self.channels.push((label.into(), id));
+            }
         }
         for (mid, _) in &self.placeholders {
             api.set_direction(*mid, Direction::RecvOnly);
@@ -315,6 +319,37 @@ impl SinglePeer {
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer.sdp).unwrap())
             .expect("the client accepts the answer");
         Some(answer)
+    }
+
+    /// Its channel `label`.
+    fn channel(&self, label: &str) -> ChannelId {
+        self.channels
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, id)| *id)
+            .expect("channel created")
+    }
+
+    /// Whether its channel `label` is open.
+    fn open(&self, label: &str) -> bool {
+        let id = self.channel(label);
+        self.peer
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ChannelOpen(i, _) if *i == id))
+    }
+
+    /// The `DataPacket`s received on its channel `label`.
+    fn packets_on(&self, label: &str) -> Vec<lk::DataPacket> {
+        let id = self.channel(label);
+        self.peer
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ChannelData(d) if d.id == id => lk::DataPacket::decode(&d.data[..]).ok(),
+                _ => None,
+            })
+            .collect()
     }
 
     /// What a LiveKit v1 client does with the engine's messages: applies an answer to its
@@ -825,4 +860,56 @@ fn a_released_slot_goes_inactive_before_it_is_reused() {
         .iter()
         .all(|a| carried(a).as_deref() == Some(alice_track.as_str())));
     assert_continuous(&bob.peer.received_on(mid), sent);
+}
+
+/// (design §4, case 7) Data on a single peer connection goes both ways on the client's own
+/// channels: alice's packet on her `_reliable` reaches bob on his `_reliable`, stamped as
+/// hers, and `_data_track` is not relayed.
+#[test]
+fn single_pc_data_uses_the_client_channels_and_not_data_track() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 0, 0);
+    net.join(1, "alice", true);
+    net.join(2, "bob", true);
+    for (session, peer) in [(1, &mut alice), (2, &mut bob)] {
+        let offer = peer.offer();
+        net.request(session, offer);
+    }
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if [&alice, &bob]
+            .iter()
+            .all(|p| ["_reliable", "_data_track"].iter().all(|l| p.open(l)))
+        {
+            break;
+        }
+    }
+    let packet = |text: &str| lk::DataPacket {
+        value: Some(lk::data_packet::Value::User(lk::UserPacket {
+            payload: text.as_bytes().to_vec(),
+            topic: Some("t".into()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    for (label, text) in [("_data_track", "not relayed"), ("_reliable", "hello")] {
+        let id = alice.channel(label);
+        let mut ch = alice.peer.rtc.channel(id).expect("open");
+        assert!(ch.write(true, &packet(text).encode_to_vec()).unwrap());
+    }
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+    }
+    let got = bob.packets_on("_reliable");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].participant_identity, "alice");
+    let Some(lk::data_packet::Value::User(u)) = &got[0].value else {
+        panic!("a user packet: {got:?}");
+    };
+    assert_eq!(u.payload, b"hello");
+    assert!(bob.packets_on("_data_track").is_empty());
+    assert!(bob.packets_on("_lossy").is_empty());
 }
