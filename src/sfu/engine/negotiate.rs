@@ -1,5 +1,6 @@
 //! SDP negotiation on both peer connections: answering publisher offers, the subscriber
 //! connection offers (one in flight at a time), trickle, and which tracks each subscriber gets.
+//! A single peer connection (v1) is answered and renegotiated by `engine/single.rs`.
 
 use std::collections::HashMap;
 use std::time::Instant;

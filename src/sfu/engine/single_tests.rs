@@ -394,13 +394,20 @@ fn section<'a>(sdp: &'a str, mid: &str) -> Vec<&'a str> {
     out
 }
 
-/// A single-PC client joins and offers: `join` comes first with `subscriber_primary`
-/// false, then the answer with the offer's id, never an `offer`; its one connection connects
-/// and it becomes ACTIVE.
+/// (design §4, case 1) A single-PC client joins and offers: `join` comes first with
+/// `subscriber_primary` false, then the answer with the offer's id (the Rust SDK's 0 too),
+/// never an `offer`; its one connection connects and it becomes ACTIVE.
 #[test]
 fn single_pc_client_connects_and_becomes_active() {
+    for first_id in [0, 1] {
+        single_pc_client_connects(first_id);
+    }
+}
+
+fn single_pc_client_connects(first_id: u32) {
     let mut net = Net::new();
     let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    bob.next_id = first_id;
     net.join(2, "bob", true);
     let offer = bob.offer();
     net.request(2, offer);
@@ -411,7 +418,7 @@ fn single_pc_client_connects_and_becomes_active() {
     };
     assert!(!j.subscriber_primary, "v1: subscriber_primary is false");
     assert!(
-        matches!(msgs[1], Msg::Answer(a) if a.id == 1),
+        matches!(msgs[1], Msg::Answer(a) if a.id == first_id),
         "then the answer: {:?}",
         msgs[1]
     );
