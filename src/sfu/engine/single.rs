@@ -129,6 +129,9 @@ impl Sfu {
         else {
             return;
         };
+        // Any client offer is the re-offer a requirement asked for, answered or not: a new
+        // requirement may follow (design §5, "Renegotiation latency").
+        *reoffer_requested = false;
         let offer = match SdpOffer::from_sdp_string(sdp) {
             Ok(o) => o,
             Err(e) => {
@@ -224,17 +227,17 @@ impl Sfu {
                 s.state = SlotState::Free;
             }
         }
-        p.down_tracks
-            .retain(|d| !matches!(d.state, DownState::ToStop(_)));
-        *answered = true;
-        *reoffer_requested = false;
-        // Newly open video needs a keyframe from its publisher.
+        // Newly open video needs a keyframe from its publisher (`plan` holds indices: read
+        // them before the `retain`).
         let wants: Vec<(SessionId, TrackSid)> = plan
             .iter()
             .filter_map(|&(i, _)| p.down_tracks.get(i))
             .filter(|d| d.kind == MediaKind::Video)
             .map(|d| (d.publisher, d.track_sid.clone()))
             .collect();
+        p.down_tracks
+            .retain(|d| !matches!(d.state, DownState::ToStop(_)));
+        *answered = true;
         self.signal(
             session,
             Msg::Answer(lk::SessionDescription {

@@ -59,6 +59,27 @@ impl Peer {
         w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
     }
 
+    /// Writes a VP8 frame (a keyframe when `key`: bit 0 of its first byte clear) on its
+    /// published `mid`, if it can already.
+    fn send_video(&mut self, mid: Mid, seq: u64, now: Instant, key: bool) -> bool {
+        let Some(w) = self.rtc.writer(mid) else {
+            return false;
+        };
+        let Some(pt) = w
+            .payload_params()
+            .find(|p| p.spec().codec == str0m::format::Codec::Vp8)
+            .map(|p| p.pt())
+        else {
+            return false;
+        };
+        let t =
+            str0m::media::MediaTime::new(90_000 + seq * 3000, str0m::media::Frequency::NINETY_KHZ);
+        let first = if key { 0x10 } else { 0x11 };
+        let mut frame = vec![first];
+        frame.extend_from_slice(&[0x42; 199]);
+        w.write(pt, now, t, frame).is_ok()
+    }
+
     /// Media frames received on any mid.
     fn received(&self) -> Vec<&MediaData> {
         self.events
@@ -218,8 +239,8 @@ struct SinglePeer {
     placeholders: Vec<(Mid, MediaKind)>,
     /// Placeholders for the next offer (str0m keeps changes only within one `SdpApi`).
     to_add: Vec<MediaKind>,
-    /// Audio tracks for the next offer (cids).
-    to_publish: Vec<String>,
+    /// Tracks for the next offer (cid, kind).
+    to_publish: Vec<(String, MediaKind)>,
     /// Mids it publishes on: (cid, mid).
     published: Vec<(String, Mid)>,
     /// Its channels (label, id), created with its first offer.
@@ -255,7 +276,12 @@ impl SinglePeer {
 
     /// Publishes an audio track `cid` in the next offer.
     fn publish_audio(&mut self, cid: &str) {
-        self.to_publish.push(cid.into());
+        self.to_publish.push((cid.into(), MediaKind::Audio));
+    }
+
+    /// Publishes a video track `cid` in the next offer.
+    fn publish_video(&mut self, cid: &str) {
+        self.to_publish.push((cid.into(), MediaKind::Video));
     }
 
     /// Adds `n` more placeholders of `kind` to the next offer (a `media_sections_requirement`).
@@ -281,9 +307,9 @@ impl SinglePeer {
             let mid = api.add_media(kind, Direction::RecvOnly, None, None, None);
             self.placeholders.push((mid, kind));
         }
-        for cid in self.to_publish.drain(..) {
+        for (cid, kind) in self.to_publish.drain(..) {
             let mid = api.add_media(
-                MediaKind::Audio,
+                kind,
                 Direction::SendOnly,
                 Some("stream".into()),
                 Some(cid.clone()),
@@ -458,6 +484,18 @@ fn add_track(cid: &str) -> Req {
         name: cid.into(),
         r#type: lk::TrackType::Audio as i32,
         source: lk::TrackSource::Microphone as i32,
+        ..Default::default()
+    })
+}
+
+fn add_video_track(cid: &str) -> Req {
+    Req::AddTrack(lk::AddTrackRequest {
+        cid: cid.into(),
+        name: cid.into(),
+        r#type: lk::TrackType::Video as i32,
+        source: lk::TrackSource::Camera as i32,
+        width: 640,
+        height: 360,
         ..Default::default()
     })
 }
@@ -919,4 +957,70 @@ fn single_pc_data_uses_the_client_channels_and_not_data_track() {
     assert_eq!(u.payload, b"hello");
     assert!(bob.packets_on("_data_track").is_empty());
     assert!(bob.packets_on("_lossy").is_empty());
+}
+
+/// Video on single peer connections: bob's first answer puts alice's camera on a video
+/// placeholder; nothing reaches him before a keyframe, which the SFU asks alice for (she
+/// sends only delta frames until asked), then her frames flow.
+#[test]
+fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_video_track("cam"));
+    alice.publish_video("cam");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let cam = alice.published[0].1;
+    let (mut sent, mut keyframes, mut asked) = (0, 0, 0);
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        let requests = alice
+            .peer
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
+            .count();
+        let key = requests > asked;
+        asked = requests;
+        if alice.peer.send_video(cam, sent, net.now, key) {
+            sent += 1;
+            keyframes += u64::from(key);
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &track);
+    assert!(bob
+        .placeholders
+        .iter()
+        .any(|(m, k)| *m == mid && *k == MediaKind::Video));
+    assert!(keyframes > 0, "the SFU asked alice for a keyframe");
+    let frames = bob.peer.received_on(mid);
+    assert!(
+        frames.len() > 100,
+        "bob received {} of {sent}",
+        frames.len()
+    );
+    assert!(
+        frames[0].is_keyframe(),
+        "the first frame bob gets is a keyframe"
+    );
+    let ts: Vec<u64> = frames.iter().map(|d| d.time.numer()).collect();
+    assert!(ts.windows(2).all(|w| w[1] - w[0] == 3000), "{ts:?}");
 }
