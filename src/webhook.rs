@@ -616,6 +616,7 @@ mod tests {
                 permission: lk::ParticipantPermission::default(),
                 auto_subscribe: false,
                 client_protocol: 2,
+                single_pc: false,
             }),
         );
         sfu.handle_command(

@@ -106,6 +106,7 @@ fuzz_target!(|data: &[u8]| {
             },
             auto_subscribe: true,
             client_protocol: 2,
+            single_pc: false,
         }),
     );
     let (ufrag, pwd) = drain(&mut sfu).expect("a join sends the subscriber offer");

@@ -66,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
             },
             auto_subscribe: true,
             client_protocol: 2,
+            single_pc: false,
         }),
     );
     drain(&mut sfu);

@@ -722,6 +722,7 @@ mod tests {
             },
             auto_subscribe: true,
             client_protocol: 17,
+            single_pc: false,
         }
     }
 

@@ -27,10 +27,11 @@ mod periodic;
 mod red;
 mod requests;
 mod room;
+mod single;
 mod track;
 
 use downtrack::DownTrack;
-use participant::{Participant, Pc, PcKind};
+use participant::{Participant, Pc, PcKind, Transport};
 use room::Room;
 
 /// Server version reported to clients. Not `0.15.1` (client-sdk-js disables dynacast there).
@@ -235,6 +236,9 @@ pub struct Join {
     pub auto_subscribe: bool,
     /// The client's `client_protocol`, copied into its info.
     pub client_protocol: i32,
+    /// v1 signalling (`/rtc/v1`): one peer connection on which the client always offers,
+    /// instead of v0's publisher and subscriber connections (`docs/design/rtc-v1.md`).
+    pub single_pc: bool,
 }
 
 /// Inputs from signalling sessions and operators.
@@ -627,6 +631,7 @@ impl Sfu {
             permission,
             auto_subscribe,
             client_protocol,
+            single_pc,
         } = join;
         if self.refuse_if_full(session, &room_name, &identity) {
             return;
@@ -665,8 +670,20 @@ impl Sfu {
         let span = tracing::info_span!("participant", room = %room_name, %identity, %sid);
         let _enter = span.enter();
 
-        let publisher = self.new_pc(now);
-        let subscriber = self.new_pc(now);
+        // v1 registers its one connection as the publisher: trickle targets PUBLISHER.
+        let transport = if single_pc {
+            Transport::Single {
+                pc: Box::new(self.new_pc(now)),
+                slots: Vec::new(),
+                reoffer_requested: false,
+                answered: false,
+            }
+        } else {
+            Transport::Dual {
+                publisher: Box::new(self.new_pc(now)),
+                subscriber: Box::new(self.new_pc(now)),
+            }
+        };
 
         let info = lk::ParticipantInfo {
             sid: sid.to_string(),
@@ -682,10 +699,9 @@ impl Sfu {
             client_protocol,
             ..Default::default()
         };
-        self.by_ufrag
-            .insert(publisher.ufrag.clone(), (session, PcKind::Publisher));
-        self.by_ufrag
-            .insert(subscriber.ufrag.clone(), (session, PcKind::Subscriber));
+        for (pc, &kind) in transport.pcs().zip(transport.kinds()) {
+            self.by_ufrag.insert(pc.ufrag.clone(), (session, kind));
+        }
         self.sessions.insert(session, room_name.clone());
 
         let mut participant = Participant {
@@ -694,8 +710,7 @@ impl Sfu {
             sid: sid.clone(),
             info: info.clone(),
             auto_subscribe: auto_subscribe && permission.can_subscribe,
-            publisher,
-            subscriber,
+            transport,
             tracks: Vec::new(),
             unbound_mids: Vec::new(),
             down_tracks: Vec::new(),
@@ -736,7 +751,9 @@ impl Sfu {
             other_participants: others,
             server_version: SERVER_VERSION.into(),
             ice_servers: Vec::new(),
-            subscriber_primary: true,
+            // v1: the client's one connection is its publisher connection; LiveKit forces
+            // `false` (design §1.5).
+            subscriber_primary: !single_pc,
             client_configuration: Some(lk::ClientConfiguration {
                 resume_connection: lk::ClientConfigSetting::Disabled as i32,
                 ..Default::default()
@@ -793,8 +810,11 @@ impl Sfu {
         }
         room.participants.insert(session, participant);
         self.count_participant(now, &room_name, true);
-        // The first subscriber offer: data channels plus existing tracks (fast start).
-        self.renegotiate(now, session);
+        // v0: the first subscriber offer, data channels plus existing tracks (fast start).
+        // v1: nothing, the client offers first (design §1.5).
+        if !single_pc {
+            self.renegotiate(now, session);
+        }
         let info = self
             .participant_mut(session)
             .map(|p| Box::new(p.info.clone()))
@@ -849,8 +869,9 @@ impl Sfu {
         let Some(mut p) = room.participants.remove(&session) else {
             return;
         };
-        self.by_ufrag.remove(&p.publisher.ufrag);
-        self.by_ufrag.remove(&p.subscriber.ufrag);
+        for pc in p.transport.pcs() {
+            self.by_ufrag.remove(&pc.ufrag);
+        }
         self.by_addr.retain(|_, (s, _)| *s != session);
         if server_initiated {
             self.out.push_back(Output::Signal(
@@ -1086,5 +1107,7 @@ impl Sfu {
 mod data_tests;
 #[cfg(test)]
 mod room_tests;
+#[cfg(test)]
+mod single_tests;
 #[cfg(test)]
 mod tests;

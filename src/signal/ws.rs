@@ -155,6 +155,8 @@ pub async fn get_rtc(
         permission: permission_from(&claims),
         auto_subscribe: flag(&query, "auto_subscribe", true),
         client_protocol,
+        // v0 only until `/rtc/v1` is wired (docs/design/rtc-v1.md §3, step 5).
+        single_pc: false,
     };
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");

@@ -229,6 +229,7 @@ mod tests {
                 },
                 auto_subscribe: true,
                 client_protocol: 2,
+                single_pc: false,
             }),
         );
     }

@@ -153,6 +153,7 @@ impl Net {
                 },
                 auto_subscribe: true,
                 client_protocol: 2,
+                single_pc: false,
             }),
         );
         self.pump();

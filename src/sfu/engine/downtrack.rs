@@ -13,18 +13,20 @@ use crate::sfu::ids::TrackSid;
 use crate::sfu::rewrite::Timeline;
 use crate::sfu::simulcast::{self, Layers};
 
-/// Negotiation state of a down-track's transceiver on the subscriber connection.
+/// Negotiation state of a down-track's transceiver on the subscriber connection (v0), or of
+/// its slot on a single peer connection (v1: `ToOpen` → `Open` → `ToStop`, see
+/// `engine/single.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum DownState {
-    /// Waiting for the next subscriber offer.
+    /// Waiting for the next subscriber offer (v1: for a free slot in the client's next offer).
     ToOpen,
-    /// Offered, not answered yet.
+    /// Offered, not answered yet (v0 only).
     Negotiating(Mid),
-    /// Answered: media flows.
+    /// Answered: media flows (v1: from the answer that put it on its slot).
     Open(Mid),
-    /// To be stopped in the next offer.
+    /// To be stopped in the next offer (v1: its slot is answered `inactive` next).
     ToStop(Mid),
-    /// Stop offered, not answered yet.
+    /// Stop offered, not answered yet (v0 only).
     NegotiatingStop(Mid),
 }
 

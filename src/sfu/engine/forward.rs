@@ -37,7 +37,7 @@ impl Sfu {
             else {
                 continue;
             };
-            match d.forward(&mut p.subscriber.rtc, &f, &layers, now) {
+            match d.forward(&mut p.transport.sub_pc_mut().rtc, &f, &layers, now) {
                 Forwarded::Written => touched.push(p.session),
                 Forwarded::NeedsKeyframe(rid) => keyframe_of = Some(rid),
                 Forwarded::Skipped => {}

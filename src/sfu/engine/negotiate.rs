@@ -1,5 +1,6 @@
 //! SDP negotiation on both peer connections: answering publisher offers, the subscriber
 //! connection offers (one in flight at a time), trickle, and which tracks each subscriber gets.
+//! A single peer connection (v1) is answered and renegotiated by `engine/single.rs`.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -34,6 +35,11 @@ impl Sfu {
             .map(|t| t.cid.as_str())
             .collect();
         let sdp = super::red::strip_red(&sd.sdp, &no_red);
+        if p.transport.is_single() {
+            self.single_offer(now, session, &sd, &sdp);
+            self.drain(now, session);
+            return;
+        }
         let offer = match SdpOffer::from_sdp_string(&sdp) {
             Ok(o) => o,
             Err(e) => {
@@ -41,7 +47,7 @@ impl Sfu {
                 return;
             }
         };
-        match p.publisher.rtc.sdp_api().accept_offer(offer) {
+        match p.transport.pub_pc_mut().rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 let answer = lk::SessionDescription {
                     r#type: "answer".into(),
@@ -65,6 +71,11 @@ impl Sfu {
         let Some(p) = self.participant_mut(session) else {
             return;
         };
+        if p.transport.is_single() {
+            // v1: the SFU never offers, so a client answer means nothing (design §1.6).
+            tracing::debug!(%session, "answer on a single peer connection ignored");
+            return;
+        }
         let Some((pending, id)) = p.sub_pending.take() else {
             tracing::debug!(%session, "answer without a pending offer");
             return;
@@ -81,7 +92,13 @@ impl Sfu {
                 return;
             }
         };
-        if let Err(e) = p.subscriber.rtc.sdp_api().accept_answer(pending, answer) {
+        if let Err(e) = p
+            .transport
+            .sub_pc_mut()
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+        {
             tracing::warn!(%session, error = %e, "subscriber answer refused");
             return;
         }
@@ -90,7 +107,11 @@ impl Sfu {
                 d.state = DownState::Open(m);
                 if d.kind == MediaKind::Audio {
                     // A transceiver may carry a RED-less track after a RED one, or the reverse.
-                    p.subscriber.rtc.direct_api().set_red_send(m, d.red);
+                    p.transport
+                        .sub_pc_mut()
+                        .rtc
+                        .direct_api()
+                        .set_red_send(m, d.red);
                 }
             }
         }
@@ -192,8 +213,13 @@ impl Sfu {
         p.down_tracks.push(down);
     }
 
-    /// Sends a subscriber offer if changes are waiting and none is in flight.
+    /// Sends a subscriber offer if changes are waiting and none is in flight; on a single
+    /// peer connection, asks the client for an offer instead (see
+    /// [`Sfu::single_renegotiate`]).
     pub(super) fn renegotiate(&mut self, _now: Instant, session: SessionId) {
+        if self.single_renegotiate(session) {
+            return;
+        }
         let Some(p) = self.participant_mut(session) else {
             return;
         };
@@ -201,7 +227,7 @@ impl Sfu {
             return;
         }
         let id = p.sub_offer_id + 1;
-        let mut api = p.subscriber.rtc.sdp_api();
+        let mut api = p.transport.sub_pc_mut().rtc.sdp_api();
         if p.sub_reliable.is_none() {
             // Server-created channels on the subscriber PC (subscriber_primary): clients adopt
             // them by label.

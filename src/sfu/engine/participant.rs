@@ -1,5 +1,6 @@
-//! One participant: its two peer connections, published tracks, down-tracks and info, and
-//! what concerns only it (permissions, its own info and versions, timers, data channels).
+//! One participant: its peer connections (two with v0 signalling, one with v1), published
+//! tracks, down-tracks and info, and what concerns only it (permissions, its own info and
+//! versions, timers, data channels).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -37,6 +38,127 @@ pub(super) struct Pc {
     pub(super) connected: bool,
 }
 
+/// A participant's peer connections (`docs/design/rtc-v1.md` §3, step 3).
+pub(super) enum Transport {
+    /// v0: the client offers on `publisher`, the SFU offers on `subscriber`. (Peer
+    /// connections are boxed: an `Rtc` is large and the variants should be alike.)
+    Dual {
+        /// The client sends media on it; the client offers.
+        publisher: Box<Pc>,
+        /// The client receives media on it; the SFU offers.
+        subscriber: Box<Pc>,
+    },
+    /// v1: one peer connection on which the client always offers.
+    Single {
+        /// The one peer connection (registered as [`PcKind::Publisher`]).
+        pc: Box<Pc>,
+        /// The client's `recvonly` m-lines, which we may send on, in the order offered.
+        slots: Vec<Slot>,
+        /// A `media_sections_requirement` was sent and the client has not offered since.
+        reoffer_requested: bool,
+        /// At least one client offer was answered (before that, nothing to ask for: the
+        /// first offer picks up whatever waits).
+        answered: bool,
+    },
+}
+
+/// A client `recvonly` m-line on a single peer connection (design §3, step 3).
+pub(super) struct Slot {
+    pub(super) mid: Mid,
+    pub(super) kind: MediaKind,
+    pub(super) state: SlotState,
+}
+
+/// What a [`Slot`] carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SlotState {
+    /// Nothing: answered `inactive`.
+    Free,
+    /// This track: answered `sendonly` with its msid.
+    Assigned(TrackSid),
+    /// Its track stopped: answered `inactive` once more, then `Free`.
+    Releasing,
+}
+
+impl Transport {
+    /// Whether it is a v1 single peer connection.
+    pub(super) fn is_single(&self) -> bool {
+        matches!(self, Self::Single { .. })
+    }
+
+    /// The peer connection the client publishes on.
+    pub(super) fn pub_pc(&self) -> &Pc {
+        match self {
+            Self::Dual { publisher, .. } => publisher,
+            Self::Single { pc, .. } => pc,
+        }
+    }
+
+    /// The peer connection the client publishes on, mutably.
+    pub(super) fn pub_pc_mut(&mut self) -> &mut Pc {
+        match self {
+            Self::Dual { publisher, .. } => publisher,
+            Self::Single { pc, .. } => pc,
+        }
+    }
+
+    /// The peer connection the client receives on.
+    pub(super) fn sub_pc(&self) -> &Pc {
+        match self {
+            Self::Dual { subscriber, .. } => subscriber,
+            Self::Single { pc, .. } => pc,
+        }
+    }
+
+    /// The peer connection the client receives on, mutably.
+    pub(super) fn sub_pc_mut(&mut self) -> &mut Pc {
+        match self {
+            Self::Dual { subscriber, .. } => subscriber,
+            Self::Single { pc, .. } => pc,
+        }
+    }
+
+    /// The peer connection of `kind`; a single peer connection is both kinds.
+    pub(super) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+        match kind {
+            PcKind::Publisher => self.pub_pc_mut(),
+            PcKind::Subscriber => self.sub_pc_mut(),
+        }
+    }
+
+    /// Its peer connections (one or two), each with the kind it is registered as.
+    pub(super) fn kinds(&self) -> &'static [PcKind] {
+        match self {
+            Self::Dual { .. } => &[PcKind::Publisher, PcKind::Subscriber],
+            Self::Single { .. } => &[PcKind::Publisher],
+        }
+    }
+
+    /// Its peer connections (one or two).
+    pub(super) fn pcs(&self) -> impl Iterator<Item = &Pc> {
+        let (first, second) = match self {
+            Self::Dual {
+                publisher,
+                subscriber,
+            } => (&**publisher, Some(&**subscriber)),
+            Self::Single { pc, .. } => (&**pc, None),
+        };
+        std::iter::once(first).chain(second)
+    }
+
+    /// Its peer connections (one or two), mutably.
+    pub(super) fn pcs_mut(&mut self) -> impl Iterator<Item = &mut Pc> {
+        let (first, second) = match self {
+            Self::Dual {
+                publisher,
+                subscriber,
+            } => (&mut **publisher, Some(&mut **subscriber)),
+            Self::Single { pc, .. } => (&mut **pc, None),
+        };
+        std::iter::once(first).chain(second)
+    }
+}
+
 /// What draining a participant's peer connections produced for the rest of the room.
 #[derive(Default)]
 pub(super) struct Polled {
@@ -61,8 +183,8 @@ pub(super) struct Participant {
     pub(super) sid: ParticipantSid,
     pub(super) info: lk::ParticipantInfo,
     pub(super) auto_subscribe: bool,
-    pub(super) publisher: Pc,
-    pub(super) subscriber: Pc,
+    /// Its peer connections.
+    pub(super) transport: Transport,
     pub(super) tracks: Vec<Track>,
     /// Media the publisher PC announced before a matching `add_track`.
     pub(super) unbound_mids: Vec<(Mid, MediaKind, String)>,
@@ -72,7 +194,10 @@ pub(super) struct Participant {
     pub(super) sub_offer_id: u32,
     pub(super) sub_reliable: Option<ChannelId>,
     pub(super) sub_lossy: Option<ChannelId>,
-    pub(super) pub_channels: HashMap<ChannelId, bool>,
+    /// The client's channels: relayed as reliable (`true`) or lossy (`_lossy`), or not
+    /// relayed at all (`None`: `_data_track`, LiveKit's data-track channel, which carries
+    /// no `DataPacket`s).
+    pub(super) pub_channels: HashMap<ChannelId, Option<bool>>,
     /// Reliable data packets waiting for room in the subscriber connection's send buffer.
     pub(super) data_backlog: VecDeque<Vec<u8>>,
     /// Bytes in `data_backlog`.
@@ -83,12 +208,9 @@ pub(super) struct Participant {
 }
 
 impl Participant {
-    /// One of its peer connections.
+    /// One of its peer connections (a single peer connection is both kinds).
     pub(super) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
-        match kind {
-            PcKind::Publisher => &mut self.publisher,
-            PcKind::Subscriber => &mut self.subscriber,
-        }
+        self.transport.pc_mut(kind)
     }
 
     fn permission(&self) -> Option<&lk::ParticipantPermission> {
@@ -157,7 +279,7 @@ impl Participant {
         rid: Option<str0m::media::Rid>,
     ) {
         if let Some(t) = self.tracks.iter_mut().find(|t| t.sid == *sid) {
-            t.request_keyframe(&mut self.publisher.rtc, now, rid);
+            t.request_keyframe(&mut self.transport.pub_pc_mut().rtc, now, rid);
         }
     }
 
@@ -216,7 +338,7 @@ impl Participant {
 
     /// Whether either peer connection ever connected.
     pub(super) fn ever_connected(&self) -> bool {
-        self.publisher.connected || self.subscriber.connected
+        self.transport.pcs().any(|pc| pc.connected)
     }
 
     /// Why it must be dropped at `now`, if so: it never connected within the deadline, or a
@@ -224,7 +346,7 @@ impl Participant {
     pub(super) fn connection_lost(&self, now: Instant) -> Option<lk::DisconnectReason> {
         if !self.ever_connected() && now >= self.joined_at + CONNECT_DEADLINE {
             Some(lk::DisconnectReason::JoinFailure)
-        } else if !self.subscriber.rtc.is_alive() || !self.publisher.rtc.is_alive() {
+        } else if self.transport.pcs().any(|pc| !pc.rtc.is_alive()) {
             Some(lk::DisconnectReason::ConnectionTimeout)
         } else {
             None
@@ -233,12 +355,12 @@ impl Participant {
 
     /// Whether a peer connection timer is due at `now`.
     pub(super) fn timers_due(&self, now: Instant) -> bool {
-        self.publisher.next_timeout <= now || self.subscriber.next_timeout <= now
+        self.transport.pcs().any(|pc| pc.next_timeout <= now)
     }
 
     /// Drives the due peer connection timers.
     pub(super) fn handle_timeout(&mut self, now: Instant) {
-        for pc in [&mut self.publisher, &mut self.subscriber] {
+        for pc in self.transport.pcs_mut() {
             if pc.next_timeout <= now {
                 let _ = pc.rtc.handle_input(Input::Timeout(now));
             }
@@ -248,9 +370,11 @@ impl Participant {
     /// Its earliest timer: peer connections and the connect deadline.
     pub(super) fn next_timeout(&self) -> Instant {
         let pcs = self
-            .publisher
-            .next_timeout
-            .min(self.subscriber.next_timeout);
+            .transport
+            .pcs()
+            .map(|pc| pc.next_timeout)
+            .min()
+            .unwrap_or(self.joined_at);
         // The connect deadline counts only until a connection is up; after that it lies in the
         // past and would wake the loop at once, forever.
         if self.ever_connected() {
@@ -262,15 +386,16 @@ impl Participant {
 
     /// Ends its connections and marks its info disconnected with `reason`.
     pub(super) fn close(&mut self, reason: lk::DisconnectReason) {
-        self.publisher.rtc.disconnect();
-        self.subscriber.rtc.disconnect();
+        for pc in self.transport.pcs_mut() {
+            pc.rtc.disconnect();
+        }
         self.info.state = lk::participant_info::State::Disconnected as i32;
         self.info.version += 1;
         self.info.disconnect_reason = reason as i32;
     }
 
-    /// Writes `bytes` to its `_reliable` or `_lossy` subscriber data channel; false if none
-    /// is open, the write failed or the packet was dropped.
+    /// Writes `bytes` to its `_reliable` or `_lossy` data channel (v0: the ones the SFU
+    /// created on the subscriber connection; v1: the client's own); false if none is open, the write failed or the packet was dropped.
     ///
     /// str0m takes at most 128 KiB of unacknowledged data per connection. A reliable packet
     /// that does not fit, or comes before its channel is open, waits in the backlog (behind any packet already waiting, so the order
@@ -286,7 +411,7 @@ impl Participant {
         if reliable && !self.data_backlog.is_empty() {
             return self.queue_data(bytes);
         }
-        let Some(mut ch) = id.and_then(|id| self.subscriber.rtc.channel(id)) else {
+        let Some(mut ch) = id.and_then(|id| self.transport.sub_pc_mut().rtc.channel(id)) else {
             if reliable {
                 // Still joining: it gets the packet once its channel opens (as in LiveKit,
                 // which holds reliable data for joining participants).
@@ -329,7 +454,7 @@ impl Participant {
     fn flush_data(&mut self) -> bool {
         let Some(mut ch) = self
             .sub_reliable
-            .and_then(|id| self.subscriber.rtc.channel(id))
+            .and_then(|id| self.transport.sub_pc_mut().rtc.channel(id))
         else {
             return false;
         };
@@ -368,7 +493,7 @@ impl Participant {
 
     /// Its connection quality (connected subscriber connection: excellent).
     pub(super) fn connection_quality(&self) -> lk::ConnectionQualityInfo {
-        let connected = self.subscriber.connected;
+        let connected = self.transport.sub_pc().connected;
         lk::ConnectionQualityInfo {
             participant_sid: self.sid.to_string(),
             quality: if connected {
@@ -388,12 +513,17 @@ impl Participant {
         if !self.data_backlog.is_empty() {
             self.flush_data();
         }
-        for kind in [PcKind::Publisher, PcKind::Subscriber] {
+        for &kind in self.transport.kinds() {
             self.poll_pc(kind, now, out, &mut polled);
         }
         // A channel that just opened, or acknowledgements that made room: the backlog goes now.
         if !self.data_backlog.is_empty() && self.flush_data() {
-            self.poll_pc(PcKind::Subscriber, now, out, &mut polled);
+            let kind = if self.transport.is_single() {
+                PcKind::Publisher
+            } else {
+                PcKind::Subscriber
+            };
+            self.poll_pc(kind, now, out, &mut polled);
         }
         polled
     }
@@ -432,11 +562,15 @@ impl Participant {
 
     fn event(&mut self, kind: PcKind, e: Event, now: Instant, polled: &mut Polled) {
         let session = self.session;
+        // A single peer connection is both the publish and the subscribe side.
+        let single = self.transport.is_single();
+        let publish_side = kind == PcKind::Publisher || single;
+        let subscribe_side = kind == PcKind::Subscriber || single;
         match e {
             Event::Connected => {
-                tracing::debug!(%session, ?kind, "peer connection connected");
+                tracing::debug!(%session, ?kind, single, "peer connection connected");
                 self.pc_mut(kind).connected = true;
-                if kind == PcKind::Subscriber {
+                if subscribe_side {
                     self.info.state = lk::participant_info::State::Active as i32;
                 }
             }
@@ -446,11 +580,12 @@ impl Participant {
             // Only media the client sends: v0 publisher offers may also carry recvonly
             // transceivers (sendonly from here), which are no tracks.
             Event::MediaAdded(added)
-                if kind == PcKind::Publisher
+                if publish_side
                     && matches!(added.direction, Direction::RecvOnly | Direction::SendRecv) =>
             {
                 let tid = self
-                    .publisher
+                    .transport
+                    .pub_pc()
                     .rtc
                     .media(added.mid)
                     .map(|m| m.track_id().to_owned())
@@ -472,14 +607,14 @@ impl Participant {
                     None => self.unbound_mids.push((added.mid, added.kind, tid)),
                 }
             }
-            Event::MediaChanged(ch) if kind == PcKind::Publisher => {
+            Event::MediaChanged(ch) if publish_side => {
                 if matches!(ch.direction, Direction::Inactive | Direction::SendOnly) {
                     if let Some(i) = self.tracks.iter().position(|t| t.mid == Some(ch.mid)) {
                         polled.unpublished.push(self.tracks.remove(i));
                     }
                 }
             }
-            Event::MediaData(data) if kind == PcKind::Publisher => {
+            Event::MediaData(data) if publish_side => {
                 let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else {
                     return;
                 };
@@ -503,19 +638,30 @@ impl Participant {
                     keyframe,
                 });
             }
-            Event::KeyframeRequest(req) if kind == PcKind::Subscriber => {
+            Event::KeyframeRequest(req) if subscribe_side => {
                 if let Some(d) = self.down_tracks.iter().find(|d| d.mid() == Some(req.mid)) {
                     polled
                         .keyframe_wanted
                         .push((d.track_sid.clone(), d.current_rid));
                 }
             }
-            Event::ChannelOpen(id, label) if kind == PcKind::Publisher => {
-                self.pub_channels.insert(id, label != "_lossy");
+            Event::ChannelOpen(id, label) if publish_side => {
+                if single {
+                    // v1: the SFU creates no channels; it writes on the client's own.
+                    match label.as_str() {
+                        "_reliable" => self.sub_reliable = Some(id),
+                        "_lossy" => self.sub_lossy = Some(id),
+                        _ => {}
+                    }
+                }
+                let relay = (label != "_data_track").then_some(label != "_lossy");
+                self.pub_channels.insert(id, relay);
             }
-            Event::ChannelData(d) if kind == PcKind::Publisher => {
-                let reliable = self.pub_channels.get(&d.id).copied().unwrap_or(true);
-                polled.data.push((reliable, d.data));
+            Event::ChannelData(d) if publish_side => {
+                match self.pub_channels.get(&d.id).copied().unwrap_or(Some(true)) {
+                    Some(reliable) => polled.data.push((reliable, d.data)),
+                    None => tracing::debug!(%session, "data-track channel data not relayed"),
+                }
             }
             _ => {}
         }

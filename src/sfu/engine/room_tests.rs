@@ -44,6 +44,7 @@ fn join(s: &mut Sfu, now: Instant, session: u64, room: &str, identity: &str) {
             },
             auto_subscribe: true,
             client_protocol: 2,
+            single_pc: false,
         }),
     );
 }

@@ -38,6 +38,7 @@ fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
             permission: permission(true),
             auto_subscribe: true,
             client_protocol: 2,
+            single_pc: false,
         }),
     );
 }
@@ -284,6 +285,7 @@ fn publishing_without_permission_is_refused() {
             permission: permission(false),
             auto_subscribe: true,
             client_protocol: 2,
+            single_pc: false,
         }),
     );
     drain(&mut s);

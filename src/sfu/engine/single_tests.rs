@@ -1,0 +1,1026 @@
+//! v1 (single peer connection) tests on a virtual network with str0m clients, no sockets, no
+//! sleeps (`docs/design/rtc-v1.md` §4). A [`SinglePeer`] is a LiveKit v1 client: one
+//! connection, its own `_reliable`/`_lossy`/`_data_track` channels, 3 audio + 3 video `recvonly`
+//! placeholders, and it always offers.
+
+use super::*;
+use lk::signal_request::Message as Req;
+use prost::Message as _;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::{Event, Output as RtcOutput};
+
+/// One simulated tick of the virtual clock.
+const TICK: Duration = Duration::from_millis(10);
+
+/// A str0m client connection at a virtual address.
+struct Peer {
+    rtc: Rtc,
+    addr: SocketAddr,
+    events: Vec<Event>,
+}
+
+impl Peer {
+    fn new(now: Instant, addr: &str) -> Self {
+        let mut rtc = Rtc::builder().build(now);
+        let addr: SocketAddr = addr.parse().unwrap();
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        Self {
+            rtc,
+            addr,
+            events: Vec::new(),
+        }
+    }
+
+    /// Media frames received on `mid`.
+    fn received_on(&self, mid: Mid) -> Vec<&MediaData> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::MediaData(d) if d.mid == mid => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Writes a 20 ms Opus-sized frame on its published `mid`, if it can already.
+    fn send_audio(&mut self, mid: Mid, seq: u64, now: Instant) -> bool {
+        let Some(w) = self.rtc.writer(mid) else {
+            return false;
+        };
+        let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
+            return false;
+        };
+        let t = str0m::media::MediaTime::new(
+            1_000_000 + seq * 960,
+            str0m::media::Frequency::FORTY_EIGHT_KHZ,
+        );
+        w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
+    }
+
+    /// Writes a VP8 frame (a keyframe when `key`: bit 0 of its first byte clear) on its
+    /// published `mid`, if it can already.
+    fn send_video(&mut self, mid: Mid, seq: u64, now: Instant, key: bool) -> bool {
+        let Some(w) = self.rtc.writer(mid) else {
+            return false;
+        };
+        let Some(pt) = w
+            .payload_params()
+            .find(|p| p.spec().codec == str0m::format::Codec::Vp8)
+            .map(|p| p.pt())
+        else {
+            return false;
+        };
+        let t =
+            str0m::media::MediaTime::new(90_000 + seq * 3000, str0m::media::Frequency::NINETY_KHZ);
+        let first = if key { 0x10 } else { 0x11 };
+        let mut frame = vec![first];
+        frame.extend_from_slice(&[0x42; 199]);
+        w.write(pt, now, t, frame).is_ok()
+    }
+
+    /// Media frames received on any mid.
+    fn received(&self) -> Vec<&MediaData> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::MediaData(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The engine and a clock; every signal message, in order.
+struct Net {
+    s: Sfu,
+    now: Instant,
+    msgs: Vec<(u64, Msg)>,
+}
+
+impl Net {
+    fn new() -> Self {
+        let now = Instant::now();
+        let s = Sfu::new(
+            SfuConfig {
+                candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+                seed: Some(23),
+            },
+            now,
+        );
+        Self {
+            s,
+            now,
+            msgs: Vec::new(),
+        }
+    }
+
+    fn join(&mut self, session: u64, identity: &str, single_pc: bool) {
+        self.s.handle_command(
+            self.now,
+            Command::Join(Join {
+                session: SessionId(session),
+                room: "room".into(),
+                identity: identity.into(),
+                name: identity.into(),
+                metadata: String::new(),
+                permission: lk::ParticipantPermission {
+                    can_subscribe: true,
+                    can_publish: true,
+                    can_publish_data: true,
+                    ..Default::default()
+                },
+                auto_subscribe: true,
+                client_protocol: 2,
+                single_pc,
+            }),
+        );
+    }
+
+    fn request(&mut self, session: u64, m: Req) {
+        self.s.handle_command(
+            self.now,
+            Command::Request {
+                session: SessionId(session),
+                message: Box::new(m),
+            },
+        );
+    }
+
+    /// Moves packets between the engine and `peers` until everything is quiet.
+    fn pump(&mut self, peers: &mut [&mut Peer]) {
+        let now = self.now;
+        for _ in 0..1000 {
+            let mut moved = false;
+            loop {
+                match self.s.poll_output() {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        if let Some(p) = peers.iter_mut().find(|p| p.addr == t.destination) {
+                            let r =
+                                Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
+                                    .unwrap();
+                            let _ = p.rtc.handle_input(Input::Receive(now, r));
+                            moved = true;
+                        }
+                    }
+                    Output::Signal(id, SignalOut::Message(m)) => self.msgs.push((id.0, *m)),
+                    _ => {}
+                }
+            }
+            for p in peers.iter_mut() {
+                loop {
+                    match p.rtc.poll_output().unwrap() {
+                        RtcOutput::Timeout(_) => break,
+                        RtcOutput::Transmit(t) => {
+                            self.s
+                                .handle_datagram(now, p.addr, t.destination, &t.contents);
+                            moved = true;
+                        }
+                        RtcOutput::Event(e) => p.events.push(e),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Advances the clock one tick and pumps.
+    fn tick(&mut self, peers: &mut [&mut Peer]) {
+        self.now += TICK;
+        self.s.handle_timeout(self.now);
+        for p in peers.iter_mut() {
+            let _ = p.rtc.handle_input(Input::Timeout(self.now));
+        }
+        self.pump(peers);
+    }
+
+    /// Messages sent to `session` so far.
+    fn to(&self, session: u64) -> Vec<&Msg> {
+        self.msgs
+            .iter()
+            .filter(|(id, _)| *id == session)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    /// The last answer sent to `session` with offer id `id`.
+    fn answer(&self, session: u64, id: u32) -> Option<lk::SessionDescription> {
+        self.to(session).into_iter().rev().find_map(|m| match m {
+            Msg::Answer(a) if a.id == id => Some(a.clone()),
+            _ => None,
+        })
+    }
+
+    fn state_of(&self, identity: &str) -> i32 {
+        self.s
+            .participant_info(&"room".into(), &identity.into())
+            .map(|p| p.state)
+            .unwrap_or(-1)
+    }
+
+    fn track_sids(&self, identity: &str) -> Vec<String> {
+        self.s
+            .participant_info(&"room".into(), &identity.into())
+            .map(|p| p.tracks.iter().map(|t| t.sid.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A LiveKit v1 client on one str0m connection: it creates `_reliable` and `_lossy`,
+/// `audio` + `video` `recvonly` placeholders, publishes what it was told to, and offers.
+struct SinglePeer {
+    session: u64,
+    peer: Peer,
+    /// Placeholders in its offers so far.
+    placeholders: Vec<(Mid, MediaKind)>,
+    /// Placeholders for the next offer (str0m keeps changes only within one `SdpApi`).
+    to_add: Vec<MediaKind>,
+    /// Tracks for the next offer (cid, kind).
+    to_publish: Vec<(String, MediaKind)>,
+    /// Mids it publishes on: (cid, mid).
+    published: Vec<(String, Mid)>,
+    /// Its channels (label, id), created with its first offer.
+    channels: Vec<(String, ChannelId)>,
+    pending: Option<(SdpPendingOffer, u32)>,
+    next_id: u32,
+    /// How many of the engine's messages it has looked at.
+    seen: usize,
+    /// Placeholders asked for by `media_sections_requirement`s not offered yet (audio,
+    /// video); `Some` also means "offer again".
+    asked: Option<(usize, usize)>,
+}
+
+impl SinglePeer {
+    fn new(now: Instant, session: u64, audio: usize, video: usize) -> Self {
+        let to_add = std::iter::repeat_n(MediaKind::Audio, audio)
+            .chain(std::iter::repeat_n(MediaKind::Video, video))
+            .collect();
+        Self {
+            session,
+            peer: Peer::new(now, &format!("10.0.1.{session}:5000")),
+            placeholders: Vec::new(),
+            to_add,
+            to_publish: Vec::new(),
+            published: Vec::new(),
+            channels: Vec::new(),
+            pending: None,
+            next_id: 1,
+            seen: 0,
+            asked: None,
+        }
+    }
+
+    /// Publishes an audio track `cid` in the next offer.
+    fn publish_audio(&mut self, cid: &str) {
+        self.to_publish.push((cid.into(), MediaKind::Audio));
+    }
+
+    /// Publishes a video track `cid` in the next offer.
+    fn publish_video(&mut self, cid: &str) {
+        self.to_publish.push((cid.into(), MediaKind::Video));
+    }
+
+    /// Adds `n` more placeholders of `kind` to the next offer (a `media_sections_requirement`).
+    fn add_placeholders(&mut self, kind: MediaKind, n: usize) {
+        self.to_add.extend(std::iter::repeat_n(kind, n));
+    }
+
+    /// Builds an offer with every placeholder `recvonly` again (as a browser transceiver
+    /// keeps its direction; str0m would otherwise re-offer what was answered `inactive` as
+    /// `inactive`).
+    fn offer(&mut self) -> Req {
+        let mut api = self.peer.rtc.sdp_api();
+        if self.channels.is_empty() {
+            for label in ["_reliable", "_lossy", "_data_track"] {
+                let id = api.add_channel(label.into());
+                self.channels.push((label.into(), id));
+            }
+        }
+        for (mid, _) in &self.placeholders {
+            api.set_direction(*mid, Direction::RecvOnly);
+        }
+        for kind in self.to_add.drain(..) {
+            let mid = api.add_media(kind, Direction::RecvOnly, None, None, None);
+            self.placeholders.push((mid, kind));
+        }
+        for (cid, kind) in self.to_publish.drain(..) {
+            let mid = api.add_media(
+                kind,
+                Direction::SendOnly,
+                Some("stream".into()),
+                Some(cid.clone()),
+                None,
+            );
+            self.published.push((cid, mid));
+        }
+        if !api.has_changes() {
+            // Nothing changed, and str0m offers only changes: one more placeholder.
+            let mid = api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+            self.placeholders.push((mid, MediaKind::Audio));
+        }
+        let (offer, pending) = api.apply().expect("an offer");
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending = Some((pending, id));
+        Req::Offer(lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer.to_sdp_string(),
+            id,
+            mid_to_track_id: HashMap::new(),
+        })
+    }
+
+    /// Applies the answer to its pending offer, if it arrived; returns it.
+    fn take_answer(&mut self, net: &Net) -> Option<lk::SessionDescription> {
+        let (_, id) = self.pending.as_ref()?;
+        let answer = net.answer(self.session, *id)?;
+        let (pending, _) = self.pending.take()?;
+        self.peer
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer.sdp).unwrap())
+            .expect("the client accepts the answer");
+        Some(answer)
+    }
+
+    /// Its channel `label`.
+    fn channel(&self, label: &str) -> ChannelId {
+        self.channels
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, id)| *id)
+            .expect("channel created")
+    }
+
+    /// Whether its channel `label` is open.
+    fn open(&self, label: &str) -> bool {
+        let id = self.channel(label);
+        self.peer
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ChannelOpen(i, _) if *i == id))
+    }
+
+    /// The `DataPacket`s received on its channel `label`.
+    fn packets_on(&self, label: &str) -> Vec<lk::DataPacket> {
+        let id = self.channel(label);
+        self.peer
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ChannelData(d) if d.id == id => lk::DataPacket::decode(&d.data[..]).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What a LiveKit v1 client does with the engine's messages: applies an answer to its
+    /// offer, and answers a `media_sections_requirement` with that many more placeholders and
+    /// a new offer (once its previous offer is answered).
+    fn react(&mut self, net: &mut Net) {
+        self.take_answer(net);
+        for (id, m) in &net.msgs[self.seen..] {
+            if let (true, Msg::MediaSectionsRequirement(r)) = (*id == self.session, m) {
+                let (a, v) = self.asked.unwrap_or_default();
+                self.asked = Some((a + r.num_audios as usize, v + r.num_videos as usize));
+            }
+        }
+        self.seen = net.msgs.len();
+        if self.pending.is_none() {
+            if let Some((a, v)) = self.asked.take() {
+                self.add_placeholders(MediaKind::Audio, a);
+                self.add_placeholders(MediaKind::Video, v);
+                let offer = self.offer();
+                net.request(self.session, offer);
+            }
+        }
+    }
+}
+
+/// The lines of the m-section of `mid` in `sdp`.
+fn section<'a>(sdp: &'a str, mid: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            if current.contains(&format!("a=mid:{mid}").as_str()) {
+                return current;
+            }
+            current = Vec::new();
+        }
+        current.push(line);
+    }
+    if current.contains(&format!("a=mid:{mid}").as_str()) {
+        out = current;
+    }
+    out
+}
+
+/// (design §4, case 1) A single-PC client joins and offers: `join` comes first with
+/// `subscriber_primary` false, then the answer with the offer's id (the Rust SDK's 0 too),
+/// never an `offer`; its one connection connects and it becomes ACTIVE.
+#[test]
+fn single_pc_client_connects_and_becomes_active() {
+    for first_id in [0, 1] {
+        single_pc_client_connects(first_id);
+    }
+}
+
+fn single_pc_client_connects(first_id: u32) {
+    let mut net = Net::new();
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    bob.next_id = first_id;
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    net.pump(&mut [&mut bob.peer]);
+    let msgs = net.to(2);
+    let Msg::Join(j) = msgs[0] else {
+        panic!("join first, got {:?}", msgs[0]);
+    };
+    assert!(!j.subscriber_primary, "v1: subscriber_primary is false");
+    assert!(
+        matches!(msgs[1], Msg::Answer(a) if a.id == first_id),
+        "then the answer: {:?}",
+        msgs[1]
+    );
+    bob.take_answer(&net).expect("answer");
+    for _ in 0..100 {
+        net.tick(&mut [&mut bob.peer]);
+        if net.state_of("bob") == lk::participant_info::State::Active as i32 {
+            break;
+        }
+    }
+    assert_eq!(
+        net.state_of("bob"),
+        lk::participant_info::State::Active as i32
+    );
+    assert!(
+        !net.to(2).iter().any(|m| matches!(m, Msg::Offer(_))),
+        "the SFU never offers on a single peer connection"
+    );
+    let open = |bob: &SinglePeer| {
+        bob.peer
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ChannelOpen(_, l) if l == "_reliable"))
+    };
+    for _ in 0..200 {
+        if open(&bob) {
+            break;
+        }
+        net.tick(&mut [&mut bob.peer]);
+    }
+    assert!(open(&bob), "the client's own _reliable opens");
+}
+
+fn add_track(cid: &str) -> Req {
+    Req::AddTrack(lk::AddTrackRequest {
+        cid: cid.into(),
+        name: cid.into(),
+        r#type: lk::TrackType::Audio as i32,
+        source: lk::TrackSource::Microphone as i32,
+        ..Default::default()
+    })
+}
+
+fn add_video_track(cid: &str) -> Req {
+    Req::AddTrack(lk::AddTrackRequest {
+        cid: cid.into(),
+        name: cid.into(),
+        r#type: lk::TrackType::Video as i32,
+        source: lk::TrackSource::Camera as i32,
+        width: 640,
+        height: 360,
+        ..Default::default()
+    })
+}
+
+/// The `mid_to_track_id` entry of `track` in `answer`, checked against the SDP: that
+/// section is `sendonly` with msid `PA_publisher|TR_track TR_track`, in `a=msid` and in
+/// every `a=ssrc … msid:` line.
+fn mid_carrying(answer: &lk::SessionDescription, publisher_sid: &str, track: &str) -> Mid {
+    let (mid, _) = answer
+        .mid_to_track_id
+        .iter()
+        .find(|(_, t)| *t == track)
+        .unwrap_or_else(|| panic!("{track} in {:?}", answer.mid_to_track_id));
+    let lines = section(&answer.sdp, mid);
+    let msid = format!("{publisher_sid}|{track} {track}");
+    assert!(lines.contains(&"a=sendonly"), "{lines:?}");
+    assert!(
+        lines.contains(&format!("a=msid:{msid}").as_str()),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("a=ssrc:") && l.contains(" msid:"))
+            .all(|l| l.ends_with(&format!(" msid:{msid}"))),
+        "{lines:?}"
+    );
+    Mid::from(mid.as_str())
+}
+
+/// Every frame alice sent arrived unchanged with timestamps one frame apart.
+fn assert_continuous(frames: &[&MediaData], sent: u64) {
+    assert!(sent > 50, "sent {sent}");
+    assert!(frames.len() > 20, "received {} of {sent}", frames.len());
+    let ts: Vec<u64> = frames.iter().map(|d| d.time.numer()).collect();
+    assert!(ts.windows(2).all(|w| w[1] - w[0] == 960), "{ts:?}");
+    assert!(frames.iter().all(|d| d.data[..] == [0x78u8; 60]));
+}
+
+/// (design §4, cases 2 and 3) alice (single PC) publishes audio; bob (single PC) joins with
+/// 3 + 3 placeholders and receives it on one of them, assigned in his first answer with
+/// `PA_alice|TR_x` and in `mid_to_track_id`; every other placeholder is answered `inactive`.
+#[test]
+fn single_pc_audio_reaches_a_single_pc_subscriber() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_track("mic"));
+    alice.publish_audio("mic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    // alice connects: her track is bound (published) once her connection is up.
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    assert_eq!(
+        net.state_of("alice"),
+        lk::participant_info::State::Active as i32
+    );
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mic = alice.published[0].1;
+    let mut sent = 0;
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if alice.peer.send_audio(mic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &track);
+    for (m, _) in bob.placeholders.iter().filter(|(m, _)| *m != mid) {
+        let lines = section(&first.sdp, m);
+        assert!(lines.contains(&"a=inactive"), "{m}: {lines:?}");
+    }
+    assert_eq!(first.mid_to_track_id.len(), 1);
+    assert!(
+        !net.msgs.iter().any(|(_, m)| matches!(m, Msg::Offer(_))),
+        "no server offer"
+    );
+    assert_continuous(&bob.peer.received_on(mid), sent);
+    assert_eq!(bob.peer.received().len(), bob.peer.received_on(mid).len());
+}
+
+/// (design §4, cases 4 and 5) bob (single PC) is connected when alice publishes: he is told
+/// of the track (`update`), then asked to offer again (`media_sections_requirement`,
+/// `{0, 0}` with a free audio placeholder, `{1, 0}` without one), and only the answer to his
+/// re-offer carries the track, which he then receives.
+#[test]
+fn a_mid_call_subscription_asks_for_a_reoffer() {
+    for (audio_placeholders, want_audios) in [(3, 0), (0, 1)] {
+        let mut net = Net::new();
+        let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+        let mut bob = SinglePeer::new(net.now, 2, audio_placeholders, 1);
+        net.join(1, "alice", true);
+        net.join(2, "bob", true);
+        for (session, peer) in [(1, &mut alice), (2, &mut bob)] {
+            let offer = peer.offer();
+            net.request(session, offer);
+        }
+        for _ in 0..50 {
+            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+            alice.react(&mut net);
+            bob.react(&mut net);
+        }
+        assert_eq!(
+            net.state_of("bob"),
+            lk::participant_info::State::Active as i32
+        );
+        let before = net.msgs.len();
+        net.request(1, add_track("mic"));
+        alice.publish_audio("mic");
+        let offer = alice.offer();
+        net.request(1, offer);
+        let mic = alice.published[0].1;
+        let mut sent = 0;
+        for _ in 0..300 {
+            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+            alice.react(&mut net);
+            bob.react(&mut net);
+            if alice.peer.send_audio(mic, sent, net.now) {
+                sent += 1;
+            }
+        }
+        let alice_sid = net
+            .s
+            .participant_info(&"room".into(), &"alice".into())
+            .unwrap()
+            .sid;
+        let track = net.track_sids("alice").pop().expect("alice's track");
+        let later: Vec<&Msg> = net.msgs[before..]
+            .iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, m)| m)
+            .collect();
+        let update = later
+            .iter()
+            .position(|m| matches!(m, Msg::Update(u) if u.participants.iter().any(|p| !p.tracks.is_empty())))
+            .expect("bob told of the track");
+        let requirement = later
+            .iter()
+            .position(|m| matches!(m, Msg::MediaSectionsRequirement(_)))
+            .expect("bob asked to offer again");
+        let Msg::MediaSectionsRequirement(r) = later[requirement] else {
+            unreachable!()
+        };
+        assert_eq!((r.num_audios, r.num_videos), (want_audios, 0));
+        let answer = later
+            .iter()
+            .position(
+                |m| matches!(m, Msg::Answer(a) if a.mid_to_track_id.values().any(|t| *t == track)),
+            )
+            .expect("an answer with the track");
+        assert!(
+            update < requirement && requirement < answer,
+            "{update} {requirement} {answer}"
+        );
+        let Msg::Answer(a) = later[answer] else {
+            unreachable!()
+        };
+        let mid = mid_carrying(a, &alice_sid, &track);
+        assert_continuous(&bob.peer.received_on(mid), sent);
+        assert!(
+            !net.msgs.iter().any(|(_, m)| matches!(m, Msg::Offer(_))),
+            "no server offer"
+        );
+    }
+}
+
+/// (design §4, case 8) A mixed room: v0 bob (two connections, the SFU offers on his
+/// subscriber one) receives single-PC alice's audio, and alice receives bob's on a slot.
+#[test]
+fn a_mixed_room_v0_and_single_pc_hear_each_other() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_track("amic"));
+    alice.publish_audio("amic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    // v0 bob: answers every subscriber offer, publishes on his publisher connection.
+    let mut bob_sub = Peer::new(net.now, "10.0.2.2:5000");
+    let mut bob_pub = Peer::new(net.now, "10.0.2.2:5001");
+    net.join(2, "bob", false);
+    net.request(2, add_track("bmic"));
+    let mut api = bob_pub.rtc.sdp_api();
+    api.add_channel("_reliable".into());
+    let bmic = api.add_media(
+        MediaKind::Audio,
+        Direction::SendOnly,
+        Some("s".into()),
+        Some("bmic".into()),
+        None,
+    );
+    let (offer, pending) = api.apply().unwrap();
+    let mut bob_pending = Some(pending);
+    net.request(
+        2,
+        Req::Offer(lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer.to_sdp_string(),
+            id: 1,
+            mid_to_track_id: HashMap::new(),
+        }),
+    );
+    let mut seen = 0;
+    let amic = alice.published[0].1;
+    let (mut sent_a, mut sent_b) = (0, 0);
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob_sub, &mut bob_pub]);
+        alice.react(&mut net);
+        let news: Vec<Msg> = net.msgs[seen..]
+            .iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, m)| m.clone())
+            .collect();
+        seen = net.msgs.len();
+        for m in news {
+            match m {
+                Msg::Offer(o) => {
+                    let answer = bob_sub
+                        .rtc
+                        .sdp_api()
+                        .accept_offer(SdpOffer::from_sdp_string(&o.sdp).unwrap())
+                        .unwrap();
+                    net.request(
+                        2,
+                        Req::Answer(lk::SessionDescription {
+                            r#type: "answer".into(),
+                            sdp: answer.to_sdp_string(),
+                            id: o.id,
+                            mid_to_track_id: HashMap::new(),
+                        }),
+                    );
+                }
+                Msg::Answer(a) => {
+                    if let Some(pending) = bob_pending.take() {
+                        bob_pub
+                            .rtc
+                            .sdp_api()
+                            .accept_answer(pending, SdpAnswer::from_sdp_string(&a.sdp).unwrap())
+                            .unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+        if alice.peer.send_audio(amic, sent_a, net.now) {
+            sent_a += 1;
+        }
+        if bob_pub.send_audio(bmic, sent_b, net.now) {
+            sent_b += 1;
+        }
+    }
+    // bob (v0) got alice's track in a subscriber offer, with her msid, and hears her.
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    assert!(net
+        .to(2)
+        .iter()
+        .any(|m| matches!(m, Msg::Offer(o) if o.sdp.contains(&format!("a=msid:{alice_sid}|TR_")))));
+    assert_continuous(&bob_sub.received(), sent_a);
+    // alice (single PC) got bob's track on a slot, and hears him.
+    let bob_sid = net
+        .s
+        .participant_info(&"room".into(), &"bob".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("bob").pop().expect("bob's track");
+    let answer = net
+        .to(1)
+        .into_iter()
+        .find_map(|m| match m {
+            Msg::Answer(a) if a.mid_to_track_id.values().any(|t| *t == track) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("alice's answer with bob's track");
+    let mid = mid_carrying(&answer, &bob_sid, &track);
+    assert_continuous(&alice.peer.received_on(mid), sent_b);
+    assert!(
+        !net.to(1).iter().any(|m| matches!(m, Msg::Offer(_))),
+        "no server offer to the single-PC participant"
+    );
+}
+
+/// (design §4, case 6) alice's track goes (she leaves): bob's next answer has its mid
+/// `inactive` and no longer in `mid_to_track_id`; carol's track, published later, reuses
+/// that mid in a later answer, never straight from one msid to the other, and arrives.
+#[test]
+fn a_released_slot_goes_inactive_before_it_is_reused() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0);
+    let mut carol = SinglePeer::new(net.now, 3, 0, 0);
+    net.join(1, "alice", true);
+    net.request(1, add_track("amic"));
+    alice.publish_audio("amic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let amic = alice.published[0].1;
+    let mut sent = 0;
+    for _ in 0..100 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if alice.peer.send_audio(amic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let alice_track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &alice_track);
+    assert!(bob.peer.received_on(mid).len() > 20);
+
+    net.s.handle_command(
+        net.now,
+        Command::Disconnect {
+            session: SessionId(1),
+            reason: lk::DisconnectReason::ClientInitiated,
+        },
+    );
+    for _ in 0..50 {
+        net.tick(&mut [&mut bob.peer]);
+        bob.react(&mut net);
+    }
+    bob.peer.events.clear();
+    net.join(3, "carol", true);
+    net.request(3, add_track("cmic"));
+    carol.publish_audio("cmic");
+    let offer = carol.offer();
+    net.request(3, offer);
+    let cmic = carol.published[0].1;
+    let mut sent = 0;
+    for _ in 0..300 {
+        net.tick(&mut [&mut bob.peer, &mut carol.peer]);
+        bob.react(&mut net);
+        carol.react(&mut net);
+        if carol.peer.send_audio(cmic, sent, net.now) {
+            sent += 1;
+        }
+    }
+    let carol_sid = net
+        .s
+        .participant_info(&"room".into(), &"carol".into())
+        .unwrap()
+        .sid;
+    let carol_track = net.track_sids("carol").pop().expect("carol's track");
+    let answers: Vec<lk::SessionDescription> = net
+        .to(2)
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::Answer(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    let carried = |a: &lk::SessionDescription| a.mid_to_track_id.get(&mid.to_string()).cloned();
+    let reused = answers
+        .iter()
+        .position(|a| carried(a).as_deref() == Some(carol_track.as_str()))
+        .expect("carol's track on alice's old mid");
+    assert_eq!(
+        mid_carrying(&answers[reused], &carol_sid, &carol_track),
+        mid
+    );
+    let released = answers
+        .iter()
+        .position(|a| carried(a).is_none() && section(&a.sdp, &mid).contains(&"a=inactive"))
+        .expect("an answer releasing the mid");
+    assert!(
+        released < reused,
+        "released in {released}, reused in {reused}"
+    );
+    for a in &answers[..reused] {
+        assert_ne!(carried(a).as_deref(), Some(carol_track.as_str()));
+    }
+    assert!(answers[..released]
+        .iter()
+        .all(|a| carried(a).as_deref() == Some(alice_track.as_str())));
+    assert_continuous(&bob.peer.received_on(mid), sent);
+}
+
+/// (design §4, case 7) Data on a single peer connection goes both ways on the client's own
+/// channels: alice's packet on her `_reliable` reaches bob on his `_reliable`, stamped as
+/// hers, and `_data_track` is not relayed.
+#[test]
+fn single_pc_data_uses_the_client_channels_and_not_data_track() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 0, 0);
+    net.join(1, "alice", true);
+    net.join(2, "bob", true);
+    for (session, peer) in [(1, &mut alice), (2, &mut bob)] {
+        let offer = peer.offer();
+        net.request(session, offer);
+    }
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        if [&alice, &bob]
+            .iter()
+            .all(|p| ["_reliable", "_data_track"].iter().all(|l| p.open(l)))
+        {
+            break;
+        }
+    }
+    let packet = |text: &str| lk::DataPacket {
+        value: Some(lk::data_packet::Value::User(lk::UserPacket {
+            payload: text.as_bytes().to_vec(),
+            topic: Some("t".into()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    for (label, text) in [("_data_track", "not relayed"), ("_reliable", "hello")] {
+        let id = alice.channel(label);
+        let mut ch = alice.peer.rtc.channel(id).expect("open");
+        assert!(ch.write(true, &packet(text).encode_to_vec()).unwrap());
+    }
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+    }
+    let got = bob.packets_on("_reliable");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].participant_identity, "alice");
+    let Some(lk::data_packet::Value::User(u)) = &got[0].value else {
+        panic!("a user packet: {got:?}");
+    };
+    assert_eq!(u.payload, b"hello");
+    assert!(bob.packets_on("_data_track").is_empty());
+    assert!(bob.packets_on("_lossy").is_empty());
+}
+
+/// Video on single peer connections: bob's first answer puts alice's camera on a video
+/// placeholder; nothing reaches him before a keyframe, which the SFU asks alice for (she
+/// sends only delta frames until asked), then her frames flow.
+#[test]
+fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_video_track("cam"));
+    alice.publish_video("cam");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let cam = alice.published[0].1;
+    let (mut sent, mut keyframes, mut asked) = (0, 0, 0);
+    for _ in 0..300 {
+        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+        alice.react(&mut net);
+        bob.react(&mut net);
+        let requests = alice
+            .peer
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
+            .count();
+        let key = requests > asked;
+        asked = requests;
+        if alice.peer.send_video(cam, sent, net.now, key) {
+            sent += 1;
+            keyframes += u64::from(key);
+        }
+    }
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &alice_sid, &track);
+    assert!(bob
+        .placeholders
+        .iter()
+        .any(|(m, k)| *m == mid && *k == MediaKind::Video));
+    assert!(keyframes > 0, "the SFU asked alice for a keyframe");
+    let frames = bob.peer.received_on(mid);
+    assert!(
+        frames.len() > 100,
+        "bob received {} of {sent}",
+        frames.len()
+    );
+    assert!(
+        frames[0].is_keyframe(),
+        "the first frame bob gets is a keyframe"
+    );
+    let ts: Vec<u64> = frames.iter().map(|d| d.time.numer()).collect();
+    assert!(ts.windows(2).all(|w| w[1] - w[0] == 3000), "{ts:?}");
+}
