@@ -20,10 +20,11 @@ use super::downtrack::DownState;
 use super::participant::{Slot, SlotState, Transport};
 use super::{SessionId, Sfu};
 
+use crate::sfu::ids::TrackSid;
+
 /// Most slots one single-PC participant keeps (design §5, "m-line growth"); further
 /// `recvonly` m-lines are answered `inactive` for good.
 const MAX_SLOTS: usize = 64;
-use crate::sfu::ids::TrackSid;
 
 /// The `recvonly` audio and video m-lines of an offer (mid, kind): the slots it offers us.
 ///
