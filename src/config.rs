@@ -300,8 +300,8 @@ pub struct RtcConfig {
     pub twirp_enabled: bool,
     /// Serve LiveKit's single peer connection signalling (`/rtc/v1`, `/rtc/v1/validate`).
     /// Default false: both paths answer a plain 404, on which every LiveKit SDK falls back to
-    /// v0 (`/rtc`, two peer connections). Being built in steps (`docs/design/rtc-v1.md`); so
-    /// far `true` only turns on `/rtc/v1/validate`, the WebSocket still answers 404.
+    /// v0 (`/rtc`, two peer connections). With `true`, v1 clients get one peer connection on
+    /// which they always offer (`docs/design/rtc-v1.md`).
     pub single_pc: bool,
 }
 

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub http_connections_reserved: AtomicU64,
     /// HTTP connections closed by the header, idle or WebSocket-handshake timeout.
     pub http_connection_timeouts: AtomicU64,
+    /// Signalling sessions accepted on v0 (`/rtc`, two peer connections).
+    pub signal_sessions_v0: AtomicU64,
+    /// Signalling sessions accepted on v1 (`/rtc/v1`, one peer connection).
+    pub signal_sessions_v1: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -137,6 +141,22 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        let name = "conclave_signal_sessions_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Signalling sessions accepted (joined), by signalling version."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (signalling, value) in [
+            ("v0", &self.signal_sessions_v0),
+            ("v1", &self.signal_sessions_v1),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{signalling=\"{signalling}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
@@ -153,5 +173,14 @@ mod tests {
         let text = m.render();
         assert!(text.contains("conclave_appservice_transactions_applied_total 2\n"));
         assert!(text.contains("# TYPE conclave_homeserver_pings_ok_total counter"));
+        inc(&m.signal_sessions_v1);
+        let text = m.render();
+        assert!(text.contains("conclave_signal_sessions_total{signalling=\"v0\"} 0\n"));
+        assert!(text.contains("conclave_signal_sessions_total{signalling=\"v1\"} 1\n"));
+        assert_eq!(
+            text.matches("# TYPE conclave_signal_sessions_total")
+                .count(),
+            1
+        );
     }
 }

@@ -276,6 +276,7 @@ pub fn build_services(
             signal_timeout: Duration::from_secs(config.rtc.signal_timeout_secs.max(1)),
             token_lifetime_secs: config.auth.token_lifetime_secs,
             single_pc: config.rtc.single_pc,
+            metrics: metrics.clone(),
         }),
         twirp: TwirpState {
             enabled: config.rtc.twirp_enabled,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::jwt::TokenSigner;
+use crate::metrics::Metrics;
 use crate::net::SfuHandle;
 use crate::sfu::registry::RoomRegistry;
 
@@ -29,4 +30,6 @@ pub struct SignalState {
     /// Single peer connection signalling is served (`rtc.single_pc`); when false, `/rtc/v1*`
     /// answer the plain 404 that makes SDKs fall back to `/rtc`.
     pub single_pc: bool,
+    /// Process counters (`conclave_signal_sessions_total`).
+    pub metrics: Arc<Metrics>,
 }

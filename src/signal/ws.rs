@@ -1,4 +1,5 @@
-//! `GET /rtc`: LiveKit signalling (protocol 17, v0 dual peer connection) over WebSocket.
+//! `GET /rtc` and `GET /rtc/v1`: LiveKit signalling (protocol 17; v0 with two peer
+//! connections, v1 with one, `docs/design/rtc-v1.md`) over WebSocket.
 //!
 //! Everything is checked and the participant joined *before* the upgrade; the first frame
 //! after it is the `join` response. Binary frames carry protobuf `SignalRequest`s; text frames
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::validate::check_connect;
+use super::validate::{check_connect, check_connect_v1};
 use super::SignalState;
 use crate::auth::jwt::Claims;
 use crate::net::{session_queue, SfuHandle, SignalQueue, QUEUE_FULL_REASON};
@@ -72,12 +73,21 @@ pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
     }
 }
 
-/// `GET /rtc/v1`: single-PC signalling is not served yet, whatever `rtc.single_pc` says: the
-/// engine's single-PC transport and negotiation come first (steps 3-5 of
-/// `docs/design/rtc-v1.md`, which turn this into the v1 connect). A plain 404 (never
-/// mentioning rooms) makes every current SDK fall back to `/rtc` at once.
-pub async fn get_rtc_v1() -> Response {
-    v1_not_served()
+/// `GET /rtc/v1`: single peer connection signalling (`docs/design/rtc-v1.md`). Without
+/// `rtc.single_pc`, a plain 404 (never mentioning rooms) that makes every current SDK fall back
+/// to `/rtc` at once; with it, the v1 connect: the token and the `join_request` are checked,
+/// the participant joins with one peer connection, and the request's track announcements and
+/// publisher offer go to the SFU right after the join.
+pub async fn get_rtc_v1(
+    State(state): State<Arc<SignalState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !state.single_pc {
+        return v1_not_served();
+    }
+    connect(state, headers, query, ws, Signalling::V1).await
 }
 
 /// The answer of `/rtc/v1` and (without `rtc.single_pc`) `/rtc/v1/validate`: a plain 404 with
@@ -96,29 +106,118 @@ pub fn v1_not_served() -> Response {
     r
 }
 
-/// `GET /rtc`: validate, join, upgrade.
+/// `GET /rtc`: validate, join, upgrade (v0, two peer connections).
 pub async fn get_rtc(
     State(state): State<Arc<SignalState>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    connect(state, headers, query, ws, Signalling::V0).await
+}
+
+/// The signalling version a connect asked for (by its path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signalling {
+    /// `/rtc`: settings in the query, two peer connections.
+    V0,
+    /// `/rtc/v1`: settings in the `join_request`, one peer connection.
+    V1,
+}
+
+/// What a connect asks for, from the query (v0) or the `join_request` (v1).
+struct Settings {
+    /// `reconnect=1` / `JoinRequest.reconnect`: a resume attempt.
+    reconnect: bool,
+    /// Subscribe to every track automatically.
+    auto_subscribe: bool,
+    /// The client's `client_protocol`.
+    client_protocol: i32,
+    /// Metadata replacing the token's, when set (v1 only; checked by `check_connect_v1`).
+    metadata: Option<String>,
+    /// Requests the SFU gets right after the join (v1: the `add_track_requests`, then the
+    /// `publisher_offer`), in order.
+    after_join: Vec<Req>,
+}
+
+impl Settings {
+    /// v0: everything from the query parameters.
+    fn v0(query: &HashMap<String, String>) -> Self {
+        Settings {
+            reconnect: flag(query, "reconnect", false),
+            auto_subscribe: flag(query, "auto_subscribe", true),
+            client_protocol: query
+                .get("client_protocol")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            metadata: None,
+            after_join: Vec::new(),
+        }
+    }
+
+    /// v1: everything from the `JoinRequest`, mapped as LiveKit does (`rtcservice.go`):
+    /// an absent `connection_settings` means no auto-subscribe. The request's
+    /// `participant_attributes` are checked (`check_connect_v1`) but not applied: the engine's
+    /// [`Join`] carries no attributes yet, and the token has none either.
+    fn v1(request: lk::JoinRequest) -> Self {
+        let mut after_join: Vec<Req> = request
+            .add_track_requests
+            .into_iter()
+            .map(Req::AddTrack)
+            .collect();
+        if let Some(offer) = request.publisher_offer {
+            after_join.push(Req::Offer(offer));
+        }
+        Settings {
+            reconnect: request.reconnect,
+            auto_subscribe: request
+                .connection_settings
+                .map(|c| c.auto_subscribe)
+                .unwrap_or(false),
+            client_protocol: request.client_info.map(|c| c.client_protocol).unwrap_or(0),
+            metadata: (!request.metadata.is_empty()).then_some(request.metadata),
+            after_join,
+        }
+    }
+}
+
+/// The connect shared by `/rtc` and `/rtc/v1`: validate, join, feed the v1 requests, upgrade.
+async fn connect(
+    state: Arc<SignalState>,
+    headers: HeaderMap,
+    query: HashMap<String, String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    signalling: Signalling,
+) -> Response {
     let Ok(ws) = ws else {
-        // LiveKit answers a non-upgrade request to /rtc with 404.
+        // LiveKit answers a non-upgrade request to /rtc (and /rtc/v1) with 404.
         return text(StatusCode::NOT_FOUND, "WebSocket upgrade required");
     };
     let ws = ws
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES);
     let sfu = state.sfu.clone();
-    let claims = match check_connect(
-        &state,
-        &headers,
-        &query,
-        Instant::now(),
-        crate::clock::unix_secs(),
-        state.auto_create,
-    ) {
+    let checked = match signalling {
+        Signalling::V0 => check_connect(
+            &state,
+            &headers,
+            &query,
+            Instant::now(),
+            crate::clock::unix_secs(),
+            state.auto_create,
+        )
+        .map(|claims| (claims, Settings::v0(&query))),
+        Signalling::V1 => check_connect_v1(
+            &state,
+            &headers,
+            &query,
+            Instant::now(),
+            crate::clock::unix_secs(),
+            state.auto_create,
+        )
+        .map(|(claims, request)| (claims, Settings::v1(request))),
+    };
+    let (claims, settings) = match checked {
         Ok(c) => c,
         Err(r) => return text(r.status, &r.message),
     };
@@ -127,7 +226,7 @@ pub async fn get_rtc(
         // Auto-create (check_connect let a missing room through only then).
         sfu.create_room(&room, RoomOptions::default()).await;
     }
-    if flag(&query, "reconnect", false) {
+    if settings.reconnect {
         // Resume is disabled (ClientConfiguration); an unknown session must rejoin in full.
         return ws.on_upgrade(|mut socket| async move {
             let leave = Msg::Leave(lk::LeaveRequest {
@@ -142,21 +241,19 @@ pub async fn get_rtc(
     }
     let session = sfu.new_session();
     let (sink, mut events) = session_queue();
-    let client_protocol = query
-        .get("client_protocol")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     let join = Join {
         session,
         room,
         identity: ParticipantIdentity::from(claims.sub.as_str()),
         name: claims.name.clone(),
-        metadata: claims.metadata.clone(),
+        metadata: settings
+            .metadata
+            .clone()
+            .unwrap_or_else(|| claims.metadata.clone()),
         permission: permission_from(&claims),
-        auto_subscribe: flag(&query, "auto_subscribe", true),
-        client_protocol,
-        // v0 only until `/rtc/v1` is wired (docs/design/rtc-v1.md §3, step 5).
-        single_pc: false,
+        auto_subscribe: settings.auto_subscribe,
+        client_protocol: settings.client_protocol,
+        single_pc: signalling == Signalling::V1,
     };
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
@@ -170,6 +267,21 @@ pub async fn get_rtc(
             return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
         }
     };
+    // v1: the join request's tracks, then its offer, as LiveKit (`roommanager.go`). The SFU
+    // loop handles commands in order, so their answers queue after the join response.
+    for message in settings.after_join {
+        let cmd = Command::Request {
+            session,
+            message: Box::new(message),
+        };
+        if !sfu.command(cmd).await {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
+        }
+    }
+    crate::metrics::inc(match signalling {
+        Signalling::V0 => &state.metrics.signal_sessions_v0,
+        Signalling::V1 => &state.metrics.signal_sessions_v1,
+    });
     let span =
         tracing::info_span!("signal", %session, identity = %claims.sub, room = %claims.video.room);
     ws.on_upgrade(move |socket| {

@@ -191,17 +191,138 @@ async fn v1_validate_checks_token_and_join_request_with_single_pc() {
     assert_eq!(validate("not-a-jwt", Some(&good)).await.0, 401);
     assert_eq!(validate("not-a-jwt", None).await.0, 401);
 
-    // The WebSocket stays closed until the engine speaks v1.
-    let url = format!(
-        "{}/rtc/v1?access_token={token}&join_request={good}",
-        c.ws_url()
-    );
+    // The WebSocket refuses what validate refuses, with the same status and text.
+    let url = format!("{}/rtc/v1?access_token={token}", c.ws_url());
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status(), 404)
+            assert_eq!(resp.status(), 400)
         }
-        other => panic!("/rtc/v1 must not upgrade yet: {:?}", other.map(|_| ())),
+        other => panic!(
+            "/rtc/v1 without join_request must fail: {:?}",
+            other.map(|_| ())
+        ),
     }
+}
+
+/// `rtc.single_pc = true`: `/rtc/v1` with a client-sdk-js style `join_request` carrying a track
+/// announcement and a str0m client's offer (3 audio + 3 video `recvonly` placeholders, a
+/// microphone, data channels) is upgraded; the first frame is `join` without
+/// `subscriber_primary`, then `track_published`, then the `answer` with the offer's id, which
+/// the client accepts. The session is counted as v1 on `/metrics`; v0 keeps its own count.
+#[tokio::test]
+async fn v1_connect_answers_the_embedded_offer_after_join() {
+    use str0m::change::SdpAnswer;
+    use str0m::media::{Direction, MediaKind};
+
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
+    )
+    .await
+    .unwrap();
+    let mut rtc = str0m::Rtc::builder().build(std::time::Instant::now());
+    let mut api = rtc.sdp_api();
+    for label in ["_reliable", "_lossy", "_data_track"] {
+        api.add_channel(label.into());
+    }
+    for kind in [MediaKind::Audio, MediaKind::Video] {
+        for _ in 0..3 {
+            api.add_media(kind, Direction::RecvOnly, None, None, None);
+        }
+    }
+    api.add_media(
+        MediaKind::Audio,
+        Direction::SendOnly,
+        Some("stream".into()),
+        Some("mic-cid".into()),
+        None,
+    );
+    let (offer, pending) = api.apply().unwrap();
+    let Req::AddTrack(track) = add_track("mic-cid", lk::encryption::Type::None) else {
+        unreachable!()
+    };
+    let request = lk::JoinRequest {
+        client_info: Some(lk::ClientInfo {
+            sdk: lk::client_info::Sdk::Js as i32,
+            protocol: 16,
+            client_protocol: 1,
+            ..Default::default()
+        }),
+        connection_settings: Some(lk::ConnectionSettings {
+            auto_subscribe: true,
+            ..Default::default()
+        }),
+        add_track_requests: vec![track],
+        publisher_offer: Some(lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: offer.to_sdp_string(),
+            id: 1,
+            mid_to_track_id: Default::default(),
+        }),
+        ..Default::default()
+    };
+    let token = c.token("r", "alice", json!({}));
+    let url = format!(
+        "{}/rtc/v1?access_token={token}&join_request={}",
+        c.ws_url(),
+        js_join_request(&request)
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut a = WsClient::from_stream(ws);
+    let join = expect_join(&mut a).await.unwrap();
+    assert!(!join.subscriber_primary, "v1 is publisher-primary");
+    let seen = a
+        .recv_until(T, |m| matches!(m, Msg::Answer(_)))
+        .await
+        .unwrap();
+    assert!(
+        !seen.iter().any(|m| matches!(m, Msg::Offer(_))),
+        "the server never offers in v1: {seen:?}"
+    );
+    let published = seen
+        .iter()
+        .position(|m| matches!(m, Msg::TrackPublished(t) if t.cid == "mic-cid"))
+        .unwrap_or_else(|| panic!("track_published before the answer: {seen:?}"));
+    assert!(published < seen.len() - 1);
+    let Some(Msg::Answer(answer)) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(answer.id, 1, "the answer echoes the offer id");
+    assert_eq!(answer.r#type, "answer");
+    rtc.sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&answer.sdp).unwrap())
+        .unwrap();
+
+    // v0 on the same server, for the counts.
+    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
+        .await
+        .unwrap();
+    assert!(expect_join(&mut b).await.unwrap().subscriber_primary);
+    let v1 = "conclave_signal_sessions_total{signalling=\"v1\"}";
+    let v0 = "conclave_signal_sessions_total{signalling=\"v0\"}";
+    assert_eq!(c.metric(v1).await.unwrap(), 1);
+    assert_eq!(c.metric(v0).await.unwrap(), 1);
+
+    // `reconnect` in the join request: no resume, the client is told to rejoin in full.
+    let again = lk::JoinRequest {
+        reconnect: true,
+        ..request
+    };
+    let url = format!(
+        "{}/rtc/v1?access_token={token}&join_request={}",
+        c.ws_url(),
+        js_join_request(&again)
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut r = WsClient::from_stream(ws);
+    match r.recv(T).await {
+        Some(Msg::Leave(l)) => {
+            assert_eq!(l.action, lk::leave_request::Action::Reconnect as i32)
+        }
+        other => panic!("reconnect must get leave(RECONNECT): {other:?}"),
+    }
+    assert_eq!(c.metric(v1).await.unwrap(), 1);
 }
 
 /// Traps: first message must be `join` within 5 s; empty server version; missing permission;

@@ -49,6 +49,11 @@ impl WsClient {
         }
     }
 
+    /// Wraps an already connected WebSocket (any path, e.g. `/rtc/v1`).
+    pub fn from_stream(ws: Ws) -> Self {
+        Self { ws }
+    }
+
     /// Sends a request as binary protobuf.
     pub async fn send(&mut self, m: Req) -> Result<()> {
         let bytes = lk::SignalRequest { message: Some(m) }.encode_to_vec();
