@@ -4,7 +4,8 @@
 //! `tests/clients/web/` driven by `support::web`.
 //!
 //! The tabs connect through v0 `/rtc` directly (`singlePeerConnection: false`). The SDK's
-//! default path (`/rtc/v1`, then `/rtc/v1/validate`, then the v0 fallback) is its own test.
+//! default path (`/rtc/v1`, then `/rtc/v1/validate`, then the v0 fallback) is its own test, and
+//! so is that path with `rtc.single_pc = true` (v1 served, one peer connection per tab).
 
 use std::time::Duration;
 
@@ -317,6 +318,64 @@ async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
     check(
         report.exit_code == 0 && report.tab("a")["connected"] == true,
         "the tab connected with the SDK's default signalling",
+        &report,
+        &c,
+    );
+}
+
+/// `rtc.single_pc = true`: two tabs with the SDK's default options (`singlePeerConnection`
+/// on) connect through `/rtc/v1` with one peer connection each, publish camera and
+/// microphone, and see and hear each other. `/metrics` counts both sessions as v1 and none as
+/// v0: no fallback happened.
+#[tokio::test]
+async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
+    let _heavy = heavy_lock();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
+    )
+    .await
+    .unwrap();
+    let mut tabs = Vec::new();
+    for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
+        let mut t = TabSpec::new(label, c.ws_url(), c.token("b6", me, grants()));
+        t.single_pc = None; // SDK default: `/rtc/v1`, one peer connection
+        t.expect_video_playing = vec![(other.into(), 30)];
+        t.expect_remote_tracks = vec![(other.into(), Some("audio".into()))];
+        t.expect_audio_level = vec![(other.into(), 0.01)];
+        tabs.push(t);
+    }
+    let mut spec = BrowserSpec::new(tabs);
+    spec.timeout_s = 45.0;
+    spec.min_duration_s = 2.0;
+    let report = Browser::run(spec).await.unwrap();
+    check(
+        report.exit_code == 0,
+        "both v1 tabs saw and heard each other",
+        &report,
+        &c,
+    );
+    for (label, other) in [("a", "bob"), ("b", "alice")] {
+        let videos = report.remote(label, "videos", other);
+        let v = videos.first().copied().cloned().unwrap_or(Value::Null);
+        eprintln!(
+            "v1 tab {label} <- {other}: {}x{}, {} frames painted, {} fps",
+            v["video_width"], v["video_height"], v["frames"], v["fps_1s"]
+        );
+        check_clean_console(&report, label, &c);
+    }
+    let v1 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+        .await
+        .unwrap();
+    let v0 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+        .await
+        .unwrap();
+    check(
+        (v1, v0) == (2, 0),
+        &format!("both sessions on v1, none on v0: v1 {v1}, v0 {v0}"),
         &report,
         &c,
     );
