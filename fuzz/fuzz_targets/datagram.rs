@@ -10,10 +10,12 @@
 //! Run: `scripts/fuzz run datagram -max_total_time=300` (see docs/fuzzing.md).
 #![no_main]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use conclave::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SignalOut};
+use conclave::sfu::{Output, Sfu, SignalOut};
 use libfuzzer_sys::fuzz_target;
 use livekit_protocol::signal_response::Message as Msg;
 use sha1::{Digest, Sha1};
@@ -83,31 +85,14 @@ fn drain(sfu: &mut Sfu) -> Option<(String, String)> {
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let server: SocketAddr = "127.0.0.1:7882".parse().unwrap();
-    let mut sfu = Sfu::new(
-        SfuConfig {
-            candidates: vec![server],
-            seed: Some(1),
+    let server = common::server();
+    let mut sfu = common::engine_with_participant(
+        now,
+        livekit_protocol::ParticipantPermission {
+            can_publish: true,
+            can_subscribe: true,
+            ..Default::default()
         },
-        now,
-    );
-    sfu.handle_command(
-        now,
-        Command::Join(Join {
-            session: SessionId(1),
-            room: "r".into(),
-            identity: "a".into(),
-            name: String::new(),
-            metadata: String::new(),
-            permission: livekit_protocol::ParticipantPermission {
-                can_publish: true,
-                can_subscribe: true,
-                ..Default::default()
-            },
-            auto_subscribe: true,
-            client_protocol: 2,
-            single_pc: false,
-        }),
     );
     let (ufrag, pwd) = drain(&mut sfu).expect("a join sends the subscriber offer");
     let known = SocketAddr::from(([10, 0, 0, 1], 5000));

@@ -8,10 +8,11 @@
 //! Run: `cd fuzz && cargo +nightly fuzz run signal_request corpus/signal_request seeds/signal_request`.
 #![no_main]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Instant;
 
-use conclave::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig};
+use conclave::sfu::{Command, Output, SessionId, Sfu};
 use libfuzzer_sys::fuzz_target;
 use livekit_protocol as lk;
 use prost::Message as _;
@@ -38,36 +39,17 @@ fuzz_target!(|data: &[u8]| {
     let Some(message) = request.message else {
         return;
     };
-    // A fresh engine per input (fixed seed: reproducible IDs and ICE credentials) with one
-    // participant that may publish, subscribe and send data.
+    // A fresh engine per input with one participant that may publish, subscribe and send data.
     let now = Instant::now();
-    let server: SocketAddr = "127.0.0.1:7882".parse().unwrap();
-    let mut sfu = Sfu::new(
-        SfuConfig {
-            candidates: vec![server],
-            seed: Some(1),
+    let mut sfu = common::engine_with_participant(
+        now,
+        lk::ParticipantPermission {
+            can_publish: true,
+            can_subscribe: true,
+            can_publish_data: true,
+            can_update_metadata: true,
+            ..Default::default()
         },
-        now,
-    );
-    sfu.handle_command(
-        now,
-        Command::Join(Join {
-            session: SessionId(1),
-            room: "r".into(),
-            identity: "a".into(),
-            name: String::new(),
-            metadata: String::new(),
-            permission: lk::ParticipantPermission {
-                can_publish: true,
-                can_subscribe: true,
-                can_publish_data: true,
-                can_update_metadata: true,
-                ..Default::default()
-            },
-            auto_subscribe: true,
-            client_protocol: 2,
-            single_pc: false,
-        }),
     );
     drain(&mut sfu);
     sfu.handle_command(
