@@ -199,7 +199,7 @@ impl Sfu {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Join, SessionId, SfuConfig, SignalOut};
+    use super::super::{SessionId, SfuConfig, SignalOut};
     use super::*;
 
     fn sfu(now: Instant) -> Sfu {
@@ -213,24 +213,10 @@ mod tests {
     }
 
     fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
+        let permission = crate::sfu::engine::tests::publish_permission();
         s.handle_command(
             now,
-            Command::Join(Join {
-                session: SessionId(session),
-                room: "room".into(),
-                identity: identity.into(),
-                name: identity.into(),
-                metadata: String::new(),
-                permission: lk::ParticipantPermission {
-                    can_subscribe: true,
-                    can_publish: true,
-                    can_publish_data: true,
-                    ..Default::default()
-                },
-                auto_subscribe: true,
-                client_protocol: 2,
-                single_pc: false,
-            }),
+            crate::sfu::engine::tests::join_command(session, "room", identity, permission, false),
         );
     }
 

@@ -136,25 +136,13 @@ impl Net {
     fn join(&mut self, identity: &'static str, hidden: bool) {
         let session = self.clients.len() as u64 + 1;
         self.clients.push(Client::new(self.now, session, identity));
+        let permission = lk::ParticipantPermission {
+            hidden,
+            ..super::tests::publish_permission()
+        };
         self.s.handle_command(
             self.now,
-            Command::Join(Join {
-                session: SessionId(session),
-                room: "room".into(),
-                identity: identity.into(),
-                name: identity.into(),
-                metadata: String::new(),
-                permission: lk::ParticipantPermission {
-                    can_subscribe: true,
-                    can_publish: true,
-                    can_publish_data: true,
-                    hidden,
-                    ..Default::default()
-                },
-                auto_subscribe: true,
-                client_protocol: 2,
-                single_pc: false,
-            }),
+            super::tests::join_command(session, "room", identity, permission, false),
         );
         self.pump();
         let c = self.clients.last_mut().unwrap();

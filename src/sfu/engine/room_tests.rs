@@ -28,24 +28,10 @@ fn opts(empty: u64, departure: u64, max: u32) -> RoomOptions {
 }
 
 fn join(s: &mut Sfu, now: Instant, session: u64, room: &str, identity: &str) {
+    let permission = super::tests::publish_permission();
     s.handle_command(
         now,
-        Command::Join(Join {
-            session: SessionId(session),
-            room: room.into(),
-            identity: identity.into(),
-            name: identity.into(),
-            metadata: String::new(),
-            permission: lk::ParticipantPermission {
-                can_subscribe: true,
-                can_publish: true,
-                can_publish_data: true,
-                ..Default::default()
-            },
-            auto_subscribe: true,
-            client_protocol: 2,
-            single_pc: false,
-        }),
+        super::tests::join_command(session, room, identity, permission, false),
     );
 }
 

@@ -117,24 +117,10 @@ impl Net {
     }
 
     fn join(&mut self, session: u64, identity: &str, single_pc: bool) {
+        let permission = super::tests::publish_permission();
         self.s.handle_command(
             self.now,
-            Command::Join(Join {
-                session: SessionId(session),
-                room: "room".into(),
-                identity: identity.into(),
-                name: identity.into(),
-                metadata: String::new(),
-                permission: lk::ParticipantPermission {
-                    can_subscribe: true,
-                    can_publish: true,
-                    can_publish_data: true,
-                    ..Default::default()
-                },
-                auto_subscribe: true,
-                client_protocol: 2,
-                single_pc,
-            }),
+            super::tests::join_command(session, "room", identity, permission, single_pc),
         );
     }
 

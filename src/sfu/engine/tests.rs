@@ -26,20 +26,42 @@ fn permission(publish: bool) -> lk::ParticipantPermission {
     }
 }
 
+/// Subscribe, publish and send data: what most engine tests grant.
+pub(super) fn publish_permission() -> lk::ParticipantPermission {
+    lk::ParticipantPermission {
+        can_subscribe: true,
+        can_publish: true,
+        can_publish_data: true,
+        ..Default::default()
+    }
+}
+
+/// The `Join` command the engine tests send: `identity` (also its name) joins `room` as
+/// `session` with `permission`, auto-subscribing, protocol 2, on one or two peer connections.
+pub(super) fn join_command(
+    session: u64,
+    room: &str,
+    identity: &str,
+    permission: lk::ParticipantPermission,
+    single_pc: bool,
+) -> Command {
+    Command::Join(Join {
+        session: SessionId(session),
+        room: room.into(),
+        identity: identity.into(),
+        name: identity.into(),
+        metadata: String::new(),
+        permission,
+        auto_subscribe: true,
+        client_protocol: 2,
+        single_pc,
+    })
+}
+
 fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
     s.handle_command(
         now,
-        Command::Join(Join {
-            session: SessionId(session),
-            room: "room".into(),
-            identity: identity.into(),
-            name: identity.into(),
-            metadata: String::new(),
-            permission: permission(true),
-            auto_subscribe: true,
-            client_protocol: 2,
-            single_pc: false,
-        }),
+        join_command(session, "room", identity, permission(true), false),
     );
 }
 
