@@ -380,3 +380,67 @@ async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
         &c,
     );
 }
+
+/// End-to-end encryption (the SDK's E2EE worker with a shared key, what Element Call uses
+/// with per-participant keys) through both signalling paths of one Conclave: a v0 pair
+/// (`/rtc`, two peer connections each), then a v1 pair (`/rtc/v1`, one). The SFU cannot read
+/// the frames; each tab must still see the other's video decoded and hear its audio, so the
+/// SFU forwarded every encrypted frame intact on both paths.
+#[tokio::test]
+async fn e2ee_tabs_see_and_hear_each_other_on_v0_and_v1() {
+    let _heavy = heavy_lock();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
+    )
+    .await
+    .unwrap();
+    for (path, single_pc) in [("v0", Some(false)), ("v1", None)] {
+        let room = format!("e2ee-{path}");
+        let mut tabs = Vec::new();
+        for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
+            let mut t = TabSpec::new(label, c.ws_url(), c.token(&room, me, grants()));
+            t.single_pc = single_pc;
+            t.e2ee_key = Some("conclave e2ee test key".into());
+            t.expect_video_playing = vec![(other.into(), 30)];
+            t.expect_remote_tracks = vec![(other.into(), Some("audio".into()))];
+            t.expect_audio_level = vec![(other.into(), 0.01)];
+            tabs.push(t);
+        }
+        let mut spec = BrowserSpec::new(tabs);
+        spec.timeout_s = 45.0;
+        spec.min_duration_s = 2.0;
+        let report = Browser::run(spec).await.unwrap();
+        check(
+            report.exit_code == 0,
+            &format!("{path}: both encrypted tabs saw and heard each other"),
+            &report,
+            &c,
+        );
+        for (label, other) in [("a", "bob"), ("b", "alice")] {
+            let videos = report.remote(label, "videos", other);
+            let v = videos.first().copied().cloned().unwrap_or(Value::Null);
+            eprintln!(
+                "{path} e2ee tab {label} <- {other}: {}x{}, {} frames painted, {} decoded",
+                v["video_width"], v["video_height"], v["frames"], v["stats"]["frames_decoded"]
+            );
+            let encryption_errors = report.events_named(label, "encryption_error");
+            check(
+                encryption_errors.is_empty(),
+                &format!("{path} tab {label}: no encryption errors: {encryption_errors:?}"),
+                &report,
+                &c,
+            );
+        }
+    }
+    let v1 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+        .await
+        .unwrap();
+    let v0 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+        .await
+        .unwrap();
+    assert_eq!((v0, v1), (2, 2), "one pair on each signalling path");
+}

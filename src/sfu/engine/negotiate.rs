@@ -51,7 +51,7 @@ impl Sfu {
             Ok(answer) => {
                 let answer = lk::SessionDescription {
                     r#type: "answer".into(),
-                    sdp: answer.to_sdp_string(),
+                    sdp: super::red::only_offered_formats(&answer.to_sdp_string(), &sdp),
                     id: sd.id,
                     mid_to_track_id: HashMap::new(),
                 };

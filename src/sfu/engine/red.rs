@@ -7,7 +7,8 @@
 //! RED. Conclave does the same by removing RED from those tracks' m-sections of the publisher's
 //! offer before answering it: the browser then sends plain Opus, which survives forwarding. On
 //! the subscriber side the engine turns str0m's RED wrapping off for those tracks
-//! (`set_red_send`), so the Opus frames arrive as the publisher encrypted them.
+//! (`set_red_send`), so the Opus frames arrive as the publisher encrypted them. Every answer
+//! also goes through [`only_offered_formats`], because str0m would otherwise put RED back.
 
 /// Returns `sdp` without the RED payload types in the audio m-sections whose `a=msid` track id
 /// is in `track_ids`. Other sections, and sections where RED is the only format, are unchanged.
@@ -71,6 +72,96 @@ fn section_without_red(section: &[&str], track_ids: &[&str]) -> Option<Vec<Strin
     Some(kept)
 }
 
+/// Returns `answer` with, in each m-section, only the payload formats that the offer's
+/// section with the same mid listed (RFC 3264 §6.1: an answer must not add formats).
+///
+/// Why: str0m folds RED onto Opus for the whole session, so once one audio m-line of a peer
+/// connection negotiates RED, its answer adds the RED payload type to *every* audio m-line,
+/// even one whose offer left RED out. On a single peer connection (v1) that is the rule, not
+/// the exception: the client's `recvonly` slots offer RED, and its E2EE microphone is offered
+/// without it. Chrome then sends the microphone as RED, built before the encryption
+/// transform, which no SFU can unwrap: the subscribers heard nothing. Sections of unknown
+/// mids, and sections that would be left with no format, are kept as they are.
+pub(super) fn only_offered_formats(answer: &str, offer: &str) -> String {
+    let offered = formats_by_mid(offer);
+    let eol = if answer.contains("\r\n") {
+        "\r\n"
+    } else {
+        "\n"
+    };
+    let mut out: Vec<String> = Vec::new();
+    for section in sections(answer, eol) {
+        let kept = section
+            .iter()
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .and_then(|mid| offered.get(mid))
+            .and_then(|formats| section_with_formats(&section, formats));
+        match kept {
+            Some(kept) => out.extend(kept),
+            None => out.extend(section.iter().map(|l| (*l).to_owned())),
+        }
+    }
+    out.join(eol)
+}
+
+/// The m-sections of `sdp` (the session part first), as lines.
+fn sections<'a>(sdp: &'a str, eol: &str) -> Vec<Vec<&'a str>> {
+    let mut out: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in sdp.split(eol) {
+        if line.starts_with("m=") {
+            out.push(Vec::new());
+        }
+        if let Some(last) = out.last_mut() {
+            last.push(line);
+        }
+    }
+    out
+}
+
+/// mid → the payload formats of that m-section's `m=` line.
+fn formats_by_mid(sdp: &str) -> std::collections::HashMap<String, Vec<String>> {
+    let mut out = std::collections::HashMap::new();
+    for section in sections(sdp, if sdp.contains("\r\n") { "\r\n" } else { "\n" }) {
+        let Some(m_line) = section.first().and_then(|l| l.strip_prefix("m=")) else {
+            continue;
+        };
+        let Some(mid) = section.iter().find_map(|l| l.strip_prefix("a=mid:")) else {
+            continue;
+        };
+        let formats = m_line.split(' ').skip(3).map(str::to_owned).collect();
+        out.insert(mid.to_owned(), formats);
+    }
+    out
+}
+
+/// The section with only `formats` on its `m=` line and their attributes, or `None` when it
+/// already has no other format or would be left with none.
+fn section_with_formats(section: &[&str], formats: &[String]) -> Option<Vec<String>> {
+    let m_line = section.first()?.strip_prefix("m=")?;
+    let fields: Vec<&str> = m_line.split(' ').collect();
+    if fields.len() < 4 {
+        return None;
+    }
+    let (head, own) = fields.split_at(3);
+    let extra: Vec<&str> = own
+        .iter()
+        .copied()
+        .filter(|f| !formats.iter().any(|o| o == f))
+        .collect();
+    if extra.is_empty() || extra.len() == own.len() {
+        return None;
+    }
+    let kept: Vec<&str> = own.iter().copied().filter(|f| !extra.contains(f)).collect();
+    let mut lines = vec![format!("m={} {}", head.join(" "), kept.join(" "))];
+    lines.extend(
+        section[1..]
+            .iter()
+            .filter(|l| !names_payload_type(l, &extra))
+            .map(|l| (*l).to_owned()),
+    );
+    Some(lines)
+}
+
 /// Whether `line` is an rtpmap, fmtp or rtcp-fb attribute of one of `pts`.
 fn names_payload_type(line: &str, pts: &[&str]) -> bool {
     ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"].iter().any(|attr| {
@@ -82,7 +173,7 @@ fn names_payload_type(line: &str, pts: &[&str]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_red;
+    use super::{only_offered_formats, strip_red};
 
     const OFFER: &str = "v=0\r\n\
         o=- 1 2 IN IP4 127.0.0.1\r\n\
@@ -133,6 +224,67 @@ mod tests {
         // Not SDP at all: returned unchanged, never a panic.
         for junk in ["", "m=", "m=audio", "m=audio 9\r\na=msid:x\r\n", "\n\n\r\n"] {
             assert_eq!(strip_red(junk, &["t"]), junk);
+        }
+    }
+
+    /// What str0m answered a single-PC offer whose E2EE microphone (mid 8) was offered
+    /// without RED while a `recvonly` slot (mid 0) offered it: RED added to mid 8.
+    #[test]
+    fn answer_keeps_only_the_formats_each_section_offered() {
+        let offer = "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9\r\n\
+            a=mid:0\r\n\
+            a=recvonly\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111 9 0\r\n\
+            a=mid:8\r\n\
+            a=sendonly\r\n";
+        let answer = "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\n\
+            a=mid:0\r\n\
+            a=sendonly\r\n\
+            a=rtpmap:111 opus/48000/2\r\n\
+            a=rtpmap:63 red/48000/2\r\n\
+            a=fmtp:63 111/111\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\n\
+            a=mid:8\r\n\
+            a=recvonly\r\n\
+            a=rtpmap:111 opus/48000/2\r\n\
+            a=rtcp-fb:111 transport-cc\r\n\
+            a=rtpmap:63 red/48000/2\r\n\
+            a=fmtp:63 111/111\r\n";
+        let out = only_offered_formats(answer, offer);
+        let (slot, mic) = out.split_once("a=mid:8").expect("mid 8 kept");
+        // The slot offered RED: its answer is untouched.
+        assert!(
+            slot.contains("m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\n"),
+            "{out}"
+        );
+        assert!(slot.contains("a=rtpmap:63 red/48000/2\r\n"), "{out}");
+        // The microphone did not: RED and its attributes are gone, Opus stays.
+        assert!(
+            out.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:8"),
+            "{out}"
+        );
+        assert!(!mic.contains(":63 "), "{out}");
+        assert!(mic.contains("a=rtcp-fb:111 transport-cc\r\n"), "{out}");
+        assert_eq!(
+            out.len(),
+            answer.len() - " 63".len() - "a=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n".len()
+        );
+    }
+
+    #[test]
+    fn answer_sections_without_a_match_stay_as_they_are() {
+        let answer = "v=0\r\nm=audio 9 RTP/SAVPF 63 111\r\na=mid:3\r\na=rtpmap:63 red/48000/2\r\n";
+        // Unknown mid, no mids at all, or nothing offered in common: unchanged.
+        assert_eq!(only_offered_formats(answer, "v=0\r\n"), answer);
+        let other_mid = "m=audio 9 RTP/SAVPF 111\r\na=mid:4\r\n";
+        assert_eq!(only_offered_formats(answer, other_mid), answer);
+        let disjoint = "m=audio 9 RTP/SAVPF 0\r\na=mid:3\r\n";
+        assert_eq!(only_offered_formats(answer, disjoint), answer);
+        for junk in ["", "m=", "m=audio", "m=audio 9\r\na=mid:3\r\n", "\n\n\r\n"] {
+            assert_eq!(only_offered_formats(junk, answer), junk);
+            assert_eq!(only_offered_formats(answer, junk), answer);
         }
     }
 }

@@ -133,6 +133,7 @@ impl Sfu {
         // Any client offer is the re-offer a requirement asked for, answered or not: a new
         // requirement may follow (design §5, "Renegotiation latency").
         *reoffer_requested = false;
+        tracing::trace!(%session, %sdp, "single-PC offer");
         let offer = match SdpOffer::from_sdp_string(sdp) {
             Ok(o) => o,
             Err(e) => {
@@ -216,7 +217,11 @@ impl Sfu {
                 assigned.map(|d| (d.stream_id.clone(), d.track_sid.to_string())),
             );
         }
-        let sdp = rewrite_answer(&answer.to_sdp_string(), &sections);
+        let sdp = rewrite_answer(
+            &super::red::only_offered_formats(&answer.to_sdp_string(), sdp),
+            &sections,
+        );
+        tracing::trace!(%session, %sdp, "single-PC answer");
         // Released slots (and any whose down-track is gone) were just answered `inactive`:
         // free for the next offer.
         for s in slots.iter_mut() {

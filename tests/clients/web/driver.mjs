@@ -21,7 +21,7 @@
 //     "tabs": [               // 1 or 2 tabs, each its own browser context (its own "user")
 //       { "label": "a", "url": "ws://127.0.0.1:PORT", "token": "JWT",
 //         "options": { "simulcast": true, "adaptiveStream": false, "dynacast": false,
-//                      "singlePC": null, "videoCodec": "vp8",
+//                      "singlePC": null, "videoCodec": "vp8", "e2eeKey": null,
 //                      "resolution": {"width": 640, "height": 360, "frameRate": 24} },
 //         "publish": { "camera": true, "microphone": true },
 //         // ask the SFU for a simulcast layer of a remote video once it is subscribed
@@ -112,6 +112,8 @@ function serve() {
     '/index.html': { file: path.join(here, 'index.html'), type: html },
     '/page.js': { file: path.join(here, 'page.js'), type: js },
     '/livekit-client.umd.js': { file: umd, type: js },
+    // The SDK's E2EE worker (classic script), next to the bundle in dist/.
+    '/livekit-client.e2ee.worker.js': { file: path.join(path.dirname(umd), 'livekit-client.e2ee.worker.js'), type: js },
   };
   return serveLoopback((p) => files[p] || null);
 }

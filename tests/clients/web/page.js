@@ -1,7 +1,7 @@
 // Browser participant for Conclave's interop tests, on the unmodified livekit-client UMD
 // bundle (global `LivekitClient`). driver.mjs calls these through page.evaluate:
 //
-//   await lk.connect(url, token, {simulcast, adaptiveStream, dynacast, singlePC,
+//   await lk.connect(url, token, {simulcast, adaptiveStream, dynacast, singlePC, e2eeKey,
 //                                 resolution: {width, height, frameRate}, videoCodec})
 //        -> {connected, error}
 //   await lk.publish({camera: true, microphone: true}) -> {published: [...], errors: [...]}
@@ -280,8 +280,19 @@
     // 2.x defaults to the single-PC /rtc/v1 path; Conclave answers it with 404 and the SDK
     // falls back to v0 /rtc. singlePC: false goes to /rtc at once.
     if (o.singlePC !== null && o.singlePC !== undefined) roomOpts.singlePeerConnection = o.singlePC;
+    // e2eeKey: every tab encrypts with the same shared passphrase (ExternalE2EEKeyProvider)
+    // in the SDK's own worker; the SFU forwards frames it cannot read.
+    let keyProvider = null;
+    if (o.e2eeKey) {
+      keyProvider = new LK.ExternalE2EEKeyProvider();
+      roomOpts.e2ee = { keyProvider, worker: new Worker('./livekit-client.e2ee.worker.js') };
+    }
     room = new LK.Room(roomOpts);
     window.lkRoom = room;
+    if (keyProvider) {
+      await keyProvider.setKey(o.e2eeKey);
+      await room.setE2EEEnabled(true);
+    }
     const E = LK.RoomEvent;
     room
       .on(E.ParticipantConnected, (p) => ev('participant_connected', { identity: p.identity }))
@@ -300,6 +311,8 @@
       .on(E.SignalReconnecting, () => ev('signal_reconnecting'))
       .on(E.Reconnecting, () => ev('reconnecting'))
       .on(E.Reconnected, () => ev('reconnected'))
+      .on(E.EncryptionError, (e) => ev('encryption_error', { error: errText(e) }))
+      .on(E.ParticipantEncryptionStatusChanged, (on, p) => ev('encryption_status', { identity: p ? p.identity : null, encrypted: on }))
       .on(E.MediaDevicesError, (e) => ev('media_devices_error', { error: errText(e) }))
       .on(E.Disconnected, (reason) => {
         S.disconnected = reason === undefined ? 'unknown' : String(reason);

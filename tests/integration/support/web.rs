@@ -109,6 +109,9 @@ pub struct TabSpec {
     pub resolution: (u32, u32, u32),
     /// `publishDefaults.videoCodec` (default `vp8`).
     pub video_codec: String,
+    /// End-to-end encryption with this shared passphrase (`ExternalE2EEKeyProvider` and the
+    /// SDK's own E2EE worker, as Element Call does with per-participant keys); `None`: off.
+    pub e2ee_key: Option<String>,
     /// Publish the fake camera (default true).
     pub publish_camera: bool,
     /// Publish the fake microphone (default true).
@@ -150,6 +153,7 @@ impl TabSpec {
             single_pc: Some(false),
             resolution: (640, 360, 24),
             video_codec: "vp8".into(),
+            e2ee_key: None,
             publish_camera: true,
             publish_microphone: true,
             video_quality: Vec::new(),
@@ -175,6 +179,7 @@ impl TabSpec {
                 "dynacast": self.dynacast,
                 "singlePC": self.single_pc,
                 "videoCodec": self.video_codec,
+                "e2eeKey": self.e2ee_key,
                 "resolution": {"width": width, "height": height, "frameRate": fps},
             },
             "publish": {"camera": self.publish_camera, "microphone": self.publish_microphone},
@@ -275,6 +280,14 @@ impl BrowserReport {
             .as_array()
             .map(|v| v.iter().filter(|x| x["identity"] == identity).collect())
             .unwrap_or_default()
+    }
+
+    /// The page events named `name` from the tab labelled `label`, in order.
+    pub fn events_named<'a>(&'a self, label: &str, name: &str) -> Vec<&'a Value> {
+        self.events
+            .iter()
+            .filter(|e| e["tab"] == label && e["event"] == name)
+            .collect()
     }
 
     /// The tab's own published track of `kind` (`"video"`/`"audio"`).
