@@ -299,9 +299,10 @@ pub struct RtcConfig {
     /// by LiveKit JWTs with server grants. Default true.
     pub twirp_enabled: bool,
     /// Serve LiveKit's single peer connection signalling (`/rtc/v1`, `/rtc/v1/validate`).
-    /// Default false: both paths answer a plain 404, on which every LiveKit SDK falls back to
-    /// v0 (`/rtc`, two peer connections). With `true`, v1 clients get one peer connection on
-    /// which they always offer (`docs/design/rtc-v1.md`).
+    /// Default true: v1 clients (livekit-client 2.21+, Element Call 0.26) join in one round
+    /// trip and get one peer connection on which they always offer (`docs/design/rtc-v1.md`);
+    /// v0 (`/rtc`, two peer connections) stays for the SDKs that use it. With false, both v1
+    /// paths answer a plain 404, on which every LiveKit SDK falls back to v0.
     pub single_pc: bool,
 }
 
@@ -313,7 +314,7 @@ impl Default for RtcConfig {
             auto_create: None,
             signal_timeout_secs: 30,
             twirp_enabled: true,
-            single_pc: false,
+            single_pc: true,
         }
     }
 }

@@ -3,9 +3,10 @@
 //! the Python SDK and against a second browser tab. The browser side is
 //! `tests/clients/web/` driven by `support::web`.
 //!
-//! The tabs connect through v0 `/rtc` directly (`singlePeerConnection: false`). The SDK's
-//! default path (`/rtc/v1`, then `/rtc/v1/validate`, then the v0 fallback) is its own test, and
-//! so is that path with `rtc.single_pc = true` (v1 served, one peer connection per tab).
+//! Most tabs connect through v0 `/rtc` directly (`singlePeerConnection: false`). The SDK's
+//! default path (`/rtc/v1`, one peer connection per tab, which Conclave serves by default) is
+//! its own test, with E2EE too, and so is the SDK's v0 fallback when an operator switches v1
+//! off (`rtc.single_pc = false`).
 
 use std::time::Duration;
 
@@ -302,12 +303,19 @@ async fn adaptive_stream_and_dynacast_pick_and_pause_simulcast_layers() {
     }
 }
 
-/// The SDK's default connect: `/rtc/v1` (Conclave answers 404), then the SDK fetches
-/// `/rtc/v1/validate` from the page's origin to decide on the v0 fallback.
+/// v1 switched off (`rtc.single_pc = false`): the SDK's default connect tries `/rtc/v1`
+/// (Conclave answers 404), then fetches `/rtc/v1/validate` from the page's origin to decide on
+/// the v0 fallback, and connects on v0.
 #[tokio::test]
 async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
     let _heavy = heavy_lock();
-    let c = sfu().await;
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SINGLE_PC", "false"),
+    )
+    .await
+    .unwrap();
     let mut a = TabSpec::new("a", c.ws_url(), c.token("b4", "alice", grants()));
     a.single_pc = None; // SDK default: try v1 first
     a.publish_camera = false;
@@ -323,20 +331,14 @@ async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
     );
 }
 
-/// `rtc.single_pc = true`: two tabs with the SDK's default options (`singlePeerConnection`
-/// on) connect through `/rtc/v1` with one peer connection each, publish camera and
-/// microphone, and see and hear each other. `/metrics` counts both sessions as v1 and none as
-/// v0: no fallback happened.
+/// Conclave's defaults (`rtc.single_pc` on): two tabs with the SDK's default options
+/// (`singlePeerConnection` on) connect through `/rtc/v1` with one peer connection each,
+/// publish camera and microphone, and see and hear each other. `/metrics` counts both sessions
+/// as v1 and none as v0: no fallback happened.
 #[tokio::test]
 async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
     let _heavy = heavy_lock();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
-    )
-    .await
-    .unwrap();
+    let c = sfu().await;
     let mut tabs = Vec::new();
     for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
         let mut t = TabSpec::new(label, c.ws_url(), c.token("b6", me, grants()));
@@ -389,13 +391,7 @@ async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
 #[tokio::test]
 async fn e2ee_tabs_see_and_hear_each_other_on_v0_and_v1() {
     let _heavy = heavy_lock();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .env("CONCLAVE_RTC__SINGLE_PC", "true"),
-    )
-    .await
-    .unwrap();
+    let c = sfu().await;
     for (path, single_pc) in [("v0", Some(false)), ("v1", None)] {
         let room = format!("e2ee-{path}");
         let mut tabs = Vec::new();

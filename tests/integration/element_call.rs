@@ -257,6 +257,22 @@ async fn element_call_two_ministries() {
     let m = Ministries::start().await.expect("two ministries");
     run_call(&m, false, false).await;
     run_call(&m, true, true).await;
+    // Element Call 0.26 (livekit-client's single peer connection) joined every time through
+    // `/rtc/v1`, Conclave's default: one peer connection per page, never the v0 fallback.
+    for (name, c) in [("Conclave-1", &m.c1), ("Conclave-2", &m.c2)] {
+        let v1 = c
+            .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+            .await
+            .expect("metrics");
+        let v0 = c
+            .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+            .await
+            .expect("metrics");
+        assert!(
+            v1 >= 2 && v0 == 0,
+            "{name}: Element Call joined on v1 only (v1 {v1}, v0 {v0})"
+        );
+    }
 }
 
 /// With either ministry's Conclave down, the test says so within its bounded wait (not a

@@ -46,11 +46,18 @@ async fn ping_answered(c: &mut WsClient, ts: i64) -> bool {
     .is_ok()
 }
 
-/// Trap: a generic 404 on both validate paths makes client-sdk-js loop forever. Only `/rtc/v1*`
-/// may 404, and never with the "room does not exist" text; `/rtc/v1` is never upgraded.
+/// Trap: a generic 404 on both validate paths makes client-sdk-js loop forever. With v1 switched
+/// off (`rtc.single_pc = false`) only `/rtc/v1*` may 404, and never with the "room does not
+/// exist" text; `/rtc/v1` is then never upgraded.
 #[tokio::test]
 async fn trap_v1_paths_answer_plain_404_and_are_never_upgraded() {
-    let c = sfu().await;
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__SINGLE_PC", "false"),
+    )
+    .await
+    .unwrap();
     let token = c.token("r", "a", json!({}));
     let r = reqwest::get(format!(
         "{}/rtc/v1/validate?access_token={token}&join_request=x",
@@ -102,9 +109,9 @@ fn js_encode(wrapped: lk::WrappedJoinRequest) -> String {
         .replace('=', "%3D")
 }
 
-/// `rtc.single_pc = true`: `/rtc/v1/validate` answers as `/rtc/validate` (200, 401, 404 with
-/// the room text, CORS) and 400 with LiveKit's text for a missing or corrupt `join_request`;
-/// the `/rtc/v1` upgrade itself is still refused (steps 3-5 of `docs/design/rtc-v1.md`).
+/// `rtc.single_pc = true` (the default): `/rtc/v1/validate` answers as `/rtc/validate` (200,
+/// 401, 404 with the room text, CORS) and 400 with LiveKit's text for a missing or corrupt
+/// `join_request`; the `/rtc/v1` WebSocket refuses what validate refuses.
 #[tokio::test]
 async fn v1_validate_checks_token_and_join_request_with_single_pc() {
     let c = Conclave::start(

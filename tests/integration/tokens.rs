@@ -393,7 +393,7 @@ async fn token_endpoints_reject_bad_input_clearly() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
-    // Validate endpoints: bad tokens are 401 text; v1 is a plain 404 (SDKs fall back to v0).
+    // Validate endpoints: bad or missing tokens are 401 text on v0 and v1.
     let r = http
         .get(format!("{}/rtc/validate?access_token=garbage", c.url))
         .send()
@@ -405,6 +405,6 @@ async fn token_endpoints_reject_bad_input_clearly() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(!r.text().await.unwrap().contains("room"));
 }
