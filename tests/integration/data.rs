@@ -13,9 +13,12 @@ use crate::support::synapse::heavy_lock;
 /// Bytes of bob's text stream: several 15 000-byte chunks.
 const TEXT_BYTES: usize = 100_000;
 
-fn spec(c: &Conclave, who: &str, extra: &[&str]) -> PyClientSpec {
+/// A data-only Python client in `room`; `dual_pc`: v0 (`/rtc`, two peer connections) or v1
+/// (`/rtc/v1`, one).
+fn spec(c: &Conclave, room: &str, dual_pc: bool, who: &str, extra: &[&str]) -> PyClientSpec {
     let grants = json!({"canPublish": true, "canSubscribe": true, "canPublishData": true});
-    let mut s = PyClientSpec::new(c.ws_url(), c.token("data", who, grants), who);
+    let mut s = PyClientSpec::new(c.ws_url(), c.token(room, who, grants), who);
+    s.dual_pc = Some(dual_pc);
     s.publish_audio = false;
     s.publish_video = false;
     s.expect_participants = 2;
@@ -46,15 +49,34 @@ fn entries<'a>(summary: &'a Value, key: &str) -> &'a Vec<Value> {
 /// and `forged`; bob sends alice three packets addressed to her alone, calls `echo`, sends a
 /// 100 KB text stream and one that claims to come from "mallory"; carol only listens.
 /// alice sees caller "bob" and gets his answer back, reads the 100 KB exactly, sees the
-/// forged stream as bob's; carol gets none of the packets addressed to alice.
+/// forged stream as bob's; carol gets none of the packets addressed to alice. Once with every
+/// client on v0 (two peer connections), once on v1 (one: the data channels share it with
+/// media).
 #[tokio::test]
 async fn python_sdk_rpc_text_streams_and_addressed_data() {
     let _heavy = heavy_lock();
     let c = Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
         .await
         .unwrap();
+    for (room, dual_pc) in [("data-v0", true), ("data-v1", false)] {
+        rpc_text_streams_and_addressed_data(&c, room, dual_pc).await;
+    }
+    let v1 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+        .await
+        .unwrap();
+    let v0 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+        .await
+        .unwrap();
+    assert_eq!((v0, v1), (3, 3), "three clients on each signalling path");
+}
+
+async fn rpc_text_streams_and_addressed_data(c: &Conclave, room: &str, dual_pc: bool) {
     let mut alice = spec(
-        &c,
+        c,
+        room,
+        dual_pc,
         "alice",
         &[
             "--rpc-echo",
@@ -71,7 +93,9 @@ async fn python_sdk_rpc_text_streams_and_addressed_data() {
     alice.min_duration_s = 3.0;
     let text_arg = format!("chat:{TEXT_BYTES}");
     let mut bob = spec(
-        &c,
+        c,
+        room,
+        dual_pc,
         "bob",
         &[
             "--send-data-to",
@@ -85,7 +109,7 @@ async fn python_sdk_rpc_text_streams_and_addressed_data() {
         ],
     );
     bob.min_duration_s = 3.0;
-    let mut carol = spec(&c, "carol", &[]);
+    let mut carol = spec(c, room, dual_pc, "carol", &[]);
     // carol stays until alice and bob are done (they end within a few seconds of meeting).
     carol.min_duration_s = 12.0;
     carol.events_stdout = true;

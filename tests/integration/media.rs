@@ -32,13 +32,15 @@ fn remote<'a>(report: &'a Value, who: &str) -> &'a Value {
     &report["remote"][who]
 }
 
-/// Two Python participants: audio and video both ways (≥ 100 audio, ≥ 30 video frames within
-/// 15 s), reliable and lossy data with the right sender, mute seen, metadata echoed.
+/// Two Python participants, alice on v0 (`/rtc`, two peer connections) and bob on v1
+/// (`/rtc/v1`, one): audio and video both ways (≥ 100 audio, ≥ 30 video frames within 15 s),
+/// reliable and lossy data with the right sender, mute seen, metadata echoed.
 #[tokio::test]
 async fn python_sdk_participants_exchange_media_data_mute_and_metadata() {
     let _heavy = heavy_lock();
     let c = sfu().await;
     let mut a = spec(&c, "r1", "alice");
+    a.dual_pc = Some(true);
     a.expect_participants = 1;
     a.expect_audio_frames = 100;
     a.expect_video_frames = 30;
@@ -49,6 +51,7 @@ async fn python_sdk_participants_exchange_media_data_mute_and_metadata() {
     a.min_duration_s = 7.0;
     a.timeout_s = 25.0;
     let mut b = spec(&c, "r1", "bob");
+    b.dual_pc = Some(false);
     b.expect_participants = 1;
     b.expect_audio_frames = 100;
     b.expect_video_frames = 30;
@@ -87,6 +90,15 @@ async fn python_sdk_participants_exchange_media_data_mute_and_metadata() {
     );
     assert_eq!(ra.summary["metadata_echoed"], true, "{}", ra.describe());
     assert_eq!(remote(&rb.summary, "alice")["metadata"], "alice-metadata");
+    let v0 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+        .await
+        .unwrap();
+    let v1 = c
+        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+        .await
+        .unwrap();
+    assert_eq!((v0, v1), (1, 1), "alice on v0, bob on v1");
 }
 
 /// A late joiner receives both existing tracks; a participant who leaves is seen gone by the
