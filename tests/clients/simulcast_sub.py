@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Simulcast subscriber for Conclave's tests (official LiveKit Python SDK).
 
-Joins with --token, waits for a remote simulcast video track, then:
+Joins with --token (on v0 with --dual-pc, v1 with --single-pc), waits for a remote simulcast
+video track, then:
   1. asks for LOW quality (update_track_settings) and records decoded frame sizes;
   2. asks for HIGH quality and records sizes, and the longest gap between frames;
   3. unsubscribes (set_subscribed(False)) and counts frames that still arrive.
@@ -30,7 +31,10 @@ async def main(args):
             got.set_result((track, publication))
 
     try:
-        await room.connect(args.url, args.token, rtc.RoomOptions(auto_subscribe=True))
+        opts = rtc.RoomOptions(auto_subscribe=True)
+        if args.single_pc is not None:
+            opts.single_peer_connection = args.single_pc
+        await room.connect(args.url, args.token, opts)
         track, publication = await asyncio.wait_for(got, args.timeout)
         sizes = []  # (t, w, h)
         stream = rtc.VideoStream(track)
@@ -78,4 +82,9 @@ if __name__ == "__main__":
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--phase", type=float, default=4.0)
     ap.add_argument("--settle", type=float, default=1.5)
+    pc = ap.add_mutually_exclusive_group()
+    pc.add_argument("--single-pc", dest="single_pc", action="store_true", default=None,
+                    help="v1 /rtc/v1, one peer connection (default: the SDK's choice)")
+    pc.add_argument("--dual-pc", dest="single_pc", action="store_false",
+                    help="v0 /rtc, two peer connections")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -240,9 +240,9 @@ async fn two_browser_tabs_see_each_others_video_playing() {
     }
 }
 
-/// Simulcast layer selection: tab b asks for the LOW layer of alice's camera
-/// (`setVideoQuality`), so it must play alice at 320x180 (the q layer) while tab a keeps
-/// bob's at 640x360 (h).
+/// Simulcast layer selection: tab b (v1, one peer connection) asks for the LOW layer of
+/// alice's camera (`setVideoQuality`), so it must switch to alice at 320x180 (the q layer)
+/// while tab a (v0) keeps bob's at 640x360 (h).
 #[tokio::test]
 async fn browser_subscriber_gets_the_simulcast_layer_it_asks_for() {
     let _heavy = heavy_lock();
@@ -251,6 +251,7 @@ async fn browser_subscriber_gets_the_simulcast_layer_it_asks_for() {
     a.publish_microphone = false;
     a.expect_video_size = vec![("bob".into(), 640, 360)];
     let mut b = TabSpec::new("b", c.ws_url(), c.token("b3", "bob", grants()));
+    b.single_pc = None; // the SDK default: v1
     b.publish_microphone = false;
     b.video_quality = vec![("alice".into(), "low".into())];
     b.expect_video_size = vec![("alice".into(), 320, 180)];
@@ -272,8 +273,9 @@ async fn browser_subscriber_gets_the_simulcast_layer_it_asks_for() {
 }
 
 /// What Element Call turns on: `adaptiveStream` (the SDK asks for the size of the 320x180
-/// `<video>` element) and `dynacast` (the publisher pauses layers nobody wants). Each tab
-/// must get the other's q layer (320x180) and stop encoding its own h layer.
+/// `<video>` element) and `dynacast` (the publisher pauses layers nobody wants), with the
+/// SDK's default signalling (v1) as Element Call has it. Each tab must get the other's q layer
+/// (320x180) and stop encoding its own h layer.
 #[tokio::test]
 async fn adaptive_stream_and_dynacast_pick_and_pause_simulcast_layers() {
     let _heavy = heavy_lock();
@@ -281,6 +283,7 @@ async fn adaptive_stream_and_dynacast_pick_and_pause_simulcast_layers() {
     let mut tabs = Vec::new();
     for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
         let mut t = TabSpec::new(label, c.ws_url(), c.token("b5", me, grants()));
+        t.single_pc = None;
         t.adaptive_stream = true;
         t.dynacast = true;
         t.publish_microphone = false;

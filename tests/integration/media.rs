@@ -232,6 +232,7 @@ async fn node_sdk_publishes_and_python_decodes() {
 /// Simulcast: a subscriber asking for low quality gets the low layer's resolution, then high
 /// after `update_track_settings`, without a gap longer than a keyframe interval; after it
 /// unsubscribes nothing more arrives; the publisher is told which layers to pause (dynacast).
+/// Two such viewers at once, one on v0 and one on v1.
 #[tokio::test]
 async fn simulcast_layers_follow_the_subscriber() {
     let _heavy = heavy_lock();
@@ -256,38 +257,49 @@ async fn simulcast_layers_follow_the_subscriber() {
         .wait_event("published", Duration::from_secs(20))
         .await
         .unwrap();
-    let python = crate::support::lk_clients::lk_python().unwrap();
-    let script = crate::support::lk_clients::clients_dir().join("simulcast_sub.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([
-            "--url",
-            &c.ws_url(),
-            "--token",
-            &c.token("sim", "viewer", grants()),
-        ])
-        .output()
-        .await
-        .unwrap();
-    let line = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(report["error"].is_null(), "{report}");
-    let low = report["low"][0].as_u64().expect("low layer frames");
-    let high = report["high"][0].as_u64().expect("high layer frames");
-    // The low layer's size is what the publisher's encoder makes it: on a quiet machine
-    // 320x180 vs 1280x720, under CPU adaptation the layers may share a size. What the SFU
-    // decides is checked in its log: it forwarded q after the low request.
-    assert!(low <= high, "low {low} <= high {high}: {report}");
-    // (Exact sizes depend on the encoder's CPU adaptation on a loaded machine; the layers
-    // differ and the switch is seen in the server's log.)
-    assert!(
-        c.logs().contains("to=Some(Rid(q))"),
-        "switched to the low layer"
+    let viewer = |who: &str, path: &str| {
+        let python = crate::support::lk_clients::lk_python().unwrap();
+        let script = crate::support::lk_clients::clients_dir().join("simulcast_sub.py");
+        tokio::process::Command::new(python)
+            .arg(script)
+            .args([
+                "--url",
+                &c.ws_url(),
+                "--token",
+                &c.token("sim", who, grants()),
+                path,
+            ])
+            .output()
+    };
+    let (v0, v1) = tokio::join!(
+        viewer("viewer-v0", "--dual-pc"),
+        viewer("viewer-v1", "--single-pc")
     );
-    let gap = report["max_gap_ms"].as_u64().unwrap();
-    assert!(gap <= 1000, "switch gap {gap} ms: {report}");
-    assert_eq!(report["frames_after_unsubscribe"], 0, "{report}");
+    for (path, out) in [("v0", v0.unwrap()), ("v1", v1.unwrap())] {
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)));
+        assert!(report["error"].is_null(), "{path}: {report}");
+        let low = report["low"][0].as_u64().expect("low layer frames");
+        let high = report["high"][0].as_u64().expect("high layer frames");
+        // The low layer's size is what the publisher's encoder makes it: on a quiet machine
+        // 320x180 vs 1280x720, under CPU adaptation the layers may share a size. What the SFU
+        // decides is checked in its log: it forwarded q after the low request.
+        assert!(low <= high, "{path}: low {low} <= high {high}: {report}");
+        let gap = report["max_gap_ms"].as_u64().unwrap();
+        assert!(gap <= 1000, "{path}: switch gap {gap} ms: {report}");
+        assert_eq!(report["frames_after_unsubscribe"], 0, "{path}: {report}");
+    }
+    // (Exact sizes depend on the encoder's CPU adaptation on a loaded machine; the layers
+    // differ and the switch is seen in the server's log, once per viewer.)
+    assert!(
+        c.logs().matches("to=Some(Rid(q))").count() >= 2,
+        "both viewers switched to the low layer"
+    );
+    for path in ["v0", "v1"] {
+        let name = format!("conclave_signal_sessions_total{{signalling=\"{path}\"}}");
+        assert!(c.metric(&name).await.unwrap() >= 1, "a viewer on {path}");
+    }
     assert!(
         c.logs().contains("dynacast"),
         "publisher told which layers to pause"
