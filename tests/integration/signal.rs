@@ -1,5 +1,6 @@
 //! LiveKit signalling at the protocol level: each trap of `livekit-signaling.md` section 7 has a
-//! test named after it, and hostile input never crashes or wedges the server.
+//! test named after it, run on both signalling paths (v0 `/rtc`, v1 `/rtc/v1`, see
+//! `lk_ws::Path`), and hostile input never crashes or wedges the server.
 
 use std::time::Duration;
 
@@ -10,7 +11,9 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::support::conclave::{jwt_payload, Conclave, ConclaveOptions};
-use crate::support::lk_ws::{expect_join, WsClient};
+use crate::support::lk_ws::{
+    expect_join, js_encode, js_join_request, plain_join_request, Path, WsClient,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -18,6 +21,23 @@ async fn sfu() -> Conclave {
     Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
         .await
         .unwrap()
+}
+
+/// `identity` joined to `room` on `path` (v1: a join request without an offer), with its join
+/// response.
+async fn join_on(
+    c: &Conclave,
+    path: Path,
+    room: &str,
+    identity: &str,
+    grants: serde_json::Value,
+) -> (WsClient, lk::JoinResponse) {
+    let token = c.token(room, identity, grants);
+    let mut ws = WsClient::connect_on(path, &c.ws_url(), &token, &plain_join_request(), "")
+        .await
+        .unwrap_or_else(|r| panic!("{path:?} connect of {identity} refused: {r:?}"));
+    let join = expect_join(&mut ws).await.unwrap();
+    (ws, join)
 }
 
 fn add_track(cid: &str, encryption: lk::encryption::Type) -> Req {
@@ -83,30 +103,6 @@ async fn trap_v1_paths_answer_plain_404_and_are_never_upgraded() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
-}
-
-/// A `join_request` as client-sdk-js builds it: gzip'd `JoinRequest`, `btoa` with `+/` swapped
-/// for `-_`, the `=` padding kept and percent-encoded by `URLSearchParams`.
-fn js_join_request(req: &lk::JoinRequest) -> String {
-    use prost::Message as _;
-    use std::io::Write as _;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&req.encode_to_vec()).unwrap();
-    js_encode(lk::WrappedJoinRequest {
-        compression: lk::wrapped_join_request::Compression::Gzip as i32,
-        join_request: gz.finish().unwrap(),
-    })
-}
-
-/// The outer layers of [`js_join_request`] alone.
-fn js_encode(wrapped: lk::WrappedJoinRequest) -> String {
-    use base64::Engine as _;
-    use prost::Message as _;
-    base64::engine::general_purpose::STANDARD
-        .encode(wrapped.encode_to_vec())
-        .replace('+', "-")
-        .replace('/', "_")
-        .replace('=', "%3D")
 }
 
 /// `rtc.single_pc = true` (the default): `/rtc/v1/validate` answers as `/rtc/validate` (200,
@@ -333,14 +329,20 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
 }
 
 /// Traps: first message must be `join` within 5 s; empty server version; missing permission;
-/// SIDs without exact prefixes; subscriber_primary without a subscriber offer.
+/// SIDs without exact prefixes; subscriber_primary without a subscriber offer. On both paths:
+/// v0 is subscriber-primary and gets the subscriber offer; v1 is publisher-primary and the
+/// server never offers.
 #[tokio::test]
 async fn trap_first_message_is_a_complete_join_then_the_subscriber_offer() {
     let c = sfu().await;
-    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
-        .await
-        .unwrap();
-    let j = expect_join(&mut a).await.unwrap();
+    for path in Path::BOTH {
+        first_message_is_a_complete_join(&c, path).await;
+    }
+}
+
+async fn first_message_is_a_complete_join(c: &Conclave, path: Path) {
+    let room = format!("r-{path:?}");
+    let (mut a, j) = join_on(c, path, &room, "alice", json!({})).await;
     let me = j.participant.as_ref().unwrap();
     assert!(me.sid.starts_with("PA_"), "{}", me.sid);
     assert_eq!(me.identity, "alice");
@@ -348,95 +350,112 @@ async fn trap_first_message_is_a_complete_join_then_the_subscriber_offer() {
     assert!(j.room.as_ref().unwrap().sid.starts_with("RM_"));
     assert!(!j.server_version.is_empty() && j.server_version != "0.15.1");
     assert!(!j.server_info.as_ref().unwrap().version.is_empty());
-    assert!(j.subscriber_primary);
+    assert_eq!(j.subscriber_primary, path == Path::V0, "{path:?}");
     assert_eq!((j.ping_interval, j.ping_timeout), (5, 15));
-    let seen = a
-        .recv_until(T, |m| matches!(m, Msg::Offer(_)))
-        .await
-        .unwrap();
-    let Some(Msg::Offer(o)) = seen.last() else {
-        unreachable!()
-    };
-    assert!(
-        o.sdp.contains("m=application"),
-        "data channels in the first offer"
-    );
+    match path {
+        Path::V0 => {
+            let seen = a
+                .recv_until(T, |m| matches!(m, Msg::Offer(_)))
+                .await
+                .unwrap();
+            let Some(Msg::Offer(o)) = seen.last() else {
+                unreachable!()
+            };
+            assert!(
+                o.sdp.contains("m=application"),
+                "data channels in the first offer"
+            );
+        }
+        Path::V1 => {
+            let offer = a
+                .recv_until(Duration::from_secs(1), |m| matches!(m, Msg::Offer(_)))
+                .await;
+            assert!(offer.is_err(), "the server never offers on v1: {offer:?}");
+        }
+    }
 
     // A second participant sees alice in other_participants.
-    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
-        .await
-        .unwrap();
-    let j = expect_join(&mut b).await.unwrap();
+    let (_b, j) = join_on(c, path, &room, "bob", json!({})).await;
     assert_eq!(j.other_participants.len(), 1);
     assert_eq!(j.other_participants[0].identity, "alice");
 }
 
-/// Trap: no `pong_resp` within ping_timeout makes clients reconnect every 15 s.
+/// Trap: no `pong_resp` within ping_timeout makes clients reconnect every 15 s. Both paths.
 #[tokio::test]
 async fn trap_pong_answers_ping_within_ping_timeout() {
     let c = sfu().await;
-    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
-        .await
-        .unwrap();
-    expect_join(&mut a).await.unwrap();
-    let started = std::time::Instant::now();
-    assert!(ping_answered(&mut a, 123_456).await);
-    assert!(started.elapsed() < Duration::from_secs(2));
-    a.send(Req::Ping(42)).await.unwrap();
-    a.recv_until(T, |m| matches!(m, Msg::Pong(t) if *t > 0))
-        .await
-        .unwrap();
+    for path in Path::BOTH {
+        let (mut a, _) = join_on(&c, path, &format!("r-{path:?}"), "alice", json!({})).await;
+        let started = std::time::Instant::now();
+        assert!(ping_answered(&mut a, 123_456).await, "{path:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        a.send(Req::Ping(42)).await.unwrap();
+        a.recv_until(T, |m| matches!(m, Msg::Pong(t) if *t > 0))
+            .await
+            .unwrap();
+    }
 }
 
-/// Trap: 1 h lk-jwt-service tokens and no `refresh_token` strand a long call.
+/// Trap: 1 h lk-jwt-service tokens and no `refresh_token` strand a long call. Both paths.
 #[tokio::test]
 async fn trap_refresh_token_is_sent_and_outlives_the_original() {
     let c = sfu().await;
-    let token = c.token("r", "alice", json!({}));
-    let original_exp = jwt_payload(&token)["exp"].as_u64().unwrap();
-    let mut a = WsClient::connect(&c.ws_url(), &token, "").await.unwrap();
-    expect_join(&mut a).await.unwrap();
-    let seen = a
-        .recv_until(T, |m| matches!(m, Msg::RefreshToken(_)))
-        .await
-        .unwrap();
-    let Some(Msg::RefreshToken(t)) = seen.last() else {
-        unreachable!()
-    };
-    let p = jwt_payload(t);
-    assert_eq!(p["sub"], "alice");
-    assert_eq!(p["video"]["room"], "r");
-    assert!(p["exp"].as_u64().unwrap() >= original_exp);
-    // The refreshed token is accepted for a new connection.
-    let r = reqwest::get(format!("{}/rtc/validate?access_token={t}", c.url))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    for path in Path::BOTH {
+        let room = format!("r-{path:?}");
+        let token = c.token(&room, "alice", json!({}));
+        let original_exp = jwt_payload(&token)["exp"].as_u64().unwrap();
+        let mut a = WsClient::connect_on(path, &c.ws_url(), &token, &plain_join_request(), "")
+            .await
+            .unwrap();
+        expect_join(&mut a).await.unwrap();
+        let seen = a
+            .recv_until(T, |m| matches!(m, Msg::RefreshToken(_)))
+            .await
+            .unwrap();
+        let Some(Msg::RefreshToken(t)) = seen.last() else {
+            unreachable!()
+        };
+        let p = jwt_payload(t);
+        assert_eq!(p["sub"], "alice");
+        assert_eq!(p["video"]["room"], room.as_str());
+        assert!(p["exp"].as_u64().unwrap() >= original_exp);
+        // The refreshed token is accepted for a new connection.
+        let r = reqwest::get(format!("{}/rtc/validate?access_token={t}", c.url))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path:?}");
+    }
 }
 
-/// alice (who may update her metadata) and bob joined to room `r`; alice's SID.
-async fn alice_and_bob(c: &Conclave) -> (WsClient, String, WsClient) {
-    let mut a = WsClient::connect(
-        &c.ws_url(),
-        &c.token("r", "alice", json!({"canUpdateOwnMetadata": true})),
-        "",
+/// alice (who may update her metadata) and bob joined on `path` to room `r-<path>`; alice's
+/// SID.
+async fn alice_and_bob(c: &Conclave, path: Path) -> (WsClient, String, WsClient) {
+    let room = format!("r-{path:?}");
+    let (a, j) = join_on(
+        c,
+        path,
+        &room,
+        "alice",
+        json!({"canUpdateOwnMetadata": true}),
     )
-    .await
-    .unwrap();
-    let alice_sid = expect_join(&mut a).await.unwrap().participant.unwrap().sid;
-    let mut b = WsClient::connect(&c.ws_url(), &c.token("r", "bob", json!({})), "")
-        .await
-        .unwrap();
-    expect_join(&mut b).await.unwrap();
+    .await;
+    let alice_sid = j.participant.unwrap().sid;
+    let (b, _) = join_on(c, path, &room, "bob", json!({})).await;
     (a, alice_sid, b)
 }
 
 /// Traps: `track_published` with another cid; `TrackInfo.encryption` not echoed;
-/// non-increasing versions; partial track lists.
+/// non-increasing versions; partial track lists. Both paths.
 #[tokio::test]
 async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
     let c = sfu().await;
-    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
+    for path in Path::BOTH {
+        cid_and_encryption_echoed_and_versions_strictly_increase(&c, path).await;
+    }
+}
+
+async fn cid_and_encryption_echoed_and_versions_strictly_increase(c: &Conclave, path: Path) {
+    let (mut a, alice_sid, mut b) = alice_and_bob(c, path).await;
 
     a.send(add_track("local-cid-1", lk::encryption::Type::Gcm))
         .await
@@ -499,19 +518,33 @@ async fn trap_cid_and_encryption_echoed_and_versions_strictly_increase() {
 }
 
 /// Trap: resume requested but not implemented. Resume is disabled in the join, and a
-/// `reconnect=1` connect gets `leave{action: RECONNECT}` first so clients rejoin in full.
+/// reconnect (v0: `reconnect=1`; v1: `reconnect` in the join request) gets
+/// `leave{action: RECONNECT}` first so clients rejoin in full.
 #[tokio::test]
 async fn trap_resume_is_disabled_and_reconnect_gets_a_full_rejoin() {
     let c = sfu().await;
-    let token = c.token("r", "alice", json!({}));
-    let mut a = WsClient::connect(&c.ws_url(), &token, "reconnect=1&sid=PA_unknown")
+    for path in Path::BOTH {
+        let token = c.token("r", "alice", json!({}));
+        let request = lk::JoinRequest {
+            reconnect: true,
+            participant_sid: "PA_unknown".into(),
+            ..plain_join_request()
+        };
+        let mut a = WsClient::connect_on(
+            path,
+            &c.ws_url(),
+            &token,
+            &request,
+            "reconnect=1&sid=PA_unknown",
+        )
         .await
         .unwrap();
-    match a.recv(T).await {
-        Some(Msg::Leave(l)) => {
-            assert_eq!(l.action, lk::leave_request::Action::Reconnect as i32)
+        match a.recv(T).await {
+            Some(Msg::Leave(l)) => {
+                assert_eq!(l.action, lk::leave_request::Action::Reconnect as i32)
+            }
+            other => panic!("{path:?}: expected leave, got {other:?}"),
         }
-        other => panic!("expected leave, got {other:?}"),
     }
 }
 
@@ -783,14 +816,18 @@ async fn silent_client_is_disconnected_and_others_see_it_leave() {
 }
 
 /// Trap: an unanswered publisher offer (or an answer with another id) makes clients time out
-/// negotiation after 15 s and reconnect.
+/// negotiation after 15 s and reconnect. Both paths (v1: the offer on the one peer
+/// connection, sent after a join request that carried none).
 #[tokio::test]
 async fn trap_publisher_offer_is_answered_with_the_same_id() {
     let c = sfu().await;
-    let mut a = WsClient::connect(&c.ws_url(), &c.token("r", "alice", json!({})), "")
-        .await
-        .unwrap();
-    expect_join(&mut a).await.unwrap();
+    for path in Path::BOTH {
+        publisher_offer_is_answered_with_the_same_id(&c, path).await;
+    }
+}
+
+async fn publisher_offer_is_answered_with_the_same_id(c: &Conclave, path: Path) {
+    let (mut a, _) = join_on(c, path, &format!("r-{path:?}"), "alice", json!({})).await;
     let mut client = str0m::Rtc::builder().build(std::time::Instant::now());
     let mut api = client.sdp_api();
     api.add_media(
@@ -824,7 +861,7 @@ async fn trap_publisher_offer_is_answered_with_the_same_id() {
     let Some(Msg::Answer(answer)) = seen.last() else {
         unreachable!()
     };
-    assert_eq!(answer.id, 41);
+    assert_eq!(answer.id, 41, "{path:?}");
     assert_eq!(answer.r#type, "answer");
     assert!(answer.sdp.contains("a=ice-lite"));
     // A garbage SDP is refused without killing the session.
@@ -840,17 +877,19 @@ async fn trap_publisher_offer_is_answered_with_the_same_id() {
 }
 
 /// Trap: lk-jwt-service room names and identities contain `+` and `/`; they must round-trip
-/// through URLs and the join untouched.
+/// through URLs and the join untouched. Both paths.
 #[tokio::test]
 async fn trap_room_names_with_plus_and_slash_round_trip() {
     let c = sfu().await;
-    let room = "F4oOprKFBq6JHqy2qYpq6UQQmR7hCvxkQQoUrd0+SbI";
-    let identity = "WulP/G0PPitjxR6gB3GRPsgWcg7TtNrJ7kzzDBG3S0g";
-    let token = c.token(room, identity, json!({}));
-    let mut a = WsClient::connect(&c.ws_url(), &token, "").await.unwrap();
-    let j = expect_join(&mut a).await.unwrap();
-    assert_eq!(j.room.unwrap().name, room);
-    assert_eq!(j.participant.unwrap().identity, identity);
+    for (path, room) in [
+        (Path::V0, "F4oOprKFBq6JHqy2qYpq6UQQmR7hCvxkQQoUrd0+SbI"),
+        (Path::V1, "G5pPqsLGCr7KIrz3rZqr7VRRnS8iDwylRRpVse1+TcJ"),
+    ] {
+        let identity = "WulP/G0PPitjxR6gB3GRPsgWcg7TtNrJ7kzzDBG3S0g";
+        let (_a, j) = join_on(&c, path, room, identity, json!({})).await;
+        assert_eq!(j.room.unwrap().name, room, "{path:?}");
+        assert_eq!(j.participant.unwrap().identity, identity);
+    }
 }
 
 /// A signal message over 2 MiB ends that session with close code 1009 (Message Too Big) and
@@ -858,7 +897,7 @@ async fn trap_room_names_with_plus_and_slash_round_trip() {
 #[tokio::test]
 async fn a_message_over_2_mib_closes_with_1009() {
     let c = sfu().await;
-    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
+    let (mut a, alice_sid, mut b) = alice_and_bob(&c, Path::V0).await;
     a.send_raw(WsMessage::Binary(vec![0u8; 3 * 1024 * 1024].into()))
         .await
         .unwrap();
@@ -885,7 +924,7 @@ async fn a_message_over_2_mib_closes_with_1009() {
 #[tokio::test]
 async fn oversized_updates_are_refused_and_a_leave_is_client_initiated() {
     let c = sfu().await;
-    let (mut a, alice_sid, mut b) = alice_and_bob(&c).await;
+    let (mut a, alice_sid, mut b) = alice_and_bob(&c, Path::V0).await;
 
     a.send(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
         metadata: "x".repeat(1024 * 1024),

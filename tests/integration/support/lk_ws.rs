@@ -28,10 +28,88 @@ pub struct Refused {
     pub body: String,
 }
 
+/// The signalling path a test client takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// `/rtc`: two peer connections, the server offers the subscriber one.
+    V0,
+    /// `/rtc/v1?join_request=…`: one peer connection, the client always offers.
+    V1,
+}
+
+impl Path {
+    /// Both, for tests that must hold on each.
+    pub const BOTH: [Path; 2] = [Path::V0, Path::V1];
+}
+
+/// A `join_request` as client-sdk-js builds it: gzip'd `JoinRequest`, `btoa` with `+/`
+/// swapped for `-_`, the `=` padding kept and percent-encoded by `URLSearchParams`.
+pub fn js_join_request(req: &lk::JoinRequest) -> String {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&req.encode_to_vec()).expect("gzip into a Vec");
+    js_encode(lk::WrappedJoinRequest {
+        compression: lk::wrapped_join_request::Compression::Gzip as i32,
+        join_request: gz.finish().expect("gzip into a Vec"),
+    })
+}
+
+/// The outer layers of [`js_join_request`] alone.
+pub fn js_encode(wrapped: lk::WrappedJoinRequest) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .encode(wrapped.encode_to_vec())
+        .replace('+', "-")
+        .replace('/', "_")
+        .replace('=', "%3D")
+}
+
+/// The join request a JS client sends with no offer yet: protocol 16, auto-subscribe on.
+pub fn plain_join_request() -> lk::JoinRequest {
+    lk::JoinRequest {
+        client_info: Some(lk::ClientInfo {
+            sdk: lk::client_info::Sdk::Js as i32,
+            protocol: 16,
+            client_protocol: 1,
+            ..Default::default()
+        }),
+        connection_settings: Some(lk::ConnectionSettings {
+            auto_subscribe: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 impl WsClient {
+    /// Connects on `path`: v0 as [`WsClient::connect`]; v1 to
+    /// `{base}/rtc/v1?access_token=…&join_request=<request>&{query}`.
+    pub async fn connect_on(
+        path: Path,
+        base: &str,
+        token: &str,
+        request: &lk::JoinRequest,
+        query: &str,
+    ) -> Result<Self, Refused> {
+        match path {
+            Path::V0 => Self::connect(base, token, query).await,
+            Path::V1 => {
+                let url = format!(
+                    "{base}/rtc/v1?access_token={token}&join_request={}&{query}",
+                    js_join_request(request)
+                );
+                Self::connect_url(url).await
+            }
+        }
+    }
+
     /// Connects to `{base}/rtc?access_token=…&{query}`.
     pub async fn connect(base: &str, token: &str, query: &str) -> Result<Self, Refused> {
         let url = format!("{base}/rtc?access_token={token}&protocol=17&sdk=rust-test&{query}");
+        Self::connect_url(url).await
+    }
+
+    async fn connect_url(url: String) -> Result<Self, Refused> {
         match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => Ok(Self { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Refused {
