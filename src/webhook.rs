@@ -613,6 +613,7 @@ mod tests {
                 identity: "alice".into(),
                 name: "alice".into(),
                 metadata: String::new(),
+                attributes: Default::default(),
                 permission: lk::ParticipantPermission::default(),
                 auto_subscribe: false,
                 client_protocol: 2,

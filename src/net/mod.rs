@@ -713,6 +713,7 @@ mod tests {
             identity: identity.into(),
             name: identity.into(),
             metadata: String::new(),
+            attributes: Default::default(),
             permission: livekit_protocol::ParticipantPermission {
                 can_subscribe: true,
                 can_publish: true,

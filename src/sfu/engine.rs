@@ -228,8 +228,11 @@ pub struct Join {
     pub identity: ParticipantIdentity,
     /// Display name.
     pub name: String,
-    /// Metadata from the token.
+    /// Metadata from the token (v1: the join request's, when it carries some).
     pub metadata: String,
+    /// Participant attributes (v1: the join request's `participant_attributes`, checked
+    /// against the limits and `canUpdateOwnMetadata` by `signal`).
+    pub attributes: HashMap<String, String>,
     /// Permissions from the token grants.
     pub permission: lk::ParticipantPermission,
     /// Subscribe to every track automatically.
@@ -628,6 +631,7 @@ impl Sfu {
             identity,
             name,
             metadata,
+            attributes,
             permission,
             auto_subscribe,
             client_protocol,
@@ -690,6 +694,7 @@ impl Sfu {
             identity: identity.to_string(),
             name,
             metadata,
+            attributes,
             state: lk::participant_info::State::Joined as i32,
             joined_at: unix,
             joined_at_ms: unix * 1000,

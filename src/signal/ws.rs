@@ -135,6 +135,8 @@ struct Settings {
     client_protocol: i32,
     /// Metadata replacing the token's, when set (v1 only; checked by `check_connect_v1`).
     metadata: Option<String>,
+    /// Participant attributes (v1 only; checked by `check_connect_v1`; tokens carry none).
+    attributes: HashMap<String, String>,
     /// Requests the SFU gets right after the join (v1: the `add_track_requests`, then the
     /// `publisher_offer`), in order.
     after_join: Vec<Req>,
@@ -151,14 +153,14 @@ impl Settings {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             metadata: None,
+            attributes: HashMap::new(),
             after_join: Vec::new(),
         }
     }
 
     /// v1: everything from the `JoinRequest`, mapped as LiveKit does (`rtcservice.go`):
-    /// an absent `connection_settings` means no auto-subscribe. The request's
-    /// `participant_attributes` are checked (`check_connect_v1`) but not applied: the engine's
-    /// [`Join`] carries no attributes yet, and the token has none either.
+    /// an absent `connection_settings` means no auto-subscribe; `metadata` and
+    /// `participant_attributes` (checked by `check_connect_v1`) become the participant's.
     fn v1(request: lk::JoinRequest) -> Self {
         let mut after_join: Vec<Req> = request
             .add_track_requests
@@ -176,6 +178,7 @@ impl Settings {
                 .unwrap_or(false),
             client_protocol: request.client_info.map(|c| c.client_protocol).unwrap_or(0),
             metadata: (!request.metadata.is_empty()).then_some(request.metadata),
+            attributes: request.participant_attributes,
             after_join,
         }
     }
@@ -250,6 +253,7 @@ async fn connect(
             .metadata
             .clone()
             .unwrap_or_else(|| claims.metadata.clone()),
+        attributes: settings.attributes.clone(),
         permission: permission_from(&claims),
         auto_subscribe: settings.auto_subscribe,
         client_protocol: settings.client_protocol,

@@ -328,6 +328,40 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
     assert_eq!(c.metric(v1).await.unwrap(), 1);
 }
 
+/// v1: the join request's `metadata` and `participant_attributes` (allowed by
+/// `canUpdateOwnMetadata`) are the participant's from its join response on, and the others
+/// see them; without the grant the connect is refused with 401.
+#[tokio::test]
+async fn v1_join_request_metadata_and_attributes_are_applied() {
+    let c = sfu().await;
+    let (mut bob, _) = join_on(&c, Path::V0, "attrs", "bob", json!({})).await;
+    let request = lk::JoinRequest {
+        metadata: "from-request".into(),
+        participant_attributes: [("role".to_owned(), "speaker".to_owned())].into(),
+        ..plain_join_request()
+    };
+    let plain = c.token("attrs", "alice", json!({}));
+    let refused = WsClient::connect_on(Path::V1, &c.ws_url(), &plain, &request, "").await;
+    assert_eq!(refused.err().map(|r| r.status), Some(401));
+    let token = c.token("attrs", "alice", json!({"canUpdateOwnMetadata": true}));
+    let mut alice = WsClient::connect_on(Path::V1, &c.ws_url(), &token, &request, "")
+        .await
+        .unwrap();
+    let me = expect_join(&mut alice).await.unwrap().participant.unwrap();
+    assert_eq!(me.metadata, "from-request");
+    assert_eq!(
+        me.attributes.get("role").map(String::as_str),
+        Some("speaker")
+    );
+    bob.recv_until(T, |m| {
+        matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.identity == "alice"
+            && p.metadata == "from-request"
+            && p.attributes.get("role").map(String::as_str) == Some("speaker")))
+    })
+    .await
+    .unwrap();
+}
+
 /// Traps: first message must be `join` within 5 s; empty server version; missing permission;
 /// SIDs without exact prefixes; subscriber_primary without a subscriber offer. On both paths:
 /// v0 is subscriber-primary and gets the subscriber offer; v1 is publisher-primary and the

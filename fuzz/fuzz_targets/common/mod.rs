@@ -31,6 +31,7 @@ pub fn engine_with_participant(now: Instant, permission: ParticipantPermission) 
             identity: "a".into(),
             name: String::new(),
             metadata: String::new(),
+            attributes: Default::default(),
             permission,
             auto_subscribe: true,
             client_protocol: 2,
