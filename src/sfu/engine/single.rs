@@ -27,6 +27,7 @@ use crate::sfu::ids::TrackSid;
 const MAX_SLOTS: usize = 64;
 
 /// The `recvonly` audio and video m-lines of an offer (mid, kind): the slots it offers us.
+/// A stopped transceiver (port 0) offers nothing.
 ///
 /// Read from the text because `accept_offer` answers before str0m reports new media
 /// (design §2, "New mids in a re-offer").
@@ -42,12 +43,13 @@ pub(super) fn offered_slots(sdp: &str) -> Vec<(Mid, MediaKind)> {
         let line = line.trim_end();
         if let Some(m) = line.strip_prefix("m=") {
             flush(kind, mid, recvonly);
-            kind = if m.starts_with("audio ") {
-                Some(MediaKind::Audio)
-            } else if m.starts_with("video ") {
-                Some(MediaKind::Video)
-            } else {
-                None
+            let mut fields = m.split(' ');
+            let (media, port) = (fields.next(), fields.next());
+            kind = match (media, port) {
+                (_, Some("0")) => None,
+                (Some("audio"), _) => Some(MediaKind::Audio),
+                (Some("video"), _) => Some(MediaKind::Video),
+                _ => None,
             };
             mid = None;
             recvonly = false;
@@ -142,6 +144,25 @@ impl Sfu {
             }
         };
         let offered = offered_slots(sdp);
+        // A slot the client no longer offers `recvonly` (it stopped the transceiver, port 0,
+        // or turned it to another direction) is no longer ours to send on: its track goes
+        // back to waiting for a slot, and the slot is forgotten (offered `recvonly` again, it
+        // comes back free).
+        slots.retain(|s| {
+            let still = offered.iter().any(|(m, _)| *m == s.mid);
+            if !still {
+                for d in p.down_tracks.iter_mut().filter(|d| d.mid() == Some(s.mid)) {
+                    d.state = match d.state {
+                        DownState::ToStop(_) | DownState::NegotiatingStop(_) => {
+                            DownState::ToStop(s.mid)
+                        }
+                        _ => DownState::ToOpen,
+                    };
+                }
+                tracing::debug!(%session, mid = %s.mid, "slot withdrawn by the client");
+            }
+            still
+        });
         for (mid, kind) in &offered {
             if !slots.iter().any(|s| s.mid == *mid) && slots.len() < MAX_SLOTS {
                 slots.push(Slot {
@@ -339,7 +360,9 @@ mod tests {
     fn only_recvonly_audio_and_video_are_slots() {
         let offer = "v=0\r\nm=audio 9 x 111\r\na=mid:0\r\na=recvonly\r\nm=video 9 x 96\r\n\
             a=recvonly\r\na=mid:1\r\nm=audio 9 x 111\r\na=mid:2\r\na=sendonly\r\n\
-            m=application 9 x\r\na=mid:3\r\n";
+            m=application 9 x\r\na=mid:3\r\nm=audio 0 x 111\r\na=mid:4\r\na=recvonly\r\n\
+            m=video 9 x 96\r\na=mid:5\r\na=inactive\r\n";
+        // A stopped transceiver (port 0) and an `inactive` one are no slots.
         assert_eq!(
             offered_slots(offer),
             vec![
@@ -347,5 +370,8 @@ mod tests {
                 (Mid::from("1"), MediaKind::Video)
             ]
         );
+        for junk in ["", "m=", "m=audio", "a=recvonly\r\nm=audio 9\r\n"] {
+            assert!(offered_slots(junk).is_empty(), "{junk:?}");
+        }
     }
 }

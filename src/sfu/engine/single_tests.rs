@@ -238,6 +238,8 @@ struct SinglePeer {
     /// Placeholders asked for by `media_sections_requirement`s not offered yet (audio,
     /// video); `Some` also means "offer again".
     asked: Option<(usize, usize)>,
+    /// Placeholders to offer `inactive` next (a transceiver the client stopped using).
+    to_withdraw: Vec<Mid>,
 }
 
 impl SinglePeer {
@@ -257,7 +259,14 @@ impl SinglePeer {
             next_id: 1,
             seen: 0,
             asked: None,
+            to_withdraw: Vec::new(),
         }
+    }
+
+    /// Offers placeholder `mid` `inactive` from the next offer on: no longer a slot.
+    fn withdraw(&mut self, mid: Mid) {
+        self.placeholders.retain(|(m, _)| *m != mid);
+        self.to_withdraw.push(mid);
     }
 
     /// Publishes an audio track `cid` in the next offer.
@@ -288,6 +297,9 @@ impl SinglePeer {
         }
         for (mid, _) in &self.placeholders {
             api.set_direction(*mid, Direction::RecvOnly);
+        }
+        for mid in self.to_withdraw.drain(..) {
+            api.set_direction(mid, Direction::Inactive);
         }
         for kind in self.to_add.drain(..) {
             let mid = api.add_media(kind, Direction::RecvOnly, None, None, None);
@@ -1009,4 +1021,65 @@ fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
     );
     let ts: Vec<u64> = frames.iter().map(|d| d.time.numer()).collect();
     assert!(ts.windows(2).all(|w| w[1] - w[0] == 3000), "{ts:?}");
+}
+
+/// A client that re-offers the slot carrying a track as anything but `recvonly` takes it back:
+/// the track moves to another free slot of its kind (answered `sendonly` with its msid there)
+/// and keeps flowing; the withdrawn mid is no longer in `mid_to_track_id`.
+#[test]
+fn a_withdrawn_slot_moves_its_track_to_a_free_one() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 2, 0);
+    net.join(1, "alice", true);
+    net.request(1, add_track("mic"));
+    alice.publish_audio("mic");
+    let offer = alice.offer();
+    net.request(1, offer);
+    for _ in 0..50 {
+        net.tick(&mut [&mut alice.peer]);
+        alice.react(&mut net);
+    }
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mic = alice.published[0].1;
+    let mut sent = 0;
+    let mut run = |net: &mut Net, alice: &mut SinglePeer, bob: &mut SinglePeer, ticks| {
+        for _ in 0..ticks {
+            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
+            alice.react(net);
+            bob.react(net);
+            if alice.peer.send_audio(mic, sent, net.now) {
+                sent += 1;
+            }
+        }
+    };
+    run(&mut net, &mut alice, &mut bob, 100);
+    let alice_sid = net
+        .s
+        .participant_info(&"room".into(), &"alice".into())
+        .unwrap()
+        .sid;
+    let track = net.track_sids("alice").pop().expect("alice's track");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let old = mid_carrying(&first, &alice_sid, &track);
+    assert!(bob.peer.received_on(old).len() > 20);
+
+    bob.withdraw(old);
+    let offer = bob.offer();
+    let Req::Offer(sd) = &offer else {
+        unreachable!()
+    };
+    let id = sd.id;
+    net.request(2, offer);
+    run(&mut net, &mut alice, &mut bob, 100);
+    let answer = net.answer(2, id).expect("the answer to the re-offer");
+    let new = mid_carrying(&answer, &alice_sid, &track);
+    assert_ne!(new, old);
+    assert!(!answer.mid_to_track_id.contains_key(&old.to_string()));
+    assert!(
+        bob.peer.received_on(new).len() > 20,
+        "audio flows on the new slot"
+    );
 }
