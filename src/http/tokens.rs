@@ -210,11 +210,14 @@ pub async fn post_delegate_delayed_leave(
     }
 }
 
-/// The body, or the response refusing it.
-fn read_body(state: &TokenState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+/// The body, or the refusal of it (counted as a refused token request).
+fn read_body(
+    state: &TokenState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, Box<Response>> {
     body.map_err(|r| {
         inc(&state.metrics.tokens_refused);
-        MatrixErrorResponse::from_body_rejection(&r).into_response()
+        Box::new(MatrixErrorResponse::from_body_rejection(&r).into_response())
     })
 }
 
@@ -232,7 +235,7 @@ pub async fn post_forwarded_get_token(
     };
     let body = match read_body(&state, body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let result = state.tokens.proxied_token(&user, &body).await;
     respond(&state, result)
@@ -279,7 +282,7 @@ pub async fn post_forwarded_federation_get_token(
     };
     let body = match read_body(&state, body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let result = state.tokens.federated_token(&origin, &body).await;
     respond(&state, result)
