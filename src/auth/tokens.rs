@@ -155,6 +155,9 @@ struct Normalized {
     device_id: String,
     member_id: Option<String>,
     delay: Option<(String, u64)>,
+    /// Never publish (MSC4195: a token asked through the federation twin is for a user who
+    /// publishes on their own server's SFU), whatever `auth.remote_can_publish` says.
+    subscribe_only: bool,
 }
 
 fn required<T>(v: Option<T>, name: &str) -> Result<T, AuthError> {
@@ -220,6 +223,7 @@ impl Normalized {
             device_id: non_empty(r.device_id, "device_id")?,
             member_id: None,
             delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
         })
     }
 
@@ -243,6 +247,7 @@ impl Normalized {
             device_id,
             member_id: Some(member_id),
             delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
         })
     }
 }
@@ -263,6 +268,7 @@ impl Normalized {
             device_id,
             member_id: Some(member_id),
             delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
         })
     }
 }
@@ -426,7 +432,7 @@ impl TokenService {
 
     /// The federation twin of `get_token`, forwarded by the homeserver (MSC4512) after it
     /// checked the X-Matrix signature of `origin`: a token for `user_id` of the body, who must
-    /// belong to `origin` (subscribe-only unless `auth.remote_can_publish`).
+    /// belong to `origin`. Always subscribe-only (MSC4195: remote users publish at home).
     #[tracing::instrument(level = "debug", skip(self, body))]
     pub async fn federated_token(
         &self,
@@ -443,7 +449,9 @@ impl TokenService {
             )));
         }
         self.check_url(r.url.as_deref())?;
-        self.issue(Normalized::from_rtc(r, user_id)?).await
+        let mut req = Normalized::from_rtc(r, user_id)?;
+        req.subscribe_only = true;
+        self.issue(req).await
     }
 
     /// MSC4195: a `url` naming another SFU than ours is refused (400 `M_INVALID_PARAM`).
@@ -685,6 +693,7 @@ impl TokenService {
         let settings = &self.inner.settings;
         let local = user_id.server_name() == settings.server_name;
         let auth = &settings.auth;
+        let can_publish = !req.subscribe_only && (local || auth.remote_can_publish);
         let claims = Claims {
             iss: self.inner.signer.key().to_owned(),
             sub: identity.to_string(),
@@ -695,9 +704,9 @@ impl TokenService {
             video: VideoGrant {
                 room: room.to_string(),
                 room_join: true,
-                can_publish: Some(local || auth.remote_can_publish),
+                can_publish: Some(can_publish),
                 can_subscribe: Some(local || auth.remote_can_subscribe),
-                can_publish_data: Some(local || auth.remote_can_publish),
+                can_publish_data: Some(can_publish),
                 can_update_own_metadata: Some(true),
                 ..VideoGrant::default()
             },
