@@ -772,6 +772,30 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_bodies_need_a_member_and_its_device() {
+        let user = OwnedUserId::try_from("@a:b").unwrap();
+        let r: RtcRequest = parse_body(
+            br#"{"room_id":"!r:b","slot_id":"m.call#ROOM","url":"ws://x","member":{"id":"m"}}"#,
+        )
+        .unwrap();
+        let err = Normalized::from_rtc(r, user.clone()).err().unwrap();
+        assert!(
+            err.to_string().contains("member.claimed_device_id"),
+            "{err}"
+        );
+        // The MSC's flat `member_id` stands for `member.id`.
+        let r: RtcRequest = parse_body(
+            br#"{"room_id":"!r:b","slot_id":"s","member_id":"m","member":{"claimed_device_id":"D"}}"#,
+        )
+        .unwrap();
+        let n = Normalized::from_rtc(r, user).unwrap();
+        assert_eq!(n.member_id.as_deref(), Some("m"));
+        assert_eq!(n.device_id, "D");
+        assert!(matches!(n.caller, Caller::Vouched(_)));
+        assert!(!n.subscribe_only);
+    }
+
+    #[test]
     fn delay_fields_come_in_pairs() {
         assert!(parse_delay(Some("d".into()), None).is_err());
         assert!(parse_delay(None, Some(5)).is_err());

@@ -178,3 +178,14 @@ pub fn encode_path_segment(segment: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_keep_matrix_sigils() {
+        assert_eq!(encode_path_segment("!abc:example.org"), "!abc:example.org");
+        assert_eq!(encode_path_segment("!a/b c:[::1]"), "!a%2Fb%20c:%5B::1%5D");
+    }
+}
