@@ -47,6 +47,11 @@ pub enum Command {
         /// Print one JSON object (`synapse`, `well_known_client`) instead of annotated text.
         #[arg(long)]
         json: bool,
+        /// For a homeserver that forwards MSC4195's endpoints to Conclave (MSC4512, Synapse's
+        /// `msc4512_enabled`, with `msc4502_enabled` for membership): its flags and the
+        /// transport naming the SFU's WebSocket URL.
+        #[arg(long)]
+        msc4512: bool,
     },
     /// Validate the configuration and print the effective values.
     CheckConfig {

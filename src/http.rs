@@ -113,6 +113,28 @@ pub fn router(state: HttpState) -> Router {
         .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(tokens::cors));
 
+    // MSC4195's endpoints as the homeserver forwards them (MSC4512): no CORS (browsers talk
+    // to the homeserver), the hs_token in every handler.
+    let mut forwarded_routes = Router::new();
+    for prefix in ["v1", "unstable/io.element.msc4195"] {
+        forwarded_routes = forwarded_routes
+            .route(
+                &format!("/_matrix/client/{prefix}/rtc/livekit/get_token"),
+                post(tokens::post_forwarded_get_token),
+            )
+            .route(
+                &format!("/_matrix/client/{prefix}/rtc/livekit/delegate_delayed_leave"),
+                post(tokens::post_forwarded_delegate_delayed_leave),
+            )
+            .route(
+                &format!("/_matrix/federation/{prefix}/rtc/livekit/get_token"),
+                post(tokens::post_forwarded_federation_get_token),
+            );
+    }
+    let forwarded_routes = forwarded_routes
+        .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
+        .method_not_allowed_fallback(method_not_allowed);
+
     let signal_routes = Router::new()
         .route("/rtc", get(ws::get_rtc))
         .route("/rtc/validate", get(validate::get_validate))
@@ -135,6 +157,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(twirp_routes)
         .merge(admin_routes)
         .merge(token_routes)
+        .merge(forwarded_routes)
         .merge(signal_routes)
         .route("/healthz", get(healthz).head(healthz))
         .route("/metrics", get(metrics))

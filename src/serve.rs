@@ -114,9 +114,13 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
                 "# configuration is valid; effective values:\n{text}"
             ))
         }
-        Command::PrintDiscovery { config, json } => {
+        Command::PrintDiscovery {
+            config,
+            json,
+            msc4512,
+        } => {
             let config = load_config(config.as_deref())?;
-            write_stdout(&discovery_text(&config, json)?)
+            write_stdout(&discovery_text(&config, json, msc4512)?)
         }
         Command::GenerateRegistration {
             url,
@@ -146,12 +150,23 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
 }
 
 /// What `print-discovery` prints: the Synapse `matrix_rtc` block and the well-known key, both
-/// pointing at the token service (`http.public_url`).
-fn discovery_text(config: &Config, json: bool) -> Result<String, RunError> {
+/// pointing at the token service (`http.public_url`); with `msc4512`, Synapse's flags for
+/// forwarding MSC4195's endpoints to Conclave and a transport naming the SFU (`url`,
+/// `livekit.public_url`), whose tokens clients then ask of the homeserver.
+fn discovery_text(config: &Config, json: bool, msc4512: bool) -> Result<String, RunError> {
     let service_url = config.public_http_url();
-    let transport = serde_json::json!({"type": "livekit", "livekit_service_url": service_url});
+    let transport = if msc4512 {
+        serde_json::json!({"type": "livekit", "url": config.livekit_public_url()})
+    } else {
+        serde_json::json!({"type": "livekit", "livekit_service_url": service_url})
+    };
+    let flags = if msc4512 {
+        serde_json::json!({"msc4143_enabled": true, "msc4512_enabled": true, "msc4502_enabled": true})
+    } else {
+        serde_json::json!({"msc4143_enabled": true})
+    };
     let synapse = serde_json::json!({
-        "experimental_features": {"msc4143_enabled": true},
+        "experimental_features": flags,
         "max_event_delay_duration": "24h",
         // Conclave restarts every participant's delayed leave from one IP: Synapse's default
         // (1/s, burst 5) would throttle it beyond a handful of participants.
@@ -167,11 +182,17 @@ fn discovery_text(config: &Config, json: bool) -> Result<String, RunError> {
     }
     let yaml = serde_yaml::to_string(&synapse)?;
     let wk = serde_json::to_string_pretty(&well_known).unwrap_or_default();
+    let mode = if msc4512 {
+        "#    MSC4512: Synapse forwards /_matrix/{client,federation}/*/rtc/livekit/* to Conclave\n\
+         #    (the registration's io.element.msc4512.* keys; regenerate it if older).\n"
+    } else {
+        ""
+    };
     Ok(format!(
         "# 1. Add to Synapse's homeserver.yaml (MSC4143 transports, MSC4140 delayed events),\n\
          #    then restart Synapse. Clients read it from\n\
          #    /_matrix/client/unstable/org.matrix.msc4143/rtc/transports.\n\
-         {yaml}\n\
+         {mode}{yaml}\n\
          # 2. Merge into https://{server}/.well-known/matrix/client (legacy discovery, still read\n\
          #    by some clients):\n\
          {wk}\n\
@@ -239,7 +260,7 @@ pub fn build_services(
     );
     let gate = MembershipGate::new(
         store,
-        homeserver,
+        homeserver.clone(),
         config.matrix.server_name.clone(),
         config.bot_user_id(),
         Duration::from_millis(config.auth.membership_wait_ms),
@@ -252,6 +273,7 @@ pub fn build_services(
         gate,
         calls.clone(),
         sfu.clone(),
+        homeserver,
     );
     let http = HttpState {
         appservice: AppserviceState {
@@ -263,6 +285,8 @@ pub fn build_services(
         tokens: TokenState {
             tokens,
             metrics: metrics.clone(),
+            hs_token: secrets.hs_token.clone(),
+            server_name: config.matrix.server_name.clone(),
         },
         admin: AdminState {
             calls: calls.clone(),

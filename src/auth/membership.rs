@@ -1,9 +1,13 @@
 //! The membership gate: only users joined to the Matrix room get an SFU token.
 //!
-//! The store (fed by appservice transactions) answers for rooms Conclave follows; for a room it
-//! has never seen, the homeserver is asked as the appservice bot.
+//! Where the homeserver offers MSC4502 (`GET /_matrix/client/unstable/io.element.msc4502/
+//! rooms/{roomId}/is_joined?mxid=…`, Synapse's `msc4502_enabled`, the registration's
+//! `io.element.msc4502.scopes`), it answers; otherwise the store (fed by appservice
+//! transactions) answers for rooms Conclave follows, and for a room it has never seen, the
+//! homeserver's `m.room.member` state is read as the appservice bot.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::events::room::member::MembershipState;
@@ -11,7 +15,7 @@ use ruma::events::StateEventType;
 use ruma::{OwnedServerName, RoomId, UserId};
 
 use super::AuthError;
-use crate::matrix::client::{ClientError, HomeserverClient};
+use crate::matrix::client::{encode_path_segment, ClientError, HomeserverClient};
 use crate::store::AsyncStore;
 
 /// The gate: the store first, then the homeserver, then a short wait for evidence.
@@ -25,7 +29,12 @@ pub struct MembershipGate {
     bot_user_id: String,
     /// How long to wait for a followed room's membership evidence (`auth.membership_wait_ms`).
     wait: Duration,
+    /// Until when the homeserver is taken not to offer MSC4502 (asked again after that).
+    no_is_joined_until: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How long a homeserver without MSC4502 is not asked again.
+const IS_JOINED_RECHECK: Duration = Duration::from_secs(300);
 
 impl MembershipGate {
     /// A gate reading `store` and asking `homeserver` as the bot.
@@ -42,6 +51,7 @@ impl MembershipGate {
             server_name,
             bot_user_id,
             wait,
+            no_is_joined_until: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -51,6 +61,15 @@ impl MembershipGate {
         room_id: &RoomId,
         user_id: &UserId,
     ) -> Result<(), AuthError> {
+        match self.is_joined(room_id, user_id).await {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                return Err(AuthError::Forbidden(format!(
+                    "{user_id} is not joined to {room_id}"
+                )))
+            }
+            None => {}
+        }
         let (record, known) = self.store.membership(room_id, user_id).await?;
         let membership = match record {
             Some(r) => Some(r.membership),
@@ -83,6 +102,64 @@ impl MembershipGate {
                 "{user_id} is not a member of {room_id}"
             ))),
         }
+    }
+
+    /// MSC4502: the homeserver's answer, or `None` when it does not offer the endpoint (404,
+    /// 405, `M_UNRECOGNIZED`, or 403 for a registration without the scope) or fails; then the
+    /// endpoint is not asked again for [`IS_JOINED_RECHECK`].
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn is_joined(&self, room_id: &RoomId, user_id: &UserId) -> Option<bool> {
+        {
+            let until = self
+                .no_is_joined_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if until.is_some_and(|t| Instant::now() < t) {
+                return None;
+            }
+        }
+        let path = format!(
+            "/_matrix/client/unstable/io.element.msc4502/rooms/{}/is_joined",
+            encode_path_segment(room_id.as_str())
+        );
+        let answer = self
+            .homeserver
+            .send_json(
+                http::Method::GET,
+                &path,
+                &[("mxid", user_id.as_str())],
+                None,
+            )
+            .await;
+        match answer {
+            Ok((200, body)) => {
+                if let Some(joined) = body.get("joined").and_then(serde_json::Value::as_bool) {
+                    return Some(joined);
+                }
+                tracing::warn!("MSC4502 is_joined answered without `joined`; using the store");
+            }
+            Ok((status, body)) => {
+                let errcode = body.get("errcode").and_then(serde_json::Value::as_str);
+                if matches!(status, 404 | 405) || errcode == Some("M_UNRECOGNIZED") {
+                    tracing::debug!(status, "homeserver does not offer MSC4502 is_joined");
+                } else {
+                    tracing::warn!(
+                        status,
+                        errcode,
+                        "MSC4502 is_joined refused; using the store"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "MSC4502 is_joined failed; using the store");
+                return None;
+            }
+        }
+        *self
+            .no_is_joined_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + IS_JOINED_RECHECK);
+        None
     }
 
     /// Reads `m.room.member` for `user_id` from the homeserver as the bot.

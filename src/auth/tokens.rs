@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,7 @@ use super::AuthError;
 use crate::calls::issued::IssuedParticipant;
 use crate::calls::Calls;
 use crate::config::{AuthConfig, Config};
+use crate::matrix::client::HomeserverClient;
 use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
 use crate::net::SfuHandle;
 use crate::plumbing::RateLimiter;
@@ -98,6 +99,31 @@ pub struct TokenRequest {
     pub delay_cs_api_url: Option<String>,
 }
 
+/// The body of MSC4195's `get_token` and `delegate_delayed_leave` as the homeserver forwards
+/// them (MSC4512), and of the federation twin of `get_token`. No OpenID token: the homeserver
+/// vouches for the caller.
+#[derive(Debug, Deserialize)]
+pub struct RtcRequest {
+    /// Matrix room ID.
+    pub room_id: Option<String>,
+    /// Call slot (`m.call#ROOM`).
+    pub slot_id: Option<String>,
+    /// The server whose SFU the token is for (client endpoint; ours when absent).
+    pub server_name: Option<String>,
+    /// The SFU's WebSocket URL (must be ours when given).
+    pub url: Option<String>,
+    /// The remote user (federation endpoint only).
+    pub user_id: Option<String>,
+    /// The membership (`id`, `claimed_device_id`; `claimed_user_id` must be the caller).
+    pub member: Option<MemberBody>,
+    /// The membership ID in the MSC's flat form (when `member.id` is absent).
+    pub member_id: Option<String>,
+    /// MSC4140 delayed leave event ID.
+    pub delay_id: Option<String>,
+    /// Its timeout in ms.
+    pub delay_timeout: Option<u64>,
+}
+
 /// The answer of both endpoints.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TokenResponse {
@@ -107,17 +133,31 @@ pub struct TokenResponse {
     pub jwt: String,
 }
 
-/// A request, normalised from either endpoint.
+/// Who vouches for the caller.
+enum Caller {
+    /// An OpenID token, verified over federation at `server_name`.
+    OpenId {
+        server_name: OwnedServerName,
+        access_token: String,
+        expires_in: Option<u64>,
+    },
+    /// The homeserver (MSC4512: a request forwarded with the `hs_token`), for a local user, or
+    /// for a user of the authenticated origin server of a federation request.
+    Vouched(OwnedUserId),
+}
+
+/// A request, normalised from any endpoint.
 struct Normalized {
     room_id: OwnedRoomId,
     slot_id: String,
-    server_name: OwnedServerName,
-    access_token: String,
-    expires_in: Option<u64>,
+    caller: Caller,
     claimed_user: Option<String>,
     device_id: String,
     member_id: Option<String>,
     delay: Option<(String, u64)>,
+    /// Never publish (MSC4195: a token asked through the federation twin is for a user who
+    /// publishes on their own server's SFU), whatever `auth.remote_can_publish` says.
+    subscribe_only: bool,
 }
 
 fn required<T>(v: Option<T>, name: &str) -> Result<T, AuthError> {
@@ -174,13 +214,16 @@ impl Normalized {
         Ok(Self {
             room_id,
             slot_id: LEGACY_SLOT.to_owned(),
-            server_name,
-            access_token,
-            expires_in,
+            caller: Caller::OpenId {
+                server_name,
+                access_token,
+                expires_in,
+            },
             claimed_user: None,
             device_id: non_empty(r.device_id, "device_id")?,
             member_id: None,
             delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
         })
     }
 
@@ -195,16 +238,49 @@ impl Normalized {
         Ok(Self {
             room_id,
             slot_id,
-            server_name,
-            access_token,
-            expires_in,
+            caller: Caller::OpenId {
+                server_name,
+                access_token,
+                expires_in,
+            },
             claimed_user: Some(claimed_user),
             device_id,
             member_id: Some(member_id),
             delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
         })
     }
 }
+
+impl Normalized {
+    /// A forwarded request of `user_id`, vouched for by the homeserver.
+    fn from_rtc(r: RtcRequest, user_id: OwnedUserId) -> Result<Self, AuthError> {
+        let room_id = parse_room(non_empty(r.room_id, "room_id")?, "room_id")?;
+        let slot_id = non_empty(r.slot_id, "slot_id")?;
+        let member = required(r.member, "member")?;
+        let member_id = non_empty(member.id.or(r.member_id), "member.id")?;
+        let device_id = non_empty(member.claimed_device_id, "member.claimed_device_id")?;
+        Ok(Self {
+            room_id,
+            slot_id,
+            caller: Caller::Vouched(user_id),
+            claimed_user: member.claimed_user_id.filter(|s| !s.is_empty()),
+            device_id,
+            member_id: Some(member_id),
+            delay: parse_delay(r.delay_id, r.delay_timeout)?,
+            subscribe_only: false,
+        })
+    }
+}
+
+/// `fed_proxy` (MSC4512) on the homeserver: it signs and sends a federation request for us.
+const FED_PROXY_PATH: &str = "/_matrix/client/unstable/io.element.msc4512/appservice/fed_proxy";
+/// The federation twin of `get_token` on the remote server (MSC4195, unstable prefix).
+const FEDERATION_GET_TOKEN_PATH: &str =
+    "/_matrix/federation/unstable/io.element.msc4195/rtc/livekit/get_token";
+
+/// At most this much of a remote server's error message is relayed to the client.
+const RELAYED_ERROR_CHARS: usize = 200;
 
 /// What the token service needs of the configuration.
 #[derive(Debug, Clone)]
@@ -253,11 +329,13 @@ struct Inner {
     gate: MembershipGate,
     calls: Calls,
     sfu: SfuHandle,
+    homeserver: HomeserverClient,
 }
 
 impl TokenService {
     /// The service: verifies with `openid`, checks membership through `gate`, signs with
-    /// `signer`, records what it issues with `calls`, creates rooms in the SFU `sfu`.
+    /// `signer`, records what it issues with `calls`, creates rooms in the SFU `sfu`, relays
+    /// token requests for remote SFUs through `homeserver` (MSC4512 `fed_proxy`).
     pub fn new(
         settings: TokenSettings,
         openid: OpenIdVerifier,
@@ -265,6 +343,7 @@ impl TokenService {
         gate: MembershipGate,
         calls: Calls,
         sfu: SfuHandle,
+        homeserver: HomeserverClient,
     ) -> Self {
         let auth = &settings.auth;
         let homeserver_limits = Mutex::new(RateLimiter::new(
@@ -287,6 +366,7 @@ impl TokenService {
                 gate,
                 calls,
                 sfu,
+                homeserver,
             }),
         }
     }
@@ -312,6 +392,145 @@ impl TokenService {
     /// `calls::delayed`), including when the participant is connected already.
     pub async fn delegate_delayed_leave(&self, body: &[u8]) -> Result<(), AuthError> {
         let req = Normalized::from_token_request(parse_body::<TokenRequest>(body)?)?;
+        self.delegate(req).await
+    }
+
+    /// MSC4195 `get_token` forwarded by the homeserver (MSC4512) for its local user `user_id`:
+    /// for our SFU, a token as `/get_token` issues (no OpenID round trip); for another
+    /// server's (`server_name`), the request relayed through the homeserver's `fed_proxy`.
+    #[tracing::instrument(level = "debug", skip(self, body))]
+    pub async fn proxied_token(
+        &self,
+        user_id: &UserId,
+        body: &[u8],
+    ) -> Result<TokenResponse, AuthError> {
+        let raw: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| AuthError::NotJson(e.to_string()))?;
+        let r: RtcRequest = parse_body(body)?;
+        if let Some(server) = r.server_name.as_deref().filter(|s| !s.is_empty()) {
+            let server = ServerName::parse(server).map_err(|_| {
+                AuthError::InvalidParam(format!("`server_name` {server:?} is not a server name"))
+            })?;
+            if server != self.inner.settings.server_name {
+                return self.relay(user_id, &server, raw).await;
+            }
+        }
+        self.check_url(r.url.as_deref())?;
+        self.issue(Normalized::from_rtc(r, user_id.to_owned())?)
+            .await
+    }
+
+    /// MSC4195 `delegate_delayed_leave` forwarded by the homeserver (MSC4512) for its local
+    /// user `user_id`: as `/delegate_delayed_leave`.
+    #[tracing::instrument(level = "debug", skip(self, body))]
+    pub async fn proxied_delegate(&self, user_id: &UserId, body: &[u8]) -> Result<(), AuthError> {
+        let r: RtcRequest = parse_body(body)?;
+        self.check_url(r.url.as_deref())?;
+        self.delegate(Normalized::from_rtc(r, user_id.to_owned())?)
+            .await
+    }
+
+    /// The federation twin of `get_token`, forwarded by the homeserver (MSC4512) after it
+    /// checked the X-Matrix signature of `origin`: a token for `user_id` of the body, who must
+    /// belong to `origin`. Always subscribe-only (MSC4195: remote users publish at home).
+    #[tracing::instrument(level = "debug", skip(self, body))]
+    pub async fn federated_token(
+        &self,
+        origin: &ServerName,
+        body: &[u8],
+    ) -> Result<TokenResponse, AuthError> {
+        let r: RtcRequest = parse_body(body)?;
+        let user = non_empty(r.user_id.clone(), "user_id")?;
+        let user_id = UserId::parse(&user)
+            .map_err(|_| AuthError::InvalidParam(format!("`user_id` {user:?} is not a user ID")))?;
+        if user_id.server_name() != origin || origin == self.inner.settings.server_name {
+            return Err(AuthError::Forbidden(format!(
+                "{user_id} does not belong to the requesting server {origin}"
+            )));
+        }
+        self.check_url(r.url.as_deref())?;
+        let mut req = Normalized::from_rtc(r, user_id)?;
+        req.subscribe_only = true;
+        self.issue(req).await
+    }
+
+    /// MSC4195: a `url` naming another SFU than ours is refused (400 `M_INVALID_PARAM`).
+    fn check_url(&self, url: Option<&str>) -> Result<(), AuthError> {
+        let ours = self.inner.settings.livekit_public_url.trim_end_matches('/');
+        match url {
+            Some(u) if !u.is_empty() && u.trim_end_matches('/') != ours => Err(
+                AuthError::InvalidParam(format!("`url` {u:?} is not this server's SFU ({ours})")),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Relays `body` (the client's request) for `user_id` to `destination`'s federation
+    /// endpoint through the homeserver's MSC4512 `fed_proxy`; the remote server's 403 and 400
+    /// are relayed, anything else is a 502.
+    async fn relay(
+        &self,
+        user_id: &UserId,
+        destination: &ServerName,
+        mut body: serde_json::Value,
+    ) -> Result<TokenResponse, AuthError> {
+        self.limit_user(&user_id.to_owned(), Instant::now())?;
+        if let Some(o) = body.as_object_mut() {
+            o.remove("server_name");
+            o.insert("user_id".into(), serde_json::json!(user_id));
+        }
+        let request = serde_json::json!({
+            "destination": destination,
+            "method": "POST",
+            "path": FEDERATION_GET_TOKEN_PATH,
+            "body": body,
+        });
+        let (status, answer) = self
+            .inner
+            .homeserver
+            .send_json(http::Method::POST, FED_PROXY_PATH, &[], Some(&request))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "homeserver fed_proxy unreachable");
+                AuthError::HomeserverUnreachable(self.inner.settings.server_name.to_string())
+            })?;
+        if status != 200 {
+            tracing::warn!(status, %answer, %destination, "homeserver fed_proxy refused");
+            return Err(AuthError::HomeserverUnreachable(destination.to_string()));
+        }
+        let remote_status = answer.get("status").and_then(serde_json::Value::as_u64);
+        let content = answer.get("content").cloned().unwrap_or_default();
+        let text = |k: &str| content.get(k).and_then(serde_json::Value::as_str);
+        let message = || {
+            let error: String = text("error")
+                .unwrap_or("")
+                .chars()
+                .take(RELAYED_ERROR_CHARS)
+                .collect();
+            format!("{destination} refused the token request: {error}")
+        };
+        match remote_status {
+            Some(200) => match text("jwt") {
+                Some(jwt) => {
+                    tracing::info!(%user_id, %destination, "SFU token relayed");
+                    Ok(TokenResponse {
+                        url: text("url")
+                            .or(body.get("url").and_then(serde_json::Value::as_str))
+                            .unwrap_or_default()
+                            .to_owned(),
+                        jwt: jwt.to_owned(),
+                    })
+                }
+                None => Err(AuthError::HomeserverBadResponse(destination.to_string())),
+            },
+            Some(403) => Err(AuthError::Forbidden(message())),
+            Some(400) => Err(AuthError::InvalidParam(message())),
+            _ => Err(AuthError::HomeserverBadResponse(destination.to_string())),
+        }
+    }
+
+    /// The delegation of `req`'s delayed leave, checked as a token request.
+    async fn delegate(&self, req: Normalized) -> Result<(), AuthError> {
         if req.delay.is_none() {
             return Err(AuthError::BadJson(
                 "The request body is missing `delay_id` or `delay_timeout`".into(),
@@ -373,12 +592,25 @@ impl TokenService {
     /// OpenID token over federation, the user's rate limit, the claimed user, room membership,
     /// and that delegation is for full-access users only.
     async fn authorize(&self, req: &Normalized, now: Instant) -> Result<Authorized, AuthError> {
-        self.limit_homeserver(&req.server_name, now)?;
-        let user_id = self
-            .inner
-            .openid
-            .verify(&req.server_name, &req.access_token, req.expires_in, now)
-            .await?;
+        let user_id = match &req.caller {
+            Caller::OpenId {
+                server_name,
+                access_token,
+                expires_in,
+            } => {
+                self.limit_homeserver(server_name, now)?;
+                self.inner
+                    .openid
+                    .verify(server_name, access_token, *expires_in, now)
+                    .await?
+            }
+            Caller::Vouched(user_id) => {
+                if user_id.server_name() != self.inner.settings.server_name {
+                    self.limit_homeserver(user_id.server_name(), now)?;
+                }
+                user_id.clone()
+            }
+        };
         // The lookup may have taken a while: the clock of the request is not the clock now.
         self.limit_user(&user_id, Instant::now())?;
         if let Some(claimed) = &req.claimed_user {
@@ -394,7 +626,10 @@ impl TokenService {
                 .require_joined(&req.room_id, &user_id)
                 .await?;
         }
-        let full_access = self.is_full_access(&req.server_name);
+        let full_access = self.is_full_access(match &req.caller {
+            Caller::OpenId { server_name, .. } => server_name,
+            Caller::Vouched(user_id) => user_id.server_name(),
+        });
         if req.delay.is_some() && !full_access {
             return Err(AuthError::BadJson(
                 "Delegation of delayed events is only supported for full access users".into(),
@@ -458,6 +693,7 @@ impl TokenService {
         let settings = &self.inner.settings;
         let local = user_id.server_name() == settings.server_name;
         let auth = &settings.auth;
+        let can_publish = !req.subscribe_only && (local || auth.remote_can_publish);
         let claims = Claims {
             iss: self.inner.signer.key().to_owned(),
             sub: identity.to_string(),
@@ -468,9 +704,9 @@ impl TokenService {
             video: VideoGrant {
                 room: room.to_string(),
                 room_join: true,
-                can_publish: Some(local || auth.remote_can_publish),
+                can_publish: Some(can_publish),
                 can_subscribe: Some(local || auth.remote_can_subscribe),
-                can_publish_data: Some(local || auth.remote_can_publish),
+                can_publish_data: Some(can_publish),
                 can_update_own_metadata: Some(true),
                 ..VideoGrant::default()
             },
@@ -533,6 +769,30 @@ mod tests {
         ));
         let err = parse_body::<LegacyRequest>(br#"{"room": 5}"#).unwrap_err();
         assert!(err.to_string().contains("room"), "{err}");
+    }
+
+    #[test]
+    fn forwarded_bodies_need_a_member_and_its_device() {
+        let user = OwnedUserId::try_from("@a:b").unwrap();
+        let r: RtcRequest = parse_body(
+            br#"{"room_id":"!r:b","slot_id":"m.call#ROOM","url":"ws://x","member":{"id":"m"}}"#,
+        )
+        .unwrap();
+        let err = Normalized::from_rtc(r, user.clone()).err().unwrap();
+        assert!(
+            err.to_string().contains("member.claimed_device_id"),
+            "{err}"
+        );
+        // The MSC's flat `member_id` stands for `member.id`.
+        let r: RtcRequest = parse_body(
+            br#"{"room_id":"!r:b","slot_id":"s","member_id":"m","member":{"claimed_device_id":"D"}}"#,
+        )
+        .unwrap();
+        let n = Normalized::from_rtc(r, user).unwrap();
+        assert_eq!(n.member_id.as_deref(), Some("m"));
+        assert_eq!(n.device_id, "D");
+        assert!(matches!(n.caller, Caller::Vouched(_)));
+        assert!(!n.subscribe_only);
     }
 
     #[test]

@@ -2,19 +2,31 @@
 //! /delegate_delayed_leave` (the [`TokenService`] does the work), with lk-jwt-service's CORS
 //! and statuses, and Matrix JSON errors (rate limits: 429 `M_LIMIT_EXCEEDED` with
 //! `retry_after_ms` and `Retry-After`, CORS headers as on every answer).
+//!
+//! The same endpoints as the homeserver forwards them (MSC4512, see `docs/design/msc4195.md`):
+//! `…/rtc/livekit/get_token` and `…/rtc/livekit/delegate_delayed_leave` under
+//! `/_matrix/client/{v1,unstable/io.element.msc4195}`, and the federation twin
+//! `/_matrix/federation/{v1,unstable/io.element.msc4195}/rtc/livekit/get_token`. They trust
+//! `X-Matrix-User-Identifier` / `X-Matrix-Origin` only with the `hs_token`.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use ruma::api::error::ErrorCode;
+use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
+
+use super::bearer::{self, Bearer, BearerPolicy};
 use crate::auth::tokens::{TokenResponse, TokenService};
 use crate::auth::AuthError;
+use crate::config::Secret;
 use crate::http::error::MatrixErrorResponse;
 use crate::metrics::{inc, Metrics};
 
@@ -27,6 +39,90 @@ pub struct TokenState {
     pub tokens: TokenService,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The token the homeserver presents on requests it forwards (MSC4512).
+    pub hs_token: Secret,
+    /// This homeserver's name (forwarded client requests are for its users only).
+    pub server_name: OwnedServerName,
+}
+
+/// The header naming the authenticated user of a forwarded client request (MSC4512).
+const USER_HEADER: &str = "x-matrix-user-identifier";
+/// The header naming the authenticated origin of a forwarded federation request (MSC4512).
+const ORIGIN_HEADER: &str = "x-matrix-origin";
+
+/// Proof that a request was forwarded by the homeserver: `Authorization: Bearer <hs_token>`
+/// (the query-string form is not accepted: Synapse strips it). Missing or wrong: 401.
+pub struct ForwardedByHomeserver;
+
+impl BearerPolicy for ForwardedByHomeserver {
+    type State = TokenState;
+
+    fn check(parts: &Parts, state: &TokenState) -> Result<Self, MatrixErrorResponse> {
+        match bearer::presented(parts) {
+            None => Err(MatrixErrorResponse::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::MissingToken,
+                "Missing access token: this endpoint is served to the homeserver only",
+            )),
+            Some(t) if bearer::matches(&t, state.hs_token.expose()) => Ok(ForwardedByHomeserver),
+            Some(_) => {
+                tracing::warn!(uri = %parts.uri.path(), "forwarded request with a wrong hs_token");
+                Err(MatrixErrorResponse::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::UnknownToken,
+                    "Invalid hs_token",
+                ))
+            }
+        }
+    }
+}
+
+/// The homeserver-vouched header `name`, or 401.
+fn vouched_header<'a>(parts: &'a Parts, name: &str) -> Result<&'a str, MatrixErrorResponse> {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            MatrixErrorResponse::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                format!("Missing {name} header"),
+            )
+        })
+}
+
+/// The local user a forwarded client request is for.
+fn forwarded_user(parts: &Parts, state: &TokenState) -> Result<OwnedUserId, MatrixErrorResponse> {
+    let value = vouched_header(parts, USER_HEADER)?;
+    let user = UserId::parse(value).map_err(|_| {
+        MatrixErrorResponse::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!("{USER_HEADER} is not a user ID"),
+        )
+    })?;
+    if user.server_name() != state.server_name {
+        return Err(MatrixErrorResponse::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("{user} is not a user of {}", state.server_name),
+        ));
+    }
+    Ok(user)
+}
+
+/// The origin server of a forwarded federation request.
+fn forwarded_origin(parts: &Parts) -> Result<OwnedServerName, MatrixErrorResponse> {
+    let value = vouched_header(parts, ORIGIN_HEADER)?;
+    ServerName::parse(value).map_err(|_| {
+        MatrixErrorResponse::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            format!("{ORIGIN_HEADER} is not a server name"),
+        )
+    })
 }
 
 fn respond(state: &TokenState, result: Result<TokenResponse, AuthError>) -> Response {
@@ -112,6 +208,84 @@ pub async fn post_delegate_delayed_leave(
             MatrixErrorResponse::from(e).into_response()
         }
     }
+}
+
+/// The body, or the refusal of it (counted as a refused token request).
+fn read_body(
+    state: &TokenState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, Box<Response>> {
+    body.map_err(|r| {
+        inc(&state.metrics.tokens_refused);
+        Box::new(MatrixErrorResponse::from_body_rejection(&r).into_response())
+    })
+}
+
+/// `POST /_matrix/client/{v1,unstable/io.element.msc4195}/rtc/livekit/get_token`, forwarded by
+/// the homeserver (MSC4512): a token for the user of `X-Matrix-User-Identifier`.
+pub async fn post_forwarded_get_token(
+    _: Bearer<ForwardedByHomeserver>,
+    State(state): State<TokenState>,
+    parts: Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let user = match forwarded_user(&parts, &state) {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_body(&state, body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let result = state.tokens.proxied_token(&user, &body).await;
+    respond(&state, result)
+}
+
+/// `POST /_matrix/client/{v1,unstable/io.element.msc4195}/rtc/livekit/delegate_delayed_leave`,
+/// forwarded by the homeserver (MSC4512): as `POST /delegate_delayed_leave`.
+pub async fn post_forwarded_delegate_delayed_leave(
+    _: Bearer<ForwardedByHomeserver>,
+    State(state): State<TokenState>,
+    parts: Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let user = match forwarded_user(&parts, &state) {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return MatrixErrorResponse::from_body_rejection(&r).into_response(),
+    };
+    match state.tokens.proxied_delegate(&user, &body).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => {
+            count_rate_limited(&state, &e);
+            log_refusal(&e, "delayed leave delegation refused");
+            MatrixErrorResponse::from(e).into_response()
+        }
+    }
+}
+
+/// `POST /_matrix/federation/{v1,unstable/io.element.msc4195}/rtc/livekit/get_token`,
+/// forwarded by the homeserver (MSC4512) once it checked the origin's signature: a token for
+/// a user of `X-Matrix-Origin`.
+pub async fn post_forwarded_federation_get_token(
+    _: Bearer<ForwardedByHomeserver>,
+    State(state): State<TokenState>,
+    parts: Parts,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let origin = match forwarded_origin(&parts) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_body(&state, body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let result = state.tokens.federated_token(&origin, &body).await;
+    respond(&state, result)
 }
 
 /// CORS as lk-jwt-service (plus `Retry-After` exposed): every response carries it; `OPTIONS`

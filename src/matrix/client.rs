@@ -108,6 +108,33 @@ impl HomeserverClient {
         self.execute(http_req).await
     }
 
+    /// Sends a JSON request to an endpoint ruma does not describe (MSC4502's `is_joined`,
+    /// MSC4512's `fed_proxy`) as the appservice bot: `path` (already encoded) is appended to
+    /// the base URL. Answers the status and the JSON body (`Null` when the body is not JSON).
+    pub async fn send_json(
+        &self,
+        method: http::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .query(query)
+            .bearer_auth(self.as_token.expose());
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
     async fn execute<T: IncomingResponse>(
         &self,
         req: http::Request<Vec<u8>>,
@@ -135,5 +162,30 @@ impl HomeserverClient {
                 String::from_utf8_lossy(&bytes).chars().take(500).collect()
             },
         })
+    }
+}
+
+/// Percent-encodes `segment` for a URL path: everything but unreserved characters and the
+/// sigils and separators of Matrix IDs (`!`, `@`, `:`).
+pub fn encode_path_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!@:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_keep_matrix_sigils() {
+        assert_eq!(encode_path_segment("!abc:example.org"), "!abc:example.org");
+        assert_eq!(encode_path_segment("!a/b c:[::1]"), "!a%2Fb%20c:%5B::1%5D");
     }
 }

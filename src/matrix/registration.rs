@@ -48,7 +48,23 @@ pub struct Registration {
     /// MSC2409 ephemeral events (unstable name, still read by Synapse).
     #[serde(rename = "de.sorunome.msc2409.push_ephemeral")]
     pub push_ephemeral_unstable: bool,
+    /// MSC4512: the client and federation API paths the homeserver forwards to Conclave
+    /// (`/_matrix/{client,federation}/<version>/rtc/livekit/…`; Synapse's `msc4512_enabled`).
+    #[serde(rename = "io.element.msc4512.proxy_prefix")]
+    pub proxy_prefix: String,
+    /// MSC4512: where the homeserver forwards them (the same path under this URL).
+    #[serde(rename = "io.element.msc4512.proxy_url")]
+    pub proxy_url: String,
+    /// MSC4502: the scopes granted to Conclave (asking whether a user is joined to a room).
+    #[serde(rename = "io.element.msc4502.scopes")]
+    pub scopes: Vec<String>,
 }
+
+/// The path prefix Conclave claims under MSC4512 (the only one Synapse allows).
+pub const PROXY_PREFIX: &str = "rtc/livekit";
+
+/// The MSC4502 scope of `GET …/rooms/{roomId}/is_joined`.
+pub const IS_JOINED_SCOPE: &str = "urn:matrix:client:io.element.msc4502:rooms:is_joined";
 
 /// Escapes regex metacharacters in a literal.
 fn regex_escape(s: &str) -> String {
@@ -66,9 +82,10 @@ impl Registration {
     /// The registration for `config`, with the tokens of `secrets`, reachable at `url`.
     pub fn new(config: &Config, secrets: &Secrets, url: &str) -> Self {
         let server = regex_escape(config.matrix.server_name.as_str());
+        let url = url.trim_end_matches('/').to_owned();
         Self {
             id: config.appservice.id.clone(),
-            url: url.trim_end_matches('/').to_owned(),
+            url: url.clone(),
             as_token: secrets.as_token.expose().to_owned(),
             hs_token: secrets.hs_token.expose().to_owned(),
             sender_localpart: config.appservice.sender_localpart.clone(),
@@ -89,6 +106,9 @@ impl Registration {
             rate_limited: false,
             receive_ephemeral: true,
             push_ephemeral_unstable: true,
+            proxy_prefix: PROXY_PREFIX.to_owned(),
+            proxy_url: url,
+            scopes: vec![IS_JOINED_SCOPE.to_owned()],
         }
     }
 
@@ -132,5 +152,8 @@ mod tests {
             "@_conclave_.*:min\\.example\\.gouv\\.fr"
         );
         assert_eq!(v["namespaces"]["users"][0]["exclusive"], true);
+        assert_eq!(v["io.element.msc4512.proxy_prefix"], "rtc/livekit");
+        assert_eq!(v["io.element.msc4512.proxy_url"], "http://127.0.0.1:8080");
+        assert_eq!(v["io.element.msc4502.scopes"][0], IS_JOINED_SCOPE);
     }
 }

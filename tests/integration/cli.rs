@@ -219,3 +219,70 @@ async fn print_discovery_points_at_the_token_service() {
         "http://127.0.0.1:8080"
     );
 }
+
+#[tokio::test]
+async fn msc4512_registration_and_discovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bare_command(
+        dir.path(),
+        &[
+            "generate-registration",
+            "--url",
+            "http://conclave.internal:8080/",
+            "--output",
+            "-",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml["io.element.msc4512.proxy_prefix"], "rtc/livekit");
+    assert_eq!(
+        yaml["io.element.msc4512.proxy_url"],
+        "http://conclave.internal:8080"
+    );
+    assert_eq!(yaml["url"], "http://conclave.internal:8080");
+    assert_eq!(
+        yaml["io.element.msc4502.scopes"][0],
+        "urn:matrix:client:io.element.msc4502:rooms:is_joined"
+    );
+
+    let out = bare_command(dir.path(), &["print-discovery", "--json", "--msc4512"])
+        .env("CONCLAVE_LIVEKIT__PUBLIC_URL", "wss://sfu.ministry.example")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flags = &v["synapse"]["experimental_features"];
+    assert_eq!(flags["msc4512_enabled"], true);
+    assert_eq!(flags["msc4502_enabled"], true);
+    assert_eq!(flags["msc4143_enabled"], true);
+    assert_eq!(
+        v["synapse"]["matrix_rtc"]["transports"],
+        serde_json::json!([{"type": "livekit", "url": "wss://sfu.ministry.example"}])
+    );
+    // The annotated form: the same block, as YAML.
+    let out = bare_command(dir.path(), &["print-discovery", "--msc4512"])
+        .env("CONCLAVE_LIVEKIT__PUBLIC_URL", "wss://sfu.ministry.example")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("MSC4512"), "{text}");
+    let yaml_part: String = text
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .take_while(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let y: serde_yaml::Value = serde_yaml::from_str(&yaml_part).unwrap();
+    assert_eq!(y["experimental_features"]["msc4512_enabled"], true);
+    assert_eq!(
+        y["matrix_rtc"]["transports"][0]["url"],
+        "wss://sfu.ministry.example"
+    );
+}

@@ -32,6 +32,8 @@ mod media;
 mod data;
 // MSC4140 delayed leaves driven by the SFU connection.
 mod delayed;
+// MSC4195's endpoints as Synapse forwards them (MSC4512), the federation twin, MSC4502.
+mod msc4512;
 // Chromium + livekit-client through the SFU.
 mod browser;
 // The LiveKit RoomService API (Twirp) through the Python `livekit-api` and raw HTTP.
