@@ -104,6 +104,34 @@ pub(super) fn only_offered_formats(answer: &str, offer: &str) -> String {
     out.join(eol)
 }
 
+/// Whether the m-section of `mid` in `sdp` lists RED among its formats. A client's
+/// `recvonly` slot offered without RED must never get str0m's RED wrapping (str0m would use
+/// the RED payload type another section negotiated, which this one does not know).
+pub(super) fn offers_red(sdp: &str, mid: &str) -> bool {
+    let eol = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
+    sections(sdp, eol)
+        .into_iter()
+        .find(|section| {
+            section
+                .iter()
+                .any(|l| l.strip_prefix("a=mid:") == Some(mid))
+        })
+        .is_some_and(|section| {
+            let formats: Vec<&str> = section
+                .first()
+                .and_then(|l| l.strip_prefix("m="))
+                .map(|m| m.split(' ').skip(3).collect())
+                .unwrap_or_default();
+            section
+                .iter()
+                .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+                .filter_map(|v| v.split_once(' '))
+                .any(|(pt, codec)| {
+                    formats.contains(&pt) && codec.to_ascii_lowercase().starts_with("red/")
+                })
+        })
+}
+
 /// The m-sections of `sdp` (the session part first), as lines.
 fn sections<'a>(sdp: &'a str, eol: &str) -> Vec<Vec<&'a str>> {
     let mut out: Vec<Vec<&str>> = vec![Vec::new()];
@@ -173,7 +201,7 @@ fn names_payload_type(line: &str, pts: &[&str]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{only_offered_formats, strip_red};
+    use super::{offers_red, only_offered_formats, strip_red};
 
     const OFFER: &str = "v=0\r\n\
         o=- 1 2 IN IP4 127.0.0.1\r\n\
@@ -271,6 +299,20 @@ mod tests {
             out.len(),
             answer.len() - " 63".len() - "a=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n".len()
         );
+    }
+
+    #[test]
+    fn offers_red_reads_the_named_section_only() {
+        let offer = "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\n\
+            a=rtpmap:111 opus/48000/2\r\na=rtpmap:63 red/48000/2\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=rtpmap:111 opus/48000/2\r\n\
+            a=rtpmap:63 red/48000/2\r\n";
+        assert!(offers_red(offer, "0"));
+        // An rtpmap for a format the m= line does not list does not count.
+        assert!(!offers_red(offer, "1"));
+        assert!(!offers_red(offer, "2"));
+        assert!(!offers_red("", "0"));
     }
 
     #[test]

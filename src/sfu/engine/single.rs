@@ -209,8 +209,10 @@ impl Sfu {
                 s.state = SlotState::Assigned(d.track_sid.clone());
                 d.state = DownState::Open(s.mid);
                 if d.kind == MediaKind::Audio {
-                    // A slot may carry a RED-less track after a RED one, or the reverse.
-                    pc.rtc.direct_api().set_red_send(s.mid, d.red);
+                    // A slot may carry a RED-less track after a RED one, or the reverse;
+                    // and RED only where the client offered it on this slot.
+                    let red = d.red && super::red::offers_red(sdp, &s.mid.to_string());
+                    pc.rtc.direct_api().set_red_send(s.mid, red);
                 }
             }
         }
