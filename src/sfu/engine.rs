@@ -28,6 +28,7 @@ mod red;
 mod requests;
 mod room;
 mod single;
+mod timers;
 mod track;
 
 use downtrack::DownTrack;
@@ -360,6 +361,8 @@ pub struct Sfu {
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
     out: VecDeque<Output>,
+    /// Each participant's earliest deadline, filed after every poll of its connections.
+    timers: timers::Timers,
     next_speakers: Option<Instant>,
     next_quality: Option<Instant>,
     unix_now: i64,
@@ -413,6 +416,7 @@ impl Sfu {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             out: VecDeque::new(),
+            timers: timers::Timers::default(),
             next_speakers: None,
             next_quality: None,
             unix_now: 0,
@@ -452,7 +456,8 @@ impl Sfu {
         Output::Timeout(self.poll_timeout())
     }
 
-    fn poll_timeout(&self) -> Instant {
+    fn poll_timeout(&mut self) -> Instant {
+        let participants = self.timers.next();
         let mut t: Option<Instant> = self.next_speakers;
         let mut take = |x: Instant| {
             t = Some(match t {
@@ -466,10 +471,8 @@ impl Sfu {
         if let Some(e) = self.next_expiry() {
             take(e);
         }
-        for room in self.rooms.values() {
-            for p in room.participants.values() {
-                take(p.next_timeout());
-            }
+        if let Some(p) = participants {
+            take(p);
         }
         // With nothing scheduled, wake up rarely.
         t.unwrap_or(self.last_now + Duration::from_secs(3600))
@@ -555,34 +558,38 @@ impl Sfu {
         self.drain(now, session);
     }
 
-    /// Drives time: timers of every peer connection and periodic room tasks.
+    /// Drives time: the due timers of peer connections (only the participants whose deadline
+    /// passed: `engine/timers.rs`) and periodic room tasks.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        let mut due = Vec::new();
-        let mut dead = Vec::new();
-        for room in self.rooms.values() {
-            for p in room.participants.values() {
-                if p.timers_due(now) {
-                    due.push(p.session);
-                }
-                if let Some(reason) = p.connection_lost(now) {
-                    dead.push((p.session, reason));
-                }
+        for session in self.timers.pop_due(now) {
+            let timers_due = self
+                .participant_mut(session)
+                .map(|p| {
+                    let due = p.timers_due(now);
+                    if due {
+                        p.handle_timeout(now);
+                    }
+                    due
+                })
+                .unwrap_or(false);
+            if timers_due {
+                self.drain(now, session);
             }
-        }
-        for session in due {
-            if let Some(p) = self.participant_mut(session) {
-                p.handle_timeout(now);
+            let lost = self
+                .participant_mut(session)
+                .and_then(|p| p.connection_lost(now));
+            match lost {
+                Some(reason) => {
+                    tracing::info!(
+                        %session,
+                        ?reason,
+                        "peer connection lost; removing participant"
+                    );
+                    self.leave(now, session, reason, true);
+                }
+                None => self.schedule(session),
             }
-            self.drain(now, session);
-        }
-        for (session, reason) in dead {
-            tracing::info!(
-                %session,
-                ?reason,
-                "peer connection lost; removing participant"
-            );
-            self.leave(now, session, reason, true);
         }
         self.expire_rooms(now);
         if self.next_speakers.is_some_and(|t| t <= now) {
@@ -814,6 +821,7 @@ impl Sfu {
             }
         }
         room.participants.insert(session, participant);
+        self.schedule(session);
         self.count_participant(now, &room_name, true);
         // v0: the first subscriber offer, data channels plus existing tracks (fast start).
         // v1: nothing, the client offers first (design §1.5).
@@ -874,6 +882,7 @@ impl Sfu {
         let Some(mut p) = room.participants.remove(&session) else {
             return;
         };
+        self.timers.remove(session);
         for pc in p.transport.pcs() {
             self.by_ufrag.remove(&pc.ufrag);
         }
@@ -988,6 +997,7 @@ impl Sfu {
                 break;
             }
             let (forwards, relayed_to) = self.drain_one(now, s);
+            self.schedule(s);
             let mut touched = relayed_to;
             for f in forwards {
                 touched.extend(self.forward(now, f));
@@ -1049,6 +1059,15 @@ impl Sfu {
             }
         }
         (polled.forwards, relayed_to)
+    }
+
+    /// Files `session`'s earliest deadline (after a poll of its connections changed it).
+    fn schedule(&mut self, session: SessionId) {
+        let at = self.participant_mut(session).map(|p| p.next_timeout());
+        match at {
+            Some(at) => self.timers.set(session, at),
+            None => self.timers.remove(session),
+        }
     }
 
     fn publisher_of(&self, track_sid: &TrackSid) -> Option<SessionId> {
