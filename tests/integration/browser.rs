@@ -334,18 +334,21 @@ async fn browser_with_sdk_default_signalling_falls_back_to_v0() {
     );
 }
 
-/// Conclave's defaults (`rtc.single_pc` on): two tabs with the SDK's default options
-/// (`singlePeerConnection` on) connect through `/rtc/v1` with one peer connection each,
-/// publish camera and microphone, and see and hear each other. `/metrics` counts both sessions
-/// as v1 and none as v0: no fallback happened.
-#[tokio::test]
-async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
-    let _heavy = heavy_lock();
-    let c = sfu().await;
+/// Two tabs, alice (a) and bob (b), in `room` with `single_pc` (see [`TabSpec::single_pc`])
+/// and E2EE with `e2ee_key` if set, each publishing camera and microphone: each must see the
+/// other's video playing and hear its audio. Panics (with the report) otherwise; prints what
+/// each tab played.
+async fn see_and_hear_each_other(
+    c: &Conclave,
+    room: &str,
+    single_pc: Option<bool>,
+    e2ee_key: Option<&str>,
+) -> BrowserReport {
     let mut tabs = Vec::new();
     for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
-        let mut t = TabSpec::new(label, c.ws_url(), c.token("b6", me, grants()));
-        t.single_pc = None; // SDK default: `/rtc/v1`, one peer connection
+        let mut t = TabSpec::new(label, c.ws_url(), c.token(room, me, grants()));
+        t.single_pc = single_pc;
+        t.e2ee_key = e2ee_key.map(str::to_owned);
         t.expect_video_playing = vec![(other.into(), 30)];
         t.expect_remote_tracks = vec![(other.into(), Some("audio".into()))];
         t.expect_audio_level = vec![(other.into(), 0.01)];
@@ -357,27 +360,38 @@ async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
     let report = Browser::run(spec).await.unwrap();
     check(
         report.exit_code == 0,
-        "both v1 tabs saw and heard each other",
+        &format!("{room}: both tabs saw and heard each other (single_pc {single_pc:?})"),
         &report,
-        &c,
+        c,
     );
     for (label, other) in [("a", "bob"), ("b", "alice")] {
         let videos = report.remote(label, "videos", other);
         let v = videos.first().copied().cloned().unwrap_or(Value::Null);
         eprintln!(
-            "v1 tab {label} <- {other}: {}x{}, {} frames painted, {} fps",
-            v["video_width"], v["video_height"], v["frames"], v["fps_1s"]
+            "{room} tab {label} <- {other}: {}x{}, {} frames painted, {} decoded, {} fps",
+            v["video_width"],
+            v["video_height"],
+            v["frames"],
+            v["stats"]["frames_decoded"],
+            v["fps_1s"]
         );
+    }
+    report
+}
+
+/// Conclave's defaults (`rtc.single_pc` on): two tabs with the SDK's default options
+/// (`singlePeerConnection` on) connect through `/rtc/v1` with one peer connection each,
+/// publish camera and microphone, and see and hear each other. `/metrics` counts both sessions
+/// as v1 and none as v0: no fallback happened.
+#[tokio::test]
+async fn browser_with_sdk_default_signalling_uses_v1_with_single_pc() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let report = see_and_hear_each_other(&c, "b6", None, None).await;
+    for label in ["a", "b"] {
         check_clean_console(&report, label, &c);
     }
-    let v1 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
-        .await
-        .unwrap();
-    let v0 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
-        .await
-        .unwrap();
+    let (v0, v1) = c.signal_sessions().await.unwrap();
     check(
         (v1, v0) == (2, 0),
         &format!("both sessions on v1, none on v0: v1 {v1}, v0 {v0}"),
@@ -397,33 +411,9 @@ async fn e2ee_tabs_see_and_hear_each_other_on_v0_and_v1() {
     let c = sfu().await;
     for (path, single_pc) in [("v0", Some(false)), ("v1", None)] {
         let room = format!("e2ee-{path}");
-        let mut tabs = Vec::new();
-        for (label, me, other) in [("a", "alice", "bob"), ("b", "bob", "alice")] {
-            let mut t = TabSpec::new(label, c.ws_url(), c.token(&room, me, grants()));
-            t.single_pc = single_pc;
-            t.e2ee_key = Some("conclave e2ee test key".into());
-            t.expect_video_playing = vec![(other.into(), 30)];
-            t.expect_remote_tracks = vec![(other.into(), Some("audio".into()))];
-            t.expect_audio_level = vec![(other.into(), 0.01)];
-            tabs.push(t);
-        }
-        let mut spec = BrowserSpec::new(tabs);
-        spec.timeout_s = 45.0;
-        spec.min_duration_s = 2.0;
-        let report = Browser::run(spec).await.unwrap();
-        check(
-            report.exit_code == 0,
-            &format!("{path}: both encrypted tabs saw and heard each other"),
-            &report,
-            &c,
-        );
-        for (label, other) in [("a", "bob"), ("b", "alice")] {
-            let videos = report.remote(label, "videos", other);
-            let v = videos.first().copied().cloned().unwrap_or(Value::Null);
-            eprintln!(
-                "{path} e2ee tab {label} <- {other}: {}x{}, {} frames painted, {} decoded",
-                v["video_width"], v["video_height"], v["frames"], v["stats"]["frames_decoded"]
-            );
+        let report =
+            see_and_hear_each_other(&c, &room, single_pc, Some("conclave e2ee test key")).await;
+        for label in ["a", "b"] {
             let encryption_errors = report.events_named(label, "encryption_error");
             check(
                 encryption_errors.is_empty(),
@@ -433,13 +423,6 @@ async fn e2ee_tabs_see_and_hear_each_other_on_v0_and_v1() {
             );
         }
     }
-    let v1 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
-        .await
-        .unwrap();
-    let v0 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
-        .await
-        .unwrap();
+    let (v0, v1) = c.signal_sessions().await.unwrap();
     assert_eq!((v0, v1), (2, 2), "one pair on each signalling path");
 }

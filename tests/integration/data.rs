@@ -61,14 +61,7 @@ async fn python_sdk_rpc_text_streams_and_addressed_data() {
     for (room, dual_pc) in [("data-v0", true), ("data-v1", false)] {
         rpc_text_streams_and_addressed_data(&c, room, dual_pc).await;
     }
-    let v1 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
-        .await
-        .unwrap();
-    let v0 = c
-        .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
-        .await
-        .unwrap();
+    let (v0, v1) = c.signal_sessions().await.unwrap();
     assert_eq!((v0, v1), (3, 3), "three clients on each signalling path");
 }
 

@@ -260,14 +260,7 @@ async fn element_call_two_ministries() {
     // Element Call 0.26 (livekit-client's single peer connection) joined every time through
     // `/rtc/v1`, Conclave's default: one peer connection per page, never the v0 fallback.
     for (name, c) in [("Conclave-1", &m.c1), ("Conclave-2", &m.c2)] {
-        let v1 = c
-            .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
-            .await
-            .expect("metrics");
-        let v0 = c
-            .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
-            .await
-            .expect("metrics");
+        let (v0, v1) = c.signal_sessions().await.expect("metrics");
         assert!(
             v1 >= 2 && v0 == 0,
             "{name}: Element Call joined on v1 only (v1 {v1}, v0 {v0})"

@@ -246,16 +246,6 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
         unreachable!()
     };
     let request = lk::JoinRequest {
-        client_info: Some(lk::ClientInfo {
-            sdk: lk::client_info::Sdk::Js as i32,
-            protocol: 16,
-            client_protocol: 1,
-            ..Default::default()
-        }),
-        connection_settings: Some(lk::ConnectionSettings {
-            auto_subscribe: true,
-            ..Default::default()
-        }),
         add_track_requests: vec![track],
         publisher_offer: Some(lk::SessionDescription {
             r#type: "offer".into(),
@@ -263,7 +253,7 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
             id: 1,
             mid_to_track_id: Default::default(),
         }),
-        ..Default::default()
+        ..plain_join_request()
     };
     let token = c.token("r", "alice", json!({}));
     let url = format!(
@@ -302,10 +292,7 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
         .await
         .unwrap();
     assert!(expect_join(&mut b).await.unwrap().subscriber_primary);
-    let v1 = "conclave_signal_sessions_total{signalling=\"v1\"}";
-    let v0 = "conclave_signal_sessions_total{signalling=\"v0\"}";
-    assert_eq!(c.metric(v1).await.unwrap(), 1);
-    assert_eq!(c.metric(v0).await.unwrap(), 1);
+    assert_eq!(c.signal_sessions().await.unwrap(), (1, 1));
 
     // `reconnect` in the join request: no resume, the client is told to rejoin in full.
     let again = lk::JoinRequest {
@@ -325,7 +312,7 @@ async fn v1_connect_answers_the_embedded_offer_after_join() {
         }
         other => panic!("reconnect must get leave(RECONNECT): {other:?}"),
     }
-    assert_eq!(c.metric(v1).await.unwrap(), 1);
+    assert_eq!(c.signal_sessions().await.unwrap(), (1, 1));
 }
 
 /// v1: the join request's `metadata` and `participant_attributes` (allowed by

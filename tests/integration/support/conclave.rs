@@ -344,6 +344,18 @@ impl Conclave {
             .with_context(|| format!("metric {name} not found in:\n{text}"))
     }
 
+    /// Signalling sessions so far per path, `(v0, v1)`, from
+    /// `conclave_signal_sessions_total{signalling=…}`.
+    pub async fn signal_sessions(&self) -> Result<(u64, u64)> {
+        let v0 = self
+            .metric("conclave_signal_sessions_total{signalling=\"v0\"}")
+            .await?;
+        let v1 = self
+            .metric("conclave_signal_sessions_total{signalling=\"v1\"}")
+            .await?;
+        Ok((v0, v1))
+    }
+
     /// Opens the instance's database (read alongside the running process; WAL allows it).
     pub fn store(&self) -> Result<SqliteStore> {
         Ok(SqliteStore::open(&self.data_dir.join("conclave.db"))?)
