@@ -10,13 +10,13 @@ use std::collections::HashMap;
 
 /// Longest participant display name, in bytes (LiveKit `max_participant_name_length`).
 pub const MAX_PARTICIPANT_NAME_BYTES: usize = 256;
-/// Largest participant metadata, in bytes (LiveKit `max_metadata_size`).
-pub const MAX_METADATA_BYTES: usize = 64_000;
+/// Largest participant metadata, in bytes (LiveKit `max_metadata_size`: 512 KiB).
+pub const MAX_METADATA_BYTES: usize = 512 * 1024;
 /// Largest total of a participant's attributes, keys plus values, in bytes (LiveKit
 /// `max_attributes_size`).
 pub const MAX_ATTRIBUTES_BYTES: usize = 64_000;
 /// Largest room metadata, in bytes (LiveKit applies `max_metadata_size` to rooms too).
-pub const MAX_ROOM_METADATA_BYTES: usize = 64_000;
+pub const MAX_ROOM_METADATA_BYTES: usize = MAX_METADATA_BYTES;
 /// Longest participant identity, in bytes (LiveKit `max_participant_identity_length`).
 pub const MAX_PARTICIPANT_IDENTITY_BYTES: usize = 256;
 /// Longest room name, in bytes (LiveKit `max_room_name_length`).
@@ -144,7 +144,7 @@ mod tests {
         let none = HashMap::new();
         let at = |n| "x".repeat(n);
         assert_eq!(
-            check_participant_update(&none, &at(256), &at(64_000), &none),
+            check_participant_update(&none, &at(256), &at(MAX_METADATA_BYTES), &none),
             Ok(())
         );
         assert_eq!(
@@ -152,7 +152,7 @@ mod tests {
             Err(LimitExceeded::Name)
         );
         assert_eq!(
-            check_participant_update(&none, "", &at(64_001), &none),
+            check_participant_update(&none, "", &at(MAX_METADATA_BYTES + 1), &none),
             Err(LimitExceeded::Metadata)
         );
         // Bytes, not characters: 128 two-byte characters are 256 bytes.
@@ -160,9 +160,9 @@ mod tests {
             check_participant_update(&none, &"é".repeat(129), "", &none),
             Err(LimitExceeded::Name)
         );
-        assert_eq!(check_room_metadata(&at(64_000)), Ok(()));
+        assert_eq!(check_room_metadata(&at(MAX_ROOM_METADATA_BYTES)), Ok(()));
         assert_eq!(
-            check_room_metadata(&at(64_001)),
+            check_room_metadata(&at(MAX_ROOM_METADATA_BYTES + 1)),
             Err(LimitExceeded::RoomMetadata)
         );
         assert_eq!(check_join(&at(256), &at(256), "", ""), Ok(()));
@@ -175,10 +175,10 @@ mod tests {
             Err(LimitExceeded::RoomName)
         );
         assert_eq!(
-            check_join("i", "r", "", &at(64_001)),
+            check_join("i", "r", "", &at(MAX_METADATA_BYTES + 1)),
             Err(LimitExceeded::Metadata)
         );
-        assert!(LimitExceeded::Metadata.to_string().contains("64000"));
+        assert!(LimitExceeded::Metadata.to_string().contains("524288 bytes"));
     }
 
     #[test]

@@ -540,13 +540,14 @@ async fn twirp_wire_format_errors_and_signalled_updates() {
         .await
         .unwrap();
 
-    // Over the limits (64 000 bytes of metadata or attributes, 256 of name): invalid_argument,
-    // nothing changes.
+    // Over the limits (512 KiB of metadata, 64 000 bytes of attributes, 256 of name):
+    // invalid_argument, nothing changes.
     let big = "x".repeat(100_000);
+    let huge = "x".repeat(600_000);
     for (method, body) in [
         (
             "UpdateParticipant",
-            json!({"room": "j", "identity": "bob", "metadata": big}),
+            json!({"room": "j", "identity": "bob", "metadata": huge}),
         ),
         (
             "UpdateParticipant",
@@ -556,7 +557,7 @@ async fn twirp_wire_format_errors_and_signalled_updates() {
             "UpdateParticipant",
             json!({"room": "j", "identity": "bob", "attributes": {"k": big}}),
         ),
-        ("UpdateRoomMetadata", json!({"room": "j", "metadata": big})),
+        ("UpdateRoomMetadata", json!({"room": "j", "metadata": huge})),
     ] {
         let (s, e) = json_call(&c, method, body, &admin).await;
         assert_eq!(

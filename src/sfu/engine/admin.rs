@@ -278,7 +278,11 @@ mod tests {
 
         // Over the limits: ignored whole (the RoomService refuses it first), nobody is told.
         for (metadata, name, attributes) in [
-            ("m".repeat(64_001), String::new(), HashMap::new()),
+            (
+                "m".repeat(crate::sfu::limits::MAX_METADATA_BYTES + 1),
+                String::new(),
+                HashMap::new(),
+            ),
             (String::new(), "n".repeat(257), HashMap::new()),
             (
                 String::new(),

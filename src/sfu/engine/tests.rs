@@ -410,7 +410,7 @@ fn updates_over_the_limits_are_refused_and_reach_nobody() {
         && matches!(m, Msg::RequestResponse(r) if r.request_id == 10
             && r.reason == lk::request_response::Reason::Ok as i32)));
     assert!(msgs.iter().any(|(to, m)| *to == 2
-        && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.metadata.len() == 64_000))));
+        && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.metadata.len() == crate::sfu::limits::MAX_METADATA_BYTES))));
 
     // A late joiner's join response stays proportionate.
     join(&mut s, now, 3, "carol");
@@ -420,7 +420,11 @@ fn updates_over_the_limits_are_refused_and_reach_nobody() {
         .find(|(to, m)| *to == 3 && matches!(m, Msg::Join(_)))
         .map(|(_, m)| m.encoded_len())
         .expect("carol's join");
-    assert!(join_len < 70_000, "join response of {join_len} bytes");
+    // (alice's metadata at the limit, her name, and a few hundred bytes of the rest)
+    let bound = crate::sfu::limits::MAX_METADATA_BYTES
+        + crate::sfu::limits::MAX_PARTICIPANT_NAME_BYTES
+        + 4096;
+    assert!(join_len < bound, "join response of {join_len} bytes");
 }
 
 #[test]
