@@ -7,6 +7,7 @@
 pub mod client;
 pub mod homeserver;
 pub mod janus;
+pub mod jointime;
 pub mod limit;
 pub mod lk;
 pub mod scenario;
@@ -33,6 +34,9 @@ pub enum BenchError {
     /// LiveKit signalling failed (connect, join, unexpected close).
     #[error("signalling: {0}")]
     Signal(String),
+    /// A real LiveKit SDK client (`tests/clients/lk_client.py`) could not be found or run.
+    #[error("LiveKit client: {0}")]
+    Client(String),
     /// Janus could not be installed, started or driven.
     #[error("janus: {0}")]
     Janus(String),

@@ -1,12 +1,15 @@
 //! The `conclave-bench` binary: parse arguments, set up logging, run one benchmark, print its
 //! report (Markdown, or one JSON object with `--json`), map errors to exit codes: 1 when a
-//! benchmark could not run, 2 when the soak ran and found a leak or a dead server.
+//! benchmark could not run, 2 when the soak ran and found a leak or a dead server, or a
+//! join-time probe failed.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use conclave_bench::jointime::{self, JoinTimeOptions};
 use conclave_bench::scenario::{run_to_text, CommonArgs, Kind};
 use conclave_bench::soak::{self, SoakOptions};
 use conclave_bench::tokens::{self, TokenBenchOptions};
@@ -111,6 +114,45 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Join time of the real LiveKit Python SDK (`tests/clients/lk_client.py`): start of
+    /// `room.connect` → first remote audio and video frame, for signalling v1, v0 and v0 after
+    /// the SDK's fallback from a 404 on `/rtc/v1`, side by side. Exits with 2 (after printing
+    /// the report) if a probe failed.
+    JoinTime {
+        /// Measured probes per mode (modes take turns).
+        #[arg(long, default_value_t = 10)]
+        probes: usize,
+        /// Unmeasured warm-up probes per mode before them.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// A probe's deadline, seconds.
+        #[arg(long, default_value_t = 30.0)]
+        probe_timeout: f64,
+        /// Start no probe after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        max_seconds: u64,
+        /// The LiveKit Python SDK venv (from `scripts/install-test-deps`).
+        #[arg(long, env = "CONCLAVE_LK_VENV")]
+        lk_venv: Option<PathBuf>,
+        /// The client script (default: `tests/clients/lk_client.py` of this checkout).
+        #[arg(long)]
+        client_script: Option<PathBuf>,
+        /// The server binary (default: `conclave` next to this binary).
+        #[arg(long)]
+        server_exe: Option<PathBuf>,
+        /// Publisher video width.
+        #[arg(long, default_value_t = 320)]
+        width: u32,
+        /// Publisher video height.
+        #[arg(long, default_value_t = 240)]
+        height: u32,
+        /// Publisher video frames per second.
+        #[arg(long, default_value_t = 15)]
+        fps: u32,
+        /// Print one JSON object instead of Markdown tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What a benchmark printed, and whether it found a failure it reports rather than errors on.
@@ -139,6 +181,7 @@ impl BenchCommand {
             BenchCommand::Video { .. } => "video",
             BenchCommand::Livestream { .. } => "livestream",
             BenchCommand::Soak { .. } => "soak",
+            BenchCommand::JoinTime { .. } => "join-time",
         }
     }
 }
@@ -207,6 +250,43 @@ async fn run(scenario: BenchCommand) -> Result<Outcome, BenchError> {
                 concurrency,
                 rooms,
                 sample_interval,
+            })
+            .await?;
+            let text = if json {
+                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
+            } else {
+                report.markdown()
+            };
+            Ok(Outcome {
+                text,
+                failure: report.failure(),
+            })
+        }
+        BenchCommand::JoinTime {
+            probes,
+            warmup,
+            probe_timeout,
+            max_seconds,
+            lk_venv,
+            client_script,
+            server_exe,
+            width,
+            height,
+            fps,
+            json,
+        } => {
+            let probe_timeout = Duration::try_from_secs_f64(probe_timeout).map_err(|e| {
+                BenchError::Options(format!("--probe-timeout {probe_timeout}: {e}"))
+            })?;
+            let report = jointime::run(JoinTimeOptions {
+                probes,
+                warmup,
+                probe_timeout,
+                max_duration: Duration::from_secs(max_seconds),
+                lk_venv,
+                client_script,
+                server_exe,
+                video: (width, height, fps),
             })
             .await?;
             let text = if json {

@@ -175,3 +175,62 @@ fn bench_soak_smoke() {
     assert!(v["errors_by_kind"].is_object(), "{v}");
     assert!(v["samples"].as_array().is_some_and(|s| s.len() >= 3), "{v}");
 }
+
+/// Two probes per mode with the real LiveKit Python SDK (`CONCLAVE_LK_VENV`, from
+/// `scripts/install-test-deps`; the bench fails saying so when it is missing): every probe
+/// succeeds (`run_json` also asserts exit code 0, which a failed probe turns into 2) and every
+/// figure is reported. No timing thresholds.
+#[test]
+fn bench_join_time_smoke() {
+    let v = run_json(
+        &["join-time", "--probes", "2", "--warmup", "0"],
+        &["--max-seconds", "240"],
+    );
+    assert_eq!(v["scenario"], "join-time", "{v}");
+    assert_eq!(v["truncated"], false, "{v}");
+    assert!(v["sdk_version"].is_string(), "{v}");
+    let modes = v["modes"].as_array().expect("modes");
+    let names: Vec<&str> = modes.iter().filter_map(|m| m["mode"].as_str()).collect();
+    assert_eq!(names, ["v1", "v0", "v0-fallback"], "{v}");
+    for m in modes {
+        assert_eq!(m["ok"], 2, "{m}");
+        assert_eq!(m["failed"], 0, "{m}");
+        for key in [
+            "connect_ms",
+            "subscribed_ms",
+            "first_audio_ms",
+            "first_video_ms",
+        ] {
+            for q in ["p50", "p90", "min", "max"] {
+                assert!(
+                    m[key][q].as_f64().is_some_and(|x| x > 0.0),
+                    "{key}.{q} in {m}"
+                );
+            }
+        }
+    }
+    for ratios in ["v1_over_v0", "v1_over_v0_fallback"] {
+        for key in ["connect", "first_audio", "first_video"] {
+            assert!(
+                v[ratios][key].as_f64().is_some_and(|x| x > 0.0),
+                "{ratios}.{key} in {v}"
+            );
+        }
+    }
+}
+
+/// Without the LiveKit SDK venv, `join-time` stops and says how to install it.
+#[test]
+fn join_time_without_the_sdk_says_how_to_install_it() {
+    let out = Command::new(binary())
+        .args(["join-time", "--probes", "1"])
+        .env_remove("CONCLAVE_LK_VENV")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("CONCLAVE_LK_VENV") && stderr.contains("scripts/install-test-deps"),
+        "{stderr}"
+    );
+}

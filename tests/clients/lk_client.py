@@ -20,7 +20,9 @@ Install: the venv from `scripts/install-test-deps` (CONCLAVE_LK_VENV).
 Times: --timeout counts from process start (it covers the connect);
 --min-duration, --mute-after and --leave-after count from the moment the
 connect succeeded. All `*_ms` values in the output are milliseconds since
-process start.
+process start (after the imports); `connect_started_ms` (just before
+`room.connect`) and `connect_returned_ms` (when it returned) in the summary
+let a caller measure a join without the interpreter's start-up.
 
 Finishing: the client ends as soon as every expectation is met and
 --min-duration has passed, or at --leave-after (which also keeps it in the
@@ -106,6 +108,8 @@ class State:
             "sdk_version": rtc.__version__,
             "signalling": {None: "default", True: "single-pc", False: "dual-pc"}[args.single_pc],
             "connected": False,
+            "connect_started_ms": None,
+            "connect_returned_ms": None,
             "room": None,
             "room_sid": None,
             "local_identity": None,
@@ -586,6 +590,7 @@ async def run(args):
     code = EXIT_OK
     try:
         st.ev("connecting", url=args.url, signalling=st.summary["signalling"])
+        st.summary["connect_started_ms"] = st.now_ms()
         connect = asyncio.ensure_future(room.connect(args.url, args.token, opts))
         interrupted = asyncio.ensure_future(leave.wait())
         await asyncio.wait({connect, interrupted}, return_when=asyncio.FIRST_COMPLETED,
@@ -602,6 +607,7 @@ async def run(args):
             st.ev("connect_failed", error=error)
             return st, EXIT_CONNECT_FAILED
         st.connected_at = time.monotonic()
+        st.summary["connect_returned_ms"] = st.now_ms()
         lp = room.local_participant
         # The room's SID (`RM_...`): `Room.sid` is awaitable (it may arrive after the join
         # response, in a room_update); a server that never sends one gives null here.
