@@ -12,6 +12,7 @@
 //     "timeout_s": 90,                 // to reach "in_call"; then each command has its own
 //     "screenshot_dir": "/tmp/x",      // where <label>.png is written once media flows, and
 //                                      // <label>.console.log (the page's whole console)
+//     "matrix_rtc_mode": "matrix_2_0", // optional: Element Call's config.json matrix_rtc_mode
 //     "pages": [ { "label": "alice", "hs": "http://127.0.0.1:8008", "token": "...",
 //                  "user": "@alice:hs1", "device": "ABC", "room": "!r:hs2",
 //                  "intent": "start_call" | "join_existing", "e2ee": false } ]   // 1 or 2
@@ -90,12 +91,22 @@ const TYPES = {
   '.tflite': 'application/octet-stream', '.map': 'application/json',
 };
 
-function serve(bundleDir) {
+// Element Call's config.json, with `matrix_rtc_mode` set when the config asks for one
+// ("compatibility" | "matrix_2_0"; Element Call's default is compatibility).
+function writeEcConfig(bundleDir, ecDist, mode) {
+  const ecConfig = JSON.parse(fs.readFileSync(path.join(ecDist, 'config.json'), 'utf8'));
+  if (mode) ecConfig.matrix_rtc_mode = mode;
+  fs.writeFileSync(path.join(bundleDir, 'config.json'), JSON.stringify(ecConfig));
+}
+
+function serve(bundleDir, mode) {
   const ecDist = path.join(depsDir, 'node_modules', '@element-hq', 'element-call-embedded', 'dist');
   // (The package's exports hide package.json; its wasm sits at a fixed place.)
   const wasm = path.join(depsDir, 'node_modules', '@matrix-org', 'matrix-sdk-crypto-wasm', 'pkg',
     'matrix_sdk_crypto_wasm_bg.wasm');
+  writeEcConfig(bundleDir, ecDist, mode);
   const resolve = (p) => {
+    if (p === '/ec/config.json') return path.join(bundleDir, 'config.json');
     if (p === '/host/' || p === '/host/index.html') return path.join(here, 'host', 'index.html');
     if (p === '/host/host.js') return path.join(bundleDir, 'host.js');
     if (p === '/host/pkg/matrix_sdk_crypto_wasm_bg.wasm') return wasm;
@@ -265,7 +276,7 @@ async function main() {
   const started = Date.now();
   const bundleDir = fs.mkdtempSync(path.join(process.env.TMPDIR || '/tmp', 'conclave-ec-host-'));
   await bundleHost(bundleDir);
-  const srv = await serve(bundleDir);
+  const srv = await serve(bundleDir, cfg.matrix_rtc_mode);
   const base = `http://127.0.0.1:${srv.address().port}`;
   emit({ event: 'served', url: base });
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::conclave::Conclave;
-use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries};
+use conclave::matrix::naming::{legacy_identity, member_identity};
+
+use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries, RtcMode};
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
 
@@ -160,8 +162,72 @@ fn assert_in_call(ev: &Value) {
     }
 }
 
-async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
-    let run = if e2ee { "e2ee" } else { "plain" };
+/// What each Conclave knows of the call, by Element Call's mode. Compatibility: every
+/// `call.member` is readable and identities are `user:device`. `matrix_2_0`: identities are
+/// matrix-js-sdk's hashes of each `rtc.member`'s (user, device, member id) — readable in an
+/// unencrypted room, so each Conclave lists both members and their publishers' identities are
+/// theirs; encrypted, Conclave sees no member at all (room membership alone gates the call).
+async fn assert_matrix_view(
+    m: &Ministries,
+    room: &str,
+    mode: RtcMode,
+    e2ee: bool,
+    users: [&str; 2],
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for c in [&m.c1, &m.c2] {
+        loop {
+            let call = admin_call(c, room).await.expect("admin API");
+            let members = call["matrix"]["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let sfu = call["sfu"]["participants"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let identity_of = |user: &str| {
+                sfu.iter()
+                    .find(|p| p["user_id"] == user)
+                    .and_then(|p| p["identity"].as_str())
+                    .map(str::to_owned)
+            };
+            let ok = match (mode, e2ee) {
+                (RtcMode::Matrix20, true) => members.is_empty(),
+                _ => users.iter().all(|u| {
+                    members.iter().any(|mem| {
+                        let (d, id) = (
+                            mem["device_id"].as_str().unwrap_or(""),
+                            mem["membership_id"].as_str().unwrap_or(""),
+                        );
+                        let want = match mode {
+                            RtcMode::Compatibility => legacy_identity(u, d),
+                            RtcMode::Matrix20 => member_identity(u, d, id),
+                        };
+                        mem["user_id"] == *u && identity_of(u).as_deref() == Some(want.as_str())
+                    })
+                }),
+            };
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} ({mode:?}, e2ee {e2ee}) knows {call}",
+                c.url
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
+    let run = match (mode, e2ee) {
+        (RtcMode::Compatibility, false) => "plain",
+        (RtcMode::Compatibility, true) => "e2ee",
+        (RtcMode::Matrix20, false) => "m2-plain",
+        (RtcMode::Matrix20, true) => "m2-e2ee",
+    };
     // Fresh devices for every run: the widget host keeps its crypto store in memory.
     let bob = m.hs2.register("bob", true).await.expect("bob");
     let alice = m.hs1.register("alice", false).await.expect("alice");
@@ -169,6 +235,7 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
     let dir = screenshot_dir(run);
     let mut driver = EcDriver::spawn(
         &pages(m, &room, &alice, &bob, e2ee),
+        mode,
         IN_CALL_TIMEOUT_S,
         &dir,
     )
@@ -201,7 +268,10 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
         }
     }
     assert_media_stays_home(m, &room, &alice.user_id, &bob.user_id).await;
-    update_docs_screenshots(&dir);
+    assert_matrix_view(m, &room, mode, e2ee, [&alice.user_id, &bob.user_id]).await;
+    if mode == RtcMode::Compatibility {
+        update_docs_screenshots(&dir);
+    }
 
     if ban {
         driver
@@ -255,8 +325,8 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
 async fn element_call_two_ministries() {
     let _heavy = heavy_lock();
     let m = Ministries::start().await.expect("two ministries");
-    run_call(&m, false, false).await;
-    run_call(&m, true, true).await;
+    run_call(&m, RtcMode::Compatibility, false, false).await;
+    run_call(&m, RtcMode::Compatibility, true, true).await;
     // Element Call 0.26 (livekit-client's single peer connection) joined every time through
     // `/rtc/v1`, Conclave's default: one peer connection per page, never the v0 fallback.
     for (name, c) in [("Conclave-1", &m.c1), ("Conclave-2", &m.c2)] {
@@ -273,6 +343,17 @@ async fn element_call_two_ministries() {
             "{name}: Element Call joined on v1 only (v1 {v1}, v0 {v0})"
         );
     }
+}
+
+/// The same in Element Call's `matrix_2_0` mode (MSC4354 sticky `rtc.member` events,
+/// `/get_token`, hashed identities): Conclave follows the memberships of the unencrypted room;
+/// in the encrypted room it cannot read them and room membership alone decides, ban included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_two_ministries_matrix_2_0() {
+    let _heavy = heavy_lock();
+    let m = Ministries::start().await.expect("two ministries");
+    run_call(&m, RtcMode::Matrix20, false, false).await;
+    run_call(&m, RtcMode::Matrix20, true, true).await;
 }
 
 /// With either ministry's Conclave down, the test says so within its bounded wait (not a
@@ -295,6 +376,7 @@ async fn element_call_reports_a_conclave_down() {
         let started = std::time::Instant::now();
         let mut driver = EcDriver::spawn(
             &pages(&m, &room, &alice, &bob, false),
+            RtcMode::Compatibility,
             DOWN_TIMEOUT_S,
             &screenshot_dir(&format!("down-{down}")),
         )
