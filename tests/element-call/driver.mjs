@@ -303,6 +303,8 @@ async function main() {
     await shutdown(1);
   };
 
+  // Every page's Matrix client comes online first (device keys published, and known to the
+  // other pages' clients when E2EE is on); then Element Call starts, page by page.
   for (const spec of cfg.pages) {
     const ctx = await browser.newContext({ viewport: { width: 1280, height: 720 } });
     await ctx.addInitScript(INIT_SCRIPT);
@@ -325,11 +327,36 @@ async function main() {
     const q = new URLSearchParams({
       hs: spec.hs, token: spec.token, user: spec.user, device: spec.device, room: spec.room,
       ec: `${base}/ec/index.html`, e2ee: spec.e2ee ? '1' : '0', intent: spec.intent || 'start_call',
+      hold: '1',
     });
     await page.goto(`${base}/host/index.html?${q}`);
     pages.push(p);
+  }
+  const online = Date.now() + 30_000;
+  for (const p of pages) {
+    for (;;) {
+      const h = await p.host();
+      if (h && h.errors.length) return fatal(`${p.label}: widget host failed: ${h.errors[0]}`);
+      if (h && h.phase === 'held') break;
+      if (Date.now() > online) return fatal(`${p.label}: the Matrix client did not come online within 30 s (widget host phase ${h && h.phase})`);
+      await sleep(200);
+    }
+  }
+  for (const p of pages.filter((x) => x.spec.e2ee)) {
+    for (const other of pages.filter((x) => x !== p)) {
+      for (;;) {
+        const known = await p.page.evaluate(
+          ([u, d]) => window.conclaveKnowsDevice(u, d), [other.spec.user, other.spec.device]);
+        if (known) break;
+        if (Date.now() > online) return fatal(`${p.label}: does not know ${other.label}'s device within 30 s`);
+        await sleep(250);
+      }
+    }
+  }
+  for (const [i, p] of pages.entries()) {
+    await p.page.evaluate(() => window.conclaveStart());
     // The first page starts the call; give its membership a head start so the second joins it.
-    if (pages.length < cfg.pages.length) {
+    if (i + 1 < pages.length) {
       const until = Date.now() + 30_000;
       for (;;) {
         const h = await p.host();

@@ -11,7 +11,8 @@
 //   E2EE keys), OpenID tokens (for /sfu/get) and the homeserver's RTC transports (MSC4143).
 //
 // Page URL parameters: hs (client-server base URL), token, user, device, room, ec (Element
-// Call index.html URL), e2ee (1 = perParticipantE2EE), intent (start_call | join_existing).
+// Call index.html URL), e2ee (1 = perParticipantE2EE), intent (start_call | join_existing),
+// hold (1 = start Element Call only when window.conclaveStart() is called).
 // window.conclaveHost exposes progress and errors to driver.mjs.
 
 import * as sdk from 'matrix-js-sdk';
@@ -237,6 +238,19 @@ async function main() {
   await client.startClient({ initialSyncLimit: 20, lazyLoadMembers: false });
   await prepared;
   if (!client.getRoom(ROOM)) throw new Error(`${USER} is not in ${ROOM} after the first sync`);
+
+  // Whether this client knows (and would encrypt for) a device of another user.
+  window.conclaveKnowsDevice = async (userId, deviceId) => {
+    const devices = await client.getCrypto()?.getUserDeviceInfo([userId], true);
+    return Boolean(devices?.get(userId)?.has(deviceId));
+  };
+  // hold=1: the client runs (its device keys are published) but Element Call waits for
+  // window.conclaveStart(): every user is online before the call starts, so the first
+  // encrypted events (matrix_2_0 memberships) are encrypted for every device.
+  if (params.get('hold') === '1') {
+    state.phase = 'held';
+    await new Promise((resolve) => { window.conclaveStart = resolve; });
+  }
 
   state.phase = 'widget';
   const parentUrl = location.origin + location.pathname;
