@@ -1,7 +1,8 @@
 //! MatrixRTC call membership: `org.matrix.msc3401.call.member` state events (per-device state
 //! keys like `_@user:server_DEVICE_m.call`; empty content = left; `expires` relative to
-//! `created_ts`) and `org.matrix.msc4143.rtc.member` sticky events, turned into store effects;
-//! and every event of an appservice transaction turned into effects ([`transaction_effects`]).
+//! `created_ts`) and MSC4354 sticky `org.matrix.msc4143.rtc.member` events (Element Call's
+//! `matrix_2_0` mode; stable `m.rtc.member` too), turned into store effects; and every event of
+//! an appservice transaction turned into effects ([`transaction_effects`]).
 //!
 //! Malformed contents are reported as errors for the caller to log; they never stop the
 //! transaction.
@@ -16,8 +17,13 @@ use crate::store::{CallMemberJoin, Effect, MembershipRecord};
 
 /// Legacy/compat call membership state event type.
 pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
-/// MSC4143 sticky membership event type.
+/// MSC4143 sticky membership event type, as matrix-js-sdk sends it.
 pub const RTC_MEMBER: &str = "org.matrix.msc4143.rtc.member";
+/// Its stable name.
+pub const RTC_MEMBER_STABLE: &str = "m.rtc.member";
+/// Longest stickiness (MSC4354; matrix-js-sdk `MAX_STICKY_DURATION_MS`), also assumed when an
+/// event does not say.
+const MAX_STICKY_MS: i64 = 3_600_000;
 /// Default lifetime of a `call.member` without `expires` (matrix-js-sdk: 4 h).
 pub const DEFAULT_EXPIRES_MS: i64 = 4 * 3600 * 1000;
 /// Longest state key accepted.
@@ -67,9 +73,12 @@ fn opt_i64(v: &Value, key: &'static str) -> Result<Option<i64>, CallEventError> 
 fn is_leave(content: &Value) -> bool {
     match content.as_object() {
         None => true,
-        Some(o) => o
-            .keys()
-            .all(|k| k == "leave_reason" || k == "msc4354_sticky_key" || k == "sticky_key"),
+        Some(o) => o.keys().all(|k| {
+            matches!(
+                k.as_str(),
+                "leave_reason" | "msc4354_sticky_key" | "sticky_key" | "slot_id"
+            )
+        }),
     }
 }
 
@@ -79,7 +88,7 @@ pub fn effects(event: &Value, now_ms: i64) -> Option<Result<Vec<Effect>, CallEve
     let kind = event.get("type")?.as_str()?;
     match kind {
         CALL_MEMBER => Some(call_member(event, now_ms)),
-        RTC_MEMBER => Some(rtc_member(event, now_ms)),
+        RTC_MEMBER | RTC_MEMBER_STABLE => Some(rtc_member(event, now_ms)),
         _ => None,
     }
 }
@@ -183,36 +192,59 @@ fn call_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError
     })])
 }
 
+/// The sticky (MSC4354) expiry of an event as matrix-js-sdk computes it: the server's remaining
+/// TTL from now if given, else `min(now, origin_server_ts) + duration` (capped at an hour).
+fn sticky_expiry(event: &Value, ts: i64, now_ms: i64) -> i64 {
+    let unsigned = event.get("unsigned");
+    let ttl = ["msc4354_sticky_duration_ttl_ms", "sticky_duration_ttl_ms"]
+        .iter()
+        .find_map(|k| unsigned.and_then(|u| u.get(*k)).and_then(Value::as_i64));
+    if let Some(ttl) = ttl {
+        return now_ms.saturating_add(ttl.clamp(0, MAX_STICKY_MS));
+    }
+    let duration = ["msc4354_sticky", "sticky"]
+        .iter()
+        .find_map(|k| event.get(*k))
+        .and_then(|s| s.get("duration_ms"))
+        .and_then(Value::as_i64)
+        .unwrap_or(MAX_STICKY_MS)
+        .clamp(0, MAX_STICKY_MS);
+    ts.min(now_ms).saturating_add(duration)
+}
+
 fn rtc_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError> {
     let c = common(event)?;
-    let sticky_key = c
+    let sticky_key = match c
         .content
         .get("msc4354_sticky_key")
         .or_else(|| c.content.get("sticky_key"))
-        .and_then(Value::as_str);
+    {
+        None => None,
+        Some(v) => Some(v.as_str().ok_or(CallEventError::Field("sticky_key"))?),
+    };
     let member = c.content.get("member");
-    let member_id = member
-        .and_then(|m| m.get("id"))
-        .and_then(Value::as_str)
-        .or(sticky_key)
-        .ok_or(CallEventError::Field("member.id"))?;
-    if member_id.len() > MAX_STATE_KEY {
+    let member_id = member.and_then(|m| m.get("id")).and_then(Value::as_str);
+    // Sticky events are keyed per sender: nobody can end someone else's membership.
+    let key = sticky_key
+        .or(member_id)
+        .ok_or(CallEventError::Field("sticky_key"))?;
+    if key.len() > MAX_STATE_KEY {
         return Err(CallEventError::StateKeyTooLong);
     }
-    let member_key = format!("rtc:{member_id}");
-    let leaving = member.is_none()
-        || member
-            .and_then(|m| m.get("membership"))
-            .and_then(Value::as_str)
-            == Some("leave");
-    if leaving || is_leave(c.content) {
-        return Ok(vec![Effect::CallMemberLeft {
+    let member_key = format!("rtc:{}|{key}", c.sender);
+    let left = || {
+        Ok(vec![Effect::CallMemberLeft {
             room_id: c.room_id.clone(),
-            member_key,
+            member_key: member_key.clone(),
             ts: c.ts,
-        }]);
+        }])
+    };
+    // A leave is `{slot_id, msc4354_sticky_key}` (matrix-js-sdk `isLeftMembershipContent`).
+    if member.is_none() || is_leave(c.content) {
+        return left();
     }
     let member = member.ok_or(CallEventError::Field("member"))?;
+    let member_id = member_id.ok_or(CallEventError::Field("member.id"))?;
     let user = str_field(member, "user_id")?;
     if user != c.sender.as_str() {
         return Err(CallEventError::NotSender {
@@ -226,31 +258,21 @@ fn rtc_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError>
             .get("type")
             .and_then(Value::as_str)
             .ok_or(CallEventError::Field("application.type"))?,
-        Some(Value::String(s)) => s.as_str(),
-        _ => "m.call",
+        _ => return Err(CallEventError::Field("application")),
     };
     if application != "m.call" {
         return Err(CallEventError::UnknownApplication(
             application.chars().take(64).collect(),
         ));
     }
-    let slot = match c.content.get("slot_id") {
-        None => ROOM_SLOT,
-        Some(v) => v.as_str().ok_or(CallEventError::Field("slot_id"))?,
-    };
+    let slot = str_field(c.content, "slot_id")?;
+    if !slot.starts_with("m.call#") {
+        return Err(CallEventError::Field("slot_id"));
+    }
     let call_id = if slot == ROOM_SLOT { "" } else { slot };
-    let duration = event
-        .get("msc4354_sticky")
-        .and_then(|s| s.get("duration_ms"))
-        .and_then(Value::as_i64)
-        .unwrap_or(3_600_000);
-    let expires_ts = c.ts.saturating_add(duration);
+    let expires_ts = sticky_expiry(event, c.ts, now_ms);
     if expires_ts <= now_ms {
-        return Ok(vec![Effect::CallMemberLeft {
-            room_id: c.room_id.clone(),
-            member_key,
-            ts: c.ts,
-        }]);
+        return left();
     }
     Ok(vec![Effect::CallMemberJoined(CallMemberJoin {
         room_id: c.room_id.clone(),
@@ -262,7 +284,7 @@ fn rtc_member(event: &Value, now_ms: i64) -> Result<Vec<Effect>, CallEventError>
         membership_id: member_id.to_owned(),
         focus_active: c
             .content
-            .get("rtc_transports")
+            .get("transports")
             .map(Value::to_string)
             .unwrap_or_default(),
         foci_preferred: String::new(),
@@ -449,28 +471,108 @@ mod tests {
         assert!(effects(&json!({"type": CALL_MEMBER}), 0).unwrap().is_err());
     }
 
+    /// What Element Call 0.26.1 (matrix-js-sdk 43, `StickyEventMembershipManager`) sends.
+    fn ec_join(member_id: &str) -> Value {
+        json!({"slot_id": "m.call#ROOM",
+               "application": {"type": "m.call", "m.call.intent": "video"},
+               "transports": {"published": [{"type": "livekit",
+                                             "livekit_service_url": "https://c1.example"}],
+                              "can_subscribe": ["livekit"]},
+               "member": {"device_id": "DEV", "user_id": "@alice:example.org", "id": member_id},
+               "versions": [],
+               "msc4354_sticky_key": member_id})
+    }
+
+    fn sticky(kind: &str, content: Value) -> Value {
+        let mut e = ev(kind, None, content);
+        e["msc4354_sticky"] = json!({"duration_ms": 3_600_000});
+        e
+    }
+
+    fn left_key(out: &[Effect]) -> &str {
+        match &out[0] {
+            Effect::CallMemberLeft { member_key, .. } => member_key,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rtc_member_join_and_leave() {
-        let e = ev(
+        for kind in [RTC_MEMBER, RTC_MEMBER_STABLE] {
+            let out = effects(&sticky(kind, ec_join("mem1")), 1_000_000)
+                .unwrap()
+                .unwrap();
+            let Effect::CallMemberJoined(j) = &out[0] else {
+                panic!("{out:?}")
+            };
+            assert_eq!(j.call_id, "");
+            assert_eq!(j.member_key, "rtc:@alice:example.org|mem1");
+            assert_eq!(
+                (j.device_id.as_str(), j.membership_id.as_str()),
+                ("DEV", "mem1")
+            );
+            assert_eq!(j.expires_ts, Some(4_600_000));
+            assert!(j.focus_active.contains("https://c1.example"));
+            // matrix-js-sdk's leave: the slot and the sticky key, nothing else.
+            let leave = ev(
+                kind,
+                None,
+                json!({"slot_id": "m.call#ROOM", "msc4354_sticky_key": "mem1"}),
+            );
+            let out = effects(&leave, 0).unwrap().unwrap();
+            assert_eq!(left_key(&out), "rtc:@alice:example.org|mem1");
+        }
+    }
+
+    #[test]
+    fn rtc_member_leave_is_scoped_to_its_sender() {
+        let mut leave = ev(
             RTC_MEMBER,
             None,
-            json!({"slot_id": "m.call#ROOM", "application": {"type": "m.call"},
-                   "member": {"user_id": "@alice:example.org", "device_id": "DEV", "id": "mem1"},
-                   "msc4354_sticky_key": "mem1"}),
+            json!({"slot_id": "m.call#ROOM", "msc4354_sticky_key": "mem1"}),
         );
-        let out = effects(&e, 0).unwrap().unwrap();
-        let Effect::CallMemberJoined(j) = &out[0] else {
-            panic!("{out:?}")
-        };
-        assert_eq!(
-            (j.call_id.as_str(), j.member_key.as_str()),
-            ("", "rtc:mem1")
-        );
-        let leave = ev(RTC_MEMBER, None, json!({"msc4354_sticky_key": "mem1"}));
+        leave["sender"] = json!("@mallory:example.org");
         let out = effects(&leave, 0).unwrap().unwrap();
-        assert!(
-            matches!(&out[0], Effect::CallMemberLeft { member_key, .. } if member_key == "rtc:mem1")
-        );
+        assert_eq!(left_key(&out), "rtc:@mallory:example.org|mem1");
+    }
+
+    #[test]
+    fn rtc_member_expiry_follows_stickiness() {
+        // The server's remaining TTL wins; else min(now, ts) + duration, capped at an hour.
+        let mut e = sticky(RTC_MEMBER, ec_join("m"));
+        e["unsigned"] = json!({"msc4354_sticky_duration_ttl_ms": 5_000});
+        let out = effects(&e, 2_000_000).unwrap().unwrap();
+        assert!(matches!(&out[0], Effect::CallMemberJoined(j) if j.expires_ts == Some(2_005_000)));
+        let mut e = ev(RTC_MEMBER, None, ec_join("m"));
+        e["sticky"] = json!({"duration_ms": 99_999_999});
+        let out = effects(&e, 500_000).unwrap().unwrap();
+        assert!(matches!(&out[0], Effect::CallMemberJoined(j) if j.expires_ts == Some(4_100_000)));
+        // Past its stickiness it is a leave.
+        let out = effects(&sticky(RTC_MEMBER, ec_join("m")), 4_600_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(left_key(&out), "rtc:@alice:example.org|m");
+    }
+
+    #[test]
+    fn rtc_member_malformed_is_an_error() {
+        let mut spoof = ec_join("m");
+        spoof["member"]["user_id"] = json!("@bob:example.org");
+        let mut no_slot = ec_join("m");
+        no_slot.as_object_mut().unwrap().remove("slot_id");
+        let mut other_app = ec_join("m");
+        other_app["application"]["type"] = json!("org.example.game");
+        other_app["slot_id"] = json!("org.example.game#ROOM");
+        let mut bad_key = ec_join("m");
+        bad_key["msc4354_sticky_key"] = json!(5);
+        for content in [spoof, no_slot, other_app, bad_key] {
+            assert!(
+                effects(&ev(RTC_MEMBER, None, content.clone()), 0)
+                    .unwrap()
+                    .is_err(),
+                "{content}"
+            );
+        }
     }
 }
 

@@ -433,14 +433,40 @@ impl Calls {
         Ok(out)
     }
 
+    /// The active call in `room_id`; without one, the room-wide call's SFU room if it has
+    /// participants (an encrypted room's `rtc.member` events are unreadable, so Matrix shows
+    /// no members there: only the SFU knows who is in the call).
     async fn active_call(&self, room_id: &str) -> Result<CallView, CallsError> {
-        self.inner
+        if let Some(call) = self
+            .inner
             .store
             .active_calls()
             .await?
             .into_iter()
             .find(|c| c.room_id == room_id)
-            .ok_or_else(|| CallsError::NoCall(room_id.to_owned()))
+        {
+            return Ok(call);
+        }
+        let unseen = CallView {
+            room_id: room_id.to_owned(),
+            application: "m.call".to_owned(),
+            call_id: String::new(),
+            started_by: String::new(),
+            started_ts: 0,
+            ended_ts: None,
+            peak_members: 0,
+            members: Vec::new(),
+        };
+        if self
+            .inner
+            .sfu
+            .participants(&sfu_room_of(&unseen))
+            .await
+            .is_empty()
+        {
+            return Err(CallsError::NoCall(room_id.to_owned()));
+        }
+        Ok(unseen)
     }
 
     /// The active call in `room_id`.

@@ -23,7 +23,8 @@ pub fn room_name(room_id: &str, slot_id: &str) -> String {
     hash_parts(&[room_id, slot_id])
 }
 
-/// The participant identity issued by `/get_token`.
+/// The participant identity issued by `/get_token`: matrix-js-sdk's `computeRtcIdentityRaw`,
+/// the identity of an `m.rtc.member` (Element Call `matrix_2_0`).
 pub fn member_identity(user_id: &str, device_id: &str, member_id: &str) -> String {
     hash_parts(&[user_id, device_id, member_id])
 }
@@ -60,6 +61,38 @@ mod tests {
             legacy_identity("@alice:example.com", "DEV"),
             "@alice:example.com:DEV"
         );
+    }
+
+    /// Computed by matrix-js-sdk 43.0.0 (Element Call 0.26.1), `computeRtcIdentityRaw` in
+    /// `src/matrixrtc/membershipData/rtc.ts`: the `matrix_2_0` LiveKit identity.
+    #[test]
+    fn matrix_js_sdk_vectors() {
+        for (user, device, member, want) in [
+            (
+                "@alice:example.com",
+                "ALICEDEVICE",
+                "memberABC",
+                "WulP/G0PPitjxR6gB3GRPsgWcg7TtNrJ7kzzDBG3S0g",
+            ),
+            (
+                "@alice:localhost:8448",
+                "ABCDEFGHIJ",
+                "2b5f2c8e-5d64-4a3c-9b0e-0f4f7f6f2b1a",
+                "4P0RGnNfIlIt9MBNjU/EUYacvo5+Uvwn39Wv2dGxpNo",
+            ),
+            (
+                "@zoë:example.org",
+                "DÉV<&>",
+                "id\"\\/\u{2028}",
+                "pwhLi4rPPJ0t6VHLqFUVa5YHW31cw9JKcjFNFBgUFRY",
+            ),
+        ] {
+            assert_eq!(
+                member_identity(user, device, member),
+                want,
+                "{user} {device}"
+            );
+        }
     }
 
     #[test]

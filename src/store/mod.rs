@@ -100,7 +100,7 @@ pub struct CallMemberJoin {
     /// `""` for the room-wide call.
     pub call_id: String,
     /// Stable key of the membership's source: the `call.member` state key (plus device for
-    /// legacy per-user arrays), or `rtc:<member id>` for `rtc.member`.
+    /// legacy per-user arrays), or `rtc:<sender>|<sticky key>` for `rtc.member`.
     pub member_key: String,
     /// The member.
     pub user_id: OwnedUserId,

@@ -12,6 +12,7 @@
 //     "timeout_s": 90,                 // to reach "in_call"; then each command has its own
 //     "screenshot_dir": "/tmp/x",      // where <label>.png is written once media flows, and
 //                                      // <label>.console.log (the page's whole console)
+//     "matrix_rtc_mode": "matrix_2_0", // optional: Element Call's config.json matrix_rtc_mode
 //     "pages": [ { "label": "alice", "hs": "http://127.0.0.1:8008", "token": "...",
 //                  "user": "@alice:hs1", "device": "ABC", "room": "!r:hs2",
 //                  "intent": "start_call" | "join_existing", "e2ee": false } ]   // 1 or 2
@@ -90,12 +91,22 @@ const TYPES = {
   '.tflite': 'application/octet-stream', '.map': 'application/json',
 };
 
-function serve(bundleDir) {
+// Element Call's config.json, with `matrix_rtc_mode` set when the config asks for one
+// ("compatibility" | "matrix_2_0"; Element Call's default is compatibility).
+function writeEcConfig(bundleDir, ecDist, mode) {
+  const ecConfig = JSON.parse(fs.readFileSync(path.join(ecDist, 'config.json'), 'utf8'));
+  if (mode) ecConfig.matrix_rtc_mode = mode;
+  fs.writeFileSync(path.join(bundleDir, 'config.json'), JSON.stringify(ecConfig));
+}
+
+function serve(bundleDir, mode) {
   const ecDist = path.join(depsDir, 'node_modules', '@element-hq', 'element-call-embedded', 'dist');
   // (The package's exports hide package.json; its wasm sits at a fixed place.)
   const wasm = path.join(depsDir, 'node_modules', '@matrix-org', 'matrix-sdk-crypto-wasm', 'pkg',
     'matrix_sdk_crypto_wasm_bg.wasm');
+  writeEcConfig(bundleDir, ecDist, mode);
   const resolve = (p) => {
+    if (p === '/ec/config.json') return path.join(bundleDir, 'config.json');
     if (p === '/host/' || p === '/host/index.html') return path.join(here, 'host', 'index.html');
     if (p === '/host/host.js') return path.join(bundleDir, 'host.js');
     if (p === '/host/pkg/matrix_sdk_crypto_wasm_bg.wasm') return wasm;
@@ -265,7 +276,7 @@ async function main() {
   const started = Date.now();
   const bundleDir = fs.mkdtempSync(path.join(process.env.TMPDIR || '/tmp', 'conclave-ec-host-'));
   await bundleHost(bundleDir);
-  const srv = await serve(bundleDir);
+  const srv = await serve(bundleDir, cfg.matrix_rtc_mode);
   const base = `http://127.0.0.1:${srv.address().port}`;
   emit({ event: 'served', url: base });
 
@@ -292,6 +303,8 @@ async function main() {
     await shutdown(1);
   };
 
+  // Every page's Matrix client comes online first (device keys published, and known to the
+  // other pages' clients when E2EE is on); then Element Call starts, page by page.
   for (const spec of cfg.pages) {
     const ctx = await browser.newContext({ viewport: { width: 1280, height: 720 } });
     await ctx.addInitScript(INIT_SCRIPT);
@@ -314,11 +327,36 @@ async function main() {
     const q = new URLSearchParams({
       hs: spec.hs, token: spec.token, user: spec.user, device: spec.device, room: spec.room,
       ec: `${base}/ec/index.html`, e2ee: spec.e2ee ? '1' : '0', intent: spec.intent || 'start_call',
+      hold: '1',
     });
     await page.goto(`${base}/host/index.html?${q}`);
     pages.push(p);
+  }
+  const online = Date.now() + 30_000;
+  for (const p of pages) {
+    for (;;) {
+      const h = await p.host();
+      if (h && h.errors.length) return fatal(`${p.label}: widget host failed: ${h.errors[0]}`);
+      if (h && h.phase === 'held') break;
+      if (Date.now() > online) return fatal(`${p.label}: the Matrix client did not come online within 30 s (widget host phase ${h && h.phase})`);
+      await sleep(200);
+    }
+  }
+  for (const p of pages.filter((x) => x.spec.e2ee)) {
+    for (const other of pages.filter((x) => x !== p)) {
+      for (;;) {
+        const known = await p.page.evaluate(
+          ([u, d]) => window.conclaveKnowsDevice(u, d), [other.spec.user, other.spec.device]);
+        if (known) break;
+        if (Date.now() > online) return fatal(`${p.label}: does not know ${other.label}'s device within 30 s`);
+        await sleep(250);
+      }
+    }
+  }
+  for (const [i, p] of pages.entries()) {
+    await p.page.evaluate(() => window.conclaveStart());
     // The first page starts the call; give its membership a head start so the second joins it.
-    if (pages.length < cfg.pages.length) {
+    if (i + 1 < pages.length) {
       const until = Date.now() + 30_000;
       for (;;) {
         const h = await p.host();

@@ -402,12 +402,16 @@ async fn call_state_survives_restart_and_reconciles() {
 
 /// In an encrypted room the appservice cannot read `rtc.member`: Matrix room membership alone
 /// decides, so a joined user's SFU participant is not removed for lacking a call membership.
+/// The admin API shows such a call from its SFU side.
 #[tokio::test]
 async fn encrypted_rooms_rely_on_room_membership_alone() {
     let _heavy = heavy_lock();
-    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[("CONCLAVE_CALLS__GRACE_PERIOD_SECS", "2")])
-        .await
-        .unwrap();
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[
+        ("CONCLAVE_CALLS__GRACE_PERIOD_SECS", "2"),
+        ("CONCLAVE_ADMIN__TOKEN", "admin-secret"),
+    ])
+    .await
+    .unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let room = alice
         .create_room(json!({
@@ -447,5 +451,22 @@ async fn encrypted_rooms_rely_on_room_membership_alone() {
         .await
         .unwrap();
     assert!(matches!(seen.last(), Some(Msg::PongResp(_))), "{seen:?}");
+    let path = format!("calls/{room}");
+    let (status, call) = admin(&c, &path).await;
+    assert_eq!(status, 200, "{call}");
+    assert_eq!(call["matrix"]["members"], json!([]), "{call}");
+    assert_eq!(
+        call["sfu"]["participants"][0]["user_id"],
+        alice.user_id.as_str(),
+        "{call}"
+    );
+    let (_, all) = admin(&c, "calls").await;
+    assert!(!all.to_string().contains(&room), "not listed: {all}");
+    drop(ws);
+    eventually(Duration::from_secs(10), "SFU room empty", || async {
+        Ok((admin(&c, &path).await.0 == 404).then_some(()))
+    })
+    .await
+    .unwrap();
     drop(hs1);
 }

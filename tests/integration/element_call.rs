@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::conclave::Conclave;
-use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries};
+use conclave::matrix::naming::{legacy_identity, member_identity};
+
+use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries, RtcMode};
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
 
@@ -76,9 +78,14 @@ fn pages(m: &Ministries, room: &str, alice: &TestUser, bob: &TestUser, e2ee: boo
     ]
 }
 
-/// The SFU participants of `room` on `c` as (user_id, publisher) pairs.
+/// The SFU participants of `room` on `c` as (user_id, publisher) pairs. None when Conclave
+/// knows no call there: in an encrypted `matrix_2_0` room it only knows the SFU's.
 async fn sfu_view(c: &Conclave, room: &str) -> Vec<(String, bool)> {
-    let call = admin_call(c, room).await.expect("admin API");
+    let call = match admin_call(c, room).await {
+        Ok(call) => call,
+        Err(e) if e.to_string().contains("No active call") => return Vec::new(),
+        Err(e) => panic!("admin API: {e:#}"),
+    };
     let mut v: Vec<(String, bool)> = call["sfu"]["participants"]
         .as_array()
         .cloned()
@@ -160,8 +167,74 @@ fn assert_in_call(ev: &Value) {
     }
 }
 
-async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
-    let run = if e2ee { "e2ee" } else { "plain" };
+/// What each Conclave knows of the call, by Element Call's mode. Compatibility: every
+/// `call.member` is readable and identities are `user:device`. `matrix_2_0`: identities are
+/// matrix-js-sdk's hashes of each `rtc.member`'s (user, device, member id), readable in an
+/// unencrypted room: each Conclave lists both members, and its home publisher's identity is
+/// that of its membership. Encrypted, Conclave sees no member at all (room membership alone
+/// gates the call). (Subscribers' identities vary: Element Call asks a remote SFU with
+/// `/get_token`, then `/sfu/get` if refused.)
+async fn assert_matrix_view(
+    m: &Ministries,
+    room: &str,
+    mode: RtcMode,
+    e2ee: bool,
+    users: [&str; 2],
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (c, home) in [(&m.c1, users[0]), (&m.c2, users[1])] {
+        loop {
+            let call = admin_call(c, room).await.expect("admin API");
+            let members = call["matrix"]["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let publisher = call["sfu"]["participants"]
+                .as_array()
+                .and_then(|ps| {
+                    ps.iter()
+                        .find(|p| p["user_id"] == home && p["publisher"] == true)
+                        .cloned()
+                })
+                .unwrap_or_default();
+            let listed = |u: &str| members.iter().find(|mem| mem["user_id"] == u);
+            let ok = match (mode, e2ee) {
+                (RtcMode::Matrix20, true) => members.is_empty(),
+                _ => {
+                    users.iter().all(|u| listed(u).is_some())
+                        && listed(home).is_some_and(|mem| {
+                            let (d, id) = (
+                                mem["device_id"].as_str().unwrap_or(""),
+                                mem["membership_id"].as_str().unwrap_or(""),
+                            );
+                            let want = match mode {
+                                RtcMode::Compatibility => legacy_identity(home, d),
+                                RtcMode::Matrix20 => member_identity(home, d, id),
+                            };
+                            publisher["identity"] == want.as_str()
+                        })
+                }
+            };
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} ({mode:?}, e2ee {e2ee}) knows {call}",
+                c.url
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
+    let run = match (mode, e2ee) {
+        (RtcMode::Compatibility, false) => "plain",
+        (RtcMode::Compatibility, true) => "e2ee",
+        (RtcMode::Matrix20, false) => "m2-plain",
+        (RtcMode::Matrix20, true) => "m2-e2ee",
+    };
     // Fresh devices for every run: the widget host keeps its crypto store in memory.
     let bob = m.hs2.register("bob", true).await.expect("bob");
     let alice = m.hs1.register("alice", false).await.expect("alice");
@@ -169,6 +242,7 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
     let dir = screenshot_dir(run);
     let mut driver = EcDriver::spawn(
         &pages(m, &room, &alice, &bob, e2ee),
+        mode,
         IN_CALL_TIMEOUT_S,
         &dir,
     )
@@ -201,7 +275,10 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
         }
     }
     assert_media_stays_home(m, &room, &alice.user_id, &bob.user_id).await;
-    update_docs_screenshots(&dir);
+    assert_matrix_view(m, &room, mode, e2ee, [&alice.user_id, &bob.user_id]).await;
+    if mode == RtcMode::Compatibility {
+        update_docs_screenshots(&dir);
+    }
 
     if ban {
         driver
@@ -255,8 +332,8 @@ async fn run_call(m: &Ministries, e2ee: bool, ban: bool) {
 async fn element_call_two_ministries() {
     let _heavy = heavy_lock();
     let m = Ministries::start().await.expect("two ministries");
-    run_call(&m, false, false).await;
-    run_call(&m, true, true).await;
+    run_call(&m, RtcMode::Compatibility, false, false).await;
+    run_call(&m, RtcMode::Compatibility, true, true).await;
     // Element Call 0.26 (livekit-client's single peer connection) joined every time through
     // `/rtc/v1`, Conclave's default: one peer connection per page, never the v0 fallback.
     for (name, c) in [("Conclave-1", &m.c1), ("Conclave-2", &m.c2)] {
@@ -266,6 +343,17 @@ async fn element_call_two_ministries() {
             "{name}: Element Call joined on v1 only (v1 {v1}, v0 {v0})"
         );
     }
+}
+
+/// The same in Element Call's `matrix_2_0` mode (MSC4354 sticky `rtc.member` events,
+/// `/get_token`, hashed identities): Conclave follows the memberships of the unencrypted room;
+/// in the encrypted room it cannot read them and room membership alone decides, ban included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_two_ministries_matrix_2_0() {
+    let _heavy = heavy_lock();
+    let m = Ministries::start().await.expect("two ministries");
+    run_call(&m, RtcMode::Matrix20, false, false).await;
+    run_call(&m, RtcMode::Matrix20, true, true).await;
 }
 
 /// With either ministry's Conclave down, the test says so within its bounded wait (not a
@@ -288,6 +376,7 @@ async fn element_call_reports_a_conclave_down() {
         let started = std::time::Instant::now();
         let mut driver = EcDriver::spawn(
             &pages(&m, &room, &alice, &bob, false),
+            RtcMode::Compatibility,
             DOWN_TIMEOUT_S,
             &screenshot_dir(&format!("down-{down}")),
         )

@@ -11,7 +11,8 @@
 //   E2EE keys), OpenID tokens (for /sfu/get) and the homeserver's RTC transports (MSC4143).
 //
 // Page URL parameters: hs (client-server base URL), token, user, device, room, ec (Element
-// Call index.html URL), e2ee (1 = perParticipantE2EE), intent (start_call | join_existing).
+// Call index.html URL), e2ee (1 = perParticipantE2EE), intent (start_call | join_existing),
+// hold (1 = start Element Call only when window.conclaveStart() is called).
 // window.conclaveHost exposes progress and errors to driver.mjs.
 
 import * as sdk from 'matrix-js-sdk';
@@ -174,6 +175,10 @@ class Driver extends WidgetDriver {
   }
 
   async readStickyEvents(roomId) {
+    // The widget gets the room state first: a sticky (timeline) event fed before it makes
+    // matrix-js-sdk's widget client apply the state after recalculating the room, so Element
+    // Call would never see its own user joined ("Room not found").
+    await this.api?.flushRoomStateTask?.catch(() => {});
     const room = this.room(roomId);
     if (!room || typeof room._unstable_getStickyEvents !== 'function') return [];
     return [...room._unstable_getStickyEvents()].map((e) => e.getEffectiveEvent());
@@ -234,6 +239,19 @@ async function main() {
   await prepared;
   if (!client.getRoom(ROOM)) throw new Error(`${USER} is not in ${ROOM} after the first sync`);
 
+  // Whether this client knows (and would encrypt for) a device of another user.
+  window.conclaveKnowsDevice = async (userId, deviceId) => {
+    const devices = await client.getCrypto()?.getUserDeviceInfo([userId], true);
+    return Boolean(devices?.get(userId)?.has(deviceId));
+  };
+  // hold=1: the client runs (its device keys are published) but Element Call waits for
+  // window.conclaveStart(): every user is online before the call starts, so the first
+  // encrypted events (matrix_2_0 memberships) are encrypted for every device.
+  if (params.get('hold') === '1') {
+    state.phase = 'held';
+    await new Promise((resolve) => { window.conclaveStart = resolve; });
+  }
+
   state.phase = 'widget';
   const parentUrl = location.origin + location.pathname;
   const widgetParams = new URLSearchParams({
@@ -267,7 +285,9 @@ async function main() {
   // ClientWidgetApi talks to the iframe's window: it must be in the document first (the
   // widget's first message comes after its scripts load, long after this tick).
   document.body.appendChild(iframe);
-  const api = new ClientWidgetApi(widget, iframe, new Driver(client));
+  const driver = new Driver(client);
+  const api = new ClientWidgetApi(widget, iframe, driver);
+  driver.api = api;
   window.widgetApi = api;
   // Element Call's own actions (device mute, always-on-screen, hang-up, close): acknowledge
   // and record them, as a host that keeps the widget in place would.
@@ -303,17 +323,26 @@ async function main() {
   };
   // Live room events and state changes, and to-device messages (decrypted by the Rust
   // crypto), go to the widget.
-  client.on(sdk.RoomEvent.Timeline, (ev, room, toStart, removed, data) => {
-    if (!room || room.roomId !== ROOM || toStart || removed || (data && data.liveEvent === false)) return;
-    if (ev.getType() === 'm.room.member' && ev.getStateKey() === USER) {
-      onMyMembership(ev.getContent().membership);
-    }
+  const feedLive = (ev) => {
     const feed = () => api.feedEvent(ev.getEffectiveEvent(), ROOM).catch((e) => fail('feedEvent', e));
     if (ev.isBeingDecrypted() || ev.shouldAttemptDecryption()) {
       client.decryptEventIfNeeded(ev).then(feed, feed);
     } else {
       feed();
     }
+  };
+  client.on(sdk.RoomEvent.Timeline, (ev, room, toStart, removed, data) => {
+    if (!room || room.roomId !== ROOM || toStart || removed || (data && data.liveEvent === false)) return;
+    if (ev.getType() === 'm.room.member' && ev.getStateKey() === USER) {
+      onMyMembership(ev.getContent().membership);
+    }
+    // A local echo (what this host itself is sending: sticky rtc.member events in matrix_2_0
+    // mode) has no event ID yet; it goes to the widget once its remote echo replaces it.
+    if (ev.status !== null) return;
+    feedLive(ev);
+  });
+  client.on(sdk.RoomEvent.LocalEchoUpdated, (ev, room) => {
+    if (room && room.roomId === ROOM && ev.status === null) feedLive(ev);
   });
   client.on(sdk.RoomStateEvent.Events, (ev) => {
     if (ev.getRoomId() !== ROOM) return;

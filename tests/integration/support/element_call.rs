@@ -182,6 +182,25 @@ pub struct EcPage {
     pub e2ee: bool,
 }
 
+/// Element Call's MatrixRTC mode (its config.json `matrix_rtc_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RtcMode {
+    /// The default: `org.matrix.msc3401.call.member` state events, `/sfu/get`.
+    Compatibility,
+    /// MSC4354 sticky `rtc.member` events, `/get_token`, hashed identities.
+    Matrix20,
+}
+
+impl RtcMode {
+    /// The config.json value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RtcMode::Compatibility => "compatibility",
+            RtcMode::Matrix20 => "matrix_2_0",
+        }
+    }
+}
+
 /// A running `driver.mjs`: Chromium with one Element Call page per user. Killed on drop.
 pub struct EcDriver {
     child: Child,
@@ -197,6 +216,7 @@ impl EcDriver {
     /// first starts the call) and reports `in_call` once every page plays the other's media.
     pub fn spawn(
         pages: &[EcPage],
+        mode: RtcMode,
         timeout_s: u64,
         screenshot_dir: &std::path::Path,
     ) -> Result<Self> {
@@ -205,6 +225,7 @@ impl EcDriver {
         let config = json!({
             "timeout_s": timeout_s,
             "screenshot_dir": screenshot_dir,
+            "matrix_rtc_mode": mode.as_str(),
             "pages": pages.iter().map(|p| json!({
                 "label": p.label, "hs": p.hs, "token": p.token, "user": p.user,
                 "device": p.device, "room": p.room, "intent": p.intent, "e2ee": p.e2ee,
