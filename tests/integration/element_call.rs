@@ -24,8 +24,7 @@ const IN_CALL_TIMEOUT_S: u64 = 100;
 /// Longest time from bob's ban to alice's media stopping at his page (issue 17: ≤ 2 s): her
 /// home Conclave removes her when the ban has federated to her homeserver and reached it in an
 /// appservice transaction. On v1 (one peer connection, Element Call's default): 0.4–0.8 s on a
-/// quiet machine, 0.2–0.4 s with a busy core beside it; on v0 it was 1.5–2.1 s (the page
-/// saw the track end only after a subscriber renegotiation).
+/// quiet machine, 0.2–0.4 s with a busy core beside it; on v0 it was 1.5–2.1 s.
 const BAN_MEDIA_STOP_MS: u64 = 2000;
 /// Longest time from bob's ban to alice's Element Call leaving (her client, through sync).
 const BAN_CLIENT_LEAVE_MS: u64 = 6000;
