@@ -457,7 +457,7 @@ impl Sfu {
     }
 
     fn poll_timeout(&mut self) -> Instant {
-        let participants = self.timers.next();
+        let participants = self.next_filed_deadline();
         let mut t: Option<Instant> = self.next_speakers;
         let mut take = |x: Instant| {
             t = Some(match t {
@@ -562,7 +562,7 @@ impl Sfu {
     /// passed: `engine/timers.rs`) and periodic room tasks.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        for session in self.timers.pop_due(now) {
+        for session in self.pop_due(now) {
             let timers_due = self
                 .participant_mut(session)
                 .map(|p| {
@@ -588,7 +588,7 @@ impl Sfu {
                     );
                     self.leave(now, session, reason, true);
                 }
-                None => self.schedule(session),
+                None => self.refile(session),
             }
         }
         self.expire_rooms(now);
@@ -734,6 +734,7 @@ impl Sfu {
             data_backlog: VecDeque::new(),
             data_backlog_bytes: 0,
             joined_at: now,
+            filed: None,
             audio_level: 0.0,
             speaking: false,
         };
@@ -820,8 +821,8 @@ impl Sfu {
                     .push_back(Output::Signal(p.session, msg(update.clone())));
             }
         }
+        participant.file_deadline(&mut self.timers);
         room.participants.insert(session, participant);
-        self.schedule(session);
         self.count_participant(now, &room_name, true);
         // v0: the first subscriber offer, data channels plus existing tracks (fast start).
         // v1: nothing, the client offers first (design §1.5).
@@ -882,7 +883,6 @@ impl Sfu {
         let Some(mut p) = room.participants.remove(&session) else {
             return;
         };
-        self.timers.remove(session);
         for pc in p.transport.pcs() {
             self.by_ufrag.remove(&pc.ufrag);
         }
@@ -997,7 +997,6 @@ impl Sfu {
                 break;
             }
             let (forwards, relayed_to) = self.drain_one(now, s);
-            self.schedule(s);
             let mut touched = relayed_to;
             for f in forwards {
                 touched.extend(self.forward(now, f));
@@ -1023,6 +1022,7 @@ impl Sfu {
             return (Vec::new(), Vec::new());
         };
         let polled = p.poll(now, &mut self.out);
+        p.file_deadline(&mut self.timers);
         for t in &polled.unpublished {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {
@@ -1061,13 +1061,76 @@ impl Sfu {
         (polled.forwards, relayed_to)
     }
 
-    /// Files `session`'s earliest deadline (after a poll of its connections changed it).
-    fn schedule(&mut self, session: SessionId) {
-        let at = self.participant_mut(session).map(|p| p.next_timeout());
-        match at {
-            Some(at) => self.timers.set(session, at),
-            None => self.timers.remove(session),
+    /// Files `session`'s deadline if it has none filed (after its entry was popped).
+    fn refile(&mut self, session: SessionId) {
+        if let Some(room) = room_mut(&mut self.rooms, &self.sessions, session) {
+            if let Some(p) = room.participants.get_mut(&session) {
+                p.file_deadline(&mut self.timers);
+            }
         }
+    }
+
+    /// Whether the heap entry `(at, session)` is `session`'s filed deadline (not superseded,
+    /// and the participant is still here).
+    fn is_filed(&self, at: Instant, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .and_then(|room| self.rooms.get(room))
+            .and_then(|r| r.participants.get(&session))
+            .is_some_and(|p| p.filed == Some(at))
+    }
+
+    /// The earliest filed deadline, dropping stale entries on the way (`engine/timers.rs`).
+    fn next_filed_deadline(&mut self) -> Option<Instant> {
+        self.compact_timers();
+        while let Some((at, session)) = self.timers.peek() {
+            if self.is_filed(at, session) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// The participants whose deadline passed at `now`, earliest first; each has nothing
+    /// filed any more. One whose deadline only moved later is filed anew instead.
+    fn pop_due(&mut self, now: Instant) -> Vec<SessionId> {
+        let mut due = Vec::new();
+        while let Some((at, session)) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.is_filed(at, session) {
+                continue;
+            }
+            let Some(p) = self.participant_mut(session) else {
+                continue;
+            };
+            p.filed = None;
+            if p.next_timeout() <= now {
+                due.push(session);
+            } else {
+                self.refile(session);
+            }
+        }
+        due
+    }
+
+    /// Drops the stale entries when they outnumber the participants: superseded deadlines
+    /// stay in the heap until their time, and a burst of earlier deadlines could pile them up.
+    fn compact_timers(&mut self) {
+        let participants = self.sessions.len();
+        if self.timers.len() <= 4 * participants + 1024 {
+            return;
+        }
+        let live: Vec<(Instant, SessionId)> = self
+            .rooms
+            .values()
+            .flat_map(|r| r.participants.values())
+            .filter_map(|p| p.filed.map(|at| (at, p.session)))
+            .collect();
+        self.timers.rebuild(live.into_iter());
     }
 
     fn publisher_of(&self, track_sid: &TrackSid) -> Option<SessionId> {

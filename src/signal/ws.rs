@@ -42,6 +42,11 @@ const MAX_BAD_FRAMES: u32 = 50;
 /// (an SDP offer, or a metadata update at the limits of [`crate::sfu::limits`], about 130 kB),
 /// far below tungstenite's 64 MiB default. A larger one ends the session with close code 1009.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Each session's WebSocket read buffer. Why not tungstenite's default: it allocates its read
+/// buffer eagerly, 128 KiB per session, which was 38 % of the whole heap with 150 idle
+/// participants (heaptrack, `docs/performance.md`). Signal messages are small (an SDP offer
+/// of 10-15 KB takes a few reads); larger messages still arrive, up to [`MAX_MESSAGE_BYTES`].
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// How long one frame may take to go out: a client that does not take it in that time is
 /// disconnected ([`QUEUE_FULL_REASON`]). The join response's `ping_timeout` (15 s): a client
 /// that gets nothing for that long takes the server for dead anyway.
@@ -198,7 +203,8 @@ async fn connect(
     };
     let ws = ws
         .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES);
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .read_buffer_size(READ_BUFFER_BYTES);
     let sfu = state.sfu.clone();
     let checked = match signalling {
         Signalling::V0 => check_connect(

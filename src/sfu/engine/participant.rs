@@ -203,6 +203,9 @@ pub(super) struct Participant {
     /// Bytes in `data_backlog`.
     pub(super) data_backlog_bytes: usize,
     pub(super) joined_at: Instant,
+    /// The deadline filed for it in the engine's timer heap (`engine/timers.rs`): never later
+    /// than [`Participant::next_timeout`]; `None` while it has no live entry.
+    pub(super) filed: Option<Instant>,
     pub(super) audio_level: f32,
     pub(super) speaking: bool,
 }
@@ -364,6 +367,16 @@ impl Participant {
             if pc.next_timeout <= now {
                 let _ = pc.rtc.handle_input(Input::Timeout(now));
             }
+        }
+    }
+
+    /// Files its deadline in `timers` if it moved earlier than the filed one (or none is
+    /// filed): the cheap check every poll makes (`engine/timers.rs`).
+    pub(super) fn file_deadline(&mut self, timers: &mut super::timers::Timers) {
+        let at = self.next_timeout();
+        if self.filed.is_none_or(|filed| at < filed) {
+            self.filed = Some(at);
+            timers.push(self.session, at);
         }
     }
 

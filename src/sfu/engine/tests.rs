@@ -1057,3 +1057,33 @@ fn a_connected_participant_does_not_keep_the_loop_awake() {
         now - next
     );
 }
+
+/// A participant whose connection never comes up is removed at the connect deadline, and the
+/// engine's own deadlines lead there: driving time only by the `Output::Timeout`s it returns
+/// (as the net loop does) must reach it, the engine never asking to be woken later than that.
+#[test]
+fn a_participant_that_never_connects_is_removed_at_the_connect_deadline() {
+    let mut now = Instant::now();
+    let mut s = sfu(now);
+    join(&mut s, now, 1, "alice");
+    let start = now;
+    let deadline = start + CONNECT_DEADLINE;
+    let mut wakeups = 0;
+    while s.participant_count(&"room".into()) == 1 && wakeups < 10_000 {
+        let next = loop {
+            if let Output::Timeout(t) = s.poll_output() {
+                break t;
+            }
+        };
+        assert!(
+            next <= deadline,
+            "asked to be woken {:?} after the connect deadline",
+            next - deadline
+        );
+        now = now.max(next);
+        s.handle_timeout(now);
+        wakeups += 1;
+    }
+    assert_eq!(s.participant_count(&"room".into()), 0, "{wakeups} wake-ups");
+    assert!(now >= deadline, "removed {:?} early", deadline - now);
+}
