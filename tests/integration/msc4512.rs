@@ -7,68 +7,24 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use conclave::matrix::naming::{member_identity, room_name, LEGACY_SLOT};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::support::conclave::{jwt_payload, wait_joined, Conclave, ConclaveOptions};
+use crate::support::conclave::{jwt_payload, wait_joined, Conclave};
+use crate::support::element_call::Ministries;
 use crate::support::lk_ws::{expect_join, WsClient};
 use crate::support::matrix_client::{TestUser, CALL_MEMBER};
-use crate::support::synapse::{
-    free_ports, heavy_lock, start_pair_with, Homeserver, HsOptions, TestCa,
-};
+use crate::support::synapse::heavy_lock;
 
 const UNSTABLE: &[&str] = &["unstable", "io.element.msc4195"];
 const V1: &[&str] = &["v1"];
 
-/// Two federating Synapses forwarding `rtc/livekit` to their own Conclave.
-struct Forwarding {
-    hs1: Homeserver,
-    hs2: Homeserver,
-    c1: Conclave,
-    c2: Conclave,
-}
-
-/// Starts hs1 + hs2 and Conclave-1 + Conclave-2, configured from Conclave's own output.
-async fn start() -> Result<Forwarding> {
-    let ca = TestCa::new()?;
-    let ports = free_ports(4)?;
-    let prepare = |http: u16, fed: u16| -> Result<Conclave> {
-        let server = format!("localhost:{fed}");
-        let mut opts = ConclaveOptions::standalone();
-        opts.homeserver_url = format!("http://127.0.0.1:{http}");
-        opts.server_name = server.clone();
-        opts.ca_file = Some(ca.cert_path.clone());
-        Conclave::prepare(opts.env(
-            "CONCLAVE_AUTH__FULL_ACCESS_HOMESERVERS",
-            &format!("[\"{server}\"]"),
-        ))
-    };
-    let mut c1 = prepare(ports[0], ports[1])?;
-    let mut c2 = prepare(ports[2], ports[3])?;
-    let hs_options = |c: &Conclave, http: u16, fed: u16| -> Result<HsOptions> {
-        let registration = c.write_registration()?;
-        let out = c
-            .command(&["print-discovery", "--json", "--msc4512"])
-            .output()
-            .context("running conclave print-discovery")?;
-        if !out.status.success() {
-            bail!("print-discovery: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let discovery: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(HsOptions::new(ca.clone())
-            .ports(http, fed)
-            .appservice(registration)
-            .extra_config(discovery["synapse"].clone()))
-    };
-    let o1 = hs_options(&c1, ports[0], ports[1])?;
-    let o2 = hs_options(&c2, ports[2], ports[3])?;
-    let (hs1, hs2) = start_pair_with(o1, o2).await?;
-    let (r1, r2) = tokio::join!(c1.spawn(), c2.spawn());
-    r1.context("starting Conclave-1")?;
-    r2.context("starting Conclave-2")?;
-    Ok(Forwarding { hs1, hs2, c1, c2 })
+/// Two federating Synapses forwarding `rtc/livekit` to their own Conclave, each configured
+/// from Conclave's own output.
+async fn start() -> Result<Ministries> {
+    Ministries::start_with(true).await
 }
 
 /// `POST /_matrix/client/<version>/rtc/livekit/<endpoint>` on `user`'s homeserver.
@@ -111,7 +67,7 @@ async fn direct(c: &Conclave, path: &str, headers: &[(&str, &str)], body: &Value
 #[tokio::test]
 async fn msc4512_forwarded_tokens_for_local_and_remote_users() {
     let _heavy = heavy_lock();
-    let Forwarding { hs1, hs2, c1, c2 } = start().await.unwrap();
+    let Ministries { hs1, hs2, c1, c2 } = start().await.unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let dave = hs1.register("dave", false).await.unwrap();
     let bob = hs2.register("bob", false).await.unwrap();
@@ -272,7 +228,7 @@ async fn msc4512_forwarded_tokens_for_local_and_remote_users() {
 #[tokio::test]
 async fn msc4512_forwarded_delayed_leave_is_sent_on_crash() {
     let _heavy = heavy_lock();
-    let Forwarding { hs1, hs2, c1, c2 } = start().await.unwrap();
+    let Ministries { hs1, hs2, c1, c2 } = start().await.unwrap();
     drop((hs2, c2));
     let alice = hs1.register("alice", false).await.unwrap();
     let room = alice.create_call_room(&[]).await.unwrap();

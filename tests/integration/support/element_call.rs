@@ -69,8 +69,17 @@ pub struct Ministries {
 }
 
 impl Ministries {
-    /// Starts hs1 + hs2 (federating, one test CA) and Conclave-1 + Conclave-2.
+    /// Starts hs1 + hs2 (federating, one test CA) and Conclave-1 + Conclave-2, with tokens
+    /// from Conclave's own endpoints (`livekit_service_url`).
     pub async fn start() -> Result<Ministries> {
+        Self::start_with(false).await
+    }
+
+    /// As [`Ministries::start`]; with `msc4512`, each Synapse forwards MSC4195's
+    /// `rtc/livekit` endpoints to its Conclave (`print-discovery --msc4512` merged into
+    /// homeserver.yaml), and remote users keep the default `auth.remote_can_publish`, so that
+    /// the federation twin alone must keep them from publishing.
+    pub async fn start_with(msc4512: bool) -> Result<Ministries> {
         let ca = TestCa::new()?;
         let ports = free_ports(4)?;
         let prepare = |http: u16, fed: u16| -> Result<Conclave> {
@@ -79,16 +88,18 @@ impl Ministries {
             opts.homeserver_url = format!("http://127.0.0.1:{http}");
             opts.server_name = server.clone();
             opts.ca_file = Some(ca.cert_path.clone());
-            let opts = opts
+            let mut opts = opts
                 // Full access (may create SFU rooms, publish) for this ministry's users only;
                 // the other ministry's users may subscribe here and nothing else.
                 .env(
                     "CONCLAVE_AUTH__FULL_ACCESS_HOMESERVERS",
                     &format!("[\"{server}\"]"),
                 )
-                .env("CONCLAVE_AUTH__REMOTE_CAN_PUBLISH", "false")
                 .env("CONCLAVE_AUTH__REMOTE_CAN_SUBSCRIBE", "true")
                 .env("CONCLAVE_ADMIN__TOKEN", ADMIN_TOKEN);
+            if !msc4512 {
+                opts = opts.env("CONCLAVE_AUTH__REMOTE_CAN_PUBLISH", "false");
+            }
             Conclave::prepare(opts)
         };
         let mut c1 = prepare(ports[0], ports[1])?;
@@ -97,8 +108,13 @@ impl Ministries {
             // What the walkthrough has the operator run: the registration, and the discovery
             // block pasted into homeserver.yaml.
             let registration = c.write_registration()?;
+            let args: &[&str] = if msc4512 {
+                &["print-discovery", "--json", "--msc4512"]
+            } else {
+                &["print-discovery", "--json"]
+            };
             let out = c
-                .command(&["print-discovery", "--json"])
+                .command(args)
                 .output()
                 .context("running conclave print-discovery")?;
             if !out.status.success() {
@@ -110,7 +126,7 @@ impl Ministries {
             let discovery: Value = serde_json::from_slice(&out.stdout)
                 .context("conclave print-discovery --json output")?;
             let transports = &discovery["synapse"]["matrix_rtc"]["transports"];
-            if transports[0]["livekit_service_url"] != json!(c.url) {
+            if !msc4512 && transports[0]["livekit_service_url"] != json!(c.url) {
                 bail!(
                     "print-discovery advertises {transports}, not this Conclave ({})",
                     c.url
