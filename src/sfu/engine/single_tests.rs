@@ -214,6 +214,48 @@ impl Net {
             .map(|p| p.tracks.iter().map(|t| t.sid.clone()).collect())
             .unwrap_or_default()
     }
+
+    /// The SID of `identity`, in the room.
+    fn sid_of(&self, identity: &str) -> String {
+        self.s
+            .participant_info(&"room".into(), &identity.into())
+            .expect("in the room")
+            .sid
+    }
+
+    /// One tick of the virtual network; then each of `peers` reacts, in order.
+    fn step(&mut self, peers: &mut [&mut SinglePeer]) {
+        let mut pcs: Vec<&mut Peer> = peers.iter_mut().map(|p| &mut p.peer).collect();
+        self.tick(&mut pcs);
+        for p in peers.iter_mut() {
+            p.react(self);
+        }
+    }
+
+    /// `ticks` steps.
+    fn run(&mut self, peers: &mut [&mut SinglePeer], ticks: usize) {
+        for _ in 0..ticks {
+            self.step(peers);
+        }
+    }
+
+    /// `ticks` steps, after each of which `peers[sender]` writes the next audio frame on its
+    /// published `mic` if it can; `sent` counts the frames written.
+    fn run_with_audio(
+        &mut self,
+        peers: &mut [&mut SinglePeer],
+        sender: usize,
+        mic: Mid,
+        sent: &mut u64,
+        ticks: usize,
+    ) {
+        for _ in 0..ticks {
+            self.step(peers);
+            if peers[sender].peer.send_audio(mic, *sent, self.now) {
+                *sent += 1;
+            }
+        }
+    }
 }
 
 /// A LiveKit v1 client on one str0m connection: it creates `_reliable` and `_lossy`,
@@ -277,6 +319,17 @@ impl SinglePeer {
     /// Publishes a video track `cid` in the next offer.
     fn publish_video(&mut self, cid: &str) {
         self.to_publish.push((cid.into(), MediaKind::Video));
+    }
+
+    /// Joins as `identity` (single PC), announces its audio track `cid` and offers it;
+    /// returns the mid it publishes on.
+    fn join_publishing_audio(&mut self, net: &mut Net, identity: &str, cid: &str) -> Mid {
+        net.join(self.session, identity, true);
+        net.request(self.session, add_track(cid));
+        self.publish_audio(cid);
+        let offer = self.offer();
+        net.request(self.session, offer);
+        self.published.last().expect("just published").1
     }
 
     /// Adds `n` more placeholders of `kind` to the next offer (a `media_sections_requirement`).
@@ -541,16 +594,9 @@ fn single_pc_audio_reaches_a_single_pc_subscriber() {
     let mut net = Net::new();
     let mut alice = SinglePeer::new(net.now, 1, 3, 3);
     let mut bob = SinglePeer::new(net.now, 2, 3, 3);
-    net.join(1, "alice", true);
-    net.request(1, add_track("mic"));
-    alice.publish_audio("mic");
-    let offer = alice.offer();
-    net.request(1, offer);
+    let mic = alice.join_publishing_audio(&mut net, "alice", "mic");
     // alice connects: her track is bound (published) once her connection is up.
-    for _ in 0..50 {
-        net.tick(&mut [&mut alice.peer]);
-        alice.react(&mut net);
-    }
+    net.run(&mut [&mut alice], 50);
     assert_eq!(
         net.state_of("alice"),
         lk::participant_info::State::Active as i32
@@ -558,21 +604,9 @@ fn single_pc_audio_reaches_a_single_pc_subscriber() {
     net.join(2, "bob", true);
     let offer = bob.offer();
     net.request(2, offer);
-    let mic = alice.published[0].1;
     let mut sent = 0;
-    for _ in 0..300 {
-        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-        alice.react(&mut net);
-        bob.react(&mut net);
-        if alice.peer.send_audio(mic, sent, net.now) {
-            sent += 1;
-        }
-    }
-    let alice_sid = net
-        .s
-        .participant_info(&"room".into(), &"alice".into())
-        .unwrap()
-        .sid;
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, mic, &mut sent, 300);
+    let alice_sid = net.sid_of("alice");
     let track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
     let mid = mid_carrying(&first, &alice_sid, &track);
@@ -605,11 +639,7 @@ fn a_mid_call_subscription_asks_for_a_reoffer() {
             let offer = peer.offer();
             net.request(session, offer);
         }
-        for _ in 0..50 {
-            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-            alice.react(&mut net);
-            bob.react(&mut net);
-        }
+        net.run(&mut [&mut alice, &mut bob], 50);
         assert_eq!(
             net.state_of("bob"),
             lk::participant_info::State::Active as i32
@@ -621,19 +651,8 @@ fn a_mid_call_subscription_asks_for_a_reoffer() {
         net.request(1, offer);
         let mic = alice.published[0].1;
         let mut sent = 0;
-        for _ in 0..300 {
-            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-            alice.react(&mut net);
-            bob.react(&mut net);
-            if alice.peer.send_audio(mic, sent, net.now) {
-                sent += 1;
-            }
-        }
-        let alice_sid = net
-            .s
-            .participant_info(&"room".into(), &"alice".into())
-            .unwrap()
-            .sid;
+        net.run_with_audio(&mut [&mut alice, &mut bob], 0, mic, &mut sent, 300);
+        let alice_sid = net.sid_of("alice");
         let track = net.track_sids("alice").pop().expect("alice's track");
         let later: Vec<&Msg> = net.msgs[before..]
             .iter()
@@ -764,22 +783,14 @@ fn a_mixed_room_v0_and_single_pc_hear_each_other() {
         }
     }
     // bob (v0) got alice's track in a subscriber offer, with her msid, and hears her.
-    let alice_sid = net
-        .s
-        .participant_info(&"room".into(), &"alice".into())
-        .unwrap()
-        .sid;
+    let alice_sid = net.sid_of("alice");
     assert!(net
         .to(2)
         .iter()
         .any(|m| matches!(m, Msg::Offer(o) if o.sdp.contains(&format!("a=msid:{alice_sid}|TR_")))));
     assert_continuous(&bob_sub.received(), sent_a);
     // alice (single PC) got bob's track on a slot, and hears him.
-    let bob_sid = net
-        .s
-        .participant_info(&"room".into(), &"bob".into())
-        .unwrap()
-        .sid;
+    let bob_sid = net.sid_of("bob");
     let track = net.track_sids("bob").pop().expect("bob's track");
     let answer = net
         .to(1)
@@ -806,33 +817,14 @@ fn a_released_slot_goes_inactive_before_it_is_reused() {
     let mut alice = SinglePeer::new(net.now, 1, 0, 0);
     let mut bob = SinglePeer::new(net.now, 2, 1, 0);
     let mut carol = SinglePeer::new(net.now, 3, 0, 0);
-    net.join(1, "alice", true);
-    net.request(1, add_track("amic"));
-    alice.publish_audio("amic");
-    let offer = alice.offer();
-    net.request(1, offer);
-    for _ in 0..50 {
-        net.tick(&mut [&mut alice.peer]);
-        alice.react(&mut net);
-    }
+    let amic = alice.join_publishing_audio(&mut net, "alice", "amic");
+    net.run(&mut [&mut alice], 50);
     net.join(2, "bob", true);
     let offer = bob.offer();
     net.request(2, offer);
-    let amic = alice.published[0].1;
     let mut sent = 0;
-    for _ in 0..100 {
-        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-        alice.react(&mut net);
-        bob.react(&mut net);
-        if alice.peer.send_audio(amic, sent, net.now) {
-            sent += 1;
-        }
-    }
-    let alice_sid = net
-        .s
-        .participant_info(&"room".into(), &"alice".into())
-        .unwrap()
-        .sid;
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 100);
+    let alice_sid = net.sid_of("alice");
     let alice_track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
     let mid = mid_carrying(&first, &alice_sid, &alice_track);
@@ -845,31 +837,12 @@ fn a_released_slot_goes_inactive_before_it_is_reused() {
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );
-    for _ in 0..50 {
-        net.tick(&mut [&mut bob.peer]);
-        bob.react(&mut net);
-    }
+    net.run(&mut [&mut bob], 50);
     bob.peer.events.clear();
-    net.join(3, "carol", true);
-    net.request(3, add_track("cmic"));
-    carol.publish_audio("cmic");
-    let offer = carol.offer();
-    net.request(3, offer);
-    let cmic = carol.published[0].1;
+    let cmic = carol.join_publishing_audio(&mut net, "carol", "cmic");
     let mut sent = 0;
-    for _ in 0..300 {
-        net.tick(&mut [&mut bob.peer, &mut carol.peer]);
-        bob.react(&mut net);
-        carol.react(&mut net);
-        if carol.peer.send_audio(cmic, sent, net.now) {
-            sent += 1;
-        }
-    }
-    let carol_sid = net
-        .s
-        .participant_info(&"room".into(), &"carol".into())
-        .unwrap()
-        .sid;
+    net.run_with_audio(&mut [&mut bob, &mut carol], 1, cmic, &mut sent, 300);
+    let carol_sid = net.sid_of("carol");
     let carol_track = net.track_sids("carol").pop().expect("carol's track");
     let answers: Vec<lk::SessionDescription> = net
         .to(2)
@@ -920,9 +893,7 @@ fn single_pc_data_uses_the_client_channels_and_not_data_track() {
         net.request(session, offer);
     }
     for _ in 0..300 {
-        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-        alice.react(&mut net);
-        bob.react(&mut net);
+        net.step(&mut [&mut alice, &mut bob]);
         if [&alice, &bob]
             .iter()
             .all(|p| ["_reliable", "_data_track"].iter().all(|l| p.open(l)))
@@ -970,19 +941,14 @@ fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
     alice.publish_video("cam");
     let offer = alice.offer();
     net.request(1, offer);
-    for _ in 0..50 {
-        net.tick(&mut [&mut alice.peer]);
-        alice.react(&mut net);
-    }
+    net.run(&mut [&mut alice], 50);
     net.join(2, "bob", true);
     let offer = bob.offer();
     net.request(2, offer);
     let cam = alice.published[0].1;
     let (mut sent, mut keyframes, mut asked) = (0, 0, 0);
     for _ in 0..300 {
-        net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-        alice.react(&mut net);
-        bob.react(&mut net);
+        net.step(&mut [&mut alice, &mut bob]);
         let requests = alice
             .peer
             .events
@@ -996,11 +962,7 @@ fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
             keyframes += u64::from(key);
         }
     }
-    let alice_sid = net
-        .s
-        .participant_info(&"room".into(), &"alice".into())
-        .unwrap()
-        .sid;
+    let alice_sid = net.sid_of("alice");
     let track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
     let mid = mid_carrying(&first, &alice_sid, &track);
@@ -1031,36 +993,14 @@ fn a_withdrawn_slot_moves_its_track_to_a_free_one() {
     let mut net = Net::new();
     let mut alice = SinglePeer::new(net.now, 1, 0, 0);
     let mut bob = SinglePeer::new(net.now, 2, 2, 0);
-    net.join(1, "alice", true);
-    net.request(1, add_track("mic"));
-    alice.publish_audio("mic");
-    let offer = alice.offer();
-    net.request(1, offer);
-    for _ in 0..50 {
-        net.tick(&mut [&mut alice.peer]);
-        alice.react(&mut net);
-    }
+    let mic = alice.join_publishing_audio(&mut net, "alice", "mic");
+    net.run(&mut [&mut alice], 50);
     net.join(2, "bob", true);
     let offer = bob.offer();
     net.request(2, offer);
-    let mic = alice.published[0].1;
     let mut sent = 0;
-    let mut run = |net: &mut Net, alice: &mut SinglePeer, bob: &mut SinglePeer, ticks| {
-        for _ in 0..ticks {
-            net.tick(&mut [&mut alice.peer, &mut bob.peer]);
-            alice.react(net);
-            bob.react(net);
-            if alice.peer.send_audio(mic, sent, net.now) {
-                sent += 1;
-            }
-        }
-    };
-    run(&mut net, &mut alice, &mut bob, 100);
-    let alice_sid = net
-        .s
-        .participant_info(&"room".into(), &"alice".into())
-        .unwrap()
-        .sid;
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, mic, &mut sent, 100);
+    let alice_sid = net.sid_of("alice");
     let track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
     let old = mid_carrying(&first, &alice_sid, &track);
@@ -1073,7 +1013,7 @@ fn a_withdrawn_slot_moves_its_track_to_a_free_one() {
     };
     let id = sd.id;
     net.request(2, offer);
-    run(&mut net, &mut alice, &mut bob, 100);
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, mic, &mut sent, 100);
     let answer = net.answer(2, id).expect("the answer to the re-offer");
     let new = mid_carrying(&answer, &alice_sid, &track);
     assert_ne!(new, old);
