@@ -176,12 +176,9 @@ async fn token_endpoint(
     body: Result<Bytes, BytesRejection>,
     legacy: bool,
 ) -> Response {
-    let body = match body {
+    let body = match read_body(&state, body) {
         Ok(b) => b,
-        Err(r) => {
-            inc(&state.metrics.tokens_refused);
-            return MatrixErrorResponse::from_body_rejection(&r).into_response();
-        }
+        Err(r) => return *r,
     };
     let result = if legacy {
         state.tokens.legacy_token(&body).await
@@ -200,10 +197,16 @@ pub async fn post_delegate_delayed_leave(
         Ok(b) => b,
         Err(r) => return MatrixErrorResponse::from_body_rejection(&r).into_response(),
     };
-    match state.tokens.delegate_delayed_leave(&body).await {
+    let result = state.tokens.delegate_delayed_leave(&body).await;
+    delegated(&state, result)
+}
+
+/// The answer to a delegation: `{}`, or the refusal (rate limits counted, refusals logged).
+fn delegated(state: &TokenState, result: Result<(), AuthError>) -> Response {
+    match result {
         Ok(()) => Json(serde_json::json!({})).into_response(),
         Err(e) => {
-            count_rate_limited(&state, &e);
+            count_rate_limited(state, &e);
             log_refusal(&e, "delayed leave delegation refused");
             MatrixErrorResponse::from(e).into_response()
         }
@@ -257,14 +260,8 @@ pub async fn post_forwarded_delegate_delayed_leave(
         Ok(b) => b,
         Err(r) => return MatrixErrorResponse::from_body_rejection(&r).into_response(),
     };
-    match state.tokens.proxied_delegate(&user, &body).await {
-        Ok(()) => Json(serde_json::json!({})).into_response(),
-        Err(e) => {
-            count_rate_limited(&state, &e);
-            log_refusal(&e, "delayed leave delegation refused");
-            MatrixErrorResponse::from(e).into_response()
-        }
-    }
+    let result = state.tokens.proxied_delegate(&user, &body).await;
+    delegated(&state, result)
 }
 
 /// `POST /_matrix/federation/{v1,unstable/io.element.msc4195}/rtc/livekit/get_token`,
