@@ -172,22 +172,26 @@ async fn serve_keeps_running_when_homeserver_is_unreachable() {
     c.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn print_discovery_points_at_the_token_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = bare_command(dir.path(), &["print-discovery", "--json"])
-        .env(
-            "CONCLAVE_HTTP__PUBLIC_URL",
-            "https://rtc.ministry.example/livekit/jwt",
-        )
-        .output()
-        .unwrap();
+/// Runs `cmd`, asserts it succeeded (its stderr otherwise) and parses its stdout as JSON.
+fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn print_discovery_points_at_the_token_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = json_output(
+        bare_command(dir.path(), &["print-discovery", "--json"]).env(
+            "CONCLAVE_HTTP__PUBLIC_URL",
+            "https://rtc.ministry.example/livekit/jwt",
+        ),
+    );
     let t = &v["synapse"]["matrix_rtc"]["transports"][0];
     assert_eq!(t["type"], "livekit");
     assert_eq!(
@@ -248,16 +252,10 @@ async fn msc4512_registration_and_discovery() {
         "urn:matrix:client:io.element.msc4502:rooms:is_joined"
     );
 
-    let out = bare_command(dir.path(), &["print-discovery", "--json", "--msc4512"])
-        .env("CONCLAVE_LIVEKIT__PUBLIC_URL", "wss://sfu.ministry.example")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_output(
+        bare_command(dir.path(), &["print-discovery", "--json", "--msc4512"])
+            .env("CONCLAVE_LIVEKIT__PUBLIC_URL", "wss://sfu.ministry.example"),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flags = &v["synapse"]["experimental_features"];
     assert_eq!(flags["msc4512_enabled"], true);
     assert_eq!(flags["msc4502_enabled"], true);
