@@ -155,6 +155,19 @@ enum BenchCommand {
     },
 }
 
+/// A report as one JSON line (`--json`) or as its Markdown.
+fn rendered<R: serde::Serialize>(
+    report: &R,
+    json: bool,
+    markdown: impl FnOnce(&R) -> String,
+) -> String {
+    if json {
+        format!("{}\n", serde_json::to_string(report).unwrap_or_default())
+    } else {
+        markdown(report)
+    }
+}
+
 /// What a benchmark printed, and whether it found a failure it reports rather than errors on.
 struct Outcome {
     /// The report.
@@ -201,12 +214,7 @@ async fn run(scenario: BenchCommand) -> Result<Outcome, BenchError> {
                 max_duration: Duration::from_secs(max_seconds),
             })
             .await?;
-            Ok(if json {
-                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
-            } else {
-                report.markdown()
-            }
-            .into())
+            Ok(rendered(&report, json, |r| r.markdown()).into())
         }
         BenchCommand::Audio {
             publishers,
@@ -252,13 +260,8 @@ async fn run(scenario: BenchCommand) -> Result<Outcome, BenchError> {
                 sample_interval,
             })
             .await?;
-            let text = if json {
-                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
-            } else {
-                report.markdown()
-            };
             Ok(Outcome {
-                text,
+                text: rendered(&report, json, |r| r.markdown()),
                 failure: report.failure(),
             })
         }
@@ -289,13 +292,8 @@ async fn run(scenario: BenchCommand) -> Result<Outcome, BenchError> {
                 video: (width, height, fps),
             })
             .await?;
-            let text = if json {
-                format!("{}\n", serde_json::to_string(&report).unwrap_or_default())
-            } else {
-                report.markdown()
-            };
             Ok(Outcome {
-                text,
+                text: rendered(&report, json, |r| r.markdown()),
                 failure: report.failure(),
             })
         }
