@@ -226,7 +226,7 @@ async fn connect(
         )
         .map(|(claims, request)| (claims, Settings::v1(request))),
     };
-    let (claims, settings) = match checked {
+    let (claims, mut settings) = match checked {
         Ok(c) => c,
         Err(r) => return text(r.status, &r.message),
     };
@@ -257,9 +257,9 @@ async fn connect(
         name: claims.name.clone(),
         metadata: settings
             .metadata
-            .clone()
+            .take()
             .unwrap_or_else(|| claims.metadata.clone()),
-        attributes: settings.attributes.clone(),
+        attributes: std::mem::take(&mut settings.attributes),
         permission: permission_from(&claims),
         auto_subscribe: settings.auto_subscribe,
         client_protocol: settings.client_protocol,
