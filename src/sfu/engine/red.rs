@@ -16,23 +16,7 @@ pub(super) fn strip_red(sdp: &str, track_ids: &[&str]) -> String {
     if track_ids.is_empty() {
         return sdp.to_owned();
     }
-    let eol = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
-    let lines: Vec<&str> = sdp.split(eol).collect();
-    let mut out: Vec<String> = Vec::with_capacity(lines.len());
-    let mut start = 0;
-    while start < lines.len() {
-        let end = lines[start + 1..]
-            .iter()
-            .position(|l| l.starts_with("m="))
-            .map_or(lines.len(), |i| start + 1 + i);
-        let section = &lines[start..end];
-        match section_without_red(section, track_ids) {
-            Some(kept) => out.extend(kept),
-            None => out.extend(section.iter().map(|l| (*l).to_owned())),
-        }
-        start = end;
-    }
-    out.join(eol)
+    rewrite_sections(sdp, |section| section_without_red(section, track_ids))
 }
 
 /// The section's lines without RED, or `None` when the section is to stay as it is.
@@ -45,13 +29,7 @@ fn section_without_red(section: &[&str], track_ids: &[&str]) -> Option<Vec<Strin
     if !track_ids.contains(&track) {
         return None;
     }
-    let red: Vec<&str> = section
-        .iter()
-        .filter_map(|l| l.strip_prefix("a=rtpmap:"))
-        .filter_map(|v| v.split_once(' '))
-        .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("red/"))
-        .map(|(pt, _)| pt)
-        .collect();
+    let red = red_payload_types(section);
     if red.is_empty() {
         return None;
     }
@@ -84,58 +62,41 @@ fn section_without_red(section: &[&str], track_ids: &[&str]) -> Option<Vec<Strin
 /// mids, and sections that would be left with no format, are kept as they are.
 pub(super) fn only_offered_formats(answer: &str, offer: &str) -> String {
     let offered = formats_by_mid(offer);
-    let eol = if answer.contains("\r\n") {
-        "\r\n"
-    } else {
-        "\n"
-    };
-    let mut out: Vec<String> = Vec::new();
-    for section in sections(answer, eol) {
-        let kept = section
-            .iter()
-            .find_map(|l| l.strip_prefix("a=mid:"))
+    rewrite_sections(answer, |section| {
+        section_mid(section)
             .and_then(|mid| offered.get(mid))
-            .and_then(|formats| section_with_formats(&section, formats));
-        match kept {
-            Some(kept) => out.extend(kept),
-            None => out.extend(section.iter().map(|l| (*l).to_owned())),
-        }
-    }
-    out.join(eol)
+            .and_then(|formats| section_with_formats(section, formats))
+    })
 }
 
 /// Whether the m-section of `mid` in `sdp` lists RED among its formats. A client's
 /// `recvonly` slot offered without RED must never get str0m's RED wrapping (str0m would use
 /// the RED payload type another section negotiated, which this one does not know).
 pub(super) fn offers_red(sdp: &str, mid: &str) -> bool {
-    let eol = if sdp.contains("\r\n") { "\r\n" } else { "\n" };
-    sections(sdp, eol)
+    sections(sdp)
         .into_iter()
-        .find(|section| {
-            section
-                .iter()
-                .any(|l| l.strip_prefix("a=mid:") == Some(mid))
-        })
+        .find(|section| section_mid(section) == Some(mid))
         .is_some_and(|section| {
-            let formats: Vec<&str> = section
-                .first()
-                .and_then(|l| l.strip_prefix("m="))
-                .map(|m| m.split(' ').skip(3).collect())
-                .unwrap_or_default();
-            section
+            let formats = m_line_formats(&section);
+            red_payload_types(&section)
                 .iter()
-                .filter_map(|l| l.strip_prefix("a=rtpmap:"))
-                .filter_map(|v| v.split_once(' '))
-                .any(|(pt, codec)| {
-                    formats.contains(&pt) && codec.to_ascii_lowercase().starts_with("red/")
-                })
+                .any(|pt| formats.contains(pt))
         })
 }
 
+/// The line ending `sdp` uses.
+fn eol(sdp: &str) -> &'static str {
+    if sdp.contains("\r\n") {
+        "\r\n"
+    } else {
+        "\n"
+    }
+}
+
 /// The m-sections of `sdp` (the session part first), as lines.
-fn sections<'a>(sdp: &'a str, eol: &str) -> Vec<Vec<&'a str>> {
+fn sections(sdp: &str) -> Vec<Vec<&str>> {
     let mut out: Vec<Vec<&str>> = vec![Vec::new()];
-    for line in sdp.split(eol) {
+    for line in sdp.split(eol(sdp)) {
         if line.starts_with("m=") {
             out.push(Vec::new());
         }
@@ -146,20 +107,57 @@ fn sections<'a>(sdp: &'a str, eol: &str) -> Vec<Vec<&'a str>> {
     out
 }
 
+/// `sdp` with each section replaced by what `rewrite` makes of it (`None`: kept as it is),
+/// in `sdp`'s own line endings.
+fn rewrite_sections(sdp: &str, rewrite: impl Fn(&[&str]) -> Option<Vec<String>>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for section in sections(sdp) {
+        match rewrite(&section) {
+            Some(kept) => out.extend(kept),
+            None => out.extend(section.iter().map(|l| (*l).to_owned())),
+        }
+    }
+    out.join(eol(sdp))
+}
+
+/// The section's `a=mid`.
+fn section_mid<'a>(section: &[&'a str]) -> Option<&'a str> {
+    section.iter().find_map(|l| l.strip_prefix("a=mid:"))
+}
+
+/// The payload formats on the section's `m=` line (`m=<media> <port> <proto> <fmt>...`).
+fn m_line_formats<'a>(section: &[&'a str]) -> Vec<&'a str> {
+    section
+        .first()
+        .and_then(|l| l.strip_prefix("m="))
+        .map(|m| m.split(' ').skip(3).collect())
+        .unwrap_or_default()
+}
+
+/// The payload types the section's `a=rtpmap` lines name RED.
+fn red_payload_types<'a>(section: &[&'a str]) -> Vec<&'a str> {
+    section
+        .iter()
+        .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+        .filter_map(|v| v.split_once(' '))
+        .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("red/"))
+        .map(|(pt, _)| pt)
+        .collect()
+}
+
 /// mid → the payload formats of that m-section's `m=` line.
 fn formats_by_mid(sdp: &str) -> std::collections::HashMap<String, Vec<String>> {
-    let mut out = std::collections::HashMap::new();
-    for section in sections(sdp, if sdp.contains("\r\n") { "\r\n" } else { "\n" }) {
-        let Some(m_line) = section.first().and_then(|l| l.strip_prefix("m=")) else {
-            continue;
-        };
-        let Some(mid) = section.iter().find_map(|l| l.strip_prefix("a=mid:")) else {
-            continue;
-        };
-        let formats = m_line.split(' ').skip(3).map(str::to_owned).collect();
-        out.insert(mid.to_owned(), formats);
-    }
-    out
+    sections(sdp)
+        .iter()
+        .filter(|section| section.first().is_some_and(|l| l.starts_with("m=")))
+        .filter_map(|section| {
+            let formats = m_line_formats(section)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            section_mid(section).map(|mid| (mid.to_owned(), formats))
+        })
+        .collect()
 }
 
 /// The section with only `formats` on its `m=` line and their attributes, or `None` when it
