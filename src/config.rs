@@ -304,6 +304,25 @@ pub struct RtcConfig {
     /// v0 (`/rtc`, two peer connections) stays for the SDKs that use it. With false, both v1
     /// paths answer a plain 404, on which every LiveKit SDK falls back to v0.
     pub single_pc: bool,
+    /// Media loop threads. Each owns whole rooms (a room never spans threads) with their peer
+    /// connections; the media port stays one. Default 0: one per core. At most
+    /// [`MAX_RTC_THREADS`].
+    pub threads: usize,
+}
+
+/// The most media loop threads `rtc.threads` may ask for.
+pub const MAX_RTC_THREADS: usize = 64;
+
+impl RtcConfig {
+    /// The number of media loop threads to run: `threads`, or one per core when it is 0.
+    pub fn loop_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_RTC_THREADS),
+            n => n,
+        }
+    }
 }
 
 impl Default for RtcConfig {
@@ -315,6 +334,7 @@ impl Default for RtcConfig {
             signal_timeout_secs: 30,
             twirp_enabled: true,
             single_pc: true,
+            threads: 0,
         }
     }
 }
@@ -574,6 +594,12 @@ impl Config {
     /// Checks what types alone cannot; reports every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        if self.rtc.threads > MAX_RTC_THREADS {
+            problems.push(format!(
+                "rtc.threads = {} is more than {MAX_RTC_THREADS}; use 0 for one per core",
+                self.rtc.threads
+            ));
+        }
         check_url(
             &mut problems,
             "matrix.homeserver_url",

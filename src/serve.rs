@@ -359,8 +359,13 @@ async fn serve(config: Config) -> Result<(), RunError> {
     } else {
         config.rtc.node_ips.clone()
     };
-    let sfu = crate::net::start(&node_ips, config.rtc.udp_port, rooms.clone())
-        .map_err(|e| RunError::Net(e.to_string()))?;
+    let sfu = crate::net::start(
+        &node_ips,
+        config.rtc.udp_port,
+        config.rtc.loop_threads(),
+        rooms.clone(),
+    )
+    .map_err(|e| RunError::Net(e.to_string()))?;
     let media = sfu.addresses.clone();
     let events = sfu.subscribe_events();
     let services = build_services(config.clone(), fault, rooms, sfu)?;

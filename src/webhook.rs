@@ -598,6 +598,7 @@ mod tests {
             SfuConfig {
                 candidates: vec!["127.0.0.1:7882".parse().unwrap()],
                 seed: Some(3),
+                ..Default::default()
             },
             t0,
         );

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,14 @@ pub enum NetError {
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A media loop thread could not be started.
+    #[error("cannot start the media thread {name}: {source}")]
+    Thread {
+        /// The thread's name.
+        name: String,
         /// Why.
         source: std::io::Error,
     },
@@ -120,73 +128,201 @@ pub enum LoopRequest {
     },
 }
 
-/// Media-path counters, published by the loop (relaxed atomics, read by `/metrics`).
+/// One loop thread's counters, published by the loop (relaxed atomics, read by `/metrics`).
 #[derive(Debug, Default)]
-pub struct NetStats {
-    /// Datagrams received.
+pub struct LoopStats {
+    /// Datagrams handed to this loop's engine.
     pub datagrams: AtomicU64,
-    /// Dropped: unknown ufrag or address.
+    /// Dropped by this loop's engine: unknown ufrag or address.
     pub dropped_unknown_peer: AtomicU64,
-    /// Dropped: unparseable.
+    /// Dropped by this loop's engine: unparseable.
     pub dropped_invalid: AtomicU64,
     /// Refused by their peer connection.
     pub rejected_by_peer: AtomicU64,
     /// Datagrams the kernel would not take at once (dropped, never waited for).
     pub dropped_sends: AtomicU64,
+    /// Nanoseconds the loop spent working (not waiting for input).
+    pub busy_nanos: AtomicU64,
+    /// Requests and datagrams waiting for the loop (gauge, sampled once per wake-up).
+    pub queue_depth: AtomicU64,
+    /// Rooms the loop owns (gauge).
+    pub rooms: AtomicU64,
+}
+
+/// Media-path counters: per loop thread, the receiver's (with more than one loop) and the
+/// signal queues'.
+#[derive(Debug)]
+pub struct NetStats {
+    /// Per loop thread, indexed by thread.
+    pub loops: Vec<LoopStats>,
+    /// Datagrams the receiver could place with no loop (unknown ufrag or address).
+    pub unroutable: AtomicU64,
+    /// Datagrams dropped because the loop owning them had a full queue.
+    pub dropped_handoff: AtomicU64,
     /// Sessions disconnected because their signal queue was full.
     pub signal_queue_full: AtomicU64,
 }
 
 impl NetStats {
-    /// Prometheus text for these counters.
+    /// Counters for `threads` loops, all zero.
+    pub fn new(threads: usize) -> Self {
+        Self {
+            loops: (0..threads).map(|_| LoopStats::default()).collect(),
+            unroutable: AtomicU64::new(0),
+            dropped_handoff: AtomicU64::new(0),
+            signal_queue_full: AtomicU64::new(0),
+        }
+    }
+
+    fn sum(&self, field: impl Fn(&LoopStats) -> &AtomicU64) -> u64 {
+        self.loops
+            .iter()
+            .map(|l| field(l).load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Prometheus text for these counters: totals, then one series per loop thread.
     pub fn render(&self) -> String {
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let unroutable = load(&self.unroutable);
+        let handoff = load(&self.dropped_handoff);
         let rows = [
             (
                 "conclave_media_datagrams_total",
                 "Datagrams received on the media port.",
-                &self.datagrams,
+                self.sum(|l| &l.datagrams) + unroutable + handoff,
             ),
             (
                 "conclave_media_dropped_unknown_peer_total",
                 "Datagrams dropped: unknown ICE ufrag or source address.",
-                &self.dropped_unknown_peer,
+                self.sum(|l| &l.dropped_unknown_peer) + unroutable,
             ),
             (
                 "conclave_media_dropped_invalid_total",
                 "Datagrams dropped: not STUN, DTLS, RTP or RTCP.",
-                &self.dropped_invalid,
+                self.sum(|l| &l.dropped_invalid),
             ),
             (
                 "conclave_media_rejected_total",
                 "Datagrams refused by their peer connection (STUN failing integrity included).",
-                &self.rejected_by_peer,
+                self.sum(|l| &l.rejected_by_peer),
             ),
             (
                 "conclave_media_send_dropped_total",
                 "Datagrams not sent because the socket was full.",
-                &self.dropped_sends,
+                self.sum(|l| &l.dropped_sends),
+            ),
+            (
+                "conclave_media_handoff_dropped_total",
+                "Datagrams dropped because the media loop owning them had a full queue.",
+                handoff,
             ),
             (
                 "conclave_signal_queue_full_total",
                 "Signalling sessions disconnected because they did not take their messages in time.",
-                &self.signal_queue_full,
+                load(&self.signal_queue_full),
             ),
         ];
         let mut out = String::new();
         for (name, help, v) in rows {
             out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
             ));
+        }
+        let per_loop: [PerLoopMetric; 4] = [
+            (
+                "conclave_loop_busy_seconds_total",
+                "counter",
+                "Seconds the media loop thread spent working (not waiting for input).",
+                |l| format!("{:.6}", l.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9),
+            ),
+            (
+                "conclave_loop_datagrams_total",
+                "counter",
+                "Datagrams handed to the media loop thread.",
+                |l| l.datagrams.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "conclave_loop_queue_depth",
+                "gauge",
+                "Requests and datagrams waiting for the media loop thread.",
+                |l| l.queue_depth.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "conclave_loop_rooms",
+                "gauge",
+                "Rooms owned by the media loop thread.",
+                |l| l.rooms.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in per_loop {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (i, l) in self.loops.iter().enumerate() {
+                out.push_str(&format!("{name}{{thread=\"{i}\"}} {}\n", value(l)));
+            }
         }
         out
     }
 }
 
-/// Handle to the running loop, shared by signalling sessions and the admin API.
+/// A per-loop series: name, type, help and how to read it.
+type PerLoopMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&LoopStats) -> String,
+);
+
+/// The loop thread that owns `room` among `threads`: a stable hash of its name (FNV-1a), so
+/// every request about a room, and every session in it, reaches the same loop without a
+/// shared table (docs/decisions.md "Rooms pinned to media loop threads").
+pub fn loop_of_room(room: &str, threads: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % threads.max(1) as u64) as usize
+}
+
+/// The loop thread a session belongs to: sessions are numbered so that the remainder is the
+/// loop of their room ([`SfuHandle::new_session`]).
+fn loop_of_session(session: SessionId, threads: usize) -> usize {
+    (session.0 % threads.max(1) as u64) as usize
+}
+
+/// The loop a request goes to: the one owning its room, or its session's.
+fn loop_of_request(req: &LoopRequest, threads: usize) -> usize {
+    let room = |r: &RoomName| loop_of_room(r.as_str(), threads);
+    match req {
+        LoopRequest::Sfu(c) => match c {
+            Command::Join(j) => room(&j.room),
+            Command::Request { session, .. } | Command::Disconnect { session, .. } => {
+                loop_of_session(*session, threads)
+            }
+            Command::Remove { room: r, .. }
+            | Command::MuteTrack { room: r, .. }
+            | Command::UpdateParticipant { room: r, .. }
+            | Command::UpdateSubscriptions { room: r, .. }
+            | Command::SendData { room: r, .. }
+            | Command::UpdateRoom { room: r, .. }
+            | Command::DeleteRoom { room: r, .. } => room(r),
+        },
+        LoopRequest::Open { join, .. } => room(&join.room),
+        LoopRequest::CreateRoom { room: r, .. }
+        | LoopRequest::SetRoomMetadata { room: r, .. }
+        | LoopRequest::DeleteRoom { room: r, .. }
+        | LoopRequest::Participants { room: r, .. }
+        | LoopRequest::Room { room: r, .. }
+        | LoopRequest::RoomSid { room: r, .. }
+        | LoopRequest::Participant { room: r, .. } => room(r),
+    }
+}
+
+/// Handle to the running loops, shared by signalling sessions and the admin API.
 #[derive(Clone)]
 pub struct SfuHandle {
-    tx: mpsc::Sender<LoopRequest>,
+    loops: Arc<[mpsc::Sender<LoopRequest>]>,
     next_session: Arc<AtomicU64>,
     events: broadcast::Sender<SfuEvent>,
     /// The media addresses (host candidates).
@@ -196,14 +332,32 @@ pub struct SfuHandle {
 }
 
 impl SfuHandle {
-    /// A fresh session ID.
-    pub fn new_session(&self) -> SessionId {
-        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    /// A fresh session ID for a session joining `room`: numbered so that it belongs to the
+    /// loop thread owning the room. A session must join the room it was numbered for.
+    pub fn new_session(&self, room: &RoomName) -> SessionId {
+        let threads = self.loops.len() as u64;
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        SessionId(n * threads + self.loop_of_room(room) as u64)
     }
 
-    /// Sends a request to the loop (waits if its queue is full); false if the loop is gone.
+    /// Number of media loop threads.
+    pub fn threads(&self) -> usize {
+        self.loops.len()
+    }
+
+    /// The loop thread that owns `room`.
+    pub fn loop_of_room(&self, room: &RoomName) -> usize {
+        loop_of_room(room.as_str(), self.loops.len())
+    }
+
+    /// Sends a request to the loop that owns its room or session (waits if that loop's queue
+    /// is full); false if the loop is gone.
     pub async fn send(&self, req: LoopRequest) -> bool {
-        self.tx.send(req).await.is_ok()
+        let i = loop_of_request(&req, self.loops.len());
+        match self.loops.get(i) {
+            Some(tx) => tx.send(req).await.is_ok(),
+            None => false,
+        }
     }
 
     /// Sends an engine command to the loop; false if the loop is gone.
@@ -392,51 +546,242 @@ pub fn default_node_ips() -> Vec<IpAddr> {
     ips
 }
 
-/// Binds the media sockets and starts the loop on the current tokio runtime.
+/// How long a loop keeps an address it no longer serves in the shared routing table: a sweep
+/// every this often removes them (meanwhile their datagrams reach it and are dropped there).
+const ROUTE_SWEEP: Duration = Duration::from_secs(10);
+/// Capacity of each loop's queue of datagrams handed on by the receiver.
+const DATAGRAM_QUEUE: usize = 8192;
+
+/// Which loop serves each peer address that passed ICE (filled by the loops, read by the
+/// receiver); only used with more than one loop.
+type Routes = Arc<RwLock<HashMap<SocketAddr, usize>>>;
+
+/// A datagram the receiver hands to the loop that owns its peer connection.
+struct Datagram {
+    source: SocketAddr,
+    local: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+/// Binds the media sockets and starts `threads` media loops, each on its own thread (see
+/// [`loop_of_room`]). With one loop, it reads the sockets itself; with more, one receiver
+/// thread reads them and hands each datagram to the loop owning its peer connection (by the
+/// ufrag prefix of a STUN request, else by the source address the owner learned through ICE).
+/// Every loop sends on its own handle to the same sockets: one media port either way.
 pub fn start(
     node_ips: &[IpAddr],
     port: u16,
+    threads: usize,
     registry: Arc<RoomRegistry>,
 ) -> Result<SfuHandle, NetError> {
+    let threads = threads.max(1);
     let mut sockets = Vec::new();
     for ip in node_ips {
         let addr = SocketAddr::new(*ip, port);
-        let std_sock = std::net::UdpSocket::bind(addr)
+        let sock = std::net::UdpSocket::bind(addr)
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|source| NetError::Bind { addr, source })?;
-        let local = std_sock
+        let local = sock
             .local_addr()
             .map_err(|source| NetError::Bind { addr, source })?;
-        let sock =
-            UdpSocket::from_std(std_sock).map_err(|source| NetError::Bind { addr, source })?;
         sockets.push((local, sock));
     }
     let addresses: Vec<SocketAddr> = sockets.iter().map(|(a, _)| *a).collect();
-    tracing::info!(?addresses, "media sockets bound");
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    tracing::info!(?addresses, threads, "media sockets bound");
     let (events, _) = broadcast::channel(1024);
-    let sfu = Sfu::new(
-        SfuConfig {
-            candidates: addresses.clone(),
-            seed: None,
-        },
-        Instant::now(),
-    );
-    let stats = Arc::new(NetStats::default());
-    let handle = SfuHandle {
-        stats: stats.clone(),
-        tx,
+    let stats = Arc::new(NetStats::new(threads));
+    let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
+    let mut request_txs = Vec::new();
+    let mut datagram_txs = Vec::new();
+    let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+    let mut stopped_tx = Some(stopped_tx);
+    for index in 0..threads {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (dtx, drx) = mpsc::channel(DATAGRAM_QUEUE);
+        request_txs.push(tx);
+        datagram_txs.push(dtx);
+        let send_sockets = clone_sockets(&sockets)?;
+        let sfu = Sfu::new(
+            SfuConfig {
+                candidates: addresses.clone(),
+                seed: None,
+                ufrag_prefix: if threads > 1 {
+                    format!("{index:02x}")
+                } else {
+                    String::new()
+                },
+            },
+            Instant::now(),
+        );
+        let lp = Loop {
+            index,
+            threads,
+            pending: sockets.iter().map(|_| Vec::new()).collect(),
+            stats: stats.clone(),
+            sfu,
+            sockets: send_sockets,
+            sinks: HashMap::new(),
+            registry: registry.clone(),
+            events: events.clone(),
+            dropped_sends: 0,
+            routes: routes.clone(),
+        };
+        // With one loop, it reads the sockets; with more, the receiver does (the first loop
+        // to stop stops it).
+        let receive = if threads == 1 {
+            Some(clone_sockets(&sockets)?)
+        } else {
+            None
+        };
+        let stopped = stopped_tx.take();
+        let span = tracing::info_span!("media_loop", thread = index);
+        let fut = async move {
+            run(lp, rx, drx, receive).await;
+            drop(stopped);
+        };
+        spawn_thread(
+            format!("conclave-media-{index}"),
+            tracing::Instrument::instrument(fut, span),
+        )?;
+    }
+    if threads > 1 {
+        let router = Router {
+            loops: datagram_txs,
+            routes,
+            stats: stats.clone(),
+        };
+        let receive = clone_sockets(&sockets)?;
+        spawn_thread("conclave-media-rx".into(), async move {
+            router.run(receive, stopped_rx).await;
+        })?;
+    }
+    Ok(SfuHandle {
+        stats,
+        loops: request_txs.into(),
         next_session: Arc::new(AtomicU64::new(1)),
-        events: events.clone(),
+        events,
         addresses: Arc::new(addresses),
-    };
-    tokio::spawn(run(sfu, sockets, rx, registry, events, stats));
-    Ok(handle)
+    })
+}
+
+/// Second handles to the same sockets (the same port; `dup(2)`), one per user.
+fn clone_sockets(
+    sockets: &[(SocketAddr, std::net::UdpSocket)],
+) -> Result<Vec<(SocketAddr, std::net::UdpSocket)>, NetError> {
+    sockets
+        .iter()
+        .map(|(addr, s)| {
+            s.try_clone()
+                .map(|c| (*addr, c))
+                .map_err(|source| NetError::Bind {
+                    addr: *addr,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// Runs `fut` on a new thread with its own single-threaded tokio runtime (timers and sockets
+/// of that thread's loop only).
+fn spawn_thread(
+    name: String,
+    fut: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NetError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| NetError::Thread {
+            name: name.clone(),
+            source,
+        })?;
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || runtime.block_on(fut))
+        .map(drop)
+        .map_err(|source| NetError::Thread { name, source })
+}
+
+/// Registers std sockets with the current runtime for reading.
+fn readable(sockets: Vec<(SocketAddr, std::net::UdpSocket)>) -> Vec<(SocketAddr, UdpSocket)> {
+    sockets
+        .into_iter()
+        .filter_map(|(addr, s)| match UdpSocket::from_std(s) {
+            Ok(s) => Some((addr, s)),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot read the media socket");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The receiver with more than one loop: reads the media sockets and hands each datagram to
+/// the loop owning its peer connection, never waiting for one (a full queue drops it).
+struct Router {
+    loops: Vec<mpsc::Sender<Datagram>>,
+    routes: Routes,
+    stats: Arc<NetStats>,
+}
+
+impl Router {
+    async fn run(
+        self,
+        sockets: Vec<(SocketAddr, std::net::UdpSocket)>,
+        mut stopped: oneshot::Receiver<()>,
+    ) {
+        let sockets = readable(sockets);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                res = recv_any(&sockets, &mut buf) => {
+                    if let Some((n, source, local)) = res {
+                        self.route(source, local, &buf[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The loop for a datagram: a STUN request names it in the prefix of our ufrag; anything
+    /// else comes from an address whose loop learned it through ICE.
+    fn owner(&self, source: &SocketAddr, packet: &[u8]) -> Option<usize> {
+        if let Some(ufrag) = crate::sfu::stun::local_ufrag(packet) {
+            return ufrag
+                .get(..2)
+                .and_then(|p| usize::from_str_radix(p, 16).ok())
+                .filter(|i| *i < self.loops.len());
+        }
+        let routes = match self.routes.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        routes.get(source).copied()
+    }
+
+    fn route(&self, source: SocketAddr, local: SocketAddr, packet: &[u8]) {
+        let Some(tx) = self.owner(&source, packet).and_then(|i| self.loops.get(i)) else {
+            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let datagram = Datagram {
+            source,
+            local,
+            bytes: packet.to_vec(),
+        };
+        if tx.try_send(datagram).is_err() {
+            self.stats.dropped_handoff.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Loop {
+    /// This loop's index among `threads`.
+    index: usize,
+    threads: usize,
     sfu: Sfu,
-    sockets: Vec<(SocketAddr, UdpSocket)>,
+    /// Send handles to the media sockets.
+    sockets: Vec<(SocketAddr, std::net::UdpSocket)>,
     sinks: HashMap<SessionId, SignalSink>,
     registry: Arc<RoomRegistry>,
     events: broadcast::Sender<SfuEvent>,
@@ -444,9 +789,14 @@ struct Loop {
     stats: Arc<NetStats>,
     /// Datagrams to send, per socket (capacity kept between drains).
     pending: Vec<Vec<(SocketAddr, Vec<u8>)>>,
+    routes: Routes,
 }
 
 impl Loop {
+    fn stats(&self) -> Option<&LoopStats> {
+        self.stats.loops.get(self.index)
+    }
+
     /// Sends every queued datagram, batched per socket; never waits.
     fn flush(&mut self) {
         for (i, (_, sock)) in self.sockets.iter().enumerate() {
@@ -463,7 +813,7 @@ impl Loop {
             }
             #[cfg(not(target_os = "linux"))]
             for (dest, bytes) in q.iter() {
-                if sock.try_send_to(bytes, *dest).is_err() {
+                if sock.send_to(bytes, *dest).is_err() {
                     self.dropped_sends += 1;
                 }
             }
@@ -474,8 +824,42 @@ impl Loop {
     /// Publishes the engine's room records to the registry view if they changed.
     fn publish_rooms(&mut self) {
         if self.sfu.take_rooms_changed() {
-            self.registry.publish(self.sfu.registered_rooms().cloned());
+            let rooms: Vec<_> = self.sfu.registered_rooms().cloned().collect();
+            if let Some(s) = self.stats() {
+                s.rooms.store(rooms.len() as u64, Ordering::Relaxed);
+            }
+            self.registry.publish_from(self.index, rooms);
         }
+    }
+
+    /// Feeds one datagram to the engine; with several loops, an address that passed ICE here
+    /// goes into the shared routes so the receiver sends its other datagrams here.
+    fn datagram(&mut self, source: SocketAddr, local: SocketAddr, bytes: &[u8]) {
+        self.sfu
+            .handle_datagram(Instant::now(), source, local, bytes);
+        if self.threads > 1 && crate::sfu::stun::is_stun(bytes) && self.sfu.knows_address(&source) {
+            let known = match self.routes.read() {
+                Ok(g) => g.get(&source) == Some(&self.index),
+                Err(poisoned) => poisoned.into_inner().get(&source) == Some(&self.index),
+            };
+            if !known {
+                let mut routes = match self.routes.write() {
+                    Ok(g) => g,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                routes.insert(source, self.index);
+            }
+        }
+    }
+
+    /// Removes from the shared routes the addresses this loop no longer serves.
+    fn sweep_routes(&mut self) {
+        let mut routes = match self.routes.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (index, sfu) = (self.index, &self.sfu);
+        routes.retain(|addr, owner| *owner != index || sfu.knows_address(addr));
     }
 
     /// Carries out every pending output; returns the next timeout. Sessions whose queue was
@@ -516,19 +900,16 @@ impl Loop {
                 Output::Timeout(t) => {
                     self.flush();
                     let s = self.sfu.stats();
-                    self.stats.datagrams.store(s.datagrams, Ordering::Relaxed);
-                    self.stats
-                        .dropped_unknown_peer
-                        .store(s.dropped_unknown_peer, Ordering::Relaxed);
-                    self.stats
-                        .dropped_invalid
-                        .store(s.dropped_invalid, Ordering::Relaxed);
-                    self.stats
-                        .rejected_by_peer
-                        .store(s.rejected_by_peer, Ordering::Relaxed);
-                    self.stats
-                        .dropped_sends
-                        .store(self.dropped_sends, Ordering::Relaxed);
+                    if let Some(l) = self.stats() {
+                        l.datagrams.store(s.datagrams, Ordering::Relaxed);
+                        l.dropped_unknown_peer
+                            .store(s.dropped_unknown_peer, Ordering::Relaxed);
+                        l.dropped_invalid
+                            .store(s.dropped_invalid, Ordering::Relaxed);
+                        l.rejected_by_peer
+                            .store(s.rejected_by_peer, Ordering::Relaxed);
+                        l.dropped_sends.store(self.dropped_sends, Ordering::Relaxed);
+                    }
                     return (t, gone);
                 }
                 Output::Transmit(t) => {
@@ -620,44 +1001,60 @@ impl Loop {
     }
 }
 
+/// Runs one media loop until its request queue closes. `receive`: the media sockets, when
+/// this loop reads them itself (it is the only one); otherwise its datagrams come from the
+/// receiver through `datagrams`.
 async fn run(
-    sfu: Sfu,
-    sockets: Vec<(SocketAddr, UdpSocket)>,
+    mut lp: Loop,
     mut rx: mpsc::Receiver<LoopRequest>,
-    registry: Arc<RoomRegistry>,
-    events: broadcast::Sender<SfuEvent>,
-    stats: Arc<NetStats>,
+    mut datagrams: mpsc::Receiver<Datagram>,
+    receive: Option<Vec<(SocketAddr, std::net::UdpSocket)>>,
 ) {
-    let mut lp = Loop {
-        pending: sockets.iter().map(|_| Vec::new()).collect(),
-        stats,
-        sfu,
-        sockets,
-        sinks: HashMap::new(),
-        registry,
-        events,
-        dropped_sends: 0,
-    };
+    let sockets = readable(receive.unwrap_or_default());
     let mut buf = vec![0u8; 2048];
+    let mut next_sweep = Instant::now() + ROUTE_SWEEP;
+    let mut woke = Instant::now();
     loop {
-        let timeout = lp.drain();
+        let mut timeout = lp.drain();
+        if lp.threads > 1 {
+            if woke >= next_sweep {
+                lp.sweep_routes();
+                next_sweep = woke + ROUTE_SWEEP;
+            }
+            timeout = timeout.min(next_sweep);
+        }
+        if let Some(s) = lp.stats() {
+            let busy = woke.elapsed().as_nanos() as u64;
+            s.busy_nanos.fetch_add(busy, Ordering::Relaxed);
+            s.queue_depth
+                .store((rx.len() + datagrams.len()) as u64, Ordering::Relaxed);
+        }
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(timeout));
         tokio::select! {
-            req = rx.recv() => match req {
-                Some(req) => lp.request(req),
-                None => {
-                    tracing::info!(dropped_sends = lp.dropped_sends, "SFU loop stopped");
-                    return;
+            req = rx.recv() => {
+                woke = Instant::now();
+                match req {
+                    Some(req) => lp.request(req),
+                    None => {
+                        tracing::info!(dropped_sends = lp.dropped_sends, "SFU loop stopped");
+                        return;
+                    }
                 }
             },
-            res = recv_any(&lp.sockets, &mut buf) => {
+            Some(d) = datagrams.recv() => {
+                woke = Instant::now();
+                lp.datagram(d.source, d.local, &d.bytes);
+            },
+            res = recv_any(&sockets, &mut buf), if !sockets.is_empty() => {
+                woke = Instant::now();
                 if let Some((n, source, local)) = res {
-                    lp.sfu.handle_datagram(Instant::now(), source, local, &buf[..n]);
+                    lp.datagram(source, local, &buf[..n]);
                 }
             },
             () = sleep => {
+                woke = Instant::now();
                 lp.sfu.set_unix_time(crate::clock::unix_secs() as i64);
-                lp.sfu.handle_timeout(Instant::now());
+                lp.sfu.handle_timeout(woke);
             }
         }
     }
@@ -701,6 +1098,7 @@ mod tests {
         start(
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
             0,
+            1,
             Arc::new(RoomRegistry::default()),
         )
         .expect("bind a loopback port")
@@ -729,7 +1127,7 @@ mod tests {
 
     /// Opens a session and reads its join response.
     async fn open(sfu: &SfuHandle, identity: &str) -> (SessionId, SignalQueue) {
-        let session = sfu.new_session();
+        let session = sfu.new_session(&"room".into());
         let (sink, mut queue) = session_queue();
         assert!(sfu.open(sink, join(session, identity)).await);
         let first = tokio::time::timeout(WAIT, queue.recv())
@@ -773,12 +1171,110 @@ mod tests {
         }
     }
 
+    /// Every request about a room, and about the sessions numbered for it, reaches the loop
+    /// that owns the room: a room never spans loops.
+    #[tokio::test]
+    async fn requests_about_a_room_reach_the_loop_that_owns_it() {
+        let threads = 3;
+        let sfu = start(
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            0,
+            threads,
+            Arc::new(RoomRegistry::default()),
+        )
+        .expect("bind a loopback port");
+        assert_eq!(sfu.threads(), threads);
+        let mut owners = std::collections::HashSet::new();
+        for i in 0..30 {
+            let room: RoomName = format!("room-{i}").into();
+            let owner = sfu.loop_of_room(&room);
+            owners.insert(owner);
+            let session = sfu.new_session(&room);
+            let mut join = join(session, "alice");
+            join.room = room.clone();
+            let identity: ParticipantIdentity = "alice".into();
+            let (reply, _) = oneshot::channel();
+            let requests = [
+                LoopRequest::Sfu(Command::Join(join.clone())),
+                LoopRequest::Open {
+                    session,
+                    sink: session_queue().0,
+                    join,
+                },
+                LoopRequest::Sfu(Command::Request {
+                    session,
+                    message: Box::new(Req::Leave(Default::default())),
+                }),
+                LoopRequest::Sfu(Command::Disconnect {
+                    session,
+                    reason: DisconnectReason::ClientInitiated,
+                }),
+                LoopRequest::Sfu(Command::Remove {
+                    room: room.clone(),
+                    identity: identity.clone(),
+                    reason: DisconnectReason::ClientInitiated,
+                }),
+                LoopRequest::Sfu(Command::DeleteRoom { room: room.clone() }),
+                LoopRequest::Participant {
+                    room: room.clone(),
+                    identity,
+                    reply,
+                },
+            ];
+            for req in &requests {
+                assert_eq!(loop_of_request(req, threads), owner, "room-{i}");
+            }
+        }
+        assert_eq!(owners.len(), threads, "rooms spread over every loop");
+    }
+
+    /// With two loops, rooms on both are served at once: each loop creates and answers for
+    /// its own rooms, the registry shows them all, and STUN naming a loop that does not exist
+    /// or an unknown address is dropped and counted by the receiver.
+    #[tokio::test]
+    async fn two_loops_serve_their_rooms_and_the_receiver_drops_what_it_cannot_place() {
+        let registry = Arc::new(RoomRegistry::default());
+        let sfu = start(&[IpAddr::V4(Ipv4Addr::LOCALHOST)], 0, 2, registry.clone())
+            .expect("bind a loopback port");
+        let first: RoomName = "east".into();
+        let second: RoomName = (0..100)
+            .map(|i| RoomName::from(format!("west-{i}")))
+            .find(|r| sfu.loop_of_room(r) != sfu.loop_of_room(&first))
+            .expect("a room on the other loop");
+        for room in [&first, &second] {
+            assert!(sfu.create_room(room, RoomOptions::default()).await);
+            assert!(sfu.room_sid(room).await.is_some());
+        }
+        assert_eq!(registry.list(Instant::now()).len(), 2);
+        for l in &sfu.stats.loops {
+            assert_eq!(l.rooms.load(Ordering::Relaxed), 1);
+        }
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let media = sfu.addresses[0];
+        // Not STUN, from an address no loop knows; then STUN for loop "ff".
+        probe.send_to(&[0x80; 40], media).expect("send");
+        let mut stun = vec![0u8, 1, 0, 12, 0x21, 0x12, 0xA4, 0x42];
+        stun.extend_from_slice(&[7; 12]);
+        stun.extend_from_slice(&[0, 6, 0, 8]);
+        stun.extend_from_slice(b"ffab:cde");
+        probe.send_to(&stun, media).expect("send");
+        let deadline = Instant::now() + WAIT;
+        while sfu.stats.unroutable.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "the receiver counted both drops");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(sfu
+            .stats
+            .render()
+            .contains("conclave_loop_rooms{thread=\"1\"} 1"));
+    }
+
     #[tokio::test]
     async fn a_session_that_never_reads_is_disconnected_within_the_byte_bound() {
         let sfu = loop_on_loopback();
         let mut events = sfu.subscribe_events();
         // The observer's queue is never read, not even its join response.
-        let observer = sfu.new_session();
+        let observer = sfu.new_session(&"room".into());
         let (sink, mut observer_queue) = session_queue();
         assert!(sfu.open(sink, join(observer, "observer")).await);
         let (talker, talker_queue) = open(&sfu, "talker").await;

@@ -76,12 +76,16 @@ pub struct SfuStats {
 }
 
 /// Engine settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SfuConfig {
     /// Local UDP addresses announced as ICE host candidates.
     pub candidates: Vec<SocketAddr>,
     /// Seed for SIDs and ICE credentials (`None` = OS entropy).
     pub seed: Option<u64>,
+    /// Put in front of every local ICE ufrag this engine mints (ICE characters only): the net
+    /// layer's tag for the loop thread that owns the engine, so a STUN request can be routed
+    /// to it before any engine has seen the sender.
+    pub ufrag_prefix: String,
 }
 
 /// A datagram to send.
@@ -425,6 +429,12 @@ impl Sfu {
         }
     }
 
+    /// Whether datagrams from `source` reach a peer connection here (it passed ICE with one of
+    /// this engine's peer connections, which still exists).
+    pub fn knows_address(&self, source: &SocketAddr) -> bool {
+        self.by_addr.contains_key(source)
+    }
+
     /// Datagram counters so far.
     pub fn stats(&self) -> SfuStats {
         self.stats
@@ -604,6 +614,7 @@ impl Sfu {
 
     fn new_pc(&mut self, now: Instant) -> Pc {
         let (ufrag, pass) = self.ids.ice_credentials();
+        let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
             .set_local_ice_credentials(str0m::IceCreds {

@@ -112,11 +112,15 @@ impl RegisteredRoom {
 /// rooms are hidden at once, even before the loop drops them).
 #[derive(Debug, Default)]
 pub struct RoomRegistry {
-    rooms: RwLock<BTreeMap<RoomName, RegisteredRoom>>,
+    /// Per media loop thread (each owns its rooms), by loop index.
+    rooms: RwLock<BTreeMap<usize, BTreeMap<RoomName, RegisteredRoom>>>,
 }
 
 impl RoomRegistry {
-    fn read<T>(&self, f: impl FnOnce(&BTreeMap<RoomName, RegisteredRoom>) -> T) -> T {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&BTreeMap<usize, BTreeMap<RoomName, RegisteredRoom>>) -> T,
+    ) -> T {
         let guard = match self.rooms.read() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -124,15 +128,16 @@ impl RoomRegistry {
         f(&guard)
     }
 
-    /// Replaces the view with `rooms` (the engine's records). Only the net loop calls this.
-    pub fn publish(&self, rooms: impl IntoIterator<Item = RegisteredRoom>) {
+    /// Replaces the view of media loop `index`'s rooms with `rooms` (its engine's records).
+    /// Only that loop calls this.
+    pub fn publish_from(&self, index: usize, rooms: impl IntoIterator<Item = RegisteredRoom>) {
         let rooms: BTreeMap<RoomName, RegisteredRoom> =
             rooms.into_iter().map(|r| (r.name.clone(), r)).collect();
         let mut guard = match self.rooms.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        *guard = rooms;
+        guard.insert(index, rooms);
     }
 
     /// Whether `name` exists (not expired) at `now`.
@@ -142,18 +147,27 @@ impl RoomRegistry {
 
     /// The room, if it exists at `now`.
     pub fn get(&self, name: &str, now: Instant) -> Option<RegisteredRoom> {
-        self.read(|rooms| rooms.get(name).filter(|r| !r.expired(now)).cloned())
+        self.read(|loops| {
+            loops
+                .values()
+                .find_map(|rooms| rooms.get(name))
+                .filter(|r| !r.expired(now))
+                .cloned()
+        })
     }
 
     /// Every live room at `now`, ordered by name.
     pub fn list(&self, now: Instant) -> Vec<RegisteredRoom> {
-        self.read(|rooms| {
-            rooms
+        let mut all: Vec<RegisteredRoom> = self.read(|loops| {
+            loops
                 .values()
+                .flat_map(|rooms| rooms.values())
                 .filter(|r| !r.expired(now))
                 .cloned()
                 .collect()
-        })
+        });
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
 
@@ -180,11 +194,24 @@ mod tests {
         );
 
         let reg = RoomRegistry::default();
-        reg.publish([
-            a,
-            RegisteredRoom::new("b".into(), "RM_b".into(), RoomOptions::default(), t0, 0),
-        ]);
+        reg.publish_from(1, [a]);
+        reg.publish_from(
+            0,
+            [RegisteredRoom::new(
+                "b".into(),
+                "RM_b".into(),
+                RoomOptions::default(),
+                t0,
+                0,
+            )],
+        );
         assert!(reg.exists("b", t0));
+        let names: Vec<String> = reg
+            .list(t0)
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b"], "both loops, by name");
         assert_eq!(reg.list(t0 + Duration::from_secs(1019)).len(), 1);
         assert!(reg.get("a", t0 + Duration::from_secs(1020)).is_none());
     }

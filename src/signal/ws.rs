@@ -248,7 +248,7 @@ async fn connect(
             let _ = send(&mut socket, close_frame()).await;
         });
     }
-    let session = sfu.new_session();
+    let session = sfu.new_session(&room);
     let (sink, mut events) = session_queue();
     let join = Join {
         session,

@@ -396,3 +396,81 @@ async fn media_port_flood_does_not_disturb_a_call() {
     // The kernel drops what the loop cannot read in time; what it reads is dropped and counted.
     assert!(dropped > 100_000, "drops counted: {dropped}");
 }
+
+/// Two rooms owned by two different media loop threads (`rtc.threads = 2`) forward audio and
+/// video at the same time, through the one media port: each loop owns one room and receives
+/// datagrams, and both calls get each other's media.
+#[tokio::test]
+async fn two_rooms_on_two_loop_threads_forward_at_once_through_one_port() {
+    let _heavy = heavy_lock();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__THREADS", "2"),
+    )
+    .await
+    .unwrap();
+    // Two room names the hash puts on different loops.
+    let first = "east".to_owned();
+    let owner = conclave::net::loop_of_room(&first, 2);
+    let second = (0..100)
+        .map(|i| format!("west-{i}"))
+        .find(|r| conclave::net::loop_of_room(r, 2) != owner)
+        .unwrap();
+    let mut clients = Vec::new();
+    for room in [&first, &second] {
+        for who in ["alice", "bob"] {
+            let mut s = spec(&c, room, who);
+            s.expect_participants = 1;
+            s.expect_audio_frames = 100;
+            s.expect_video_frames = 30;
+            s.min_duration_s = 6.0;
+            s.timeout_s = 30.0;
+            clients.push(PyClient::spawn(s).unwrap());
+        }
+    }
+    for client in &mut clients {
+        client
+            .wait_event("first_video_frame", Duration::from_secs(25))
+            .await
+            .unwrap();
+    }
+    // While both calls run: one room per loop, both loops receiving.
+    let datagrams = |text: &str, thread: usize| -> u64 {
+        let name = format!("conclave_loop_datagrams_total{{thread=\"{thread}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+    };
+    let before = c.metrics().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = c.metrics().await.unwrap();
+    for thread in 0..2 {
+        let rooms = c
+            .metric(&format!("conclave_loop_rooms{{thread=\"{thread}\"}}"))
+            .await
+            .unwrap();
+        assert_eq!(rooms, 1, "loop {thread} owns one room");
+        let got = datagrams(&after, thread) - datagrams(&before, thread);
+        assert!(got > 100, "loop {thread} received {got} datagrams in 2 s");
+    }
+    let mut reports = Vec::new();
+    for client in clients {
+        reports.push(client.wait(Duration::from_secs(40)).await.unwrap());
+    }
+    for (i, r) in reports.iter().enumerate() {
+        r.assert_exit(0);
+        let other = if i % 2 == 0 { "bob" } else { "alice" };
+        let got = remote(&r.summary, other);
+        assert!(got["audio_frames"].as_u64().unwrap() >= 100, "{got}");
+        assert!(got["video_frames"].as_u64().unwrap() >= 30, "{got}");
+    }
+    assert_eq!(
+        c.metric("conclave_media_handoff_dropped_total")
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(!c.logs().contains("panicked"), "{}", c.logs());
+}

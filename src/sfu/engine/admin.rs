@@ -207,6 +207,7 @@ mod tests {
             SfuConfig {
                 candidates: vec!["127.0.0.1:7882".parse().unwrap()],
                 seed: Some(7),
+                ..Default::default()
             },
             now,
         )

@@ -110,6 +110,7 @@ impl Net {
             SfuConfig {
                 candidates: vec!["127.0.0.1:7882".parse().unwrap()],
                 seed: Some(17),
+                ..Default::default()
             },
             now,
         );

@@ -12,6 +12,7 @@ fn sfu(now: Instant) -> Sfu {
         SfuConfig {
             candidates: vec!["127.0.0.1:7882".parse().unwrap()],
             seed: Some(11),
+            ..Default::default()
         },
         now,
     );
@@ -142,7 +143,7 @@ fn create_is_idempotent_listed_and_flags_changes() {
 
     // What the loop publishes is what the rest of the service reads.
     let view = RoomRegistry::default();
-    view.publish(s.registered_rooms().cloned());
+    view.publish_from(0, s.registered_rooms().cloned());
     assert!(view.exists("a", t0 + Duration::from_secs(2)));
     assert_eq!(view.list(t0 + Duration::from_secs(2)).len(), 2);
     assert!(!view.exists("c", t0));

@@ -106,6 +106,7 @@ impl Net {
             SfuConfig {
                 candidates: vec!["127.0.0.1:7882".parse().unwrap()],
                 seed: Some(23),
+                ..Default::default()
             },
             now,
         );

@@ -11,6 +11,7 @@ fn sfu(now: Instant) -> Sfu {
         SfuConfig {
             candidates: vec!["127.0.0.1:7882".parse().unwrap()],
             seed: Some(42),
+            ..Default::default()
         },
         now,
     )
