@@ -372,6 +372,8 @@ pub struct Sfu {
     unix_now: i64,
     last_now: Instant,
     stats: SfuStats,
+    /// One DTLS certificate for every peer connection of this engine (see [`Sfu::new`]).
+    dtls_cert: Option<str0m::config::DtlsCert>,
 }
 
 /// The room of `session`, borrowing only the room map and the session index (so the output
@@ -426,6 +428,14 @@ impl Sfu {
             unix_now: 0,
             last_now: now,
             stats: SfuStats::default(),
+            // Generated once, not per peer connection: a key pair and a self-signed
+            // certificate per connection cost CPU on every join and memory for as long as it
+            // lasts, and buy nothing (the fingerprint in each answer authenticates the
+            // connection either way; browsers share one certificate across their own
+            // connections too). Without it str0m generates one per connection.
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
         }
     }
 
@@ -548,7 +558,11 @@ impl Sfu {
             self.stats.rejected_by_peer += 1;
             return;
         };
-        let rtc = &mut p.pc_mut(kind).rtc;
+        let Some(pc) = p.pc_mut(kind) else {
+            self.stats.rejected_by_peer += 1;
+            return;
+        };
+        let rtc = &mut pc.rtc;
         // STUN is taken only if str0m's ICE agent accepts it (`Rtc::accepts`): for a binding
         // request, our ufrag, the peer's (once known) and a MESSAGE-INTEGRITY made with our ICE
         // password; or it comes from the address already nominated. `handle_input` answers
@@ -615,7 +629,11 @@ impl Sfu {
     fn new_pc(&mut self, now: Instant) -> Pc {
         let (ufrag, pass) = self.ids.ice_credentials();
         let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
-        let mut rtc = Rtc::builder()
+        let mut builder = Rtc::builder();
+        if let Some(cert) = &self.dtls_cert {
+            builder = builder.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = builder
             .set_ice_lite(true)
             .set_local_ice_credentials(str0m::IceCreds {
                 ufrag: ufrag.clone(),
@@ -702,7 +720,7 @@ impl Sfu {
             }
         } else {
             Transport::Dual {
-                publisher: Box::new(self.new_pc(now)),
+                publisher: None,
                 subscriber: Box::new(self.new_pc(now)),
             }
         };

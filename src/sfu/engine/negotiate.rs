@@ -18,12 +18,30 @@ use super::downtrack::{DownState, DownTrack};
 use super::{Output, PcKind, SessionId, Sfu, SfuEvent};
 
 impl Sfu {
+    /// Creates a v0 participant's publisher connection at its first publisher offer (see
+    /// `Transport::Dual`) and routes its STUN.
+    fn ensure_publisher_pc(&mut self, now: Instant, session: SessionId) {
+        if !self
+            .participant_mut(session)
+            .is_some_and(|p| p.transport.lacks_publisher())
+        {
+            return;
+        }
+        let pc = self.new_pc(now);
+        let ufrag = pc.ufrag.clone();
+        if let Some(p) = self.participant_mut(session) {
+            p.transport.set_publisher(pc);
+            self.by_ufrag.insert(ufrag, (session, PcKind::Publisher));
+        }
+    }
+
     pub(super) fn publisher_offer(
         &mut self,
         now: Instant,
         session: SessionId,
         sd: lk::SessionDescription,
     ) {
+        self.ensure_publisher_pc(now, session);
         let Some(p) = self.participant_mut(session) else {
             return;
         };
@@ -47,7 +65,10 @@ impl Sfu {
                 return;
             }
         };
-        match p.transport.pub_pc_mut().rtc.sdp_api().accept_offer(offer) {
+        let Some(pc) = p.transport.pub_pc_mut() else {
+            return;
+        };
+        match pc.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
                 let answer = lk::SessionDescription {
                     r#type: "answer".into(),
@@ -151,8 +172,8 @@ impl Sfu {
         let text = init.candidate.trim_start_matches("a=");
         match Candidate::from_sdp_string(text) {
             Ok(c) => {
-                if let Some(p) = self.participant_mut(session) {
-                    p.pc_mut(kind).rtc.add_remote_candidate(c);
+                if let Some(pc) = self.participant_mut(session).and_then(|p| p.pc_mut(kind)) {
+                    pc.rtc.add_remote_candidate(c);
                 }
             }
             Err(e) => tracing::debug!(%session, error = %e, "ignored remote candidate"),

@@ -43,8 +43,10 @@ pub(super) enum Transport {
     /// v0: the client offers on `publisher`, the SFU offers on `subscriber`. (Peer
     /// connections are boxed: an `Rtc` is large and the variants should be alike.)
     Dual {
-        /// The client sends media on it; the client offers.
-        publisher: Box<Pc>,
+        /// The client sends media on it; the client offers. Created at the client's first
+        /// publisher offer: a client that only listens never connects it, and an unused
+        /// connection (DTLS and SCTP state, ICE agent) is ~30 kB.
+        publisher: Option<Box<Pc>>,
         /// The client receives media on it; the SFU offers.
         subscriber: Box<Pc>,
     },
@@ -86,19 +88,37 @@ impl Transport {
         matches!(self, Self::Single { .. })
     }
 
-    /// The peer connection the client publishes on.
-    pub(super) fn pub_pc(&self) -> &Pc {
+    /// The peer connection the client publishes on (none before a v0 client offered one).
+    pub(super) fn pub_pc(&self) -> Option<&Pc> {
         match self {
-            Self::Dual { publisher, .. } => publisher,
-            Self::Single { pc, .. } => pc,
+            Self::Dual { publisher, .. } => publisher.as_deref(),
+            Self::Single { pc, .. } => Some(pc),
         }
     }
 
     /// The peer connection the client publishes on, mutably.
-    pub(super) fn pub_pc_mut(&mut self) -> &mut Pc {
+    pub(super) fn pub_pc_mut(&mut self) -> Option<&mut Pc> {
         match self {
-            Self::Dual { publisher, .. } => publisher,
-            Self::Single { pc, .. } => pc,
+            Self::Dual { publisher, .. } => publisher.as_deref_mut(),
+            Self::Single { pc, .. } => Some(pc),
+        }
+    }
+
+    /// Whether it is a v0 transport whose publisher connection is not created yet.
+    pub(super) fn lacks_publisher(&self) -> bool {
+        matches!(
+            self,
+            Self::Dual {
+                publisher: None,
+                ..
+            }
+        )
+    }
+
+    /// Gives a v0 transport its publisher connection (see [`Transport::Dual`]).
+    pub(super) fn set_publisher(&mut self, pc: Pc) {
+        if let Self::Dual { publisher, .. } = self {
+            *publisher = Some(Box::new(pc));
         }
     }
 
@@ -118,32 +138,37 @@ impl Transport {
         }
     }
 
-    /// The peer connection of `kind`; a single peer connection is both kinds.
-    pub(super) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+    /// The peer connection of `kind`, if it exists; a single peer connection is both kinds.
+    pub(super) fn pc_mut(&mut self, kind: PcKind) -> Option<&mut Pc> {
         match kind {
             PcKind::Publisher => self.pub_pc_mut(),
-            PcKind::Subscriber => self.sub_pc_mut(),
+            PcKind::Subscriber => Some(self.sub_pc_mut()),
         }
     }
 
     /// Its peer connections (one or two), each with the kind it is registered as.
     pub(super) fn kinds(&self) -> &'static [PcKind] {
         match self {
-            Self::Dual { .. } => &[PcKind::Publisher, PcKind::Subscriber],
+            Self::Dual {
+                publisher: Some(_), ..
+            } => &[PcKind::Publisher, PcKind::Subscriber],
+            Self::Dual {
+                publisher: None, ..
+            } => &[PcKind::Subscriber],
             Self::Single { .. } => &[PcKind::Publisher],
         }
     }
 
-    /// Its peer connections (one or two).
+    /// Its peer connections (one or two), in the order of [`Transport::kinds`].
     pub(super) fn pcs(&self) -> impl Iterator<Item = &Pc> {
         let (first, second) = match self {
             Self::Dual {
                 publisher,
                 subscriber,
-            } => (&**publisher, Some(&**subscriber)),
-            Self::Single { pc, .. } => (&**pc, None),
+            } => (publisher.as_deref(), Some(&**subscriber)),
+            Self::Single { pc, .. } => (Some(&**pc), None),
         };
-        std::iter::once(first).chain(second)
+        first.into_iter().chain(second)
     }
 
     /// Its peer connections (one or two), mutably.
@@ -152,10 +177,10 @@ impl Transport {
             Self::Dual {
                 publisher,
                 subscriber,
-            } => (&mut **publisher, Some(&mut **subscriber)),
-            Self::Single { pc, .. } => (&mut **pc, None),
+            } => (publisher.as_deref_mut(), Some(&mut **subscriber)),
+            Self::Single { pc, .. } => (Some(&mut **pc), None),
         };
-        std::iter::once(first).chain(second)
+        first.into_iter().chain(second)
     }
 }
 
@@ -211,8 +236,8 @@ pub(super) struct Participant {
 }
 
 impl Participant {
-    /// One of its peer connections (a single peer connection is both kinds).
-    pub(super) fn pc_mut(&mut self, kind: PcKind) -> &mut Pc {
+    /// One of its peer connections, if it exists (a single peer connection is both kinds).
+    pub(super) fn pc_mut(&mut self, kind: PcKind) -> Option<&mut Pc> {
         self.transport.pc_mut(kind)
     }
 
@@ -281,8 +306,11 @@ impl Participant {
         now: Instant,
         rid: Option<str0m::media::Rid>,
     ) {
+        let Some(pc) = self.transport.pub_pc_mut() else {
+            return;
+        };
         if let Some(t) = self.tracks.iter_mut().find(|t| t.sid == *sid) {
-            t.request_keyframe(&mut self.transport.pub_pc_mut().rtc, now, rid);
+            t.request_keyframe(&mut pc.rtc, now, rid);
         }
     }
 
@@ -550,7 +578,10 @@ impl Participant {
         polled: &mut Polled,
     ) {
         loop {
-            let output = match self.pc_mut(kind).rtc.poll_output() {
+            let Some(pc) = self.pc_mut(kind) else {
+                break;
+            };
+            let output = match pc.rtc.poll_output() {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::info!(session = %self.session, error = %e, "peer connection failed");
@@ -560,7 +591,9 @@ impl Participant {
             };
             match output {
                 RtcOutput::Timeout(t) => {
-                    self.pc_mut(kind).next_timeout = t;
+                    if let Some(pc) = self.pc_mut(kind) {
+                        pc.next_timeout = t;
+                    }
                     break;
                 }
                 RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
@@ -582,7 +615,9 @@ impl Participant {
         match e {
             Event::Connected => {
                 tracing::debug!(%session, ?kind, single, "peer connection connected");
-                self.pc_mut(kind).connected = true;
+                if let Some(pc) = self.pc_mut(kind) {
+                    pc.connected = true;
+                }
                 if subscribe_side {
                     self.info.state = lk::participant_info::State::Active as i32;
                 }
@@ -599,8 +634,7 @@ impl Participant {
                 let tid = self
                     .transport
                     .pub_pc()
-                    .rtc
-                    .media(added.mid)
+                    .and_then(|pc| pc.rtc.media(added.mid))
                     .map(|m| m.track_id().to_owned())
                     .unwrap_or_default();
                 let pos = self
