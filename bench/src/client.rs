@@ -620,7 +620,7 @@ impl MediaClient {
                 .first_media_at
                 .is_some_and(|t| now.saturating_duration_since(t) >= COUNT_ONLY_AFTER);
         }
-        let (mut rtp, mut rtp_bytes) = (0u64, 0u64);
+        let (mut rtp, mut rtp_bytes, mut fed) = (0u64, 0u64, 0u64);
         for _ in 0..READ_BATCH {
             let (n, source) = match p.sock.try_recv_from(&mut self.buf) {
                 Ok(x) => x,
@@ -633,13 +633,14 @@ impl MediaClient {
                 if self.counting {
                     continue;
                 }
-                self.shared.rx_rtp_fed.fetch_add(1, Ordering::Relaxed);
+                fed += 1;
             }
             if let Ok(r) = Receive::new(Protocol::Udp, source, p.local, data) {
                 let _ = p.rtc.handle_input(Input::Receive(now, r));
             }
         }
         if rtp > 0 {
+            self.shared.rx_rtp_fed.fetch_add(fed, Ordering::Relaxed);
             self.shared.rx_rtp.fetch_add(rtp, Ordering::Relaxed);
             self.shared
                 .rx_rtp_bytes
