@@ -107,6 +107,9 @@ pub struct MediaBenchOptions {
     pub full_receive: bool,
     /// Count-only mode: 1 receiver in this many is a witness fed everything (0: none).
     pub sample_every: usize,
+    /// Count-only mode: the other receivers feed 1 RTP datagram in this many to str0m (0:
+    /// none), which keeps their RTCP feedback flowing.
+    pub feed_every: u64,
     /// `rtc.threads` for the server the bench starts (unset: the server's default).
     pub threads: Option<usize>,
 }
@@ -432,6 +435,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(i),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
     }
@@ -474,6 +478,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(sub_index0 + j),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, Some(permit)));
     }
@@ -508,6 +513,7 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(sub_index0 + opts.subscribers + k),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
         wait_for(Instant::now() + Duration::from_secs(5), || {
@@ -1013,6 +1019,11 @@ pub struct CommonArgs {
     /// and frame integrity (0: no witness, no latency).
     #[arg(long, default_value_t = 10)]
     pub sample_every: usize,
+    /// Count-only mode: the other receivers still feed 1 RTP datagram in this many to str0m,
+    /// so they keep sending RTCP feedback (transport-wide CC, receiver reports) as real
+    /// clients do (0: none: the server then sees silent subscribers).
+    #[arg(long, default_value_t = 10)]
+    pub feed_every: u64,
     /// Media loop threads for the server the bench starts (`rtc.threads`; 0 = one per
     /// core). Unset: the key is not passed and the server uses its default.
     #[arg(long)]
@@ -1055,6 +1066,7 @@ impl CommonArgs {
             max_duration: Duration::from_secs(self.max_seconds),
             full_receive: self.full_receive,
             sample_every: self.sample_every,
+            feed_every: self.feed_every,
             threads: self.threads,
         }
     }
