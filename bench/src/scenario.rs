@@ -871,7 +871,9 @@ impl MediaBenchReport {
                 self.scenario
             ),
             _ => format!(
-                "- {} {server}: receive mode count-only (RTP counted at the socket; {} witness                  receivers fed to str0m for latency and integrity, {} of the datagrams; loss =                  1 − received / expected datagrams: {} / {}; witness frame loss {})",
+                "- {} {server}: receive mode count-only (RTP counted at the socket; {} witness \
+                 receivers fed to str0m for latency and integrity; {} of the datagrams fed; \
+                 loss = 1 − received / expected datagrams = 1 − {} / {}; witness frame loss {})",
                 self.scenario,
                 r.witnesses,
                 pct(r.fed_ratio),
@@ -899,7 +901,9 @@ impl MediaBenchReport {
         ));
         if r.client_saturated {
             s.push_str(&format!(
-                "- **{} {server}: CLIENT SATURATED** (a thread ≥ 90 % of a core or all                  threads ≥ 90 % of the client's cores): this result may be limited by the                  bench's clients, not by the server\n",
+                "- **{} {server}: CLIENT SATURATED** (a thread ≥ 90 % of a core or all \
+                 threads ≥ 90 % of the client's cores): this result may be limited by the \
+                 bench's clients, not by the server\n",
                 self.scenario
             ));
         }
