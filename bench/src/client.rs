@@ -10,6 +10,19 @@
 //! keyframe, `0x01` interframe: the P bit str0m's depacketizer reads):
 //! `MAGIC u32 | publisher u32 | seq u32 | send time u64 (ns since the bench epoch) | zeros`.
 //! str0m depacketizes and repacketizes frames, so the send time travels inside the frame.
+//!
+//! Receiving has two modes ([`ReceiveMode`]). *Full*: every datagram goes to str0m (SRTP
+//! decrypt, depacketising), every frame is checked and timed. *Count-only*: a receiver feeds
+//! everything to str0m for its first [`COUNT_ONLY_AFTER`] of media, then the non-RTP traffic
+//! that keeps the connection alive (STUN consent checks, DTLS, RTCP) and 1 RTP datagram in
+//! `feed_every`; every RTP datagram is counted at the socket (packets, bytes). The fed sample
+//! keeps the receiver's RTCP feedback (transport-wide CC, receiver reports) flowing as a real
+//! client's does: with none, the server sees silent subscribers, which it handles worse than
+//! real ones (measured: a 4x drop in server packets per CPU-second). str0m sees the sample's
+//! gaps as loss, so NACKs are suppressed on those streams (the server would otherwise
+//! retransmit: load the full mode does not cause); its reports do show the loss, and its
+//! depacketiser drops the broken frames. Latency and frame integrity therefore come from
+//! *witnesses* (1 receiver in N, see the scenario), which stay in full mode all along.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -36,6 +49,50 @@ const BUCKET: Duration = Duration::from_micros(10);
 const BUCKETS: usize = 50_000; // 500 ms
 /// Datagrams read per socket wake-up before yielding.
 const READ_BATCH: usize = 64;
+/// A count-only receiver feeds RTP to str0m for this long after its first frame.
+pub const COUNT_ONLY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a datagram on a WebRTC 5-tuple is, by its first bytes (RFC 7983 §7, RFC 5761 §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram {
+    /// First byte 0–3.
+    Stun,
+    /// First byte 20–63.
+    Dtls,
+    /// First byte 128–191, payload type outside 64–95.
+    Rtp,
+    /// First byte 128–191, packet type 192–223 (payload type 64–95 with the marker bit).
+    Rtcp,
+    /// Anything else (TURN channels, ZRTP, garbage).
+    Other,
+}
+
+/// Classifies a datagram (RFC 7983 demultiplexing, RTP/RTCP by RFC 5761).
+pub fn classify(d: &[u8]) -> Datagram {
+    match d.first() {
+        Some(0..=3) => Datagram::Stun,
+        Some(20..=63) => Datagram::Dtls,
+        Some(128..=191) if d.len() >= 8 => {
+            if (64..=95).contains(&(d[1] & 0x7f)) {
+                Datagram::Rtcp
+            } else if d.len() >= 12 {
+                Datagram::Rtp
+            } else {
+                Datagram::Other
+            }
+        }
+        _ => Datagram::Other,
+    }
+}
+
+/// How a receiving peer connection treats RTP (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveMode {
+    /// Every datagram goes to str0m; frames are checked and timed (a witness).
+    Full,
+    /// After [`COUNT_ONLY_AFTER`] of media, RTP is only counted at the socket.
+    CountOnly,
+}
 
 /// A latency histogram with 10 µs buckets, shared by every client.
 pub struct Histogram {
@@ -93,11 +150,18 @@ pub struct Shared {
     pub window_start_ns: AtomicU64,
     /// End of the window (exclusive).
     pub window_end_ns: AtomicU64,
-    /// RTP datagrams received by subscriber peer connections.
+    /// RTP datagrams received by subscriber peer connections (counted at the socket).
     pub rx_rtp: AtomicU64,
     /// Their bytes (UDP payload).
     pub rx_rtp_bytes: AtomicU64,
-    /// Frames received whose send time is inside the window.
+    /// RTP datagrams receivers fed to str0m (all of them in full mode).
+    pub rx_rtp_fed: AtomicU64,
+    /// RTP datagrams publishers handed to the kernel.
+    pub tx_rtp: AtomicU64,
+    /// Media frames a witness received that are not benchmark frames (bad magic or
+    /// publisher, or a sequence number not above the last one from that publisher).
+    pub rx_bad_frames: AtomicU64,
+    /// Frames witnesses received whose send time is inside the window.
     pub rx_frames_window: AtomicU64,
     /// Frames each publisher sent inside the window.
     pub sent_window: Vec<AtomicU64>,
@@ -131,6 +195,9 @@ impl Shared {
             window_end_ns: AtomicU64::new(u64::MAX),
             rx_rtp: AtomicU64::new(0),
             rx_rtp_bytes: AtomicU64::new(0),
+            rx_rtp_fed: AtomicU64::new(0),
+            tx_rtp: AtomicU64::new(0),
+            rx_bad_frames: AtomicU64::new(0),
             rx_frames_window: AtomicU64::new(0),
             sent_window: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
             pub_ready: AtomicUsize::new(0),
@@ -232,6 +299,10 @@ pub struct ClientSpec {
     pub profile: MediaProfile,
     /// Loopback address its sockets bind to.
     pub local_ip: std::net::IpAddr,
+    /// How its subscriber peer connection treats RTP.
+    pub receive: ReceiveMode,
+    /// Count-only: feed 1 RTP datagram in this many to str0m (0: none).
+    pub feed_every: u64,
 }
 
 /// Builds a benchmark frame.
@@ -274,7 +345,23 @@ pub fn parse_frame(data: &[u8], video: bool) -> Option<(u32, u32, u64)> {
 
 /// Whether a datagram is RTP (not STUN, DTLS or RTCP; RFC 7983, RFC 5761).
 pub fn is_rtp(d: &[u8]) -> bool {
-    d.len() >= 12 && (128..=191).contains(&d[0]) && !(64..=95).contains(&(d[1] & 0x7f))
+    classify(d) == Datagram::Rtp
+}
+
+/// Integrity of a witness's frame: a benchmark frame from a known publisher whose seq is
+/// above the last one seen from it (str0m delivers in order; gaps are loss, not damage).
+/// Records the seq in `last_seq` (indexed by publisher).
+fn frame_in_order(last_seq: &mut Vec<Option<u32>>, frame: Option<(u32, u32, u64)>) -> bool {
+    let Some((publisher, seq, _)) = frame else {
+        return false;
+    };
+    let i = publisher as usize;
+    if last_seq.len() <= i {
+        last_seq.resize(i + 1, None);
+    }
+    let ok = last_seq[i].is_none_or(|last| seq > last);
+    last_seq[i] = Some(seq);
+    ok
 }
 
 /// One peer connection on its own loopback UDP socket.
@@ -364,6 +451,14 @@ pub struct MediaClient {
     first_media: bool,
     pub_ready: bool,
     sub_ready: bool,
+    /// When the first benchmark frame arrived.
+    first_media_at: Option<Instant>,
+    /// Count-only receiver past its warm-up: RTP is only sampled into str0m.
+    counting: bool,
+    /// RTP datagrams seen while counting (for the 1-in-`feed_every` sample).
+    counted: u64,
+    /// Last frame seq per publisher (witness integrity check).
+    last_seq: Vec<Option<u32>>,
     buf: Vec<u8>,
 }
 
@@ -387,6 +482,10 @@ impl MediaClient {
             first_media: false,
             pub_ready: false,
             sub_ready: false,
+            first_media_at: None,
+            counting: false,
+            counted: 0,
+            last_seq: Vec::new(),
             buf: vec![0u8; 2048],
         }
     }
@@ -523,6 +622,22 @@ impl MediaClient {
         }) else {
             return;
         };
+        if subscriber && !self.counting && self.spec.receive == ReceiveMode::CountOnly {
+            self.counting = self
+                .first_media_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= COUNT_ONLY_AFTER);
+            if self.counting {
+                // The sample has gaps: no NACKs for them.
+                let mut api = p.rtc.direct_api();
+                for mid in &self.tracks_in {
+                    if let Some(rx) = api.stream_rx_by_mid(*mid, None) {
+                        rx.suppress_nack(true);
+                    }
+                }
+            }
+        }
+        let feed_every = self.spec.feed_every;
+        let (mut rtp, mut rtp_bytes, mut fed) = (0u64, 0u64, 0u64);
         for _ in 0..READ_BATCH {
             let (n, source) = match p.sock.try_recv_from(&mut self.buf) {
                 Ok(x) => x,
@@ -530,14 +645,26 @@ impl MediaClient {
             };
             let data = &self.buf[..n];
             if subscriber && is_rtp(data) {
-                self.shared.rx_rtp.fetch_add(1, Ordering::Relaxed);
-                self.shared
-                    .rx_rtp_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                rtp += 1;
+                rtp_bytes += n as u64;
+                if self.counting {
+                    self.counted += 1;
+                    if feed_every == 0 || self.counted % feed_every != 0 {
+                        continue;
+                    }
+                }
+                fed += 1;
             }
             if let Ok(r) = Receive::new(Protocol::Udp, source, p.local, data) {
                 let _ = p.rtc.handle_input(Input::Receive(now, r));
             }
+        }
+        if rtp > 0 {
+            self.shared.rx_rtp_fed.fetch_add(fed, Ordering::Relaxed);
+            self.shared.rx_rtp.fetch_add(rtp, Ordering::Relaxed);
+            self.shared
+                .rx_rtp_bytes
+                .fetch_add(rtp_bytes, Ordering::Relaxed);
         }
     }
 
@@ -638,6 +765,8 @@ impl MediaClient {
                     Output::Transmit(t) => {
                         if p.sock.try_send_to(&t.contents, t.destination).is_err() {
                             self.shared.tx_drops.fetch_add(1, Ordering::Relaxed);
+                        } else if !subscriber && is_rtp(&t.contents) {
+                            self.shared.tx_rtp.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Output::Event(e) => match e {
@@ -658,9 +787,16 @@ impl MediaClient {
                         Event::MediaData(d) if subscriber => {
                             let now = Instant::now();
                             let video = d.params.spec().codec != Codec::Opus;
-                            if let Some((_, _, sent)) = parse_frame(&d.data, video) {
+                            let witness = self.spec.receive == ReceiveMode::Full;
+                            let frame = parse_frame(&d.data, video).filter(|&(publisher, _, _)| {
+                                (publisher as usize) < self.shared.sent_window.len()
+                            });
+                            if witness && !frame_in_order(&mut self.last_seq, frame) {
+                                self.shared.rx_bad_frames.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Some((_, _, sent)) = frame {
                                 let ns = self.shared.ns(now);
-                                if self.shared.in_window(sent) {
+                                if witness && self.shared.in_window(sent) {
                                     self.shared.rx_frames_window.fetch_add(1, Ordering::Relaxed);
                                     self.shared
                                         .latency
@@ -668,6 +804,7 @@ impl MediaClient {
                                 }
                                 if !self.first_media {
                                     self.first_media = true;
+                                    self.first_media_at = Some(now);
                                     if self.spec.join_probe {
                                         if let Ok(mut j) = self.shared.joins.lock() {
                                             j.push(now.saturating_duration_since(self.started));
@@ -723,6 +860,47 @@ mod tests {
         let d = build_frame(&v, 1, 3, 100, false);
         assert_eq!(d[0], 0x01);
         assert_eq!(parse_frame(&d[..10], true), None);
+    }
+
+    #[test]
+    fn frame_integrity() {
+        let mut last = Vec::new();
+        assert!(frame_in_order(&mut last, Some((2, 5, 0))));
+        assert!(
+            frame_in_order(&mut last, Some((2, 9, 0))),
+            "a gap is loss, not damage"
+        );
+        assert!(!frame_in_order(&mut last, Some((2, 9, 0))), "duplicate");
+        assert!(!frame_in_order(&mut last, Some((2, 3, 0))), "out of order");
+        assert!(frame_in_order(&mut last, Some((0, 0, 0))));
+        assert!(!frame_in_order(&mut last, None), "not a benchmark frame");
+    }
+
+    #[test]
+    fn datagram_classification() {
+        let pad = |mut v: Vec<u8>| {
+            v.resize(20, 0);
+            v
+        };
+        assert_eq!(classify(&pad(vec![0x00, 0x01])), Datagram::Stun);
+        assert_eq!(classify(&pad(vec![0x01, 0x01])), Datagram::Stun);
+        assert_eq!(classify(&pad(vec![22, 0xfe])), Datagram::Dtls);
+        assert_eq!(classify(&pad(vec![63, 0])), Datagram::Dtls);
+        // RTP: payload types outside 64–95, with or without the marker bit.
+        for pt in [0u8, 96, 111, 127, 0x80 | 96, 0x80 | 111] {
+            assert_eq!(classify(&pad(vec![0x80, pt])), Datagram::Rtp, "pt {pt}");
+        }
+        // RTCP: SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR (192..=223).
+        for pt in [200u8, 201, 202, 203, 204, 205, 206, 207, 192, 223] {
+            assert_eq!(classify(&pad(vec![0x81, pt])), Datagram::Rtcp, "pt {pt}");
+        }
+        // Padding/extension/CSRC bits set: still RTP (first byte up to 191).
+        assert_eq!(classify(&pad(vec![0xbf, 96])), Datagram::Rtp);
+        assert_eq!(classify(&pad(vec![0xc0, 96])), Datagram::Other);
+        assert_eq!(classify(&[0x80, 96, 0, 0, 0, 0, 0, 0]), Datagram::Other);
+        assert_eq!(classify(&[0x80, 200, 0, 1, 0, 0, 0, 0]), Datagram::Rtcp);
+        assert_eq!(classify(&pad(vec![70, 0])), Datagram::Other, "TURN channel");
+        assert_eq!(classify(&[]), Datagram::Other);
     }
 
     #[test]

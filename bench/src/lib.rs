@@ -10,6 +10,7 @@ pub mod janus;
 pub mod jointime;
 pub mod limit;
 pub mod lk;
+pub mod metrics;
 pub mod scenario;
 pub mod server;
 pub mod soak;
@@ -85,15 +86,50 @@ pub fn process_cpu_time() -> Option<Duration> {
 /// `/proc/<pid>/stat`.
 pub fn proc_cpu_time(pid: &str) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
+    parse_stat_cpu(&stat).map(|(_, cpu)| cpu)
+}
+
+/// CPU time (user + system) of each thread of process `pid` (a number or `self`), from
+/// `/proc/<pid>/task/<tid>/stat`: (thread id, thread name, CPU time). Threads that exit while
+/// being read are left out; `None` when the process has no readable task directory.
+pub fn proc_thread_cpu_times(pid: &str) -> Option<Vec<(u32, String, Duration)>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, cpu)) = parse_stat_cpu(&stat) {
+            out.push((tid, name, cpu));
+        }
+    }
+    Some(out)
+}
+
+/// The command name and utime + stime of a `/proc/…/stat` line.
+fn parse_stat_cpu(stat: &str) -> Option<(String, Duration)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     let ticks = clock_ticks_per_second();
-    Some(Duration::from_secs_f64(
-        (utime + stime) as f64 / ticks as f64,
+    Some((
+        name,
+        Duration::from_secs_f64((utime + stime) as f64 / ticks as f64),
     ))
+}
+
+/// Cores this process may run on (its affinity mask: 1 when pinned with `taskset -c N`).
+pub fn allowed_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
@@ -181,6 +217,17 @@ mod tests {
         assert!(proc_fd_count("self").expect("/proc/self/fd") >= 3);
         assert!(proc_alive("self"));
         assert!(!proc_alive("0"));
+    }
+
+    #[test]
+    fn thread_cpu_times_are_readable() {
+        let threads = proc_thread_cpu_times("self").expect("/proc/self/task");
+        assert!(!threads.is_empty());
+        let line = "1234 (tokio-runtime-w) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0 1";
+        let (name, cpu) = parse_stat_cpu(line).expect("parses");
+        assert_eq!(name, "tokio-runtime-w");
+        assert_eq!(cpu, Duration::from_secs(3));
+        assert!(allowed_cores() >= 1);
     }
 
     #[test]

@@ -6,8 +6,18 @@
 //! (at most `join_concurrency` joining at once) until every one is connected with all its
 //! tracks; RSS is read (idle participants); media starts; join probes join one by one while
 //! media flows (token → first remote frame); then the measurement window: server and client
-//! CPU from `/proc`, RTP datagrams received, frames sent and received (attributed by the send
-//! time they carry), latency; then everyone leaves.
+//! CPU from `/proc` (whole process and per thread), the server's per-loop-thread counters from
+//! `/metrics`, RTP datagrams sent and received, frames sent and received (attributed by the
+//! send time they carry), latency; then everyone leaves.
+//!
+//! Receivers count RTP at the socket; by default only witnesses (1 receiver in
+//! `sample_every`) also feed it to str0m ([`ReceiveMode`]), so the clients' own decrypting and
+//! depacketising does not cap what the server can show. Loss is then counted in datagrams:
+//! `expected` = RTP datagrams the publishers handed to the kernel in the window × receivers
+//! per publisher, `received` = RTP datagrams the receivers' sockets delivered in the same
+//! window (both counters read at the window's start and end: datagrams in flight at the start
+//! and at the end cancel out while the load is steady). With `full_receive` loss is counted in
+//! frames, as before.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,11 +27,19 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::client::{ClientSpec, MediaProfile, Shared};
+use super::client::{ClientSpec, MediaProfile, ReceiveMode, Shared};
 use super::janus::JanusTarget;
 use super::limit::{probe, LimitReport};
+use super::metrics::{
+    fetch_loop_metrics, loop_window, saturated, thread_loads, LoopThreadReport, ThreadLoad,
+};
 use super::server::{default_server_exe, have_taskset, pin_self, ConclaveTarget};
-use super::{proc_cpu_time, proc_rss_kb, udp_rcvbuf_errors, BenchError};
+use super::{
+    allowed_cores, proc_cpu_time, proc_rss_kb, proc_thread_cpu_times, udp_rcvbuf_errors, BenchError,
+};
+
+/// Threads listed per process in the JSON report (busiest first).
+const TOP_THREADS: usize = 4;
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -85,6 +103,35 @@ pub struct MediaBenchOptions {
     pub join_concurrency: usize,
     /// Hard bound on the whole run.
     pub max_duration: Duration,
+    /// Every receiver feeds every datagram to str0m (the old mode); otherwise count-only.
+    pub full_receive: bool,
+    /// Count-only mode: 1 receiver in this many is a witness fed everything (0: none).
+    pub sample_every: usize,
+    /// Count-only mode: the other receivers feed 1 RTP datagram in this many to str0m (0:
+    /// none), which keeps their RTCP feedback flowing.
+    pub feed_every: u64,
+    /// `rtc.threads` for the server the bench starts (unset: the server's default).
+    pub threads: Option<usize>,
+}
+
+impl MediaBenchOptions {
+    /// How receiver number `index` (in join order) treats RTP.
+    fn receive_mode(&self, index: usize) -> ReceiveMode {
+        if self.full_receive || (self.sample_every > 0 && index % self.sample_every == 0) {
+            ReceiveMode::Full
+        } else {
+            ReceiveMode::CountOnly
+        }
+    }
+
+    /// `full` or `count-only`.
+    fn receive_mode_name(&self) -> &'static str {
+        if self.full_receive {
+            "full"
+        } else {
+            "count-only"
+        }
+    }
 }
 
 /// What one server under test did.
@@ -94,6 +141,11 @@ pub struct SutReport {
     pub participants: usize,
     /// Receiving peer connections.
     pub receivers: usize,
+    /// `full` (every datagram through str0m) or `count-only` (RTP counted at the socket,
+    /// witnesses fed to str0m).
+    pub receive_mode: &'static str,
+    /// Receivers that fed every datagram to str0m (latency, frame integrity).
+    pub witnesses: usize,
     /// Clients that failed (join, signalling, connect).
     pub failed_clients: usize,
     /// First failure messages.
@@ -110,14 +162,41 @@ pub struct SutReport {
     pub server_cpu_s: Option<f64>,
     /// Forwarded packets per server CPU-second.
     pub pkts_per_cpu_s: Option<f64>,
+    /// Busiest server threads (CPU / window; 1.0 = a whole core), from `/proc`.
+    pub server_threads: Vec<ThreadLoad>,
+    /// Server media loop threads from `/metrics`; `None`: per-thread metrics not available.
+    pub loop_threads: Option<Vec<LoopThreadReport>>,
     /// Client (this process) CPU seconds in the window.
     pub client_cpu_s: Option<f64>,
-    /// Frames sent in the window × their intended receivers.
+    /// Cores the client may run on (1 when pinned).
+    pub client_cores: usize,
+    /// Client CPU / window (1.0 = one core).
+    pub client_cpu_ratio: Option<f64>,
+    /// Busiest client threads (CPU / window).
+    pub client_threads: Vec<ThreadLoad>,
+    /// The client side was saturated (busiest thread ≥ 90 % of a core, or all threads ≥ 90 %
+    /// of the client's cores): the result may be limited by the clients, not the server.
+    pub client_saturated: bool,
+    /// RTP datagrams the publishers sent in the window × receivers per publisher.
+    pub datagrams_expected: u64,
+    /// RTP datagrams the receivers' sockets delivered in the window.
+    pub datagrams_received: u64,
+    /// Share of the received RTP datagrams fed to str0m (1.0 in full mode).
+    pub fed_ratio: Option<f64>,
+    /// Frames sent in the window × their intended witnesses.
     pub frames_expected: u64,
-    /// Frames received (sent in the window).
+    /// Frames witnesses received (sent in the window).
     pub frames_received: u64,
-    /// 1 − received / expected (frames; a video frame is lost if any packet is).
+    /// Frames witnesses received that failed the integrity check (magic, publisher, seq order).
+    pub bad_frames: u64,
+    /// Loss: count-only mode 1 − datagrams received / expected (see the module
+    /// documentation); full mode 1 − frames received / expected (a video frame is lost if any
+    /// of its packets is).
     pub loss_ratio: Option<f64>,
+    /// 1 − frames received / expected over the witnesses.
+    pub frame_loss_ratio: Option<f64>,
+    /// 1 − datagrams received / expected.
+    pub datagram_loss_ratio: Option<f64>,
     /// Send → receive through the SFU, including both client stacks, p50 ms.
     pub latency_p50_ms: Option<f64>,
     /// p99 ms.
@@ -150,6 +229,12 @@ pub struct MediaBenchReport {
     pub subscribers: usize,
     /// Whether server and clients ran on separate pinned cores.
     pub pinned: bool,
+    /// `full` or `count-only` receiving.
+    pub receive_mode: &'static str,
+    /// `rtc.threads` given to the server, if any.
+    pub threads: Option<usize>,
+    /// Conclave run: the clients were saturated (see [`SutReport::client_saturated`]).
+    pub client_saturated: bool,
     /// Conclave: forwarded packets/s.
     pub forwarded_pps: f64,
     /// Conclave: forwarded bits/s.
@@ -213,6 +298,14 @@ enum Sut {
 }
 
 impl Sut {
+    /// Conclave's base URL (for `/metrics`).
+    fn http_url(&self) -> Option<&str> {
+        match self {
+            Sut::Conclave(c) => Some(&c.http_url),
+            Sut::Janus(_) => None,
+        }
+    }
+
     fn pid(&self) -> Option<u32> {
         match self {
             Sut::Conclave(c) => c.pid,
@@ -263,13 +356,40 @@ impl Sut {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// Counters and CPU readings at one edge of the measurement window.
+struct Snapshot {
+    at: Instant,
+    server_cpu: Option<f64>,
+    server_threads: Vec<(u32, String, Duration)>,
+    client_cpu: Option<f64>,
+    client_threads: Vec<(u32, String, Duration)>,
+    drops: Option<u64>,
+    rx_rtp: u64,
+    rx_bytes: u64,
+    rx_fed: u64,
+    tx_rtp: u64,
 }
 
-fn cpu_of(pid: Option<u32>) -> Option<f64> {
-    pid.and_then(|p| proc_cpu_time(&p.to_string()))
-        .map(|d| d.as_secs_f64())
+impl Snapshot {
+    /// Reads everything now; `pid` is the server's.
+    fn take(shared: &Shared, pid: Option<&str>) -> Self {
+        Self {
+            at: Instant::now(),
+            rx_rtp: shared.rx_rtp.load(Ordering::Relaxed),
+            rx_bytes: shared.rx_rtp_bytes.load(Ordering::Relaxed),
+            rx_fed: shared.rx_rtp_fed.load(Ordering::Relaxed),
+            tx_rtp: shared.tx_rtp.load(Ordering::Relaxed),
+            server_cpu: pid.and_then(proc_cpu_time).map(|d| d.as_secs_f64()),
+            client_cpu: proc_cpu_time("self").map(|d| d.as_secs_f64()),
+            drops: udp_rcvbuf_errors(),
+            server_threads: pid.and_then(proc_thread_cpu_times).unwrap_or_default(),
+            client_threads: proc_thread_cpu_times("self").unwrap_or_default(),
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Waits until `done()` or `deadline`; returns whether it got done.
@@ -314,6 +434,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             join_probe: false,
             profile,
             local_ip: sut.local_ip(),
+            receive: opts.receive_mode(i),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
     }
@@ -339,6 +461,9 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     // 2. Receivers.
     // Every receiver gets every published track (video: publishers get the p − 1 others).
     let tracks_each = p;
+    // Receivers are numbered in join order for the witness choice: publishers (video), then
+    // subscribers, then join probes.
+    let sub_index0 = if video_conf { p } else { 0 };
     for j in 0..opts.subscribers {
         let permit = sem
             .clone()
@@ -352,6 +477,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             join_probe: false,
             profile,
             local_ip: sut.local_ip(),
+            receive: opts.receive_mode(sub_index0 + j),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, Some(permit)));
     }
@@ -385,6 +512,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
             join_probe: true,
             profile,
             local_ip: sut.local_ip(),
+            receive: opts.receive_mode(sub_index0 + opts.subscribers + k),
+            feed_every: opts.feed_every,
         };
         tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
         wait_for(Instant::now() + Duration::from_secs(5), || {
@@ -399,18 +528,18 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     let end = start + Duration::from_secs_f64(opts.seconds.max(0.2));
     shared.set_window(start, end);
     tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
-    let s_cpu0 = cpu_of(pid);
-    let c_cpu0 = proc_cpu_time("self").map(|d| d.as_secs_f64());
-    let drops0 = udp_rcvbuf_errors();
-    let rtp0 = shared.rx_rtp.load(Ordering::Relaxed);
-    let bytes0 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
+    let snap0 = Snapshot::take(&shared, pid_s.as_deref());
+    let loop0 = match sut.http_url() {
+        Some(u) => fetch_loop_metrics(u).await.map(|m| (Instant::now(), m)),
+        None => None,
+    };
     tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
-    let s_cpu1 = cpu_of(pid);
-    let c_cpu1 = proc_cpu_time("self").map(|d| d.as_secs_f64());
-    let drops1 = udp_rcvbuf_errors();
-    let rtp1 = shared.rx_rtp.load(Ordering::Relaxed);
-    let bytes1 = shared.rx_rtp_bytes.load(Ordering::Relaxed);
-    let window = end.saturating_duration_since(start).as_secs_f64();
+    let snap1 = Snapshot::take(&shared, pid_s.as_deref());
+    let loop1 = match (sut.http_url(), &loop0) {
+        (Some(u), Some(_)) => fetch_loop_metrics(u).await.map(|m| (Instant::now(), m)),
+        _ => None,
+    };
+    let window = snap1.at.saturating_duration_since(snap0.at).as_secs_f64();
     // Frames sent at the end of the window still travel.
     tokio::time::sleep(Duration::from_millis(500)).await;
     shared.media_on.store(false, Ordering::SeqCst);
@@ -427,20 +556,52 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     // 6. Numbers.
     let receivers_per_pub =
         opts.subscribers + opts.join_probes + if video_conf { p - 1 } else { 0 };
-    let expected: u64 = shared
+    // Witnesses among the receivers of publisher i (a publisher does not receive itself).
+    let non_pub_receivers = sub_index0..sub_index0 + opts.subscribers + opts.join_probes;
+    let witness = |r: usize| opts.receive_mode(r) == ReceiveMode::Full;
+    let other_witnesses = non_pub_receivers.clone().filter(|&r| witness(r)).count();
+    let pub_witnesses = if video_conf {
+        (0..p).filter(|&i| witness(i)).count()
+    } else {
+        0
+    };
+    let witnesses_of =
+        |i: usize| other_witnesses + pub_witnesses - usize::from(video_conf && witness(i));
+    let frames_expected: u64 = shared
         .sent_window
         .iter()
-        .map(|c| c.load(Ordering::Relaxed) * receivers_per_pub as u64)
+        .enumerate()
+        .map(|(i, c)| c.load(Ordering::Relaxed) * witnesses_of(i) as u64)
         .sum();
-    let received = shared.rx_frames_window.load(Ordering::Relaxed);
-    let pkts = rtp1.saturating_sub(rtp0);
-    let bytes = bytes1.saturating_sub(bytes0);
-    let server_cpu = match (s_cpu0, s_cpu1) {
+    let frames_received = shared.rx_frames_window.load(Ordering::Relaxed);
+    let pkts = snap1.rx_rtp.saturating_sub(snap0.rx_rtp);
+    let bytes = snap1.rx_bytes.saturating_sub(snap0.rx_bytes);
+    let fed = snap1.rx_fed.saturating_sub(snap0.rx_fed);
+    let datagrams_expected = snap1.tx_rtp.saturating_sub(snap0.tx_rtp) * receivers_per_pub as u64;
+    let ratio = |got: u64, want: u64| (want > 0).then(|| (1.0 - got as f64 / want as f64).max(0.0));
+    let frame_loss = ratio(frames_received, frames_expected);
+    let datagram_loss = ratio(pkts, datagrams_expected);
+    let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let client_cpu = match (c_cpu0, c_cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
+    let server_cpu = delta(snap0.server_cpu, snap1.server_cpu);
+    let client_cpu = delta(snap0.client_cpu, snap1.client_cpu);
+    let client_threads = thread_loads(&snap0.client_threads, &snap1.client_threads, window);
+    let client_cores = allowed_cores();
+    let client_cpu_ratio = client_cpu.map(|c| c / window.max(1e-9));
+    let client_saturated = saturated(
+        client_threads.first().map(|t| t.cpu_ratio),
+        client_cpu_ratio,
+        client_cores,
+    );
+    let mut server_threads = thread_loads(&snap0.server_threads, &snap1.server_threads, window);
+    server_threads.truncate(TOP_THREADS);
+    let loop_threads = match (loop0, loop1) {
+        (Some((t0, a)), Some((t1, b))) => {
+            let w = loop_window(&a, &b, t1.saturating_duration_since(t0).as_secs_f64());
+            (!w.is_empty()).then_some(w)
+        }
         _ => None,
     };
     let mut joins = shared.joins.lock().map(|j| j.clone()).unwrap_or_default();
@@ -453,6 +614,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     Ok(SutReport {
         participants: p + opts.subscribers + opts.join_probes,
         receivers: receivers0 + opts.join_probes,
+        receive_mode: opts.receive_mode_name(),
+        witnesses: other_witnesses + pub_witnesses,
         failed_clients: shared.failed.load(Ordering::SeqCst),
         failures,
         window_s: window,
@@ -465,16 +628,32 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         },
         server_cpu_s: server_cpu,
         pkts_per_cpu_s: server_cpu.map(|c| pkts as f64 / c.max(0.01)),
+        server_threads,
+        loop_threads,
         client_cpu_s: client_cpu,
-        frames_expected: expected,
-        frames_received: received,
-        loss_ratio: (expected > 0).then(|| (1.0 - received as f64 / expected as f64).max(0.0)),
+        client_cores,
+        client_cpu_ratio,
+        client_threads: client_threads.into_iter().take(TOP_THREADS).collect(),
+        client_saturated,
+        datagrams_expected,
+        datagrams_received: pkts,
+        fed_ratio: (pkts > 0).then(|| fed as f64 / pkts as f64),
+        frames_expected,
+        frames_received,
+        bad_frames: shared.rx_bad_frames.load(Ordering::Relaxed),
+        loss_ratio: if opts.full_receive {
+            frame_loss
+        } else {
+            datagram_loss
+        },
+        frame_loss_ratio: frame_loss,
+        datagram_loss_ratio: datagram_loss,
         latency_p50_ms: shared.latency.quantile(0.50).map(ms),
         latency_p99_ms: shared.latency.quantile(0.99).map(ms),
         join_p50_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.50))),
         join_p99_ms: (!joins.is_empty()).then(|| ms(super::quantile(&joins, 0.99))),
         rss_per_participant_kb: rss_per,
-        udp_rcvbuf_drops: match (drops0, drops1) {
+        udp_rcvbuf_drops: match (snap0.drops, snap1.drops) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         },
@@ -500,7 +679,15 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
     let server_cpu = if pinned { opts.server_cpu } else { None };
     let conclave = match &opts.url {
         Some((url, key, secret)) => ConclaveTarget::external(url, key, secret)?,
-        None => ConclaveTarget::start(opts.server_exe.as_deref(), server_cpu).await?,
+        None => {
+            // Only when asked: servers without `rtc.threads` refuse unknown keys.
+            let env: Vec<(&str, std::ffi::OsString)> = opts
+                .threads
+                .map(|n| ("CONCLAVE_RTC__THREADS", n.to_string().into()))
+                .into_iter()
+                .collect();
+            ConclaveTarget::start_with_env(opts.server_exe.as_deref(), server_cpu, &env).await?
+        }
     };
     let sut = Sut::Conclave(Arc::new(conclave));
     let c = run_sut(&sut, &opts).await?;
@@ -549,6 +736,9 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
         publishers: opts.publishers,
         subscribers: opts.subscribers + opts.join_probes,
         pinned,
+        receive_mode: opts.receive_mode_name(),
+        threads: opts.threads,
+        client_saturated: c.client_saturated,
         forwarded_pps: c.forwarded_pps,
         forwarded_bps: c.forwarded_bps,
         server_cpu_s: c.server_cpu_s,
@@ -598,13 +788,13 @@ fn pct(v: Option<f64>) -> String {
 impl MediaBenchReport {
     /// The Markdown table header (one row per scenario follows).
     pub fn markdown_header() -> &'static str {
-        "| scenario | server | fwd pkt/s | fwd Mbit/s | server CPU s | client CPU s | pkt/CPU-s | loss | latency p50 / p99 ms | join p50 / p99 ms | RSS/participant kB | rcvbuf drops | failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| scenario | server | fwd pkt/s | fwd Mbit/s | server CPU s | client CPU s | client busiest thread | pkt/CPU-s | loss | latency p50 / p99 ms | join p50 / p99 ms | RSS/participant kB | rcvbuf drops | failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     }
 
     fn row(&self, server: &str, r: &SutReport) -> String {
         format!(
-            "| {} ({}→{}) | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |\n",
+            "| {} ({}→{}) | {} | {:.0} | {:.2} | {} | {} | {}{} | {} | {} | {} / {} | {} / {} | {} | {} | {} |\n",
             self.scenario,
             self.publishers,
             self.subscribers,
@@ -613,6 +803,8 @@ impl MediaBenchReport {
             r.forwarded_bps / 1e6,
             f(r.server_cpu_s, 2),
             f(r.client_cpu_s, 2),
+            pct(r.client_threads.first().map(|t| t.cpu_ratio)),
+            if r.client_saturated { " ⚠" } else { "" },
             f(r.pkts_per_cpu_s, 0),
             pct(r.loss_ratio),
             lat(r.latency_p50_ms),
@@ -670,13 +862,105 @@ impl MediaBenchReport {
         s
     }
 
+    /// How a run received and how loaded both sides were: the receive mode, a warning when
+    /// the clients were saturated, the server's threads and loop threads. One line each.
+    pub fn markdown_load(&self, server: &str, r: &SutReport) -> String {
+        let mut s = match r.receive_mode {
+            "full" => format!(
+                "- {} {server}: receive mode full (every datagram through str0m; loss in frames)",
+                self.scenario
+            ),
+            _ => format!(
+                "- {} {server}: receive mode count-only (RTP counted at the socket; {} witness \
+                 receivers fed to str0m for latency and integrity; {} of the datagrams fed; \
+                 loss = 1 − received / expected datagrams = 1 − {} / {}; witness frame loss {})",
+                self.scenario,
+                r.witnesses,
+                pct(r.fed_ratio),
+                r.datagrams_received,
+                r.datagrams_expected,
+                pct(r.frame_loss_ratio),
+            ),
+        };
+        if r.bad_frames > 0 {
+            s.push_str(&format!("; {} damaged frames", r.bad_frames));
+        }
+        s.push('\n');
+        let threads = |t: &[ThreadLoad]| {
+            t.iter()
+                .map(|t| format!("{} {}", t.name, pct(Some(t.cpu_ratio))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        s.push_str(&format!(
+            "- {} {server}: client CPU {} of {} core(s), busiest threads {}\n",
+            self.scenario,
+            pct(r.client_cpu_ratio),
+            r.client_cores,
+            threads(&r.client_threads),
+        ));
+        if r.client_saturated {
+            s.push_str(&format!(
+                "- **{} {server}: CLIENT SATURATED** (a thread ≥ 90 % of a core or all \
+                 threads ≥ 90 % of the client's cores): this result may be limited by the \
+                 bench's clients, not by the server\n",
+                self.scenario
+            ));
+        }
+        if !r.server_threads.is_empty() {
+            s.push_str(&format!(
+                "- {} {server}: busiest server threads {}\n",
+                self.scenario,
+                threads(&r.server_threads)
+            ));
+        }
+        if server == "Conclave" {
+            let given = self.threads.map_or_else(
+                || "server default".to_owned(),
+                |n| format!("rtc.threads = {n}"),
+            );
+            match &r.loop_threads {
+                None => s.push_str(&format!(
+                    "- {} Conclave loop threads ({given}): per-thread metrics not available\n",
+                    self.scenario
+                )),
+                Some(l) => {
+                    let each = l
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "#{} busy {} at {} dgram/s, queue {}→{}",
+                                t.thread,
+                                pct(t.busy_ratio),
+                                f(t.datagrams_per_s, 0),
+                                f(t.queue_depth_start, 0),
+                                f(t.queue_depth_end, 0)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    s.push_str(&format!(
+                        "- {} Conclave loop threads ({given}): {each}\n",
+                        self.scenario
+                    ));
+                }
+            }
+        }
+        s
+    }
+
     /// Header, rows and summary.
     pub fn markdown(&self) -> String {
+        let mut load = self.markdown_load("Conclave", &self.conclave);
+        if let Some(j) = &self.janus {
+            load.push_str(&self.markdown_load("Janus", j));
+        }
         format!(
-            "{}{}\n{}",
+            "{}{}\n{}{}",
             Self::markdown_header(),
             self.markdown_rows(),
-            self.markdown_summary()
+            self.markdown_summary(),
+            load
         )
     }
 }
@@ -731,6 +1015,23 @@ pub struct CommonArgs {
     /// Print one JSON object instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Feed every received datagram to str0m (decrypt, depacketise, check and time every
+    /// frame) instead of counting RTP at the socket and feeding only the witnesses.
+    #[arg(long)]
+    pub full_receive: bool,
+    /// Count-only mode: 1 receiver in this many is a witness fed every datagram, for latency
+    /// and frame integrity (0: no witness, no latency).
+    #[arg(long, default_value_t = 10)]
+    pub sample_every: usize,
+    /// Count-only mode: the other receivers still feed 1 RTP datagram in this many to str0m,
+    /// so they keep sending RTCP feedback (transport-wide CC, receiver reports) as real
+    /// clients do (0: none: the server then sees silent subscribers).
+    #[arg(long, default_value_t = 10)]
+    pub feed_every: u64,
+    /// Media loop threads for the server the bench starts (`rtc.threads`; 0 = one per
+    /// core). Unset: the key is not passed and the server uses its default.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl CommonArgs {
@@ -767,6 +1068,10 @@ impl CommonArgs {
             server_exe: self.server_exe.clone(),
             join_concurrency: self.join_concurrency,
             max_duration: Duration::from_secs(self.max_seconds),
+            full_receive: self.full_receive,
+            sample_every: self.sample_every,
+            feed_every: self.feed_every,
+            threads: self.threads,
         }
     }
 }

@@ -119,9 +119,38 @@ fn media_smoke(args: &[&str]) -> serde_json::Value {
     for key in ["janus_pkts_per_cpu_s", "ratio_to_janus"] {
         assert!(v[key].is_null(), "{key} not run: {v}");
     }
+    let c = &v["conclave"];
+    let full = args.contains(&"--full-receive");
+    let mode = if full { "full" } else { "count-only" };
+    assert_eq!(v["receive_mode"], mode, "{v}");
+    assert_eq!(c["receive_mode"], mode, "{v}");
+    assert!(v["client_saturated"].is_boolean(), "{v}");
+    for key in ["datagrams_expected", "datagrams_received", "witnesses"] {
+        assert!(c[key].as_u64().is_some_and(|x| x > 0), "{key} in {c}");
+    }
+    assert_eq!(c["bad_frames"], 0, "{c}");
+    for key in ["client_cpu_ratio", "fed_ratio"] {
+        assert!(c[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {c}");
+    }
+    if full {
+        // Read while clients run: a batch may be counted in one counter and not yet the other.
+        assert!(c["fed_ratio"].as_f64().is_some_and(|x| x > 0.99), "{c}");
+    }
+    for key in ["client_threads", "server_threads"] {
+        assert!(
+            c[key].as_array().is_some_and(|t| !t.is_empty()),
+            "{key} in {c}"
+        );
+    }
+    // Absent until the server exports conclave_loop_* (then one entry per loop thread).
+    assert!(
+        c["loop_threads"].is_null() || c["loop_threads"].is_array(),
+        "{c}"
+    );
     v
 }
 
+/// Count-only receiving (the default): RTP counted at the socket, witnesses still timed.
 #[test]
 fn bench_audio_smoke() {
     media_smoke(&["audio", "--publishers", "2", "--subscribers", "6"]);
@@ -134,7 +163,14 @@ fn bench_video_smoke() {
 
 #[test]
 fn bench_livestream_smoke() {
-    media_smoke(&["livestream", "--subscribers", "4", "--bitrate-kbps", "500"]);
+    media_smoke(&[
+        "livestream",
+        "--subscribers",
+        "4",
+        "--bitrate-kbps",
+        "500",
+        "--full-receive",
+    ]);
 }
 
 /// A ten-second soak: clients churn, transactions flow, the report has every field, and
