@@ -112,6 +112,8 @@ pub struct MediaBenchOptions {
     pub feed_every: u64,
     /// `rtc.threads` for the server the bench starts (unset: the server's default).
     pub threads: Option<usize>,
+    /// Rooms the participants are split over (at least 1).
+    pub rooms: usize,
 }
 
 impl MediaBenchOptions {
@@ -233,6 +235,8 @@ pub struct MediaBenchReport {
     pub receive_mode: &'static str,
     /// `rtc.threads` given to the server, if any.
     pub threads: Option<usize>,
+    /// Rooms the participants were split over.
+    pub rooms: usize,
     /// Conclave run: the clients were saturated (see [`SutReport::client_saturated`]).
     pub client_saturated: bool,
     /// Conclave: forwarded packets/s.
@@ -413,8 +417,12 @@ fn profile(opts: &MediaBenchOptions) -> MediaProfile {
 }
 
 async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, BenchError> {
-    let room = format!("bench-{}-{:08x}", opts.kind.name(), rand::random::<u32>());
+    let base = format!("bench-{}-{:08x}", opts.kind.name(), rand::random::<u32>());
+    let rooms = opts.rooms.max(1);
+    // Publisher i, subscriber j and probe k are in room i, j and k modulo `rooms`.
+    let room_name = |n: usize| format!("{base}-{}", n % rooms);
     let p = opts.publishers.max(1);
+    let pubs_in = |r: usize| (0..p).filter(|i| i % rooms == r).count();
     let profile = profile(opts);
     let video_conf = opts.kind == Kind::Video;
     let shared = Arc::new(Shared::new(p));
@@ -430,14 +438,18 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         let spec = ClientSpec {
             identity: format!("pub-{i}"),
             publish: Some(i as u32),
-            receive_tracks: if video_conf { p - 1 } else { 0 },
+            receive_tracks: if video_conf {
+                pubs_in(i % rooms).saturating_sub(1)
+            } else {
+                0
+            },
             join_probe: false,
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(i),
             feed_every: opts.feed_every,
         };
-        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
+        tasks.push(sut.spawn(&room_name(i), spec, &shared, &stop_rx, None));
     }
     let deadline = Instant::now() + Duration::from_secs(20) + Duration::from_millis(50) * p as u32;
     let all_pub = wait_for(deadline, || {
@@ -459,8 +471,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     sut.all_published();
 
     // 2. Receivers.
-    // Every receiver gets every published track (video: publishers get the p − 1 others).
-    let tracks_each = p;
+    // Every receiver gets every track published in its room (video: publishers get the
+    // others of their room).
     // Receivers are numbered in join order for the witness choice: publishers (video), then
     // subscribers, then join probes.
     let sub_index0 = if video_conf { p } else { 0 };
@@ -473,14 +485,14 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         let spec = ClientSpec {
             identity: format!("sub-{j}"),
             publish: None,
-            receive_tracks: tracks_each,
+            receive_tracks: pubs_in(j % rooms),
             join_probe: false,
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(sub_index0 + j),
             feed_every: opts.feed_every,
         };
-        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, Some(permit)));
+        tasks.push(sut.spawn(&room_name(j), spec, &shared, &stop_rx, Some(permit)));
     }
     let receivers0 = if video_conf { p } else { 0 } + opts.subscribers;
     let deadline =
@@ -508,14 +520,14 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         let spec = ClientSpec {
             identity: format!("probe-{k}"),
             publish: None,
-            receive_tracks: tracks_each,
+            receive_tracks: pubs_in(k % rooms),
             join_probe: true,
             profile,
             local_ip: sut.local_ip(),
             receive: opts.receive_mode(sub_index0 + opts.subscribers + k),
             feed_every: opts.feed_every,
         };
-        tasks.push(sut.spawn(&room, spec, &shared, &stop_rx, None));
+        tasks.push(sut.spawn(&room_name(k), spec, &shared, &stop_rx, None));
         wait_for(Instant::now() + Duration::from_secs(5), || {
             shared.sub_ready.load(Ordering::SeqCst) > before
                 || shared.failed.load(Ordering::SeqCst) > failed
@@ -554,19 +566,23 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     }
 
     // 6. Numbers.
-    let receivers_per_pub =
-        opts.subscribers + opts.join_probes + if video_conf { p - 1 } else { 0 };
-    // Witnesses among the receivers of publisher i (a publisher does not receive itself).
-    let non_pub_receivers = sub_index0..sub_index0 + opts.subscribers + opts.join_probes;
-    let witness = |r: usize| opts.receive_mode(r) == ReceiveMode::Full;
-    let other_witnesses = non_pub_receivers.clone().filter(|&r| witness(r)).count();
-    let pub_witnesses = if video_conf {
-        (0..p).filter(|&i| witness(i)).count()
-    } else {
-        0
+    // The receivers of publisher i: subscribers and probes of its room, and (video) the other
+    // publishers of its room; each with its receive index (publishers, subscribers, probes).
+    let receivers_of = |i: usize| {
+        let r = i % rooms;
+        let subs = (0..opts.subscribers)
+            .filter(move |j| j % rooms == r)
+            .map(move |j| sub_index0 + j);
+        let probes = (0..opts.join_probes)
+            .filter(move |k| k % rooms == r)
+            .map(move |k| sub_index0 + opts.subscribers + k);
+        let pubs = (0..p).filter(move |&o| video_conf && o != i && o % rooms == r);
+        subs.chain(probes).chain(pubs)
     };
-    let witnesses_of =
-        |i: usize| other_witnesses + pub_witnesses - usize::from(video_conf && witness(i));
+    let witness = |r: usize| opts.receive_mode(r) == ReceiveMode::Full;
+    let witnesses_of = |i: usize| receivers_of(i).filter(|&r| witness(r)).count();
+    // Publishers send at the same rate: each sent 1/p of the window's RTP.
+    let receivers_total: usize = (0..p).map(|i| receivers_of(i).count()).sum();
     let frames_expected: u64 = shared
         .sent_window
         .iter()
@@ -577,7 +593,8 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
     let pkts = snap1.rx_rtp.saturating_sub(snap0.rx_rtp);
     let bytes = snap1.rx_bytes.saturating_sub(snap0.rx_bytes);
     let fed = snap1.rx_fed.saturating_sub(snap0.rx_fed);
-    let datagrams_expected = snap1.tx_rtp.saturating_sub(snap0.tx_rtp) * receivers_per_pub as u64;
+    let datagrams_expected =
+        snap1.tx_rtp.saturating_sub(snap0.tx_rtp) * receivers_total as u64 / p as u64;
     let ratio = |got: u64, want: u64| (want > 0).then(|| (1.0 - got as f64 / want as f64).max(0.0));
     let frame_loss = ratio(frames_received, frames_expected);
     let datagram_loss = ratio(pkts, datagrams_expected);
@@ -615,7 +632,9 @@ async fn run_sut(sut: &Sut, opts: &MediaBenchOptions) -> Result<SutReport, Bench
         participants: p + opts.subscribers + opts.join_probes,
         receivers: receivers0 + opts.join_probes,
         receive_mode: opts.receive_mode_name(),
-        witnesses: other_witnesses + pub_witnesses,
+        witnesses: (0..sub_index0 + opts.subscribers + opts.join_probes)
+            .filter(|&r| witness(r))
+            .count(),
         failed_clients: shared.failed.load(Ordering::SeqCst),
         failures,
         window_s: window,
@@ -676,11 +695,16 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
         (Some(_), Some(c)) if have_taskset() => pin_self(c).is_ok(),
         _ => false,
     };
-    let server_cpu = if pinned { opts.server_cpu } else { None };
+    // Several loop threads need several cores: then the server is not pinned to one.
+    let one_core = opts.threads.is_none_or(|t| t == 1);
+    let server_cpu = if pinned && one_core {
+        opts.server_cpu
+    } else {
+        None
+    };
     let conclave = match &opts.url {
         Some((url, key, secret)) => ConclaveTarget::external(url, key, secret)?,
         None => {
-            // Only when asked: servers without `rtc.threads` refuse unknown keys.
             let env: Vec<(&str, std::ffi::OsString)> = opts
                 .threads
                 .map(|n| ("CONCLAVE_RTC__THREADS", n.to_string().into()))
@@ -738,6 +762,7 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
         pinned,
         receive_mode: opts.receive_mode_name(),
         threads: opts.threads,
+        rooms: opts.rooms,
         client_saturated: c.client_saturated,
         forwarded_pps: c.forwarded_pps,
         forwarded_bps: c.forwarded_bps,
@@ -917,7 +942,7 @@ impl MediaBenchReport {
         if server == "Conclave" {
             let given = self.threads.map_or_else(
                 || "server default".to_owned(),
-                |n| format!("rtc.threads = {n}"),
+                |n| format!("rtc.threads = {n}, {} room(s)", self.rooms),
             );
             match &r.loop_threads {
                 None => s.push_str(&format!(
@@ -1029,9 +1054,15 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 10)]
     pub feed_every: u64,
     /// Media loop threads for the server the bench starts (`rtc.threads`; 0 = one per
-    /// core). Unset: the key is not passed and the server uses its default.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// core). With more than one, the server is not pinned to one core (its loops need one
+    /// each); the clients stay pinned.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Split the participants over this many rooms (publisher i, subscriber j and probe k go
+    /// to room i, j and k modulo this): rooms are what the server's media loop threads share
+    /// out, one room stays on one thread.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
 }
 
 impl CommonArgs {
@@ -1071,7 +1102,8 @@ impl CommonArgs {
             full_receive: self.full_receive,
             sample_every: self.sample_every,
             feed_every: self.feed_every,
-            threads: self.threads,
+            threads: Some(self.threads),
+            rooms: self.rooms.max(1),
         }
     }
 }

@@ -142,12 +142,37 @@ fn media_smoke(args: &[&str]) -> serde_json::Value {
             "{key} in {c}"
         );
     }
-    // Absent until the server exports conclave_loop_* (then one entry per loop thread).
-    assert!(
-        c["loop_threads"].is_null() || c["loop_threads"].is_array(),
-        "{c}"
-    );
+    // One entry per media loop thread (`--threads`, 1 by default), each busy and fed.
+    let threads = args
+        .iter()
+        .position(|a| *a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .map_or(1, |n| n.parse().expect("--threads N"));
+    let loops = c["loop_threads"].as_array().expect("loop_threads");
+    assert_eq!(loops.len(), threads, "{c}");
+    for l in loops {
+        assert!(l["busy_ratio"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+        assert!(l["datagrams_per_s"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+    }
     v
+}
+
+/// Two rooms on two media loop threads: both loops receive and work.
+#[test]
+fn bench_audio_two_threads_smoke() {
+    let v = media_smoke(&[
+        "audio",
+        "--publishers",
+        "2",
+        "--subscribers",
+        "6",
+        "--threads",
+        "2",
+        "--rooms",
+        "2",
+    ]);
+    assert_eq!(v["threads"], 2, "{v}");
+    assert_eq!(v["rooms"], 2, "{v}");
 }
 
 /// Count-only receiving (the default): RTP counted at the socket, witnesses still timed.

@@ -577,10 +577,7 @@ impl Participant {
         out: &mut VecDeque<Output>,
         polled: &mut Polled,
     ) {
-        loop {
-            let Some(pc) = self.pc_mut(kind) else {
-                break;
-            };
+        while let Some(pc) = self.pc_mut(kind) {
             let output = match pc.rtc.poll_output() {
                 Ok(o) => o,
                 Err(e) => {
