@@ -104,15 +104,9 @@ impl Sfu {
         }
         for d in &mut p.down_tracks {
             if let DownState::Negotiating(m) = d.state {
+                // RED or not is the down-track's (`red`), per packet: str0m's send-side RED
+                // wrapping is for frame mode only.
                 d.state = DownState::Open(m);
-                if d.kind == MediaKind::Audio {
-                    // A transceiver may carry a RED-less track after a RED one, or the reverse.
-                    p.transport
-                        .sub_pc_mut()
-                        .rtc
-                        .direct_api()
-                        .set_red_send(m, d.red);
-                }
             }
         }
         p.down_tracks

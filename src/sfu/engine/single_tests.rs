@@ -8,7 +8,7 @@ use lk::signal_request::Message as Req;
 use prost::Message as _;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, MediaData, MediaKind, Mid};
 use str0m::{Event, Output as RtcOutput};
 
 /// One simulated tick of the virtual clock.

@@ -3,7 +3,7 @@
 
 use super::*;
 use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, MediaData, MediaKind};
 use str0m::{Event, Output as RtcOutput};
 
 fn sfu(now: Instant) -> Sfu {
