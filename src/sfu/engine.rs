@@ -1202,6 +1202,8 @@ mod data_tests;
 #[cfg(test)]
 mod room_tests;
 #[cfg(test)]
+mod rtp_tests;
+#[cfg(test)]
 mod single_tests;
 #[cfg(test)]
 mod tests;
