@@ -257,3 +257,177 @@ impl OutStream {
         Arc::from(RedEncoder::encode(pt, primary, &redundant))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A VP8 payload: descriptor with a 15-bit picture id and TL0PICIDX (S bit set when
+    /// `start`), then a frame header byte whose bit 0 (P) is clear for a keyframe.
+    fn vp8(start: bool, key: bool, pid: u16, tl0: u8) -> Vec<u8> {
+        let s = if start { 0x10 } else { 0 };
+        vec![
+            0x80 | s,
+            0xc0 | 0x20,
+            0x80 | (pid >> 8) as u8,
+            pid as u8,
+            tl0,
+            0x00,
+            if key { 0x10 } else { 0x11 },
+            0xaa,
+        ]
+    }
+
+    #[test]
+    fn vp8_keyframe_starts() {
+        assert!(starts_keyframe(Codec::Vp8, &vp8(true, true, 5, 1)));
+        assert!(!starts_keyframe(Codec::Vp8, &vp8(false, true, 5, 1)));
+        assert!(!starts_keyframe(Codec::Vp8, &vp8(true, false, 5, 1)));
+        // Minimal descriptor, no extensions.
+        assert!(starts_keyframe(Codec::Vp8, &[0x10, 0x10, 0x00]));
+        assert!(!starts_keyframe(Codec::Vp8, &[0x10, 0x11, 0x00]));
+        for junk in [&[][..], &[0x10], &[0x90, 0x80]] {
+            assert!(!starts_keyframe(Codec::Vp8, junk));
+        }
+        assert!(!starts_keyframe(Codec::Opus, &[0x10, 0x10]));
+    }
+
+    #[test]
+    fn h264_keyframe_starts() {
+        let h = |p: &[u8]| starts_keyframe(Codec::H264, p);
+        assert!(h(&[0x67, 0x42]), "SPS");
+        assert!(h(&[0x65, 0x88]), "IDR slice");
+        assert!(!h(&[0x68, 0xce]), "PPS alone");
+        assert!(!h(&[0x41, 0x9a]), "non-IDR slice");
+        // STAP-A: SPS (2 bytes) then PPS (2 bytes).
+        assert!(h(&[0x78, 0, 2, 0x67, 0x42, 0, 2, 0x68, 0xce]));
+        // STAP-A: PPS then IDR.
+        assert!(h(&[0x78, 0, 2, 0x68, 0xce, 0, 2, 0x65, 0x88]));
+        assert!(!h(&[0x78, 0, 2, 0x68, 0xce, 0, 2, 0x41, 0x9a]));
+        // A size pointing past the end stops the walk.
+        assert!(!h(&[0x78, 0xff, 0xff, 0x68]));
+        // FU-A of an IDR slice: only the start fragment.
+        assert!(h(&[0x7c, 0x85, 0x88]));
+        assert!(!h(&[0x7c, 0x05, 0x88]));
+        assert!(!h(&[0x7c, 0x81, 0x9a]), "FU-A start of a non-IDR slice");
+        assert!(!h(&[]) && !h(&[0x7c]) && !h(&[0x78, 0]));
+    }
+
+    /// Source A, then a switch to B (other sequence numbers and timestamps), then back to A:
+    /// the outgoing numbers step by one and the timestamps by about the elapsed time; late
+    /// packets of before a switch are refused; A's spacing is kept.
+    #[test]
+    fn a_source_change_continues_the_numbering() {
+        let t0 = Instant::now();
+        let mut out = OutStream::default();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut seqs = Vec::new();
+        let mut tss = Vec::new();
+        for i in 0..5u64 {
+            let m = out
+                .map(1, 70_000 + i, 5_000 + i * 3000, 90_000, ms(i * 33))
+                .unwrap();
+            seqs.push(m.seq);
+            tss.push(m.ts);
+        }
+        // The first source starts below 2^16 (rollover counter 0).
+        assert_eq!(seqs[0], 70_000 & 0xffff);
+        assert!(out.is_on(1) && !out.is_on(2));
+        // Switch to B at 33 ms after A's last packet.
+        let b = out.map(2, 12, 9_000_000, 90_000, ms(5 * 33)).unwrap();
+        assert_eq!(b.seq, seqs[4] + 1);
+        let step = b.ts - tss[4];
+        assert!((2900..=3100).contains(&step), "{step}");
+        // B's next packet keeps B's own spacing; one of before B's start is refused.
+        let b2 = out.map(2, 14, 9_003_000, 90_000, ms(6 * 33)).unwrap();
+        assert_eq!((b2.seq, b2.ts), (b.seq + 2, b.ts + 3000));
+        let b1 = out.map(2, 13, 9_000_000, 90_000, ms(6 * 33)).unwrap();
+        assert_eq!(b1.seq, b.seq + 1, "a reordered packet lands in its place");
+        assert!(!b1.newest);
+        assert!(out.map(2, 11, 8_997_000, 90_000, ms(6 * 33)).is_none());
+        // Back to A (a later packet of it): continues after B's highest.
+        let a = out
+            .map(1, 70_100, 5_000 + 100 * 3000, 90_000, ms(7 * 33))
+            .unwrap();
+        assert_eq!(a.seq, b2.seq + 1);
+        assert!(a.ts > b2.ts);
+    }
+
+    /// Skipped packets of the current source (a disabled track, waiting for a keyframe) leave
+    /// no gap: after an interruption the next packet continues the numbering.
+    #[test]
+    fn an_interruption_leaves_no_gap() {
+        let t0 = Instant::now();
+        let mut out = OutStream::default();
+        let a = out.map(1, 100, 0, 48_000, t0).unwrap();
+        out.interrupt();
+        assert!(!out.is_on(1));
+        let later = t0 + Duration::from_secs(1);
+        let b = out.map(1, 150, 48_000, 48_000, later).unwrap();
+        assert_eq!(b.seq, a.seq + 1);
+        // Same source: its timestamps keep their own meaning (a second later).
+        assert_eq!(b.ts, a.ts + 48_000);
+    }
+
+    #[test]
+    fn vp8_picture_ids_continue_across_a_switch() {
+        let t0 = Instant::now();
+        let mut out = OutStream::default();
+        let expect = |p: &[u8], pid: u16, tl0: u8| {
+            let d = Vp8Descriptor::parse(p).unwrap();
+            d.patch().picture_id(pid).tl0_pic_idx(tl0).build().ok()
+        };
+        for i in 0..3u16 {
+            // Picture ids 0x7ffe, 0x7fff, 0 (wrapping at 15 bits).
+            let p = vp8(true, i == 0, (0x7ffe + i) & 0x7fff, 9);
+            let m = out
+                .map(1, u64::from(i), u64::from(i) * 3000, 90_000, t0)
+                .unwrap();
+            assert_eq!(
+                out.vp8_patch(&p, &m),
+                None,
+                "the first source passes as it is"
+            );
+        }
+        // Switch: B's picture ids and TL0PICIDX continue right after A's last ones.
+        let p = vp8(true, true, 500, 77);
+        let m = out.map(2, 40, 0, 90_000, t0).unwrap();
+        assert_eq!(out.vp8_patch(&p, &m), expect(&p, 1, 10));
+        let p = vp8(true, false, 501, 78);
+        let m = out.map(2, 41, 3000, 90_000, t0).unwrap();
+        assert_eq!(out.vp8_patch(&p, &m), expect(&p, 2, 11));
+    }
+
+    #[test]
+    fn red_is_unwrapped_relabelled_and_built() {
+        let redundant = RedundantBlock {
+            pt: 111,
+            timestamp_offset: 960,
+            payload: vec![1, 2, 3],
+        };
+        let red = RedEncoder::encode(111, &[7, 8, 9, 10], &[redundant]);
+        assert_eq!(&*red_primary(&red).unwrap(), &[7, 8, 9, 10]);
+        assert!(red_primary(&[0x80]).is_none(), "malformed");
+        let relabelled = red_relabel(&red, 111, 109).unwrap();
+        let blocks = RedDecoder::decode(&relabelled).unwrap();
+        assert_eq!(blocks.len(), 2);
+        assert!(blocks.iter().all(|b| b.pt == 109));
+        assert_eq!(blocks[0].payload, &[1, 2, 3]);
+        assert_eq!(blocks[0].timestamp_offset, 960);
+
+        let mut out = OutStream::default();
+        let first: Arc<[u8]> = Arc::from(&[1u8, 1][..]);
+        let second: Arc<[u8]> = Arc::from(&[2u8, 2][..]);
+        let w1 = out.wrap_red(111, &first, 1000);
+        let b1 = RedDecoder::decode(&w1).unwrap();
+        assert_eq!(b1.len(), 1, "nothing to repeat yet");
+        let w2 = out.wrap_red(111, &second, 1960);
+        let b2 = RedDecoder::decode(&w2).unwrap();
+        assert_eq!(
+            (b2[0].payload, b2[0].timestamp_offset),
+            (&[1u8, 1][..], 960)
+        );
+        assert_eq!(b2[1].payload, &[2, 2]);
+    }
+}
