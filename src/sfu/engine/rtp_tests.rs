@@ -7,7 +7,7 @@ use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, MediaTime, Simulcast, SimulcastLayer};
 use str0m::rtp::{RawPacket, RtpHeader, Vp8Descriptor};
-use str0m::Event;
+use str0m::{Event, Output as RtcOutput};
 
 /// The simulcast layers alice sends: rid, the tag byte ending each of its frames, its RTP
 /// timestamp base (each layer its own, as a browser's) and the frame its keyframes fall on.
@@ -52,11 +52,10 @@ fn quality(s: &mut Sfu, now: Instant, session: u64, track: &str, quality: lk::Vi
 
 /// alice publishes VP8 in three simulcast layers (one packet per frame, each layer with its
 /// own timestamps, a keyframe every 30 frames at a different phase per layer); bob asks for
-/// HIGH, then LOW, then HIGH again. On the wire bob sees one SSRC whose sequence numbers
-/// step by exactly one, whose timestamps never jump, and whose layer
-/// changes only ever happen on a packet that starts a keyframe.
-#[test]
-fn a_simulcast_layer_switch_is_seamless_on_the_wire() {
+/// HIGH, then LOW, then HIGH again. `drop` sees every datagram to a peer (destination,
+/// bytes) and may lose it. Returns bob (who reports every RTP packet he received) and the
+/// frames alice sent.
+fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64) {
     let mut now = Instant::now();
     let mut s = sfu(now);
     let mut alice = Peer::new(now, "10.0.0.1:5000");
@@ -145,11 +144,12 @@ fn a_simulcast_layer_switch_is_seamless_on_the_wire() {
             let _ = p.rtc.handle_input(Input::Timeout(now));
         }
         msgs.clear();
-        pump(
+        pump_dropping(
             &mut s,
             &mut [&mut alice, &mut bob, &mut alice_pub],
             now,
             &mut msgs,
+            &mut drop,
         );
         for (id, m) in &msgs {
             match m {
@@ -200,6 +200,15 @@ fn a_simulcast_layer_switch_is_seamless_on_the_wire() {
         }
     }
 
+    (bob, frame)
+}
+
+/// The simulcast call, lossless: on the wire bob sees one SSRC whose sequence numbers
+/// step by exactly one, whose timestamps never jump, and whose layer changes only ever
+/// happen on a packet that starts a keyframe.
+#[test]
+fn a_simulcast_layer_switch_is_seamless_on_the_wire() {
+    let (bob, frame) = simulcast_call(|_, _| false);
     let packets = video_packets(&bob);
     assert!(frame > 250, "alice sent {frame} frames");
     assert!(packets.len() > 150, "bob received {}", packets.len());
@@ -244,4 +253,97 @@ fn a_simulcast_layer_switch_is_seamless_on_the_wire() {
         "first {}, then HIGH, LOW, HIGH",
         tags[0]
     );
+}
+
+/// A video packet lost on its way to bob: his connection asks for it again (NACK) and the
+/// SFU's send buffer answers with an RTX resend of exactly that packet (the engine writes
+/// packets nackable; str0m keeps them).
+#[test]
+fn a_lost_packet_is_resent_from_the_send_buffer() {
+    let bob_addr: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+    let mut seen = 0;
+    let mut dropped = None;
+    let (bob, _) = simulcast_call(|to, d| {
+        // SRTP keeps the RTP header in the clear: version 2, payload type, sequence number.
+        let rtp = d.len() > 12 && d[0] >> 6 == 2 && !(72..=79).contains(&(d[1] & 0x7f));
+        if to != bob_addr || !rtp || dropped.is_some() {
+            return false;
+        }
+        seen += 1;
+        if seen == 150 {
+            dropped = Some(u16::from_be_bytes([d[2], d[3]]));
+            return true;
+        }
+        false
+    });
+    let dropped = dropped.expect("a packet to bob was dropped");
+    let rtx_pt = bob
+        .rtc
+        .codec_config()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .and_then(|p| p.resend())
+        .expect("VP8 with RTX negotiated");
+    let resent: Vec<u16> = bob
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RawPacket(p) => match p.as_ref() {
+                RawPacket::RtpRx(h, payload) if h.payload_type == rtx_pt && payload.len() > 2 => {
+                    Some(u16::from_be_bytes([payload[0], payload[1]]))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert!(
+        resent.contains(&dropped),
+        "RTX resends {resent:?}, lost {dropped}"
+    );
+}
+
+/// [`pump`], losing the datagrams to peers that `drop` picks.
+fn pump_dropping(
+    s: &mut Sfu,
+    peers: &mut [&mut Peer],
+    now: Instant,
+    msgs: &mut Vec<(u64, Msg)>,
+    drop: &mut impl FnMut(SocketAddr, &[u8]) -> bool,
+) {
+    for _ in 0..1000 {
+        let mut moved = false;
+        loop {
+            match s.poll_output() {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    if drop(t.destination, &t.contents) {
+                        continue;
+                    }
+                    if let Some(p) = peers.iter_mut().find(|p| p.addr == t.destination) {
+                        let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
+                            .unwrap();
+                        let _ = p.rtc.handle_input(Input::Receive(now, r));
+                        moved = true;
+                    }
+                }
+                Output::Signal(id, SignalOut::Message(m)) => msgs.push((id.0, *m)),
+                _ => {}
+            }
+        }
+        for p in peers.iter_mut() {
+            loop {
+                match p.rtc.poll_output().unwrap() {
+                    RtcOutput::Timeout(_) => break,
+                    RtcOutput::Transmit(t) => {
+                        s.handle_datagram(now, p.addr, t.destination, &t.contents);
+                        moved = true;
+                    }
+                    RtcOutput::Event(e) => p.events.push(e),
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
 }
