@@ -111,6 +111,11 @@ impl Sfu {
         }
         p.down_tracks
             .retain(|d| !matches!(d.state, DownState::NegotiatingStop(_)));
+        // v0: a stopped transceiver's mid never carries media again; its rewriting state goes.
+        // (v1 keeps it: a single-PC slot is reused, see `OutStream`.)
+        let down_tracks = &p.down_tracks;
+        p.out_streams
+            .retain(|mid, _| down_tracks.iter().any(|d| d.mid() == Some(*mid)));
         // Newly open video needs a keyframe from its publisher.
         let wants: Vec<(SessionId, TrackSid)> = p
             .down_tracks
