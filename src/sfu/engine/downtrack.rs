@@ -133,8 +133,9 @@ impl DownTrack {
 
     /// Writes packet `f` to the subscriber connection `rtc` if this down-track takes it now:
     /// open, enabled, on the chosen simulcast layer (switching only at the start of a keyframe
-    /// of the wanted one), and from a keyframe on for video. `out` is the outgoing stream's
-    /// rewriting state: sequence numbers, timestamps and VP8 picture ids stay continuous
+    /// of the wanted one), and from a keyframe on for video. `outs` holds the rewriting state
+    /// of the subscriber's outgoing streams, by mid (see [`OutStream`]): sequence numbers,
+    /// timestamps and VP8 picture ids stay continuous
     /// whatever the source; RED is unwrapped for subscribers that do not take it and added
     /// for those that do.
     pub(super) fn forward(
