@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
-use str0m::media::{MediaData, Rid};
+use str0m::format::PayloadParams;
+use str0m::media::Rid;
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpPacket;
 use str0m::{Candidate, Input, Rtc};
 
 pub use super::ids::SessionId;
@@ -22,6 +24,7 @@ mod downtrack;
 mod forward;
 mod lifetime;
 mod negotiate;
+mod packet;
 mod participant;
 mod periodic;
 mod red;
@@ -342,12 +345,22 @@ pub enum Command {
     },
 }
 
-/// Media handed from a publisher to its room.
+/// One RTP packet handed from a publisher to its room.
 struct Forward {
     publisher: SessionId,
     track_sid: TrackSid,
-    data: MediaData,
+    /// Its simulcast layer.
+    rid: Option<Rid>,
+    /// Its source stream (track and layer, see [`packet::source_id`]).
+    source: u64,
+    /// The publisher connection's payload parameters of its codec.
+    params: PayloadParams,
+    /// For a RED-wrapped packet (its payload type is `params`' RED one), its primary block
+    /// (what subscribers without RED get).
+    primary: Option<std::sync::Arc<[u8]>>,
+    /// Whether it starts a keyframe (video).
     keyframe: bool,
+    packet: RtpPacket,
 }
 
 /// The SFU engine.
@@ -394,15 +407,6 @@ fn linear_audio_level(level: i8) -> f32 {
     // RFC 6464: -dBov, 0 (loudest) ..= 127 (silence).
     let dbov = f32::from(level.clamp(0, 127));
     10f32.powf(-dbov / 20.0)
-}
-
-fn rid_rank(rid: &Rid) -> u8 {
-    match &**rid {
-        "f" => 3,
-        "h" => 2,
-        "q" => 1,
-        _ => 0,
-    }
 }
 
 impl Sfu {
@@ -635,6 +639,8 @@ impl Sfu {
         }
         let mut rtc = builder
             .set_ice_lite(true)
+            // Packets are forwarded as they come (`engine/packet.rs`), not as frames.
+            .set_rtp_mode(true)
             .set_local_ice_credentials(str0m::IceCreds {
                 ufrag: ufrag.clone(),
                 pass,
@@ -755,6 +761,7 @@ impl Sfu {
             tracks: Vec::new(),
             unbound_mids: Vec::new(),
             down_tracks: Vec::new(),
+            out_streams: HashMap::new(),
             sub_pending: None,
             sub_offer_id: 0,
             sub_reliable: None,
@@ -1223,6 +1230,8 @@ impl Sfu {
 mod data_tests;
 #[cfg(test)]
 mod room_tests;
+#[cfg(test)]
+mod rtp_tests;
 #[cfg(test)]
 mod single_tests;
 #[cfg(test)]

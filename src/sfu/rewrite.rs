@@ -1,7 +1,8 @@
 //! Per-subscriber RTP timeline rewriting: when the source of a forwarded stream changes
 //! (simulcast layer switch, republish), the outgoing RTP timestamps continue from where they
 //! were, advanced by the wall-clock time that passed, instead of jumping to the new source's
-//! random offset. Sequence numbers and SSRCs are the outgoing stream's own (str0m writes them).
+//! random offset. Sequence numbers are rewritten alongside (`engine/packet.rs`); the SSRC is the
+//! outgoing stream's own.
 
 use std::time::Instant;
 

@@ -2,15 +2,18 @@
 //! simulcast layer it forwards, keyframe gating, timestamp rewriting and the subscriber's
 //! settings (quality, disabled, paused).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use str0m::media::{MediaKind, MediaTime, Mid, Rid};
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid, Rid};
+use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::Rtc;
 
+use super::packet::{red_relabel, OutStream};
 use super::track::Track;
-use super::{rid_rank, Forward, SessionId};
+use super::{Forward, SessionId};
 use crate::sfu::ids::TrackSid;
-use crate::sfu::rewrite::Timeline;
 use crate::sfu::simulcast::{self, Layers};
 
 /// Negotiation state of a down-track's transceiver on the subscriber connection (v0), or of
@@ -48,7 +51,6 @@ pub(super) struct DownTrack {
     pub(super) kind: MediaKind,
     pub(super) stream_id: String,
     pub(super) state: DownState,
-    timeline: Timeline,
     /// Simulcast layer forwarded now, and the one wanted (switch on its keyframe).
     pub(super) current_rid: Option<Rid>,
     wanted_rid: Option<Rid>,
@@ -71,7 +73,6 @@ impl DownTrack {
             kind: track.kind,
             stream_id: format!("{publisher_sid}|{}", track.sid),
             state: DownState::ToOpen,
-            timeline: Timeline::default(),
             current_rid: None,
             wanted_rid: None,
             waiting_keyframe: track.kind == MediaKind::Video,
@@ -130,13 +131,17 @@ impl DownTrack {
         None
     }
 
-    /// Writes frame `f` to the subscriber connection `rtc` if this down-track takes it now:
-    /// open, enabled, on the chosen simulcast layer (switching only on a keyframe of the
-    /// wanted one), and after a keyframe for video. Timestamps are rewritten so a layer
-    /// switch stays continuous.
+    /// Writes packet `f` to the subscriber connection `rtc` if this down-track takes it now:
+    /// open, enabled, on the chosen simulcast layer (switching only at the start of a keyframe
+    /// of the wanted one), and from a keyframe on for video. `outs` holds the rewriting state
+    /// of the subscriber's outgoing streams, by mid (see [`OutStream`]): sequence numbers,
+    /// timestamps and VP8 picture ids stay continuous
+    /// whatever the source; RED is unwrapped for subscribers that do not take it and added
+    /// for those that do.
     pub(super) fn forward(
         &mut self,
         rtc: &mut Rtc,
+        outs: &mut HashMap<Mid, OutStream>,
         f: &Forward,
         layers: &Layers,
         now: Instant,
@@ -144,53 +149,105 @@ impl DownTrack {
         let DownState::Open(mid) = self.state else {
             return Forwarded::Skipped;
         };
+        let out = outs.entry(mid).or_default();
         if self.disabled {
+            if out.is_on(f.source) {
+                out.interrupt();
+            }
             return Forwarded::Skipped;
         }
-        let mut need = Forwarded::Skipped;
-        if f.data.rid.is_some() {
+        if f.rid.is_some() {
             self.wanted_rid = layers.choose(self.max_quality, now);
-            if self.current_rid != f.data.rid {
+            if self.current_rid != f.rid {
                 // Switch only onto a keyframe of the wanted layer; until then the current
                 // layer keeps flowing.
-                if f.data.rid == self.wanted_rid && f.keyframe {
+                if f.rid == self.wanted_rid && f.keyframe {
                     tracing::debug!(
                         track = %f.track_sid,
                         from = ?self.current_rid,
-                        to = ?f.data.rid,
+                        to = ?f.rid,
                         "simulcast layer switch"
                     );
-                    self.current_rid = f.data.rid;
+                    self.current_rid = f.rid;
                     self.waiting_keyframe = false;
                 } else {
-                    if f.data.rid == self.wanted_rid {
-                        need = Forwarded::NeedsKeyframe(self.wanted_rid);
+                    if f.rid == self.wanted_rid {
+                        return Forwarded::NeedsKeyframe(self.wanted_rid);
                     }
-                    return need;
+                    return Forwarded::Skipped;
                 }
             }
         }
-        if self.kind == MediaKind::Video && self.waiting_keyframe {
-            if !f.keyframe {
-                return Forwarded::NeedsKeyframe(f.data.rid);
-            }
-            self.waiting_keyframe = false;
+        let video = self.kind == MediaKind::Video;
+        if video && (self.waiting_keyframe || !out.is_on(f.source)) && !f.keyframe {
+            // Nothing of this source may go out before a keyframe: the subscriber could not
+            // decode it, and the outgoing stream would have a gap where it was skipped.
+            self.waiting_keyframe = true;
+            out.interrupt();
+            return Forwarded::NeedsKeyframe(f.rid);
         }
-        let Some(writer) = rtc.writer(mid) else {
-            return Forwarded::Skipped;
-        };
-        let Some(pt) = writer.match_params(f.data.params) else {
+        self.waiting_keyframe = false;
+        let Some(params) = rtc.codec_config().match_params(f.params).copied() else {
             tracing::debug!(track = %f.track_sid, "no matching payload type");
             return Forwarded::Skipped;
         };
-        let source_key = f.data.rid.map_or(0, |r| u64::from(rid_rank(&r))) + 1;
-        let hz = f.data.time.frequency().get();
-        let ts = self.timeline.map(source_key, f.data.time.numer(), hz, now);
-        let time = MediaTime::new(ts, f.data.time.frequency());
-        if let Err(e) = writer.write(pt, f.data.network_time, time, f.data.data.clone()) {
-            tracing::debug!(error = %e, "write failed");
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return Forwarded::Skipped;
+        };
+        let p = &f.packet;
+        let hz = p.time.frequency().get();
+        let Some(m) = out.map(f.source, *p.seq_no, p.time.numer(), hz, now) else {
+            // From before the point this source was started at (late or resent).
+            return Forwarded::Skipped;
+        };
+        let mut pt = params.pt();
+        let mut payload = p.payload.clone();
+        let mut vp8 = None;
+        if self.kind == MediaKind::Audio {
+            // RED (RFC 2198) where this down-track may carry it and the subscriber negotiated
+            // it (see `red.rs` for why encrypted tracks never do): RED from the publisher passes
+            // (its block headers name the Opus payload type, relabelled if the subscriber's
+            // differs), plain Opus gets the previous packet as redundancy. Everyone else gets
+            // the primary payload. Encrypted payloads never change: no RED on either side.
+            match (self.red, params.red(), &f.primary) {
+                (true, Some(red_pt), None) => {
+                    payload = out.wrap_red(*pt, &payload, m.ts);
+                    pt = red_pt;
+                }
+                (true, Some(red_pt), Some(_)) => {
+                    if f.params.pt() != params.pt() {
+                        let Some(relabelled) = red_relabel(&payload, *f.params.pt(), *params.pt())
+                        else {
+                            return Forwarded::Skipped;
+                        };
+                        payload = relabelled;
+                    }
+                    pt = red_pt;
+                }
+                (_, _, Some(primary)) => payload = primary.clone(),
+                (_, _, None) => {}
+            }
+        } else if params.spec().codec == Codec::Vp8 {
+            vp8 = out.vp8_patch(&payload, &m);
         }
+        let ext = ExtensionValues {
+            audio_level: p.header.ext_vals.audio_level,
+            voice_activity: p.header.ext_vals.voice_activity,
+            video_orientation: p.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        // Only the low 32 bits of the rewritten timestamp go on the wire.
+        let mut write = RtpWrite::new(pt, m.seq.into(), m.ts as u32, p.timestamp, payload)
+            .marker(p.header.marker)
+            .ext_vals(ext)
+            // str0m keeps it for NACKs where RTX is negotiated (not for RED, which carries
+            // its own redundancy).
+            .nackable(true);
+        if let Some(patch) = vp8 {
+            write = write.vp8_patch(patch);
+        }
+        tx.write_rtp(write);
         Forwarded::Written
     }
 }

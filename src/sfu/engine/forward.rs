@@ -1,4 +1,4 @@
-//! The media path: frames from a publisher to each subscriber's down-track, keyframe
+//! The media path: RTP packets from a publisher to each subscriber's down-track, keyframe
 //! requests upstream, and data packets relayed with the sender stamped.
 
 use std::time::Instant;
@@ -12,7 +12,7 @@ use super::{Forward, SessionId, Sfu};
 use crate::sfu::ids::TrackSid;
 
 impl Sfu {
-    /// Forwards one frame to every subscriber of its track; returns the sessions touched.
+    /// Forwards one RTP packet to every subscriber of its track; returns the sessions touched.
     pub(super) fn forward(&mut self, now: Instant, f: Forward) -> Vec<SessionId> {
         let Some(room) = self.room_of_mut(f.publisher) else {
             return Vec::new();
@@ -37,7 +37,12 @@ impl Sfu {
             else {
                 continue;
             };
-            match d.forward(&mut p.transport.sub_pc_mut().rtc, &f, &layers, now) {
+            let pc = p.transport.sub_pc_mut();
+            if !pc.connected {
+                // str0m would queue it until the connection is up: stale media.
+                continue;
+            }
+            match d.forward(&mut pc.rtc, &mut p.out_streams, &f, &layers, now) {
                 Forwarded::Written => touched.push(p.session),
                 Forwarded::NeedsKeyframe(rid) => keyframe_of = Some(rid),
                 Forwarded::Skipped => {}

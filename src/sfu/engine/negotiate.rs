@@ -125,19 +125,18 @@ impl Sfu {
         }
         for d in &mut p.down_tracks {
             if let DownState::Negotiating(m) = d.state {
+                // RED or not is the down-track's (`red`), per packet: str0m's send-side RED
+                // wrapping is for frame mode only.
                 d.state = DownState::Open(m);
-                if d.kind == MediaKind::Audio {
-                    // A transceiver may carry a RED-less track after a RED one, or the reverse.
-                    p.transport
-                        .sub_pc_mut()
-                        .rtc
-                        .direct_api()
-                        .set_red_send(m, d.red);
-                }
             }
         }
         p.down_tracks
             .retain(|d| !matches!(d.state, DownState::NegotiatingStop(_)));
+        // v0: a stopped transceiver's mid never carries media again; its rewriting state goes.
+        // (v1 keeps it: a single-PC slot is reused, see `OutStream`.)
+        let down_tracks = &p.down_tracks;
+        p.out_streams
+            .retain(|mid, _| down_tracks.iter().any(|d| d.mid() == Some(*mid)));
         // Newly open video needs a keyframe from its publisher.
         let wants: Vec<(SessionId, TrackSid)> = p
             .down_tracks

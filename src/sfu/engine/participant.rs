@@ -9,9 +9,11 @@ use livekit_protocol as lk;
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid, Rid};
+use str0m::rtp::RtpPacket;
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
 use super::downtrack::DownTrack;
+use super::packet::{red_primary, source_id, starts_keyframe, OutStream};
 use super::track::Track;
 use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DEADLINE};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
@@ -215,6 +217,8 @@ pub(super) struct Participant {
     pub(super) unbound_mids: Vec<(Mid, MediaKind, String)>,
     /// What it receives of the others' tracks.
     pub(super) down_tracks: Vec<DownTrack>,
+    /// The rewriting state of each outgoing stream of its subscriber connection, by mid.
+    pub(super) out_streams: HashMap<Mid, OutStream>,
     pub(super) sub_pending: Option<(SdpPendingOffer, u32)>,
     pub(super) sub_offer_id: u32,
     pub(super) sub_reliable: Option<ChannelId>,
@@ -603,6 +607,62 @@ impl Participant {
         }
     }
 
+    /// An RTP packet from the client: layer liveness and audio level are noted, and it goes to
+    /// the room as a [`Forward`] with what every subscriber needs to know of it (computed once
+    /// here, not per subscriber).
+    fn rtp_packet(&mut self, packet: RtpPacket, now: Instant, polled: &mut Polled) {
+        let rtc = &mut self.transport.pub_pc_mut().rtc;
+        // The mid and rid are in the header extensions of the first packets only; str0m's
+        // receive stream knows them for every packet.
+        let Some((mid, rid)) = rtc
+            .direct_api()
+            .stream_rx(&packet.header.ssrc)
+            .map(|s| (s.mid(), s.rid()))
+        else {
+            return;
+        };
+        let pt = packet.header.payload_type;
+        let Some(params) = rtc
+            .codec_config()
+            .find(|p| p.pt() == pt || p.red() == Some(pt))
+            .copied()
+        else {
+            return;
+        };
+        let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(mid)) else {
+            return;
+        };
+        match rid {
+            Some(rid) => t.layers.saw(rid, now),
+            None => t.layers.saw_plain(now),
+        }
+        let mut primary = None;
+        let mut keyframe = false;
+        if t.kind == MediaKind::Audio {
+            if let Some(level) = packet.header.ext_vals.audio_level {
+                self.audio_level = self.audio_level.max(linear_audio_level(level));
+            }
+            if params.red() == Some(pt) {
+                primary = red_primary(&packet.payload);
+                if primary.is_none() {
+                    return;
+                }
+            }
+        } else {
+            keyframe = starts_keyframe(params.spec().codec, &packet.payload);
+        }
+        polled.forwards.push(Forward {
+            publisher: self.session,
+            track_sid: t.sid.clone(),
+            source: source_id(&t.sid, rid.as_ref()),
+            rid,
+            params,
+            primary,
+            keyframe,
+            packet,
+        });
+    }
+
     fn event(&mut self, kind: PcKind, e: Event, now: Instant, polled: &mut Polled) {
         let session = self.session;
         // A single peer connection is both the publish and the subscribe side.
@@ -658,30 +718,7 @@ impl Participant {
                     }
                 }
             }
-            Event::MediaData(data) if publish_side => {
-                let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else {
-                    return;
-                };
-                match data.rid {
-                    Some(rid) => t.layers.saw(rid, now),
-                    None => t.layers.saw_plain(now),
-                }
-                if t.kind == MediaKind::Audio {
-                    if let Some(level) = data.ext_vals.audio_level {
-                        self.audio_level = self.audio_level.max(linear_audio_level(level));
-                    }
-                }
-                if !data.contiguous && t.kind == MediaKind::Video {
-                    polled.keyframe_wanted.push((t.sid.clone(), data.rid));
-                }
-                let keyframe = data.is_keyframe();
-                polled.forwards.push(Forward {
-                    publisher: session,
-                    track_sid: t.sid.clone(),
-                    data,
-                    keyframe,
-                });
-            }
+            Event::RtpPacket(packet) if publish_side => self.rtp_packet(packet, now, polled),
             Event::KeyframeRequest(req) if subscribe_side => {
                 if let Some(d) = self.down_tracks.iter().find(|d| d.mid() == Some(req.mid)) {
                     polled

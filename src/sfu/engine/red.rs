@@ -6,8 +6,7 @@
 //! tracks `disable_red` (and every E2EE track is one), and LiveKit's SFU answers them without
 //! RED. Conclave does the same by removing RED from those tracks' m-sections of the publisher's
 //! offer before answering it: the browser then sends plain Opus, which survives forwarding. On
-//! the subscriber side the engine turns str0m's RED wrapping off for those tracks
-//! (`set_red_send`), so the Opus frames arrive as the publisher encrypted them. Every answer
+//! the subscriber side the engine never wraps those tracks in RED (`DownTrack::red`), so the Opus frames arrive as the publisher encrypted them. Every answer
 //! also goes through [`only_offered_formats`], because str0m would otherwise put RED back.
 
 /// Returns `sdp` without the RED payload types in the audio m-sections whose `a=msid` track id

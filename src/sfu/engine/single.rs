@@ -212,7 +212,7 @@ impl Sfu {
                     // A slot may carry a RED-less track after a RED one, or the reverse;
                     // and RED only where the client offered it on this slot.
                     let red = d.red && super::red::offers_red(sdp, &s.mid.to_string());
-                    pc.rtc.direct_api().set_red_send(s.mid, red);
+                    d.red = red;
                 }
             }
         }

@@ -8,7 +8,7 @@ use lk::signal_request::Message as Req;
 use prost::Message as _;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, MediaData, MediaKind, Mid};
 use str0m::{Event, Output as RtcOutput};
 
 /// One simulated tick of the virtual clock.
@@ -23,7 +23,16 @@ struct Peer {
 
 impl Peer {
     fn new(now: Instant, addr: &str) -> Self {
-        let mut rtc = Rtc::builder().build(now);
+        Self::with(now, addr, Rtc::builder())
+    }
+
+    /// A peer that also reports every RTP packet it receives (`Event::RawPacket`).
+    fn with_raw_packets(now: Instant, addr: &str) -> Self {
+        Self::with(now, addr, Rtc::builder().enable_raw_packets(true))
+    }
+
+    fn with(now: Instant, addr: &str, config: str0m::RtcConfig) -> Self {
+        let mut rtc = config.build(now);
         let addr: SocketAddr = addr.parse().unwrap();
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         Self {
@@ -304,6 +313,12 @@ impl SinglePeer {
             asked: None,
             to_withdraw: Vec::new(),
         }
+    }
+
+    /// The same, whose connection reports every RTP packet it receives.
+    fn with_raw_packets(mut self, now: Instant) -> Self {
+        self.peer = Peer::with_raw_packets(now, &format!("10.0.1.{}:5000", self.session));
+        self
     }
 
     /// Offers placeholder `mid` `inactive` from the next offer on: no longer a slot.
@@ -1023,4 +1038,66 @@ fn a_withdrawn_slot_moves_its_track_to_a_free_one() {
         bob.peer.received_on(new).len() > 20,
         "audio flows on the new slot"
     );
+}
+
+/// A track change on one outgoing stream: bob's audio slot carries alice's track, then
+/// (after she left and the slot was released) carol's. On the wire bob sees one SSRC whose
+/// sequence numbers step by exactly one across the change and whose timestamps move forward
+/// by about the time that passed, not to carol's own random offset.
+#[test]
+fn a_track_change_on_a_slot_is_continuous_on_the_wire() {
+    let mut net = Net::new();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0).with_raw_packets(net.now);
+    let mut carol = SinglePeer::new(net.now, 3, 0, 0);
+    let amic = alice.join_publishing_audio(&mut net, "alice", "amic");
+    net.run(&mut [&mut alice], 50);
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mut sent = 0;
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 100);
+    net.s.handle_command(
+        net.now,
+        Command::Disconnect {
+            session: SessionId(1),
+            reason: lk::DisconnectReason::ClientInitiated,
+        },
+    );
+    net.run(&mut [&mut bob], 50);
+    let cmic = carol.join_publishing_audio(&mut net, "carol", "cmic");
+    // carol's frames start at another timestamp than alice's.
+    let mut sent = 5_000;
+    net.run_with_audio(&mut [&mut bob, &mut carol], 1, cmic, &mut sent, 300);
+
+    let packets: Vec<&str0m::rtp::RtpHeader> = bob
+        .peer
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RawPacket(p) => match p.as_ref() {
+                str0m::rtp::RawPacket::RtpRx(h, _) => Some(h),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert!(packets.len() > 100, "bob received {}", packets.len());
+    let ssrc = packets[0].ssrc;
+    assert!(packets.iter().all(|h| h.ssrc == ssrc), "one SSRC");
+    let mut changes = 0;
+    for w in packets.windows(2) {
+        assert_eq!(
+            w[1].sequence_number,
+            w[0].sequence_number.wrapping_add(1),
+            "sequence numbers step by one"
+        );
+        let step = w[1].timestamp.wrapping_sub(w[0].timestamp);
+        if step != 960 {
+            // The track change: forward by the time that passed (under ten seconds here).
+            assert!((1..480_000).contains(&step), "timestamp step {step}");
+            changes += 1;
+        }
+    }
+    assert_eq!(changes, 1, "one track change");
 }

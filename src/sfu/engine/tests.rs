@@ -3,10 +3,10 @@
 
 use super::*;
 use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, MediaData, MediaKind};
 use str0m::{Event, Output as RtcOutput};
 
-fn sfu(now: Instant) -> Sfu {
+pub(super) fn sfu(now: Instant) -> Sfu {
     Sfu::new(
         SfuConfig {
             candidates: vec!["127.0.0.1:7882".parse().unwrap()],
@@ -60,7 +60,7 @@ pub(super) fn join_command(
     })
 }
 
-fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
+pub(super) fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
     s.handle_command(
         now,
         join_command(session, "room", identity, permission(true), false),
@@ -68,7 +68,7 @@ fn join(s: &mut Sfu, now: Instant, session: u64, identity: &str) {
 }
 
 /// Drains outputs: signal messages per session, in order, and lifecycle events.
-fn drain(s: &mut Sfu) -> (Vec<(u64, Msg)>, Vec<SfuEvent>, usize) {
+pub(super) fn drain(s: &mut Sfu) -> (Vec<(u64, Msg)>, Vec<SfuEvent>, usize) {
     let mut msgs = Vec::new();
     let mut events = Vec::new();
     let mut closes = 0;
@@ -83,7 +83,7 @@ fn drain(s: &mut Sfu) -> (Vec<(u64, Msg)>, Vec<SfuEvent>, usize) {
     }
 }
 
-fn request(s: &mut Sfu, now: Instant, session: u64, m: lk::signal_request::Message) {
+pub(super) fn request(s: &mut Sfu, now: Instant, session: u64, m: lk::signal_request::Message) {
     s.handle_command(
         now,
         Command::Request {
@@ -93,7 +93,7 @@ fn request(s: &mut Sfu, now: Instant, session: u64, m: lk::signal_request::Messa
     );
 }
 
-fn add_track(cid: &str, video: bool) -> lk::signal_request::Message {
+pub(super) fn add_track(cid: &str, video: bool) -> lk::signal_request::Message {
     lk::signal_request::Message::AddTrack(lk::AddTrackRequest {
         cid: cid.into(),
         name: cid.into(),
@@ -500,14 +500,14 @@ fn subscription_is_announced_before_the_offer_that_carries_it() {
 }
 
 /// A str0m peer acting as a LiveKit client on a virtual network.
-struct Peer {
-    rtc: Rtc,
-    addr: SocketAddr,
-    events: Vec<Event>,
+pub(super) struct Peer {
+    pub(super) rtc: Rtc,
+    pub(super) addr: SocketAddr,
+    pub(super) events: Vec<Event>,
 }
 
 impl Peer {
-    fn new(now: Instant, addr: &str) -> Self {
+    pub(super) fn new(now: Instant, addr: &str) -> Self {
         Self::with(now, addr, Rtc::builder())
     }
 
@@ -519,7 +519,7 @@ impl Peer {
         Self::with(now, addr, config)
     }
 
-    fn with(now: Instant, addr: &str, config: str0m::RtcConfig) -> Self {
+    pub(super) fn with(now: Instant, addr: &str, config: str0m::RtcConfig) -> Self {
         let mut rtc = config.build(now);
         let addr: SocketAddr = addr.parse().unwrap();
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
@@ -532,7 +532,7 @@ impl Peer {
 }
 
 /// Moves packets between the engine and the peers until everything is quiet at `now`.
-fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(u64, Msg)>) {
+pub(super) fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(u64, Msg)>) {
     for _ in 0..1000 {
         let mut moved = false;
         loop {
@@ -568,7 +568,10 @@ fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(u64,
     }
 }
 
-fn answer_offer(peer: &mut Peer, o: &lk::SessionDescription) -> lk::signal_request::Message {
+pub(super) fn answer_offer(
+    peer: &mut Peer,
+    o: &lk::SessionDescription,
+) -> lk::signal_request::Message {
     let answer = peer
         .rtc
         .sdp_api()

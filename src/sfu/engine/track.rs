@@ -64,10 +64,10 @@ impl Track {
         };
         self.last_keyframe_request = Some(now);
         let rid = rid.or_else(|| self.layers.choose(simulcast::HIGH, now));
-        if let Some(mut w) = rtc.writer(mid) {
-            if let Err(e) = w.request_keyframe(rid, KeyframeRequestKind::Pli) {
-                tracing::debug!(track = %self.sid, error = %e, "keyframe request failed");
-            }
+        // RTP mode: the request goes through the layer's receive stream (str0m sends the PLI).
+        match rtc.direct_api().stream_rx_by_mid(mid, rid) {
+            Some(rx) => rx.request_keyframe(KeyframeRequestKind::Pli),
+            None => tracing::debug!(track = %self.sid, ?rid, "keyframe request: no such stream"),
         }
     }
 }
