@@ -152,7 +152,10 @@ fn media_smoke(args: &[&str]) -> serde_json::Value {
     assert_eq!(loops.len(), threads, "{c}");
     for l in loops {
         assert!(l["busy_ratio"].as_f64().is_some_and(|x| x > 0.0), "{l}");
-        assert!(l["datagrams_per_s"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+        assert!(
+            l["datagrams_per_s"].as_f64().is_some_and(|x| x > 0.0),
+            "{l}"
+        );
     }
     v
 }

@@ -611,7 +611,10 @@ impl Participant {
     /// the room as a [`Forward`] with what every subscriber needs to know of it (computed once
     /// here, not per subscriber).
     fn rtp_packet(&mut self, packet: RtpPacket, now: Instant, polled: &mut Polled) {
-        let rtc = &mut self.transport.pub_pc_mut().rtc;
+        let Some(pc) = self.transport.pub_pc_mut() else {
+            return;
+        };
+        let rtc = &mut pc.rtc;
         // The mid and rid are in the header extensions of the first packets only; str0m's
         // receive stream knows them for every packet.
         let Some((mid, rid)) = rtc
