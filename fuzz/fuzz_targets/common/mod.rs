@@ -20,6 +20,7 @@ pub fn engine_with_participant(now: Instant, permission: ParticipantPermission) 
         SfuConfig {
             candidates: vec![server()],
             seed: Some(1),
+            ..Default::default()
         },
         now,
     );
