@@ -67,12 +67,21 @@ pub fn have_taskset() -> bool {
 }
 
 /// A command that runs `program` pinned to `cpu` (through `taskset`, which execs, so the child
-/// PID is the program's), or unpinned without `cpu` or `taskset`.
+/// PID is the program's), or on every online core without `cpu`: a child inherits the bench's
+/// own affinity, which is the clients' one core once the bench pinned itself, so "unpinned"
+/// must be said explicitly. Without `taskset`, the program as is.
 pub fn pinned_command(program: &Path, cpu: Option<usize>) -> Command {
-    match cpu {
-        Some(cpu) if have_taskset() => {
+    let cpus = match cpu {
+        Some(cpu) => Some(cpu.to_string()),
+        None => std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty()),
+    };
+    match cpus {
+        Some(list) if have_taskset() => {
             let mut c = Command::new("taskset");
-            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c.arg("-c").arg(list).arg(program);
             c
         }
         _ => Command::new(program),
