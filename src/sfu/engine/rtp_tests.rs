@@ -1,13 +1,13 @@
 //! Packet forwarding through the virtual network: what a subscriber sees on the wire when
 //! the source of its stream changes (simulcast layer switch).
 
-use super::tests::{add_track, answer_offer, join, pump, request, sfu, Peer};
+use super::tests::{add_track, answer_offer, join, pump, pump_dropping, request, sfu, Peer};
 use super::*;
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, MediaTime, Simulcast, SimulcastLayer};
 use str0m::rtp::{RawPacket, RtpHeader, Vp8Descriptor};
-use str0m::{Event, Output as RtcOutput};
+use str0m::Event;
 
 /// The simulcast layers alice sends: rid, the tag byte ending each of its frames, its RTP
 /// timestamp base (each layer its own, as a browser's) and the frame its keyframes fall on.
@@ -300,50 +300,4 @@ fn a_lost_packet_is_resent_from_the_send_buffer() {
         resent.contains(&dropped),
         "RTX resends {resent:?}, lost {dropped}"
     );
-}
-
-/// [`pump`], losing the datagrams to peers that `drop` picks.
-fn pump_dropping(
-    s: &mut Sfu,
-    peers: &mut [&mut Peer],
-    now: Instant,
-    msgs: &mut Vec<(u64, Msg)>,
-    drop: &mut impl FnMut(SocketAddr, &[u8]) -> bool,
-) {
-    for _ in 0..1000 {
-        let mut moved = false;
-        loop {
-            match s.poll_output() {
-                Output::Timeout(_) => break,
-                Output::Transmit(t) => {
-                    if drop(t.destination, &t.contents) {
-                        continue;
-                    }
-                    if let Some(p) = peers.iter_mut().find(|p| p.addr == t.destination) {
-                        let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
-                            .unwrap();
-                        let _ = p.rtc.handle_input(Input::Receive(now, r));
-                        moved = true;
-                    }
-                }
-                Output::Signal(id, SignalOut::Message(m)) => msgs.push((id.0, *m)),
-                _ => {}
-            }
-        }
-        for p in peers.iter_mut() {
-            loop {
-                match p.rtc.poll_output().unwrap() {
-                    RtcOutput::Timeout(_) => break,
-                    RtcOutput::Transmit(t) => {
-                        s.handle_datagram(now, p.addr, t.destination, &t.contents);
-                        moved = true;
-                    }
-                    RtcOutput::Event(e) => p.events.push(e),
-                }
-            }
-        }
-        if !moved {
-            return;
-        }
-    }
 }

@@ -533,12 +533,26 @@ impl Peer {
 
 /// Moves packets between the engine and the peers until everything is quiet at `now`.
 pub(super) fn pump(s: &mut Sfu, peers: &mut [&mut Peer], now: Instant, msgs: &mut Vec<(u64, Msg)>) {
+    pump_dropping(s, peers, now, msgs, &mut |_, _| false);
+}
+
+/// [`pump`], losing the datagrams to peers that `drop` picks.
+pub(super) fn pump_dropping(
+    s: &mut Sfu,
+    peers: &mut [&mut Peer],
+    now: Instant,
+    msgs: &mut Vec<(u64, Msg)>,
+    drop: &mut impl FnMut(SocketAddr, &[u8]) -> bool,
+) {
     for _ in 0..1000 {
         let mut moved = false;
         loop {
             match s.poll_output() {
                 Output::Timeout(_) => break,
                 Output::Transmit(t) => {
+                    if drop(t.destination, &t.contents) {
+                        continue;
+                    }
                     if let Some(p) = peers.iter_mut().find(|p| p.addr == t.destination) {
                         let r = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
                             .unwrap();
