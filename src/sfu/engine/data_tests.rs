@@ -153,12 +153,7 @@ impl Net {
         c.pub_pending = Some(pending);
         self.request(
             session,
-            lk::signal_request::Message::Offer(lk::SessionDescription {
-                r#type: "offer".into(),
-                sdp: offer.to_sdp_string(),
-                id: 1,
-                mid_to_track_id: HashMap::new(),
-            }),
+            super::tests::offer_message(offer.to_sdp_string(), 1),
         );
     }
 

@@ -1,7 +1,10 @@
 //! Packet forwarding through the virtual network: what a subscriber sees on the wire when
 //! the source of its stream changes (simulcast layer switch).
 
-use super::tests::{add_track, answer_offer, join, pump, pump_dropping, request, sfu, Peer};
+use super::tests::{
+    add_track, answer_for, answer_offer, join, offer_message, pump, request, sfu, tick_dropping,
+    Peer,
+};
 use super::*;
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
@@ -105,30 +108,14 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
         Some(simulcast),
     );
     let (offer, pending) = api.apply().unwrap();
-    request(
-        &mut s,
-        now,
-        1,
-        lk::signal_request::Message::Offer(lk::SessionDescription {
-            r#type: "offer".into(),
-            sdp: offer.to_sdp_string(),
-            id: 1,
-            mid_to_track_id: HashMap::new(),
-        }),
-    );
+    request(&mut s, now, 1, offer_message(offer.to_sdp_string(), 1));
     pump(
         &mut s,
         &mut [&mut alice, &mut bob, &mut alice_pub],
         now,
         &mut msgs,
     );
-    let answer = msgs
-        .iter()
-        .find_map(|(id, m)| match m {
-            Msg::Answer(a) if *id == 1 => Some(a.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let answer = answer_for(&msgs, 1).unwrap();
     alice_pub
         .rtc
         .sdp_api()
@@ -139,12 +126,7 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
     let mut answered = 0;
     for tick in 0..900 {
         now += Duration::from_millis(10);
-        s.handle_timeout(now);
-        for p in [&mut alice, &mut bob, &mut alice_pub] {
-            let _ = p.rtc.handle_input(Input::Timeout(now));
-        }
-        msgs.clear();
-        pump_dropping(
+        tick_dropping(
             &mut s,
             &mut [&mut alice, &mut bob, &mut alice_pub],
             now,

@@ -462,24 +462,11 @@ fn subscription_is_announced_before_the_offer_that_carries_it() {
         .expect("bob's initial offer");
     request(&mut s, now, 1, add_track("mic", false));
     let (_client, sdp) = publisher_offer(now, "mic");
-    request(
-        &mut s,
-        now,
-        1,
-        lk::signal_request::Message::Offer(lk::SessionDescription {
-            r#type: "offer".into(),
-            sdp,
-            id: 7,
-            mid_to_track_id: HashMap::new(),
-        }),
-    );
+    request(&mut s, now, 1, offer_message(sdp, 7));
     // Media events surface on the publisher connection's next tick.
     s.handle_timeout(now + Duration::from_millis(100));
     let (msgs, _, _) = drain(&mut s);
-    let answer = msgs.iter().find_map(|(id, m)| match m {
-        Msg::Answer(a) if *id == 1 => Some(a.clone()),
-        _ => None,
-    });
+    let answer = answer_for(&msgs, 1);
     assert_eq!(answer.expect("publisher offer answered").id, 7, "same id");
     // The subscription waits for bob's answer to his pending offer; the track's update
     // reached bob already.
@@ -599,6 +586,41 @@ pub(super) fn answer_offer(
     })
 }
 
+/// A client's offer as a signal request.
+pub(super) fn offer_message(sdp: String, id: u32) -> lk::signal_request::Message {
+    lk::signal_request::Message::Offer(lk::SessionDescription {
+        r#type: "offer".into(),
+        sdp,
+        id,
+        mid_to_track_id: HashMap::new(),
+    })
+}
+
+/// The engine's answer to `session` among `msgs`, if any.
+pub(super) fn answer_for(msgs: &[(u64, Msg)], session: u64) -> Option<lk::SessionDescription> {
+    msgs.iter().find_map(|(id, m)| match m {
+        Msg::Answer(a) if *id == session => Some(a.clone()),
+        _ => None,
+    })
+}
+
+/// One tick of the virtual network at `now`: the engine's and every peer's timers, then
+/// [`pump_dropping`] (`msgs` holds this tick's messages).
+pub(super) fn tick_dropping(
+    s: &mut Sfu,
+    peers: &mut [&mut Peer],
+    now: Instant,
+    msgs: &mut Vec<(u64, Msg)>,
+    drop: &mut impl FnMut(SocketAddr, &[u8]) -> bool,
+) {
+    s.handle_timeout(now);
+    for p in peers.iter_mut() {
+        let _ = p.rtc.handle_input(Input::Timeout(now));
+    }
+    msgs.clear();
+    pump_dropping(s, peers, now, msgs, drop);
+}
+
 /// Two str0m peers through the engine, no sockets: alice publishes (end-to-end encrypted)
 /// audio, bob is offered the track only after the update announcing it, with msid
 /// `PA_alice|TR_x`, and receives alice's frames unchanged, with continuous timestamps, never
@@ -677,17 +699,7 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
         None,
     );
     let (offer, pending) = api.apply().unwrap();
-    request(
-        &mut s,
-        now,
-        1,
-        lk::signal_request::Message::Offer(lk::SessionDescription {
-            r#type: "offer".into(),
-            sdp: offer.to_sdp_string(),
-            id: 1,
-            mid_to_track_id: HashMap::new(),
-        }),
-    );
+    request(&mut s, now, 1, offer_message(offer.to_sdp_string(), 1));
     pump(
         &mut s,
         &mut [&mut alice, &mut bob, &mut alice_pub],
@@ -695,13 +707,7 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
         &mut msgs,
     );
     let mut all: Vec<(u64, Msg)> = msgs.clone();
-    let answer = msgs
-        .iter()
-        .find_map(|(id, m)| match m {
-            Msg::Answer(a) if *id == 1 => Some(a.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let answer = answer_for(&msgs, 1).unwrap();
     alice_pub
         .rtc
         .sdp_api()
@@ -712,16 +718,12 @@ fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
     let mut reoffer_answered = false;
     for _ in 0..300 {
         now += Duration::from_millis(10);
-        s.handle_timeout(now);
-        for p in [&mut alice, &mut bob, &mut alice_pub] {
-            let _ = p.rtc.handle_input(Input::Timeout(now));
-        }
-        msgs.clear();
-        pump(
+        tick_dropping(
             &mut s,
             &mut [&mut alice, &mut bob, &mut alice_pub],
             now,
             &mut msgs,
+            &mut |_, _| false,
         );
         all.extend(msgs.iter().map(|(id, m)| (*id, m.clone())));
         if !reoffer_answered {
@@ -1000,25 +1002,11 @@ fn encrypted_or_red_less_audio_is_answered_without_red() {
             offer.contains("red/48000"),
             "the client offers RED: {offer}"
         );
-        request(
-            &mut s,
-            now,
-            1,
-            lk::signal_request::Message::Offer(lk::SessionDescription {
-                r#type: "offer".into(),
-                sdp: offer,
-                id: 1,
-                mid_to_track_id: HashMap::new(),
-            }),
-        );
+        request(&mut s, now, 1, offer_message(offer, 1));
         let (msgs, _, _) = drain(&mut s);
-        let answer = msgs
-            .iter()
-            .find_map(|(id, m)| match m {
-                Msg::Answer(a) if *id == 1 => Some(a.sdp.clone()),
-                _ => None,
-            })
-            .expect("the publisher offer is answered");
+        let answer = answer_for(&msgs, 1)
+            .expect("the publisher offer is answered")
+            .sdp;
         assert_eq!(
             answer.contains("red/48000"),
             want_red,
