@@ -824,6 +824,29 @@ fn a_mixed_room_v0_and_single_pc_hear_each_other() {
     );
 }
 
+/// alice (session 1) publishes audio; bob (session 2, one slot) joins and gets 100 ticks of it.
+fn bob_hears_alice(net: &mut Net, alice: &mut SinglePeer, bob: &mut SinglePeer) {
+    let amic = alice.join_publishing_audio(net, "alice", "amic");
+    net.run(&mut [&mut *alice], 50);
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mut sent = 0;
+    net.run_with_audio(&mut [alice, bob], 0, amic, &mut sent, 100);
+}
+
+/// alice (session 1) leaves; bob's connection runs 50 ticks after.
+fn alice_leaves(net: &mut Net, bob: &mut SinglePeer) {
+    net.s.handle_command(
+        net.now,
+        Command::Disconnect {
+            session: SessionId(1),
+            reason: lk::DisconnectReason::ClientInitiated,
+        },
+    );
+    net.run(&mut [bob], 50);
+}
+
 /// (design §4, case 6) alice's track goes (she leaves): bob's next answer has its mid
 /// `inactive` and no longer in `mid_to_track_id`; carol's track, published later, reuses
 /// that mid in a later answer, never straight from one msid to the other, and arrives.
@@ -833,27 +856,14 @@ fn a_released_slot_goes_inactive_before_it_is_reused() {
     let mut alice = SinglePeer::new(net.now, 1, 0, 0);
     let mut bob = SinglePeer::new(net.now, 2, 1, 0);
     let mut carol = SinglePeer::new(net.now, 3, 0, 0);
-    let amic = alice.join_publishing_audio(&mut net, "alice", "amic");
-    net.run(&mut [&mut alice], 50);
-    net.join(2, "bob", true);
-    let offer = bob.offer();
-    net.request(2, offer);
-    let mut sent = 0;
-    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 100);
+    bob_hears_alice(&mut net, &mut alice, &mut bob);
     let alice_sid = net.sid_of("alice");
     let alice_track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
     let mid = mid_carrying(&first, &alice_sid, &alice_track);
     assert!(bob.peer.received_on(mid).len() > 20);
 
-    net.s.handle_command(
-        net.now,
-        Command::Disconnect {
-            session: SessionId(1),
-            reason: lk::DisconnectReason::ClientInitiated,
-        },
-    );
-    net.run(&mut [&mut bob], 50);
+    alice_leaves(&mut net, &mut bob);
     bob.peer.events.clear();
     let cmic = carol.join_publishing_audio(&mut net, "carol", "cmic");
     let mut sent = 0;
@@ -1050,21 +1060,8 @@ fn a_track_change_on_a_slot_is_continuous_on_the_wire() {
     let mut alice = SinglePeer::new(net.now, 1, 0, 0);
     let mut bob = SinglePeer::new(net.now, 2, 1, 0).with_raw_packets(net.now);
     let mut carol = SinglePeer::new(net.now, 3, 0, 0);
-    let amic = alice.join_publishing_audio(&mut net, "alice", "amic");
-    net.run(&mut [&mut alice], 50);
-    net.join(2, "bob", true);
-    let offer = bob.offer();
-    net.request(2, offer);
-    let mut sent = 0;
-    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 100);
-    net.s.handle_command(
-        net.now,
-        Command::Disconnect {
-            session: SessionId(1),
-            reason: lk::DisconnectReason::ClientInitiated,
-        },
-    );
-    net.run(&mut [&mut bob], 50);
+    bob_hears_alice(&mut net, &mut alice, &mut bob);
+    alice_leaves(&mut net, &mut bob);
     let cmic = carol.join_publishing_audio(&mut net, "carol", "cmic");
     // carol's frames start at another timestamp than alice's.
     let mut sent = 5_000;
