@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -752,10 +752,7 @@ impl Router {
                 .and_then(|p| usize::from_str_radix(p, 16).ok())
                 .filter(|i| *i < self.loops.len());
         }
-        let routes = match self.routes.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
         routes.get(source).copied()
     }
 
@@ -838,26 +835,21 @@ impl Loop {
         self.sfu
             .handle_datagram(Instant::now(), source, local, bytes);
         if self.threads > 1 && crate::sfu::stun::is_stun(bytes) && self.sfu.knows_address(&source) {
-            let known = match self.routes.read() {
-                Ok(g) => g.get(&source) == Some(&self.index),
-                Err(poisoned) => poisoned.into_inner().get(&source) == Some(&self.index),
-            };
+            let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+            let known = routes.get(&source) == Some(&self.index);
+            drop(routes);
             if !known {
-                let mut routes = match self.routes.write() {
-                    Ok(g) => g,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                routes.insert(source, self.index);
+                self.routes
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(source, self.index);
             }
         }
     }
 
     /// Removes from the shared routes the addresses this loop no longer serves.
     fn sweep_routes(&mut self) {
-        let mut routes = match self.routes.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
         let (index, sfu) = (self.index, &self.sfu);
         routes.retain(|addr, owner| *owner != index || sfu.knows_address(addr));
     }
