@@ -1137,6 +1137,23 @@ mod tests {
         tokio::spawn(async move { while queue.recv().await.is_some() {} });
     }
 
+    /// Reads `queue` until a participant update carrying `metadata` arrives.
+    async fn read_until_echo(queue: &mut SignalQueue, metadata: &str) {
+        loop {
+            let out = tokio::time::timeout(WAIT, queue.recv())
+                .await
+                .expect("the echo in time")
+                .expect("the queue stays open");
+            if let SignalOut::Message(m) = out {
+                if let Msg::Update(u) = *m {
+                    if u.participants.iter().any(|p| p.metadata == metadata) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     async fn update(sfu: &SfuHandle, session: SessionId, metadata: String) {
         let message = Box::new(Req::UpdateMetadata(lk::UpdateParticipantMetadata {
             metadata,
@@ -1269,14 +1286,15 @@ mod tests {
         let observer = sfu.new_session(&"room".into());
         let (sink, mut observer_queue) = session_queue();
         assert!(sfu.open(sink, join(observer, "observer")).await);
-        let (talker, talker_queue) = open(&sfu, "talker").await;
-        read_all(talker_queue);
+        let (talker, mut talker_queue) = open(&sfu, "talker").await;
         // 200 updates of 60 kB (within the limits) would be 12 MB for the observer.
         for i in 0..200 {
-            update(&sfu, talker, format!("{i:05}{}", "m".repeat(60_000))).await;
-            for _ in 0..4 {
-                tokio::task::yield_now().await;
-            }
+            let metadata = format!("{i:05}{}", "m".repeat(60_000));
+            update(&sfu, talker, metadata.clone()).await;
+            // The talker keeps up: it reads up to the echo of its update. (The loop runs on
+            // its own thread, so a reader left in the background can fall behind it on a
+            // busy machine and fill its queue too.)
+            read_until_echo(&mut talker_queue, &metadata).await;
             let queued = observer_queue.queued_bytes();
             assert!(
                 queued <= queue::SESSION_QUEUE_BYTES,
