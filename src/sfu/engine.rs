@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
-use str0m::format::PayloadParams;
+use str0m::format::{CodecConfig, PayloadParams};
 use str0m::media::Rid;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpPacket;
@@ -20,6 +20,7 @@ use super::ids::{
 use super::registry::RegisteredRoom;
 
 mod admin;
+mod bandwidth;
 mod downtrack;
 mod forward;
 mod lifetime;
@@ -630,14 +631,16 @@ impl Sfu {
 
     // ------------------------------------------------------------------ join / leave
 
-    fn new_pc(&mut self, now: Instant) -> Pc {
+    /// A peer connection; `sends` when the SFU sends media on it (the subscriber side, or a
+    /// single peer connection), which then estimates its bandwidth (`engine/bandwidth.rs`).
+    fn new_pc(&mut self, now: Instant, sends: bool) -> Pc {
         let (ufrag, pass) = self.ids.ice_credentials();
         let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
         let mut builder = Rtc::builder();
         if let Some(cert) = &self.dtls_cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
-        let mut rtc = builder
+        builder = builder
             .set_ice_lite(true)
             // Packets are forwarded as they come (`engine/packet.rs`), not as frames.
             .set_rtp_mode(true)
@@ -648,7 +651,27 @@ impl Sfu {
             .clear_codecs()
             .enable_opus(true, true)
             .enable_vp8(true)
-            .enable_h264(true)
+            .enable_h264(true);
+        // Transport-cc on video only: the estimate is for video allocation, and str0m pads any
+        // media section with transport-cc up to 50 kbit/s; on audio that would put padding on
+        // every audio-only listener's link (an all-hands of hundreds).
+        let params = builder
+            .codec_config()
+            .params()
+            .iter()
+            .map(|p| {
+                let mut p = *p;
+                if p.spec().codec.is_audio() {
+                    p.set_fb_transport_cc(false);
+                }
+                p
+            })
+            .collect();
+        *builder.codec_config() = CodecConfig::new_from_payload_params(params);
+        let mut rtc = builder
+            // Loss, RTT and jitter for connection quality (`sfu/quality.rs`).
+            .set_stats_interval(Some(bandwidth::STATS_INTERVAL))
+            .enable_bwe(sends.then_some(bandwidth::INITIAL_ESTIMATE))
             .build(now);
         for addr in &self.config.candidates {
             match Candidate::host(*addr, "udp") {
@@ -719,7 +742,7 @@ impl Sfu {
         // v1 registers its one connection as the publisher: trickle targets PUBLISHER.
         let transport = if single_pc {
             Transport::Single {
-                pc: Box::new(self.new_pc(now)),
+                pc: Box::new(self.new_pc(now, true)),
                 slots: Vec::new(),
                 reoffer_requested: false,
                 answered: false,
@@ -727,7 +750,7 @@ impl Sfu {
         } else {
             Transport::Dual {
                 publisher: None,
-                subscriber: Box::new(self.new_pc(now)),
+                subscriber: Box::new(self.new_pc(now, true)),
             }
         };
 
@@ -773,6 +796,7 @@ impl Sfu {
             filed: None,
             audio_level: 0.0,
             speaking: false,
+            link: bandwidth::Link::default(),
         };
 
         let Some(room) = self.rooms.get_mut(&room_name) else {
@@ -1226,6 +1250,8 @@ impl Sfu {
     }
 }
 
+#[cfg(test)]
+mod bandwidth_tests;
 #[cfg(test)]
 mod data_tests;
 #[cfg(test)]

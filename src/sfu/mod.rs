@@ -14,9 +14,11 @@
 //! for participant and track info); framing, WebSockets and JWTs belong to `signal`.
 #![warn(missing_docs)]
 
+pub mod allocate;
 mod engine;
 pub mod ids;
 pub mod limits;
+pub mod quality;
 pub mod registry;
 pub mod rewrite;
 pub mod simulcast;

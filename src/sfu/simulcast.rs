@@ -33,6 +33,11 @@ pub struct Layer {
     pub height: u32,
     /// When its last packet arrived.
     pub last_seen: Option<Instant>,
+    /// Bytes arrived since the last [`Layers::measure`].
+    pub bytes: u64,
+    /// Its bitrate (bits/s, smoothed over the last measurements; kept while it is stopped, as
+    /// what it would cost once it resumes).
+    pub bitrate: u64,
 }
 
 /// Quality of a browser rid by LiveKit's convention (`q`, `h`, `f`).
@@ -52,12 +57,20 @@ fn rid_for_quality(q: i32) -> &'static str {
     }
 }
 
+/// Bytes a packet costs on the wire beyond its RTP payload: RTP header with the usual
+/// extensions (~24), SRTP tag (10), UDP and IPv4 headers (28).
+pub const PACKET_OVERHEAD: u64 = 62;
+
 /// The layers of a track.
 #[derive(Debug, Clone, Default)]
 pub struct Layers {
     layers: Vec<Layer>,
     /// Last packet without a rid (non-simulcast tracks).
     plain_last_seen: Option<Instant>,
+    /// Bytes and bitrate of the packets without a rid, as [`Layer::bytes`] and
+    /// [`Layer::bitrate`].
+    plain_bytes: u64,
+    plain_bitrate: u64,
 }
 
 impl Layers {
@@ -77,18 +90,21 @@ impl Layers {
                     width: l.width,
                     height: l.height,
                     last_seen: None,
+                    bytes: 0,
+                    bitrate: 0,
                 }
             })
             .collect();
         Self {
             layers,
-            plain_last_seen: None,
+            ..Self::default()
         }
     }
 
-    /// A packet without a rid arrived at `now`.
-    pub fn saw_plain(&mut self, now: Instant) {
+    /// A packet without a rid, of `bytes` on the wire, arrived at `now`.
+    pub fn saw_plain(&mut self, now: Instant, bytes: u64) {
         self.plain_last_seen = Some(now);
+        self.plain_bytes += bytes;
     }
 
     /// Whether anything of the track arrived within [`LAYER_TIMEOUT`].
@@ -98,18 +114,83 @@ impl Layers {
             || self.alive(now).next().is_some()
     }
 
-    /// A packet of layer `rid` arrived at `now`.
-    pub fn saw(&mut self, rid: Rid, now: Instant) {
+    /// A packet of layer `rid`, of `bytes` on the wire, arrived at `now`.
+    pub fn saw(&mut self, rid: Rid, now: Instant, bytes: u64) {
         match self.layers.iter_mut().find(|l| l.rid == rid) {
-            Some(l) => l.last_seen = Some(now),
+            Some(l) => {
+                l.last_seen = Some(now);
+                l.bytes += bytes;
+            }
             None => self.layers.push(Layer {
                 quality: quality_of_rid(&rid),
                 rid,
                 width: 0,
                 height: 0,
                 last_seen: Some(now),
+                bytes,
+                bitrate: 0,
             }),
         }
+    }
+
+    /// Turns the bytes counted over the last `elapsed` into bitrates. A layer that sent
+    /// nothing keeps its last bitrate (what it will cost when it resumes); otherwise the new
+    /// rate weighs half (keyframes make single windows jumpy).
+    pub fn measure(&mut self, elapsed: Duration) {
+        let ms = elapsed.as_millis().max(1) as u64;
+        let smooth = |bytes: u64, bitrate: u64| -> u64 {
+            let now = bytes * 8 * 1000 / ms;
+            if bitrate == 0 {
+                now
+            } else {
+                (bitrate + now) / 2
+            }
+        };
+        for l in &mut self.layers {
+            if l.bytes > 0 {
+                l.bitrate = smooth(l.bytes, l.bitrate);
+                l.bytes = 0;
+            }
+        }
+        if self.plain_bytes > 0 {
+            self.plain_bitrate = smooth(self.plain_bytes, self.plain_bitrate);
+            self.plain_bytes = 0;
+        }
+    }
+
+    /// The bitrate of the stream without rids (audio, non-simulcast video).
+    pub fn plain_bitrate(&self) -> u64 {
+        self.plain_bitrate
+    }
+
+    /// The alive layers a subscriber wanting at most `max_quality` may get, as (quality,
+    /// bitrate), lowest first: those not above it, else the lowest alive one. Without
+    /// simulcast, the one plain stream (quality HIGH) when alive.
+    pub fn options(&self, max_quality: i32, now: Instant) -> Vec<(i32, u64)> {
+        if !self.is_simulcast() {
+            let alive = self
+                .plain_last_seen
+                .is_some_and(|t| now.saturating_duration_since(t) < LAYER_TIMEOUT);
+            return if alive {
+                vec![(HIGH, self.plain_bitrate)]
+            } else {
+                Vec::new()
+            };
+        }
+        let mut out: Vec<(i32, u64)> = self
+            .alive(now)
+            .filter(|l| l.quality <= max_quality)
+            .map(|l| (l.quality, l.bitrate))
+            .collect();
+        if out.is_empty() {
+            out.extend(
+                self.alive(now)
+                    .min_by_key(|l| l.quality)
+                    .map(|l| (l.quality, l.bitrate)),
+            );
+        }
+        out.sort_by_key(|&(q, _)| q);
+        out
     }
 
     /// Whether the track is simulcast at all (packets carry rids).
@@ -200,19 +281,19 @@ mod tests {
         let mut l = layers();
         assert_eq!(l.choose(HIGH, t0), None, "nothing alive yet");
         for rid in ["q", "h", "f"] {
-            l.saw(Rid::from(rid), t0);
+            l.saw(Rid::from(rid), t0, 100);
         }
         assert_eq!(l.choose(HIGH, t0), Some(Rid::from("f")));
         assert_eq!(l.choose(MEDIUM, t0), Some(Rid::from("h")));
         assert_eq!(l.choose(LOW, t0), Some(Rid::from("q")));
         // f stops (dynacast or congestion): HIGH subscribers fall back to h.
         let t1 = t0 + Duration::from_millis(1500);
-        l.saw(Rid::from("q"), t1);
-        l.saw(Rid::from("h"), t1);
+        l.saw(Rid::from("q"), t1, 100);
+        l.saw(Rid::from("h"), t1, 100);
         assert_eq!(l.choose(HIGH, t1), Some(Rid::from("h")));
         // Only h alive and LOW wanted: the lowest alive is better than nothing.
         let t2 = t1 + Duration::from_millis(1500);
-        l.saw(Rid::from("h"), t2);
+        l.saw(Rid::from("h"), t2, 100);
         assert_eq!(l.choose(LOW, t2), Some(Rid::from("h")));
     }
 

@@ -13,6 +13,7 @@ use str0m::Rtc;
 use super::packet::{red_relabel, OutStream};
 use super::track::Track;
 use super::{Forward, SessionId};
+use crate::sfu::allocate::Grant;
 use crate::sfu::ids::TrackSid;
 use crate::sfu::simulcast::{self, Layers};
 
@@ -62,6 +63,9 @@ pub(super) struct DownTrack {
     pub(super) paused: bool,
     /// Whether the subscriber connection may wrap this track in RED ([`Track::red_allowed`]).
     pub(super) red: bool,
+    /// What the subscriber's downlink allows (`engine/bandwidth.rs`): layers up to a quality,
+    /// or nothing (paused).
+    pub(super) grant: Grant,
 }
 
 impl DownTrack {
@@ -80,6 +84,7 @@ impl DownTrack {
             max_quality: simulcast::HIGH,
             paused: false,
             red: track.red_allowed(),
+            grant: Grant::UpTo(simulcast::HIGH),
         }
     }
 
@@ -120,10 +125,32 @@ impl DownTrack {
         false
     }
 
-    /// Whether the stream should be shown as paused (source gone or disabled), if that is
-    /// news to the subscriber; updates what it was told.
+    /// Applies what the downlink allows; returns whether it changed. Video resumed after a
+    /// bandwidth pause restarts at a keyframe.
+    pub(super) fn set_grant(&mut self, grant: Grant) -> bool {
+        if grant == self.grant {
+            return false;
+        }
+        if self.grant == Grant::Paused && self.kind == MediaKind::Video {
+            self.waiting_keyframe = true;
+        }
+        self.grant = grant;
+        true
+    }
+
+    /// The best quality it may forward now: what the subscriber asked for, within what its
+    /// downlink allows.
+    fn quality_cap(&self) -> i32 {
+        match self.grant {
+            Grant::UpTo(q) => self.max_quality.min(q),
+            Grant::Paused => simulcast::LOW,
+        }
+    }
+
+    /// Whether the stream should be shown as paused (source gone, disabled, or no bandwidth
+    /// for it), if that is news to the subscriber; updates what it was told.
     pub(super) fn pause_changed(&mut self, source_alive: bool) -> Option<bool> {
-        let paused = !source_alive || self.disabled;
+        let paused = !source_alive || self.disabled || self.grant == Grant::Paused;
         if paused != self.paused && matches!(self.state, DownState::Open(_)) {
             self.paused = paused;
             return Some(paused);
@@ -150,14 +177,14 @@ impl DownTrack {
             return Forwarded::Skipped;
         };
         let out = outs.entry(mid).or_default();
-        if self.disabled {
+        if self.disabled || self.grant == Grant::Paused {
             if out.is_on(f.source) {
                 out.interrupt();
             }
             return Forwarded::Skipped;
         }
         if f.rid.is_some() {
-            self.wanted_rid = layers.choose(self.max_quality, now);
+            self.wanted_rid = layers.choose(self.quality_cap(), now);
             if self.current_rid != f.rid {
                 // Switch only onto a keyframe of the wanted layer; until then the current
                 // layer keeps flowing.

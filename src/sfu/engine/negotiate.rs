@@ -27,7 +27,7 @@ impl Sfu {
         {
             return;
         }
-        let pc = self.new_pc(now);
+        let pc = self.new_pc(now, false);
         let ufrag = pc.ufrag.clone();
         if let Some(p) = self.participant_mut(session) {
             p.transport.set_publisher(pc);

@@ -6,18 +6,21 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use livekit_protocol as lk;
+use str0m::bwe::BweKind;
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, MediaKind, Mid, Rid};
 use str0m::rtp::RtpPacket;
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
+use super::bandwidth::{jitter_ms, Link};
 use super::downtrack::DownTrack;
 use super::packet::{red_primary, source_id, starts_keyframe, OutStream};
 use super::track::Track;
 use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DEADLINE};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
 use crate::sfu::limits::{self, LimitExceeded};
+use crate::sfu::{quality, simulcast};
 
 /// Most reliable data a participant may have waiting for its send buffer (see
 /// [`Participant::send_data`]); LiveKit's own buffer is unbounded by default.
@@ -237,6 +240,8 @@ pub(super) struct Participant {
     pub(super) filed: Option<Instant>,
     pub(super) audio_level: f32,
     pub(super) speaking: bool,
+    /// What its connections measured: downlink estimate, loss, RTT, jitter.
+    pub(super) link: Link,
 }
 
 impl Participant {
@@ -536,17 +541,83 @@ impl Participant {
         })
     }
 
-    /// Its connection quality (connected subscriber connection: excellent).
+    /// Its connection quality: the worse of what arrives from it and what its client reports
+    /// receiving, scored from loss, RTT and jitter (`sfu/quality.rs`); poor while its
+    /// subscriber connection is not connected.
     pub(super) fn connection_quality(&self) -> lk::ConnectionQualityInfo {
         let connected = self.transport.sub_pc().connected;
+        let mos = if connected {
+            let mut down = self.link.down;
+            down.loss = down.loss.max(self.link.reported_loss);
+            quality::mos(&self.link.up).min(quality::mos(&down))
+        } else {
+            1.0
+        };
+        let level = if connected {
+            quality::level(mos)
+        } else {
+            lk::ConnectionQuality::Poor
+        };
         lk::ConnectionQualityInfo {
             participant_sid: self.sid.to_string(),
-            quality: if connected {
-                lk::ConnectionQuality::Excellent as i32
-            } else {
-                lk::ConnectionQuality::Poor as i32
-            },
-            score: if connected { 5.0 } else { 1.0 },
+            quality: level as i32,
+            score: mos as f32,
+        }
+    }
+
+    /// Notes what str0m measured on a connection (`publish_side`/`subscribe_side`: which
+    /// directions it carries).
+    fn measured(&mut self, e: &Event, publish_side: bool, subscribe_side: bool) {
+        match e {
+            Event::EgressBitrateEstimate(BweKind::Twcc {
+                estimate,
+                can_probe,
+            }) if subscribe_side => {
+                self.link.estimate = can_probe.then(|| estimate.as_u64());
+            }
+            Event::PeerStats(s) => {
+                let rtt = s.rtt.map(|r| r.as_secs_f64() * 1000.0);
+                if subscribe_side {
+                    if let Some(loss) = s.egress_loss_fraction {
+                        self.link.down.loss = f64::from(loss);
+                    }
+                    if let Some(rtt) = rtt {
+                        self.link.down.rtt_ms = rtt;
+                    }
+                }
+                if publish_side {
+                    if let Some(loss) = s.ingress_loss_fraction {
+                        self.link.up.loss = f64::from(loss);
+                    }
+                    if let Some(rtt) = rtt {
+                        self.link.up.rtt_ms = rtt;
+                    }
+                }
+            }
+            Event::MediaIngressStats(s) if publish_side => {
+                let kind = self
+                    .tracks
+                    .iter()
+                    .find(|t| t.mid == Some(s.mid))
+                    .map(|t| t.kind);
+                if let Some(kind) = kind {
+                    self.link.up.jitter_ms = jitter_ms(s.jitter, kind);
+                }
+            }
+            Event::MediaEgressStats(s) if subscribe_side => {
+                let kind = self
+                    .down_tracks
+                    .iter()
+                    .find(|d| d.mid() == Some(s.mid))
+                    .map(|d| d.kind);
+                if let (Some(kind), Some(remote)) = (kind, &s.remote) {
+                    self.link.down.jitter_ms = jitter_ms(remote.jitter, kind);
+                }
+                if let Some(loss) = s.loss {
+                    self.link.reported_loss = f64::from(loss);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -635,9 +706,10 @@ impl Participant {
         let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(mid)) else {
             return;
         };
+        let bytes = packet.payload.len() as u64 + simulcast::PACKET_OVERHEAD;
         match rid {
-            Some(rid) => t.layers.saw(rid, now),
-            None => t.layers.saw_plain(now),
+            Some(rid) => t.layers.saw(rid, now, bytes),
+            None => t.layers.saw_plain(now, bytes),
         }
         let mut primary = None;
         let mut keyframe = false;
@@ -672,6 +744,7 @@ impl Participant {
         let single = self.transport.is_single();
         let publish_side = kind == PcKind::Publisher || single;
         let subscribe_side = kind == PcKind::Subscriber || single;
+        self.measured(&e, publish_side, subscribe_side);
         match e {
             Event::Connected => {
                 tracing::debug!(%session, ?kind, single, "peer connection connected");

@@ -14,7 +14,13 @@ use crate::sfu::simulcast;
 
 impl Sfu {
     pub(super) fn update_speakers(&mut self, now: Instant) {
+        // The time since the last pass (due one interval ago, maybe run late).
+        let elapsed = self.next_speakers.map_or(SPEAKER_INTERVAL, |due| {
+            (now + SPEAKER_INTERVAL).saturating_duration_since(due)
+        });
         self.next_speakers = Some(now + SPEAKER_INTERVAL);
+        // Bandwidth first: its pauses reach the clients in `update_layers`' stream states.
+        self.allocate_bandwidth(now, elapsed);
         self.update_layers(now);
         for room in self.rooms.values_mut() {
             let changed: Vec<lk::SpeakerInfo> = room
