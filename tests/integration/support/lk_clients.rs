@@ -474,6 +474,9 @@ pub struct PyClientSpec {
     pub verbose: bool,
     /// Any further arguments (e.g. `--width 160 --height 120 --fps 10`).
     pub extra_args: Vec<String>,
+    /// Run inside this network namespace (`ip netns exec`), e.g. a lab client's
+    /// ([`super::lab::Lab::client_ns`]); `None` (the default): the test's own namespace.
+    pub netns: Option<String>,
 }
 
 impl PyClientSpec {
@@ -499,6 +502,7 @@ impl PyClientSpec {
             events_stdout: true,
             verbose: false,
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 
@@ -577,7 +581,10 @@ impl PyClient {
     pub fn spawn(spec: PyClientSpec) -> Result<PyClient> {
         let python = lk_python()?;
         let script = clients_dir().join("lk_client.py");
-        let mut cmd = Command::new(&python);
+        let mut cmd = match &spec.netns {
+            Some(ns) => super::lab::netns_command(ns, &python),
+            None => Command::new(&python),
+        };
         cmd.arg(&script)
             .args(spec.args())
             .env("PYTHONUNBUFFERED", "1")
