@@ -422,6 +422,8 @@ fn run_stdin(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String
         let stderr = String::from_utf8_lossy(&out.stderr);
         let hint = if stderr.contains("Operation not permitted") {
             " (the lab needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        } else if stderr.contains("exec of \"nft\" failed") {
+            " (nft is missing: install nftables; scripts/install-test-deps does)"
         } else if stderr.contains("Specified qdisc kind is unknown") {
             " (this kernel lacks that qdisc; the lab uses only tbf)"
         } else {
