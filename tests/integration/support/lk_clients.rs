@@ -662,6 +662,8 @@ pub struct NodePublishSpec {
     pub publish_video: bool,
     /// As [`PyClientSpec::dual_pc`].
     pub dual_pc: Option<bool>,
+    /// As [`PyClientSpec::netns`].
+    pub netns: Option<String>,
 }
 
 impl NodePublishSpec {
@@ -676,6 +678,7 @@ impl NodePublishSpec {
             publish_audio: true,
             publish_video: true,
             dual_pc: None,
+            netns: None,
         }
     }
 
@@ -720,7 +723,10 @@ impl NodePublisher {
     pub fn spawn(spec: NodePublishSpec) -> Result<NodePublisher> {
         let dir = node_clients_dir()?;
         let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
-        let mut cmd = Command::new(&node);
+        let mut cmd = match &spec.netns {
+            Some(ns) => super::lab::netns_command(ns, &node),
+            None => Command::new(&node),
+        };
         cmd.arg(clients_dir().join("node/publish.mjs"))
             .args(spec.args())
             .env("CONCLAVE_NODE_CLIENTS", &dir)
