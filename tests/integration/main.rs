@@ -42,3 +42,5 @@ mod twirp;
 mod webhooks;
 // Unmodified Element Call in Chromium across two ministries (two Synapses, two Conclaves).
 mod element_call;
+// The network lab: namespaces, shaped and lossy links, real clients and Conclave inside.
+mod lab;

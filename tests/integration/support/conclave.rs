@@ -40,6 +40,12 @@ pub struct ConclaveOptions {
     pub server_name: String,
     /// Extra CA (the test CA) for federation TLS.
     pub ca_file: Option<PathBuf>,
+    /// Run inside this network namespace (`ip netns exec`), e.g. a lab's SFU namespace;
+    /// `None` (the default): the test's own namespace.
+    pub netns: Option<String>,
+    /// The address the HTTP port binds and the ICE host candidate (`rtc.node_ips`) use;
+    /// `None` (the default): 127.0.0.1.
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 impl ConclaveOptions {
@@ -50,6 +56,8 @@ impl ConclaveOptions {
             homeserver_url: format!("http://127.0.0.1:{}", free_port()),
             server_name: "localhost".into(),
             ca_file: None,
+            netns: None,
+            bind_ip: None,
         }
     }
 
@@ -60,7 +68,20 @@ impl ConclaveOptions {
             homeserver_url: hs.client_url.clone(),
             server_name: hs.server_name.clone(),
             ca_file: Some(hs.ca.cert_path.clone()),
+            netns: None,
+            bind_ip: None,
         }
+    }
+
+    /// Runs in `lab`'s SFU namespace, on [`super::lab::Lab::sfu_ip`]: clients in the lab's
+    /// client namespaces reach it at [`Conclave::ws_url`]; the test reaches its HTTP API
+    /// through [`super::lab::http_get`] (used by the readiness check and
+    /// [`Conclave::metrics`]; other helpers that use `reqwest` on [`Conclave::url`] do not
+    /// work from the root namespace).
+    pub fn in_lab(mut self, lab: &super::lab::Lab) -> Self {
+        self.netns = Some(lab.sfu_ns().to_owned());
+        self.bind_ip = Some(lab.sfu_ip().into());
+        self
     }
 
     /// Adds an environment variable.
@@ -80,7 +101,7 @@ pub struct Conclave {
     pub port: u16,
     /// Media (UDP) port.
     pub udp_port: u16,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`http://<bind_ip>:<port>` with [`ConclaveOptions::bind_ip`]).
     pub url: String,
     /// Options it was started with.
     pub opts: ConclaveOptions,
@@ -102,7 +123,7 @@ impl Conclave {
             _dir: dir,
             data_dir,
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{}:{port}", host(&opts)),
             opts,
             child: None,
             starts: 0,
@@ -125,7 +146,7 @@ impl Conclave {
             ),
             (
                 "CONCLAVE_HTTP__BIND".to_owned(),
-                format!("127.0.0.1:{}", self.port),
+                format!("{}:{}", host(&self.opts), self.port),
             ),
             (
                 "CONCLAVE_MATRIX__HOMESERVER_URL".to_owned(),
@@ -141,7 +162,7 @@ impl Conclave {
             ),
             (
                 "CONCLAVE_RTC__NODE_IPS".to_owned(),
-                "[\"127.0.0.1\"]".to_owned(),
+                format!("[\"{}\"]", host(&self.opts)),
             ),
             // Test homeservers federate on loopback, which Conclave refuses by default. A test
             // can set it back to false through `ConclaveOptions::env` (applied after this).
@@ -169,7 +190,10 @@ impl Conclave {
 
     /// A `conclave` command with this instance's environment.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &self.opts.netns {
+            Some(ns) => super::lab::netns_std_command(ns, binary()),
+            None => Command::new(binary()),
+        };
         cmd.args(args).env_clear();
         if let Ok(path) = std::env::var("PATH") {
             cmd.env("PATH", path);
@@ -229,7 +253,11 @@ impl Conclave {
         let deadline = Instant::now() + Duration::from_secs(30);
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
+            if let Some(ns) = self.opts.netns.clone() {
+                if self.netns_get(ns, "/healthz").await.is_ok() {
+                    return Ok(());
+                }
+            } else if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
                 if r.status().is_success() {
                     return Ok(());
                 }
@@ -327,8 +355,29 @@ impl Conclave {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// `GET path` from inside namespace `ns` (where this instance runs): the body of a 2xx.
+    async fn netns_get(&self, ns: String, path: &str) -> Result<String> {
+        let ip = self
+            .opts
+            .bind_ip
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        let addr = std::net::SocketAddr::new(ip, self.port);
+        let path = path.to_owned();
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            super::lab::http_get(&ns, addr, &path, Duration::from_secs(5))
+        })
+        .await??;
+        if !(200..300).contains(&status) {
+            bail!("HTTP {status} from {addr}: {body}");
+        }
+        Ok(body)
+    }
+
     /// `GET /metrics` text.
     pub async fn metrics(&self) -> Result<String> {
+        if let Some(ns) = self.opts.netns.clone() {
+            return self.netns_get(ns, "/metrics").await;
+        }
         Ok(reqwest::get(format!("{}/metrics", self.url))
             .await?
             .text()
@@ -366,9 +415,10 @@ impl Conclave {
         std::fs::read_to_string(self.data_dir.join("secrets.toml")).unwrap_or_default()
     }
 
-    /// `ws://127.0.0.1:<port>`, the SFU URL.
+    /// `ws://127.0.0.1:<port>`, the SFU URL (`ws://<bind_ip>:<port>` with
+    /// [`ConclaveOptions::bind_ip`], e.g. in a lab).
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        format!("ws://{}:{}", host(&self.opts), self.port)
     }
 
     /// The LiveKit API key and secret from the persisted secrets.
@@ -431,6 +481,12 @@ impl Drop for Conclave {
             );
         }
     }
+}
+
+/// The address Conclave binds and announces: [`ConclaveOptions::bind_ip`] or 127.0.0.1.
+fn host(opts: &ConclaveOptions) -> String {
+    opts.bind_ip
+        .map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string())
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.

@@ -474,6 +474,9 @@ pub struct PyClientSpec {
     pub verbose: bool,
     /// Any further arguments (e.g. `--width 160 --height 120 --fps 10`).
     pub extra_args: Vec<String>,
+    /// Run inside this network namespace (`ip netns exec`), e.g. a lab client's
+    /// ([`super::lab::Lab::client_ns`]); `None` (the default): the test's own namespace.
+    pub netns: Option<String>,
 }
 
 impl PyClientSpec {
@@ -499,6 +502,7 @@ impl PyClientSpec {
             events_stdout: true,
             verbose: false,
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 
@@ -577,7 +581,10 @@ impl PyClient {
     pub fn spawn(spec: PyClientSpec) -> Result<PyClient> {
         let python = lk_python()?;
         let script = clients_dir().join("lk_client.py");
-        let mut cmd = Command::new(&python);
+        let mut cmd = match &spec.netns {
+            Some(ns) => super::lab::netns_command(ns, &python),
+            None => Command::new(&python),
+        };
         cmd.arg(&script)
             .args(spec.args())
             .env("PYTHONUNBUFFERED", "1")
@@ -655,6 +662,8 @@ pub struct NodePublishSpec {
     pub publish_video: bool,
     /// As [`PyClientSpec::dual_pc`].
     pub dual_pc: Option<bool>,
+    /// As [`PyClientSpec::netns`].
+    pub netns: Option<String>,
 }
 
 impl NodePublishSpec {
@@ -669,6 +678,7 @@ impl NodePublishSpec {
             publish_audio: true,
             publish_video: true,
             dual_pc: None,
+            netns: None,
         }
     }
 
@@ -713,7 +723,10 @@ impl NodePublisher {
     pub fn spawn(spec: NodePublishSpec) -> Result<NodePublisher> {
         let dir = node_clients_dir()?;
         let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
-        let mut cmd = Command::new(&node);
+        let mut cmd = match &spec.netns {
+            Some(ns) => super::lab::netns_command(ns, &node),
+            None => Command::new(&node),
+        };
         cmd.arg(clients_dir().join("node/publish.mjs"))
             .args(spec.args())
             .env("CONCLAVE_NODE_CLIENTS", &dir)

@@ -3,6 +3,7 @@
 
 pub mod conclave;
 pub mod element_call;
+pub mod lab;
 pub mod lk_clients;
 pub mod lk_ws;
 pub mod matrix_client;

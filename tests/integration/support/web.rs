@@ -221,6 +221,10 @@ pub struct BrowserSpec {
     pub hold: bool,
     /// Page console on the driver's stderr (default false; the report has the tail anyway).
     pub verbose: bool,
+    /// Run the driver (and so Chromium) inside this network namespace, e.g. a lab client's
+    /// ([`super::lab::Lab::client_ns`]); its page server is on that namespace's loopback.
+    /// `None` (the default): the test's own namespace.
+    pub netns: Option<String>,
 }
 
 impl BrowserSpec {
@@ -232,6 +236,7 @@ impl BrowserSpec {
             min_duration_s: 0.0,
             hold: false,
             verbose: false,
+            netns: None,
         }
     }
 
@@ -373,13 +378,27 @@ pub(super) fn spawn_node_driver(
     args: &[&str],
     env: &[(&str, &Path)],
 ) -> Result<NodeDriver> {
+    spawn_node_driver_in(None, script, config, args, env)
+}
+
+/// [`spawn_node_driver`] inside the network namespace `netns` (`ip netns exec`) if given.
+pub(super) fn spawn_node_driver_in(
+    netns: Option<&str>,
+    script: &Path,
+    config: &Value,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> Result<NodeDriver> {
     let mut file = tempfile::Builder::new()
         .prefix("conclave-driver-")
         .suffix(".json")
         .tempfile()?;
     std::io::Write::write_all(&mut file, config.to_string().as_bytes())?;
     let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
-    let mut cmd = Command::new(&node);
+    let mut cmd = match netns {
+        Some(ns) => super::lab::netns_command(ns, &node),
+        None => Command::new(&node),
+    };
     cmd.arg(script).arg("--config").arg(file.path()).args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -431,7 +450,8 @@ impl Browser {
         let exe = chromium()?;
         // Our stdin stays open while we live; if the test process dies, the driver sees EOF,
         // leaves the room and closes Chromium.
-        let driver = spawn_node_driver(
+        let driver = spawn_node_driver_in(
+            spec.netns.as_deref(),
             &driver_script(),
             &spec.config(),
             &["--exit-on-stdin-eof"],

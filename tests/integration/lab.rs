@@ -1,0 +1,276 @@
+//! The network lab (`support::lab`): namespaces, shaping and loss are real and torn down, and
+//! real clients in lab namespaces talk to Conclave through shaped, lossy links.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::conclave::{Conclave, ConclaveOptions};
+use crate::support::lab::{in_netns, lab_namespaces, list_namespaces, Lab, Shape};
+use crate::support::lk_clients::{PyClient, PyClientSpec};
+use crate::support::synapse::heavy_lock;
+use crate::support::web::{Browser, BrowserSpec, TabSpec};
+
+fn assert_gone(names: &[String]) {
+    let now = list_namespaces().unwrap();
+    for ns in names {
+        assert!(!now.contains(ns), "namespace {ns} left behind: {now:?}");
+    }
+}
+
+/// Dropping a lab deletes its namespaces (and so its veth pairs), also when the drop happens
+/// during a panic, and `teardown` is idempotent. No lab interface ever appears in the root
+/// namespace.
+#[test]
+fn lab_teardown_removes_namespaces_even_when_dropped_early() {
+    let lab = Lab::new(2).unwrap();
+    let names = lab.namespaces();
+    assert_eq!(names.len(), 3);
+    let now = lab_namespaces().unwrap();
+    for ns in &names {
+        assert!(now.contains(ns), "{ns} missing from {now:?}");
+    }
+    lab.shape_downlink(1, 300).unwrap();
+    lab.set_downlink_loss(1, 5).unwrap();
+    lab.shape_uplink(0, 1000).unwrap();
+    lab.set_uplink_loss(0, 3).unwrap();
+    assert!(lab.downlink_stats(1).unwrap().shaped);
+    assert!(!lab.downlink_stats(0).unwrap().shaped);
+    assert!(lab.uplink_stats(0).unwrap().shaped);
+    // The root namespace has none of the lab's addresses.
+    let root_addrs = std::process::Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .unwrap();
+    let root_addrs = String::from_utf8_lossy(&root_addrs.stdout);
+    assert!(!root_addrs.contains("10.77."), "{root_addrs}");
+    drop(lab);
+    assert_gone(&names);
+
+    // Dropped by unwinding from a panic in the middle of a test.
+    let mut names = Vec::new();
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let lab = Lab::new(1).unwrap();
+        names = lab.namespaces();
+        panic!("deliberate panic with a live lab (expected in this test's output)");
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(names.len(), 2);
+    assert_gone(&names);
+
+    // Explicit teardown, then the drop: both fine.
+    let mut lab = Lab::new(1).unwrap();
+    let names = lab.namespaces();
+    lab.teardown().unwrap();
+    lab.teardown().unwrap();
+    assert_gone(&names);
+}
+
+/// Raw UDP through a shaped, lossy downlink: the tbf holds the rate (what arrives in 2 s of a
+/// 4 Mbit/s flood is about 2 s × 500 kbit/s plus bucket and queue), drops the excess, and the
+/// loss rule drops about its share of what the tbf let through. Unshaping and loss 0 restore
+/// a clean link.
+#[test]
+fn lab_shapes_and_drops_udp() {
+    let lab = Lab::new(1).unwrap();
+    let shape = Shape::kbit(500);
+    lab.shape_downlink_with(0, shape).unwrap();
+    lab.set_downlink_loss(0, 10).unwrap();
+    let client = SocketAddr::new(lab.client_ip(0).into(), 40000);
+
+    let (received, sent) = flood(&lab, client, Duration::from_secs(2), 4_000);
+    let stats = lab.downlink_stats(0).unwrap();
+    eprintln!("received {received} B of {sent} B; {stats:?}");
+    // 2 s at 500 kbit/s = 125 kB; + bucket + up to 200 ms of queue + loss drift.
+    let ceiling = 125_000 + u64::from(shape.burst_bytes) + 12_500 + 20_000;
+    assert!(
+        received <= ceiling,
+        "{received} B > {ceiling} B: not shaped"
+    );
+    assert!(
+        received >= 70_000,
+        "{received} B: shaped far below the rate"
+    );
+    assert!(stats.shaped);
+    assert!(stats.shaper_dropped > 100, "{stats:?}");
+    assert!(stats.shaper_overlimits > 0, "{stats:?}");
+    let through = stats.shaper_sent_packets;
+    let lost = stats.loss_dropped_packets;
+    assert!(
+        lost * 100 >= through * 3 && lost * 100 <= through * 18,
+        "10 % loss dropped {lost} of {through}"
+    );
+
+    lab.unshape_downlink(0).unwrap();
+    lab.set_downlink_loss(0, 0).unwrap();
+    let stats = lab.downlink_stats(0).unwrap();
+    assert!(
+        !stats.shaped && stats.loss_dropped_packets == 0,
+        "{stats:?}"
+    );
+    let (received, sent) = flood(&lab, client, Duration::from_millis(500), 4_000);
+    assert!(
+        received * 10 >= sent * 9,
+        "clean link: {received} of {sent} B"
+    );
+}
+
+/// Sends 500-byte UDP datagrams from the SFU namespace to `to` at `kbit` for `secs`;
+/// returns (bytes received in the client namespace, bytes sent).
+fn flood(lab: &Lab, to: SocketAddr, secs: Duration, kbit: u64) -> (u64, u64) {
+    let client_ns = lab.client_ns(0).to_owned();
+    let sfu_ns = lab.sfu_ns().to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        in_netns(&client_ns, move || {
+            let s = UdpSocket::bind(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(700)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            let mut total = 0u64;
+            while let Ok(n) = s.recv(&mut buf) {
+                total += n as u64;
+            }
+            total
+        })
+        .unwrap()
+    });
+    ready_rx.recv().unwrap();
+    let sent = in_netns(&sfu_ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let payload = [7u8; 500];
+        let interval = Duration::from_micros(4_000_000 / kbit);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut next = start;
+        while start.elapsed() < secs {
+            // ENOBUFS from a full qdisc is a drop, as on a real link.
+            if s.send_to(&payload, to).is_ok() {
+                sent += 500;
+            }
+            next += interval;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        sent
+    })
+    .unwrap();
+    (receiver.join().unwrap(), sent)
+}
+
+fn grants() -> serde_json::Value {
+    json!({"canPublish": true, "canSubscribe": true, "canPublishData": true})
+}
+
+/// Conclave in the lab's SFU namespace, a Python SDK publisher (audio + video) in client
+/// namespace 0, a Python subscriber in client namespace 1 behind a 500 kbit/s downlink that
+/// loses 10 %: the subscriber connects and decodes audio and video, the publisher is
+/// unaffected, and the lab's counters show the shaper and the loss rule at work on the
+/// subscriber's link (and not on the publisher's). Nothing of the lab is left afterwards.
+#[tokio::test]
+async fn python_subscriber_behind_shaped_lossy_downlink_receives_media() {
+    let _heavy = heavy_lock();
+    let mut lab = Lab::new(2).unwrap();
+    let names = lab.namespaces();
+    lab.shape_downlink(1, 500).unwrap();
+    lab.set_downlink_loss(1, 10).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.ws_url(), format!("ws://10.77.0.1:{}", c.port));
+
+    let mut publisher = PyClientSpec::new(c.ws_url(), c.token("lab", "pub", grants()), "pub");
+    publisher.netns = Some(lab.client_ns(0).to_owned());
+    publisher.expect_participants = 1;
+    publisher.min_duration_s = 14.0;
+    publisher.timeout_s = 40.0;
+    let mut subscriber = PyClientSpec::new(c.ws_url(), c.token("lab", "sub", grants()), "sub");
+    subscriber.netns = Some(lab.client_ns(1).to_owned());
+    subscriber.publish_audio = false;
+    subscriber.publish_video = false;
+    subscriber.expect_participants = 1;
+    subscriber.expect_audio_frames = 200;
+    subscriber.expect_video_frames = 30;
+    subscriber.min_duration_s = 10.0;
+    subscriber.timeout_s = 40.0;
+
+    let p = PyClient::spawn(publisher).unwrap();
+    let s = PyClient::spawn(subscriber).unwrap();
+    let rs = s.wait(Duration::from_secs(50)).await.unwrap();
+    let rp = p.wait(Duration::from_secs(50)).await.unwrap();
+    rs.assert_exit(0);
+    rp.assert_exit(0);
+    let seen = rs.remote("pub").expect("subscriber saw the publisher");
+    eprintln!("subscriber saw: {seen}");
+    assert!(seen["audio_frames"].as_u64().unwrap() >= 200, "{seen}");
+    assert!(seen["video_frames"].as_u64().unwrap() >= 30, "{seen}");
+
+    let down = lab.downlink_stats(1).unwrap();
+    let clean = lab.downlink_stats(0).unwrap();
+    eprintln!("subscriber downlink: {down:?}\npublisher downlink: {clean:?}");
+    assert!(down.shaped && down.shaper_sent_packets > 300, "{down:?}");
+    assert!(down.loss_dropped_packets > 20, "{down:?}");
+    // Roughly 10 % of what passed the shaper, never near all of it.
+    assert!(
+        down.loss_dropped_packets * 100 <= down.shaper_sent_packets * 20,
+        "{down:?}"
+    );
+    assert!(
+        !clean.shaped && clean.loss_dropped_packets == 0,
+        "{clean:?}"
+    );
+    // The SFU's HTTP API is reachable through the namespace.
+    assert!(c.metrics().await.unwrap().contains("conclave_"));
+
+    drop(c);
+    lab.teardown().unwrap();
+    assert_gone(&names);
+}
+
+/// Chromium (livekit-client) in client namespace 1 behind a 1 Mbit/s downlink with 5 % loss
+/// subscribes to a Python publisher in namespace 0 through Conclave in the SFU namespace:
+/// ICE works with the lab's non-loopback addresses and the video plays.
+#[tokio::test]
+async fn browser_subscriber_in_lab_plays_video() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    lab.shape_downlink(1, 1000).unwrap();
+    lab.set_downlink_loss(1, 5).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let mut publisher = PyClientSpec::new(c.ws_url(), c.token("lab", "pub", grants()), "pub");
+    publisher.netns = Some(lab.client_ns(0).to_owned());
+    publisher.min_duration_s = 25.0;
+    publisher.timeout_s = 50.0;
+    let p = PyClient::spawn(publisher).unwrap();
+
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("lab", "web", grants()));
+    tab.publish_camera = false;
+    tab.publish_microphone = false;
+    tab.expect_remote_tracks = vec![("pub".into(), Some("video".into()))];
+    tab.expect_video_playing = vec![("pub".into(), 20)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.timeout_s = 45.0;
+    let b = Browser::spawn(spec).unwrap();
+    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
+    rb.assert_exit(0);
+    p.terminate().unwrap();
+    let _ = p.wait(Duration::from_secs(15)).await;
+    let down = lab.downlink_stats(1).unwrap();
+    eprintln!("browser downlink: {down:?}");
+    assert!(down.shaper_sent_packets > 100, "{down:?}");
+    assert!(down.loss_dropped_packets > 0, "{down:?}");
+}
