@@ -141,6 +141,12 @@ pub struct LoopStats {
     pub rejected_by_peer: AtomicU64,
     /// Datagrams the kernel would not take at once (dropped, never waited for).
     pub dropped_sends: AtomicU64,
+    /// NACKs received from subscribers.
+    pub nacks_received: AtomicU64,
+    /// Video down-tracks paused for lack of downlink bandwidth.
+    pub bandwidth_pauses: AtomicU64,
+    /// Video down-tracks stepped down a layer for lack of downlink bandwidth.
+    pub bandwidth_downgrades: AtomicU64,
     /// Nanoseconds the loop spent working (not waiting for input).
     pub busy_nanos: AtomicU64,
     /// Requests and datagrams waiting for the loop (gauge, sampled once per wake-up).
@@ -211,6 +217,21 @@ impl NetStats {
                 "conclave_media_send_dropped_total",
                 "Datagrams not sent because the socket was full.",
                 self.sum(|l| &l.dropped_sends),
+            ),
+            (
+                "conclave_media_nacks_received_total",
+                "NACKs received from subscribers (lost packets they asked to be resent).",
+                self.sum(|l| &l.nacks_received),
+            ),
+            (
+                "conclave_media_bandwidth_pauses_total",
+                "Video tracks paused for a subscriber whose downlink could not carry them.",
+                self.sum(|l| &l.bandwidth_pauses),
+            ),
+            (
+                "conclave_media_bandwidth_downgrades_total",
+                "Video tracks stepped down a layer for a subscriber's downlink.",
+                self.sum(|l| &l.bandwidth_downgrades),
             ),
             (
                 "conclave_media_handoff_dropped_total",
@@ -901,6 +922,11 @@ impl Loop {
                         l.rejected_by_peer
                             .store(s.rejected_by_peer, Ordering::Relaxed);
                         l.dropped_sends.store(self.dropped_sends, Ordering::Relaxed);
+                        l.nacks_received.store(s.nacks_received, Ordering::Relaxed);
+                        l.bandwidth_pauses
+                            .store(s.bandwidth_pauses, Ordering::Relaxed);
+                        l.bandwidth_downgrades
+                            .store(s.bandwidth_downgrades, Ordering::Relaxed);
                     }
                     return (t, gone);
                 }

@@ -77,6 +77,13 @@ pub struct SfuStats {
     /// Refused by the peer connection they were routed to (STUN that fails its ICE checks,
     /// e.g. a wrong MESSAGE-INTEGRITY, included).
     pub rejected_by_peer: u64,
+    /// NACKs received from subscribers (packets they lost and asked to be resent; str0m
+    /// resends them over RTX from its send buffer).
+    pub nacks_received: u64,
+    /// Video down-tracks paused because the subscriber's downlink could not carry them.
+    pub bandwidth_pauses: u64,
+    /// Video down-tracks moved to a lower layer because of the subscriber's downlink.
+    pub bandwidth_downgrades: u64,
 }
 
 /// Engine settings.
@@ -1083,6 +1090,7 @@ impl Sfu {
         };
         let polled = p.poll(now, &mut self.out);
         p.file_deadline(&mut self.timers);
+        self.stats.nacks_received += polled.nacks;
         for t in &polled.unpublished {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use str0m::bwe::Bitrate;
-use str0m::media::MediaKind;
+use str0m::media::{MediaKind, Mid, Rid};
 
 use super::downtrack::DownState;
 use super::{SessionId, Sfu};
@@ -57,6 +57,8 @@ pub(super) struct Link {
     /// Downstream loss from the client's last RTCP receiver report (of any stream), for
     /// clients without transport-cc.
     pub(super) reported_loss: f64,
+    /// NACKs received per outgoing stream so far (str0m's running count).
+    pub(super) nacks_seen: HashMap<(Mid, Option<Rid>), u64>,
 }
 
 impl Link {
@@ -81,6 +83,13 @@ impl Link {
         self.probe
             .is_none_or(|(min, desired)| far(next.0, min) || far(next.1, desired))
     }
+}
+
+/// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
+/// loss is noisy (a burst, a feedback report not in yet), the quality and the budget should
+/// follow the trend.
+pub(super) fn smooth(previous: f64, sample: f64) -> f64 {
+    (previous + sample) / 2.0
 }
 
 /// The jitter of a stream in ms, from RTP timestamp units.
@@ -189,6 +198,13 @@ impl Sfu {
                             let from = t.grant;
                             if t.set_grant(grant) {
                                 log_change(session, &t.track_sid, from, grant, d.estimate);
+                                match (from, grant) {
+                                    (_, Grant::Paused) => self.stats.bandwidth_pauses += 1,
+                                    (Grant::UpTo(a), Grant::UpTo(b)) if b < a => {
+                                        self.stats.bandwidth_downgrades += 1;
+                                    }
+                                    _ => {}
+                                }
                             }
                         }
                         if s.link.retune(d.probe) {

@@ -29,6 +29,9 @@ const LAYERS: [(&str, usize); 3] = [("q", 400), ("h", 1_200), ("f", 3_300)];
 /// [`Link::MAX_BACKLOG`] is dropped. Without a rate, everything arrives at once.
 struct Link {
     rate: Option<u64>,
+    /// Loses every n-th datagram (random loss, deterministically).
+    lose_every: Option<u64>,
+    sent: u64,
     free_at: Option<Instant>,
     queue: VecDeque<(Instant, SocketAddr, Vec<u8>)>,
     dropped: u64,
@@ -40,6 +43,8 @@ impl Link {
     fn new() -> Self {
         Self {
             rate: None,
+            lose_every: None,
+            sent: 0,
             free_at: None,
             queue: VecDeque::new(),
             dropped: 0,
@@ -47,6 +52,11 @@ impl Link {
     }
 
     fn send(&mut self, now: Instant, source: SocketAddr, bytes: Vec<u8>) {
+        self.sent += 1;
+        if self.lose_every.is_some_and(|n| self.sent % n == 0) {
+            self.dropped += 1;
+            return;
+        }
         let Some(rate) = self.rate else {
             self.queue.push_back((now, source, bytes));
             return;
@@ -82,6 +92,8 @@ struct Call {
     link: Link,
     bob: SocketAddr,
     msgs: Vec<(u64, Msg)>,
+    /// The last connection quality update alice's client got.
+    quality: Option<lk::ConnectionQualityUpdate>,
 }
 
 impl Call {
@@ -149,14 +161,14 @@ impl Call {
         }
         self.pump();
         // Subscribers answer every new offer.
-        let offers: Vec<(u64, lk::SessionDescription)> = self
-            .msgs
-            .drain(..)
-            .filter_map(|(id, m)| match m {
-                Msg::Offer(o) => Some((id, o)),
-                _ => None,
-            })
-            .collect();
+        let mut offers = Vec::new();
+        for (id, m) in self.msgs.drain(..) {
+            match m {
+                Msg::Offer(o) => offers.push((id, o)),
+                Msg::ConnectionQuality(q) if id == 1 => self.quality = Some(q),
+                _ => {}
+            }
+        }
         for (id, o) in offers {
             let i = (id - 1) as usize;
             let a = answer_offer(&mut self.peers[i], &o);
@@ -212,6 +224,7 @@ fn call() -> (Call, Mid) {
         link: Link::new(),
         bob: "10.0.0.2:5000".parse().unwrap(),
         msgs: Vec::new(),
+        quality: None,
     };
     c.tick();
     let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
@@ -359,6 +372,16 @@ fn a_capped_subscriber_steps_down_pauses_and_recovers_without_starving_another()
         c.down(2).2
     });
     assert!(c.link.dropped > 0, "the cap dropped packets");
+    let stats = c.s.stats();
+    assert!(
+        stats.bandwidth_downgrades >= 2,
+        "f → q, then f → … : {stats:?}"
+    );
+    assert!(stats.bandwidth_pauses >= 1, "{stats:?}");
+    assert!(
+        stats.nacks_received > 0,
+        "bob asked for lost packets: {stats:?}"
+    );
     assert_eq!(c.down(2).1, Grant::Paused, "estimate {:?}", c.estimate(2));
     assert!(c.down(2).2, "bob was told his video is paused");
     assert_eq!(c.down(3).0, f, "carol keeps the top layer");
@@ -372,5 +395,52 @@ fn a_capped_subscriber_steps_down_pauses_and_recovers_without_starving_another()
         "bob's video resumed: {:?}, estimate {:?}",
         c.down(2),
         c.estimate(2)
+    );
+}
+
+/// bob's link loses 5 % of what the SFU sends him: his client's NACKs are counted, his
+/// connection quality (from the loss his transport-cc feedback shows) is no longer
+/// excellent, while carol's clean link stays excellent; 5 % is below the loss that discounts
+/// the estimate, so he keeps the top layer.
+#[test]
+fn a_lossy_link_shows_in_connection_quality_and_nacks() {
+    let (mut c, mid) = call();
+    let mut frame = 0;
+    run(&mut c, mid, &mut frame, Duration::from_secs(3), |_| false);
+    c.link.lose_every = Some(20);
+    run(&mut c, mid, &mut frame, Duration::from_secs(12), |_| false);
+    let q = c.quality.clone().expect("connection quality updates");
+    let sid = |identity: &str| {
+        c.s.participants(&"room".into())
+            .into_iter()
+            .find(|p| p.identity == identity)
+            .map(|p| p.sid)
+            .unwrap()
+    };
+    let of = |identity: &str| {
+        let sid = sid(identity);
+        q.updates
+            .iter()
+            .find(|u| u.participant_sid == sid)
+            .cloned()
+            .unwrap()
+    };
+    let (bob, carol) = (of("bob"), of("carol"));
+    assert_ne!(
+        bob.quality,
+        lk::ConnectionQuality::Excellent as i32,
+        "bob loses 5 %: {bob:?}"
+    );
+    assert!(bob.score < 4.0, "{bob:?}");
+    assert_eq!(
+        carol.quality,
+        lk::ConnectionQuality::Excellent as i32,
+        "{carol:?}"
+    );
+    assert!(c.s.stats().nacks_received > 10, "{:?}", c.s.stats());
+    assert_eq!(
+        c.down(2).0,
+        Some(Rid::from("f")),
+        "5 % loss keeps the layer"
     );
 }

@@ -13,7 +13,7 @@ use str0m::media::{Direction, MediaKind, Mid, Rid};
 use str0m::rtp::RtpPacket;
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
-use super::bandwidth::{jitter_ms, Link};
+use super::bandwidth::{jitter_ms, smooth, Link};
 use super::downtrack::DownTrack;
 use super::packet::{red_primary, source_id, starts_keyframe, OutStream};
 use super::track::Track;
@@ -198,6 +198,8 @@ pub(super) struct Polled {
     pub(super) keyframe_wanted: Vec<(TrackSid, Option<Rid>)>,
     /// Data packets it sent: (reliable, bytes).
     pub(super) data: Vec<(bool, Vec<u8>)>,
+    /// NACKs its client sent since the last poll (lost packets it asked to be resent).
+    pub(super) nacks: u64,
     /// Its tracks whose media just arrived.
     pub(super) newly_bound: Vec<TrackSid>,
     /// Its tracks whose media stopped (removed from it).
@@ -566,8 +568,9 @@ impl Participant {
     }
 
     /// Notes what str0m measured on a connection (`publish_side`/`subscribe_side`: which
-    /// directions it carries).
-    fn measured(&mut self, e: &Event, publish_side: bool, subscribe_side: bool) {
+    /// directions it carries); returns the NACKs its client sent since the last report.
+    fn measured(&mut self, e: &Event, publish_side: bool, subscribe_side: bool) -> u64 {
+        let mut nacks = 0;
         match e {
             Event::EgressBitrateEstimate(BweKind::Twcc {
                 estimate,
@@ -579,7 +582,7 @@ impl Participant {
                 let rtt = s.rtt.map(|r| r.as_secs_f64() * 1000.0);
                 if subscribe_side {
                     if let Some(loss) = s.egress_loss_fraction {
-                        self.link.down.loss = f64::from(loss);
+                        self.link.down.loss = smooth(self.link.down.loss, f64::from(loss));
                     }
                     if let Some(rtt) = rtt {
                         self.link.down.rtt_ms = rtt;
@@ -587,7 +590,7 @@ impl Participant {
                 }
                 if publish_side {
                     if let Some(loss) = s.ingress_loss_fraction {
-                        self.link.up.loss = f64::from(loss);
+                        self.link.up.loss = smooth(self.link.up.loss, f64::from(loss));
                     }
                     if let Some(rtt) = rtt {
                         self.link.up.rtt_ms = rtt;
@@ -616,9 +619,14 @@ impl Participant {
                 if let Some(loss) = s.loss {
                     self.link.reported_loss = f64::from(loss);
                 }
+                // str0m counts NACKs per outgoing stream since it began.
+                let seen = self.link.nacks_seen.entry((s.mid, s.rid)).or_insert(0);
+                nacks = s.nacks.saturating_sub(*seen);
+                *seen = s.nacks;
             }
             _ => {}
         }
+        nacks
     }
 
     /// Drains both peer connections: datagrams go to `out`, timers are stored, events change
@@ -744,7 +752,7 @@ impl Participant {
         let single = self.transport.is_single();
         let publish_side = kind == PcKind::Publisher || single;
         let subscribe_side = kind == PcKind::Subscriber || single;
-        self.measured(&e, publish_side, subscribe_side);
+        polled.nacks += self.measured(&e, publish_side, subscribe_side);
         match e {
             Event::Connected => {
                 tracing::debug!(%session, ?kind, single, "peer connection connected");
