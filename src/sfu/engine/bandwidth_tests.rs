@@ -94,6 +94,9 @@ struct Call {
     msgs: Vec<(u64, Msg)>,
     /// The last connection quality update alice's client got.
     quality: Option<lk::ConnectionQualityUpdate>,
+    /// Loses every n-th RTP datagram alice's publishing peer sends (her uplink).
+    uplink_lose_every: Option<u64>,
+    uplink_rtp: u64,
 }
 
 impl Call {
@@ -134,16 +137,34 @@ impl Call {
                     moved = true;
                 }
             }
-            for p in &mut self.peers {
+            for (i, p) in self.peers.iter_mut().enumerate() {
                 loop {
                     match p.rtc.poll_output().unwrap() {
                         RtcOutput::Timeout(_) => break,
                         RtcOutput::Transmit(t) => {
+                            // SRTP keeps the RTP header in the clear (RTCP: PT 72–79).
+                            let d = &t.contents;
+                            let rtp = d.len() > 12
+                                && d[0] >> 6 == 2
+                                && !(72..=79).contains(&(d[1] & 0x7f));
+                            if i == ALICE_PUB && rtp {
+                                self.uplink_rtp += 1;
+                                if self
+                                    .uplink_lose_every
+                                    .is_some_and(|n| self.uplink_rtp % n == 0)
+                                {
+                                    continue;
+                                }
+                            }
                             self.s
                                 .handle_datagram(now, p.addr, t.destination, &t.contents);
                             moved = true;
                         }
-                        RtcOutput::Event(_) => {}
+                        RtcOutput::Event(e) => {
+                            if i == ALICE_PUB {
+                                p.events.push(e);
+                            }
+                        }
                     }
                 }
             }
@@ -225,6 +246,8 @@ fn call() -> (Call, Mid) {
         bob: "10.0.0.2:5000".parse().unwrap(),
         msgs: Vec::new(),
         quality: None,
+        uplink_lose_every: None,
+        uplink_rtp: 0,
     };
     c.tick();
     let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
@@ -247,7 +270,8 @@ fn call() -> (Call, Mid) {
         1,
         lk::signal_request::Message::AddTrack(add),
     );
-    c.peers.push(Peer::new(c.now, "10.0.0.1:5001"));
+    let config = Rtc::builder().set_stats_interval(Some(Duration::from_secs(1)));
+    c.peers.push(Peer::with(c.now, "10.0.0.1:5001", config));
     let mut api = c.peers[ALICE_PUB].rtc.sdp_api();
     let mut simulcast = Simulcast::new();
     for (rid, _) in LAYERS {
@@ -443,4 +467,28 @@ fn a_lossy_link_shows_in_connection_quality_and_nacks() {
         Some(Rid::from("f")),
         "5 % loss keeps the layer"
     );
+}
+
+/// alice's uplink loses 2 % of her RTP: the SFU's receive streams ask her for the missing
+/// packets (NACK; str0m's sender resends them over RTX), as LiveKit's do, and bob keeps the
+/// top layer.
+#[test]
+fn a_publisher_is_asked_for_what_its_uplink_lost() {
+    let (mut c, mid) = call();
+    let mut frame = 0;
+    c.uplink_lose_every = Some(50);
+    run(&mut c, mid, &mut frame, Duration::from_secs(6), |_| false);
+    // str0m reports a running count per outgoing stream (layer): the last one of each.
+    let mut last = HashMap::new();
+    for e in &c.peers[ALICE_PUB].events {
+        if let str0m::Event::MediaEgressStats(s) = e {
+            last.insert(s.rid, s.nacks);
+        }
+    }
+    let nacks: u64 = last.values().sum();
+    assert!(
+        nacks > 10,
+        "alice was asked for her lost packets: {nacks} NACKs"
+    );
+    assert_eq!(c.down(2).0, Some(Rid::from("f")));
 }
