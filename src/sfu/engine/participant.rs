@@ -617,7 +617,7 @@ impl Participant {
                     self.link.down.jitter_ms = jitter_ms(remote.jitter, kind);
                 }
                 if let Some(loss) = s.loss {
-                    self.link.reported_loss = f64::from(loss);
+                    self.link.reported_loss = smooth(self.link.reported_loss, f64::from(loss));
                 }
                 // str0m counts NACKs per outgoing stream since it began.
                 let seen = self.link.nacks_seen.entry((s.mid, s.rid)).or_insert(0);
