@@ -14,8 +14,9 @@
 //! * subscriber B (first test only): the Python SDK in client namespace 2, unshaped.
 //!
 //! Both tabs emit `video_stats` / `audio_stats` / `outbound_stats` every 500 ms
-//! (`TabSpec::stats_interval_ms`); the test stamps each event with the time it arrived (up to
-//! ~0.5 s after it happened, so measured delays are upper bounds) and prints the timeline.
+//! (`TabSpec::stats_interval_ms`), so a sample is up to 0.5 s late on what it measures; the
+//! test puts each event on its own clock (the event's `t_ms` plus the clock offset, see
+//! [`Call::pump`]) and prints the timeline.
 //!
 //! CPU: 960x540 at 15 fps (not 1280x720 at 30) keeps two Chromiums, the Python SDK and
 //! Conclave within two shared cores.
@@ -75,9 +76,13 @@ struct Call {
     t0: Instant,
     obs: Vec<Obs>,
     seen: HashMap<&'static str, usize>,
+    /// Per source: test clock − its event clock (s), see [`Call::pump`].
+    offsets: HashMap<&'static str, f64>,
     marks: Vec<(f64, String)>,
     /// The publisher's video track sid (from A's subscription).
     video_sid: String,
+    /// Failed checks so far: the test goes on (to measure the rest) and fails at the end.
+    failures: Vec<String>,
 }
 
 impl Call {
@@ -97,6 +102,9 @@ impl Call {
         let mut p = TabSpec::new("pub", c.ws_url(), c.token(ROOM, PUB, grants()));
         p.resolution = CAPTURE;
         p.stats_interval_ms = STATS_MS;
+        // Opus without RED: about half the audio rate, so the low layer plus audio fits a
+        // 300 kbit/s link with room to spare (RED measured ~100 kbit/s on the wire).
+        p.red = false;
         let mut spec = BrowserSpec::new(vec![p]);
         spec.netns = Some(lab.client_ns(0).to_owned());
         spec.hold = true;
@@ -135,8 +143,10 @@ impl Call {
             t0: Instant::now(),
             obs: Vec::new(),
             seen: HashMap::new(),
+            offsets: HashMap::new(),
             marks: Vec::new(),
             video_sid: String::new(),
+            failures: Vec::new(),
         };
         let sub = call
             .until(60.0, 0.0, "A subscribed to the publisher's video", |o| {
@@ -158,14 +168,26 @@ impl Call {
         self.marks.push((t, what.to_owned()));
     }
 
-    /// Takes in the events that arrived since the last call, stamped with the time now.
+    /// Takes in the events that arrived since the last call. Each is stamped with when it
+    /// happened on the test's clock: its own `t_ms` (the page's or the Python client's
+    /// clock) plus that clock's offset, estimated as the smallest (arrival − `t_ms`) seen so
+    /// far, so the up to ~0.5 s the events take to arrive do not count.
     fn pump(&mut self) {
         let t = self.now();
+        let offsets = &mut self.offsets;
         let mut add = |who: &'static str, evs: Vec<Value>, seen: &mut HashMap<&str, usize>| {
             let n = seen.entry(who).or_default();
+            let off = offsets.entry(who).or_insert(f64::MAX);
             for ev in evs.into_iter().skip(*n) {
                 *n += 1;
-                self.obs.push(Obs { t, who, ev });
+                let at = match ev["t_ms"].as_f64() {
+                    Some(ms) => {
+                        *off = off.min(t - ms / 1000.0);
+                        (ms / 1000.0 + *off).min(t)
+                    }
+                    None => t,
+                };
+                self.obs.push(Obs { t: at, who, ev });
             }
         };
         let mut seen = std::mem::take(&mut self.seen);
@@ -194,6 +216,28 @@ impl Call {
             }
             if self.now() > deadline {
                 self.fail(&format!("no {what} within {timeout} s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Like [`Call::until`], but a timeout is a failed check (the test goes on): `None`.
+    async fn until_soft(
+        &mut self,
+        timeout: f64,
+        since: f64,
+        what: &str,
+        pred: impl Fn(&Obs) -> bool,
+    ) -> Option<Obs> {
+        let deadline = self.now() + timeout;
+        loop {
+            self.pump();
+            if let Some(o) = self.obs.iter().find(|o| o.t >= since && pred(o)) {
+                return Some(o.clone());
+            }
+            if self.now() > deadline {
+                self.check(false, &format!("no {what} within {timeout} s"));
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -416,17 +460,25 @@ impl Call {
         panic!("{what}");
     }
 
-    #[track_caller]
-    fn check(&self, ok: bool, what: &str) {
+    /// Records a failed check (printed now, the test fails in [`Call::finish`]).
+    fn check(&mut self, ok: bool, what: &str) {
         if !ok {
-            self.fail(what);
+            let t = self.now();
+            eprintln!("[{t:6.2}s] FAILED CHECK: {what}");
+            self.failures.push(format!("[{t:.2}s] {what}"));
         }
     }
 
-    /// Stops everyone (SIGTERM) and checks the tabs ended cleanly.
+    /// Stops everyone (SIGTERM), checks the tabs ended cleanly, and fails the test if a
+    /// check failed (with the timeline, Conclave's allocation log and A's link counters).
     async fn finish(mut self) {
         self.print_timeline();
-        eprintln!("---- conclave allocation log ----\n{}", self.allocation_log());
+        eprintln!(
+            "---- conclave allocation log ----\n{}\n---- A's downlink ----\n{:?}",
+            self.allocation_log(),
+            self.lab.downlink_stats(1)
+        );
+        let failures = std::mem::take(&mut self.failures);
         if let Some(b) = self.b.take() {
             let _ = b.terminate();
             let _ = b.wait(Duration::from_secs(20)).await;
@@ -442,6 +494,7 @@ impl Call {
         rp.assert_exit(0);
         drop(c);
         drop(lab);
+        assert!(failures.is_empty(), "failed checks:\n{}", failures.join("\n"));
     }
 }
 
@@ -473,27 +526,38 @@ async fn quality_step_down_to_low_layer_and_back_up() {
     call.mark("A's downlink shaped to 300 kbit/s");
     let shaped_at = call.now();
     let on_low = call
-        .until(5.0, shaped_at, "A on the low layer (5 s)", |o| {
+        .until_soft(5.0, shaped_at, "A on the low layer (5 s)", |o| {
             o.is("a", "video_stats") && o.u("frame_width") == low
         })
         .await;
-    let to_low = on_low.t - shaped_at;
+    let on_low_t = on_low.map_or(call.now(), |o| o.t);
+    let to_low = on_low_t - shaped_at;
     call.mark(&format!("A on the low layer after {to_low:.2} s"));
     call.observe(12.0).await;
     let end_shaped = call.now();
-    let (gap_ms, freezes, freeze_s, decoded) = call.video_gaps(on_low.t, end_shaped);
-    let (gap_transition, ..) = call.video_gaps(shaped_at, on_low.t);
+    let (gap_ms, freezes, freeze_s, decoded) = call.video_gaps(on_low_t, end_shaped);
+    let (gap_transition, ..) = call.video_gaps(shaped_at, on_low_t);
     let (audio_stall, concealed) = call.audio_gaps(shaped_at, end_shaped);
     let widths: Vec<u64> = call
-        .a_samples("video_stats", on_low.t, end_shaped)
+        .a_samples("video_stats", on_low_t, end_shaped)
         .iter()
         .map(|o| o.u("frame_width"))
         .collect();
     eprintln!(
         "shaped 300 kbit/s: low layer after {to_low:.2} s; longest frame gap during the switch {gap_transition:.0} ms, after it {gap_ms:.0} ms; freezes {freezes} ({freeze_s:.2} s); {decoded} frames decoded in {:.1} s; audio: longest stall {audio_stall:.1} s, concealed {:.1} %; widths {widths:?}; A's downlink {:?}",
-        end_shaped - on_low.t,
+        end_shaped - on_low_t,
         concealed * 100.0,
         call.lab.downlink_stats(1).unwrap()
+    );
+    let pauses: Vec<f64> = call
+        .obs
+        .iter()
+        .filter(|o| o.t >= shaped_at && o.is("a", "track_stream_state") && o.ev["state"] == "paused")
+        .map(|o| o.t)
+        .collect();
+    call.check(
+        pauses.is_empty(),
+        &format!("A's video was paused at 300 kbit/s, where the low layer fits (at {pauses:?} s)"),
     );
     call.check(
         gap_ms <= 1000.0,
@@ -504,8 +568,8 @@ async fn quality_step_down_to_low_layer_and_back_up() {
         &format!("A left the low layer under the 300 kbit/s cap: {widths:?}"),
     );
     call.check(
-        decoded as f64 >= (end_shaped - on_low.t) * 5.0,
-        &format!("A decoded only {decoded} frames in {:.1} s on the low layer", end_shaped - on_low.t),
+        decoded as f64 >= (end_shaped - on_low_t) * 5.0,
+        &format!("A decoded only {decoded} frames in {:.1} s on the low layer", end_shaped - on_low_t),
     );
     call.check(
         audio_stall < 1.0 && concealed <= 0.05,
@@ -516,11 +580,12 @@ async fn quality_step_down_to_low_layer_and_back_up() {
     call.mark("A's downlink unshaped");
     let unshaped_at = call.now();
     let back = call
-        .until(10.0, unshaped_at, "A back on the top layer (10 s)", |o| {
+        .until_soft(10.0, unshaped_at, "A back on the top layer (10 s)", |o| {
             o.is("a", "video_stats") && o.u("frame_width") == top
         })
         .await;
-    call.mark(&format!("A back on the top layer after {:.2} s", back.t - unshaped_at));
+    let to_top = back.map_or(f64::NAN, |o| o.t - unshaped_at);
+    call.mark(&format!("A back on the top layer after {to_top:.2} s"));
     call.observe(2.0).await;
 
     // B never left the top layer once on it.
@@ -536,8 +601,7 @@ async fn quality_step_down_to_low_layer_and_back_up() {
         &format!("B (unshaped) left the top layer: widths {b_sizes:?}"),
     );
     eprintln!(
-        "RESULT step-down: to low {to_low:.2} s, back to top {:.2} s, max gap on low {gap_ms:.0} ms (switch {gap_transition:.0} ms), freezes {freezes}/{freeze_s:.2} s, audio concealed {:.1} %, B widths {b_sizes:?}",
-        back.t - unshaped_at,
+        "RESULT step-down: to low {to_low:.2} s, back to top {to_top:.2} s, max gap on low {gap_ms:.0} ms (switch {gap_transition:.0} ms), freezes {freezes}/{freeze_s:.2} s, audio concealed {:.1} %, B widths {b_sizes:?}",
         concealed * 100.0
     );
     call.finish().await;
@@ -579,16 +643,17 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
     let shaped_at = call.now();
     let sid = call.video_sid.clone();
     let paused = call
-        .until(15.0, shaped_at, "'paused' stream state on A (15 s)", |o| {
+        .until_soft(15.0, shaped_at, "'paused' stream state on A (15 s)", |o| {
             o.is("a", "track_stream_state") && o.ev["sid"] == sid.as_str() && o.ev["state"] == "paused"
         })
         .await;
-    let to_pause = paused.t - shaped_at;
+    let paused_t = paused.map_or(call.now(), |o| o.t);
+    let to_pause = paused_t - shaped_at;
     call.mark(&format!("A told paused after {to_pause:.2} s"));
     call.observe(6.0).await;
     let end = call.now();
     let (stall, concealed) = call.audio_gaps(shaped_at, end);
-    let (audio_rx, _, pps) = call.a_audio(paused.t, end);
+    let (audio_rx, _, pps) = call.a_audio(paused_t, end);
     eprintln!(
         "paused: audio while shaped: longest stall {stall:.1} s, concealed {:.1} %, {:.0} kbit/s, {pps:.0} packets/s after the pause; A's downlink {:?}",
         concealed * 100.0,
@@ -604,25 +669,26 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
     call.mark("A's downlink unshaped");
     let unshaped_at = call.now();
     let active = call
-        .until(10.0, unshaped_at, "'active' stream state on A (10 s)", |o| {
+        .until_soft(10.0, unshaped_at, "'active' stream state on A (10 s)", |o| {
             o.is("a", "track_stream_state") && o.ev["sid"] == sid.as_str() && o.ev["state"] == "active"
         })
         .await;
-    call.mark(&format!("A told active after {:.2} s", active.t - unshaped_at));
+    let active_t = active.map_or(call.now(), |o| o.t);
+    call.mark(&format!("A told active after {:.2} s", active_t - unshaped_at));
     let frames_at_active = call
-        .a_samples("video_stats", 0.0, active.t)
+        .a_samples("video_stats", 0.0, active_t)
         .last()
         .map_or(0, |o| o.u("frames"));
     let resumed = call
-        .until(5.0, active.t, "frames painted again after 'active' (5 s)", |o| {
+        .until_soft(5.0, active_t, "frames painted again after 'active' (5 s)", |o| {
             o.is("a", "video_stats") && o.u("frames") >= frames_at_active + 10
         })
         .await;
-    call.mark(&format!("frames again {:.2} s after unshaping", resumed.t - unshaped_at));
+    let resumed_after = resumed.map_or(f64::NAN, |o| o.t - unshaped_at);
+    call.mark(&format!("frames again {resumed_after:.2} s after unshaping"));
     eprintln!(
-        "RESULT pause: paused after {to_pause:.2} s at {shape} kbit/s, active {:.2} s after unshaping, frames {:.2} s after, audio concealed {:.1} % while shaped",
-        active.t - unshaped_at,
-        resumed.t - unshaped_at,
+        "RESULT pause: paused after {to_pause:.2} s at {shape} kbit/s, active {:.2} s after unshaping, frames {resumed_after:.2} s after, audio concealed {:.1} % while shaped",
+        active_t - unshaped_at,
         concealed * 100.0
     );
     call.finish().await;

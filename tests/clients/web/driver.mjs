@@ -23,6 +23,7 @@
 //         "options": { "simulcast": true, "adaptiveStream": false, "dynacast": false,
 //                      "singlePC": null, "videoCodec": "vp8", "e2eeKey": null,
 //                      "resolution": {"width": 640, "height": 360, "frameRate": 24},
+//                      "red": true,             // publishDefaults.red (redundant audio)
 //                      "statsIntervalMs": 0 },  // > 0: periodic video_stats / audio_stats /
 //                                               // outbound_stats events (page.js)
 //         "publish": { "camera": true, "microphone": true },

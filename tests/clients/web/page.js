@@ -3,7 +3,7 @@
 //
 //   await lk.connect(url, token, {simulcast, adaptiveStream, dynacast, singlePC, e2eeKey,
 //                                 resolution: {width, height, frameRate}, videoCodec,
-//                                 statsIntervalMs})
+//                                 statsIntervalMs, red})
 //        -> {connected, error}
 //   await lk.publish({camera: true, microphone: true}) -> {published: [...], errors: [...]}
 //   await lk.state()       -> a JSON-able snapshot (see below)
@@ -299,7 +299,7 @@
           const gap = Math.max(rec.gap_max_ms || 0, open || 0);
           rec.gap_max_ms = 0;
           ev('video_stats', {
-            identity: rec.identity, sid: rec.sid, stream_state: rec.pub.streamState || null,
+            identity: rec.identity, sid: rec.sid, stream_state: rec.track.streamState || null,
             video_width: rec.el.videoWidth, video_height: rec.el.videoHeight,
             frames: rec.frames, max_frame_gap_ms: rec.last_frame_ms === null ? null : gap, ...st,
           });
@@ -335,13 +335,14 @@
   async function connect(url, token, opts = {}) {
     const o = {
       simulcast: true, adaptiveStream: false, dynacast: false, singlePC: null,
-      resolution: { width: 640, height: 360, frameRate: 24 }, videoCodec: 'vp8', ...opts,
+      resolution: { width: 640, height: 360, frameRate: 24 }, videoCodec: 'vp8', red: true, ...opts,
     };
     S.options = o;
     const roomOpts = {
       adaptiveStream: o.adaptiveStream,
       dynacast: o.dynacast,
-      publishDefaults: { simulcast: o.simulcast, videoCodec: o.videoCodec },
+      // red: redundant audio (RED, the SDK's default) roughly doubles the microphone's rate.
+      publishDefaults: { simulcast: o.simulcast, videoCodec: o.videoCodec, red: o.red !== false },
       videoCaptureDefaults: { resolution: o.resolution },
     };
     // 2.x defaults to the single-PC /rtc/v1 path; Conclave answers it with 404 and the SDK

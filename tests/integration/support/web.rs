@@ -143,6 +143,9 @@ pub struct TabSpec {
     /// frames since the last sample) and an `outbound_stats` event for its own camera (per
     /// simulcast layer). 0 (the default): no such events.
     pub stats_interval_ms: u32,
+    /// `publishDefaults.red`: publish the microphone with redundant audio (RED), the SDK's
+    /// default (true), which about doubles its bitrate.
+    pub red: bool,
 }
 
 impl TabSpec {
@@ -170,6 +173,7 @@ impl TabSpec {
             expect_audio_level: Vec::new(),
             expect_video_size: Vec::new(),
             stats_interval_ms: 0,
+            red: true,
         }
     }
 
@@ -189,6 +193,7 @@ impl TabSpec {
                 "e2eeKey": self.e2ee_key,
                 "resolution": {"width": width, "height": height, "frameRate": fps},
                 "statsIntervalMs": self.stats_interval_ms,
+                "red": self.red,
             },
             "publish": {"camera": self.publish_camera, "microphone": self.publish_microphone},
             "video_quality": self.video_quality.iter()
