@@ -180,7 +180,10 @@ impl Call {
             let off = offsets.entry(who).or_insert(f64::MAX);
             for ev in evs.into_iter().skip(*n) {
                 *n += 1;
-                let at = match ev["t_ms"].as_f64() {
+                // The driver's own events (`expectations_met`, no `tab`) count on another
+                // clock: stamped on arrival.
+                let own_clock = ev.get("tab").is_some() || ev.get("label").is_some();
+                let at = match ev["t_ms"].as_f64().filter(|_| own_clock) {
                     Some(ms) => {
                         *off = off.min(t - ms / 1000.0);
                         (ms / 1000.0 + *off).min(t)
@@ -289,7 +292,8 @@ impl Call {
                 .find(|x| x["rid"] == l["rid"]);
             let (db, dp) = match (before, dt > 0.0) {
                 (Some(b), true) => (
-                    l["bytes_sent"].as_f64().unwrap_or(0.0) - b["bytes_sent"].as_f64().unwrap_or(0.0),
+                    l["bytes_sent"].as_f64().unwrap_or(0.0)
+                        - b["bytes_sent"].as_f64().unwrap_or(0.0),
                     l["packets_sent"].as_f64().unwrap_or(0.0)
                         - b["packets_sent"].as_f64().unwrap_or(0.0),
                 ),
@@ -325,14 +329,21 @@ impl Call {
     async fn wait_a_on_top(&mut self) -> (u64, u64) {
         self.until(60.0, 0.0, "3 publisher layers encoding", |o| {
             o.is("pub", "outbound_stats")
-                && o.ev["layers"]
-                    .as_array()
-                    .is_some_and(|ls| ls.iter().filter(|l| l["frames_encoded"].as_u64().unwrap_or(0) > 0).count() >= 3)
+                && o.ev["layers"].as_array().is_some_and(|ls| {
+                    ls.iter()
+                        .filter(|l| l["frames_encoded"].as_u64().unwrap_or(0) > 0)
+                        .count()
+                        >= 3
+                })
         })
         .await;
         self.observe(1.5).await;
         let (low, top) = self.layer_widths();
-        assert!(low > 0 && top > low, "layers: {:?}", self.publisher_layers(2.0));
+        assert!(
+            low > 0 && top > low,
+            "layers: {:?}",
+            self.publisher_layers(2.0)
+        );
         self.until(45.0, 0.0, "A on the top layer", |o| {
             o.is("a", "video_stats") && o.u("frame_width") == top
         })
@@ -353,7 +364,11 @@ impl Call {
         let dpk = last.f("packets_received") - first.f("packets_received");
         let dsamples = last.f("total_samples_received") - first.f("total_samples_received");
         let dconc = last.f("concealed_samples") - first.f("concealed_samples");
-        let conc = if dsamples > 0.0 { dconc / dsamples } else { 1.0 };
+        let conc = if dsamples > 0.0 {
+            dconc / dsamples
+        } else {
+            1.0
+        };
         ((dbytes + dpk * 70.0) * 8.0 / dt, conc, dpk / dt)
     }
 
@@ -426,7 +441,9 @@ impl Call {
             } else if (o.who == "a"
                 && matches!(
                     o.ev["event"].as_str(),
-                    Some("track_stream_state" | "video_resize" | "track_subscribed" | "reconnecting")
+                    Some(
+                        "track_stream_state" | "video_resize" | "track_subscribed" | "reconnecting"
+                    )
                 ))
                 || o.is("b", "video_resolution")
             {
@@ -443,7 +460,9 @@ impl Call {
         self.c
             .logs()
             .lines()
-            .filter(|l| l.contains("bandwidth") || l.contains("StreamState") || l.contains("paused"))
+            .filter(|l| {
+                l.contains("bandwidth") || l.contains("StreamState") || l.contains("paused")
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -486,7 +505,11 @@ impl Call {
         let _ = self.a.terminate();
         let _ = self.publisher.terminate();
         let Call {
-            publisher, a, c, lab, ..
+            publisher,
+            a,
+            c,
+            lab,
+            ..
         } = self;
         let ra = a.wait(Duration::from_secs(30)).await.unwrap();
         let rp = publisher.wait(Duration::from_secs(30)).await.unwrap();
@@ -494,7 +517,11 @@ impl Call {
         rp.assert_exit(0);
         drop(c);
         drop(lab);
-        assert!(failures.is_empty(), "failed checks:\n{}", failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "failed checks:\n{}",
+            failures.join("\n")
+        );
     }
 }
 
@@ -552,7 +579,9 @@ async fn quality_step_down_to_low_layer_and_back_up() {
     let pauses: Vec<f64> = call
         .obs
         .iter()
-        .filter(|o| o.t >= shaped_at && o.is("a", "track_stream_state") && o.ev["state"] == "paused")
+        .filter(|o| {
+            o.t >= shaped_at && o.is("a", "track_stream_state") && o.ev["state"] == "paused"
+        })
         .map(|o| o.t)
         .collect();
     call.check(
@@ -569,11 +598,17 @@ async fn quality_step_down_to_low_layer_and_back_up() {
     );
     call.check(
         decoded as f64 >= (end_shaped - on_low_t) * 5.0,
-        &format!("A decoded only {decoded} frames in {:.1} s on the low layer", end_shaped - on_low_t),
+        &format!(
+            "A decoded only {decoded} frames in {:.1} s on the low layer",
+            end_shaped - on_low_t
+        ),
     );
     call.check(
         audio_stall < 1.0 && concealed <= 0.05,
-        &format!("audio not continuous under the cap: stall {audio_stall:.1} s, concealed {:.1} %", concealed * 100.0),
+        &format!(
+            "audio not continuous under the cap: stall {audio_stall:.1} s, concealed {:.1} %",
+            concealed * 100.0
+        ),
     );
 
     call.lab.unshape_downlink(1).unwrap();
@@ -644,7 +679,9 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
     let sid = call.video_sid.clone();
     let paused = call
         .until_soft(15.0, shaped_at, "'paused' stream state on A (15 s)", |o| {
-            o.is("a", "track_stream_state") && o.ev["sid"] == sid.as_str() && o.ev["state"] == "paused"
+            o.is("a", "track_stream_state")
+                && o.ev["sid"] == sid.as_str()
+                && o.ev["state"] == "paused"
         })
         .await;
     let paused_t = paused.map_or(call.now(), |o| o.t);
@@ -653,43 +690,66 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
     call.observe(6.0).await;
     let end = call.now();
     let (stall, concealed) = call.audio_gaps(shaped_at, end);
-    let (audio_rx, _, pps) = call.a_audio(paused_t, end);
+    let (audio_rx, concealed_paused, pps) = call.a_audio(paused_t, end);
     eprintln!(
-        "paused: audio while shaped: longest stall {stall:.1} s, concealed {:.1} %, {:.0} kbit/s, {pps:.0} packets/s after the pause; A's downlink {:?}",
+        "paused: audio while shaped: longest stall {stall:.1} s, concealed {:.1} % (from shaping), {:.1} % once paused, {:.0} kbit/s, {pps:.0} packets/s once paused; A's downlink {:?}",
         concealed * 100.0,
+        concealed_paused * 100.0,
         audio_rx / 1000.0,
         call.lab.downlink_stats(1).unwrap()
     );
+    // Over the whole shaped span (the step down included) at most 10 % concealed, about
+    // 0.8 s of 8; once the video is paused the audio has the link to itself: at most 2 %.
     call.check(
-        stall < 1.0 && concealed <= 0.10 && pps >= 25.0,
-        &format!("audio not continuous below the low layer: stall {stall:.1} s, concealed {:.1} %, {pps:.0} packets/s", concealed * 100.0),
+        stall < 1.0 && concealed <= 0.10,
+        &format!("audio not continuous below the low layer: stall {stall:.1} s, concealed {:.1} % since shaping (bound 10 %)", concealed * 100.0),
+    );
+    call.check(
+        concealed_paused <= 0.02 && pps >= 25.0,
+        &format!("audio not clean while the video is paused: concealed {:.1} % (bound 2 %), {pps:.0} packets/s", concealed_paused * 100.0),
     );
 
     call.lab.unshape_downlink(1).unwrap();
     call.mark("A's downlink unshaped");
     let unshaped_at = call.now();
     let active = call
-        .until_soft(10.0, unshaped_at, "'active' stream state on A (10 s)", |o| {
-            o.is("a", "track_stream_state") && o.ev["sid"] == sid.as_str() && o.ev["state"] == "active"
-        })
+        .until_soft(
+            10.0,
+            unshaped_at,
+            "'active' stream state on A (10 s)",
+            |o| {
+                o.is("a", "track_stream_state")
+                    && o.ev["sid"] == sid.as_str()
+                    && o.ev["state"] == "active"
+            },
+        )
         .await;
     let active_t = active.map_or(call.now(), |o| o.t);
-    call.mark(&format!("A told active after {:.2} s", active_t - unshaped_at));
+    call.mark(&format!(
+        "A told active after {:.2} s",
+        active_t - unshaped_at
+    ));
     let frames_at_active = call
         .a_samples("video_stats", 0.0, active_t)
         .last()
         .map_or(0, |o| o.u("frames"));
     let resumed = call
-        .until_soft(5.0, active_t, "frames painted again after 'active' (5 s)", |o| {
-            o.is("a", "video_stats") && o.u("frames") >= frames_at_active + 10
-        })
+        .until_soft(
+            5.0,
+            active_t,
+            "frames painted again after 'active' (5 s)",
+            |o| o.is("a", "video_stats") && o.u("frames") >= frames_at_active + 10,
+        )
         .await;
     let resumed_after = resumed.map_or(f64::NAN, |o| o.t - unshaped_at);
-    call.mark(&format!("frames again {resumed_after:.2} s after unshaping"));
+    call.mark(&format!(
+        "frames again {resumed_after:.2} s after unshaping"
+    ));
     eprintln!(
-        "RESULT pause: paused after {to_pause:.2} s at {shape} kbit/s, active {:.2} s after unshaping, frames {resumed_after:.2} s after, audio concealed {:.1} % while shaped",
+        "RESULT pause: paused after {to_pause:.2} s at {shape} kbit/s, active {:.2} s after unshaping, frames {resumed_after:.2} s after, audio concealed {:.1} % while shaped ({:.1} % once paused)",
         active_t - unshaped_at,
-        concealed * 100.0
+        concealed * 100.0,
+        concealed_paused * 100.0
     );
     call.finish().await;
 }
@@ -712,13 +772,16 @@ fn metric_sum(text: &str, name: &str) -> Option<u64> {
     found
 }
 
-/// Maximum freezes (Chrome's `freezeCount`) tolerated on A over 15 s of 5 % loss.
-const MAX_FREEZES_UNDER_LOSS: u64 = 4;
-/// Maximum total freeze time (s) tolerated on A over 15 s of 5 % loss.
-const MAX_FREEZE_SECS_UNDER_LOSS: f64 = 2.0;
+/// Maximum freezes (Chrome's `freezeCount`) tolerated on A over 15 s of 5 % loss. Measured:
+/// 0 (longest gap between painted frames ~200 ms); 2 leaves room for a loaded machine.
+const MAX_FREEZES_UNDER_LOSS: u64 = 2;
+/// Maximum total freeze time (s) tolerated on A over 15 s of 5 % loss (measured 0 s).
+const MAX_FREEZE_SECS_UNDER_LOSS: f64 = 1.0;
+/// Longest gap between painted frames (ms) tolerated under 5 % loss (measured ~200 ms).
+const MAX_GAP_MS_UNDER_LOSS: f64 = 1000.0;
 
 /// 5 % random loss on A's downlink (no shaping) for 15 s: video keeps decoding (no gap over
-/// 2 s between painted frames, at least 5 fps on average), A sends NACKs and receives
+/// [`MAX_GAP_MS_UNDER_LOSS`] between painted frames, at least 5 fps on average), A sends NACKs and receives
 /// retransmissions (inbound `nackCount`, `retransmittedPacketsReceived`), Conclave counts the
 /// NACKs (`conclave_media_nacks_received_total`, asserted only when the build has it), and
 /// freezes stay within [`MAX_FREEZES_UNDER_LOSS`] / [`MAX_FREEZE_SECS_UNDER_LOSS`].
@@ -735,8 +798,9 @@ async fn quality_repairs_five_percent_loss_with_retransmissions() {
     let from = call.now();
     call.observe(15.0).await;
     let to = call.now();
-    call.lab.set_downlink_loss(1, 0).unwrap();
+    // Read before removing the loss: that resets the rule's counter.
     let link = call.lab.downlink_stats(1).unwrap();
+    call.lab.set_downlink_loss(1, 0).unwrap();
     call.mark("loss removed");
     let nacks_after = metric_sum(&call.c.metrics().await.unwrap(), NACKS);
     let s = call.a_samples("video_stats", from, to);
@@ -749,6 +813,30 @@ async fn quality_repairs_five_percent_loss_with_retransmissions() {
     let secs = (y.f("t_ms") - x.f("t_ms")) / 1000.0;
     let (stall, concealed) = call.audio_gaps(from, to);
     let rtx_supported = !y.ev["retransmitted_packets_received"].is_null();
+    // Retransmissions also flow without loss (str0m probes with RTX padding): the same
+    // counters over the 2 s before the loss, for comparison.
+    let before = call.a_samples("video_stats", from - 2.5, from);
+    let base = |k: &str| match (before.first(), before.last()) {
+        (Some(p), Some(q)) => q.u(k).saturating_sub(p.u(k)),
+        _ => 0,
+    };
+    eprintln!(
+        "before the loss (~2 s): rtx packets {} ({} bytes), nack {}, lost {}; under loss: rtx bytes {}, PLIs {}, key frames decoded {}, audio lost {}",
+        base("retransmitted_packets_received"),
+        base("retransmitted_bytes_received"),
+        base("nack_count"),
+        base("packets_lost"),
+        d("retransmitted_bytes_received"),
+        d("pli_count"),
+        d("key_frames_decoded"),
+        {
+            let a = call.a_samples("audio_stats", from, to);
+            match (a.first(), a.last()) {
+                (Some(p), Some(q)) => q.u("packets_lost").saturating_sub(p.u("packets_lost")),
+                _ => 0,
+            }
+        }
+    );
     eprintln!(
         "RESULT loss 5 %: {secs:.1} s; dropped by the lab {} packets; A video: nack {} rtx {} (reported: {rtx_supported}) lost {} received {} decoded {decoded} ({:.1} fps) longest gap {gap_ms:.0} ms freezes {freezes} ({freeze_s:.2} s); audio stall {stall:.1} s concealed {:.1} %; conclave {NACKS}: {nacks_before:?} -> {nacks_after:?}",
         link.loss_dropped_packets,
@@ -759,9 +847,12 @@ async fn quality_repairs_five_percent_loss_with_retransmissions() {
         decoded as f64 / secs.max(1e-3),
         concealed * 100.0
     );
-    call.check(link.loss_dropped_packets > 50, &format!("the lab dropped too little: {link:?}"));
     call.check(
-        decoded as f64 >= secs * 5.0 && gap_ms <= 2000.0,
+        link.loss_dropped_packets > 50,
+        &format!("the lab dropped too little: {link:?}"),
+    );
+    call.check(
+        decoded as f64 >= secs * 5.0 && gap_ms <= MAX_GAP_MS_UNDER_LOSS,
         &format!("video stopped decoding under 5 % loss: {decoded} frames in {secs:.1} s, gap {gap_ms:.0} ms"),
     );
     call.check(d("nack_count") > 0, "A sent no NACKs under 5 % loss");
