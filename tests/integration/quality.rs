@@ -349,6 +349,26 @@ impl Call {
         })
         .await;
         self.mark(&format!("A on the top layer ({top} px wide)"));
+        // What the SDK sends (per layer: size, fps, what limits it) and what A went through
+        // on the clean link so far (pauses there are the SFU's own doing: nothing is shaped).
+        if let Some(o) = self
+            .obs
+            .iter()
+            .rev()
+            .find(|o| o.is("pub", "outbound_stats"))
+        {
+            eprintln!("publisher's outbound stats: {}", o.ev);
+        }
+        let pauses: Vec<f64> = self
+            .obs
+            .iter()
+            .filter(|o| o.is("a", "track_stream_state") && o.ev["state"] == "paused")
+            .map(|o| (o.t * 10.0).round() / 10.0)
+            .collect();
+        let a_top_at = self.now();
+        eprintln!(
+            "clean link, before any shaping: A on the top layer after {a_top_at:.1} s; A's video paused by the SFU at {pauses:?} s"
+        );
         (low, top)
     }
 
