@@ -115,7 +115,6 @@ impl Call {
         t.publish_camera = false;
         t.publish_microphone = false;
         t.stats_interval_ms = STATS_MS;
-        t.expect_video_playing = vec![(PUB.into(), 20)];
         let mut spec = BrowserSpec::new(vec![t]);
         spec.netns = Some(lab.client_ns(1).to_owned());
         spec.hold = true;
@@ -522,8 +521,6 @@ impl Call {
             let _ = b.terminate();
             let _ = b.wait(Duration::from_secs(20)).await;
         }
-        let _ = self.a.terminate();
-        let _ = self.publisher.terminate();
         let Call {
             publisher,
             a,
@@ -531,7 +528,10 @@ impl Call {
             lab,
             ..
         } = self;
+        // The subscriber first, then the publisher it watches.
+        a.terminate().unwrap();
         let ra = a.wait(Duration::from_secs(30)).await.unwrap();
+        publisher.terminate().unwrap();
         let rp = publisher.wait(Duration::from_secs(30)).await.unwrap();
         ra.assert_exit(0);
         rp.assert_exit(0);
@@ -664,7 +664,8 @@ async fn quality_step_down_to_low_layer_and_back_up() {
 
 /// Below the lowest layer: A's downlink shaped between its audio and audio + the low
 /// layer (computed from the measured rates): A's video is paused (a `TrackStreamStateChanged`
-/// 'paused') within 15 s while audio keeps playing; unshaped, the stream is 'active' again
+/// 'paused') within 15 s while audio keeps playing (at most 10 % concealed from shaping on,
+/// at most 2 % once paused and 2 s drained); unshaped, the stream is 'active' again
 /// within 10 s and frames are painted again.
 #[tokio::test]
 async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
@@ -710,7 +711,9 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
     call.observe(6.0).await;
     let end = call.now();
     let (stall, concealed) = call.audio_gaps(shaped_at, end);
-    let (audio_rx, concealed_paused, pps) = call.a_audio(paused_t, end);
+    // Steady state while paused: from 2 s after the notice (what was queued in the
+    // bottleneck and in flight when the SFU paused drains first).
+    let (audio_rx, concealed_paused, pps) = call.a_audio(paused_t + 2.0, end);
     eprintln!(
         "paused: audio while shaped: longest stall {stall:.1} s, concealed {:.1} % (from shaping), {:.1} % once paused, {:.0} kbit/s, {pps:.0} packets/s once paused; A's downlink {:?}",
         concealed * 100.0,
@@ -719,7 +722,8 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
         call.lab.downlink_stats(1).unwrap()
     );
     // Over the whole shaped span (the step down included) at most 10 % concealed, about
-    // 0.8 s of 8; once the video is paused the audio has the link to itself: at most 2 %.
+    // 0.8 s of 8; once the video is paused (and the queue drained) the audio has the link
+    // to itself: at most 2 %.
     call.check(
         stall < 1.0 && concealed <= 0.10,
         &format!("audio not continuous below the low layer: stall {stall:.1} s, concealed {:.1} % since shaping (bound 10 %)", concealed * 100.0),
