@@ -796,12 +796,12 @@ fn metric_sum(text: &str, name: &str) -> Option<u64> {
     found
 }
 
-/// Maximum freezes (Chrome's `freezeCount`) tolerated on A over 15 s of 5 % loss. Measured:
-/// 0 (longest gap between painted frames ~200 ms); 2 leaves room for a loaded machine.
+/// Maximum freezes (Chrome's `freezeCount`) tolerated on A over 15 s of 5 % loss. Measured
+/// over five runs: 0, 0, 0, 0 and 1 (0.23 s); about twice that.
 const MAX_FREEZES_UNDER_LOSS: u64 = 2;
-/// Maximum total freeze time (s) tolerated on A over 15 s of 5 % loss (measured 0 s).
+/// Maximum total freeze time (s) tolerated on A over 15 s of 5 % loss (measured 0–0.23 s).
 const MAX_FREEZE_SECS_UNDER_LOSS: f64 = 1.0;
-/// Longest gap between painted frames (ms) tolerated under 5 % loss (measured ~200 ms).
+/// Longest gap between painted frames (ms) tolerated under 5 % loss (measured 136–235 ms).
 const MAX_GAP_MS_UNDER_LOSS: f64 = 1000.0;
 
 /// 5 % random loss on A's downlink (no shaping) for 15 s: video keeps decoding (no gap over
