@@ -254,7 +254,12 @@ async def count_video(track, identity, st):
                 st.ev("first_video_frame", identity=identity,
                       width=event.frame.width, height=event.frame.height)
             rec["video_frames"] += 1
-            rec["video_resolution"] = [event.frame.width, event.frame.height]
+            res = [event.frame.width, event.frame.height]
+            if res != rec["video_resolution"]:
+                # Every change of the decoded size (a simulcast layer switch), as it happens.
+                st.ev("video_resolution", identity=identity, width=res[0], height=res[1],
+                      frames=rec["video_frames"])
+            rec["video_resolution"] = res
     finally:
         await stream.aclose()
 

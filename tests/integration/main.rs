@@ -36,6 +36,8 @@ mod delayed;
 mod msc4512;
 // Chromium + livekit-client through the SFU.
 mod browser;
+// Quality on real links: Chromium through the network lab's shaped and lossy downlinks.
+mod quality;
 // The LiveKit RoomService API (Twirp) through the Python `livekit-api` and raw HTTP.
 mod twirp;
 // LiveKit-compatible webhooks, verified by `livekit-api`'s WebhookReceiver.

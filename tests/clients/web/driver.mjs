@@ -22,7 +22,10 @@
 //       { "label": "a", "url": "ws://127.0.0.1:PORT", "token": "JWT",
 //         "options": { "simulcast": true, "adaptiveStream": false, "dynacast": false,
 //                      "singlePC": null, "videoCodec": "vp8", "e2eeKey": null,
-//                      "resolution": {"width": 640, "height": 360, "frameRate": 24} },
+//                      "resolution": {"width": 640, "height": 360, "frameRate": 24},
+//                      "red": true,             // publishDefaults.red (redundant audio)
+//                      "statsIntervalMs": 0 },  // > 0: periodic video_stats / audio_stats /
+//                                               // outbound_stats events (page.js)
 //         "publish": { "camera": true, "microphone": true },
 //         // ask the SFU for a simulcast layer of a remote video once it is subscribed
 //         // (RemoteTrackPublication.setVideoQuality; needs adaptiveStream off)

@@ -2,7 +2,8 @@
 // bundle (global `LivekitClient`). driver.mjs calls these through page.evaluate:
 //
 //   await lk.connect(url, token, {simulcast, adaptiveStream, dynacast, singlePC, e2eeKey,
-//                                 resolution: {width, height, frameRate}, videoCodec})
+//                                 resolution: {width, height, frameRate}, videoCodec,
+//                                 statsIntervalMs, red})
 //        -> {connected, error}
 //   await lk.publish({camera: true, microphone: true}) -> {published: [...], errors: [...]}
 //   await lk.state()       -> a JSON-able snapshot (see below)
@@ -15,6 +16,12 @@
 // and the receiver's inbound-rtp stats. Remote audio is attached to <audio> elements and fed
 // to a Web Audio analyser (RMS level); the SDK's participant.audioLevel (server speaker
 // updates) and inbound-rtp audioLevel are reported beside it.
+//
+// statsIntervalMs (off by default): every that many ms, one event per remote track
+// (`video_stats` / `audio_stats`: the inbound-rtp counters below plus, for video, what the
+// page painted and the longest gap between painted frames since the last sample) and one
+// `outbound_stats` for the own camera (per simulcast layer), so a test can follow quality
+// over time.
 (() => {
   'use strict';
   const LK = window.LivekitClient;
@@ -58,7 +65,9 @@
     if (typeof el.requestVideoFrameCallback === 'function') {
       const cb = (_now, meta) => {
         rec.frames += 1;
-        rec.last_frame_ms = now();
+        const t = now();
+        if (rec.last_frame_ms !== null) rec.gap_max_ms = Math.max(rec.gap_max_ms || 0, t - rec.last_frame_ms);
+        rec.last_frame_ms = t;
         rec.frame_times.push(rec.last_frame_ms);
         if (rec.frame_times.length > 120) rec.frame_times.shift();
         rec.rvfc_width = meta.width;
@@ -157,11 +166,21 @@
           out.pli_count = s.pliCount;
           out.nack_count = s.nackCount;
           out.fir_count = s.firCount;
+          out.freeze_count = s.freezeCount;
+          out.total_freezes_duration = s.totalFreezesDuration;
+          out.pause_count = s.pauseCount;
+          out.total_pauses_duration = s.totalPausesDuration;
+          out.retransmitted_packets_received = s.retransmittedPacketsReceived;
+          out.retransmitted_bytes_received = s.retransmittedBytesReceived;
+          out.frames_dropped = s.framesDropped;
         } else {
           out.audio_level = s.audioLevel;
           out.total_audio_energy = s.totalAudioEnergy;
           out.total_samples_received = s.totalSamplesReceived;
           out.concealed_samples = s.concealedSamples;
+          out.silent_concealed_samples = s.silentConcealedSamples;
+          out.concealment_events = s.concealmentEvents;
+          out.nack_count = s.nackCount;
         }
       });
     } catch (e) {
@@ -263,18 +282,67 @@
     return out;
   }
 
+  // ---------------------------------------------------------------- periodic stats
+
+  let statsTimer = null;
+  let statsBusy = false;
+  async function statsTick() {
+    if (statsBusy) return; // a slow getStats: skip a beat rather than pile up
+    statsBusy = true;
+    try {
+      for (const rec of remote.values()) {
+        if (rec.ended) continue;
+        const st = await inboundStats(rec);
+        const t = now();
+        if (rec.kind === 'video') {
+          const open = rec.last_frame_ms === null ? null : t - rec.last_frame_ms;
+          const gap = Math.max(rec.gap_max_ms || 0, open || 0);
+          rec.gap_max_ms = 0;
+          ev('video_stats', {
+            identity: rec.identity, sid: rec.sid, stream_state: rec.track.streamState || null,
+            video_width: rec.el.videoWidth, video_height: rec.el.videoHeight,
+            frames: rec.frames, max_frame_gap_ms: rec.last_frame_ms === null ? null : gap, ...st,
+          });
+        } else {
+          ev('audio_stats', { identity: rec.identity, sid: rec.sid, level: rec.level ?? null, ...st });
+        }
+      }
+      const cam = room ? [...room.localParticipant.trackPublications.values()].find((p) => p.kind === 'video') : null;
+      if (cam && cam.track && cam.track.sender) {
+        const rep = await cam.track.sender.getStats();
+        const layers = [];
+        let bwe = null;
+        rep.forEach((s) => {
+          if (s.type === 'candidate-pair' && s.nominated && s.availableOutgoingBitrate !== undefined) bwe = s.availableOutgoingBitrate;
+          if (s.type !== 'outbound-rtp') return;
+          layers.push({ rid: s.rid || null, bytes_sent: s.bytesSent, packets_sent: s.packetsSent, frames_encoded: s.framesEncoded,
+            frame_width: s.frameWidth, frame_height: s.frameHeight, fps: s.framesPerSecond ?? null,
+            quality_limitation_reason: s.qualityLimitationReason, nack_count: s.nackCount,
+            retransmitted_packets_sent: s.retransmittedPacketsSent });
+        });
+        layers.sort((a, b) => String(a.rid).localeCompare(String(b.rid)));
+        ev('outbound_stats', { available_outgoing_bitrate: bwe, layers });
+      }
+    } catch (e) {
+      ev('stats_error', { error: errText(e) });
+    } finally {
+      statsBusy = false;
+    }
+  }
+
   // ---------------------------------------------------------------- API
 
   async function connect(url, token, opts = {}) {
     const o = {
       simulcast: true, adaptiveStream: false, dynacast: false, singlePC: null,
-      resolution: { width: 640, height: 360, frameRate: 24 }, videoCodec: 'vp8', ...opts,
+      resolution: { width: 640, height: 360, frameRate: 24 }, videoCodec: 'vp8', red: true, ...opts,
     };
     S.options = o;
     const roomOpts = {
       adaptiveStream: o.adaptiveStream,
       dynacast: o.dynacast,
-      publishDefaults: { simulcast: o.simulcast, videoCodec: o.videoCodec },
+      // red: redundant audio (RED, the SDK's default) roughly doubles the microphone's rate.
+      publishDefaults: { simulcast: o.simulcast, videoCodec: o.videoCodec, red: o.red !== false },
       videoCaptureDefaults: { resolution: o.resolution },
     };
     // 2.x defaults to the single-PC /rtc/v1 path; Conclave answers it with 404 and the SDK
@@ -327,6 +395,7 @@
       S.identity = room.localParticipant.identity;
       S.room = room.name;
       ev('connected', { identity: S.identity, room: S.room, connect_ms: S.connect_ms, server: room.serverInfo ? { version: room.serverInfo.version || null, protocol: room.serverInfo.protocol ?? null, edition: room.serverInfo.edition ?? null } : null });
+      if (o.statsIntervalMs > 0 && !statsTimer) statsTimer = setInterval(statsTick, o.statsIntervalMs);
     } catch (e) {
       S.connect_error = errText(e);
       ev('connect_failed', { error: S.connect_error });
@@ -383,6 +452,7 @@
   }
 
   async function disconnect() {
+    if (statsTimer) { clearInterval(statsTimer); statsTimer = null; }
     if (room) await room.disconnect();
   }
 

@@ -137,6 +137,15 @@ pub struct TabSpec {
     pub expect_audio_level: Vec<(String, f64)>,
     /// `(identity, width, height)`: that participant's video plays at exactly this size.
     pub expect_video_size: Vec<(String, u32, u32)>,
+    /// When above 0, the page emits every this many ms a `video_stats` / `audio_stats` event
+    /// per remote track (inbound-rtp counters: frame size, frames decoded, freezes, NACKs,
+    /// retransmissions, loss; what the page painted and the longest gap between painted
+    /// frames since the last sample) and an `outbound_stats` event for its own camera (per
+    /// simulcast layer). 0 (the default): no such events.
+    pub stats_interval_ms: u32,
+    /// `publishDefaults.red`: publish the microphone with redundant audio (RED), the SDK's
+    /// default (true), which about doubles its bitrate.
+    pub red: bool,
 }
 
 impl TabSpec {
@@ -163,6 +172,8 @@ impl TabSpec {
             expect_video_playing: Vec::new(),
             expect_audio_level: Vec::new(),
             expect_video_size: Vec::new(),
+            stats_interval_ms: 0,
+            red: true,
         }
     }
 
@@ -181,6 +192,8 @@ impl TabSpec {
                 "videoCodec": self.video_codec,
                 "e2eeKey": self.e2ee_key,
                 "resolution": {"width": width, "height": height, "frameRate": fps},
+                "statsIntervalMs": self.stats_interval_ms,
+                "red": self.red,
             },
             "publish": {"camera": self.publish_camera, "microphone": self.publish_microphone},
             "video_quality": self.video_quality.iter()
