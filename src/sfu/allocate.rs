@@ -62,6 +62,38 @@ pub struct Allocation {
     /// The smallest further step (bits/s) that would improve a track (upgrade or resume),
     /// if any: the probe target is `used + next_step`.
     pub next_step: Option<u64>,
+    /// Bits/s the current grants (and the audio) cost at today's layer bitrates: what the
+    /// link carries now.
+    pub current: u64,
+}
+
+impl Grant {
+    /// Whether `self` gives less than `other` (paused is the least).
+    pub fn below(self, other: Grant) -> bool {
+        match (self, other) {
+            (Grant::Paused, Grant::UpTo(_)) => true,
+            (Grant::UpTo(a), Grant::UpTo(b)) => a < b,
+            _ => false,
+        }
+    }
+}
+
+/// What `audio` and the current grants of `video` cost (bits/s): each track's best layer not
+/// above its grant (the lowest when all are), nothing for a paused one.
+pub fn current_cost(audio: u64, video: &[VideoWant]) -> u64 {
+    let mut cost = audio;
+    for w in video {
+        if let Grant::UpTo(q) = w.current {
+            let layer = w
+                .layers
+                .iter()
+                .rev()
+                .find(|l| l.0 <= q)
+                .or(w.layers.first());
+            cost += layer.map_or(0, |l| l.1);
+        }
+    }
+    cost
 }
 
 /// Spreads `estimate` (bits/s) over `audio` (bits/s, always kept) and `video`.
@@ -111,6 +143,7 @@ pub fn allocate(estimate: u64, audio: u64, video: &[VideoWant]) -> Allocation {
     }
     let mut used = audio;
     let mut ideal = audio;
+    let current = current_cost(audio, video);
     let mut next_step: Option<u64> = None;
     for (i, w) in video.iter().enumerate() {
         let Some(best) = w.layers.last() else {
@@ -138,6 +171,7 @@ pub fn allocate(estimate: u64, audio: u64, video: &[VideoWant]) -> Allocation {
         used,
         ideal,
         next_step,
+        current,
     }
 }
 
@@ -171,6 +205,7 @@ mod tests {
         assert_eq!(a.grants, vec![Grant::UpTo(HIGH); 2]);
         assert_eq!(a.used, 64_000 + 1_800_000);
         assert_eq!(a.ideal, a.used);
+        assert_eq!(a.current, a.used);
         assert_eq!(a.next_step, None);
     }
 
@@ -185,6 +220,10 @@ mod tests {
         assert_eq!(a.grants, vec![Grant::UpTo(LOW)]);
         assert_eq!(a.used, 140_000);
         assert_eq!(a.ideal, 940_000);
+        assert_eq!(a.current, 940_000, "what the top layer costs now");
+        assert!(Grant::UpTo(LOW).below(Grant::UpTo(HIGH)));
+        assert!(Grant::Paused.below(Grant::UpTo(LOW)));
+        assert!(!Grant::UpTo(HIGH).below(Grant::UpTo(HIGH)));
         assert_eq!(a.next_step, Some(200_000), "medium is the next step");
     }
 

@@ -57,6 +57,9 @@ fn rid_for_quality(q: i32) -> &'static str {
     }
 }
 
+/// The bitrate of a layer seen for one window only (1 bit/s: not free, not known yet).
+const UNMEASURED: u64 = 1;
+
 /// Bytes a packet costs on the wire beyond its RTP payload: RTP header with the usual
 /// extensions (~24), SRTP tag (10), UDP and IPv4 headers (28).
 pub const PACKET_OVERHEAD: u64 = 62;
@@ -135,25 +138,34 @@ impl Layers {
 
     /// Turns the bytes counted over the last `elapsed` into bitrates. A layer that sent
     /// nothing keeps its last bitrate (what it will cost when it resumes); otherwise the new
-    /// rate weighs half (keyframes make single windows jumpy).
+    /// rate weighs 30 % (keyframes make single windows jumpy). A layer's first window is
+    /// not counted: it starts with a keyframe, several times a normal frame.
     pub fn measure(&mut self, elapsed: Duration) {
         let ms = elapsed.as_millis().max(1) as u64;
         let smooth = |bytes: u64, bitrate: u64| -> u64 {
             let now = bytes * 8 * 1000 / ms;
-            if bitrate == 0 {
+            if bitrate == UNMEASURED {
                 now
             } else {
-                (bitrate + now) / 2
+                (bitrate * 7 + now * 3) / 10
             }
         };
         for l in &mut self.layers {
             if l.bytes > 0 {
-                l.bitrate = smooth(l.bytes, l.bitrate);
+                l.bitrate = if l.bitrate == 0 {
+                    UNMEASURED
+                } else {
+                    smooth(l.bytes, l.bitrate)
+                };
                 l.bytes = 0;
             }
         }
         if self.plain_bytes > 0 {
-            self.plain_bitrate = smooth(self.plain_bytes, self.plain_bitrate);
+            self.plain_bitrate = if self.plain_bitrate == 0 {
+                UNMEASURED
+            } else {
+                smooth(self.plain_bytes, self.plain_bitrate)
+            };
             self.plain_bytes = 0;
         }
     }

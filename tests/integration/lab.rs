@@ -26,7 +26,7 @@ fn assert_gone(names: &[String]) {
 fn lab_teardown_removes_namespaces_even_when_dropped_early() {
     let lab = Lab::new(2).unwrap();
     let names = lab.namespaces();
-    assert_eq!(names.len(), 3);
+    assert_eq!(names.len(), 5, "the SFU, two routers, two clients");
     let now = lab_namespaces().unwrap();
     for ns in &names {
         assert!(now.contains(ns), "{ns} missing from {now:?}");
@@ -56,7 +56,7 @@ fn lab_teardown_removes_namespaces_even_when_dropped_early() {
         panic!("deliberate panic with a live lab (expected in this test's output)");
     }));
     assert!(unwound.is_err());
-    assert_eq!(names.len(), 2);
+    assert_eq!(names.len(), 3, "the SFU, a router, a client");
     assert_gone(&names);
 
     // Explicit teardown, then the drop: both fine.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::conclave::{Conclave, ConclaveOptions};
-use crate::support::lab::Lab;
+use crate::support::lab::{Lab, Shape};
 use crate::support::lk_clients::{PyClient, PyClientSpec};
 use crate::support::synapse::heavy_lock;
 use crate::support::web::{Browser, BrowserSpec, TabSpec};
@@ -569,7 +569,7 @@ async fn quality_step_down_to_low_layer_and_back_up() {
         audio_bps / 1000.0
     );
 
-    call.lab.shape_downlink(1, 300).unwrap();
+    call.lab.shape_downlink_with(1, Shape::link(300)).unwrap();
     call.mark("A's downlink shaped to 300 kbit/s");
     let shaped_at = call.now();
     let on_low = call
@@ -694,7 +694,7 @@ async fn quality_pauses_video_below_the_lowest_layer_and_resumes() {
         "rates measured, the shape leaves room for the audio",
     );
 
-    call.lab.shape_downlink(1, shape).unwrap();
+    call.lab.shape_downlink_with(1, Shape::link(shape)).unwrap();
     call.mark(&format!("A's downlink shaped to {shape} kbit/s"));
     let shaped_at = call.now();
     let sid = call.video_sid.clone();

@@ -42,14 +42,44 @@ const HEAVY_LOSS: f64 = 0.1;
 /// The estimator is reconfigured only when what it is told changes by more than this share.
 const PROBE_RETUNE: f64 = 0.1;
 
+/// Budget below this share of what the current grants cost: the link is congested, step down
+/// at once.
+const CONGESTED: f64 = 0.95;
+
+/// Allocation passes in a row (500 ms apart) that must find no room for a track before it is
+/// paused.
+const PAUSE_VOTES: u8 = 4;
+
+/// Allocation passes in a row that must find room before a track steps up.
+const UP_VOTES: u8 = 2;
+
+/// A track stepped down is not raised again before this.
+const RAISE_HOLD: Duration = Duration::from_secs(2);
+
+/// Loss (latest sample) under which the link counts as quiet enough to probe.
+const QUIET_LOSS: f64 = 0.02;
+
+/// No desired bitrate is set below this (bits/s): see [`Link::tune`].
+const DESIRED_FLOOR: u64 = 64_000;
+
+/// Waits between probes for more bandwidth (see [`Link::tune`]).
+const PROBE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
 /// What a participant's connections measured.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Link {
     /// The downlink estimate (bits/s) while str0m can estimate (transport-cc negotiated and
     /// feedback possible).
     pub(super) estimate: Option<u64>,
-    /// What the estimator was last told: (minimum, desired) bits/s.
-    probe: Option<(u64, u64)>,
+    /// The desired bitrate the estimator was last told (bits/s).
+    desired: Option<u64>,
+    /// When the next probe for more may start, and the wait after it (doubling while probes
+    /// find nothing, from [`PROBE_BACKOFF_MIN`] to [`PROBE_BACKOFF_MAX`]).
+    probe_due: Option<Instant>,
+    probe_backoff: Duration,
+    /// The estimate when the last probe was started.
+    probed_at_estimate: Option<u64>,
     /// What arrives from the client (its upstream).
     pub(super) up: Measured,
     /// What the client reports receiving (its downstream): loss from transport-cc feedback.
@@ -57,32 +87,97 @@ pub(super) struct Link {
     /// Downstream loss from the client's last RTCP receiver report (of any stream), for
     /// clients without transport-cc.
     pub(super) reported_loss: f64,
+    /// The latest one-second samples of the two losses above, unsmoothed.
+    pub(super) latest_loss: f64,
+    pub(super) latest_reported_loss: f64,
     /// NACKs received per outgoing stream so far (str0m's running count).
     pub(super) nacks_seen: HashMap<(Mid, Option<Rid>), u64>,
 }
 
 impl Link {
-    /// What the allocator may spend: the estimate, discounted by the loss the client reports
-    /// when it is heavy. Why: with a shaped link whose queue is full, the delay stops growing
-    /// and only loss tells; str0m's estimate stayed at three times a 60 kbit/s link losing half
-    /// of what was sent (the engine's virtual-link test), which would never pause the video
-    /// that does not fit.
-    pub(super) fn budget(&self) -> Option<u64> {
+    /// What the allocator may spend, given that what is sent now costs `current`: the
+    /// estimate, or under heavy loss what actually arrives (`current` less the loss) when
+    /// that is less. Why: with a shaped link whose queue is full, the delay stops growing and
+    /// only loss tells; str0m's estimate stayed at three to five times a 60 kbit/s link losing
+    /// half of what was sent (the engine's virtual-link test), which would never pause the
+    /// video that does not fit. The loss must be heavy both smoothed and in the latest
+    /// sample: right after a step down the smoothed loss still remembers the layer before.
+    pub(super) fn budget(&self, current: u64) -> Option<u64> {
         let estimate = self.estimate?;
-        let loss = self.down.loss.max(self.reported_loss);
-        if loss > HEAVY_LOSS {
-            Some((estimate as f64 * (1.0 - loss.min(1.0))) as u64)
+        let smoothed = self.down.loss.max(self.reported_loss);
+        let latest = self.latest_loss.max(self.latest_reported_loss);
+        let loss = smoothed.min(latest).min(1.0);
+        if loss > HEAVY_LOSS && current > 0 {
+            let delivered = (current as f64 * (1.0 - loss)) as u64;
+            Some(estimate.min(delivered))
         } else {
             Some(estimate)
         }
     }
 
-    /// Whether (minimum, desired) differs enough from what the estimator was told.
-    fn retune(&self, next: (u64, u64)) -> bool {
-        let far = |a: u64, b: u64| (a as f64 - b as f64).abs() > PROBE_RETUNE * (b.max(1) as f64);
-        self.probe
-            .is_none_or(|(min, desired)| far(next.0, min) || far(next.1, desired))
+    /// What to tell the estimator after an allocation (see [`Tune`]).
+    ///
+    /// The desired bitrate is everything the subscriber wants (with the upgrade headroom):
+    /// str0m probes towards it (initial, exponential and periodic probes). That is not enough
+    /// after congestion: str0m's estimate (as libwebrtc's) never rises above 1.5 times what is
+    /// actually sent, and it does not probe while its loss-based controller holds the estimate
+    /// down, which it did for over ten seconds after a 300 kbit/s cap was lifted (the engine's
+    /// virtual-link test). So while a track could get more and the link loses nothing now,
+    /// the estimator is restarted at its current estimate now and then: a fresh estimator
+    /// probes at three and six times its estimate at once, short bursts whose arrival rate
+    /// measures the link (a capped link measures as capped; a free one as free). Probes that
+    /// find nothing come less and less often. Nothing is set before video is measured: a
+    /// desired bitrate of almost nothing would cap those probes.
+    fn tune(&mut self, now: Instant, raised: bool, d: &Decision) -> Tune {
+        let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
+        if wanted < DESIRED_FLOOR {
+            return Tune::Keep;
+        }
+        if raised || self.probe_backoff.is_zero() {
+            self.probe_backoff = PROBE_BACKOFF_MIN;
+        }
+        let estimate = self.estimate.unwrap_or(0);
+        let due = self.probe_due.is_none_or(|at| now >= at);
+        let quiet = self.latest_loss.max(self.latest_reported_loss) < QUIET_LOSS;
+        if d.wants_more && due && !raised {
+            // The last probe found room (the estimate grew by a fifth since): probe again
+            // soon, the link may have more.
+            if self
+                .probed_at_estimate
+                .is_some_and(|before| estimate as f64 > 1.2 * before as f64)
+            {
+                self.probe_backoff = PROBE_BACKOFF_MIN;
+            }
+            self.probe_due = Some(now + self.probe_backoff);
+            self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
+            if quiet && estimate > 0 {
+                self.probed_at_estimate = Some(estimate);
+                self.desired = Some(wanted);
+                return Tune::Probe {
+                    from: estimate,
+                    desired: wanted,
+                };
+            }
+        }
+        let far =
+            |last: u64| (wanted as f64 - last as f64).abs() > PROBE_RETUNE * (last.max(1) as f64);
+        if self.desired.is_some_and(|last| !far(last)) {
+            return Tune::Keep;
+        }
+        self.desired = Some(wanted);
+        Tune::Desired(wanted)
     }
+}
+
+/// What [`Link::tune`] asks of the estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tune {
+    /// Nothing changes.
+    Keep,
+    /// Probe towards this desired bitrate (bits/s).
+    Desired(u64),
+    /// Restart at `from` (its probes measure the link), then aim at `desired`.
+    Probe { from: u64, desired: u64 },
 }
 
 /// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
@@ -107,9 +202,12 @@ struct Decision {
     subscriber: SessionId,
     /// Down-track index → grant; `None`: no estimate, nothing is capped.
     grants: Option<Vec<(usize, Grant)>>,
-    estimate: u64,
-    /// (minimum, desired) for the estimator.
-    probe: (u64, u64),
+    budget: u64,
+    /// What the current grants cost, what everything wanted would.
+    current: u64,
+    ideal: u64,
+    /// Whether any track could get more (see [`allocate::Allocation::next_step`]).
+    wants_more: bool,
 }
 
 impl Sfu {
@@ -140,15 +238,17 @@ impl Sfu {
                     }
                 }
                 for s in room.participants.values() {
-                    let Some(estimate) = s.link.budget() else {
+                    if s.link.estimate.is_none() {
                         decisions.push(Decision {
                             subscriber: s.session,
                             grants: None,
-                            estimate: 0,
-                            probe: (0, 0),
+                            budget: 0,
+                            current: 0,
+                            ideal: 0,
+                            wants_more: false,
                         });
                         continue;
-                    };
+                    }
                     let mut audio = 0;
                     let mut wants = Vec::new();
                     let mut index = Vec::new();
@@ -170,54 +270,107 @@ impl Sfu {
                         });
                         index.push(i);
                     }
-                    let a = allocate::allocate(estimate, audio, &wants);
+                    let current = allocate::current_cost(audio, &wants);
+                    let budget = s.link.budget(current).unwrap_or(0);
+                    let a = allocate::allocate(budget, audio, &wants);
+                    tracing::debug!(
+                        subscriber = %s.session,
+                        estimate_kbps = s.link.estimate.unwrap_or(0) / 1000,
+                        loss = s.link.down.loss,
+                        budget_kbps = budget / 1000,
+                        audio_kbps = audio / 1000,
+                        layers = ?wants.iter().map(|w| &w.layers).collect::<Vec<_>>(),
+                        grants = ?a.grants,
+                        "bandwidth allocation"
+                    );
                     decisions.push(Decision {
                         subscriber: s.session,
                         grants: Some(index.into_iter().zip(a.grants).collect()),
-                        estimate,
-                        probe: (a.used, a.ideal.max(a.used)),
+                        budget,
+                        current: a.current,
+                        ideal: a.ideal,
+                        wants_more: a.next_step.is_some(),
                     });
                 }
             }
-            for d in decisions {
+            for mut d in decisions {
                 let Some(s) = room.participants.get_mut(&d.subscriber) else {
                     continue;
                 };
                 let session = s.session;
-                match d.grants {
-                    None => {
-                        for t in &mut s.down_tracks {
-                            t.set_grant(Grant::UpTo(simulcast::HIGH));
-                        }
+                let Some(grants) = d.grants.take() else {
+                    for t in &mut s.down_tracks {
+                        t.set_grant(Grant::UpTo(simulcast::HIGH));
                     }
-                    Some(grants) => {
-                        for (i, grant) in grants {
-                            let Some(t) = s.down_tracks.get_mut(i) else {
+                    continue;
+                };
+                // Hysteresis both ways, against noisy estimates and bitrates: step down only
+                // when the link no longer carries what is sent (the budget 5 % short of what
+                // the current layers cost), pause only when that lasted two seconds; step up
+                // only when two passes in a row
+                // (a second apart) find room, so one optimistic probe result does not send a
+                // layer into a link that cannot take it, and not within a few seconds of a
+                // step down.
+                let congested = (d.budget as f64) < CONGESTED * d.current as f64;
+                let mut raised = false;
+                for (i, grant) in grants {
+                    let Some(t) = s.down_tracks.get_mut(i) else {
+                        continue;
+                    };
+                    let from = t.grant;
+                    if grant != Grant::Paused {
+                        t.bw_pause_votes = 0;
+                    }
+                    if grant == from {
+                        t.bw_votes = 0;
+                        continue;
+                    }
+                    if grant.below(from) {
+                        t.bw_votes = 0;
+                        // Pausing takes longer evidence: the estimate undershoots for a second
+                        // or two after congestion, and a pause costs a keyframe and a gap.
+                        if grant == Grant::Paused {
+                            t.bw_pause_votes = t.bw_pause_votes.saturating_add(1);
+                            if t.bw_pause_votes < PAUSE_VOTES {
                                 continue;
-                            };
-                            let from = t.grant;
-                            if t.set_grant(grant) {
-                                log_change(session, &t.track_sid, from, grant, d.estimate);
-                                match (from, grant) {
-                                    (_, Grant::Paused) => self.stats.bandwidth_pauses += 1,
-                                    (Grant::UpTo(a), Grant::UpTo(b)) if b < a => {
-                                        self.stats.bandwidth_downgrades += 1;
-                                    }
-                                    _ => {}
-                                }
                             }
+                        } else if !congested {
+                            continue;
                         }
-                        if s.link.retune(d.probe) {
-                            s.link.probe = Some(d.probe);
-                            s.transport
-                                .sub_pc_mut()
-                                .rtc
-                                .bwe()
-                                .set_bitrate(Bitrate::bps(d.probe.0), Bitrate::bps(d.probe.1));
-                            retuned.push(session);
+                        t.bw_lowered_at = Some(now);
+                        if grant == Grant::Paused {
+                            self.stats.bandwidth_pauses += 1;
+                        } else {
+                            self.stats.bandwidth_downgrades += 1;
                         }
+                    } else {
+                        t.bw_votes = t.bw_votes.saturating_add(1);
+                        let held = t
+                            .bw_lowered_at
+                            .is_some_and(|at| now.saturating_duration_since(at) < RAISE_HOLD);
+                        if held || t.bw_votes < UP_VOTES {
+                            continue;
+                        }
+                        raised = true;
+                    }
+                    t.bw_votes = 0;
+                    t.set_grant(grant);
+                    log_change(session, &t.track_sid, from, grant, d.budget);
+                }
+                let tune = s.link.tune(now, raised, &d);
+                let mut bwe = s.transport.sub_pc_mut().rtc.bwe();
+                match tune {
+                    Tune::Keep => continue,
+                    Tune::Desired(desired) => {
+                        bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+                    }
+                    Tune::Probe { from, desired } => {
+                        tracing::debug!(%session, from_kbps = from / 1000, "bandwidth: probing");
+                        bwe.reset(Bitrate::bps(from));
+                        bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
                     }
                 }
+                retuned.push(session);
             }
         }
         // The estimator re-armed its timers: poll so the loop learns the new deadline.

@@ -97,6 +97,8 @@ struct Call {
     /// Loses every n-th RTP datagram alice's publishing peer sends (her uplink).
     uplink_lose_every: Option<u64>,
     uplink_rtp: u64,
+    /// alice's publishing peer's egress stats events.
+    egress_stats: Vec<str0m::Event>,
 }
 
 impl Call {
@@ -248,6 +250,7 @@ fn call() -> (Call, Mid) {
         quality: None,
         uplink_lose_every: None,
         uplink_rtp: 0,
+        egress_stats: Vec::new(),
     };
     c.tick();
     let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
@@ -310,6 +313,15 @@ fn run(
     while c.now.duration_since(start) < duration {
         if c.now >= next_frame {
             next_frame += Duration::from_micros(33_333);
+            // Keyframes every 2 s, and on request (PLI), as a browser's encoder.
+            let mut asked = Vec::new();
+            for e in c.peers[ALICE_PUB].events.drain(..) {
+                match e {
+                    str0m::Event::KeyframeRequest(r) => asked.push(r.rid),
+                    e @ str0m::Event::MediaEgressStats(_) => c.egress_stats.push(e),
+                    _ => {}
+                }
+            }
             for (rid, size) in LAYERS {
                 let Some(w) = c.peers[ALICE_PUB].rtc.writer(mid) else {
                     continue;
@@ -321,7 +333,7 @@ fn run(
                 else {
                     continue;
                 };
-                let key = *frame % 60 == 0;
+                let key = *frame % 60 == 0 || asked.contains(&Some(Rid::from(rid)));
                 let mut data = vec![if key { 0x10 } else { 0x11 }];
                 data.resize(size, 0x42);
                 let t = MediaTime::new(*frame * 3000, str0m::media::Frequency::NINETY_KHZ);
@@ -480,7 +492,7 @@ fn a_publisher_is_asked_for_what_its_uplink_lost() {
     run(&mut c, mid, &mut frame, Duration::from_secs(6), |_| false);
     // str0m reports a running count per outgoing stream (layer): the last one of each.
     let mut last = HashMap::new();
-    for e in &c.peers[ALICE_PUB].events {
+    for e in &c.egress_stats {
         if let str0m::Event::MediaEgressStats(s) = e {
             last.insert(s.rid, s.nacks);
         }

@@ -66,6 +66,12 @@ pub(super) struct DownTrack {
     /// What the subscriber's downlink allows (`engine/bandwidth.rs`): layers up to a quality,
     /// or nothing (paused).
     pub(super) grant: Grant,
+    /// Allocation passes in a row that found room for more than `grant`.
+    pub(super) bw_votes: u8,
+    /// Allocation passes in a row that found no room for it at all.
+    pub(super) bw_pause_votes: u8,
+    /// When `grant` was last lowered.
+    pub(super) bw_lowered_at: Option<Instant>,
 }
 
 impl DownTrack {
@@ -85,6 +91,9 @@ impl DownTrack {
             paused: false,
             red: track.red_allowed(),
             grant: Grant::UpTo(simulcast::HIGH),
+            bw_votes: 0,
+            bw_pause_votes: 0,
+            bw_lowered_at: None,
         }
     }
 

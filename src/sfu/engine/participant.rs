@@ -581,9 +581,11 @@ impl Participant {
             Event::PeerStats(s) => {
                 let rtt = s.rtt.map(|r| r.as_secs_f64() * 1000.0);
                 if subscribe_side {
-                    if let Some(loss) = s.egress_loss_fraction {
-                        self.link.down.loss = smooth(self.link.down.loss, f64::from(loss));
-                    }
+                    // Nothing reported in the last second (nothing with transport-cc sent, e.g.
+                    // video paused): no loss seen, the figures decay rather than stay stale.
+                    let loss = s.egress_loss_fraction.map_or(0.0, f64::from);
+                    self.link.down.loss = smooth(self.link.down.loss, loss);
+                    self.link.latest_loss = loss;
                     if let Some(rtt) = rtt {
                         self.link.down.rtt_ms = rtt;
                     }
@@ -616,9 +618,10 @@ impl Participant {
                 if let (Some(kind), Some(remote)) = (kind, &s.remote) {
                     self.link.down.jitter_ms = jitter_ms(remote.jitter, kind);
                 }
-                if let Some(loss) = s.loss {
-                    self.link.reported_loss = smooth(self.link.reported_loss, f64::from(loss));
-                }
+                // No report since the last event: nothing lost that anyone saw (as above).
+                let loss = s.loss.map_or(0.0, f64::from);
+                self.link.reported_loss = smooth(self.link.reported_loss, loss);
+                self.link.latest_reported_loss = loss;
                 // str0m counts NACKs per outgoing stream since it began.
                 let seen = self.link.nacks_seen.entry((s.mid, s.rid)).or_insert(0);
                 nacks = s.nacks.saturating_sub(*seen);

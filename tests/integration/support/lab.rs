@@ -4,26 +4,34 @@
 //! # Topology
 //!
 //! ```text
-//!   namespace <base>-sfu                          namespace <base>-c<i>  (one per client)
-//!  ┌──────────────────────────────┐              ┌──────────────────────────────┐
-//!  │ lo  127.0.0.1, 10.77.0.1/32  │              │ lo 127.0.0.1                 │
-//!  │     (the SFU address)        │  veth pair   │                              │
-//!  │ c<i> 10.77.<i+1>.1/24 ───────┼──────────────┼── eth0 10.77.<i+1>.2/24      │
-//!  │   egress: tbf (downlink)     │              │   egress: tbf (uplink)       │
-//!  │   nft input: uplink loss     │              │   nft input: downlink loss   │
-//!  └──────────────────────────────┘              │   default via 10.77.<i+1>.1  │
-//!                                                └──────────────────────────────┘
+//!   namespace <base>-sfu              <base>-r<i> (router)        <base>-c<i> (client)
+//!  ┌────────────────────────────┐   ┌─────────────────────────┐  ┌───────────────────────┐
+//!  │ lo 10.77.0.1/32 (the SFU)  │   │ forwarding on           │  │ lo 127.0.0.1          │
+//!  │ c<i> 10.78.<i+1>.1/24 ─────┼───┼─ tosfu 10.78.<i+1>.2/24 │  │                       │
+//!  │   nft input: uplink loss   │   │ tocli 10.77.<i+1>.1/24 ─┼──┼─ eth0 10.77.<i+1>.2/24│
+//!  │ 10.77.<i+1>.0/24 via       │   │   egress: tbf (downlink)│  │   egress: tbf (uplink)│
+//!  │   10.78.<i+1>.2            │   │ default via 10.78.<i+1>.1  │   nft input: downlink │
+//!  └────────────────────────────┘   └─────────────────────────┘  │   loss; default via   │
+//!                                                                 │   10.77.<i+1>.1       │
+//!                                                                 └───────────────────────┘
 //! ```
+//!
+//! Why a router: a queue on the SFU's own interface would hold the SFU socket's send buffer
+//! (a packet waiting in a qdisc still counts against the socket that sent it), so shaping one
+//! client's downlink there slowed the SFU's sends to every other client (an unshaped
+//! subscriber's estimate fell with the shaped one's). On the way through a veth into another
+//! namespace a packet leaves its socket's accounting, as it leaves a server's NIC for a
+//! remote bottleneck in the field.
 //!
 //! The SFU (the real `conclave` binary, see `ConclaveOptions::in_lab`) runs in the SFU
 //! namespace and listens on [`Lab::sfu_ip`]; each client runs in its own namespace
-//! (`PyClientSpec::netns`, `BrowserSpec::netns`) and reaches the SFU through its veth pair
-//! and default route. The SFU answers over the connected route of each client subnet: no
-//! forwarding, no NAT. Every lab address lives inside lab namespaces; nothing is configured
+//! (`PyClientSpec::netns`, `BrowserSpec::netns`) and reaches the SFU through its router
+//! (plain forwarding, no NAT); the SFU routes each client subnet via that client's router.
+//! Every lab address lives inside lab namespaces; nothing is configured
 //! in the root namespace (veth ends are created directly inside their namespaces), and no
 //! test traffic leaves the lab.
 //!
-//! * Downlink (SFU → client i): shaped by a `tbf` qdisc on the SFU-side veth `c<i>`
+//! * Downlink (SFU → client i): shaped by a `tbf` qdisc on the router's `tocli` veth
 //!   ([`Lab::shape_downlink`]), then random loss by an nftables rule on the client's input
 //!   ([`Lab::set_downlink_loss`]): a slow last mile that also loses packets.
 //! * Uplink (client i → SFU): `tbf` on the client's `eth0` ([`Lab::shape_uplink`]), loss on
@@ -39,7 +47,7 @@
 //!
 //! # Names and lifetime
 //!
-//! Namespaces are named `cclab-<pid>-<n>-sfu` and `cclab-<pid>-<n>-c<i>` (`n` counts labs in
+//! Namespaces are named `cclab-<pid>-<n>-sfu`, `cclab-<pid>-<n>-r<i>` and `cclab-<pid>-<n>-c<i>` (`n` counts labs in
 //! this test process), so parallel tests and parallel test processes never collide.
 //! [`Lab::new`] first deletes a stale lab of the same base name, and those of test processes
 //! that are gone; dropping the [`Lab`] (also during a panic) kills what still runs inside
@@ -80,6 +88,10 @@ pub const MAX_CLIENTS: usize = 250;
 /// Name of the client-side veth end in every client namespace.
 const CLIENT_IF: &str = "eth0";
 
+/// A router namespace's veth ends: towards the SFU, and towards its client.
+const ROUTER_UP_IF: &str = "tosfu";
+const ROUTER_DOWN_IF: &str = "tocli";
+
 /// The nftables table the lab adds to a namespace (one per namespace).
 const NFT_TABLE: &str = "cclab";
 
@@ -107,6 +119,19 @@ impl Shape {
         Self {
             rate_kbit,
             burst_bytes: u32::try_from(per_50ms.max(4096)).unwrap_or(u32::MAX),
+            latency_ms: 200,
+        }
+    }
+
+    /// A link that carries `rate_kbit` and nothing faster: a bucket of one full packet
+    /// (1600 bytes), so even a short burst leaves at the rate, and the same 200 ms queue.
+    /// Why: the default 4 KiB bucket passes a 15 ms bandwidth probe (a handful of packets) at
+    /// line rate, and the SFU's estimator then measured 500–1000 kbit/s on a 300 kbit/s
+    /// shape (a token-bucket policer does that to real probes too: `docs/quality.md`).
+    pub fn link(rate_kbit: u32) -> Self {
+        Self {
+            rate_kbit,
+            burst_bytes: 1600,
             latency_ms: 200,
         }
     }
@@ -140,6 +165,8 @@ pub struct LinkStats {
 pub struct Lab {
     base: String,
     sfu_ns: String,
+    /// Per client, the router namespace between the SFU and it (its last mile's queue).
+    routers: Vec<String>,
     clients: Vec<String>,
     torn_down: bool,
 }
@@ -164,6 +191,7 @@ impl Lab {
         let mut lab = Lab {
             sfu_ns: format!("{base}-sfu"),
             clients: (0..clients).map(|i| format!("{base}-c{i}")).collect(),
+            routers: (0..clients).map(|i| format!("{base}-r{i}")).collect(),
             base,
             torn_down: false,
         };
@@ -191,32 +219,78 @@ impl Lab {
             let sfu_if = sfu_if(i);
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            // Both ends are created inside their namespaces: no name in the root namespace.
-            ip(&[
-                "link", "add", &sfu_if, "netns", &sfu, "type", "veth", "peer", "name", CLIENT_IF,
-                "netns", &ns,
-            ])?;
             let net = i + 1;
+            let router = self.routers[i].clone();
+            ip(&["netns", "add", &router])?;
+            ip(&["-n", &router, "link", "set", "lo", "up"])?;
+            // SFU ↔ router, then router ↔ client (the client's last mile). Both ends of each
+            // pair are created inside their namespaces: no name in the root namespace.
+            ip(&[
+                "link",
+                "add",
+                &sfu_if,
+                "netns",
+                &sfu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ROUTER_UP_IF,
+                "netns",
+                &router,
+            ])?;
+            ip(&[
+                "link",
+                "add",
+                ROUTER_DOWN_IF,
+                "netns",
+                &router,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CLIENT_IF,
+                "netns",
+                &ns,
+            ])?;
+            for (space, dev, addr) in [
+                (&sfu, sfu_if.as_str(), format!("10.78.{net}.1/24")),
+                (&router, ROUTER_UP_IF, format!("10.78.{net}.2/24")),
+                (&router, ROUTER_DOWN_IF, format!("10.77.{net}.1/24")),
+                (&ns, CLIENT_IF, format!("10.77.{net}.2/24")),
+            ] {
+                ip(&["-n", space, "addr", "add", &addr, "dev", dev])?;
+                ip(&["-n", space, "link", "set", dev, "up"])?;
+            }
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &router,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            )?;
+            ip(&[
+                "-n",
+                &router,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.78.{net}.1"),
+            ])?;
             ip(&[
                 "-n",
                 &sfu,
-                "addr",
+                "route",
                 "add",
-                &format!("10.77.{net}.1/24"),
-                "dev",
-                &sfu_if,
+                &format!("10.77.{net}.0/24"),
+                "via",
+                &format!("10.78.{net}.2"),
             ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.77.{net}.2/24"),
-                "dev",
-                CLIENT_IF,
-            ])?;
-            ip(&["-n", &sfu, "link", "set", &sfu_if, "up"])?;
-            ip(&["-n", &ns, "link", "set", CLIENT_IF, "up"])?;
             ip(&[
                 "-n",
                 &ns,
@@ -271,6 +345,7 @@ impl Lab {
     pub fn namespaces(&self) -> Vec<String> {
         std::iter::once(self.sfu_ns.clone())
             .chain(self.clients.iter().cloned())
+            .chain(self.routers.iter().cloned())
             .collect()
     }
 
@@ -292,13 +367,13 @@ impl Lab {
     /// Shapes client `i`'s downlink with an explicit [`Shape`].
     pub fn shape_downlink_with(&self, i: usize, shape: Shape) -> Result<()> {
         self.check(i);
-        set_tbf(&self.sfu_ns, &sfu_if(i), shape)
+        set_tbf(&self.routers[i], ROUTER_DOWN_IF, shape)
     }
 
     /// Removes client `i`'s downlink shape (no-op when unshaped).
     pub fn unshape_downlink(&self, i: usize) -> Result<()> {
         self.check(i);
-        del_root_qdisc(&self.sfu_ns, &sfu_if(i))
+        del_root_qdisc(&self.routers[i], ROUTER_DOWN_IF)
     }
 
     /// Shapes client `i`'s uplink (client → SFU) to `rate_kbit` with [`Shape::kbit`]'s
@@ -337,7 +412,7 @@ impl Lab {
     /// Counters of client `i`'s downlink: the SFU-side tbf and veth, the client's loss rule.
     pub fn downlink_stats(&self, i: usize) -> Result<LinkStats> {
         self.check(i);
-        link_stats(&self.sfu_ns, &sfu_if(i), &self.clients[i], "down")
+        link_stats(&self.routers[i], ROUTER_DOWN_IF, &self.clients[i], "down")
     }
 
     /// Counters of client `i`'s uplink: the client-side tbf and veth, the SFU's loss rule.
