@@ -130,10 +130,12 @@ impl Link {
     /// virtual-link test). So while a track could get more and the link loses nothing now,
     /// the estimator is restarted at its current estimate now and then: a fresh estimator
     /// probes at three and six times its estimate at once, short bursts whose arrival rate
-    /// measures the link (a capped link measures as capped; a free one as free). Probes that
-    /// find nothing come less and less often. Nothing is set before video is measured: a
+    /// measures the link (a capped link measures as capped; a free one as free). The same
+    /// before a pause (`pausing`: half of its evidence gathered), lossy link or not: after
+    /// congestion str0m's loss-based estimate sank to a third of a 300 kbit/s link and would
+    /// have paused a low layer that fits. Probes that find nothing come less and less often. Nothing is set before video is measured: a
     /// desired bitrate of almost nothing would cap those probes.
-    fn tune(&mut self, now: Instant, raised: bool, d: &Decision) -> Tune {
+    fn tune(&mut self, now: Instant, raised: bool, pausing: bool, d: &Decision) -> Tune {
         let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
         if wanted < DESIRED_FLOOR {
             return Tune::Keep;
@@ -144,7 +146,7 @@ impl Link {
         let estimate = self.estimate.unwrap_or(0);
         let due = self.probe_due.is_none_or(|at| now >= at);
         let quiet = self.latest_loss.max(self.latest_reported_loss) < QUIET_LOSS;
-        if d.wants_more && due && !raised {
+        if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
             // soon, the link may have more.
             if self
@@ -155,7 +157,7 @@ impl Link {
             }
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
-            if quiet && estimate > 0 {
+            if (quiet || pausing) && estimate > 0 {
                 self.probed_at_estimate = Some(estimate);
                 self.desired = Some(wanted);
                 return Tune::Probe {
@@ -367,7 +369,13 @@ impl Sfu {
                     t.set_grant(grant);
                     log_change(session, &t.track_sid, from, grant, d.budget);
                 }
-                let tune = s.link.tune(now, raised, &d);
+                // A pause half decided: measure the link first (the estimate may only be
+                // undershooting after congestion; a probe restarts it).
+                let pausing = s
+                    .down_tracks
+                    .iter()
+                    .any(|t| t.bw_pause_votes >= PAUSE_VOTES / 2);
+                let tune = s.link.tune(now, raised, pausing, &d);
                 let mut bwe = s.transport.sub_pc_mut().rtc.bwe();
                 match tune {
                     Tune::Keep => continue,
