@@ -245,10 +245,17 @@ fn a_lost_packet_is_resent_from_the_send_buffer() {
     let bob_addr: SocketAddr = "10.0.0.2:5000".parse().unwrap();
     let mut seen = 0;
     let mut dropped = None;
+    let mut media_pt = None;
     let (bob, _) = simulcast_call(|to, d| {
         // SRTP keeps the RTP header in the clear: version 2, payload type, sequence number.
         let rtp = d.len() > 12 && d[0] >> 6 == 2 && !(72..=79).contains(&(d[1] & 0x7f));
         if to != bob_addr || !rtp || dropped.is_some() {
+            return false;
+        }
+        // Only media: the first RTP packet bob gets is VP8 (alice sends nothing else); the
+        // estimator's probes and padding go out on the RTX payload type and are never resent.
+        let pt = d[1] & 0x7f;
+        if *media_pt.get_or_insert(pt) != pt {
             return false;
         }
         seen += 1;
