@@ -150,24 +150,20 @@ impl Layers {
                 (bitrate * 7 + now * 3) / 10
             }
         };
-        for l in &mut self.layers {
-            if l.bytes > 0 {
-                l.bitrate = if l.bitrate == 0 {
+        let update = |bytes: &mut u64, bitrate: &mut u64| {
+            if *bytes > 0 {
+                *bitrate = if *bitrate == 0 {
                     UNMEASURED
                 } else {
-                    smooth(l.bytes, l.bitrate)
+                    smooth(*bytes, *bitrate)
                 };
-                l.bytes = 0;
+                *bytes = 0;
             }
+        };
+        for l in &mut self.layers {
+            update(&mut l.bytes, &mut l.bitrate);
         }
-        if self.plain_bytes > 0 {
-            self.plain_bitrate = if self.plain_bitrate == 0 {
-                UNMEASURED
-            } else {
-                smooth(self.plain_bytes, self.plain_bitrate)
-            };
-            self.plain_bytes = 0;
-        }
+        update(&mut self.plain_bytes, &mut self.plain_bitrate);
     }
 
     /// The bitrate of the stream without rids (audio, non-simulcast video).

@@ -6,12 +6,14 @@
 
 use std::collections::VecDeque;
 
-use super::tests::{add_track, answer_for, answer_offer, join, offer_message, request, sfu, Peer};
+use super::tests::{
+    answer_for, answer_offer, join, request, sfu, simulcast_camera, simulcast_offer, Peer,
+};
 use super::*;
 use crate::sfu::allocate::Grant;
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid, Simulcast, SimulcastLayer};
+use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::Output as RtcOutput;
 
 /// One virtual tick. Arrival times are quantized to it; at 5 ms the delay-based estimator
@@ -253,20 +255,7 @@ fn call() -> (Call, Mid) {
         egress_stats: Vec::new(),
     };
     c.tick();
-    let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
-        unreachable!("add_track builds an AddTrack request")
-    };
-    add.encryption = lk::encryption::Type::None as i32;
-    add.layers = [("q", 0, 160), ("h", 1, 320), ("f", 2, 640)]
-        .iter()
-        .map(|&(rid, q, w)| lk::VideoLayer {
-            quality: q,
-            width: w,
-            height: w * 9 / 16,
-            rid: rid.into(),
-            ..Default::default()
-        })
-        .collect();
+    let add = simulcast_camera();
     request(
         &mut c.s,
         c.now,
@@ -275,20 +264,9 @@ fn call() -> (Call, Mid) {
     );
     let config = Rtc::builder().set_stats_interval(Some(Duration::from_secs(1)));
     c.peers.push(Peer::with(c.now, "10.0.0.1:5001", config));
-    let mut api = c.peers[ALICE_PUB].rtc.sdp_api();
-    let mut simulcast = Simulcast::new();
-    for (rid, _) in LAYERS {
-        simulcast.add_send_layer(SimulcastLayer::new(rid));
-    }
-    let mid = api.add_media(
-        MediaKind::Video,
-        Direction::SendOnly,
-        Some("s".into()),
-        Some("cam".into()),
-        Some(simulcast),
-    );
-    let (offer, pending) = api.apply().unwrap();
-    request(&mut c.s, c.now, 1, offer_message(offer.to_sdp_string(), 1));
+    let rids = LAYERS.map(|(rid, _)| rid);
+    let (mid, pending, offer) = simulcast_offer(&mut c.peers[ALICE_PUB], &rids);
+    request(&mut c.s, c.now, 1, offer);
     c.pump();
     let answer = answer_for(&c.msgs, 1).unwrap();
     c.peers[ALICE_PUB]

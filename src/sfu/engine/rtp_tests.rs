@@ -2,13 +2,13 @@
 //! the source of its stream changes (simulcast layer switch).
 
 use super::tests::{
-    add_track, answer_for, answer_offer, join, offer_message, pump, request, sfu, tick_dropping,
-    Peer,
+    answer_for, answer_offer, join, pump, request, sfu, simulcast_camera, simulcast_offer,
+    tick_dropping, Peer,
 };
 use super::*;
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, MediaTime, Simulcast, SimulcastLayer};
+use str0m::media::MediaTime;
 use str0m::rtp::{RawPacket, RtpHeader, Vp8Descriptor};
 use str0m::Event;
 
@@ -80,35 +80,11 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
         let a = answer_offer(peer, &o);
         request(&mut s, now, id, a);
     }
-    let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
-        unreachable!("add_track builds an AddTrack request")
-    };
-    add.encryption = lk::encryption::Type::None as i32;
-    add.layers = [("q", 0, 160), ("h", 1, 320), ("f", 2, 640)]
-        .iter()
-        .map(|&(rid, q, w)| lk::VideoLayer {
-            quality: q,
-            width: w,
-            height: w * 9 / 16,
-            rid: rid.into(),
-            ..Default::default()
-        })
-        .collect();
+    let add = simulcast_camera();
     request(&mut s, now, 1, lk::signal_request::Message::AddTrack(add));
-    let mut api = alice_pub.rtc.sdp_api();
-    let mut simulcast = Simulcast::new();
-    for (rid, ..) in LAYERS {
-        simulcast.add_send_layer(SimulcastLayer::new(rid));
-    }
-    let mid = api.add_media(
-        MediaKind::Video,
-        Direction::SendOnly,
-        Some("s".into()),
-        Some("cam".into()),
-        Some(simulcast),
-    );
-    let (offer, pending) = api.apply().unwrap();
-    request(&mut s, now, 1, offer_message(offer.to_sdp_string(), 1));
+    let rids = LAYERS.map(|(rid, ..)| rid);
+    let (mid, pending, offer) = simulcast_offer(&mut alice_pub, &rids);
+    request(&mut s, now, 1, offer);
     pump(
         &mut s,
         &mut [&mut alice, &mut bob, &mut alice_pub],

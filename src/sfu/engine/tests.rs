@@ -114,6 +114,52 @@ pub(super) fn add_track(cid: &str, video: bool) -> lk::signal_request::Message {
 
 /// A publisher offer from a str0m "client" sending one audio track whose msid track id is
 /// `cid`.
+/// `add_track` of an unencrypted camera `cam` announced with three simulcast layers (q, h, f:
+/// 160, 320 and 640 wide).
+pub(super) fn simulcast_camera() -> lk::AddTrackRequest {
+    let lk::signal_request::Message::AddTrack(mut add) = add_track("cam", true) else {
+        unreachable!("add_track builds an AddTrack request")
+    };
+    add.encryption = lk::encryption::Type::None as i32;
+    add.layers = [("q", 0, 160), ("h", 1, 320), ("f", 2, 640)]
+        .iter()
+        .map(|&(rid, q, w)| lk::VideoLayer {
+            quality: q,
+            width: w,
+            height: w * 9 / 16,
+            rid: rid.into(),
+            ..Default::default()
+        })
+        .collect();
+    add
+}
+
+/// `peer` offers its camera `cam` (stream `s`) sendonly in the simulcast layers `rids`:
+/// the mid, the pending offer and the offer as a signal request (id 1).
+pub(super) fn simulcast_offer(
+    peer: &mut Peer,
+    rids: &[&str],
+) -> (
+    str0m::media::Mid,
+    str0m::change::SdpPendingOffer,
+    lk::signal_request::Message,
+) {
+    let mut api = peer.rtc.sdp_api();
+    let mut simulcast = str0m::media::Simulcast::new();
+    for rid in rids {
+        simulcast.add_send_layer(str0m::media::SimulcastLayer::new(rid));
+    }
+    let mid = api.add_media(
+        MediaKind::Video,
+        Direction::SendOnly,
+        Some("s".into()),
+        Some("cam".into()),
+        Some(simulcast),
+    );
+    let (offer, pending) = api.apply().unwrap();
+    (mid, pending, offer_message(offer.to_sdp_string(), 1))
+}
+
 fn publisher_offer(now: Instant, cid: &str) -> (Rtc, String) {
     let mut client = Rtc::builder().build(now);
     let mut api = client.sdp_api();
