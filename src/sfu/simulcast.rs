@@ -35,6 +35,9 @@ pub struct Layer {
     pub last_seen: Option<Instant>,
     /// Bytes arrived since the last [`Layers::measure`].
     pub bytes: u64,
+    /// Highest RTP sequence number counted (retransmissions and the publisher's RTX padding
+    /// repeat older ones and are not counted: they are not what the layer costs).
+    pub max_seq: u64,
     /// Its bitrate (bits/s, smoothed over the last measurements; kept while it is stopped, as
     /// what it would cost once it resumes).
     pub bitrate: u64,
@@ -74,6 +77,7 @@ pub struct Layers {
     /// [`Layer::bitrate`].
     plain_bytes: u64,
     plain_bitrate: u64,
+    plain_max_seq: u64,
 }
 
 impl Layers {
@@ -95,6 +99,7 @@ impl Layers {
                     last_seen: None,
                     bytes: 0,
                     bitrate: 0,
+                    max_seq: 0,
                 }
             })
             .collect();
@@ -104,10 +109,14 @@ impl Layers {
         }
     }
 
-    /// A packet without a rid, of `bytes` on the wire, arrived at `now`.
-    pub fn saw_plain(&mut self, now: Instant, bytes: u64) {
+    /// A packet without a rid, of `bytes` on the wire and RTP sequence number `seq`
+    /// (extended), arrived at `now`.
+    pub fn saw_plain(&mut self, now: Instant, seq: u64, bytes: u64) {
         self.plain_last_seen = Some(now);
-        self.plain_bytes += bytes;
+        if seq > self.plain_max_seq {
+            self.plain_max_seq = seq;
+            self.plain_bytes += bytes;
+        }
     }
 
     /// Whether anything of the track arrived within [`LAYER_TIMEOUT`].
@@ -117,12 +126,16 @@ impl Layers {
             || self.alive(now).next().is_some()
     }
 
-    /// A packet of layer `rid`, of `bytes` on the wire, arrived at `now`.
-    pub fn saw(&mut self, rid: Rid, now: Instant, bytes: u64) {
+    /// A packet of layer `rid`, of `bytes` on the wire and RTP sequence number `seq`
+    /// (extended), arrived at `now`.
+    pub fn saw(&mut self, rid: Rid, now: Instant, seq: u64, bytes: u64) {
         match self.layers.iter_mut().find(|l| l.rid == rid) {
             Some(l) => {
                 l.last_seen = Some(now);
-                l.bytes += bytes;
+                if seq > l.max_seq {
+                    l.max_seq = seq;
+                    l.bytes += bytes;
+                }
             }
             None => self.layers.push(Layer {
                 quality: quality_of_rid(&rid),
@@ -132,6 +145,7 @@ impl Layers {
                 last_seen: Some(now),
                 bytes,
                 bitrate: 0,
+                max_seq: seq,
             }),
         }
     }
@@ -289,19 +303,19 @@ mod tests {
         let mut l = layers();
         assert_eq!(l.choose(HIGH, t0), None, "nothing alive yet");
         for rid in ["q", "h", "f"] {
-            l.saw(Rid::from(rid), t0, 100);
+            l.saw(Rid::from(rid), t0, 1, 100);
         }
         assert_eq!(l.choose(HIGH, t0), Some(Rid::from("f")));
         assert_eq!(l.choose(MEDIUM, t0), Some(Rid::from("h")));
         assert_eq!(l.choose(LOW, t0), Some(Rid::from("q")));
         // f stops (dynacast or congestion): HIGH subscribers fall back to h.
         let t1 = t0 + Duration::from_millis(1500);
-        l.saw(Rid::from("q"), t1, 100);
-        l.saw(Rid::from("h"), t1, 100);
+        l.saw(Rid::from("q"), t1, 1, 100);
+        l.saw(Rid::from("h"), t1, 1, 100);
         assert_eq!(l.choose(HIGH, t1), Some(Rid::from("h")));
         // Only h alive and LOW wanted: the lowest alive is better than nothing.
         let t2 = t1 + Duration::from_millis(1500);
-        l.saw(Rid::from("h"), t2, 100);
+        l.saw(Rid::from("h"), t2, 1, 100);
         assert_eq!(l.choose(LOW, t2), Some(Rid::from("h")));
     }
 

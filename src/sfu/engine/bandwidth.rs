@@ -50,6 +50,15 @@ const CONGESTED: f64 = 0.85;
 /// Loss (latest sample) above which a budget short of what is sent at all means congestion.
 const LOSING: f64 = 0.05;
 
+/// Loss (smoothed or latest) that must come with a short budget for a step down. Why: the
+/// delay-based estimate alone is not evidence enough: with the receivers' decoders busy on a
+/// loaded machine it sank to 60 % of a loopback link, lossless, and paused a layer the
+/// subscriber was receiving fine (the simulcast interop test).
+const SOME_LOSS: f64 = 0.02;
+
+/// A budget under this share of what is sent steps down without loss.
+const COLLAPSED: f64 = 0.5;
+
 /// Allocation passes in a row (500 ms apart) that must find no room for a track before it is
 /// paused: the estimate undershoots for a second or two after congestion, and the loss of the
 /// layers sent before a step down still shows in the next second's sample.
@@ -83,6 +92,8 @@ pub(super) struct Link {
     /// find nothing, from [`PROBE_BACKOFF_MIN`] to [`PROBE_BACKOFF_MAX`]).
     probe_due: Option<Instant>,
     probe_backoff: Duration,
+    /// Whether the desired bitrate dipped in the last pass (the next one raises it: a probe).
+    dipped: bool,
     /// The estimate when the last probe was started.
     probed_at_estimate: Option<u64>,
     /// What arrives from the client (its upstream).
@@ -123,18 +134,19 @@ impl Link {
     /// What to tell the estimator after an allocation (see [`Tune`]).
     ///
     /// The desired bitrate is everything the subscriber wants (with the upgrade headroom):
-    /// str0m probes towards it (initial, exponential and periodic probes). That is not enough
-    /// after congestion: str0m's estimate (as libwebrtc's) never rises above 1.5 times what is
-    /// actually sent, and it does not probe while its loss-based controller holds the estimate
-    /// down, which it did for over ten seconds after a 300 kbit/s cap was lifted (the engine's
-    /// virtual-link test). So while a track could get more and the link loses nothing now,
-    /// the estimator is restarted at its current estimate now and then: a fresh estimator
-    /// probes at three and six times its estimate at once, short bursts whose arrival rate
-    /// measures the link (a capped link measures as capped; a free one as free). The same
-    /// before a pause (`pausing`: half of its evidence gathered), lossy link or not: after
-    /// congestion str0m's loss-based estimate sank to a third of a 300 kbit/s link and would
-    /// have paused a low layer that fits. Probes that find nothing come less and less often. Nothing is set before video is measured: a
-    /// desired bitrate of almost nothing would cap those probes.
+    /// str0m probes towards it (initial, exponential and periodic probes). That is not enough:
+    /// str0m's estimate (as libwebrtc's) never rises above 1.5 times what is actually sent,
+    /// and it answers only a *raised* desired bitrate with an allocation probe. So while a
+    /// track could get more and the link loses nothing now, and before a pause (`pausing`:
+    /// half of its evidence gathered; after congestion str0m's estimate sank to a third of a
+    /// 300 kbit/s link and would have paused a low layer that fits), the desired bitrate dips
+    /// to what is sent for one pass and is raised again the next: str0m then probes, short
+    /// bursts whose arrival rate measures the link (a capped link measures as capped, a free
+    /// one as free). Probes that find nothing come less and less often. (Restarting the
+    /// estimator instead, whose fresh probes are stronger, sank the estimate of subscribers
+    /// that want no more than they get: each restart started from an estimate clamped to
+    /// what they were sent.) Nothing is set before video is measured: a desired bitrate of
+    /// almost nothing would waste str0m's one initial probe.
     fn tune(&mut self, now: Instant, raised: bool, pausing: bool, d: &Decision) -> Tune {
         let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
         if wanted < DESIRED_FLOOR {
@@ -157,15 +169,15 @@ impl Link {
             }
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
-            if (quiet || pausing) && estimate > 0 {
+            if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
-                self.desired = Some(wanted);
-                return Tune::Probe {
-                    from: estimate,
-                    desired: wanted,
-                };
+                self.dipped = true;
+                let dip = d.current.max(1);
+                self.desired = Some(dip);
+                return Tune::Desired(dip);
             }
         }
+        self.dipped = false;
         let far =
             |last: u64| (wanted as f64 - last as f64).abs() > PROBE_RETUNE * (last.max(1) as f64);
         if self.desired.is_some_and(|last| !far(last)) {
@@ -183,8 +195,6 @@ enum Tune {
     Keep,
     /// Probe towards this desired bitrate (bits/s).
     Desired(u64),
-    /// Restart at `from` (its probes measure the link), then aim at `desired`.
-    Probe { from: u64, desired: u64 },
 }
 
 /// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
@@ -313,15 +323,18 @@ impl Sfu {
                 };
                 // Hysteresis both ways, against noisy estimates and bitrates: step down only
                 // when the link no longer carries what is sent (the budget 15 % short of what
-                // the current layers cost, or short at all while the link loses packets),
-                // pause only when no room lasted three seconds; step up only when two passes
-                // in a row
+                // the current layers cost while packets are being lost, or half short, or
+                // short at all while losing over 5 %), pause only when no room lasted three
+                // seconds; step up only when two passes in a row
                 // (a second apart) find room, so one optimistic probe result does not send a
                 // layer into a link that cannot take it, and not within a few seconds of a
                 // step down.
-                let losing = s.link.latest_loss.max(s.link.latest_reported_loss) > LOSING;
-                let congested = (d.budget as f64) < CONGESTED * d.current as f64
-                    || (losing && d.budget < d.current);
+                let latest = s.link.latest_loss.max(s.link.latest_reported_loss);
+                let recent = latest.max(s.link.down.loss).max(s.link.reported_loss);
+                let short = (d.budget as f64) < CONGESTED * d.current as f64;
+                let congested = (short && recent >= SOME_LOSS)
+                    || (d.budget as f64) < COLLAPSED * d.current as f64
+                    || (latest > LOSING && d.budget < d.current);
                 let mut raised = false;
                 for (i, grant) in grants {
                     let Some(t) = s.down_tracks.get_mut(i) else {
@@ -380,11 +393,6 @@ impl Sfu {
                 match tune {
                     Tune::Keep => continue,
                     Tune::Desired(desired) => {
-                        bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
-                    }
-                    Tune::Probe { from, desired } => {
-                        tracing::debug!(%session, from_kbps = from / 1000, "bandwidth: probing");
-                        bwe.reset(Bitrate::bps(from));
                         bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
                     }
                 }

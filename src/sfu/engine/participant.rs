@@ -718,9 +718,10 @@ impl Participant {
             return;
         };
         let bytes = packet.payload.len() as u64 + simulcast::PACKET_OVERHEAD;
+        let seq = *packet.seq_no;
         match rid {
-            Some(rid) => t.layers.saw(rid, now, bytes),
-            None => t.layers.saw_plain(now, bytes),
+            Some(rid) => t.layers.saw(rid, now, seq, bytes),
+            None => t.layers.saw_plain(now, seq, bytes),
         }
         let mut primary = None;
         let mut keyframe = false;
