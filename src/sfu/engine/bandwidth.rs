@@ -6,10 +6,12 @@
 //! Every [`super::SPEAKER_INTERVAL`] the engine turns the bytes each published layer carried
 //! into bitrates, then, per subscriber with an estimate, caps each video down-track at the
 //! layer that fits or pauses it ([`DownTrack::grant`]); `update_layers` then tells the client
-//! of paused streams (`StreamStateUpdate`) in the same pass. The estimator is told what the
-//! subscriber would like to receive (the best layers it asked for), so str0m probes for that
-//! much when it is not there yet; the probes are what brings a stepped-down subscriber back
-//! up once its link recovers.
+//! of paused streams (`StreamStateUpdate`) in the same pass. Steps down need loss as well as
+//! a short estimate, pauses need it for three seconds, steps up need room for a second (see
+//! the constants: each is there because a run without it misbehaved). The estimator is told
+//! what the subscriber would like to receive (the best layers it asked for), and probes for
+//! it ([`Link::tune`]): the probes are what brings a stepped-down subscriber back up once its
+//! link recovers. `docs/quality.md` has the whole picture and the measurements.
 //!
 //! A subscriber without an estimate (its client did not negotiate transport-cc) is not
 //! limited: it gets what it asks for, as before.
@@ -36,7 +38,7 @@ pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// delay-based estimator brings it down within a second or two on a link that cannot.
 pub(super) const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1_500);
 
-/// Loss above which the estimate is discounted by it ([`Link::budget`]).
+/// Loss above which the budget is at most what arrives ([`Link::budget`]).
 const HEAVY_LOSS: f64 = 0.1;
 
 /// The estimator is reconfigured only when what it is told changes by more than this share.
