@@ -78,6 +78,10 @@ const QUIET_LOSS: f64 = 0.02;
 /// No desired bitrate is set below this (bits/s): see [`Link::tune`].
 const DESIRED_FLOOR: u64 = 64_000;
 
+/// Probes in a row that leave the estimate exactly where it was before the estimator is
+/// restarted (see [`Link::tune`]).
+const FROZEN_PROBES: u8 = 1;
+
 /// Waits between probes for more bandwidth (see [`Link::tune`]).
 const PROBE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(4);
@@ -98,6 +102,8 @@ pub(super) struct Link {
     dipped: bool,
     /// The estimate when the last probe was started.
     probed_at_estimate: Option<u64>,
+    /// Probes in a row after which the estimate had not moved by a single bit/s.
+    frozen_probes: u8,
     /// What arrives from the client (its upstream).
     pub(super) up: Measured,
     /// What the client reports receiving (its downstream): loss from transport-cc feedback.
@@ -147,8 +153,14 @@ impl Link {
     /// one as free). Probes that find nothing come less and less often. (Restarting the
     /// estimator instead, whose fresh probes are stronger, sank the estimate of subscribers
     /// that want no more than they get: each restart started from an estimate clamped to
-    /// what they were sent.) Nothing is set before video is measured: a desired bitrate of
-    /// almost nothing would waste str0m's one initial probe.
+    /// what they were sent.) One exception: after congestion str0m's loss-based estimator
+    /// can freeze in its loss-limited state, where it never probes and grows only with what
+    /// is acknowledged, which a stepped-down subscriber never raises: its estimate stayed
+    /// bit-for-bit the same for ten seconds after the cap was lifted (half of the engine's
+    /// virtual-link runs). [`FROZEN_PROBES`] probes in a row that leave the estimate exactly
+    /// where it was, on a quiet link, mean that: the estimator restarts from its estimate and
+    /// its initial probes measure the link. Nothing is set before video is measured: a
+    /// desired bitrate of almost nothing would waste str0m's one initial probe.
     fn tune(&mut self, now: Instant, raised: bool, pausing: bool, d: &Decision) -> Tune {
         let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
         if wanted < DESIRED_FLOOR {
@@ -171,6 +183,17 @@ impl Link {
             }
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
+            if self.probed_at_estimate == Some(estimate) && quiet {
+                self.frozen_probes = self.frozen_probes.saturating_add(1);
+            } else {
+                self.frozen_probes = 0;
+            }
+            if self.frozen_probes >= FROZEN_PROBES && estimate > 0 {
+                self.frozen_probes = 0;
+                self.probed_at_estimate = None;
+                self.dipped = false;
+                return Tune::Restart(estimate);
+            }
             if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
                 self.dipped = true;
@@ -197,6 +220,8 @@ enum Tune {
     Keep,
     /// Probe towards this desired bitrate (bits/s).
     Desired(u64),
+    /// Restart the estimator from this estimate (bits/s): it is frozen.
+    Restart(u64),
 }
 
 /// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
@@ -391,11 +416,22 @@ impl Sfu {
                     .iter()
                     .any(|t| t.bw_pause_votes >= PAUSE_VOTES / 2);
                 let tune = s.link.tune(now, raised, pausing, &d);
+                if tune != Tune::Keep {
+                    tracing::debug!(subscriber = %session, ?tune, "bandwidth: estimator retuned");
+                }
                 let mut bwe = s.transport.sub_pc_mut().rtc.bwe();
                 match tune {
                     Tune::Keep => continue,
                     Tune::Desired(desired) => {
                         bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+                    }
+                    Tune::Restart(from) => {
+                        tracing::info!(
+                            subscriber = %session,
+                            estimate_kbps = from / 1000,
+                            "bandwidth: estimator frozen after congestion, restarted"
+                        );
+                        bwe.reset(Bitrate::bps(from));
                     }
                 }
                 retuned.push(session);
@@ -417,4 +453,69 @@ fn log_change(subscriber: SessionId, track: &TrackSid, from: Grant, to: Grant, e
         estimate_kbps = estimate / 1000,
         "bandwidth: video track re-allocated"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanting_more(current: u64) -> Decision {
+        Decision {
+            subscriber: SessionId(1),
+            grants: None,
+            budget: 250_000,
+            current,
+            ideal: 900_000,
+            wants_more: true,
+        }
+    }
+
+    /// A probe is a dip of the desired bitrate then a raise; a probe after which the estimate
+    /// has not moved at all restarts the estimator, one after which it moved does not.
+    #[test]
+    fn a_probe_that_moves_nothing_restarts_the_estimator() {
+        let t0 = Instant::now();
+        let d = wanting_more(111_000);
+        let wanted = (900_000.0 * allocate::UPGRADE_HEADROOM) as u64;
+        for moved in [false, true] {
+            let mut link = Link {
+                estimate: Some(245_895),
+                ..Link::default()
+            };
+            assert_eq!(
+                link.tune(t0, false, false, &d),
+                Tune::Desired(111_000),
+                "dip"
+            );
+            let half = t0 + Duration::from_millis(500);
+            assert_eq!(
+                link.tune(half, false, false, &d),
+                Tune::Desired(wanted),
+                "raise"
+            );
+            if moved {
+                link.estimate = Some(245_896);
+            }
+            let due = t0 + PROBE_BACKOFF_MIN;
+            let tune = link.tune(due, false, false, &d);
+            if moved {
+                assert_eq!(
+                    tune,
+                    Tune::Desired(111_000),
+                    "the estimator works: probe again"
+                );
+            } else {
+                assert_eq!(tune, Tune::Restart(245_895));
+            }
+        }
+        // Not while losing: a frozen estimate on a lossy link is the estimator at work.
+        let mut link = Link {
+            estimate: Some(245_895),
+            ..Link::default()
+        };
+        link.tune(t0, false, false, &d);
+        link.latest_loss = 0.1;
+        let tune = link.tune(t0 + PROBE_BACKOFF_MIN, false, false, &d);
+        assert!(!matches!(tune, Tune::Restart(_)), "{tune:?}");
+    }
 }

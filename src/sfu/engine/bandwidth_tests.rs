@@ -232,6 +232,11 @@ impl Call {
 /// in a call; alice's camera is announced with three layers. Returns the call and the mid of
 /// her camera.
 fn call() -> (Call, Mid) {
+    // `RUST_LOG=conclave=debug` shows the allocations of a failed run.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let now = Instant::now();
     let mut s = sfu(now);
     let peers = vec![

@@ -13,20 +13,53 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_conclave")
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port (free for UDP too).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    next_free_port().expect("free port")
 }
 
-/// A free loopback UDP port.
+/// A free loopback UDP port (free for TCP too).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free UDP port")
+    next_free_port().expect("free UDP port")
+}
+
+/// Hands out loopback ports *below* the kernel's ephemeral range, each once per test process.
+///
+/// Why: a port found by binding `:0` is an ephemeral port, and between releasing it and the
+/// child binding it, any client's outgoing socket may take it (libwebrtc and Chromium bind
+/// ephemeral UDP ports all the time; CI once lost a Conclave start to exactly that). Below the
+/// range only explicit binds land, so the only contenders are other tests' picks, which the
+/// counter keeps apart. The start is spread by PID for two test processes side by side.
+pub fn next_free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let high = ephemeral_low.min(65_535);
+    if high < LOW + 1_000 {
+        // An unusual range: fall back to what the kernel picks.
+        return Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port());
+    }
+    let span = high - LOW;
+    let start = (std::process::id().wrapping_mul(7_919)) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start + n) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {LOW}..{high}")
 }
 
 /// How to start a Conclave.

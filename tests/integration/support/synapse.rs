@@ -15,7 +15,6 @@
 //! end (declare it before the servers so it is dropped after them).
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -278,15 +277,10 @@ impl HsOptions {
     }
 }
 
-/// Picks `n` distinct free loopback ports (all bound at once, then released).
+/// Picks `n` distinct free loopback ports (see [`super::conclave::next_free_port`]).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("binding 127.0.0.1:0 to find a free port")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
+    (0..n)
+        .map(|_| super::conclave::next_free_port().context("finding a free port"))
         .collect()
 }
 
