@@ -180,6 +180,14 @@ impl Layers {
         update(&mut self.plain_bytes, &mut self.plain_bitrate);
     }
 
+    /// The bitrate of layer `rid` (0 before it is measured).
+    pub fn bitrate_of(&self, rid: &Rid) -> u64 {
+        self.layers
+            .iter()
+            .find(|l| &l.rid == rid)
+            .map_or(0, |l| l.bitrate)
+    }
+
     /// The bitrate of the stream without rids (audio, non-simulcast video).
     pub fn plain_bitrate(&self) -> u64 {
         self.plain_bitrate

@@ -66,6 +66,15 @@ const COLLAPSED: f64 = 0.5;
 /// layers sent before a step down still shows in the next second's sample.
 const PAUSE_VOTES: u8 = 6;
 
+/// [`PAUSE_VOTES`] when the loss itself says the lowest layer does not fit ([`Link::budget`]
+/// below the estimate): the estimate is not in doubt then, and every half second waited
+/// loses audio too (a third of it on a 134 kbit/s link under the low layer).
+const PAUSE_VOTES_LOSING: u8 = 3;
+
+/// How long after a layer switch the loss measured is still that of the layer before: a
+/// one-second stats sample, and the feedback's way back.
+const LOSS_SETTLE: Duration = Duration::from_millis(1_500);
+
 /// Allocation passes in a row that must find room before a track steps up.
 const UP_VOTES: u8 = 2;
 
@@ -119,20 +128,23 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// What the allocator may spend, given that what is sent now costs `current`: the
-    /// estimate, or under heavy loss what actually arrives (`current` less the loss) when
-    /// that is less. Why: with a shaped link whose queue is full, the delay stops growing and
+    /// What the allocator may spend, given that what is sent now costs `sent`: the
+    /// estimate, or under heavy loss what actually arrives (`sent` less the loss) when
+    /// that is less. (`sent` is what the layers forwarded cost, not what the grants do: right
+    /// after a step down the layer before flows until the new one has a keyframe, and its
+    /// loss counted against the smaller granted layer paused a low layer that fitted a
+    /// 300 kbit/s link, the Chromium quality test.) Why: with a shaped link whose queue is full, the delay stops growing and
     /// only loss tells; str0m's estimate stayed at three to five times a 60 kbit/s link losing
     /// half of what was sent (the engine's virtual-link test), which would never pause the
     /// video that does not fit. The loss must be heavy both smoothed and in the latest
     /// sample: right after a step down the smoothed loss still remembers the layer before.
-    pub(super) fn budget(&self, current: u64) -> Option<u64> {
+    pub(super) fn budget(&self, sent: u64) -> Option<u64> {
         let estimate = self.estimate?;
         let smoothed = self.down.loss.max(self.reported_loss);
         let latest = self.latest_loss.max(self.latest_reported_loss);
         let loss = smoothed.min(latest).min(1.0);
-        if loss > HEAVY_LOSS && current > 0 {
-            let delivered = (current as f64 * (1.0 - loss)) as u64;
+        if loss > HEAVY_LOSS && sent > 0 {
+            let delivered = (sent as f64 * (1.0 - loss)) as u64;
             Some(estimate.min(delivered))
         } else {
             Some(estimate)
@@ -145,22 +157,27 @@ impl Link {
     /// str0m probes towards it (initial, exponential and periodic probes). That is not enough:
     /// str0m's estimate (as libwebrtc's) never rises above 1.5 times what is actually sent,
     /// and it answers only a *raised* desired bitrate with an allocation probe. So while a
-    /// track could get more and the link loses nothing now, and before a pause (`pausing`:
-    /// half of its evidence gathered; after congestion str0m's estimate sank to a third of a
-    /// 300 kbit/s link and would have paused a low layer that fits), the desired bitrate dips
-    /// to what is sent for one pass and is raised again the next: str0m then probes, short
-    /// bursts whose arrival rate measures the link (a capped link measures as capped, a free
-    /// one as free). Probes that find nothing come less and less often. (Restarting the
-    /// estimator instead, whose fresh probes are stronger, sank the estimate of subscribers
-    /// that want no more than they get: each restart started from an estimate clamped to
-    /// what they were sent.) One exception: after congestion str0m's loss-based estimator
-    /// can freeze in its loss-limited state, where it never probes and grows only with what
-    /// is acknowledged, which a stepped-down subscriber never raises: its estimate stayed
-    /// bit-for-bit the same for ten seconds after the cap was lifted (half of the engine's
-    /// virtual-link runs). [`FROZEN_PROBES`] probes in a row that leave the estimate exactly
-    /// where it was, on a quiet link, mean that: the estimator restarts from its estimate and
-    /// its initial probes measure the link. Nothing is set before video is measured: a
-    /// desired bitrate of almost nothing would waste str0m's one initial probe.
+    /// track could get more and the link loses nothing now, the desired bitrate dips to what
+    /// is sent for one pass and is raised again the next: str0m then probes, short bursts
+    /// whose arrival rate measures the link (a capped link measures as capped, a free one as
+    /// free). Probes that find nothing come less and less often. (Restarting the estimator
+    /// instead, whose fresh probes are stronger, sank the estimate of subscribers that want no
+    /// more than they get: each restart started from an estimate clamped to what they were
+    /// sent.)
+    ///
+    /// Two exceptions restart it, both where str0m's loss-based estimator holds the estimate
+    /// after congestion in its loss-limited state, in which it never probes and grows only
+    /// with what is acknowledged, which a stepped-down subscriber never raises:
+    /// - a pause half decided (`pausing`) while the link loses little: the estimate alone
+    ///   argues for it, and it sank to half of a 300 kbit/s link that carried the low layer
+    ///   fine (the Chromium quality test); the restart starts from what is granted;
+    /// - [`FROZEN_PROBES`] probes in a row that leave the estimate exactly where it was, on a
+    ///   quiet link: it stayed bit-for-bit the same for ten seconds after a cap was lifted
+    ///   (half of the engine's virtual-link runs).
+    ///
+    /// The restarted estimator's initial probes measure the link. Nothing is set before
+    /// video is measured: a desired bitrate of almost nothing would waste str0m's one initial
+    /// probe.
     fn tune(&mut self, now: Instant, raised: bool, pausing: bool, d: &Decision) -> Tune {
         let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
         if wanted < DESIRED_FLOOR {
@@ -188,11 +205,21 @@ impl Link {
             } else {
                 self.frozen_probes = 0;
             }
+            // A pause the estimate alone argues for (the link loses little): the estimate may
+            // be str0m's loss-based one holding low after the congestion of the step down,
+            // in which state it does not probe. Measure the link afresh from what is granted.
+            let latest = self.latest_loss.max(self.latest_reported_loss);
+            if pausing && latest <= HEAVY_LOSS {
+                self.frozen_probes = 0;
+                self.probed_at_estimate = None;
+                self.dipped = false;
+                return Tune::Restart(estimate.max(d.current), "before a pause");
+            }
             if self.frozen_probes >= FROZEN_PROBES && estimate > 0 {
                 self.frozen_probes = 0;
                 self.probed_at_estimate = None;
                 self.dipped = false;
-                return Tune::Restart(estimate);
+                return Tune::Restart(estimate, "frozen: a probe left it unchanged");
             }
             if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
@@ -220,8 +247,8 @@ enum Tune {
     Keep,
     /// Probe towards this desired bitrate (bits/s).
     Desired(u64),
-    /// Restart the estimator from this estimate (bits/s): it is frozen.
-    Restart(u64),
+    /// Restart the estimator from this estimate (bits/s), and why.
+    Restart(u64, &'static str),
 }
 
 /// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
@@ -244,8 +271,10 @@ pub(super) fn jitter_ms(units: u32, kind: MediaKind) -> f64 {
 /// One subscriber's allocation, computed with the room borrowed immutably.
 struct Decision {
     subscriber: SessionId,
-    /// Down-track index → grant; `None`: no estimate, nothing is capped.
-    grants: Option<Vec<(usize, Grant)>>,
+    /// Down-track index → grant, and whether the loss measured is not yet that of the layer
+    /// forwarded (a step down waiting for its keyframe, or just switched); `None`: no
+    /// estimate, nothing is capped.
+    grants: Option<Vec<(usize, Grant, bool)>>,
     budget: u64,
     /// What the current grants cost, what everything wanted would.
     current: u64,
@@ -294,6 +323,9 @@ impl Sfu {
                         continue;
                     }
                     let mut audio = 0;
+                    // What the forwarded layers cost, which differs from what the grants
+                    // cost until the layer granted has its keyframe.
+                    let mut forwarded_video = 0;
                     let mut wants = Vec::new();
                     let mut index = Vec::new();
                     for (i, d) in s.down_tracks.iter().enumerate() {
@@ -307,15 +339,32 @@ impl Sfu {
                             audio += t.layers.plain_bitrate();
                             continue;
                         }
+                        if !d.paused {
+                            forwarded_video += match &d.current_rid {
+                                Some(rid) => t.layers.bitrate_of(rid),
+                                None => t.layers.plain_bitrate(),
+                            };
+                        }
+                        // Whether the loss measured now is still that of another layer:
+                        // the one granted waits for its keyframe, or flows since too short
+                        // a time for a loss sample of its own.
+                        let above_grant = match (&d.current_rid, d.grant) {
+                            (Some(rid), Grant::UpTo(q)) => t.layers.quality(rid) > q,
+                            _ => false,
+                        };
+                        let settling = above_grant
+                            || d.switched_at
+                                .is_some_and(|at| now.saturating_duration_since(at) < LOSS_SETTLE);
                         wants.push(VideoWant {
                             priority,
                             layers: t.layers.options(d.max_quality, now),
                             current: d.grant,
                         });
-                        index.push(i);
+                        index.push((i, settling));
                     }
                     let current = allocate::current_cost(audio, &wants);
-                    let budget = s.link.budget(current).unwrap_or(0);
+                    let forwarded = audio + forwarded_video;
+                    let budget = s.link.budget(current.max(forwarded)).unwrap_or(0);
                     let a = allocate::allocate(budget, audio, &wants);
                     tracing::debug!(
                         subscriber = %s.session,
@@ -329,7 +378,13 @@ impl Sfu {
                     );
                     decisions.push(Decision {
                         subscriber: s.session,
-                        grants: Some(index.into_iter().zip(a.grants).collect()),
+                        grants: Some(
+                            index
+                                .into_iter()
+                                .zip(a.grants)
+                                .map(|((i, settling), g)| (i, g, settling))
+                                .collect(),
+                        ),
                         budget,
                         current: a.current,
                         ideal: a.ideal,
@@ -362,8 +417,14 @@ impl Sfu {
                 let congested = (short && recent >= SOME_LOSS)
                     || (d.budget as f64) < COLLAPSED * d.current as f64
                     || (latest > LOSING && d.budget < d.current);
+                let loss_says = s.link.estimate.is_some_and(|e| d.budget < e);
+                let pause_votes = if loss_says {
+                    PAUSE_VOTES_LOSING
+                } else {
+                    PAUSE_VOTES
+                };
                 let mut raised = false;
-                for (i, grant) in grants {
+                for (i, grant, settling) in grants {
                     let Some(t) = s.down_tracks.get_mut(i) else {
                         continue;
                     };
@@ -384,8 +445,15 @@ impl Sfu {
                             continue;
                         }
                         if grant == Grant::Paused {
-                            t.bw_pause_votes = t.bw_pause_votes.saturating_add(1);
-                            if t.bw_pause_votes < PAUSE_VOTES {
+                            // The evidence for a pause is gathered while the lowest layer
+                            // granted flows: until it has its keyframe, and for a loss sample
+                            // after, the loss is that of the layer before, which flooded the
+                            // link (its loss counted against the low layer paused a low layer
+                            // that fitted 300 kbit/s, the Chromium quality test).
+                            if !settling {
+                                t.bw_pause_votes = t.bw_pause_votes.saturating_add(1);
+                            }
+                            if t.bw_pause_votes < pause_votes {
                                 continue;
                             }
                         }
@@ -414,7 +482,7 @@ impl Sfu {
                 let pausing = s
                     .down_tracks
                     .iter()
-                    .any(|t| t.bw_pause_votes >= PAUSE_VOTES / 2);
+                    .any(|t| t.grant != Grant::Paused && t.bw_pause_votes >= PAUSE_VOTES / 2);
                 let tune = s.link.tune(now, raised, pausing, &d);
                 if tune != Tune::Keep {
                     tracing::debug!(subscriber = %session, ?tune, "bandwidth: estimator retuned");
@@ -425,11 +493,12 @@ impl Sfu {
                     Tune::Desired(desired) => {
                         bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
                     }
-                    Tune::Restart(from) => {
+                    Tune::Restart(from, why) => {
                         tracing::info!(
                             subscriber = %session,
                             estimate_kbps = from / 1000,
-                            "bandwidth: estimator frozen after congestion, restarted"
+                            why,
+                            "bandwidth: estimator restarted"
                         );
                         bwe.reset(Bitrate::bps(from));
                     }
@@ -505,7 +574,7 @@ mod tests {
                     "the estimator works: probe again"
                 );
             } else {
-                assert_eq!(tune, Tune::Restart(245_895));
+                assert!(matches!(tune, Tune::Restart(245_895, _)), "{tune:?}");
             }
         }
         // Not while losing: a frozen estimate on a lossy link is the estimator at work.
@@ -516,6 +585,6 @@ mod tests {
         link.tune(t0, false, false, &d);
         link.latest_loss = 0.1;
         let tune = link.tune(t0 + PROBE_BACKOFF_MIN, false, false, &d);
-        assert!(!matches!(tune, Tune::Restart(_)), "{tune:?}");
+        assert!(!matches!(tune, Tune::Restart(..)), "{tune:?}");
     }
 }

@@ -72,6 +72,8 @@ pub(super) struct DownTrack {
     pub(super) bw_pause_votes: u8,
     /// When `grant` was last lowered.
     pub(super) bw_lowered_at: Option<Instant>,
+    /// When the layer forwarded last changed.
+    pub(super) switched_at: Option<Instant>,
 }
 
 impl DownTrack {
@@ -94,6 +96,7 @@ impl DownTrack {
             bw_votes: 0,
             bw_pause_votes: 0,
             bw_lowered_at: None,
+            switched_at: None,
         }
     }
 
@@ -205,6 +208,7 @@ impl DownTrack {
                         "simulcast layer switch"
                     );
                     self.current_rid = f.rid;
+                    self.switched_at = Some(now);
                     self.waiting_keyframe = false;
                 } else {
                     if f.rid == self.wanted_rid {
