@@ -215,13 +215,22 @@ async fn hostile_userinfo_answers_are_cut_off_and_not_counted_as_internal_errors
         .as_str()
         .unwrap()
         .contains(&failing.server_name()));
-    assert!(!b["error"].as_str().unwrap().contains("500"), "{b}");
+    // (The server's name is in the error: its port may well contain "500".)
+    let said = b["error"]
+        .as_str()
+        .unwrap()
+        .replace(&failing.server_name(), "");
+    assert!(!said.contains("500"), "{b}");
     assert_no_upstream_detail(&b);
     // One refusing the token with 401: the caller gets 401 without the server's words.
     let refusing = Hostile::tls(&ca, Answer::Status(401)).await;
     let (s, b) = post(&c, "/get_token", &token_request(&refusing.server_name())).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
-    assert!(!b["error"].as_str().unwrap().contains("401"), "{b}");
+    let said = b["error"]
+        .as_str()
+        .unwrap()
+        .replace(&refusing.server_name(), "");
+    assert!(!said.contains("401"), "{b}");
     assert_no_upstream_detail(&b);
     assert_eq!(c.metric(internal).await.unwrap(), 0);
     assert_eq!(c.metric(upstream).await.unwrap(), 1);

@@ -127,14 +127,15 @@ pub(super) struct Link {
 impl Link {
     /// What the allocator may spend, given that what is sent now costs `sent`: the
     /// estimate, or under heavy loss what actually arrives (`sent` less the loss) when
-    /// that is less. (`sent` is what the layers forwarded cost, not what the grants do: right
-    /// after a step down the layer before flows until the new one has a keyframe, and its
-    /// loss counted against the smaller granted layer paused a low layer that fitted a
-    /// 300 kbit/s link, the Chromium quality test.) Why: with a shaped link whose queue is full, the delay stops growing and
+    /// that is less. Why: with a shaped link whose queue is full, the delay stops growing and
     /// only loss tells; str0m's estimate stayed at three to five times a 60 kbit/s link losing
     /// half of what was sent (the engine's virtual-link test), which would never pause the
     /// video that does not fit. The loss must be heavy both smoothed and in the latest
     /// sample: right after a step down the smoothed loss still remembers the layer before.
+    /// `sent` is what the layers *forwarded* cost, not what the grants do: after a step down
+    /// the layer before flows until the new one has a keyframe, and its loss counted against
+    /// the smaller granted layer paused a low layer that fitted a 300 kbit/s link (the
+    /// Chromium quality test).
     pub(super) fn budget(&self, sent: u64) -> Option<u64> {
         let estimate = self.estimate?;
         let smoothed = self.down.loss.max(self.reported_loss);
