@@ -87,8 +87,9 @@ const QUIET_LOSS: f64 = 0.02;
 /// No desired bitrate is set below this (bits/s): see [`Link::tune`].
 const DESIRED_FLOOR: u64 = 64_000;
 
-/// Growth of the estimate after a probe that counts as room found (see [`Link::tune`]).
-const PROBE_FOUND: f64 = 1.2;
+/// Probes in a row that leave the estimate exactly where it was before the estimator is
+/// restarted (see [`Link::tune`]).
+const FROZEN_PROBES: u8 = 1;
 
 /// Waits between probes for more bandwidth (see [`Link::tune`]).
 const PROBE_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -110,6 +111,8 @@ pub(super) struct Link {
     dipped: bool,
     /// The estimate when the last probe was started.
     probed_at_estimate: Option<u64>,
+    /// Probes in a row after which the estimate had not moved by a single bit/s.
+    frozen_probes: u8,
     /// What arrives from the client (its upstream).
     pub(super) up: Measured,
     /// What the client reports receiving (its downstream): loss from transport-cc feedback.
@@ -169,11 +172,9 @@ impl Link {
     /// - a pause half decided (`pausing`) while the link loses little: the estimate alone
     ///   argues for it, and it sank to half of a 300 kbit/s link that carried the low layer
     ///   fine (the Chromium quality test); the restart starts from what is granted;
-    /// - a probe that found nothing on a quiet link (the estimate did not grow by a fifth):
-    ///   it stayed bit-for-bit the same for ten seconds after a cap was lifted (half of the
-    ///   engine's virtual-link runs), or crept up by a few percent a second (the Chromium
-    ///   test: eleven seconds back to the top layer). So probes alternate: a dip, then, if
-    ///   it found nothing, a restart, at the same growing intervals.
+    /// - [`FROZEN_PROBES`] probes in a row that leave the estimate exactly where it was, on a
+    ///   quiet link: it stayed bit-for-bit the same for ten seconds after a cap was lifted
+    ///   (half of the engine's virtual-link runs).
     ///
     /// The restarted estimator's initial probes measure the link. Nothing is set before
     /// video is measured: a desired bitrate of almost nothing would waste str0m's one initial
@@ -192,28 +193,34 @@ impl Link {
         if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
             // soon, the link may have more.
-            let found_room = self
+            if self
                 .probed_at_estimate
-                .is_some_and(|before| estimate as f64 > PROBE_FOUND * before as f64);
-            if found_room {
+                .is_some_and(|before| estimate as f64 > 1.2 * before as f64)
+            {
                 self.probe_backoff = PROBE_BACKOFF_MIN;
             }
-            let futile = self.probed_at_estimate.is_some() && !found_room && quiet;
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
+            if self.probed_at_estimate == Some(estimate) && quiet {
+                self.frozen_probes = self.frozen_probes.saturating_add(1);
+            } else {
+                self.frozen_probes = 0;
+            }
             // A pause the estimate alone argues for (the link loses little): the estimate may
             // be str0m's loss-based one holding low after the congestion of the step down,
             // in which state it does not probe. Measure the link afresh from what is granted.
             let latest = self.latest_loss.max(self.latest_reported_loss);
             if pausing && latest <= HEAVY_LOSS {
+                self.frozen_probes = 0;
                 self.probed_at_estimate = None;
                 self.dipped = false;
                 return Tune::Restart(estimate.max(d.current), "before a pause");
             }
-            if futile && estimate > 0 {
+            if self.frozen_probes >= FROZEN_PROBES && estimate > 0 {
+                self.frozen_probes = 0;
                 self.probed_at_estimate = None;
                 self.dipped = false;
-                return Tune::Restart(estimate, "a probe found nothing");
+                return Tune::Restart(estimate, "frozen: a probe left it unchanged");
             }
             if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
@@ -534,9 +541,9 @@ mod tests {
     }
 
     /// A probe is a dip of the desired bitrate then a raise; a probe after which the estimate
-    /// did not grow by a fifth restarts the estimator, one after which it did probes again.
+    /// has not moved at all restarts the estimator, one after which it moved does not.
     #[test]
-    fn a_probe_that_finds_nothing_restarts_the_estimator() {
+    fn a_probe_that_moves_nothing_restarts_the_estimator() {
         let t0 = Instant::now();
         let d = wanting_more(111_000);
         let wanted = (900_000.0 * allocate::UPGRADE_HEADROOM) as u64;
@@ -556,7 +563,9 @@ mod tests {
                 Tune::Desired(wanted),
                 "raise"
             );
-            link.estimate = Some(if moved { 300_000 } else { 250_000 });
+            if moved {
+                link.estimate = Some(245_896);
+            }
             let due = t0 + PROBE_BACKOFF_MIN;
             let tune = link.tune(due, false, false, &d);
             if moved {
@@ -566,10 +575,10 @@ mod tests {
                     "the estimator works: probe again"
                 );
             } else {
-                assert!(matches!(tune, Tune::Restart(250_000, _)), "{tune:?}");
+                assert!(matches!(tune, Tune::Restart(245_895, _)), "{tune:?}");
             }
         }
-        // Not while losing: a low estimate on a lossy link is the estimator at work.
+        // Not while losing: a frozen estimate on a lossy link is the estimator at work.
         let mut link = Link {
             estimate: Some(245_895),
             ..Link::default()
