@@ -235,6 +235,13 @@ impl DownTrack {
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return Forwarded::Skipped;
         };
+        // Forwarded media is not paced by str0m (as LiveKit's default pacer, which passes
+        // packets through): paced at the estimate, the packets of a layer written before a
+        // step down queued in str0m's pacer and flowed for seconds after the switch, four
+        // times the new layer's rate into the congested link (the engine's virtual-link test
+        // counted them), and that loss paused a low layer that fitted. Probes and padding
+        // are still paced. (One store per packet: str0m keeps the flag per stream.)
+        tx.set_unpaced(true);
         let p = &f.packet;
         let hz = p.time.frequency().get();
         let Some(m) = out.map(f.source, *p.seq_no, p.time.numer(), hz, now) else {
