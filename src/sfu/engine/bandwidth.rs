@@ -113,6 +113,8 @@ pub(super) struct Link {
     probed_at_estimate: Option<u64>,
     /// Probes in a row after which the estimate had not moved by a single bit/s.
     frozen_probes: u8,
+    /// Whether the pause in the making was preceded by a restart already.
+    restarted_for_pause: bool,
     /// What arrives from the client (its upstream).
     pub(super) up: Measured,
     /// What the client reports receiving (its downstream): loss from transport-cc feedback.
@@ -190,6 +192,21 @@ impl Link {
         let estimate = self.estimate.unwrap_or(0);
         let due = self.probe_due.is_none_or(|at| now >= at);
         let quiet = self.latest_loss.max(self.latest_reported_loss) < QUIET_LOSS;
+        // A pause the estimate alone argues for (the link loses little): the estimate may be
+        // str0m's loss-based one holding low after the congestion of the step down, in which
+        // state it does not probe. Measure the link afresh from what is granted, once per
+        // pause in the making, without waiting for the probe backoff (the pause would not).
+        let latest = self.latest_loss.max(self.latest_reported_loss);
+        if !pausing {
+            self.restarted_for_pause = false;
+        } else if latest <= HEAVY_LOSS && !self.restarted_for_pause && !raised {
+            self.restarted_for_pause = true;
+            self.frozen_probes = 0;
+            self.probed_at_estimate = None;
+            self.dipped = false;
+            self.probe_due = Some(now + self.probe_backoff);
+            return Tune::Restart(estimate.max(d.current), "before a pause");
+        }
         if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
             // soon, the link may have more.
@@ -205,16 +222,6 @@ impl Link {
                 self.frozen_probes = self.frozen_probes.saturating_add(1);
             } else {
                 self.frozen_probes = 0;
-            }
-            // A pause the estimate alone argues for (the link loses little): the estimate may
-            // be str0m's loss-based one holding low after the congestion of the step down,
-            // in which state it does not probe. Measure the link afresh from what is granted.
-            let latest = self.latest_loss.max(self.latest_reported_loss);
-            if pausing && latest <= HEAVY_LOSS {
-                self.frozen_probes = 0;
-                self.probed_at_estimate = None;
-                self.dipped = false;
-                return Tune::Restart(estimate.max(d.current), "before a pause");
             }
             if self.frozen_probes >= FROZEN_PROBES && estimate > 0 {
                 self.frozen_probes = 0;
