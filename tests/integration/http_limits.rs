@@ -229,8 +229,17 @@ async fn healthz_and_the_appservice_api_answer_when_the_cap_is_reached() {
     for _ in 0..50 {
         idle.push(TcpStream::connect(addr(&c)).await.unwrap());
     }
-    // Let the server accept them all.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the server accepted them all, a request may still take an ordinary slot (300 ms
+    // of sleep were not enough on a loaded CI machine): wait until ordinary routes get 503.
+    crate::support::conclave::eventually(Duration::from_secs(10), "the cap reached", || async {
+        let s = TcpStream::connect(addr(&c)).await?;
+        Ok(request_on(s, "GET", "/metrics", "", "")
+            .await
+            .starts_with("HTTP/1.1 503")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
     for _ in 0..5 {
         assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
     }
