@@ -62,6 +62,20 @@ async fn request_on(
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Waits until `GET /metrics` on a fresh connection answers with `status` (a status line
+/// prefix); panics after `within`.
+async fn metrics_answers_eventually(c: &Conclave, status: &str, within: Duration) {
+    crate::support::conclave::eventually(within, &format!("/metrics: {status}"), || async {
+        let s = TcpStream::connect(addr(c)).await?;
+        Ok(request_on(s, "GET", "/metrics", "", "")
+            .await
+            .starts_with(status)
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// `GET /healthz` on a new connection from 127.0.0.1: the status line.
 async fn healthz(c: &Conclave) -> String {
     let s = TcpStream::connect(addr(c)).await.unwrap();
@@ -231,15 +245,7 @@ async fn healthz_and_the_appservice_api_answer_when_the_cap_is_reached() {
     }
     // Until the server accepted them all, a request may still take an ordinary slot (300 ms
     // of sleep were not enough on a loaded CI machine): wait until ordinary routes get 503.
-    crate::support::conclave::eventually(Duration::from_secs(10), "the cap reached", || async {
-        let s = TcpStream::connect(addr(&c)).await?;
-        Ok(request_on(s, "GET", "/metrics", "", "")
-            .await
-            .starts_with("HTTP/1.1 503")
-            .then_some(()))
-    })
-    .await
-    .unwrap();
+    metrics_answers_eventually(&c, "HTTP/1.1 503", Duration::from_secs(10)).await;
     for _ in 0..5 {
         assert_eq!(healthz(&c).await, "HTTP/1.1 200 OK");
     }
@@ -258,15 +264,7 @@ async fn healthz_and_the_appservice_api_answer_when_the_cap_is_reached() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     // Once the idle ones are gone, everything is served again.
     drop(idle);
-    crate::support::conclave::eventually(Duration::from_secs(5), "/metrics again", || async {
-        let s = TcpStream::connect(addr(&c)).await?;
-        Ok(request_on(s, "GET", "/metrics", "", "")
-            .await
-            .starts_with("HTTP/1.1 200")
-            .then_some(()))
-    })
-    .await
-    .unwrap();
+    metrics_answers_eventually(&c, "HTTP/1.1 200", Duration::from_secs(5)).await;
     let reserved = c
         .metric("conclave_http_connections_reserved_total")
         .await

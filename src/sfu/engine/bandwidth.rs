@@ -87,10 +87,6 @@ const QUIET_LOSS: f64 = 0.02;
 /// No desired bitrate is set below this (bits/s): see [`Link::tune`].
 const DESIRED_FLOOR: u64 = 64_000;
 
-/// Probes in a row that leave the estimate exactly where it was before the estimator is
-/// restarted (see [`Link::tune`]).
-const FROZEN_PROBES: u8 = 1;
-
 /// Waits between probes for more bandwidth (see [`Link::tune`]).
 const PROBE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(4);
@@ -111,8 +107,6 @@ pub(super) struct Link {
     dipped: bool,
     /// The estimate when the last probe was started.
     probed_at_estimate: Option<u64>,
-    /// Probes in a row after which the estimate had not moved by a single bit/s.
-    frozen_probes: u8,
     /// Whether the pause in the making was preceded by a restart already.
     restarted_for_pause: bool,
     /// What arrives from the client (its upstream).
@@ -174,8 +168,7 @@ impl Link {
     /// - a pause half decided (`pausing`) while the link loses little: the estimate alone
     ///   argues for it, and it sank to half of a 300 kbit/s link that carried the low layer
     ///   fine (the Chromium quality test); the restart starts from what is granted;
-    /// - [`FROZEN_PROBES`] probes in a row that leave the estimate exactly where it was, on a
-    ///   quiet link: it stayed bit-for-bit the same for ten seconds after a cap was lifted
+    /// - a probe that leaves the estimate exactly where it was, on a quiet link: it stayed bit-for-bit the same for ten seconds after a cap was lifted
     ///   (half of the engine's virtual-link runs).
     ///
     /// The restarted estimator's initial probes measure the link. Nothing is set before
@@ -191,21 +184,18 @@ impl Link {
         }
         let estimate = self.estimate.unwrap_or(0);
         let due = self.probe_due.is_none_or(|at| now >= at);
-        let quiet = self.latest_loss.max(self.latest_reported_loss) < QUIET_LOSS;
+        let latest = self.latest_loss.max(self.latest_reported_loss);
+        let quiet = latest < QUIET_LOSS;
         // A pause the estimate alone argues for (the link loses little): the estimate may be
         // str0m's loss-based one holding low after the congestion of the step down, in which
         // state it does not probe. Measure the link afresh from what is granted, once per
         // pause in the making, without waiting for the probe backoff (the pause would not).
-        let latest = self.latest_loss.max(self.latest_reported_loss);
         if !pausing {
             self.restarted_for_pause = false;
         } else if latest <= HEAVY_LOSS && !self.restarted_for_pause && !raised {
             self.restarted_for_pause = true;
-            self.frozen_probes = 0;
-            self.probed_at_estimate = None;
-            self.dipped = false;
             self.probe_due = Some(now + self.probe_backoff);
-            return Tune::Restart(estimate.max(d.current), "before a pause");
+            return self.restart(estimate.max(d.current), "before a pause");
         }
         if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
@@ -218,16 +208,8 @@ impl Link {
             }
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
-            if self.probed_at_estimate == Some(estimate) && quiet {
-                self.frozen_probes = self.frozen_probes.saturating_add(1);
-            } else {
-                self.frozen_probes = 0;
-            }
-            if self.frozen_probes >= FROZEN_PROBES && estimate > 0 {
-                self.frozen_probes = 0;
-                self.probed_at_estimate = None;
-                self.dipped = false;
-                return Tune::Restart(estimate, "frozen: a probe left it unchanged");
+            if self.probed_at_estimate == Some(estimate) && quiet && estimate > 0 {
+                return self.restart(estimate, "frozen: a probe left it unchanged");
             }
             if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
@@ -245,6 +227,14 @@ impl Link {
         }
         self.desired = Some(wanted);
         Tune::Desired(wanted)
+    }
+
+    /// A restart of the estimator from `from` (bits/s): the probe in progress is forgotten,
+    /// the fresh estimator's initial probes take its place.
+    fn restart(&mut self, from: u64, why: &'static str) -> Tune {
+        self.probed_at_estimate = None;
+        self.dipped = false;
+        Tune::Restart(from, why)
     }
 }
 

@@ -33,11 +33,14 @@ pub fn free_udp_port() -> u16 {
 pub fn next_free_port() -> Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    static EPHEMERAL_LOW: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     const LOW: u32 = 10_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_low = *EPHEMERAL_LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32_768)
+    });
     let high = ephemeral_low.min(65_535);
     if high < LOW + 1_000 {
         // An unusual range: fall back to what the kernel picks.
