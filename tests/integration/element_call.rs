@@ -103,6 +103,16 @@ async fn sfu_view(c: &Conclave, room: &str) -> Vec<(String, bool)> {
     v
 }
 
+/// What the failure of [`assert_media_stays_home`] quotes from each Conclave's log.
+const PARTICIPANT_LOG: &[&str] = &[
+    "participant joined",
+    "participant left",
+    "removing SFU participant",
+    "token issued",
+    " WARN ",
+    " ERROR ",
+];
+
 /// Each ministry's SFU holds its own user as the publisher and the other ministry's user as
 /// a subscriber only.
 async fn assert_media_stays_home(m: &Ministries, room: &str, alice: &str, bob: &str) {
@@ -126,9 +136,13 @@ async fn assert_media_stays_home(m: &Ministries, room: &str, alice: &str, bob: &
         if std::time::Instant::now() > deadline {
             panic!(
                 "SFU views: Conclave-1 {v1:?} (want {want1:?}), Conclave-2 {v2:?} (want {want2:?})\n\
-                 Conclave-1: {}\nConclave-2: {}",
+                 Conclave-1: {}\nConclave-2: {}\n\
+                 ---- Conclave-1 participants and warnings ----\n{}\n\
+                 ---- Conclave-2 participants and warnings ----\n{}",
                 admin_call(&m.c1, room).await.unwrap_or(Value::Null),
                 admin_call(&m.c2, room).await.unwrap_or(Value::Null),
+                m.c1.log_excerpt(PARTICIPANT_LOG, 40),
+                m.c2.log_excerpt(PARTICIPANT_LOG, 40),
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

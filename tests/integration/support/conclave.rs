@@ -391,6 +391,17 @@ impl Conclave {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The last `max` log lines containing any of `needles`, for failure messages: CI shows
+    /// only the tail of a failed run's output, where a whole log would push them out.
+    pub fn log_excerpt(&self, needles: &[&str], max: usize) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| needles.iter().any(|n| l.contains(n)))
+            .collect();
+        lines[lines.len().saturating_sub(max)..].join("\n")
+    }
+
     /// `GET path` from inside namespace `ns` (where this instance runs): the body of a 2xx.
     async fn netns_get(&self, ns: String, path: &str) -> Result<String> {
         let ip = self
