@@ -4,7 +4,7 @@
 #
 #   docker build -t conclave .
 #   docker run --rm -v conclave-data:/var/lib/conclave -v $PWD/conclave.toml:/etc/conclave/conclave.toml:ro \
-#       -p 8080:8080/tcp -p 7882:7882/udp conclave
+#       -p 8080:8080/tcp -p 7882:7882/udp -p 7881:7881/tcp conclave
 #
 # The build needs no protoc and no system libraries: SQLite is bundled (rusqlite `bundled`),
 # TLS is rustls, the LiveKit protobufs come pre-generated in the livekit-protocol crate.
@@ -56,8 +56,9 @@ VOLUME ["/var/lib/conclave"]
 
 # HTTP: appservice API, /sfu/get + /get_token, SFU WebSocket, /healthz, /metrics.
 EXPOSE 8080/tcp
-# Media: rtc.udp_port.
+# Media: rtc.udp_port; ICE over TCP for clients without UDP: rtc.tcp_port.
 EXPOSE 7882/udp
+EXPOSE 7881/tcp
 
 ENTRYPOINT ["conclave"]
 CMD ["serve", "--config", "/etc/conclave/conclave.toml"]

@@ -285,6 +285,10 @@ impl Default for AuthConfig {
 pub struct RtcConfig {
     /// UDP port for all media. Default 7882.
     pub udp_port: u16,
+    /// TCP port for ICE over TCP (RFC 6544), for clients whose network drops UDP: announced
+    /// as a passive candidate on every node IP, after the UDP ones (clients that can use UDP
+    /// do). Default 7881 (LiveKit's); 0 turns ICE-TCP off.
+    pub tcp_port: u16,
     /// IPs announced as ICE host candidates. Default: empty, meaning loopback plus the
     /// addresses detected on this host.
     pub node_ips: Vec<IpAddr>,
@@ -329,6 +333,7 @@ impl Default for RtcConfig {
     fn default() -> Self {
         Self {
             udp_port: 7882,
+            tcp_port: 7881,
             node_ips: Vec::new(),
             auto_create: None,
             signal_timeout_secs: 30,

@@ -362,15 +362,18 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let sfu = crate::net::start(
         &node_ips,
         config.rtc.udp_port,
+        (config.rtc.tcp_port != 0).then_some(config.rtc.tcp_port),
         config.rtc.loop_threads(),
         rooms.clone(),
     )
     .map_err(|e| RunError::Net(e.to_string()))?;
     let media = sfu.addresses.clone();
+    let media_tcp = sfu.tcp_addresses.clone();
     let events = sfu.subscribe_events();
     let services = build_services(config.clone(), fault, rooms, sfu)?;
     tracing::info!(
         ?media,
+        ?media_tcp,
         auto_create = config.sfu_auto_create(),
         "SFU running"
     );
@@ -405,10 +408,16 @@ fn log_fd_limit(config: &Config) {
     #[cfg(unix)]
     match crate::http::server::raise_fd_limit() {
         Some((soft, hard)) => {
+            let ice_tcp = if config.rtc.tcp_port == 0 {
+                0
+            } else {
+                crate::net::tcp::MAX_CONNECTIONS
+            };
             let needed = config
                 .http
                 .max_connections
                 .saturating_add(config.http.reserved_connections)
+                .saturating_add(ice_tcp)
                 .saturating_add(256);
             let needed = libc::rlim_t::try_from(needed).unwrap_or(libc::rlim_t::MAX);
             if soft < needed {
@@ -417,8 +426,9 @@ fn log_fd_limit(config: &Config) {
                     hard,
                     needed,
                     "the open-files limit (RLIMIT_NOFILE) is below http.max_connections + \
-                     http.reserved_connections + 256; raise it (systemd LimitNOFILE, \
-                     docker --ulimit nofile) or lower the caps"
+                     http.reserved_connections + the ICE-TCP connections (4096 unless \
+                     rtc.tcp_port = 0) + 256; raise it (systemd LimitNOFILE, docker --ulimit \
+                     nofile) or lower the caps"
                 );
             } else {
                 tracing::info!(soft, hard, "open-files limit (RLIMIT_NOFILE)");

@@ -19,10 +19,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod batch;
 pub mod queue;
+pub mod tcp;
 
 use crate::sfu::ids::{ParticipantIdentity, RoomName, RoomSid};
 use crate::sfu::registry::{RoomOptions, RoomRegistry};
-use crate::sfu::{Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
+use crate::sfu::{Command, IpProto, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SignalOut};
 use livekit_protocol::DisconnectReason;
 pub use queue::{session_queue, Refused, SignalQueue, SignalSink};
 
@@ -43,6 +44,14 @@ pub enum NetError {
     /// A media socket could not be bound.
     #[error("cannot bind UDP {addr} (rtc.udp_port / rtc.node_ips): {source}")]
     Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The ICE-TCP port could not be bound.
+    #[error("cannot bind TCP {addr} (rtc.tcp_port / rtc.node_ips; 0 turns ICE-TCP off): {source}")]
+    BindTcp {
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -167,6 +176,8 @@ pub struct NetStats {
     pub dropped_handoff: AtomicU64,
     /// Sessions disconnected because their signal queue was full.
     pub signal_queue_full: AtomicU64,
+    /// ICE-TCP connections.
+    pub tcp: Arc<tcp::TcpStats>,
 }
 
 impl NetStats {
@@ -177,6 +188,7 @@ impl NetStats {
             unroutable: AtomicU64::new(0),
             dropped_handoff: AtomicU64::new(0),
             signal_queue_full: AtomicU64::new(0),
+            tcp: Arc::default(),
         }
     }
 
@@ -243,6 +255,26 @@ impl NetStats {
                 "Signalling sessions disconnected because they did not take their messages in time.",
                 load(&self.signal_queue_full),
             ),
+            (
+                "conclave_media_tcp_accepted_total",
+                "ICE-TCP connections accepted on rtc.tcp_port.",
+                load(&self.tcp.accepted),
+            ),
+            (
+                "conclave_media_tcp_refused_total",
+                "ICE-TCP connections closed at once: the connection limit was reached.",
+                load(&self.tcp.refused_full),
+            ),
+            (
+                "conclave_media_tcp_closed_idle_total",
+                "ICE-TCP connections closed for silence or for not reading (clients gone or on another path).",
+                load(&self.tcp.closed_idle),
+            ),
+            (
+                "conclave_media_tcp_closed_bad_total",
+                "ICE-TCP connections closed for breaking the rules (no STUN first, oversized frame, failed ICE).",
+                load(&self.tcp.closed_bad),
+            ),
         ];
         let mut out = String::new();
         for (name, help, v) in rows {
@@ -250,6 +282,11 @@ impl NetStats {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
             ));
         }
+        let name = "conclave_media_tcp_connections";
+        out.push_str(&format!(
+            "# HELP {name} ICE-TCP connections open.\n# TYPE {name} gauge\n{name} {}\n",
+            self.tcp.open.load(Ordering::Relaxed)
+        ));
         let per_loop: [PerLoopMetric; 4] = [
             (
                 "conclave_loop_busy_seconds_total",
@@ -348,6 +385,8 @@ pub struct SfuHandle {
     events: broadcast::Sender<SfuEvent>,
     /// The media addresses (host candidates).
     pub addresses: Arc<Vec<SocketAddr>>,
+    /// The ICE-TCP addresses (passive host candidates); empty with ICE-TCP off.
+    pub tcp_addresses: Arc<Vec<SocketAddr>>,
     /// Media-path counters.
     pub stats: Arc<NetStats>,
 }
@@ -577,11 +616,37 @@ const DATAGRAM_QUEUE: usize = 8192;
 /// receiver); only used with more than one loop.
 type Routes = Arc<RwLock<HashMap<SocketAddr, usize>>>;
 
-/// A datagram the receiver hands to the loop that owns its peer connection.
-struct Datagram {
-    source: SocketAddr,
-    local: SocketAddr,
-    bytes: Vec<u8>,
+/// What the receiver and the ICE-TCP connections hand to the loop that owns a peer
+/// connection.
+enum Inbound {
+    /// A UDP datagram, or one frame of an ICE-TCP connection.
+    Packet {
+        proto: IpProto,
+        source: SocketAddr,
+        local: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    /// An ICE-TCP connection from `remote` to `local` (before its first frame): what the
+    /// engine sends there goes to `writer`, the connection's only sender (dropping it closes
+    /// the connection).
+    TcpOpen {
+        local: SocketAddr,
+        remote: SocketAddr,
+        writer: mpsc::Sender<Vec<u8>>,
+    },
+    /// That connection ended.
+    TcpClosed {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+}
+
+/// An ICE-TCP connection as its loop holds it.
+struct TcpPeer {
+    writer: mpsc::Sender<Vec<u8>>,
+    /// Its first frame passed ICE here: from then on the sweep closes it once the engine no
+    /// longer knows its address (the participant left).
+    verified: bool,
 }
 
 /// Binds the media sockets and starts `threads` media loops, each on its own thread (see
@@ -589,9 +654,12 @@ struct Datagram {
 /// thread reads them and hands each datagram to the loop owning its peer connection (by the
 /// ufrag prefix of a STUN request, else by the source address the owner learned through ICE).
 /// Every loop sends on its own handle to the same sockets: one media port either way.
+/// With `tcp_port`, ICE-TCP listeners on each node IP ([`tcp`], their own thread) hand
+/// their connections' frames to the loops the same way.
 pub fn start(
     node_ips: &[IpAddr],
     port: u16,
+    tcp_port: Option<u16>,
     threads: usize,
     registry: Arc<RoomRegistry>,
 ) -> Result<SfuHandle, NetError> {
@@ -608,7 +676,19 @@ pub fn start(
         sockets.push((local, sock));
     }
     let addresses: Vec<SocketAddr> = sockets.iter().map(|(a, _)| *a).collect();
-    tracing::info!(?addresses, threads, "media sockets bound");
+    let mut listeners = Vec::new();
+    if let Some(tcp_port) = tcp_port {
+        for ip in node_ips {
+            let addr = SocketAddr::new(*ip, tcp_port);
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(|l| l.local_addr().map(|a| (a, l)))
+                .map_err(|source| NetError::BindTcp { addr, source })?;
+            listeners.push(listener);
+        }
+    }
+    let tcp_addresses: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
+    tracing::info!(?addresses, ?tcp_addresses, threads, "media sockets bound");
     let (events, _) = broadcast::channel(1024);
     let stats = Arc::new(NetStats::new(threads));
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
@@ -625,6 +705,7 @@ pub fn start(
         let sfu = Sfu::new(
             SfuConfig {
                 candidates: addresses.clone(),
+                tcp_candidates: tcp_addresses.clone(),
                 seed: None,
                 ufrag_prefix: if threads > 1 {
                     format!("{index:02x}")
@@ -646,6 +727,7 @@ pub fn start(
             events: events.clone(),
             dropped_sends: 0,
             routes: routes.clone(),
+            tcp: HashMap::new(),
         };
         // With one loop, it reads the sockets; with more, the receiver does (the first loop
         // to stop stops it).
@@ -665,6 +747,22 @@ pub fn start(
             tracing::Instrument::instrument(fut, span),
         )?;
     }
+    if !listeners.is_empty() {
+        let (loops, tcp_stats) = (datagram_txs.clone(), stats.tcp.clone());
+        spawn_thread("conclave-media-tcp".into(), async move {
+            let listeners = listeners
+                .into_iter()
+                .filter_map(|(addr, l)| match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "cannot listen for ICE-TCP");
+                        None
+                    }
+                })
+                .collect();
+            tcp::serve(listeners, loops, tcp_stats).await;
+        })?;
+    }
     if threads > 1 {
         let router = Router {
             loops: datagram_txs,
@@ -682,6 +780,7 @@ pub fn start(
         next_session: Arc::new(AtomicU64::new(1)),
         events,
         addresses: Arc::new(addresses),
+        tcp_addresses: Arc::new(tcp_addresses),
     })
 }
 
@@ -739,7 +838,7 @@ fn readable(sockets: Vec<(SocketAddr, std::net::UdpSocket)>) -> Vec<(SocketAddr,
 /// The receiver with more than one loop: reads the media sockets and hands each datagram to
 /// the loop owning its peer connection, never waiting for one (a full queue drops it).
 struct Router {
-    loops: Vec<mpsc::Sender<Datagram>>,
+    loops: Vec<mpsc::Sender<Inbound>>,
     routes: Routes,
     stats: Arc<NetStats>,
 }
@@ -782,7 +881,8 @@ impl Router {
             self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let datagram = Datagram {
+        let datagram = Inbound::Packet {
+            proto: IpProto::Udp,
             source,
             local,
             bytes: packet.to_vec(),
@@ -808,6 +908,8 @@ struct Loop {
     /// Datagrams to send, per socket (capacity kept between drains).
     pending: Vec<Vec<(SocketAddr, Vec<u8>)>>,
     routes: Routes,
+    /// ICE-TCP connections by (local, remote) address.
+    tcp: HashMap<(SocketAddr, SocketAddr), TcpPeer>,
 }
 
 impl Loop {
@@ -850,12 +952,69 @@ impl Loop {
         }
     }
 
+    /// Takes what the receiver or an ICE-TCP connection handed on.
+    fn inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Packet {
+                proto: IpProto::Udp,
+                source,
+                local,
+                bytes,
+            } => self.datagram(source, local, &bytes),
+            Inbound::Packet {
+                proto: IpProto::Tcp,
+                source,
+                local,
+                bytes,
+            } => self.tcp_frame(source, local, &bytes),
+            Inbound::TcpOpen {
+                local,
+                remote,
+                writer,
+            } => {
+                let peer = TcpPeer {
+                    writer,
+                    verified: false,
+                };
+                self.tcp.insert((local, remote), peer);
+            }
+            Inbound::TcpClosed { local, remote } => {
+                self.tcp.remove(&(local, remote));
+            }
+        }
+    }
+
+    /// Feeds one ICE-TCP frame to the engine. A connection whose first frame did not pass
+    /// ICE here is closed (its writer dropped), as is one whose peer the engine forgot.
+    fn tcp_frame(&mut self, source: SocketAddr, local: SocketAddr, bytes: &[u8]) {
+        self.sfu
+            .handle_packet(Instant::now(), IpProto::Tcp, source, local, bytes);
+        let known = self.sfu.knows_address(IpProto::Tcp, &source);
+        match self.tcp.get_mut(&(local, source)) {
+            Some(peer) if known => peer.verified = true,
+            // Its participant left (or its peer connection went): nothing to count.
+            Some(peer) if peer.verified => {
+                tracing::debug!(%source, "ICE-TCP connection of a departed peer; closing it");
+                self.tcp.remove(&(local, source));
+            }
+            Some(_) => {
+                tracing::debug!(%source, "ICE-TCP connection failed ICE; closing it");
+                self.tcp.remove(&(local, source));
+                self.stats.tcp.closed_bad.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+    }
+
     /// Feeds one datagram to the engine; with several loops, an address that passed ICE here
     /// goes into the shared routes so the receiver sends its other datagrams here.
     fn datagram(&mut self, source: SocketAddr, local: SocketAddr, bytes: &[u8]) {
         self.sfu
             .handle_datagram(Instant::now(), source, local, bytes);
-        if self.threads > 1 && crate::sfu::stun::is_stun(bytes) && self.sfu.knows_address(&source) {
+        if self.threads > 1
+            && crate::sfu::stun::is_stun(bytes)
+            && self.sfu.knows_address(IpProto::Udp, &source)
+        {
             let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
             let known = routes.get(&source) == Some(&self.index);
             drop(routes);
@@ -872,7 +1031,31 @@ impl Loop {
     fn sweep_routes(&mut self) {
         let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
         let (index, sfu) = (self.index, &self.sfu);
-        routes.retain(|addr, owner| *owner != index || sfu.knows_address(addr));
+        routes.retain(|addr, owner| *owner != index || sfu.knows_address(IpProto::Udp, addr));
+    }
+
+    /// Closes the ICE-TCP connections of peers the engine no longer knows (they left).
+    fn sweep_tcp(&mut self) {
+        let sfu = &self.sfu;
+        self.tcp
+            .retain(|(_, remote), peer| !peer.verified || sfu.knows_address(IpProto::Tcp, remote));
+    }
+
+    /// Hands a frame to its ICE-TCP connection's writer, never waiting: a full queue drops
+    /// it (a peer that does not read), a closed one forgets the connection.
+    fn send_tcp(&mut self, local: SocketAddr, remote: SocketAddr, contents: Vec<u8>) {
+        let Some(peer) = self.tcp.get(&(local, remote)) else {
+            self.dropped_sends += 1;
+            return;
+        };
+        match peer.writer.try_send(contents) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.dropped_sends += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.dropped_sends += 1;
+                self.tcp.remove(&(local, remote));
+            }
+        }
     }
 
     /// Carries out every pending output; returns the next timeout. Sessions whose queue was
@@ -929,6 +1112,9 @@ impl Loop {
                             .store(s.bandwidth_downgrades, Ordering::Relaxed);
                     }
                     return (t, gone);
+                }
+                Output::Transmit(t) if t.proto == IpProto::Tcp => {
+                    self.send_tcp(t.source, t.destination, t.contents);
                 }
                 Output::Transmit(t) => {
                     // Queued per socket; flushed in batches when the drain is over.
@@ -1025,7 +1211,7 @@ impl Loop {
 async fn run(
     mut lp: Loop,
     mut rx: mpsc::Receiver<LoopRequest>,
-    mut datagrams: mpsc::Receiver<Datagram>,
+    mut datagrams: mpsc::Receiver<Inbound>,
     receive: Option<Vec<(SocketAddr, std::net::UdpSocket)>>,
 ) {
     let sockets = readable(receive.unwrap_or_default());
@@ -1034,9 +1220,12 @@ async fn run(
     let mut woke = Instant::now();
     loop {
         let mut timeout = lp.drain();
-        if lp.threads > 1 {
+        if lp.threads > 1 || !lp.tcp.is_empty() {
             if woke >= next_sweep {
-                lp.sweep_routes();
+                if lp.threads > 1 {
+                    lp.sweep_routes();
+                }
+                lp.sweep_tcp();
                 next_sweep = woke + ROUTE_SWEEP;
             }
             timeout = timeout.min(next_sweep);
@@ -1061,7 +1250,7 @@ async fn run(
             },
             Some(d) = datagrams.recv() => {
                 woke = Instant::now();
-                lp.datagram(d.source, d.local, &d.bytes);
+                lp.inbound(d);
             },
             res = recv_any(&sockets, &mut buf), if !sockets.is_empty() => {
                 woke = Instant::now();
@@ -1116,6 +1305,7 @@ mod tests {
         start(
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
             0,
+            Some(0),
             1,
             Arc::new(RoomRegistry::default()),
         )
@@ -1214,6 +1404,7 @@ mod tests {
         let sfu = start(
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
             0,
+            Some(0),
             threads,
             Arc::new(RoomRegistry::default()),
         )
@@ -1269,8 +1460,14 @@ mod tests {
     #[tokio::test]
     async fn two_loops_serve_their_rooms_and_the_receiver_drops_what_it_cannot_place() {
         let registry = Arc::new(RoomRegistry::default());
-        let sfu = start(&[IpAddr::V4(Ipv4Addr::LOCALHOST)], 0, 2, registry.clone())
-            .expect("bind a loopback port");
+        let sfu = start(
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            0,
+            None,
+            2,
+            registry.clone(),
+        )
+        .expect("bind a loopback port");
         let first: RoomName = "east".into();
         let second: RoomName = (0..100)
             .map(|i| RoomName::from(format!("west-{i}")))

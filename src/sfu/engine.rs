@@ -91,6 +91,9 @@ pub struct SfuStats {
 pub struct SfuConfig {
     /// Local UDP addresses announced as ICE host candidates.
     pub candidates: Vec<SocketAddr>,
+    /// Local TCP addresses announced as passive ICE-TCP host candidates (RFC 6544), for
+    /// clients whose network drops UDP; empty when `rtc.tcp_port` is 0.
+    pub tcp_candidates: Vec<SocketAddr>,
     /// Seed for SIDs and ICE credentials (`None` = OS entropy).
     pub seed: Option<u64>,
     /// Put in front of every local ICE ufrag this engine mints (ICE characters only): the net
@@ -99,9 +102,30 @@ pub struct SfuConfig {
     pub ufrag_prefix: String,
 }
 
-/// A datagram to send.
+/// The IP protocol a packet came or goes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpProto {
+    /// A UDP datagram on the media port.
+    Udp,
+    /// One RFC 4571 frame on an ICE-TCP connection (the net layer frames and unframes).
+    Tcp,
+}
+
+impl IpProto {
+    /// The name operators see (admin API, metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpProto::Udp => "udp",
+            IpProto::Tcp => "tcp",
+        }
+    }
+}
+
+/// A packet to send.
 #[derive(Debug)]
 pub struct Transmit {
+    /// Over UDP, or on the ICE-TCP connection between `source` and `destination`.
+    pub proto: IpProto,
     /// Local address to send from.
     pub source: SocketAddr,
     /// Peer address.
@@ -384,7 +408,8 @@ pub struct Sfu {
     /// Which room each session is in.
     sessions: HashMap<SessionId, RoomName>,
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
-    by_addr: HashMap<SocketAddr, (SessionId, PcKind)>,
+    /// Peer addresses that passed ICE, per protocol (a UDP and a TCP peer may share one).
+    by_addr: HashMap<(IpProto, SocketAddr), (SessionId, PcKind)>,
     out: VecDeque<Output>,
     /// Each participant's earliest deadline, filed after every poll of its connections.
     timers: timers::Timers,
@@ -451,10 +476,10 @@ impl Sfu {
         }
     }
 
-    /// Whether datagrams from `source` reach a peer connection here (it passed ICE with one of
-    /// this engine's peer connections, which still exists).
-    pub fn knows_address(&self, source: &SocketAddr) -> bool {
-        self.by_addr.contains_key(source)
+    /// Whether packets from `source` over `proto` reach a peer connection here (it passed
+    /// ICE with one of this engine's peer connections, which still exists).
+    pub fn knows_address(&self, proto: IpProto, source: &SocketAddr) -> bool {
+        self.by_addr.contains_key(&(proto, *source))
     }
 
     /// Datagram counters so far.
@@ -541,10 +566,23 @@ impl Sfu {
         }
     }
 
-    /// Handles a datagram that arrived at `destination` from `source` at `now`.
+    /// Handles a UDP datagram that arrived at `destination` from `source` at `now`.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        packet: &[u8],
+    ) {
+        self.handle_packet(now, IpProto::Udp, source, destination, packet);
+    }
+
+    /// Handles a packet that arrived over `proto` at `destination` from `source` at
+    /// `now` (for TCP: one frame's payload).
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        proto: IpProto,
         source: SocketAddr,
         destination: SocketAddr,
         packet: &[u8],
@@ -554,14 +592,18 @@ impl Sfu {
         let stun_ufrag = super::stun::local_ufrag(packet);
         let target = match stun_ufrag {
             Some(ufrag) => self.by_ufrag.get(ufrag).copied(),
-            None => self.by_addr.get(&source).copied(),
+            None => self.by_addr.get(&(proto, source)).copied(),
         };
         let Some((session, kind)) = target else {
             // Unknown ufrag, or not STUN from an address that never did ICE: one hash lookup.
             self.stats.dropped_unknown_peer += 1;
             return;
         };
-        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, packet) else {
+        let proto_ = match proto {
+            IpProto::Udp => Protocol::Udp,
+            IpProto::Tcp => Protocol::Tcp,
+        };
+        let Ok(receive) = Receive::new(proto_, source, destination, packet) else {
             self.stats.dropped_invalid += 1;
             return;
         };
@@ -589,7 +631,7 @@ impl Sfu {
             self.stats.rejected_by_peer += 1;
             tracing::debug!(%session, "peer connection rejected input");
         } else if stun_ufrag.is_some() {
-            self.by_addr.insert(source, (session, kind));
+            self.by_addr.insert((proto, source), (session, kind));
         }
         self.drain(now, session);
     }
@@ -686,6 +728,23 @@ impl Sfu {
                     rtc.add_local_candidate(c);
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot use address as candidate"),
+            }
+        }
+        // After the UDP ones: str0m ranks host candidates in the order they are added, so
+        // a client that can reach both prefers UDP (no head-of-line blocking).
+        for addr in &self.config.tcp_candidates {
+            let tcp = Candidate::builder()
+                .tcp()
+                .host(*addr)
+                .tcptype(str0m::net::TcpType::Passive)
+                .build();
+            match tcp {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot use address as a TCP candidate")
+                }
             }
         }
         Pc {

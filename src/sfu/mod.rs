@@ -4,8 +4,8 @@
 //! # Contract (str0m's single-mutation invariant, one level up)
 //!
 //! The engine never reads the clock and never touches a socket. Its caller:
-//! 1. feeds exactly one input: [`Sfu::handle_command`], [`Sfu::handle_datagram`] or
-//!    [`Sfu::handle_timeout`], each with `now`;
+//! 1. feeds exactly one input: [`Sfu::handle_command`], [`Sfu::handle_datagram`] (or
+//!    [`Sfu::handle_packet`] for ICE-TCP frames) or [`Sfu::handle_timeout`], each with `now`;
 //! 2. drains [`Sfu::poll_output`] until it returns [`Output::Timeout`];
 //! 3. sends every [`Output::Transmit`] and routes every [`Output::Signal`] to its session;
 //! 4. waits for the next datagram, command or the returned timeout, and starts again.
@@ -25,5 +25,6 @@ pub mod simulcast;
 pub mod stun;
 
 pub use engine::{
-    Command, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut, Transmit,
+    Command, IpProto, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut,
+    Transmit,
 };

@@ -34,11 +34,13 @@ pub fn local_ufrag(packet: &[u8]) -> Option<&str> {
     None
 }
 
+/// STUN messages for other modules' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
 
-    fn binding_request(username: &str) -> Vec<u8> {
+    /// A binding request whose `USERNAME` is `username` (no integrity: for routing tests).
+    pub(crate) fn binding_request(username: &str) -> Vec<u8> {
         let mut attrs = Vec::new();
         attrs.extend_from_slice(&ATTR_USERNAME.to_be_bytes());
         attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
@@ -55,6 +57,12 @@ mod tests {
         p.extend_from_slice(&attrs);
         p
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::binding_request;
+    use super::*;
 
     #[test]
     fn finds_local_ufrag() {

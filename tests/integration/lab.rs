@@ -274,3 +274,75 @@ async fn browser_subscriber_in_lab_plays_video() {
     assert!(down.shaper_sent_packets > 100, "{down:?}");
     assert!(down.loss_dropped_packets > 0, "{down:?}");
 }
+
+/// ICE over TCP (RFC 6544): Chromium (livekit-client, one peer connection) in a client
+/// namespace whose network drops every UDP packet it sends joins Conclave in the SFU
+/// namespace through the passive TCP candidate on `rtc.tcp_port`, and media flows both ways
+/// with a Python SDK participant on UDP: the browser plays its video, it decodes the
+/// browser's camera. The browser did try UDP (the lab's counter), and Conclave counts the
+/// TCP connection.
+#[tokio::test]
+async fn browser_without_udp_connects_over_ice_tcp() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    lab.block_udp(1, true).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let mut peer = PyClientSpec::new(c.ws_url(), c.token("lab", "py", grants()), "py");
+    peer.netns = Some(lab.client_ns(0).to_owned());
+    peer.expect_participants = 1;
+    peer.expect_video_frames = 30;
+    peer.min_duration_s = 20.0;
+    peer.timeout_s = 60.0;
+    let p = PyClient::spawn(peer).unwrap();
+
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("lab", "web", grants()));
+    tab.single_pc = Some(true);
+    tab.expect_remote_tracks = vec![("py".into(), Some("video".into()))];
+    tab.expect_video_playing = vec![("py".into(), 20)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.timeout_s = 45.0;
+    // Long enough for the Python participant to decode its 30 frames of the camera.
+    spec.min_duration_s = 10.0;
+    let b = Browser::spawn(spec).unwrap();
+    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
+    let rp = p.wait(Duration::from_secs(60)).await.unwrap();
+    let metrics = c.metrics().await.unwrap();
+    let blocked = lab.udp_blocked_packets(1).unwrap();
+    eprintln!("UDP packets the browser's network dropped: {blocked}");
+    rb.assert_exit(0);
+    rp.assert_exit(0);
+    let seen = rp
+        .remote("web")
+        .expect("the Python participant saw the browser");
+    assert!(
+        seen["video_frames"].as_u64().unwrap_or(0) >= 30,
+        "the browser's camera reached the Python participant: {seen}"
+    );
+    assert!(
+        blocked > 0,
+        "the browser tried UDP and its network dropped it"
+    );
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        metric("conclave_media_tcp_accepted_total") >= 1,
+        "Conclave accepted the browser's ICE-TCP connection:\n{metrics}"
+    );
+    assert_eq!(
+        metric("conclave_media_tcp_closed_bad_total"),
+        0,
+        "{metrics}"
+    );
+}

@@ -162,19 +162,23 @@ impl Link {
     /// more than they get: each restart started from an estimate clamped to what they were
     /// sent.)
     ///
-    /// Two exceptions restart it, both where str0m's loss-based estimator holds the estimate
-    /// after congestion in its loss-limited state, in which it never probes and grows only
-    /// with what is acknowledged, which a stepped-down subscriber never raises:
+    /// Three exceptions restart it. A paused video, while the link is quiet (see the comment
+    /// in the body: probes from a paused link's estimate are too weak). And two where str0m's
+    /// loss-based estimator holds the estimate after congestion in its loss-limited state, in
+    /// which it never probes and grows only with what is acknowledged, which a stepped-down
+    /// subscriber never raises:
     /// - a pause half decided (`pausing`) while the link loses little: the estimate alone
     ///   argues for it, and it sank to half of a 300 kbit/s link that carried the low layer
     ///   fine (the Chromium quality test); the restart starts from what is granted;
-    /// - a probe that leaves the estimate exactly where it was, on a quiet link: it stayed bit-for-bit the same for ten seconds after a cap was lifted
-    ///   (half of the engine's virtual-link runs).
+    /// - a probe that leaves the estimate exactly where it was, on a quiet link: it stayed
+    ///   bit-for-bit the same for ten seconds after a cap was lifted (half of the engine's
+    ///   virtual-link runs).
     ///
     /// The restarted estimator's initial probes measure the link. Nothing is set before
     /// video is measured: a desired bitrate of almost nothing would waste str0m's one initial
     /// probe.
-    fn tune(&mut self, now: Instant, raised: bool, pausing: bool, d: &Decision) -> Tune {
+    fn tune(&mut self, now: Instant, raised: bool, pause: PauseState, d: &Decision) -> Tune {
+        let pausing = pause == PauseState::Pausing;
         let wanted = (d.ideal as f64 * allocate::UPGRADE_HEADROOM) as u64;
         if wanted < DESIRED_FLOOR {
             return Tune::Keep;
@@ -196,6 +200,18 @@ impl Link {
             self.restarted_for_pause = true;
             self.probe_due = Some(now + self.probe_backoff);
             return self.restart(estimate.max(d.current), "before a pause");
+        }
+        // Video paused for want of bandwidth: only audio flows, which carries no
+        // transport-cc, so the estimator sees nothing but its probes, and str0m's allocation
+        // probes reach at most twice the estimate. From the 25–40 kbit/s a paused link sinks
+        // to, finding the 200 kbit/s the lowest layer needs took three to five probes, 10 s
+        // after the link was restored (the Chromium quality test). A restart probes at three
+        // and six times what is sent at once: two short bursts, which a still narrow link
+        // answers with its own rate (the video stays paused) and a restored one with room.
+        if pause == PauseState::Paused && due && quiet && !raised {
+            self.probe_due = Some(now + self.probe_backoff);
+            self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
+            return self.restart(estimate.max(d.current), "paused: measure the link");
         }
         if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
@@ -236,6 +252,17 @@ impl Link {
         self.dipped = false;
         Tune::Restart(from, why)
     }
+}
+
+/// Whether a subscriber's video is paused for want of bandwidth, or about to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PauseState {
+    /// Nothing paused, no pause in the making.
+    None,
+    /// A pause half decided (half of its votes).
+    Pausing,
+    /// A video track is paused.
+    Paused,
 }
 
 /// What [`Link::tune`] asks of the estimator.
@@ -481,7 +508,18 @@ impl Sfu {
                     .down_tracks
                     .iter()
                     .any(|t| t.grant != Grant::Paused && t.bw_pause_votes >= PAUSE_VOTES / 2);
-                let tune = s.link.tune(now, raised, pausing, &d);
+                let pause = if pausing {
+                    PauseState::Pausing
+                } else if s
+                    .down_tracks
+                    .iter()
+                    .any(|t| t.grant == Grant::Paused && !t.disabled)
+                {
+                    PauseState::Paused
+                } else {
+                    PauseState::None
+                };
+                let tune = s.link.tune(now, raised, pause, &d);
                 if tune != Tune::Keep {
                     tracing::debug!(subscriber = %session, ?tune, "bandwidth: estimator retuned");
                 }
@@ -550,13 +588,13 @@ mod tests {
                 ..Link::default()
             };
             assert_eq!(
-                link.tune(t0, false, false, &d),
+                link.tune(t0, false, PauseState::None, &d),
                 Tune::Desired(111_000),
                 "dip"
             );
             let half = t0 + Duration::from_millis(500);
             assert_eq!(
-                link.tune(half, false, false, &d),
+                link.tune(half, false, PauseState::None, &d),
                 Tune::Desired(wanted),
                 "raise"
             );
@@ -564,7 +602,7 @@ mod tests {
                 link.estimate = Some(245_896);
             }
             let due = t0 + PROBE_BACKOFF_MIN;
-            let tune = link.tune(due, false, false, &d);
+            let tune = link.tune(due, false, PauseState::None, &d);
             if moved {
                 assert_eq!(
                     tune,
@@ -580,9 +618,9 @@ mod tests {
             estimate: Some(245_895),
             ..Link::default()
         };
-        link.tune(t0, false, false, &d);
+        link.tune(t0, false, PauseState::None, &d);
         link.latest_loss = 0.1;
-        let tune = link.tune(t0 + PROBE_BACKOFF_MIN, false, false, &d);
+        let tune = link.tune(t0 + PROBE_BACKOFF_MIN, false, PauseState::None, &d);
         assert!(!matches!(tune, Tune::Restart(..)), "{tune:?}");
     }
 }

@@ -17,7 +17,7 @@ use super::bandwidth::{jitter_ms, smooth, Link};
 use super::downtrack::DownTrack;
 use super::packet::{red_primary, source_id, starts_keyframe, OutStream};
 use super::track::Track;
-use super::{linear_audio_level, Forward, Output, SessionId, Transmit, CONNECT_DEADLINE};
+use super::{linear_audio_level, Forward, IpProto, Output, SessionId, Transmit, CONNECT_DEADLINE};
 use crate::sfu::ids::{ParticipantIdentity, ParticipantSid, TrackSid};
 use crate::sfu::limits::{self, LimitExceeded};
 use crate::sfu::{quality, simulcast};
@@ -680,6 +680,10 @@ impl Participant {
                     break;
                 }
                 RtcOutput::Transmit(t) => out.push_back(Output::Transmit(Transmit {
+                    proto: match t.proto {
+                        str0m::net::Protocol::Udp => IpProto::Udp,
+                        _ => IpProto::Tcp,
+                    },
                     source: t.source,
                     destination: t.destination,
                     contents: t.contents.into(),

@@ -18,6 +18,8 @@ const TICK: Duration = Duration::from_millis(10);
 struct Peer {
     rtc: Rtc,
     addr: SocketAddr,
+    /// UDP, or TCP for a client whose network drops UDP (its only candidate is TCP).
+    proto: Protocol,
     events: Vec<Event>,
 }
 
@@ -38,6 +40,26 @@ impl Peer {
         Self {
             rtc,
             addr,
+            proto: Protocol::Udp,
+            events: Vec::new(),
+        }
+    }
+
+    /// A peer whose only candidate is an active TCP one (RFC 6544): UDP is blocked for it.
+    fn over_tcp(now: Instant, addr: &str) -> Self {
+        let mut rtc = Rtc::builder().build(now);
+        let addr: SocketAddr = addr.parse().unwrap();
+        let tcp = Candidate::builder()
+            .tcp()
+            .host(addr)
+            .tcptype(str0m::net::TcpType::Active)
+            .build()
+            .unwrap();
+        rtc.add_local_candidate(tcp);
+        Self {
+            rtc,
+            addr,
+            proto: Protocol::Tcp,
             events: Vec::new(),
         }
     }
@@ -106,23 +128,36 @@ struct Net {
     s: Sfu,
     now: Instant,
     msgs: Vec<(u64, Msg)>,
+    /// Packets the engine sent, by protocol and destination.
+    sent: HashMap<(IpProto, SocketAddr), usize>,
 }
 
 impl Net {
     fn new() -> Self {
+        Self::with_config(SfuConfig {
+            candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+            seed: Some(23),
+            ..Default::default()
+        })
+    }
+
+    /// An engine that also announces a passive ICE-TCP candidate.
+    fn with_ice_tcp() -> Self {
+        Self::with_config(SfuConfig {
+            candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+            tcp_candidates: vec!["127.0.0.1:7881".parse().unwrap()],
+            seed: Some(23),
+            ..Default::default()
+        })
+    }
+
+    fn with_config(config: SfuConfig) -> Self {
         let now = Instant::now();
-        let s = Sfu::new(
-            SfuConfig {
-                candidates: vec!["127.0.0.1:7882".parse().unwrap()],
-                seed: Some(23),
-                ..Default::default()
-            },
-            now,
-        );
         Self {
-            s,
+            s: Sfu::new(config, now),
             now,
             msgs: Vec::new(),
+            sent: HashMap::new(),
         }
     }
 
@@ -153,10 +188,16 @@ impl Net {
                 match self.s.poll_output() {
                     Output::Timeout(_) => break,
                     Output::Transmit(t) => {
-                        if let Some(p) = peers.iter_mut().find(|p| p.addr == t.destination) {
+                        *self.sent.entry((t.proto, t.destination)).or_default() += 1;
+                        let proto = match t.proto {
+                            IpProto::Udp => Protocol::Udp,
+                            IpProto::Tcp => Protocol::Tcp,
+                        };
+                        // A packet over the other protocol does not reach the peer.
+                        let to = |p: &&mut &mut Peer| p.addr == t.destination && p.proto == proto;
+                        if let Some(p) = peers.iter_mut().find(to) {
                             let r =
-                                Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
-                                    .unwrap();
+                                Receive::new(proto, t.source, t.destination, &t.contents).unwrap();
                             let _ = p.rtc.handle_input(Input::Receive(now, r));
                             moved = true;
                         }
@@ -170,8 +211,12 @@ impl Net {
                     match p.rtc.poll_output().unwrap() {
                         RtcOutput::Timeout(_) => break,
                         RtcOutput::Transmit(t) => {
+                            let proto = match t.proto {
+                                Protocol::Udp => IpProto::Udp,
+                                _ => IpProto::Tcp,
+                            };
                             self.s
-                                .handle_datagram(now, p.addr, t.destination, &t.contents);
+                                .handle_packet(now, proto, p.addr, t.destination, &t.contents);
                             moved = true;
                         }
                         RtcOutput::Event(e) => p.events.push(e),
@@ -313,6 +358,12 @@ impl SinglePeer {
             asked: None,
             to_withdraw: Vec::new(),
         }
+    }
+
+    /// The same, reachable over TCP only (its network drops UDP).
+    fn over_tcp(mut self, now: Instant) -> Self {
+        self.peer = Peer::over_tcp(now, &format!("10.0.1.{}:5000", self.session));
+        self
     }
 
     /// The same, whose connection reports every RTP packet it receives.
@@ -1097,4 +1148,43 @@ fn a_track_change_on_a_slot_is_continuous_on_the_wire() {
         }
     }
     assert_eq!(changes, 1, "one track change");
+}
+
+/// ICE over TCP (RFC 6544): bob's network drops UDP, his only candidate is TCP. He connects
+/// through the engine's passive TCP candidate (announced after the UDP one) and hears alice,
+/// who is on UDP; everything the engine sends him goes over TCP, everything to her over UDP.
+#[test]
+fn a_client_without_udp_connects_over_ice_tcp() {
+    let mut net = Net::with_ice_tcp();
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0).over_tcp(net.now);
+    bob_hears_alice(&mut net, &mut alice, &mut bob);
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let candidates: Vec<&str> = first
+        .sdp
+        .lines()
+        .filter(|l| l.starts_with("a=candidate"))
+        .collect();
+    assert_eq!(candidates.len(), 2, "{candidates:?}");
+    assert!(
+        candidates[0].contains(" udp ") && candidates[0].contains("127.0.0.1 7882"),
+        "UDP first: {candidates:?}"
+    );
+    assert!(
+        candidates[1].contains(" tcp ")
+            && candidates[1].contains("127.0.0.1 7881")
+            && candidates[1].contains("tcptype passive"),
+        "then a passive TCP candidate: {candidates:?}"
+    );
+    let mid = mid_carrying(&first, &net.sid_of("alice"), &net.track_sids("alice")[0]);
+    assert!(
+        bob.peer.received_on(mid).len() > 20,
+        "bob hears alice over TCP"
+    );
+    let (alice_addr, bob_addr) = (alice.peer.addr, bob.peer.addr);
+    let sent = |proto, addr| net.sent.get(&(proto, addr)).copied().unwrap_or(0);
+    assert!(sent(IpProto::Tcp, bob_addr) > 20 && sent(IpProto::Udp, bob_addr) == 0);
+    assert!(sent(IpProto::Udp, alice_addr) > 0 && sent(IpProto::Tcp, alice_addr) == 0);
+    assert!(net.s.knows_address(IpProto::Tcp, &bob_addr));
+    assert!(!net.s.knows_address(IpProto::Udp, &bob_addr));
 }

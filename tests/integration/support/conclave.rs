@@ -137,6 +137,8 @@ pub struct Conclave {
     pub port: u16,
     /// Media (UDP) port.
     pub udp_port: u16,
+    /// ICE-TCP media port (`rtc.tcp_port`).
+    pub tcp_port: u16,
     /// `http://127.0.0.1:<port>` (`http://<bind_ip>:<port>` with [`ConclaveOptions::bind_ip`]).
     pub url: String,
     /// Options it was started with.
@@ -153,8 +155,10 @@ impl Conclave {
         let data_dir = dir.path().join("data");
         let port = free_port();
         let udp_port = free_udp_port();
+        let tcp_port = free_port();
         Ok(Self {
             udp_port,
+            tcp_port,
             log_path: dir.path().join("conclave.log"),
             _dir: dir,
             data_dir,
@@ -195,6 +199,10 @@ impl Conclave {
             (
                 "CONCLAVE_RTC__UDP_PORT".to_owned(),
                 self.udp_port.to_string(),
+            ),
+            (
+                "CONCLAVE_RTC__TCP_PORT".to_owned(),
+                self.tcp_port.to_string(),
             ),
             (
                 "CONCLAVE_RTC__NODE_IPS".to_owned(),

@@ -94,6 +94,8 @@ const ROUTER_DOWN_IF: &str = "tocli";
 
 /// The nftables table the lab adds to a namespace (one per namespace).
 const NFT_TABLE: &str = "cclab";
+/// The chain of [`Lab::block_udp`] in a client namespace.
+const NO_UDP_CHAIN: &str = "noudp";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -407,6 +409,27 @@ impl Lab {
     pub fn set_uplink_loss(&self, i: usize, percent: u32) -> Result<()> {
         self.check(i);
         set_loss(&self.sfu_ns, &format!("up{i}"), &sfu_if(i), percent)
+    }
+
+    /// Drops every UDP packet client `i` sends (nftables, on its output), as a network that
+    /// allows TCP only; `false` lets UDP through again.
+    pub fn block_udp(&self, i: usize, blocked: bool) -> Result<()> {
+        self.check(i);
+        let mut script = format!(
+            "table inet {NFT_TABLE} {{\n  chain {NO_UDP_CHAIN} {{\n    type filter hook output priority 0; policy accept;\n  }}\n}}\nflush chain inet {NFT_TABLE} {NO_UDP_CHAIN}\n"
+        );
+        if blocked {
+            script.push_str(&format!(
+                "add rule inet {NFT_TABLE} {NO_UDP_CHAIN} meta l4proto udp counter drop\n"
+            ));
+        }
+        nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
+    }
+
+    /// UDP packets client `i` tried to send while [`Lab::block_udp`] dropped them.
+    pub fn udp_blocked_packets(&self, i: usize) -> Result<u64> {
+        self.check(i);
+        loss_counter(&self.clients[i], NO_UDP_CHAIN).map(|(packets, _)| packets)
     }
 
     /// Counters of client `i`'s downlink: the SFU-side tbf and veth, the client's loss rule.
