@@ -199,7 +199,7 @@ impl Link {
         } else if latest <= HEAVY_LOSS && !self.restarted_for_pause && !raised {
             self.restarted_for_pause = true;
             self.probe_due = Some(now + self.probe_backoff);
-            return self.restart(estimate.max(d.current), "before a pause");
+            return self.restart(estimate.max(d.current), wanted, "before a pause");
         }
         // Video paused for want of bandwidth: only audio flows, which carries no
         // transport-cc, so the estimator sees nothing but its probes, and str0m's allocation
@@ -211,7 +211,7 @@ impl Link {
         if pause == PauseState::Paused && due && quiet && !raised {
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
-            return self.restart(estimate.max(d.current), "paused: measure the link");
+            return self.restart(estimate.max(d.current), wanted, "paused: measure the link");
         }
         if (d.wants_more || pausing) && due && !raised {
             // The last probe found room (the estimate grew by a fifth since): probe again
@@ -225,7 +225,7 @@ impl Link {
             self.probe_due = Some(now + self.probe_backoff);
             self.probe_backoff = (self.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
             if self.probed_at_estimate == Some(estimate) && quiet && estimate > 0 {
-                return self.restart(estimate, "frozen: a probe left it unchanged");
+                return self.restart(estimate, wanted, "frozen: a probe left it unchanged");
             }
             if (quiet || pausing) && estimate > 0 && !self.dipped {
                 self.probed_at_estimate = Some(estimate);
@@ -246,11 +246,14 @@ impl Link {
     }
 
     /// A restart of the estimator from `from` (bits/s): the probe in progress is forgotten,
-    /// the fresh estimator's initial probes take its place.
-    fn restart(&mut self, from: u64, why: &'static str) -> Tune {
+    /// the fresh estimator's initial probes take its place. They aim at `wanted`: str0m caps
+    /// a probe at twice the desired bitrate, and one left dipped to what is sent (a paused
+    /// link's audio) capped the probes below the lowest layer, so the restart found nothing.
+    fn restart(&mut self, from: u64, wanted: u64, why: &'static str) -> Tune {
         self.probed_at_estimate = None;
         self.dipped = false;
-        Tune::Restart(from, why)
+        self.desired = Some(wanted);
+        Tune::Restart(from, wanted, why)
     }
 }
 
@@ -272,8 +275,9 @@ enum Tune {
     Keep,
     /// Probe towards this desired bitrate (bits/s).
     Desired(u64),
-    /// Restart the estimator from this estimate (bits/s), and why.
-    Restart(u64, &'static str),
+    /// Restart the estimator from this estimate, probing towards this desired bitrate (bits/s),
+    /// and why.
+    Restart(u64, u64, &'static str),
 }
 
 /// A loss figure smoothed over str0m's one-second samples (each weighs half): one second's
@@ -529,7 +533,7 @@ impl Sfu {
                     Tune::Desired(desired) => {
                         bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
                     }
-                    Tune::Restart(from, why) => {
+                    Tune::Restart(from, desired, why) => {
                         tracing::info!(
                             subscriber = %session,
                             estimate_kbps = from / 1000,
@@ -537,6 +541,7 @@ impl Sfu {
                             "bandwidth: estimator restarted"
                         );
                         bwe.reset(Bitrate::bps(from));
+                        bwe.set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
                     }
                 }
                 retuned.push(session);
@@ -610,7 +615,7 @@ mod tests {
                     "the estimator works: probe again"
                 );
             } else {
-                assert!(matches!(tune, Tune::Restart(245_895, _)), "{tune:?}");
+                assert!(matches!(tune, Tune::Restart(245_895, ..)), "{tune:?}");
             }
         }
         // Not while losing: a frozen estimate on a lossy link is the estimator at work.
