@@ -174,6 +174,10 @@ pub struct SfuParticipantView {
     pub publisher: bool,
     /// Published tracks.
     pub tracks: usize,
+    /// How it reaches the SFU: "udp", or "tcp" (ICE over TCP, its network drops UDP); both,
+    /// joined by ",", for a v0 client whose two peer connections differ. `None` until its
+    /// peer connection is connected.
+    pub transport: Option<String>,
 }
 
 /// The SFU room of a call.
@@ -478,6 +482,7 @@ impl Calls {
     async fn report(&self, call: CallView) -> CallReport {
         let room = sfu_room_of(&call);
         let now = Instant::now();
+        let mut transports = self.inner.sfu.transports(&room).await;
         let participants = self
             .inner
             .sfu
@@ -495,6 +500,7 @@ impl Calls {
                     tracks: p.tracks.len(),
                     user_id: issued.as_ref().map(|i| i.user_id.to_string()),
                     device_id: issued.map(|i| i.device_id),
+                    transport: transports.remove(&p.identity),
                     identity: p.identity,
                     sid: p.sid,
                 }

@@ -112,6 +112,13 @@ pub enum LoopRequest {
         /// Reply.
         reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
     },
+    /// How each participant of a room reaches the SFU ("udp", "tcp"), by identity.
+    Transports {
+        /// Room name.
+        room: RoomName,
+        /// Reply.
+        reply: oneshot::Sender<HashMap<String, String>>,
+    },
     /// The live part of a room's info (RoomService), `None` when nobody is connected.
     Room {
         /// Room name.
@@ -156,6 +163,10 @@ pub struct LoopStats {
     pub bandwidth_pauses: AtomicU64,
     /// Video down-tracks stepped down a layer for lack of downlink bandwidth.
     pub bandwidth_downgrades: AtomicU64,
+    /// Peer connections connected over UDP.
+    pub connected_udp: AtomicU64,
+    /// Peer connections connected over ICE-TCP.
+    pub connected_tcp: AtomicU64,
     /// Nanoseconds the loop spent working (not waiting for input).
     pub busy_nanos: AtomicU64,
     /// Requests and datagrams waiting for the loop (gauge, sampled once per wake-up).
@@ -282,6 +293,12 @@ impl NetStats {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
             ));
         }
+        let name = "conclave_media_connections_total";
+        out.push_str(&format!(
+            "# HELP {name} Peer connections connected, by the transport they use.\n# TYPE {name} counter\n{name}{{transport=\"udp\"}} {}\n{name}{{transport=\"tcp\"}} {}\n",
+            self.sum(|l| &l.connected_udp),
+            self.sum(|l| &l.connected_tcp),
+        ));
         let name = "conclave_media_tcp_connections";
         out.push_str(&format!(
             "# HELP {name} ICE-TCP connections open.\n# TYPE {name} gauge\n{name} {}\n",
@@ -371,6 +388,7 @@ fn loop_of_request(req: &LoopRequest, threads: usize) -> usize {
         | LoopRequest::SetRoomMetadata { room: r, .. }
         | LoopRequest::DeleteRoom { room: r, .. }
         | LoopRequest::Participants { room: r, .. }
+        | LoopRequest::Transports { room: r, .. }
         | LoopRequest::Room { room: r, .. }
         | LoopRequest::RoomSid { room: r, .. }
         | LoopRequest::Participant { room: r, .. } => room(r),
@@ -542,6 +560,21 @@ impl SfuHandle {
         };
         if !self.send(req).await {
             return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// How each participant of `room` reaches the SFU: "udp" or "tcp" (both, joined by ",",
+    /// for a v0 client whose two peer connections differ), by identity; absent until its
+    /// peer connection is connected.
+    pub async fn transports(&self, room: &RoomName) -> HashMap<String, String> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Transports {
+            room: room.clone(),
+            reply,
+        };
+        if !self.send(req).await {
+            return HashMap::new();
         }
         rx.await.unwrap_or_default()
     }
@@ -1110,6 +1143,8 @@ impl Loop {
                             .store(s.bandwidth_pauses, Ordering::Relaxed);
                         l.bandwidth_downgrades
                             .store(s.bandwidth_downgrades, Ordering::Relaxed);
+                        l.connected_udp.store(s.connected_udp, Ordering::Relaxed);
+                        l.connected_tcp.store(s.connected_tcp, Ordering::Relaxed);
                     }
                     return (t, gone);
                 }
@@ -1187,6 +1222,9 @@ impl Loop {
             }
             LoopRequest::Participants { room, reply } => {
                 let _ = reply.send(self.sfu.participants(&room));
+            }
+            LoopRequest::Transports { room, reply } => {
+                let _ = reply.send(self.sfu.transports(&room));
             }
             LoopRequest::Room { room, reply } => {
                 let _ = reply.send(self.sfu.room_info(&room));

@@ -84,6 +84,10 @@ pub struct SfuStats {
     pub bandwidth_pauses: u64,
     /// Video down-tracks moved to a lower layer because of the subscriber's downlink.
     pub bandwidth_downgrades: u64,
+    /// Peer connections connected over UDP.
+    pub connected_udp: u64,
+    /// Peer connections connected over ICE-TCP.
+    pub connected_tcp: u64,
 }
 
 /// Engine settings.
@@ -497,6 +501,24 @@ impl Sfu {
         self.rooms.get(room).map_or(0, |r| r.participants.len())
     }
 
+    /// How each participant of `room` reaches the SFU: the protocols of its connected peer
+    /// connections ("udp", "tcp"; several joined by ","), by identity; absent until connected.
+    pub fn transports(&self, room: &RoomName) -> HashMap<String, String> {
+        let Some(r) = self.rooms.get(room) else {
+            return HashMap::new();
+        };
+        r.participants
+            .values()
+            .filter_map(|p| {
+                let protos = p.transport.protos();
+                (!protos.is_empty()).then(|| {
+                    let names: Vec<&str> = protos.iter().map(|p| p.as_str()).collect();
+                    (p.identity.to_string(), names.join(","))
+                })
+            })
+            .collect()
+    }
+
     /// Snapshot of a room's participants (Twirp `ListParticipants`).
     pub fn participants(&self, room: &RoomName) -> Vec<lk::ParticipantInfo> {
         self.rooms
@@ -632,6 +654,9 @@ impl Sfu {
             tracing::debug!(%session, "peer connection rejected input");
         } else if stun_ufrag.is_some() {
             self.by_addr.insert((proto, source), (session, kind));
+        } else {
+            // DTLS and SRTP flow on the nominated path only (STUN checks on every pair).
+            pc.proto = Some(proto);
         }
         self.drain(now, session);
     }
@@ -752,6 +777,7 @@ impl Sfu {
             ufrag,
             next_timeout: now,
             connected: false,
+            proto: None,
         }
     }
 
@@ -1150,6 +1176,12 @@ impl Sfu {
         let polled = p.poll(now, &mut self.out);
         p.file_deadline(&mut self.timers);
         self.stats.nacks_received += polled.nacks;
+        for proto in &polled.connected {
+            match proto {
+                Some(IpProto::Tcp) => self.stats.connected_tcp += 1,
+                _ => self.stats.connected_udp += 1,
+            }
+        }
         for t in &polled.unpublished {
             self.out
                 .push_back(Output::Event(SfuEvent::TrackUnpublished {

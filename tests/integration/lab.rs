@@ -345,4 +345,10 @@ async fn browser_without_udp_connects_over_ice_tcp() {
         0,
         "{metrics}"
     );
+    // Which transport each peer connection connected over.
+    assert!(
+        metric("conclave_media_connections_total{transport=\"tcp\"}") >= 1
+            && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
+        "the browser over TCP, the Python participant over UDP:\n{metrics}"
+    );
 }

@@ -41,6 +41,8 @@ pub(super) struct Pc {
     pub(super) ufrag: String,
     pub(super) next_timeout: Instant,
     pub(super) connected: bool,
+    /// The protocol of the last DTLS or SRTP packet it accepted: the nominated path's.
+    pub(super) proto: Option<IpProto>,
 }
 
 /// A participant's peer connections (`docs/design/rtc-v1.md` §3, step 3).
@@ -176,6 +178,18 @@ impl Transport {
         first.into_iter().chain(second)
     }
 
+    /// The protocols its connected peer connections use (one or two; both the same unless
+    /// a v0 client reached one over UDP and the other over TCP).
+    pub(super) fn protos(&self) -> Vec<IpProto> {
+        let mut out: Vec<IpProto> = self
+            .pcs()
+            .filter(|pc| pc.connected)
+            .filter_map(|pc| pc.proto)
+            .collect();
+        out.dedup();
+        out
+    }
+
     /// Its peer connections (one or two), mutably.
     pub(super) fn pcs_mut(&mut self) -> impl Iterator<Item = &mut Pc> {
         let (first, second) = match self {
@@ -200,6 +214,8 @@ pub(super) struct Polled {
     pub(super) data: Vec<(bool, Vec<u8>)>,
     /// NACKs its client sent since the last poll (lost packets it asked to be resent).
     pub(super) nacks: u64,
+    /// Peer connections that just connected, by the protocol they connected over.
+    pub(super) connected: Vec<Option<IpProto>>,
     /// Its tracks whose media just arrived.
     pub(super) newly_bound: Vec<TrackSid>,
     /// Its tracks whose media stopped (removed from it).
@@ -763,10 +779,12 @@ impl Participant {
         polled.nacks += self.measured(&e, publish_side, subscribe_side);
         match e {
             Event::Connected => {
-                tracing::debug!(%session, ?kind, single, "peer connection connected");
-                if let Some(pc) = self.pc_mut(kind) {
+                let proto = self.pc_mut(kind).and_then(|pc| {
                     pc.connected = true;
-                }
+                    pc.proto
+                });
+                tracing::debug!(%session, ?kind, single, ?proto, "peer connection connected");
+                polled.connected.push(proto);
                 if subscribe_side {
                     self.info.state = lk::participant_info::State::Active as i32;
                 }

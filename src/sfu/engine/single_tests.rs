@@ -1187,4 +1187,14 @@ fn a_client_without_udp_connects_over_ice_tcp() {
     assert!(sent(IpProto::Udp, alice_addr) > 0 && sent(IpProto::Tcp, alice_addr) == 0);
     assert!(net.s.knows_address(IpProto::Tcp, &bob_addr));
     assert!(!net.s.knows_address(IpProto::Udp, &bob_addr));
+    // The operator's view: who uses which transport.
+    let transports = net.s.transports(&"room".into());
+    assert_eq!(transports.get("bob").map(String::as_str), Some("tcp"));
+    assert_eq!(transports.get("alice").map(String::as_str), Some("udp"));
+    let stats = net.s.stats();
+    assert_eq!(
+        (stats.connected_udp, stats.connected_tcp),
+        (1, 1),
+        "{stats:?}"
+    );
 }
