@@ -370,6 +370,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let media = sfu.addresses.clone();
     let media_tcp = sfu.tcp_addresses.clone();
     let events = sfu.subscribe_events();
+    let sfu_handle = sfu.clone();
     let services = build_services(config.clone(), fault, rooms, sfu)?;
     tracing::info!(
         ?media,
@@ -392,7 +393,19 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let metrics = services.http.metrics.clone();
     let app = crate::http::router(services.http);
     let settings = ServerSettings::from_config(&config.http);
-    crate::http::server::run(listener, app, settings, metrics, shutdown_signal())
+    // On a shutdown signal the SFU's participants are told to reconnect (they rejoin the
+    // restarted server on their own) before the HTTP connections drain.
+    let shutdown = async move {
+        shutdown_signal().await;
+        let open = sfu_handle.shut_down(SFU_SHUTDOWN_WAIT).await;
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "signalling sessions still open after {SFU_SHUTDOWN_WAIT:?}"
+            );
+        }
+    };
+    crate::http::server::run(listener, app, settings, metrics, shutdown)
         .await
         .map_err(|source| RunError::Io {
             context: "HTTP server failed".into(),
@@ -504,6 +517,10 @@ async fn ping_homeserver(
         backoff.wait().await;
     }
 }
+
+/// How long a graceful shutdown waits for the SFU's participants to be told to reconnect and
+/// their signalling to close, before the HTTP connections drain.
+const SFU_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -112,6 +112,11 @@ pub enum LoopRequest {
         /// Reply.
         reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
     },
+    /// How many sessions (participants) the loop holds.
+    Sessions {
+        /// Reply.
+        reply: oneshot::Sender<usize>,
+    },
     /// How each participant of a room reaches the SFU ("udp", "tcp"), by identity.
     Transports {
         /// Room name.
@@ -382,8 +387,12 @@ fn loop_of_request(req: &LoopRequest, threads: usize) -> usize {
             | Command::SendData { room: r, .. }
             | Command::UpdateRoom { room: r, .. }
             | Command::DeleteRoom { room: r, .. } => room(r),
+            // For every loop: `SfuHandle::shut_down` sends it to each.
+            Command::Shutdown => 0,
         },
         LoopRequest::Open { join, .. } => room(&join.room),
+        // Asked of every loop by `SfuHandle::shut_down`.
+        LoopRequest::Sessions { .. } => 0,
         LoopRequest::CreateRoom { room: r, .. }
         | LoopRequest::SetRoomMetadata { room: r, .. }
         | LoopRequest::DeleteRoom { room: r, .. }
@@ -435,6 +444,30 @@ impl SfuHandle {
         match self.loops.get(i) {
             Some(tx) => tx.send(req).await.is_ok(),
             None => false,
+        }
+    }
+
+    /// Graceful shutdown of the media side: every loop tells its participants to reconnect
+    /// and closes their signalling ([`Command::Shutdown`]); then waits, at most `wait`, until
+    /// their sessions have ended (the sessions flush the leave and close their WebSockets).
+    /// Returns how many sessions were still open at the end.
+    pub async fn shut_down(&self, wait: Duration) -> usize {
+        for tx in self.loops.iter() {
+            let _ = tx.send(LoopRequest::Sfu(Command::Shutdown)).await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut open = 0;
+            for tx in self.loops.iter() {
+                let (reply, rx) = oneshot::channel();
+                if tx.send(LoopRequest::Sessions { reply }).await.is_ok() {
+                    open += rx.await.unwrap_or(0);
+                }
+            }
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -1225,6 +1258,9 @@ impl Loop {
             }
             LoopRequest::Transports { room, reply } => {
                 let _ = reply.send(self.sfu.transports(&room));
+            }
+            LoopRequest::Sessions { reply } => {
+                let _ = reply.send(self.sfu.session_count());
             }
             LoopRequest::Room { room, reply } => {
                 let _ = reply.send(self.sfu.room_info(&room));

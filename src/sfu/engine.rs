@@ -63,6 +63,8 @@ enum Departure {
     Removed,
     /// A newer session of the same identity took its place: the room goes on.
     Replaced,
+    /// The server is shutting down: the client is told to reconnect.
+    ShutDown,
 }
 
 /// Datagram counters (exported at `/metrics`).
@@ -379,6 +381,10 @@ pub enum Command {
         /// Room name.
         room: RoomName,
     },
+    /// The server is shutting down: every participant is told to reconnect (`LeaveRequest`
+    /// action `RECONNECT`, reason `SERVER_SHUTDOWN`: the SDKs rejoin the restarted server on
+    /// their own), its signalling is closed and it leaves.
+    Shutdown,
 }
 
 /// One RTP packet handed from a publisher to its room.
@@ -579,6 +585,7 @@ impl Sfu {
                     self.leave(now, session, reason, true);
                 }
             }
+            Command::Shutdown => self.shut_down(now),
             admin @ (Command::MuteTrack { .. }
             | Command::UpdateParticipant { .. }
             | Command::UpdateSubscriptions { .. }
@@ -1003,6 +1010,29 @@ impl Sfu {
         self.drain(now, session);
     }
 
+    /// Tells every participant to reconnect and closes its signalling (see
+    /// [`Command::Shutdown`]).
+    fn shut_down(&mut self, now: Instant) {
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        tracing::info!(
+            participants = sessions.len(),
+            "shutting down: participants told to reconnect"
+        );
+        for session in sessions {
+            self.leave_as(
+                now,
+                session,
+                lk::DisconnectReason::ServerShutdown,
+                Departure::ShutDown,
+            );
+        }
+    }
+
+    /// Sessions (participants) this engine holds.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
     fn leave(
         &mut self,
         now: Instant,
@@ -1040,12 +1070,18 @@ impl Sfu {
         }
         self.by_addr.retain(|_, (s, _)| *s != session);
         if server_initiated {
+            // Shutting down: the SDKs rejoin (a full reconnect) once the server is back.
+            let action = if how == Departure::ShutDown {
+                lk::leave_request::Action::Reconnect
+            } else {
+                lk::leave_request::Action::Disconnect
+            };
             self.out.push_back(Output::Signal(
                 session,
                 msg(Msg::Leave(lk::LeaveRequest {
-                    can_reconnect: false,
+                    can_reconnect: how == Departure::ShutDown,
                     reason: reason as i32,
-                    action: lk::leave_request::Action::Disconnect as i32,
+                    action: action as i32,
                     regions: None,
                 })),
             ));

@@ -268,9 +268,17 @@ async def count_video(track, identity, st):
 
 async def send_data_loop(room, st, kinds, stop):
     label = st.args.identity_label
+    started = time.monotonic()
+    n = 0
     while not stop.is_set():
+        if st.args.send_data_for is not None and time.monotonic() - started >= st.args.send_data_for:
+            st.ev("data_stopped", sent=dict(st.summary["data_sent"]))
+            return
+        n += 1
         for kind in kinds:
-            payload = f"hello-from-{label}-{kind}"
+            # Numbered payloads (--number-data) tell a receiver which packets it got, and how often.
+            payload = (f"{label}-{kind}-{n}" if st.args.number_data
+                       else f"hello-from-{label}-{kind}")
             try:
                 await asyncio.wait_for(
                     room.local_participant.publish_data(
@@ -287,6 +295,18 @@ async def send_data_loop(room, st, kinds, stop):
                     st.ev("data_send_failed", kind=kind, error=repr(e))
         try:
             await asyncio.wait_for(stop.wait(), timeout=DATA_INTERVAL_S)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def progress_loop(st, interval, stop):
+    """A 'progress' event every `interval` s: audio and video frames received per remote."""
+    while not stop.is_set():
+        frames = {ident: {"audio": r["audio_frames"], "video": r["video_frames"]}
+                  for ident, r in st.remote.items()}
+        st.ev("progress", frames=frames)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
         except asyncio.TimeoutError:
             pass
 
@@ -672,6 +692,8 @@ async def run(args):
             tasks.append(asyncio.ensure_future(send_data_loop(room, st, kinds, stop)))
         if args.mute_after is not None:
             tasks.append(asyncio.ensure_future(mute_later(audio_track, st, args.mute_after)))
+        if args.progress_ms > 0:
+            tasks.append(asyncio.ensure_future(progress_loop(st, args.progress_ms / 1000.0, stop)))
         actions_task = None
         if wants_data_actions(args):
             actions_task = asyncio.ensure_future(data_actions(room, st, deadline))
@@ -762,6 +784,12 @@ def main():
                     help="publisher + subscriber peer connections, v0 signalling (/rtc)")
     ap.add_argument("--send-data", choices=["reliable", "lossy", "both"], default=None,
                     help="send 'hello-from-<label>-<kind>' (topic 'test') every 500 ms until the end")
+    ap.add_argument("--number-data", action="store_true",
+                    help="with --send-data: a new numbered payload every time (LABEL-KIND-N)")
+    ap.add_argument("--send-data-for", type=float, default=None, metavar="S",
+                    help="with --send-data: stop sending after S seconds")
+    ap.add_argument("--progress-ms", type=int, default=0, metavar="MS",
+                    help="emit a 'progress' event (frames received per remote) every MS ms")
     ap.add_argument("--mute-after", type=float, default=None, metavar="S",
                     help="mute the own audio track S seconds after connect")
     ap.add_argument("--set-metadata", default=None, metavar="TEXT",

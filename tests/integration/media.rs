@@ -474,3 +474,60 @@ async fn two_rooms_on_two_loop_threads_forward_at_once_through_one_port() {
     );
     assert!(!c.logs().contains("panicked"), "{}", c.logs());
 }
+
+/// Graceful shutdown (SIGTERM) tells connected SDK clients to reconnect (`LeaveRequest`
+/// action RECONNECT, reason SERVER_SHUTDOWN). Conclave restarted on the same ports and data
+/// (so the same keys: the clients' tokens stay valid) gets them back by themselves: each
+/// rejoins the room and subscribes to the other's tracks again.
+#[tokio::test]
+async fn sdk_clients_rejoin_a_restarted_server_by_themselves() {
+    let _heavy = heavy_lock();
+    let mut c = sfu().await;
+    let mut clients = Vec::new();
+    for who in ["a", "b"] {
+        let mut s = spec(&c, "restart", who);
+        s.expect_participants = 1;
+        s.min_duration_s = 40.0;
+        s.timeout_s = 80.0;
+        clients.push(PyClient::spawn(s).unwrap());
+    }
+    for cl in clients.iter_mut() {
+        cl.wait_event("track_subscribed", Duration::from_secs(30))
+            .await
+            .expect("media before the restart");
+    }
+    c.stop().await.expect("graceful shutdown");
+    assert!(
+        c.logs()
+            .contains("shutting down: participants told to reconnect participants=2"),
+        "both participants were told to reconnect"
+    );
+    c.spawn()
+        .await
+        .expect("Conclave restarted on the same ports");
+    for cl in clients.iter_mut() {
+        cl.wait_event("reconnected", Duration::from_secs(40))
+            .await
+            .expect("the client rejoined the restarted server by itself");
+        // Subscribed again after the reconnect: the other's tracks, from the new server.
+        cl.wait_event("track_subscribed", Duration::from_secs(30))
+            .await
+            .expect("media after the restart");
+    }
+    for cl in clients {
+        cl.terminate().unwrap();
+        let report = cl.wait(Duration::from_secs(30)).await.unwrap();
+        let names: Vec<&str> = report
+            .events
+            .iter()
+            .filter_map(|e| e["event"].as_str())
+            .collect();
+        eprintln!("events: {names:?}");
+        let reconnected = names.iter().rposition(|e| *e == "reconnected");
+        assert!(
+            reconnected.is_some_and(|i| !names[..i].contains(&"disconnected")),
+            "reconnected without ever disconnecting for good: {names:?}"
+        );
+        report.assert_exit(0);
+    }
+}

@@ -84,7 +84,8 @@ impl Sfu {
             Command::Join(_)
             | Command::Request { .. }
             | Command::Disconnect { .. }
-            | Command::Remove { .. } => {}
+            | Command::Remove { .. }
+            | Command::Shutdown => {}
         }
     }
 

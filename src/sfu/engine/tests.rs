@@ -340,6 +340,42 @@ fn duplicate_identity_replaces_the_old_session() {
     assert_eq!(s.participant_count(&"room".into()), 1);
 }
 
+/// A graceful shutdown tells every participant to reconnect (the SDKs rejoin the restarted
+/// server), closes its signalling, and empties the engine.
+#[test]
+fn shutdown_tells_everyone_to_reconnect() {
+    let now = Instant::now();
+    let mut s = sfu(now);
+    join(&mut s, now, 1, "alice");
+    join(&mut s, now, 2, "bob");
+    drain(&mut s);
+    assert_eq!(s.session_count(), 2);
+    s.handle_command(now, Command::Shutdown);
+    let (msgs, events, closes) = drain(&mut s);
+    for session in [1, 2] {
+        let leave = msgs.iter().find_map(|(id, m)| match m {
+            Msg::Leave(l) if *id == session => Some(l.clone()),
+            _ => None,
+        });
+        let leave = leave.expect("every participant is told");
+        assert_eq!(
+            leave.action,
+            lk::leave_request::Action::Reconnect as i32,
+            "{leave:?}"
+        );
+        assert_eq!(leave.reason, lk::DisconnectReason::ServerShutdown as i32);
+        assert!(leave.can_reconnect);
+    }
+    assert_eq!(closes, 2);
+    assert_eq!(s.session_count(), 0);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SfuEvent::ParticipantLeft { .. })),
+        "{events:?}"
+    );
+}
+
 #[test]
 fn publishing_without_permission_is_refused() {
     let now = Instant::now();

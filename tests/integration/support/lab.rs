@@ -96,6 +96,9 @@ const ROUTER_DOWN_IF: &str = "tocli";
 const NFT_TABLE: &str = "cclab";
 /// The chain of [`Lab::block_udp`] in a client namespace.
 const NO_UDP_CHAIN: &str = "noudp";
+/// The chains of [`Lab::cut`] in a client namespace.
+const CUT_IN: &str = "cutin";
+const CUT_OUT: &str = "cutout";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -424,6 +427,33 @@ impl Lab {
             ));
         }
         nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
+    }
+
+    /// Cuts client `i`'s link both ways (every packet in and out of its interface is dropped,
+    /// as a Wi-Fi that drops out), or restores it: its sockets and connections stay as they
+    /// are, only nothing passes.
+    pub fn cut(&self, i: usize, cut: bool) -> Result<()> {
+        self.check(i);
+        let mut script = String::new();
+        for (chain, hook, dir) in [(CUT_IN, "input", "iifname"), (CUT_OUT, "output", "oifname")] {
+            script.push_str(&format!(
+                "table inet {NFT_TABLE} {{\n  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;\n  }}\n}}\nflush chain inet {NFT_TABLE} {chain}\n"
+            ));
+            if cut {
+                script.push_str(&format!(
+                    "add rule inet {NFT_TABLE} {chain} {dir} \"{CLIENT_IF}\" counter drop\n"
+                ));
+            }
+        }
+        nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
+    }
+
+    /// Packets dropped by [`Lab::cut`] on client `i`'s link: (received, sent).
+    pub fn cut_packets(&self, i: usize) -> Result<(u64, u64)> {
+        self.check(i);
+        let (inbound, _) = loss_counter(&self.clients[i], CUT_IN)?;
+        let (outbound, _) = loss_counter(&self.clients[i], CUT_OUT)?;
+        Ok((inbound, outbound))
     }
 
     /// UDP packets client `i` tried to send while [`Lab::block_udp`] dropped them.
