@@ -285,6 +285,8 @@ async def send_data_loop(room, st, kinds, stop):
                         payload, reliable=(kind == "reliable"), topic=DATA_TOPIC),
                     timeout=2.0)
                 st.summary["data_sent"][kind] += 1
+                if st.args.number_data:
+                    st.summary.setdefault("data_numbers_sent", {}).setdefault(kind, []).append(n)
                 if st.summary["data_sent"][kind] == 1:
                     st.ev("data_sent", kind=kind, payload=payload, topic=DATA_TOPIC)
             except Exception as e:  # keep trying: late data channels, transient errors

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::conclave::{Conclave, ConclaveOptions};
 use crate::support::lab::{in_netns, lab_namespaces, list_namespaces, Lab, Shape};
@@ -351,4 +351,274 @@ async fn browser_without_udp_connects_over_ice_tcp() {
             && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
         "the browser over TCP, the Python participant over UDP:\n{metrics}"
     );
+}
+
+/// A 5 s drop of the link (a Wi-Fi that drops out; issue 20): the Python SDK client B in a lab
+/// namespace loses every packet both ways for 5 s while A keeps publishing media and numbered
+/// reliable data. Once the link is back, B is the same participant (same SID: no rejoin), A
+/// never saw it leave or join again, B's video advances again within 2 s, and every reliable
+/// packet A sent reached B exactly once.
+#[tokio::test]
+async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let mut a = PyClientSpec::new(c.ws_url(), c.token("cut", "a", grants()), "a");
+    a.netns = Some(lab.client_ns(0).to_owned());
+    a.expect_participants = 1;
+    a.send_data = Some("reliable".into());
+    a.extra_args = ["--number-data", "--send-data-for", "20"]
+        .map(String::from)
+        .to_vec();
+    // A leaves first: everything it saw of B is from B's whole stay.
+    a.min_duration_s = 26.0;
+    a.timeout_s = 60.0;
+    let mut b = PyClientSpec::new(c.ws_url(), c.token("cut", "b", grants()), "b");
+    b.netns = Some(lab.client_ns(1).to_owned());
+    b.publish_audio = false;
+    b.publish_video = false;
+    b.expect_participants = 1;
+    b.expect_video_frames = 30;
+    b.extra_args = ["--progress-ms", "250"].map(String::from).to_vec();
+    b.min_duration_s = 30.0;
+    b.timeout_s = 60.0;
+    let pa = PyClient::spawn(a).unwrap();
+    let mut pb = PyClient::spawn(b).unwrap();
+    pb.wait_event("first_video_frame", Duration::from_secs(30))
+        .await
+        .expect("B receives A's video");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The latest progress sample: (client clock ms, A's video frames received by B).
+    let latest = |pb: &PyClient| {
+        pb.events()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "progress")
+            .map(|e| {
+                (
+                    e["t_ms"].as_u64().unwrap_or(0),
+                    e["frames"]["a"]["video"].as_u64().unwrap_or(0),
+                )
+            })
+            .expect("progress events")
+    };
+    lab.cut(1, true).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, frames_early_in_cut) = latest(&pb);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (restored_ms, frames_at_restore) = latest(&pb);
+    // (Restoring flushes the rules and their counters.)
+    let (cut_in, cut_out) = lab.cut_packets(1).unwrap();
+    lab.cut(1, false).unwrap();
+
+    let ra = pa.wait(Duration::from_secs(70)).await.unwrap();
+    let rb = pb.wait(Duration::from_secs(70)).await.unwrap();
+    eprintln!("cut dropped {cut_in} packets to B and {cut_out} from it");
+    assert!(cut_in > 20 && cut_out > 0, "the cut was real");
+    assert_eq!(
+        frames_early_in_cut, frames_at_restore,
+        "no video reached B during the cut"
+    );
+    // Media again: the first progress sample after the link came back with more frames.
+    let back = rb
+        .events
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .map(|e| {
+            (
+                e["t_ms"].as_u64().unwrap_or(0),
+                e["frames"]["a"]["video"].as_u64().unwrap_or(0),
+            )
+        })
+        .find(|(t, f)| *t > restored_ms && *f > frames_at_restore)
+        .map(|(t, _)| t - restored_ms);
+    eprintln!("B's video advanced again {back:?} ms after the link came back (±250 ms sampling)");
+    assert!(
+        back.is_some_and(|ms| ms <= 2250),
+        "video again within 2 s of the link coming back: {back:?} ms"
+    );
+
+    // The same participant: B's SID never changed, A saw B join once and never leave.
+    let b_sid = rb.summary["local_sid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let names = |r: &crate::support::lk_clients::ClientReport| -> Vec<String> {
+        r.events
+            .iter()
+            .filter_map(|e| e["event"].as_str().map(String::from))
+            .collect()
+    };
+    let b_events = names(&rb);
+    assert!(
+        !b_events
+            .iter()
+            .any(|e| e == "reconnecting" || e == "reconnected"),
+        "B never reconnected: {b_events:?}"
+    );
+    let a_saw_b: Vec<&Value> = ra
+        .events
+        .iter()
+        .filter(|e| e["identity"] == "b")
+        .filter(|e| {
+            e["event"] == "participant_connected" || e["event"] == "participant_disconnected"
+        })
+        .collect();
+    // (B may have been in the room before A: then A learnt of it when it joined.)
+    assert!(
+        a_saw_b.len() <= 1
+            && a_saw_b
+                .iter()
+                .all(|e| e["event"] == "participant_connected"),
+        "A saw B join at most once and never leave: {a_saw_b:?}"
+    );
+    let b_at_a = ra.remote("b").expect("A knew B");
+    assert_eq!(b_at_a["sid"], b_sid.as_str(), "{b_at_a}");
+    assert!(b_at_a["disconnected_at_ms"].is_null(), "{b_at_a}");
+
+    // Reliable data sent before, during and after the cut: each packet once, none missing.
+    let sent: Vec<u64> = ra.summary["data_numbers_sent"]["reliable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    let received: Vec<(String, u64)> = rb.remote("a").expect("B knew A")["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            (
+                d["payload"].as_str().unwrap_or_default().to_owned(),
+                d["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(sent.len() >= 30, "A sent {} reliable packets", sent.len());
+    for n in &sent {
+        let payload = format!("a-reliable-{n}");
+        let count = received
+            .iter()
+            .find(|(p, _)| *p == payload)
+            .map_or(0, |(_, c)| *c);
+        assert_eq!(
+            count, 1,
+            "{payload} arrived {count} times (of {received:?})"
+        );
+    }
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "nothing else arrived: {received:?}"
+    );
+    ra.assert_exit(0);
+    rb.assert_exit(0);
+}
+
+/// The same 5 s cut for Chromium (livekit-client, one peer connection) in the lab: its page
+/// never reconnects, the Python participant never sees it leave or join again, and the page
+/// paints A's video again within 2 s of the link coming back.
+#[tokio::test]
+async fn a_five_second_link_cut_is_survived_by_chromium() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let mut a = PyClientSpec::new(c.ws_url(), c.token("cut", "a", grants()), "a");
+    a.netns = Some(lab.client_ns(0).to_owned());
+    a.expect_participants = 1;
+    // A stays until the page has left (then it is stopped).
+    a.min_duration_s = 55.0;
+    a.timeout_s = 60.0;
+    let pa = PyClient::spawn(a).unwrap();
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("cut", "web", grants()));
+    tab.single_pc = Some(true);
+    tab.publish_camera = false;
+    tab.publish_microphone = false;
+    tab.expect_video_playing = vec![("a".into(), 20)];
+    tab.stats_interval_ms = 250;
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.min_duration_s = 22.0;
+    spec.timeout_s = 60.0;
+    let mut b = Browser::spawn(spec).unwrap();
+    b.wait_event("video_playing", Duration::from_secs(40))
+        .await
+        .expect("the page plays A's video");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The latest stats sample of A's video: (page clock ms, frames painted).
+    let latest = |b: &Browser| {
+        b.events()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
+            .map(|e| {
+                (
+                    e["t_ms"].as_u64().unwrap_or(0),
+                    e["frames"].as_u64().unwrap_or(0),
+                )
+            })
+            .expect("video stats")
+    };
+    lab.cut(1, true).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, early) = latest(&b);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (restored_ms, at_restore) = latest(&b);
+    let (cut_in, _) = lab.cut_packets(1).unwrap();
+    lab.cut(1, false).unwrap();
+    let rb = b.wait(Duration::from_secs(70)).await.unwrap();
+    pa.terminate().unwrap();
+    let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
+    assert!(cut_in > 20, "the cut was real ({cut_in} packets dropped)");
+    assert_eq!(early, at_restore, "nothing painted during the cut");
+    let back = rb
+        .events_named("web", "video_stats")
+        .iter()
+        .filter(|e| e["identity"] == "a")
+        .map(|e| {
+            (
+                e["t_ms"].as_u64().unwrap_or(0),
+                e["frames"].as_u64().unwrap_or(0),
+            )
+        })
+        .find(|(t, f)| *t > restored_ms && *f > at_restore)
+        .map(|(t, _)| t - restored_ms);
+    eprintln!("the page painted A's video again {back:?} ms after the link came back (±250 ms)");
+    assert!(
+        back.is_some_and(|ms| ms <= 2250),
+        "video again within 2 s of the link coming back: {back:?} ms"
+    );
+    for name in ["reconnecting", "signal_reconnecting", "reconnected"] {
+        let seen = rb.events_named("web", name);
+        assert!(seen.is_empty(), "the page never went {name}: {seen:?}");
+    }
+    // A saw the page join at most once (it may have been there first) and leave once, at
+    // its end: a rejoin would show as a leave and a join in between.
+    let seen = |event: &str| {
+        ra.events
+            .iter()
+            .filter(|e| e["identity"] == "web" && e["event"] == event)
+            .count()
+    };
+    assert!(
+        seen("participant_connected") <= 1 && seen("participant_disconnected") <= 1,
+        "A saw the page join {} and leave {} times",
+        seen("participant_connected"),
+        seen("participant_disconnected")
+    );
+    rb.assert_exit(0);
+    ra.assert_exit(0);
 }

@@ -448,7 +448,8 @@ impl Lab {
         nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
     }
 
-    /// Packets dropped by [`Lab::cut`] on client `i`'s link: (received, sent).
+    /// Packets dropped by the cut in force on client `i`'s link: (received, sent); restoring
+    /// the link resets them.
     pub fn cut_packets(&self, i: usize) -> Result<(u64, u64)> {
         self.check(i);
         let (inbound, _) = loss_counter(&self.clients[i], CUT_IN)?;
