@@ -289,6 +289,11 @@ pub struct RtcConfig {
     /// as a passive candidate on every node IP, after the UDP ones (clients that can use UDP
     /// do). Default 7881 (LiveKit's); 0 turns ICE-TCP off.
     pub tcp_port: u16,
+    /// How long a participant whose signalling connection was lost (a network change, a
+    /// Wi-Fi drop) is kept for its client to resume it, in seconds: same SID, tracks and
+    /// subscriptions, nobody sees it leave. Single peer connection (v1) clients only; v0
+    /// clients rejoin in full. Default 30; 0 turns resume off (every client rejoins in full).
+    pub resume_window_secs: u64,
     /// IPs announced as ICE host candidates. Default: empty, meaning loopback plus the
     /// addresses detected on this host.
     pub node_ips: Vec<IpAddr>,
@@ -334,6 +339,7 @@ impl Default for RtcConfig {
         Self {
             udp_port: 7882,
             tcp_port: 7881,
+            resume_window_secs: 30,
             node_ips: Vec::new(),
             auto_create: None,
             signal_timeout_secs: 30,

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub signal_sessions_v0: AtomicU64,
     /// Signalling sessions accepted on v1 (`/rtc/v1`, one peer connection).
     pub signal_sessions_v1: AtomicU64,
+    /// Participants resumed on a new signalling connection (same SID, nobody saw a leave).
+    pub signal_resumes: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -141,6 +143,12 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        let name = "conclave_signal_resumes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Participants resumed on a new signalling connection (same participant, no rejoin).\n# TYPE {name} counter\n{name} {}",
+            self.signal_resumes.load(Ordering::Relaxed)
+        );
         let name = "conclave_signal_sessions_total";
         let _ = writeln!(
             out,

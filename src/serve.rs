@@ -364,6 +364,8 @@ async fn serve(config: Config) -> Result<(), RunError> {
         config.rtc.udp_port,
         (config.rtc.tcp_port != 0).then_some(config.rtc.tcp_port),
         config.rtc.loop_threads(),
+        (config.rtc.resume_window_secs != 0)
+            .then(|| std::time::Duration::from_secs(config.rtc.resume_window_secs)),
         rooms.clone(),
     )
     .map_err(|e| RunError::Net(e.to_string()))?;

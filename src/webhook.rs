@@ -625,6 +625,7 @@ mod tests {
             t0 + Duration::from_millis(1),
             Command::Disconnect {
                 session: SessionId(1),
+                epoch: None,
                 reason: lk::DisconnectReason::ClientInitiated,
             },
         );

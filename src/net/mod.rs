@@ -112,6 +112,21 @@ pub enum LoopRequest {
         /// Reply.
         reply: oneshot::Sender<Vec<livekit_protocol::ParticipantInfo>>,
     },
+    /// A client resumes its participant on a new signalling connection (see
+    /// [`Sfu::resume`]): on success its messages go to `sink` from now on; replies the session
+    /// and the connection's epoch.
+    Resume {
+        /// Room name.
+        room: RoomName,
+        /// Identity.
+        identity: ParticipantIdentity,
+        /// The participant SID the client names.
+        sid: String,
+        /// Where its signal messages go.
+        sink: SignalSink,
+        /// Reply.
+        reply: oneshot::Sender<Option<(SessionId, u32)>>,
+    },
     /// How many sessions (participants) the loop holds.
     Sessions {
         /// Reply.
@@ -397,6 +412,7 @@ fn loop_of_request(req: &LoopRequest, threads: usize) -> usize {
         | LoopRequest::SetRoomMetadata { room: r, .. }
         | LoopRequest::DeleteRoom { room: r, .. }
         | LoopRequest::Participants { room: r, .. }
+        | LoopRequest::Resume { room: r, .. }
         | LoopRequest::Transports { room: r, .. }
         | LoopRequest::Room { room: r, .. }
         | LoopRequest::RoomSid { room: r, .. }
@@ -447,6 +463,30 @@ impl SfuHandle {
         }
     }
 
+    /// Resumes participant `identity` (SID `sid`) of `room` on a new signalling connection
+    /// whose messages go to `sink` (see [`Sfu::resume`]): the session and the connection's
+    /// epoch, or `None` when there is nothing to resume (the client must rejoin).
+    pub async fn resume(
+        &self,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+        sid: &str,
+        sink: SignalSink,
+    ) -> Option<(SessionId, u32)> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Resume {
+            room: room.clone(),
+            identity: identity.clone(),
+            sid: sid.to_owned(),
+            sink,
+            reply,
+        };
+        if !self.send(req).await {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
     /// Graceful shutdown of the media side: every loop tells its participants to reconnect
     /// and closes their signalling ([`Command::Shutdown`]); then waits, at most `wait`, until
     /// their sessions have ended (the sessions flush the leave and close their WebSockets).
@@ -493,8 +533,19 @@ impl SfuHandle {
     }
 
     /// Tells the loop that `session`'s signalling ended; false if the loop is gone.
-    pub async fn disconnect(&self, session: SessionId, reason: DisconnectReason) -> bool {
-        self.command(Command::Disconnect { session, reason }).await
+    pub async fn disconnect(
+        &self,
+        session: SessionId,
+        epoch: u32,
+        reason: DisconnectReason,
+    ) -> bool {
+        let epoch = Some(epoch);
+        self.command(Command::Disconnect {
+            session,
+            epoch,
+            reason,
+        })
+        .await
     }
 
     /// Ends `session` for `reason` and waits (at most a few seconds) until the loop has taken
@@ -505,10 +556,11 @@ impl SfuHandle {
     pub async fn hang_up(
         &self,
         session: SessionId,
+        epoch: u32,
         reason: DisconnectReason,
         mut queue: SignalQueue,
     ) {
-        if !self.disconnect(session, reason).await {
+        if !self.disconnect(session, epoch, reason).await {
             return;
         }
         let drained = tokio::time::timeout(HANG_UP_WAIT, async {
@@ -727,6 +779,7 @@ pub fn start(
     port: u16,
     tcp_port: Option<u16>,
     threads: usize,
+    resume_window: Option<Duration>,
     registry: Arc<RoomRegistry>,
 ) -> Result<SfuHandle, NetError> {
     let threads = threads.max(1);
@@ -772,6 +825,7 @@ pub fn start(
             SfuConfig {
                 candidates: addresses.clone(),
                 tcp_candidates: tcp_addresses.clone(),
+                resume_window,
                 seed: None,
                 ufrag_prefix: if threads > 1 {
                     format!("{index:02x}")
@@ -1146,8 +1200,12 @@ impl Loop {
                         DisconnectReason::SignalClose
                     }
                 };
-                self.sfu
-                    .handle_command(Instant::now(), Command::Disconnect { session, reason });
+                let disconnect = Command::Disconnect {
+                    session,
+                    epoch: None,
+                    reason,
+                };
+                self.sfu.handle_command(Instant::now(), disconnect);
             }
         }
     }
@@ -1261,6 +1319,20 @@ impl Loop {
             }
             LoopRequest::Sessions { reply } => {
                 let _ = reply.send(self.sfu.session_count());
+            }
+            LoopRequest::Resume {
+                room,
+                identity,
+                sid,
+                sink,
+                reply,
+            } => {
+                let resumed = self.sfu.resume(now, &room, &identity, &sid);
+                if let Some((session, _)) = resumed {
+                    // The old connection's queue (if the loop still had it) ends here.
+                    self.sinks.insert(session, sink);
+                }
+                let _ = reply.send(resumed);
             }
             LoopRequest::Room { room, reply } => {
                 let _ = reply.send(self.sfu.room_info(&room));
@@ -1381,6 +1453,7 @@ mod tests {
             0,
             Some(0),
             1,
+            Some(Duration::from_secs(30)),
             Arc::new(RoomRegistry::default()),
         )
         .expect("bind a loopback port")
@@ -1480,6 +1553,7 @@ mod tests {
             0,
             Some(0),
             threads,
+            None,
             Arc::new(RoomRegistry::default()),
         )
         .expect("bind a loopback port");
@@ -1507,6 +1581,7 @@ mod tests {
                 }),
                 LoopRequest::Sfu(Command::Disconnect {
                     session,
+                    epoch: None,
                     reason: DisconnectReason::ClientInitiated,
                 }),
                 LoopRequest::Sfu(Command::Remove {
@@ -1539,6 +1614,7 @@ mod tests {
             0,
             None,
             2,
+            None,
             registry.clone(),
         )
         .expect("bind a loopback port");
@@ -1624,7 +1700,7 @@ mod tests {
         // alice's update is queued before bob's leave: the loop sends it to bob while bob hangs
         // up (the race that made ~1 % of hang-ups `SIGNAL_CLOSE`).
         update(&sfu, alice, "hello".into()).await;
-        sfu.hang_up(bob, DisconnectReason::ClientInitiated, bob_queue)
+        sfu.hang_up(bob, 0, DisconnectReason::ClientInitiated, bob_queue)
             .await;
         assert_eq!(
             left(&mut events, "bob").await,

@@ -269,6 +269,7 @@ mod tests {
             0,
             Some(0),
             1,
+            None,
             Arc::new(RoomRegistry::default()),
         )
         .expect("bind loopback ports");
@@ -353,8 +354,18 @@ mod tests {
     /// frame timeout.
     #[tokio::test]
     async fn five_hundred_idle_connections_leave_the_listener_serving() {
-        // Both ends live in this process: a thousand descriptors.
-        let _ = crate::http::server::raise_fd_limit();
+        // Both ends live in this process: a thousand descriptors (a soft limit may be 1024).
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+        unsafe {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
         let (sfu, addr) = loop_with_tcp();
         let tcp = sfu.stats.tcp.clone();
         let mut idle = Vec::new();

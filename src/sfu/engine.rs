@@ -30,6 +30,7 @@ mod participant;
 mod periodic;
 mod red;
 mod requests;
+mod resume;
 mod room;
 mod single;
 mod timers;
@@ -97,6 +98,9 @@ pub struct SfuStats {
 pub struct SfuConfig {
     /// Local UDP addresses announced as ICE host candidates.
     pub candidates: Vec<SocketAddr>,
+    /// How long a participant whose signalling connection was lost is kept for the client to
+    /// resume (`rtc.resume_window_secs`); `None`: no resume, a lost connection is a leave.
+    pub resume_window: Option<Duration>,
     /// Local TCP addresses announced as passive ICE-TCP host candidates (RFC 6544), for
     /// clients whose network drops UDP; empty when `rtc.tcp_port` is 0.
     pub tcp_candidates: Vec<SocketAddr>,
@@ -306,6 +310,9 @@ pub enum Command {
     Disconnect {
         /// Session.
         session: SessionId,
+        /// The signalling connection it comes from (see [`Sfu::resume`]); `None`: whichever
+        /// is the session's now (the loop's own disconnects: a full signal queue).
+        epoch: Option<u32>,
         /// Why.
         reason: lk::DisconnectReason,
     },
@@ -420,6 +427,8 @@ pub struct Sfu {
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     /// Peer addresses that passed ICE, per protocol (a UDP and a TCP peer may share one).
     by_addr: HashMap<(IpProto, SocketAddr), (SessionId, PcKind)>,
+    /// Participants whose signalling was lost, with the deadline for their resume.
+    detached: HashMap<SessionId, Instant>,
     out: VecDeque<Output>,
     /// Each participant's earliest deadline, filed after every poll of its connections.
     timers: timers::Timers,
@@ -446,6 +455,17 @@ fn msg(m: Msg) -> SignalOut {
     SignalOut::Message(Box::new(m))
 }
 
+/// What the join and reconnect responses say of this server.
+fn server_info() -> lk::ServerInfo {
+    lk::ServerInfo {
+        edition: lk::server_info::Edition::Standard as i32,
+        version: SERVER_VERSION.into(),
+        protocol: PROTOCOL,
+        debug_info: concat!("conclave ", env!("CARGO_PKG_VERSION")).into(),
+        ..Default::default()
+    }
+}
+
 fn linear_audio_level(level: i8) -> f32 {
     // RFC 6464: -dBov, 0 (loudest) ..= 127 (silence).
     let dbov = f32::from(level.clamp(0, 127));
@@ -468,6 +488,7 @@ impl Sfu {
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            detached: HashMap::new(),
             out: VecDeque::new(),
             timers: timers::Timers::default(),
             next_speakers: None,
@@ -556,6 +577,9 @@ impl Sfu {
         if let Some(e) = self.next_expiry() {
             take(e);
         }
+        if let Some(e) = self.next_detached_expiry() {
+            take(e);
+        }
         if let Some(p) = participants {
             take(p);
         }
@@ -575,7 +599,11 @@ impl Sfu {
         match command {
             Command::Join(join) => self.join(now, join),
             Command::Request { session, message } => self.request(now, session, *message),
-            Command::Disconnect { session, reason } => self.leave(now, session, reason, false),
+            Command::Disconnect {
+                session,
+                epoch,
+                reason,
+            } => self.signalling_ended(now, session, epoch, reason),
             Command::Remove {
                 room,
                 identity,
@@ -702,6 +730,7 @@ impl Sfu {
             }
         }
         self.expire_rooms(now);
+        self.expire_detached(now);
         if self.next_speakers.is_some_and(|t| t <= now) {
             self.update_speakers(now);
         }
@@ -892,12 +921,14 @@ impl Sfu {
             data_backlog: VecDeque::new(),
             data_backlog_bytes: 0,
             joined_at: now,
+            signal_epoch: 0,
             filed: None,
             audio_level: 0.0,
             speaking: false,
             link: bandwidth::Link::default(),
         };
 
+        let client_configuration = self.client_configuration(single_pc);
         let Some(room) = self.rooms.get_mut(&room_name) else {
             return;
         };
@@ -926,19 +957,10 @@ impl Sfu {
             // v1: the client's one connection is its publisher connection; LiveKit forces
             // `false` (design §1.5).
             subscriber_primary: !single_pc,
-            client_configuration: Some(lk::ClientConfiguration {
-                resume_connection: lk::ClientConfigSetting::Disabled as i32,
-                ..Default::default()
-            }),
+            client_configuration: Some(client_configuration),
             ping_timeout: 15,
             ping_interval: 5,
-            server_info: Some(lk::ServerInfo {
-                edition: lk::server_info::Edition::Standard as i32,
-                version: SERVER_VERSION.into(),
-                protocol: PROTOCOL,
-                debug_info: concat!("conclave ", env!("CARGO_PKG_VERSION")).into(),
-                ..Default::default()
-            }),
+            server_info: Some(server_info()),
             enabled_publish_codecs: vec![
                 lk::Codec {
                     mime: "video/VP8".into(),
@@ -1069,6 +1091,7 @@ impl Sfu {
             self.by_ufrag.remove(&pc.ufrag);
         }
         self.by_addr.retain(|_, (s, _)| *s != session);
+        self.detached.remove(&session);
         if server_initiated {
             // Shutting down: the SDKs rejoin (a full reconnect) once the server is back.
             let action = if how == Departure::ShutDown {

@@ -134,6 +134,8 @@ enum Signalling {
 struct Settings {
     /// `reconnect=1` / `JoinRequest.reconnect`: a resume attempt.
     reconnect: bool,
+    /// The participant SID a resume names (`sid=` / `JoinRequest.participant_sid`).
+    sid: Option<String>,
     /// Subscribe to every track automatically.
     auto_subscribe: bool,
     /// The client's `client_protocol`.
@@ -152,6 +154,7 @@ impl Settings {
     fn v0(query: &HashMap<String, String>) -> Self {
         Settings {
             reconnect: flag(query, "reconnect", false),
+            sid: query.get("sid").cloned(),
             auto_subscribe: flag(query, "auto_subscribe", true),
             client_protocol: query
                 .get("client_protocol")
@@ -177,6 +180,7 @@ impl Settings {
         }
         Settings {
             reconnect: request.reconnect,
+            sid: (!request.participant_sid.is_empty()).then_some(request.participant_sid),
             auto_subscribe: request
                 .connection_settings
                 .map(|c| c.auto_subscribe)
@@ -235,8 +239,21 @@ async fn connect(
         // Auto-create (check_connect let a missing room through only then).
         sfu.create_room(&room, RoomOptions::default()).await;
     }
+    let identity = ParticipantIdentity::from(claims.sub.as_str());
     if settings.reconnect {
-        // Resume is disabled (ClientConfiguration); an unknown session must rejoin in full.
+        if let Some(sid) = settings.sid.take() {
+            let (sink, events) = session_queue();
+            if let Some((session, epoch)) = sfu.resume(&room, &identity, &sid, sink).await {
+                let resumed = Resumed {
+                    session,
+                    epoch,
+                    events,
+                };
+                return resume(state, sfu, ws, claims, settings, signalling, resumed).await;
+            }
+        }
+        // Nothing to resume (unknown session, resume off, or a v0 client): the client must
+        // rejoin in full, which a leave asking to reconnect makes every SDK do.
         return ws.on_upgrade(|mut socket| async move {
             let leave = Msg::Leave(lk::LeaveRequest {
                 can_reconnect: true,
@@ -253,7 +270,7 @@ async fn connect(
     let join = Join {
         session,
         room,
-        identity: ParticipantIdentity::from(claims.sub.as_str()),
+        identity,
         name: claims.name.clone(),
         metadata: settings
             .metadata
@@ -272,7 +289,7 @@ async fn connect(
         Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Join(_)) => m,
         other => {
             tracing::warn!(%session, ?other, "join did not complete");
-            sfu.hang_up(session, lk::DisconnectReason::JoinFailure, events)
+            sfu.hang_up(session, 0, lk::DisconnectReason::JoinFailure, events)
                 .await;
             return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
         }
@@ -295,7 +312,57 @@ async fn connect(
     let span =
         tracing::info_span!("signal", %session, identity = %claims.sub, room = %claims.video.room);
     ws.on_upgrade(move |socket| {
-        let fut = run_session(state, sfu, socket, session, claims, *first, events);
+        let fut = run_session(state, sfu, socket, (session, 0), claims, *first, events);
+        tracing::Instrument::instrument(fut, span)
+    })
+}
+
+/// A participant taken back by a new signalling connection.
+struct Resumed {
+    session: SessionId,
+    epoch: u32,
+    events: SignalQueue,
+}
+
+/// The rest of a resume: the `ReconnectResponse` first, then (v1) the join request's offer
+/// (the client's ICE restart), then the session as usual on the new connection.
+async fn resume(
+    state: Arc<SignalState>,
+    sfu: SfuHandle,
+    ws: WebSocketUpgrade,
+    claims: Claims,
+    settings: Settings,
+    signalling: Signalling,
+    resumed: Resumed,
+) -> Response {
+    let Resumed {
+        session,
+        epoch,
+        mut events,
+    } = resumed;
+    let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
+        Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Reconnect(_)) => m,
+        other => {
+            tracing::warn!(%session, ?other, "resume did not complete");
+            sfu.hang_up(session, epoch, lk::DisconnectReason::StateMismatch, events)
+                .await;
+            return text(StatusCode::SERVICE_UNAVAILABLE, "resume failed");
+        }
+    };
+    for message in settings.after_join {
+        let cmd = Command::Request {
+            session,
+            message: Box::new(message),
+        };
+        if !sfu.command(cmd).await {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
+        }
+    }
+    crate::metrics::inc(&state.metrics.signal_resumes);
+    let _ = signalling;
+    let span = tracing::info_span!("signal", %session, epoch, identity = %claims.sub, room = %claims.video.room);
+    ws.on_upgrade(move |socket| {
+        let fut = run_session(state, sfu, socket, (session, epoch), claims, *first, events);
         tracing::Instrument::instrument(fut, span)
     })
 }
@@ -369,19 +436,19 @@ async fn run_session(
     state: Arc<SignalState>,
     sfu: SfuHandle,
     mut socket: WebSocket,
-    session: SessionId,
+    (session, epoch): (SessionId, u32),
     claims: Claims,
     first: Msg,
     mut events: SignalQueue,
 ) {
     let mut json = false;
     if let Err(reason) = send(&mut socket, encode(&first, json)).await {
-        sfu.hang_up(session, reason, events).await;
+        sfu.hang_up(session, epoch, reason, events).await;
         return;
     }
     if let Some(t) = refresh_token(&state, &claims) {
         if let Err(reason) = send(&mut socket, encode(&Msg::RefreshToken(t), json)).await {
-            sfu.hang_up(session, reason, events).await;
+            sfu.hang_up(session, epoch, reason, events).await;
             return;
         }
     }
@@ -501,7 +568,7 @@ async fn run_session(
     }
     if !closed_by_server {
         // Others and webhooks learn `reason`; the queue stays open until the loop took it.
-        sfu.hang_up(session, reason, events).await;
+        sfu.hang_up(session, epoch, reason, events).await;
     } else {
         // Flush what the SFU queued before closing (the leave message).
         while let Some(SignalOut::Message(m)) = events.try_recv() {

@@ -622,3 +622,98 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
     rb.assert_exit(0);
     ra.assert_exit(0);
 }
+
+/// Resume (issue 20): Chromium's link is cut for 20 s, longer than its signalling ping
+/// timeout (15 s), so livekit-client gives its signalling connection up and, once the link is
+/// back, resumes on a new one (`reconnect=1` with its SID) and restarts ICE. Conclave takes
+/// the same participant back: the Python participant never sees it leave or join again, the
+/// page plays its video again, and Conclave counts the resume.
+#[tokio::test]
+async fn chromium_resumes_after_its_signalling_was_lost() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let mut a = PyClientSpec::new(c.ws_url(), c.token("resume", "a", grants()), "a");
+    a.netns = Some(lab.client_ns(0).to_owned());
+    a.expect_participants = 1;
+    a.min_duration_s = 90.0;
+    a.timeout_s = 100.0;
+    let pa = PyClient::spawn(a).unwrap();
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("resume", "web", grants()));
+    tab.single_pc = Some(true);
+    tab.publish_camera = false;
+    tab.publish_microphone = false;
+    tab.expect_video_playing = vec![("a".into(), 20)];
+    tab.stats_interval_ms = 250;
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.hold = true;
+    spec.timeout_s = 90.0;
+    let mut b = Browser::spawn(spec).unwrap();
+    b.wait_event("video_playing", Duration::from_secs(40))
+        .await
+        .expect("the page plays A's video");
+    lab.cut(1, true).unwrap();
+    b.wait_event("signal_reconnecting", Duration::from_secs(30))
+        .await
+        .expect("the page noticed its signalling was lost");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.cut(1, false).unwrap();
+    let restored = std::time::Instant::now();
+    let reconnected = b.wait_event("reconnected", Duration::from_secs(40)).await;
+    let took = restored.elapsed();
+    // A's video painted again: a stats sample with more frames than at the reconnect.
+    let painted = |b: &Browser| {
+        b.events()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
+            .and_then(|e| e["frames"].as_u64())
+            .unwrap_or(0)
+    };
+    let at_reconnect = painted(&b);
+    let mut again = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if painted(&b) > at_reconnect + 5 {
+            again = Some(restored.elapsed());
+            break;
+        }
+    }
+    let resumes = c.metric("conclave_signal_resumes_total").await.unwrap_or(0);
+    let logs = c.logs();
+    b.terminate().unwrap();
+    let rb = b.wait(Duration::from_secs(30)).await.unwrap();
+    pa.terminate().unwrap();
+    let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
+    eprintln!(
+        "reconnected {took:?} after the link came back, video painted again after {again:?}; \
+         resumes {resumes}"
+    );
+    reconnected.expect("the page reconnected");
+    assert!(resumes >= 1, "Conclave resumed the participant");
+    assert!(
+        logs.contains("participant resumed") && logs.contains("ICE restarted by the client"),
+        "a resume with an ICE restart"
+    );
+    assert!(again.is_some(), "A's video plays again after the resume");
+    let seen = |event: &str| {
+        ra.events
+            .iter()
+            .filter(|e| e["identity"] == "web" && e["event"] == event)
+            .count()
+    };
+    assert!(
+        seen("participant_connected") <= 1 && seen("participant_disconnected") <= 1,
+        "A saw the page join {} and leave {} times: a resume is no rejoin",
+        seen("participant_connected"),
+        seen("participant_disconnected")
+    );
+    let _ = rb;
+}

@@ -70,9 +70,11 @@ impl Sfu {
         };
         match pc.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
+                let text = super::red::only_offered_formats(&answer.to_sdp_string(), &sdp);
+                let text = self.routable_ice_credentials(session, PcKind::Publisher, text);
                 let answer = lk::SessionDescription {
                     r#type: "answer".into(),
-                    sdp: super::red::only_offered_formats(&answer.to_sdp_string(), &sdp),
+                    sdp: text,
                     id: sd.id,
                     mid_to_track_id: HashMap::new(),
                 };

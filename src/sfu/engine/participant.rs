@@ -253,6 +253,9 @@ pub(super) struct Participant {
     /// Bytes in `data_backlog`.
     pub(super) data_backlog_bytes: usize,
     pub(super) joined_at: Instant,
+    /// Which signalling connection is its own: 0 at the join, one more at every resume. A
+    /// disconnect from an older connection (its WebSocket task ending late) changes nothing.
+    pub(super) signal_epoch: u32,
     /// The deadline filed for it in the engine's timer heap (`engine/timers.rs`): never later
     /// than [`Participant::next_timeout`]; `None` while it has no live entry.
     pub(super) filed: Option<Instant>,

@@ -223,6 +223,7 @@ fn a_room_everybody_left_closes_after_departure_timeout() {
         left_at,
         Command::Disconnect {
             session: SessionId(1),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );
@@ -306,6 +307,7 @@ fn a_full_room_refuses_the_next_join() {
         t0 + 2 * MS,
         Command::Disconnect {
             session: SessionId(2),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );
@@ -355,6 +357,7 @@ fn deleting_a_room_disconnects_its_participants() {
         t0 + 3 * MS,
         Command::Disconnect {
             session: SessionId(1),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );
@@ -482,6 +485,7 @@ fn a_created_room_keeps_its_sid_through_joins_and_events() {
             t0 + 4 * MS,
             Command::Disconnect {
                 session: SessionId(session),
+                epoch: None,
                 reason: lk::DisconnectReason::ClientInitiated,
             },
         );
@@ -545,6 +549,7 @@ fn a_room_created_again_after_it_ended_gets_a_new_sid() {
         later + MS,
         Command::Disconnect {
             session: SessionId(2),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );

@@ -17,7 +17,7 @@ use str0m::change::SdpOffer;
 use str0m::media::{MediaKind, Mid};
 
 use super::downtrack::DownState;
-use super::participant::{Slot, SlotState, Transport};
+use super::participant::{PcKind, Slot, SlotState, Transport};
 use super::{SessionId, Sfu};
 
 use crate::sfu::ids::TrackSid;
@@ -267,6 +267,7 @@ impl Sfu {
         p.down_tracks
             .retain(|d| !matches!(d.state, DownState::ToStop(_)));
         *answered = true;
+        let sdp = self.routable_ice_credentials(session, PcKind::Publisher, sdp);
         self.signal(
             session,
             Msg::Answer(lk::SessionDescription {

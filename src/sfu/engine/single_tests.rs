@@ -337,6 +337,8 @@ struct SinglePeer {
     asked: Option<(usize, usize)>,
     /// Placeholders to offer `inactive` next (a transceiver the client stopped using).
     to_withdraw: Vec<Mid>,
+    /// The next offer restarts ICE (new credentials), as a resuming client's does.
+    restart_ice: bool,
 }
 
 impl SinglePeer {
@@ -357,6 +359,7 @@ impl SinglePeer {
             seen: 0,
             asked: None,
             to_withdraw: Vec::new(),
+            restart_ice: false,
         }
     }
 
@@ -420,6 +423,9 @@ impl SinglePeer {
         }
         for mid in self.to_withdraw.drain(..) {
             api.set_direction(mid, Direction::Inactive);
+        }
+        if std::mem::take(&mut self.restart_ice) {
+            api.ice_restart(true);
         }
         for kind in self.to_add.drain(..) {
             let mid = api.add_media(kind, Direction::RecvOnly, None, None, None);
@@ -892,6 +898,7 @@ fn alice_leaves(net: &mut Net, bob: &mut SinglePeer) {
         net.now,
         Command::Disconnect {
             session: SessionId(1),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );
@@ -1197,4 +1204,142 @@ fn a_client_without_udp_connects_over_ice_tcp() {
         (1, 1),
         "{stats:?}"
     );
+}
+
+/// The `a=ice-ufrag` of an SDP.
+fn ice_ufrag(sdp: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .expect("an ice-ufrag")
+        .to_owned()
+}
+
+/// Resume (v1): bob's signalling connection is lost; he stays (alice sees no leave) and
+/// alice's audio keeps reaching him. His client resumes with his SID on a new connection: a
+/// `ReconnectResponse`, then the room. A late disconnect of his old connection changes
+/// nothing. His ICE restart offer is answered with new credentials of the engine's own (the
+/// loop's ufrag prefix, indexed for routing), and media flows on the restarted connection.
+/// Past the window, a participant that did not resume leaves.
+#[test]
+fn a_lost_signalling_connection_resumes_the_same_participant() {
+    let mut net = Net::with_config(SfuConfig {
+        candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+        seed: Some(23),
+        ufrag_prefix: "01".into(),
+        resume_window: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0);
+    let amic = alice.join_publishing_audio(&mut net, "alice", "amic");
+    net.run(&mut [&mut alice], 50);
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let mut sent = 0;
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 100);
+    let join = net
+        .to(2)
+        .into_iter()
+        .find_map(|m| match m {
+            Msg::Join(j) => Some(j.clone()),
+            _ => None,
+        })
+        .expect("bob's join response");
+    assert_eq!(
+        join.client_configuration.map(|c| c.resume_connection),
+        Some(lk::ClientConfigSetting::Enabled as i32),
+        "v1 clients are offered resume"
+    );
+    let bob_sid = net.sid_of("bob");
+    let first = net.answer(2, 1).expect("bob's first answer");
+    let mid = mid_carrying(&first, &net.sid_of("alice"), &net.track_sids("alice")[0]);
+    let before = net.msgs.len();
+
+    let lost = |epoch| Command::Disconnect {
+        session: SessionId(2),
+        epoch: Some(epoch),
+        reason: lk::DisconnectReason::SignalClose,
+    };
+    net.s.handle_command(net.now, lost(0));
+    let heard = bob.peer.received_on(mid).len();
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 200);
+    assert!(
+        bob.peer.received_on(mid).len() > heard + 50,
+        "media goes on while his signalling is away"
+    );
+    assert_eq!(net.sid_of("bob"), bob_sid);
+    let left = net.msgs[before..].iter().any(|(to, m)| {
+        *to == 1
+            && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.identity == "bob"))
+    });
+    assert!(!left, "alice heard nothing of bob");
+
+    let resumed = net
+        .s
+        .resume(net.now, &"room".into(), &"bob".into(), &bob_sid);
+    assert_eq!(resumed, Some((SessionId(2), 1)));
+    let after = net.msgs.len();
+    net.pump(&mut []);
+    let to_bob: Vec<&Msg> = net.msgs[after..]
+        .iter()
+        .filter(|(to, _)| *to == 2)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        matches!(to_bob.first(), Some(Msg::Reconnect(_))),
+        "the reconnect response first: {to_bob:?}"
+    );
+    assert!(
+        to_bob.iter().any(|m| matches!(m,
+            Msg::Update(u) if u.participants.iter().any(|p| p.identity == "alice"))),
+        "then the room as it is: {to_bob:?}"
+    );
+    // A wrong SID or an unknown identity resumes nothing.
+    assert_eq!(
+        net.s
+            .resume(net.now, &"room".into(), &"bob".into(), "PA_other"),
+        None
+    );
+    // The old connection's task ends late: its disconnect is not the new connection's.
+    net.s.handle_command(net.now, lost(0));
+    assert_eq!(
+        net.state_of("bob"),
+        lk::participant_info::State::Active as i32
+    );
+
+    // The client restarts ICE with its next offer.
+    bob.restart_ice = true;
+    let offer = bob.offer();
+    let offered_ufrag = match &offer {
+        Req::Offer(o) => ice_ufrag(&o.sdp),
+        _ => unreachable!(),
+    };
+    net.request(2, offer);
+    let heard = bob.peer.received_on(mid).len();
+    net.run_with_audio(&mut [&mut alice, &mut bob], 0, amic, &mut sent, 300);
+    let restarted = net.answer(2, 2).expect("the ICE restart answered");
+    let (old_ufrag, new_ufrag) = (ice_ufrag(&first.sdp), ice_ufrag(&restarted.sdp));
+    assert_ne!(new_ufrag, old_ufrag, "new credentials");
+    assert!(
+        new_ufrag.starts_with("01"),
+        "the loop's prefix: {new_ufrag}"
+    );
+    assert_ne!(new_ufrag, offered_ufrag);
+    assert!(
+        bob.peer.received_on(mid).len() > heard + 50,
+        "media flows on the restarted connection"
+    );
+
+    // Lost again, never resumed: he leaves when the window ends, and alice hears of it.
+    net.s.handle_command(net.now, lost(1));
+    let before = net.msgs.len();
+    for _ in 0..31 {
+        net.now += Duration::from_secs(1);
+        net.s.handle_timeout(net.now);
+        net.pump(&mut []);
+    }
+    assert_eq!(net.state_of("bob"), -1, "gone after the window");
+    assert!(net.msgs[before..].iter().any(|(to, m)| *to == 1
+        && matches!(m, Msg::Update(u) if u.participants.iter().any(|p| p.identity == "bob"))));
 }

@@ -304,6 +304,7 @@ fn others_learn_of_joins_and_leaves_with_increasing_versions() {
         now,
         Command::Disconnect {
             session: SessionId(2),
+            epoch: None,
             reason: lk::DisconnectReason::ClientInitiated,
         },
     );

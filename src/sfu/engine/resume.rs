@@ -1,0 +1,197 @@
+//! Resume: a participant whose signalling connection is lost (a WebSocket that closed or
+//! failed, not a leave) stays in the room for `SfuConfig::resume_window`; its media goes on.
+//! The client reconnects with `reconnect=1` and its SID and gets the same participant back
+//! ([`Sfu::resume`]): a `ReconnectResponse`, then the room as it is now; then it restarts ICE
+//! with a new offer (`negotiate.rs` keeps the new credentials routable). Nobody else sees a
+//! leave or a join. Past the window, the participant leaves with the reason its connection
+//! ended with.
+//!
+//! Only single peer connection (v1) participants resume: a v0 client would also need the SFU
+//! to restart ICE on its subscriber connection. A v0 reconnect is answered as before, with a
+//! leave asking for a full rejoin.
+
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Msg;
+
+use super::participant::PcKind;
+use super::{msg, server_info, Departure, Output, SessionId, Sfu, SignalOut};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
+
+impl Sfu {
+    /// The client configuration of join and reconnect responses: resume is offered to
+    /// single peer connection clients when a resume window is configured.
+    pub(super) fn client_configuration(&self, single_pc: bool) -> lk::ClientConfiguration {
+        let resume = if self.config.resume_window.is_some() && single_pc {
+            lk::ClientConfigSetting::Enabled
+        } else {
+            lk::ClientConfigSetting::Disabled
+        };
+        lk::ClientConfiguration {
+            resume_connection: resume as i32,
+            ..Default::default()
+        }
+    }
+
+    /// A session's signalling connection ended: a leave, or, for a lost connection of a
+    /// participant that can resume, a detach. A disconnect from an older connection of a
+    /// resumed participant is ignored.
+    pub(super) fn signalling_ended(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        epoch: Option<u32>,
+        reason: lk::DisconnectReason,
+    ) {
+        let window = self.config.resume_window;
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        if epoch.is_some_and(|e| e != p.signal_epoch) {
+            tracing::debug!(%session, ?epoch, current = p.signal_epoch, "disconnect of an older signalling connection ignored");
+            return;
+        }
+        let resumable = p.transport.is_single() && p.ever_connected();
+        let lost = reason == lk::DisconnectReason::SignalClose;
+        match window {
+            Some(window) if resumable && lost => {
+                tracing::info!(%session, identity = %p.identity, ?window, "signalling lost; participant kept for a resume");
+                self.detached.insert(session, now + window);
+                // The connection's queue ends (its task waits for this).
+                self.out
+                    .push_back(Output::Signal(session, SignalOut::Close));
+            }
+            _ => self.leave_as(now, session, reason, Departure::Left),
+        }
+    }
+
+    /// A client resumes participant `identity` (SID `sid`) of `room` on a new signalling
+    /// connection: the participant is the same (its media went on), others see nothing. Its
+    /// new connection gets a `ReconnectResponse`, then the room's participants as they are
+    /// now (it may have missed updates). Returns the session and the new connection's epoch
+    /// (for its disconnects), or `None` when there is no such participant to resume (then
+    /// the client must rejoin in full). A participant whose old connection still looks
+    /// alive here (the client noticed the loss first) is taken over the same way.
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        room: &RoomName,
+        identity: &ParticipantIdentity,
+        sid: &str,
+    ) -> Option<(SessionId, u32)> {
+        self.last_now = now;
+        self.config.resume_window?;
+        let session = self.session_of(room, identity)?;
+        let single_pc = {
+            let p = self.participant_mut(session)?;
+            if p.info.sid != sid || !p.transport.is_single() {
+                return None;
+            }
+            p.signal_epoch = p.signal_epoch.wrapping_add(1);
+            true
+        };
+        let was_detached = self.detached.remove(&session).is_some();
+        let epoch = self.participant_mut(session)?.signal_epoch;
+        tracing::info!(%session, %identity, was_detached, epoch, "participant resumed");
+        let reconnect = lk::ReconnectResponse {
+            ice_servers: Vec::new(),
+            client_configuration: Some(self.client_configuration(single_pc)),
+            server_info: Some(server_info()),
+            last_message_seq: 0,
+        };
+        self.out
+            .push_back(Output::Signal(session, msg(Msg::Reconnect(reconnect))));
+        let others: Vec<lk::ParticipantInfo> = self
+            .rooms
+            .get(room)
+            .map(|r| {
+                r.participants
+                    .values()
+                    .filter(|p| p.session != session && !p.hidden())
+                    .map(|p| p.info.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !others.is_empty() {
+            self.out.push_back(Output::Signal(
+                session,
+                msg(Msg::Update(lk::ParticipantUpdate {
+                    participants: others,
+                })),
+            ));
+        }
+        Some((session, epoch))
+    }
+
+    /// When the first detached participant's resume window ends.
+    pub(super) fn next_detached_expiry(&self) -> Option<Instant> {
+        self.detached.values().min().copied()
+    }
+
+    /// Participants not resumed within the window leave (the others see it now).
+    pub(super) fn expire_detached(&mut self, now: Instant) {
+        let expired: Vec<SessionId> = self
+            .detached
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in expired {
+            self.detached.remove(&session);
+            tracing::info!(%session, "not resumed within the window; participant leaves");
+            self.leave_as(
+                now,
+                session,
+                lk::DisconnectReason::SignalClose,
+                Departure::Left,
+            );
+        }
+    }
+}
+
+impl Sfu {
+    /// After a client's offer restarted ICE (new credentials: a resume, a network change),
+    /// str0m answers with local credentials of its own making; they would lack this
+    /// engine's ufrag prefix (the routing of STUN to the loop owning the connection) and are
+    /// not indexed. They are replaced with fresh ones of ours, in the connection and in the
+    /// answer text `sdp`, which is returned.
+    pub(super) fn routable_ice_credentials(
+        &mut self,
+        session: SessionId,
+        kind: PcKind,
+        sdp: String,
+    ) -> String {
+        let Some(pc) = self.participant_mut(session).and_then(|p| p.pc_mut(kind)) else {
+            return sdp;
+        };
+        let theirs = pc.rtc.direct_api().local_ice_credentials();
+        if theirs.ufrag == pc.ufrag {
+            return sdp;
+        }
+        let old = pc.ufrag.clone();
+        let (ufrag, pass) = self.ids.ice_credentials();
+        let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
+        let Some(pc) = self.participant_mut(session).and_then(|p| p.pc_mut(kind)) else {
+            return sdp;
+        };
+        pc.rtc
+            .direct_api()
+            .set_local_ice_credentials(str0m::IceCreds {
+                ufrag: ufrag.clone(),
+                pass: pass.clone(),
+            });
+        pc.ufrag = ufrag.clone();
+        self.by_ufrag.remove(&old);
+        self.by_ufrag.insert(ufrag.clone(), (session, kind));
+        tracing::info!(%session, ?kind, "ICE restarted by the client; new credentials");
+        sdp.replace(
+            &format!("a=ice-ufrag:{}", theirs.ufrag),
+            &format!("a=ice-ufrag:{ufrag}"),
+        )
+        .replace(
+            &format!("a=ice-pwd:{}", theirs.pass),
+            &format!("a=ice-pwd:{pass}"),
+        )
+    }
+}
