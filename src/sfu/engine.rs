@@ -455,6 +455,22 @@ fn msg(m: Msg) -> SignalOut {
     SignalOut::Message(Box::new(m))
 }
 
+/// The priority of a passive ICE-TCP host candidate (RFC 8445 §5.1.2.1): host type
+/// preference, a local preference far below a UDP host's (65535), component 1.
+const TCP_CANDIDATE_PRIORITY: u32 = (126 << 24) | (8191 << 8) | 255;
+
+/// A passive ICE-TCP host candidate on `addr` with [`TCP_CANDIDATE_PRIORITY`] (str0m's builder
+/// sets no priority; its SDP parser keeps the one given).
+fn tcp_candidate(addr: SocketAddr) -> Result<Candidate, str0m::error::IceError> {
+    let line = format!(
+        "candidate:{} 1 tcp {TCP_CANDIDATE_PRIORITY} {} {} typ host tcptype passive",
+        u32::from(addr.port()) | 0x7c00_0000,
+        addr.ip(),
+        addr.port()
+    );
+    Candidate::from_sdp_string(&line)
+}
+
 /// What the join and reconnect responses say of this server.
 fn server_info() -> lk::ServerInfo {
     lk::ServerInfo {
@@ -791,15 +807,11 @@ impl Sfu {
                 Err(e) => tracing::warn!(%addr, error = %e, "cannot use address as candidate"),
             }
         }
-        // After the UDP ones: str0m ranks host candidates in the order they are added, so
-        // a client that can reach both prefers UDP (no head-of-line blocking).
+        // Ranked far below UDP: a client that can reach both must settle on UDP (no
+        // head-of-line blocking). str0m's own ranking of a second host candidate is only two
+        // below the first, and Chromium on a loaded machine nominated TCP on loopback.
         for addr in &self.config.tcp_candidates {
-            let tcp = Candidate::builder()
-                .tcp()
-                .host(*addr)
-                .tcptype(str0m::net::TcpType::Passive)
-                .build();
-            match tcp {
+            match tcp_candidate(*addr) {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
                 }
