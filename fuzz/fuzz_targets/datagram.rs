@@ -1,11 +1,13 @@
-//! Fuzz target for the media port's entry point: `Sfu::handle_datagram` with arbitrary bytes,
-//! from a few source addresses, against an engine with one joined participant.
+//! Fuzz target for the media ports' entry point: `Sfu::handle_packet` with arbitrary bytes,
+//! as a UDP datagram or as one ICE-TCP frame's payload, from a few source addresses, against
+//! an engine with one joined participant.
 //!
 //! Random bytes from an address that never did ICE stop at the unknown-peer check, so the
 //! harness first sends, from 10.0.0.1, a STUN binding request that passes the integrity check
 //! (the ICE credentials are read from the engine's own subscriber offer). The first input byte
 //! picks the source of the rest: 10.0.0.1 (a known peer: its bytes reach str0m's DTLS, SRTP and
-//! STUN demultiplexing) or 10.0.0.{2,3,0} (unknown peers).
+//! STUN demultiplexing) or 10.0.0.{2,3,0} (unknown peers); its high bit, the protocol (TCP:
+//! the binding request came over TCP too, to the engine's passive TCP candidate).
 //!
 //! Run: `scripts/fuzz run datagram -max_total_time=300` (see docs/fuzzing.md).
 #![no_main]
@@ -15,7 +17,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use conclave::sfu::{Output, Sfu, SignalOut};
+use conclave::sfu::{IpProto, Output, Sfu, SignalOut};
 use libfuzzer_sys::fuzz_target;
 use livekit_protocol::signal_response::Message as Msg;
 use sha1::{Digest, Sha1};
@@ -95,13 +97,18 @@ fuzz_target!(|data: &[u8]| {
         },
     );
     let (ufrag, pwd) = drain(&mut sfu).expect("a join sends the subscriber offer");
+    // The first byte picks a source and a protocol; the rest is the packet.
+    let (src, packet) = data.split_first().map_or((1, &[][..]), |(s, p)| (*s, p));
+    let (proto, local) = if src & 0x80 != 0 {
+        (IpProto::Tcp, common::server_tcp())
+    } else {
+        (IpProto::Udp, server)
+    };
     let known = SocketAddr::from(([10, 0, 0, 1], 5000));
     let stun = binding_request(&format!("{ufrag}:fuzz"), &pwd);
-    sfu.handle_datagram(now, known, server, &stun);
+    sfu.handle_packet(now, proto, known, local, &stun);
     drain(&mut sfu);
-    // The first byte picks a source; the rest is the datagram.
-    let (src, packet) = data.split_first().map_or((1, &[][..]), |(s, p)| (*s, p));
     let source = SocketAddr::from(([10, 0, 0, src % 4], 5000));
-    sfu.handle_datagram(now, source, server, packet);
+    sfu.handle_packet(now, proto, source, local, packet);
     drain(&mut sfu);
 });

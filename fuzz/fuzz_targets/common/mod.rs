@@ -13,12 +13,18 @@ pub fn server() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7882))
 }
 
+/// The engine's ICE-TCP address (RFC 4571 frames arrive there, one packet each).
+pub fn server_tcp() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7881))
+}
+
 /// A fresh engine at `now` with participant `a` (session 1, v0 signalling) joined with
 /// `permission`; its outputs are not drained yet.
 pub fn engine_with_participant(now: Instant, permission: ParticipantPermission) -> Sfu {
     let mut sfu = Sfu::new(
         SfuConfig {
             candidates: vec![server()],
+            tcp_candidates: vec![server_tcp()],
             seed: Some(1),
             ..Default::default()
         },
