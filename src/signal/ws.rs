@@ -249,7 +249,7 @@ async fn connect(
                     epoch,
                     events,
                 };
-                return resume(state, sfu, ws, claims, settings, signalling, resumed).await;
+                return resume(state, sfu, ws, claims, settings, resumed).await;
             }
         }
         // Nothing to resume (unknown session, resume off, or a v0 client): the client must
@@ -266,7 +266,7 @@ async fn connect(
         });
     }
     let session = sfu.new_session(&room);
-    let (sink, mut events) = session_queue();
+    let (sink, events) = session_queue();
     let join = Join {
         session,
         room,
@@ -285,26 +285,21 @@ async fn connect(
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
     }
-    let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
-        Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Join(_)) => m,
-        other => {
-            tracing::warn!(%session, ?other, "join did not complete");
-            sfu.hang_up(session, 0, lk::DisconnectReason::JoinFailure, events)
-                .await;
-            return text(StatusCode::SERVICE_UNAVAILABLE, "join failed");
-        }
+    let is_join = |m: &Msg| matches!(m, Msg::Join(_));
+    let failure = lk::DisconnectReason::JoinFailure;
+    let (first, events) = match open_session(
+        &sfu,
+        (session, 0),
+        events,
+        is_join,
+        failure,
+        settings.after_join,
+    )
+    .await
+    {
+        Ok(opened) => opened,
+        Err(response) => return response,
     };
-    // v1: the join request's tracks, then its offer, as LiveKit (`roommanager.go`). The SFU
-    // loop handles commands in order, so their answers queue after the join response.
-    for message in settings.after_join {
-        let cmd = Command::Request {
-            session,
-            message: Box::new(message),
-        };
-        if !sfu.command(cmd).await {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
-        }
-    }
     crate::metrics::inc(match signalling {
         Signalling::V0 => &state.metrics.signal_sessions_v0,
         Signalling::V1 => &state.metrics.signal_sessions_v1,
@@ -312,9 +307,41 @@ async fn connect(
     let span =
         tracing::info_span!("signal", %session, identity = %claims.sub, room = %claims.video.room);
     ws.on_upgrade(move |socket| {
-        let fut = run_session(state, sfu, socket, (session, 0), claims, *first, events);
+        let fut = run_session(state, sfu, socket, (session, 0), claims, first, events);
         tracing::Instrument::instrument(fut, span)
     })
+}
+
+/// Waits for a session's first message (`expected`: the join or the reconnect response),
+/// then feeds the join request's requests (v1: its tracks, then its offer, as LiveKit's
+/// `roommanager.go`): the SFU loop handles commands in order, so their answers queue after
+/// that first message. On failure the session is hung up with `failure`.
+async fn open_session(
+    sfu: &SfuHandle,
+    (session, epoch): (SessionId, u32),
+    mut events: SignalQueue,
+    expected: fn(&Msg) -> bool,
+    failure: lk::DisconnectReason,
+    after_join: Vec<Req>,
+) -> Result<(Msg, SignalQueue), Response> {
+    let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
+        Ok(Some(SignalOut::Message(m))) if expected(&m) => *m,
+        other => {
+            tracing::warn!(%session, ?other, "join or resume did not complete");
+            sfu.hang_up(session, epoch, failure, events).await;
+            return Err(text(StatusCode::SERVICE_UNAVAILABLE, "join failed"));
+        }
+    };
+    for message in after_join {
+        let cmd = Command::Request {
+            session,
+            message: Box::new(message),
+        };
+        if !sfu.command(cmd).await {
+            return Err(text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running"));
+        }
+    }
+    Ok((first, events))
 }
 
 /// A participant taken back by a new signalling connection.
@@ -332,37 +359,31 @@ async fn resume(
     ws: WebSocketUpgrade,
     claims: Claims,
     settings: Settings,
-    signalling: Signalling,
     resumed: Resumed,
 ) -> Response {
     let Resumed {
         session,
         epoch,
-        mut events,
+        events,
     } = resumed;
-    let first = match tokio::time::timeout(JOIN_WAIT, events.recv()).await {
-        Ok(Some(SignalOut::Message(m))) if matches!(*m, Msg::Reconnect(_)) => m,
-        other => {
-            tracing::warn!(%session, ?other, "resume did not complete");
-            sfu.hang_up(session, epoch, lk::DisconnectReason::StateMismatch, events)
-                .await;
-            return text(StatusCode::SERVICE_UNAVAILABLE, "resume failed");
-        }
+    let is_reconnect = |m: &Msg| matches!(m, Msg::Reconnect(_));
+    let failure = lk::DisconnectReason::StateMismatch;
+    let opened = open_session(
+        &sfu,
+        (session, epoch),
+        events,
+        is_reconnect,
+        failure,
+        settings.after_join,
+    );
+    let (first, events) = match opened.await {
+        Ok(opened) => opened,
+        Err(response) => return response,
     };
-    for message in settings.after_join {
-        let cmd = Command::Request {
-            session,
-            message: Box::new(message),
-        };
-        if !sfu.command(cmd).await {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
-        }
-    }
     crate::metrics::inc(&state.metrics.signal_resumes);
-    let _ = signalling;
     let span = tracing::info_span!("signal", %session, epoch, identity = %claims.sub, room = %claims.video.room);
     ws.on_upgrade(move |socket| {
-        let fut = run_session(state, sfu, socket, (session, epoch), claims, *first, events);
+        let fut = run_session(state, sfu, socket, (session, epoch), claims, first, events);
         tracing::Instrument::instrument(fut, span)
     })
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::support::conclave::{Conclave, ConclaveOptions};
 use crate::support::lab::{in_netns, lab_namespaces, list_namespaces, Lab, Shape};
-use crate::support::lk_clients::{PyClient, PyClientSpec};
+use crate::support::lk_clients::{ClientReport, PyClient, PyClientSpec};
 use crate::support::synapse::heavy_lock;
 use crate::support::web::{Browser, BrowserSpec, TabSpec};
 
@@ -165,6 +165,72 @@ fn grants() -> serde_json::Value {
     json!({"canPublish": true, "canSubscribe": true, "canPublishData": true})
 }
 
+/// Conclave in the lab's SFU namespace, rooms created on first connect.
+async fn conclave_in(lab: &Lab) -> Conclave {
+    Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .in_lab(lab),
+    )
+    .await
+    .unwrap()
+}
+
+/// Participant `a` (Python SDK, publishing audio and video) in client namespace 0, staying
+/// `stay_s` seconds once it sees another participant.
+fn python_a(c: &Conclave, lab: &Lab, room: &str, stay_s: f64) -> PyClientSpec {
+    let mut a = PyClientSpec::new(c.ws_url(), c.token(room, "a", grants()), "a");
+    a.netns = Some(lab.client_ns(0).to_owned());
+    a.expect_participants = 1;
+    a.min_duration_s = stay_s;
+    a.timeout_s = stay_s + 10.0;
+    a
+}
+
+/// A Chromium page `web` (livekit-client on one peer connection, publishing nothing) in
+/// client namespace 1 that plays `a`'s video and samples it every 250 ms.
+fn page_watching_a(c: &Conclave, lab: &Lab, room: &str) -> BrowserSpec {
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token(room, "web", grants()));
+    tab.single_pc = Some(true);
+    tab.publish_camera = false;
+    tab.publish_microphone = false;
+    tab.expect_video_playing = vec![("a".into(), 20)];
+    tab.stats_interval_ms = 250;
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec
+}
+
+/// The page's latest sample of `a`'s video: (page clock ms, frames painted).
+fn painted(b: &Browser) -> (u64, u64) {
+    b.events()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
+        .map(|e| {
+            (
+                e["t_ms"].as_u64().unwrap_or(0),
+                e["frames"].as_u64().unwrap_or(0),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// How many times `report`'s client saw `identity` join, and leave.
+fn joins_and_leaves(report: &ClientReport, identity: &str) -> (usize, usize) {
+    let count = |event: &str| {
+        report
+            .events
+            .iter()
+            .filter(|e| e["identity"] == identity && e["event"] == event)
+            .count()
+    };
+    (
+        count("participant_connected"),
+        count("participant_disconnected"),
+    )
+}
+
 /// Conclave in the lab's SFU namespace, a Python SDK publisher (audio + video) in client
 /// namespace 0, a Python subscriber in client namespace 1 behind a 500 kbit/s downlink that
 /// loses 10 %: the subscriber connects and decodes audio and video, the publisher is
@@ -177,13 +243,7 @@ async fn python_subscriber_behind_shaped_lossy_downlink_receives_media() {
     let names = lab.namespaces();
     lab.shape_downlink(1, 500).unwrap();
     lab.set_downlink_loss(1, 10).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
+    let c = conclave_in(&lab).await;
     assert_eq!(c.ws_url(), format!("ws://10.77.0.1:{}", c.port));
 
     let mut publisher = PyClientSpec::new(c.ws_url(), c.token("lab", "pub", grants()), "pub");
@@ -243,13 +303,7 @@ async fn browser_subscriber_in_lab_plays_video() {
     let lab = Lab::new(2).unwrap();
     lab.shape_downlink(1, 1000).unwrap();
     lab.set_downlink_loss(1, 5).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
+    let c = conclave_in(&lab).await;
     let mut publisher = PyClientSpec::new(c.ws_url(), c.token("lab", "pub", grants()), "pub");
     publisher.netns = Some(lab.client_ns(0).to_owned());
     publisher.min_duration_s = 25.0;
@@ -286,13 +340,7 @@ async fn browser_without_udp_connects_over_ice_tcp() {
     let _heavy = heavy_lock();
     let lab = Lab::new(2).unwrap();
     lab.block_udp(1, true).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
+    let c = conclave_in(&lab).await;
     let mut peer = PyClientSpec::new(c.ws_url(), c.token("lab", "py", grants()), "py");
     peer.netns = Some(lab.client_ns(0).to_owned());
     peer.expect_participants = 1;
@@ -362,13 +410,7 @@ async fn browser_without_udp_connects_over_ice_tcp() {
 async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
     let _heavy = heavy_lock();
     let lab = Lab::new(2).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
+    let c = conclave_in(&lab).await;
     let mut a = PyClientSpec::new(c.ws_url(), c.token("cut", "a", grants()), "a");
     a.netns = Some(lab.client_ns(0).to_owned());
     a.expect_participants = 1;
@@ -529,28 +571,10 @@ async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
 async fn a_five_second_link_cut_is_survived_by_chromium() {
     let _heavy = heavy_lock();
     let lab = Lab::new(2).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
-    let mut a = PyClientSpec::new(c.ws_url(), c.token("cut", "a", grants()), "a");
-    a.netns = Some(lab.client_ns(0).to_owned());
-    a.expect_participants = 1;
+    let c = conclave_in(&lab).await;
     // A stays until the page has left (then it is stopped).
-    a.min_duration_s = 55.0;
-    a.timeout_s = 60.0;
-    let pa = PyClient::spawn(a).unwrap();
-    let mut tab = TabSpec::new("web", c.ws_url(), c.token("cut", "web", grants()));
-    tab.single_pc = Some(true);
-    tab.publish_camera = false;
-    tab.publish_microphone = false;
-    tab.expect_video_playing = vec![("a".into(), 20)];
-    tab.stats_interval_ms = 250;
-    let mut spec = BrowserSpec::new(vec![tab]);
-    spec.netns = Some(lab.client_ns(1).to_owned());
+    let pa = PyClient::spawn(python_a(&c, &lab, "cut", 55.0)).unwrap();
+    let mut spec = page_watching_a(&c, &lab, "cut");
     spec.min_duration_s = 22.0;
     spec.timeout_s = 60.0;
     let mut b = Browser::spawn(spec).unwrap();
@@ -558,25 +582,11 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
         .await
         .expect("the page plays A's video");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // The latest stats sample of A's video: (page clock ms, frames painted).
-    let latest = |b: &Browser| {
-        b.events()
-            .iter()
-            .rev()
-            .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
-            .map(|e| {
-                (
-                    e["t_ms"].as_u64().unwrap_or(0),
-                    e["frames"].as_u64().unwrap_or(0),
-                )
-            })
-            .expect("video stats")
-    };
     lab.cut(1, true).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, early) = latest(&b);
+    let (_, early) = painted(&b);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (restored_ms, at_restore) = latest(&b);
+    let (restored_ms, at_restore) = painted(&b);
     let (cut_in, _) = lab.cut_packets(1).unwrap();
     lab.cut(1, false).unwrap();
     let rb = b.wait(Duration::from_secs(70)).await.unwrap();
@@ -607,17 +617,10 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
     }
     // A saw the page join at most once (it may have been there first) and leave once, at
     // its end: a rejoin would show as a leave and a join in between.
-    let seen = |event: &str| {
-        ra.events
-            .iter()
-            .filter(|e| e["identity"] == "web" && e["event"] == event)
-            .count()
-    };
+    let (joins, leaves) = joins_and_leaves(&ra, "web");
     assert!(
-        seen("participant_connected") <= 1 && seen("participant_disconnected") <= 1,
-        "A saw the page join {} and leave {} times",
-        seen("participant_connected"),
-        seen("participant_disconnected")
+        joins <= 1 && leaves <= 1,
+        "A saw the page join {joins} and leave {leaves} times"
     );
     rb.assert_exit(0);
     ra.assert_exit(0);
@@ -627,32 +630,14 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
 /// timeout (15 s), so livekit-client gives its signalling connection up and, once the link is
 /// back, resumes on a new one (`reconnect=1` with its SID) and restarts ICE. Conclave takes
 /// the same participant back: the Python participant never sees it leave or join again, the
-/// page plays its video again, and Conclave counts the resume.
+/// page paints A's video again, and Conclave counts the resume.
 #[tokio::test]
 async fn chromium_resumes_after_its_signalling_was_lost() {
     let _heavy = heavy_lock();
     let lab = Lab::new(2).unwrap();
-    let c = Conclave::start(
-        ConclaveOptions::standalone()
-            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
-            .in_lab(&lab),
-    )
-    .await
-    .unwrap();
-    let mut a = PyClientSpec::new(c.ws_url(), c.token("resume", "a", grants()), "a");
-    a.netns = Some(lab.client_ns(0).to_owned());
-    a.expect_participants = 1;
-    a.min_duration_s = 90.0;
-    a.timeout_s = 100.0;
-    let pa = PyClient::spawn(a).unwrap();
-    let mut tab = TabSpec::new("web", c.ws_url(), c.token("resume", "web", grants()));
-    tab.single_pc = Some(true);
-    tab.publish_camera = false;
-    tab.publish_microphone = false;
-    tab.expect_video_playing = vec![("a".into(), 20)];
-    tab.stats_interval_ms = 250;
-    let mut spec = BrowserSpec::new(vec![tab]);
-    spec.netns = Some(lab.client_ns(1).to_owned());
+    let c = conclave_in(&lab).await;
+    let pa = PyClient::spawn(python_a(&c, &lab, "resume", 90.0)).unwrap();
+    let mut spec = page_watching_a(&c, &lab, "resume");
     spec.hold = true;
     spec.timeout_s = 90.0;
     let mut b = Browser::spawn(spec).unwrap();
@@ -668,20 +653,12 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
     let restored = std::time::Instant::now();
     let reconnected = b.wait_event("reconnected", Duration::from_secs(40)).await;
     let took = restored.elapsed();
-    // A's video painted again: a stats sample with more frames than at the reconnect.
-    let painted = |b: &Browser| {
-        b.events()
-            .iter()
-            .rev()
-            .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
-            .and_then(|e| e["frames"].as_u64())
-            .unwrap_or(0)
-    };
-    let at_reconnect = painted(&b);
+    // A's video painted again: a sample with more frames than at the reconnect.
+    let (_, at_reconnect) = painted(&b);
     let mut again = None;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if painted(&b) > at_reconnect + 5 {
+        if painted(&b).1 > at_reconnect + 5 {
             again = Some(restored.elapsed());
             break;
         }
@@ -689,7 +666,7 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
     let resumes = c.metric("conclave_signal_resumes_total").await.unwrap_or(0);
     let logs = c.logs();
     b.terminate().unwrap();
-    let rb = b.wait(Duration::from_secs(30)).await.unwrap();
+    b.wait(Duration::from_secs(30)).await.unwrap();
     pa.terminate().unwrap();
     let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
     eprintln!(
@@ -703,17 +680,9 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
         "a resume with an ICE restart"
     );
     assert!(again.is_some(), "A's video plays again after the resume");
-    let seen = |event: &str| {
-        ra.events
-            .iter()
-            .filter(|e| e["identity"] == "web" && e["event"] == event)
-            .count()
-    };
+    let (joins, leaves) = joins_and_leaves(&ra, "web");
     assert!(
-        seen("participant_connected") <= 1 && seen("participant_disconnected") <= 1,
-        "A saw the page join {} and leave {} times: a resume is no rejoin",
-        seen("participant_connected"),
-        seen("participant_disconnected")
+        joins <= 1 && leaves <= 1,
+        "A saw the page join {joins} and leave {leaves} times: a resume is no rejoin"
     );
-    let _ = rb;
 }
