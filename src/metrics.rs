@@ -45,6 +45,8 @@ pub struct Metrics {
     pub signal_sessions_v1: AtomicU64,
     /// Participants resumed on a new signalling connection (same SID, nobody saw a leave).
     pub signal_resumes: AtomicU64,
+    /// Signalling WebSockets open now (gauge; a graceful shutdown waits for it to reach 0).
+    pub signal_sessions_open: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -143,6 +145,12 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        let name = "conclave_signal_sessions_open";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Signalling WebSockets open now.\n# TYPE {name} gauge\n{name} {}",
+            self.signal_sessions_open.load(Ordering::Relaxed)
+        );
         let name = "conclave_signal_resumes_total";
         let _ = writeln!(
             out,

@@ -397,12 +397,23 @@ async fn serve(config: Config) -> Result<(), RunError> {
     let settings = ServerSettings::from_config(&config.http);
     // On a shutdown signal the SFU's participants are told to reconnect (they rejoin the
     // restarted server on their own) before the HTTP connections drain.
+    let signal_metrics = metrics.clone();
     let shutdown = async move {
         shutdown_signal().await;
-        let open = sfu_handle.shut_down(SFU_SHUTDOWN_WAIT).await;
-        if open > 0 {
+        sfu_handle.shut_down().await;
+        // The sessions write the leave and close their WebSockets.
+        let deadline = tokio::time::Instant::now() + SFU_SHUTDOWN_WAIT;
+        let open = || {
+            signal_metrics
+                .signal_sessions_open
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if open() > 0 {
             tracing::warn!(
-                open,
+                open = open(),
                 "signalling sessions still open after {SFU_SHUTDOWN_WAIT:?}"
             );
         }

@@ -488,27 +488,19 @@ impl SfuHandle {
     }
 
     /// Graceful shutdown of the media side: every loop tells its participants to reconnect
-    /// and closes their signalling ([`Command::Shutdown`]); then waits, at most `wait`, until
-    /// their sessions have ended (the sessions flush the leave and close their WebSockets).
-    /// Returns how many sessions were still open at the end.
-    pub async fn shut_down(&self, wait: Duration) -> usize {
+    /// and closes their signalling ([`Command::Shutdown`]). Returns once every loop has done
+    /// so, with the participants still held (none, unless a loop is gone); the sessions then
+    /// write the leave and close their WebSockets.
+    pub async fn shut_down(&self) -> usize {
+        let mut held = 0;
         for tx in self.loops.iter() {
             let _ = tx.send(LoopRequest::Sfu(Command::Shutdown)).await;
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let mut open = 0;
-            for tx in self.loops.iter() {
-                let (reply, rx) = oneshot::channel();
-                if tx.send(LoopRequest::Sessions { reply }).await.is_ok() {
-                    open += rx.await.unwrap_or(0);
-                }
+            let (reply, rx) = oneshot::channel();
+            if tx.send(LoopRequest::Sessions { reply }).await.is_ok() {
+                held += rx.await.unwrap_or(0);
             }
-            if open == 0 || tokio::time::Instant::now() >= deadline {
-                return open;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        held
     }
 
     /// Sends an engine command to the loop; false if the loop is gone.

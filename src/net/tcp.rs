@@ -71,7 +71,7 @@ fn starts_with_stun(frame: &[u8]) -> bool {
 }
 
 /// The loop owning a connection, from the ufrag of its first STUN request (see the UDP
-/// receiver's routing): loop 0 when there is one loop or the prefix names none.
+/// receiver's routing): loop 0 when there is one loop; `None` when the prefix names none.
 fn owner_of(frame: &[u8], loops: usize) -> Option<usize> {
     if loops == 1 {
         return Some(0);

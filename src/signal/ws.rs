@@ -344,6 +344,24 @@ async fn open_session(
     Ok((first, events))
 }
 
+/// One open signalling WebSocket in `conclave_signal_sessions_open`, for as long as it lives.
+struct OpenSession(Arc<crate::metrics::Metrics>);
+
+impl OpenSession {
+    fn count(metrics: &Arc<crate::metrics::Metrics>) -> Self {
+        crate::metrics::inc(&metrics.signal_sessions_open);
+        OpenSession(metrics.clone())
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0
+            .signal_sessions_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A participant taken back by a new signalling connection.
 struct Resumed {
     session: SessionId,
@@ -462,6 +480,7 @@ async fn run_session(
     first: Msg,
     mut events: SignalQueue,
 ) {
+    let _open = OpenSession::count(&state.metrics);
     let mut json = false;
     if let Err(reason) = send(&mut socket, encode(&first, json)).await {
         sfu.hang_up(session, epoch, reason, events).await;
