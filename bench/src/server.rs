@@ -203,6 +203,8 @@ impl ConclaveTarget {
         cmd.env("CONCLAVE_DATA_DIR", &data_dir)
             .env("CONCLAVE_HTTP__BIND", format!("127.0.0.1:{port}"))
             .env("CONCLAVE_RTC__UDP_PORT", udp_port.to_string())
+            // The bench's clients speak UDP only; servers run side by side, so no fixed port.
+            .env("CONCLAVE_RTC__TCP_PORT", "0")
             .env("CONCLAVE_RTC__NODE_IPS", "[\"127.0.0.1\"]")
             .env("CONCLAVE_RTC__AUTO_CREATE", "true")
             .env("CONCLAVE_APPSERVICE__PING_ON_START", "false")
