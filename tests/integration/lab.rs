@@ -686,3 +686,68 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
         "A saw the page join {joins} and leave {leaves} times: a resume is no rejoin"
     );
 }
+
+/// Resume with the Python SDK on one peer connection (`--single-pc`, v1): B's link is cut
+/// for 20 s, past its 15 s ping timeout; once it is back, B resumes on a new signalling
+/// connection: its SID is the same, A never saw it leave, its video advances again.
+#[tokio::test]
+async fn python_sdk_resumes_after_its_signalling_was_lost() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let c = conclave_in(&lab).await;
+    let pa = PyClient::spawn(python_a(&c, &lab, "resume-py", 70.0)).unwrap();
+    let mut b = PyClientSpec::new(c.ws_url(), c.token("resume-py", "b", grants()), "b");
+    b.netns = Some(lab.client_ns(1).to_owned());
+    b.publish_audio = false;
+    b.publish_video = false;
+    b.dual_pc = Some(false);
+    b.expect_participants = 1;
+    b.extra_args = ["--progress-ms", "250"].map(String::from).to_vec();
+    b.min_duration_s = 60.0;
+    b.timeout_s = 70.0;
+    let mut pb = PyClient::spawn(b).unwrap();
+    pb.wait_event("first_video_frame", Duration::from_secs(30))
+        .await
+        .expect("B receives A's video");
+    lab.cut(1, true).unwrap();
+    pb.wait_event("reconnecting", Duration::from_secs(30))
+        .await
+        .expect("B noticed its signalling was lost");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.cut(1, false).unwrap();
+    let reconnected = pb.wait_event("reconnected", Duration::from_secs(40)).await;
+    // A's video advances again: a progress sample with more frames than at the reconnect.
+    let frames = |pb: &PyClient| {
+        pb.events()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "progress")
+            .and_then(|e| e["frames"]["a"]["video"].as_u64())
+            .unwrap_or(0)
+    };
+    let at_reconnect = frames(&pb);
+    let mut advanced = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if frames(&pb) > at_reconnect + 5 {
+            advanced = true;
+            break;
+        }
+    }
+    let resumes = c.metric("conclave_signal_resumes_total").await.unwrap_or(0);
+    pb.terminate().unwrap();
+    let rb = pb.wait(Duration::from_secs(30)).await.unwrap();
+    pa.terminate().unwrap();
+    let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
+    reconnected.expect("B reconnected");
+    eprintln!("resumes {resumes}");
+    assert!(resumes >= 1, "Conclave resumed B");
+    assert!(advanced, "A's video reaches B again after the resume");
+    let (joins, leaves) = joins_and_leaves(&ra, "b");
+    assert!(
+        joins <= 1 && leaves <= 1,
+        "A saw B join {joins} and leave {leaves} times: a resume is no rejoin"
+    );
+    let b_sid = rb.summary["local_sid"].as_str().unwrap_or_default();
+    assert_eq!(ra.remote("b").expect("A knew B")["sid"], b_sid);
+}
