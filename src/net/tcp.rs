@@ -64,12 +64,6 @@ enum Ended {
     Idle(&'static str),
 }
 
-/// What a connection's first frame must be: a STUN message (RFC 5389 magic cookie, first two
-/// bits zero). The loop checks the rest.
-fn starts_with_stun(frame: &[u8]) -> bool {
-    crate::sfu::stun::is_stun(frame)
-}
-
 /// The loop owning a connection, from the ufrag of its first STUN request (see the UDP
 /// receiver's routing): loop 0 when there is one loop; `None` when the prefix names none.
 fn owner_of(frame: &[u8], loops: usize) -> Option<usize> {
@@ -185,7 +179,8 @@ async fn connection(
     if !read_frame(&mut rd, &mut buf, FIRST_FRAME_TIMEOUT).await? {
         return Ok(());
     }
-    if !starts_with_stun(&buf) {
+    // STUN first (the loop checks that it passes ICE).
+    if !crate::sfu::stun::is_stun(&buf) {
         return Err(Ended::Bad("first frame is not STUN"));
     }
     let Some(tx) = owner_of(&buf, loops.len()).and_then(|i| loops.get(i)) else {

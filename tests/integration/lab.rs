@@ -201,19 +201,53 @@ fn page_watching_a(c: &Conclave, lab: &Lab, room: &str) -> BrowserSpec {
     spec
 }
 
-/// The page's latest sample of `a`'s video: (page clock ms, frames painted).
-fn painted(b: &Browser) -> (u64, u64) {
-    b.events()
+/// The samples of `a`'s video among a client's events, in order: (client clock ms, frames).
+/// The page's `video_stats` count frames painted; the Python client's `progress`, frames
+/// received.
+fn video_samples(events: &[Value]) -> Vec<(u64, u64)> {
+    events
         .iter()
-        .rev()
-        .find(|e| e["event"] == "video_stats" && e["identity"] == "a")
-        .map(|e| {
-            (
+        .filter_map(|e| {
+            let frames = if e["event"] == "video_stats" && e["identity"] == "a" {
+                &e["frames"]
+            } else if e["event"] == "progress" {
+                &e["frames"]["a"]["video"]
+            } else {
+                return None;
+            };
+            Some((
                 e["t_ms"].as_u64().unwrap_or(0),
-                e["frames"].as_u64().unwrap_or(0),
-            )
+                frames.as_u64().unwrap_or(0),
+            ))
         })
-        .unwrap_or_default()
+        .collect()
+}
+
+/// The latest sample of `a`'s video among `events` (see [`video_samples`]).
+fn latest_video(events: &[Value]) -> Option<(u64, u64)> {
+    video_samples(events).last().copied()
+}
+
+/// How long after `since_ms` (client clock) the first sample with more than `frames` came.
+fn advanced_after(events: &[Value], since_ms: u64, frames: u64) -> Option<u64> {
+    video_samples(events)
+        .into_iter()
+        .find(|(t, f)| *t > since_ms && *f > frames)
+        .map(|(t, _)| t - since_ms)
+}
+
+/// Waits, at most 10 s, until `events` (a live client's) show `a`'s video more than 5
+/// frames past where it is now; whether it did.
+async fn advances(events: impl Fn() -> Vec<Value>) -> bool {
+    let frames = |events: &[Value]| latest_video(events).map_or(0, |(_, f)| f);
+    let from = frames(&events());
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if frames(&events()) > from + 5 {
+            return true;
+        }
+    }
+    false
 }
 
 /// How many times `report`'s client saw `identity` join, and leave.
@@ -438,19 +472,7 @@ async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The latest progress sample: (client clock ms, A's video frames received by B).
-    let latest = |pb: &PyClient| {
-        pb.events()
-            .iter()
-            .rev()
-            .find(|e| e["event"] == "progress")
-            .map(|e| {
-                (
-                    e["t_ms"].as_u64().unwrap_or(0),
-                    e["frames"]["a"]["video"].as_u64().unwrap_or(0),
-                )
-            })
-            .expect("progress events")
-    };
+    let latest = |pb: &PyClient| latest_video(&pb.events()).expect("progress events");
     lab.cut(1, true).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, frames_early_in_cut) = latest(&pb);
@@ -469,18 +491,7 @@ async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
         "no video reached B during the cut"
     );
     // Media again: the first progress sample after the link came back with more frames.
-    let back = rb
-        .events
-        .iter()
-        .filter(|e| e["event"] == "progress")
-        .map(|e| {
-            (
-                e["t_ms"].as_u64().unwrap_or(0),
-                e["frames"]["a"]["video"].as_u64().unwrap_or(0),
-            )
-        })
-        .find(|(t, f)| *t > restored_ms && *f > frames_at_restore)
-        .map(|(t, _)| t - restored_ms);
+    let back = advanced_after(&rb.events, restored_ms, frames_at_restore);
     eprintln!("B's video advanced again {back:?} ms after the link came back (±250 ms sampling)");
     assert!(
         back.is_some_and(|ms| ms <= 2250),
@@ -584,6 +595,7 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     lab.cut(1, true).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let painted = |b: &Browser| latest_video(&b.events()).unwrap_or_default();
     let (_, early) = painted(&b);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (restored_ms, at_restore) = painted(&b);
@@ -594,18 +606,7 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
     let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
     assert!(cut_in > 20, "the cut was real ({cut_in} packets dropped)");
     assert_eq!(early, at_restore, "nothing painted during the cut");
-    let back = rb
-        .events_named("web", "video_stats")
-        .iter()
-        .filter(|e| e["identity"] == "a")
-        .map(|e| {
-            (
-                e["t_ms"].as_u64().unwrap_or(0),
-                e["frames"].as_u64().unwrap_or(0),
-            )
-        })
-        .find(|(t, f)| *t > restored_ms && *f > at_restore)
-        .map(|(t, _)| t - restored_ms);
+    let back = advanced_after(&rb.events, restored_ms, at_restore);
     eprintln!("the page painted A's video again {back:?} ms after the link came back (±250 ms)");
     assert!(
         back.is_some_and(|ms| ms <= 2250),
@@ -654,15 +655,7 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
     let reconnected = b.wait_event("reconnected", Duration::from_secs(40)).await;
     let took = restored.elapsed();
     // A's video painted again: a sample with more frames than at the reconnect.
-    let (_, at_reconnect) = painted(&b);
-    let mut again = None;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if painted(&b).1 > at_reconnect + 5 {
-            again = Some(restored.elapsed());
-            break;
-        }
-    }
+    let again = advances(|| b.events()).await.then(|| restored.elapsed());
     let resumes = c.metric("conclave_signal_resumes_total").await.unwrap_or(0);
     let logs = c.logs();
     b.terminate().unwrap();
@@ -717,23 +710,7 @@ async fn python_sdk_resumes_after_its_signalling_was_lost() {
     lab.cut(1, false).unwrap();
     let reconnected = pb.wait_event("reconnected", Duration::from_secs(40)).await;
     // A's video advances again: a progress sample with more frames than at the reconnect.
-    let frames = |pb: &PyClient| {
-        pb.events()
-            .iter()
-            .rev()
-            .find(|e| e["event"] == "progress")
-            .and_then(|e| e["frames"]["a"]["video"].as_u64())
-            .unwrap_or(0)
-    };
-    let at_reconnect = frames(&pb);
-    let mut advanced = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if frames(&pb) > at_reconnect + 5 {
-            advanced = true;
-            break;
-        }
-    }
+    let advanced = advances(|| pb.events()).await;
     let resumes = c.metric("conclave_signal_resumes_total").await.unwrap_or(0);
     pb.terminate().unwrap();
     let rb = pb.wait(Duration::from_secs(30)).await.unwrap();
