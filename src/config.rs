@@ -63,6 +63,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Media transport of the embedded SFU.
     pub rtc: RtcConfig,
+    /// The embedded TURN server.
+    pub turn: TurnConfig,
     /// MatrixRTC calls: enforcement and notices.
     pub calls: CallsConfig,
     /// The admin API.
@@ -84,6 +86,7 @@ impl Default for Config {
             livekit: LiveKitConfig::default(),
             auth: AuthConfig::default(),
             rtc: RtcConfig::default(),
+            turn: TurnConfig::default(),
             calls: CallsConfig::default(),
             admin: AdminConfig::default(),
             webhook: WebhookConfig::default(),
@@ -350,6 +353,60 @@ impl Default for RtcConfig {
     }
 }
 
+/// `[turn]`: the embedded TURN server (RFC 8656), for clients whose network lets only TCP or
+/// TLS to one port through. It relays only to Conclave's own media addresses; clients get
+/// short-lived credentials (derived from the LiveKit secret) in their join response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// Run the TURN server and hand its URLs and credentials to participants. Default false.
+    pub enabled: bool,
+    /// TURN over UDP, on every node IP. Default 3478; 0 off.
+    pub udp_port: u16,
+    /// TURN over TCP, on every node IP. Default 3478; 0 off.
+    pub tcp_port: u16,
+    /// TURN over TLS (`turns:`), on every node IP, when `cert_file` and `key_file` are set.
+    /// Default 5349; 443 gets through the strictest networks (needs CAP_NET_BIND_SERVICE, or
+    /// a TCP load balancer passing TLS through). 0 off.
+    pub tls_port: u16,
+    /// PEM certificate chain for TURN over TLS, valid for `domain`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The host name clients reach TURN at (in the `turn:`/`turns:` URLs; the certificate's
+    /// name). Default: the first node IP (enough for `turn:`; `turns:` needs a name the
+    /// certificate is valid for).
+    pub domain: Option<String>,
+    /// How long a credential handed to a participant can open allocations, in seconds (an
+    /// allocation it opened lives on with refreshes). Default 3600.
+    pub credential_ttl_secs: u64,
+    /// The most TURN allocations at once. Default 1000.
+    pub max_allocations: usize,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            udp_port: 3478,
+            tcp_port: 3478,
+            tls_port: 5349,
+            cert_file: None,
+            key_file: None,
+            domain: None,
+            credential_ttl_secs: 3600,
+            max_allocations: 1000,
+        }
+    }
+}
+
+impl TurnConfig {
+    /// Whether TURN over TLS runs (enabled, a port, a certificate and a key).
+    pub fn tls_enabled(&self) -> bool {
+        self.enabled && self.tls_port != 0 && self.cert_file.is_some() && self.key_file.is_some()
+    }
+}
+
 /// `[calls]`: calls follow Matrix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -597,6 +654,7 @@ impl Config {
         "livekit",
         "auth",
         "rtc",
+        "turn",
         "calls",
         "admin",
         "webhook",
@@ -727,10 +785,51 @@ impl Config {
                 );
             }
         }
+        self.validate_turn(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Semantic(problems))
+        }
+    }
+
+    fn validate_turn(&self, problems: &mut Vec<String>) {
+        let t = &self.turn;
+        if !t.enabled {
+            return;
+        }
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            problems.push(
+                "keys `turn.cert_file` and `turn.key_file`: expected both or neither (TURN over \
+                 TLS needs the certificate and its key)"
+                    .into(),
+            );
+        }
+        if t.tls_enabled() && t.domain.is_none() {
+            problems.push(
+                "key `turn.domain`: missing: TURN over TLS needs the host name its certificate \
+                 is valid for"
+                    .into(),
+            );
+        }
+        if t.udp_port == 0 && t.tcp_port == 0 && !t.tls_enabled() {
+            problems.push(
+                "section `turn`: enabled with no listener: set `udp_port`, `tcp_port`, or \
+                 `tls_port` with `cert_file` and `key_file`"
+                    .into(),
+            );
+        }
+        if !(60..=7 * 86_400).contains(&t.credential_ttl_secs) {
+            problems.push(format!(
+                "key `turn.credential_ttl_secs`: value {}: expected 60 to 604800 seconds",
+                t.credential_ttl_secs
+            ));
+        }
+        if !(1..=100_000).contains(&t.max_allocations) {
+            problems.push(format!(
+                "key `turn.max_allocations`: value {}: expected 1 to 100000",
+                t.max_allocations
+            ));
         }
     }
 

@@ -49,6 +49,8 @@ pub struct HttpState {
     pub sfu: SfuHandle,
     /// Process counters.
     pub metrics: Arc<Metrics>,
+    /// The TURN server's counters, when it runs.
+    pub turn: Option<Arc<crate::turn::TurnStats>>,
     /// `http.max_body_bytes`.
     pub max_body_bytes: usize,
 }
@@ -187,6 +189,9 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], {
         let mut text = state.metrics.render();
         text.push_str(&state.sfu.stats.render());
+        if let Some(turn) = &state.turn {
+            text.push_str(&turn.render());
+        }
         text
     })
 }

@@ -15,6 +15,7 @@ pub mod secrets;
 pub mod sfu;
 pub mod signal;
 pub mod store;
+pub mod turn;
 pub mod webhook;
 
 pub mod serve;

@@ -70,6 +70,9 @@ pub enum RunError {
     /// The media sockets could not be set up.
     #[error("{0}")]
     Net(String),
+    /// The TURN server could not start (a port taken, an unreadable certificate).
+    #[error("{0}")]
+    Turn(String),
     /// YAML serialisation failed.
     #[error("cannot write the registration: {0}")]
     Yaml(#[from] serde_yaml::Error),
@@ -223,14 +226,22 @@ pub struct Services {
 }
 
 /// Opens the store and builds every service for `config` around the running SFU loop `sfu`,
-/// whose room view is `rooms`.
-pub fn build_services(
+/// whose room view is `rooms`; starts the TURN server when `turn.enabled`, registering its
+/// relays in `relays` (the SFU's view of them).
+pub async fn build_services(
     config: Config,
     fault: Fault,
     rooms: Arc<RoomRegistry>,
     sfu: SfuHandle,
+    relays: crate::sfu::RelayAddresses,
 ) -> Result<Services, RunError> {
     let secrets = Secrets::load_or_create(&config)?;
+    let (turn, ice_servers) = if config.turn.enabled {
+        let (server, ice) = start_turn(&config, &secrets, &sfu, relays).await?;
+        (Some(server), Some(ice))
+    } else {
+        (None, None)
+    };
     let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?.with_fault(fault);
     let store = AsyncStore::new(Arc::new(store));
     let clients = HttpClients::new(config.matrix.extra_ca_file.as_deref())
@@ -301,6 +312,7 @@ pub fn build_services(
             token_lifetime_secs: config.auth.token_lifetime_secs,
             single_pc: config.rtc.single_pc,
             metrics: metrics.clone(),
+            ice_servers,
         }),
         twirp: TwirpState {
             enabled: config.rtc.twirp_enabled,
@@ -310,6 +322,7 @@ pub fn build_services(
         },
         sfu,
         metrics,
+        turn: turn.map(|t| t.stats),
         max_body_bytes: config.http.max_body_bytes,
     };
     let settings = WebhookSettings {
@@ -330,6 +343,73 @@ pub fn build_services(
             rooms,
         },
     })
+}
+
+/// Starts the TURN server on the node IPs of the SFU's media sockets, relaying only to
+/// those sockets; returns it and what participants are handed.
+async fn start_turn(
+    config: &Config,
+    secrets: &Secrets,
+    sfu: &SfuHandle,
+    relays: crate::sfu::RelayAddresses,
+) -> Result<(crate::turn::TurnServer, crate::turn::IceServers), RunError> {
+    use crate::turn::{self, IceServers, TurnSettings};
+    let t = &config.turn;
+    let media = sfu.addresses.clone();
+    let Some(first) = media.first() else {
+        return Err(RunError::Turn(
+            "TURN needs at least one media address".into(),
+        ));
+    };
+    // Relays on the first routable node IP (loopback only when there is nothing else).
+    let relay_ip = media
+        .iter()
+        .map(|a| a.ip())
+        .find(|ip| !ip.is_loopback())
+        .unwrap_or(first.ip());
+    let listen = |port: u16| -> Vec<std::net::SocketAddr> {
+        if port == 0 {
+            return Vec::new();
+        }
+        media
+            .iter()
+            .map(|a| std::net::SocketAddr::new(a.ip(), port))
+            .collect()
+    };
+    let tls_config = match (&t.cert_file, &t.key_file) {
+        (Some(cert), Some(key)) if t.tls_enabled() => {
+            Some(turn::tls_config(cert, key).map_err(|e| RunError::Turn(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let settings = TurnSettings {
+        udp: listen(t.udp_port),
+        tcp: listen(t.tcp_port),
+        tls: if t.tls_enabled() {
+            listen(t.tls_port)
+        } else {
+            Vec::new()
+        },
+        tls_config,
+        relay_ip,
+        media: media.to_vec(),
+        max_allocations: t.max_allocations,
+    };
+    let credentials =
+        turn::credentials::Credentials::new(secrets.livekit_secret.expose(), t.credential_ttl_secs);
+    let server = turn::start(settings, credentials.clone(), relays)
+        .await
+        .map_err(|e| RunError::Turn(e.to_string()))?;
+    let host = t.domain.clone().unwrap_or_else(|| relay_ip.to_string());
+    let port = |a: &[std::net::SocketAddr]| a.first().map(|a| a.port());
+    let urls = IceServers::urls_for(
+        &host,
+        port(&server.udp_addresses),
+        port(&server.tcp_addresses),
+        port(&server.tls_addresses),
+    );
+    tracing::info!(?urls, "TURN URLs handed to participants");
+    Ok((server, IceServers::new(credentials, urls)))
 }
 
 /// Binds `http.bind`.
@@ -354,6 +434,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
         source,
     })?;
     let rooms = Arc::new(RoomRegistry::default());
+    let relays = crate::sfu::RelayAddresses::default();
     let node_ips = if config.rtc.node_ips.is_empty() {
         crate::net::default_node_ips()
     } else {
@@ -367,13 +448,14 @@ async fn serve(config: Config) -> Result<(), RunError> {
         (config.rtc.resume_window_secs != 0)
             .then(|| std::time::Duration::from_secs(config.rtc.resume_window_secs)),
         rooms.clone(),
+        relays.clone(),
     )
     .map_err(|e| RunError::Net(e.to_string()))?;
     let media = sfu.addresses.clone();
     let media_tcp = sfu.tcp_addresses.clone();
     let events = sfu.subscribe_events();
     let sfu_handle = sfu.clone();
-    let services = build_services(config.clone(), fault, rooms, sfu)?;
+    let services = build_services(config.clone(), fault, rooms, sfu, relays).await?;
     tracing::info!(
         ?media,
         ?media_tcp,

@@ -619,6 +619,7 @@ mod tests {
                 auto_subscribe: false,
                 client_protocol: 2,
                 single_pc: false,
+                ice_servers: Vec::new(),
             }),
         );
         sfu.handle_command(

@@ -122,6 +122,8 @@ pub enum LoopRequest {
         identity: ParticipantIdentity,
         /// The participant SID the client names.
         sid: String,
+        /// TURN servers with fresh credentials for the reconnect response.
+        ice_servers: Vec<livekit_protocol::IceServer>,
         /// Where its signal messages go.
         sink: SignalSink,
         /// Reply.
@@ -187,6 +189,8 @@ pub struct LoopStats {
     pub connected_udp: AtomicU64,
     /// Peer connections connected over ICE-TCP.
     pub connected_tcp: AtomicU64,
+    /// Peer connections connected through the TURN relay: client over UDP, TCP, TLS.
+    pub connected_turn: [AtomicU64; 3],
     /// Nanoseconds the loop spent working (not waiting for input).
     pub busy_nanos: AtomicU64,
     /// Requests and datagrams waiting for the loop (gauge, sampled once per wake-up).
@@ -315,9 +319,12 @@ impl NetStats {
         }
         let name = "conclave_media_connections_total";
         out.push_str(&format!(
-            "# HELP {name} Peer connections connected, by the transport they use.\n# TYPE {name} counter\n{name}{{transport=\"udp\"}} {}\n{name}{{transport=\"tcp\"}} {}\n",
+            "# HELP {name} Peer connections connected, by the transport they use.\n# TYPE {name} counter\n{name}{{transport=\"udp\"}} {}\n{name}{{transport=\"tcp\"}} {}\n{name}{{transport=\"turn/udp\"}} {}\n{name}{{transport=\"turn/tcp\"}} {}\n{name}{{transport=\"turn/tls\"}} {}\n",
             self.sum(|l| &l.connected_udp),
             self.sum(|l| &l.connected_tcp),
+            self.sum(|l| &l.connected_turn[0]),
+            self.sum(|l| &l.connected_turn[1]),
+            self.sum(|l| &l.connected_turn[2]),
         ));
         let name = "conclave_media_tcp_connections";
         out.push_str(&format!(
@@ -471,6 +478,7 @@ impl SfuHandle {
         room: &RoomName,
         identity: &ParticipantIdentity,
         sid: &str,
+        ice_servers: Vec<livekit_protocol::IceServer>,
         sink: SignalSink,
     ) -> Option<(SessionId, u32)> {
         let (reply, rx) = oneshot::channel();
@@ -478,6 +486,7 @@ impl SfuHandle {
             room: room.clone(),
             identity: identity.clone(),
             sid: sid.to_owned(),
+            ice_servers,
             sink,
             reply,
         };
@@ -773,6 +782,7 @@ pub fn start(
     threads: usize,
     resume_window: Option<Duration>,
     registry: Arc<RoomRegistry>,
+    relays: crate::sfu::RelayAddresses,
 ) -> Result<SfuHandle, NetError> {
     let threads = threads.max(1);
     let mut sockets = Vec::new();
@@ -824,6 +834,7 @@ pub fn start(
                 } else {
                     String::new()
                 },
+                relays: relays.clone(),
             },
             Instant::now(),
         );
@@ -1228,6 +1239,9 @@ impl Loop {
                             .store(s.bandwidth_downgrades, Ordering::Relaxed);
                         l.connected_udp.store(s.connected_udp, Ordering::Relaxed);
                         l.connected_tcp.store(s.connected_tcp, Ordering::Relaxed);
+                        for (stat, v) in l.connected_turn.iter().zip(s.connected_turn) {
+                            stat.store(v, Ordering::Relaxed);
+                        }
                     }
                     return (t, gone);
                 }
@@ -1316,10 +1330,11 @@ impl Loop {
                 room,
                 identity,
                 sid,
+                ice_servers,
                 sink,
                 reply,
             } => {
-                let resumed = self.sfu.resume(now, &room, &identity, &sid);
+                let resumed = self.sfu.resume(now, &room, &identity, &sid, ice_servers);
                 if let Some((session, _)) = resumed {
                     // The old connection's queue (if the loop still had it) ends here.
                     self.sinks.insert(session, sink);
@@ -1447,6 +1462,7 @@ mod tests {
             1,
             Some(Duration::from_secs(30)),
             Arc::new(RoomRegistry::default()),
+            Default::default(),
         )
         .expect("bind a loopback port")
     }
@@ -1469,6 +1485,7 @@ mod tests {
             auto_subscribe: true,
             client_protocol: 17,
             single_pc: false,
+            ice_servers: Vec::new(),
         }
     }
 
@@ -1547,6 +1564,7 @@ mod tests {
             threads,
             None,
             Arc::new(RoomRegistry::default()),
+            Default::default(),
         )
         .expect("bind a loopback port");
         assert_eq!(sfu.threads(), threads);
@@ -1608,6 +1626,7 @@ mod tests {
             2,
             None,
             registry.clone(),
+            Default::default(),
         )
         .expect("bind a loopback port");
         let first: RoomName = "east".into();

@@ -266,6 +266,7 @@ mod tests {
             1,
             None,
             Arc::new(RoomRegistry::default()),
+            Default::default(),
         )
         .expect("bind loopback ports");
         let addr = sfu.tcp_addresses[0];
@@ -349,18 +350,8 @@ mod tests {
     /// frame timeout.
     #[tokio::test]
     async fn five_hundred_idle_connections_leave_the_listener_serving() {
-        // Both ends live in this process: a thousand descriptors (a soft limit may be 1024).
-        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-        unsafe {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                limit.rlim_cur = limit.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            }
-        }
+        // Both ends live in this process.
+        crate::plumbing::raise_fd_limit();
         let (sfu, addr) = loop_with_tcp();
         let tcp = sfu.stats.tcp.clone();
         let mut idle = Vec::new();

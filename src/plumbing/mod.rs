@@ -20,3 +20,20 @@ pub use http_client::{
 };
 pub use rate_limit::RateLimiter;
 pub use ttl_cache::TtlCache;
+
+/// Raises this process's soft open-file limit to its hard limit: tests that hold both ends
+/// of hundreds of connections need a thousand descriptors (a soft limit may be 1024).
+#[cfg(test)]
+pub(crate) fn raise_fd_limit() {
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

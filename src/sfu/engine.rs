@@ -91,6 +91,9 @@ pub struct SfuStats {
     pub connected_udp: u64,
     /// Peer connections connected over ICE-TCP.
     pub connected_tcp: u64,
+    /// Peer connections connected through Conclave's TURN relay, by how the client reaches
+    /// it: UDP, TCP, TLS.
+    pub connected_turn: [u64; 3],
 }
 
 /// Engine settings.
@@ -110,6 +113,9 @@ pub struct SfuConfig {
     /// layer's tag for the loop thread that owns the engine, so a STUN request can be routed
     /// to it before any engine has seen the sender.
     pub ufrag_prefix: String,
+    /// The relay addresses of Conclave's own TURN server (`turn/`): a peer connection whose
+    /// UDP peer is one of them reaches the SFU through TURN (operator view only).
+    pub relays: super::RelayAddresses,
 }
 
 /// The IP protocol a packet came or goes over.
@@ -128,6 +134,38 @@ impl IpProto {
             IpProto::Udp => "udp",
             IpProto::Tcp => "tcp",
         }
+    }
+}
+
+/// How a connected peer connection reaches the SFU (operator view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MediaPath {
+    /// UDP straight to the media port.
+    Udp,
+    /// ICE-TCP.
+    Tcp,
+    /// Through Conclave's TURN relay, the client reaching it over UDP, TCP or TLS.
+    Turn(super::RelayVia),
+}
+
+impl MediaPath {
+    fn as_str(self) -> &'static str {
+        match self {
+            MediaPath::Udp => "udp",
+            MediaPath::Tcp => "tcp",
+            MediaPath::Turn(super::RelayVia::Udp) => "turn/udp",
+            MediaPath::Turn(super::RelayVia::Tcp) => "turn/tcp",
+            MediaPath::Turn(super::RelayVia::Tls) => "turn/tls",
+        }
+    }
+}
+
+/// How a peer connection whose nominated peer is `remote` over `proto` reaches the SFU.
+fn path_of(relays: &super::RelayAddresses, proto: IpProto, remote: SocketAddr) -> MediaPath {
+    match (proto, relays.get(&remote)) {
+        (IpProto::Tcp, _) => MediaPath::Tcp,
+        (IpProto::Udp, Some(via)) => MediaPath::Turn(via),
+        (IpProto::Udp, None) => MediaPath::Udp,
     }
 }
 
@@ -292,6 +330,8 @@ pub struct Join {
     /// v1 signalling (`/rtc/v1`): one peer connection on which the client always offers,
     /// instead of v0's publisher and subscriber connections (`docs/design/rtc-v1.md`).
     pub single_pc: bool,
+    /// TURN servers (with this participant's credentials) for its join response.
+    pub ice_servers: Vec<lk::IceServer>,
 }
 
 /// Inputs from signalling sessions and operators.
@@ -553,11 +593,14 @@ impl Sfu {
         r.participants
             .values()
             .filter_map(|p| {
-                let protos = p.transport.protos();
-                (!protos.is_empty()).then(|| {
-                    let names: Vec<&str> = protos.iter().map(|p| p.as_str()).collect();
-                    (p.identity.to_string(), names.join(","))
-                })
+                let mut names: Vec<&str> = p
+                    .transport
+                    .paths()
+                    .into_iter()
+                    .map(|(proto, remote)| path_of(&self.config.relays, proto, remote).as_str())
+                    .collect();
+                names.dedup();
+                (!names.is_empty()).then(|| (p.identity.to_string(), names.join(",")))
             })
             .collect()
     }
@@ -708,6 +751,7 @@ impl Sfu {
         } else {
             // DTLS and SRTP flow on the nominated path only (STUN checks on every pair).
             pc.proto = Some(proto);
+            pc.remote = Some(source);
         }
         self.drain(now, session);
     }
@@ -826,6 +870,7 @@ impl Sfu {
             next_timeout: now,
             connected: false,
             proto: None,
+            remote: None,
         }
     }
 
@@ -841,6 +886,7 @@ impl Sfu {
             auto_subscribe,
             client_protocol,
             single_pc,
+            ice_servers,
         } = join;
         if self.refuse_if_full(session, &room_name, &identity) {
             return;
@@ -965,7 +1011,7 @@ impl Sfu {
             participant: Some(info.clone()),
             other_participants: others,
             server_version: SERVER_VERSION.into(),
-            ice_servers: Vec::new(),
+            ice_servers,
             // v1: the client's one connection is its publisher connection; LiveKit forces
             // `false` (design §1.5).
             subscriber_primary: !single_pc,
@@ -1247,9 +1293,10 @@ impl Sfu {
         let polled = p.poll(now, &mut self.out);
         p.file_deadline(&mut self.timers);
         self.stats.nacks_received += polled.nacks;
-        for proto in &polled.connected {
-            match proto {
-                Some(IpProto::Tcp) => self.stats.connected_tcp += 1,
+        for &path in &polled.connected {
+            match path.map(|(proto, remote)| path_of(&self.config.relays, proto, remote)) {
+                Some(MediaPath::Tcp) => self.stats.connected_tcp += 1,
+                Some(MediaPath::Turn(via)) => self.stats.connected_turn[via as usize] += 1,
                 _ => self.stats.connected_udp += 1,
             }
         }

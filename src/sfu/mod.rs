@@ -20,9 +20,12 @@ pub mod ids;
 pub mod limits;
 pub mod quality;
 pub mod registry;
+pub mod relays;
 pub mod rewrite;
 pub mod simulcast;
 pub mod stun;
+
+pub use relays::{RelayAddresses, RelayVia};
 
 pub use engine::{
     Command, IpProto, Join, Output, SessionId, Sfu, SfuConfig, SfuEvent, SfuStats, SignalOut,

@@ -32,4 +32,7 @@ pub struct SignalState {
     pub single_pc: bool,
     /// Process counters (`conclave_signal_sessions_total`).
     pub metrics: Arc<Metrics>,
+    /// The embedded TURN server's URLs and credentials for join and reconnect responses,
+    /// when it runs.
+    pub ice_servers: Option<crate::turn::IceServers>,
 }

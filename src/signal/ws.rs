@@ -243,7 +243,8 @@ async fn connect(
     if settings.reconnect {
         if let Some(sid) = settings.sid.take() {
             let (sink, events) = session_queue();
-            if let Some((session, epoch)) = sfu.resume(&room, &identity, &sid, sink).await {
+            let ice = ice_servers(&state);
+            if let Some((session, epoch)) = sfu.resume(&room, &identity, &sid, ice, sink).await {
                 let resumed = Resumed {
                     session,
                     epoch,
@@ -281,6 +282,7 @@ async fn connect(
         auto_subscribe: settings.auto_subscribe,
         client_protocol: settings.client_protocol,
         single_pc: signalling == Signalling::V1,
+        ice_servers: ice_servers(&state),
     };
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");
@@ -626,6 +628,15 @@ async fn run_session(
 }
 
 /// A new token with the same identity and grants, valid for `auth.token_lifetime_secs`.
+/// The embedded TURN server with fresh credentials, for a join or reconnect response.
+fn ice_servers(state: &SignalState) -> Vec<lk::IceServer> {
+    state
+        .ice_servers
+        .as_ref()
+        .map(|s| s.mint())
+        .unwrap_or_default()
+}
+
 fn refresh_token(state: &SignalState, claims: &Claims) -> Option<String> {
     let now = crate::clock::unix_secs();
     let mut c = claims.clone();

@@ -18,6 +18,7 @@ const RANKS: &[(&str, u32)] = &[
     ("secrets", 2),
     ("store", 2),
     ("net", 3),
+    ("turn", 3),
     ("matrix", 3),
     ("calls", 4),
     ("auth", 5),

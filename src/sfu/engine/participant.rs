@@ -3,6 +3,7 @@
 //! versions, timers, data channels).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use livekit_protocol as lk;
@@ -43,6 +44,8 @@ pub(super) struct Pc {
     pub(super) connected: bool,
     /// The protocol of the last DTLS or SRTP packet it accepted: the nominated path's.
     pub(super) proto: Option<IpProto>,
+    /// The peer address of that packet.
+    pub(super) remote: Option<SocketAddr>,
 }
 
 /// A participant's peer connections (`docs/design/rtc-v1.md` §3, step 3).
@@ -178,16 +181,12 @@ impl Transport {
         first.into_iter().chain(second)
     }
 
-    /// The protocols its connected peer connections use (one or two; both the same unless
-    /// a v0 client reached one over UDP and the other over TCP).
-    pub(super) fn protos(&self) -> Vec<IpProto> {
-        let mut out: Vec<IpProto> = self
-            .pcs()
+    /// The protocols and peer addresses of its connected peer connections (one or two).
+    pub(super) fn paths(&self) -> Vec<(IpProto, SocketAddr)> {
+        self.pcs()
             .filter(|pc| pc.connected)
-            .filter_map(|pc| pc.proto)
-            .collect();
-        out.dedup();
-        out
+            .filter_map(|pc| pc.proto.zip(pc.remote))
+            .collect()
     }
 
     /// Its peer connections (one or two), mutably.
@@ -214,8 +213,8 @@ pub(super) struct Polled {
     pub(super) data: Vec<(bool, Vec<u8>)>,
     /// NACKs its client sent since the last poll (lost packets it asked to be resent).
     pub(super) nacks: u64,
-    /// Peer connections that just connected, by the protocol they connected over.
-    pub(super) connected: Vec<Option<IpProto>>,
+    /// Peer connections that just connected, by the protocol and peer they connected over.
+    pub(super) connected: Vec<Option<(IpProto, SocketAddr)>>,
     /// Its tracks whose media just arrived.
     pub(super) newly_bound: Vec<TrackSid>,
     /// Its tracks whose media stopped (removed from it).
@@ -782,12 +781,12 @@ impl Participant {
         polled.nacks += self.measured(&e, publish_side, subscribe_side);
         match e {
             Event::Connected => {
-                let proto = self.pc_mut(kind).and_then(|pc| {
+                let path = self.pc_mut(kind).and_then(|pc| {
                     pc.connected = true;
-                    pc.proto
+                    pc.proto.zip(pc.remote)
                 });
-                tracing::debug!(%session, ?kind, single, ?proto, "peer connection connected");
-                polled.connected.push(proto);
+                tracing::debug!(%session, ?kind, single, ?path, "peer connection connected");
+                polled.connected.push(path);
                 if subscribe_side {
                     self.info.state = lk::participant_info::State::Active as i32;
                 }

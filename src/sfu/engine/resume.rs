@@ -79,6 +79,7 @@ impl Sfu {
         room: &RoomName,
         identity: &ParticipantIdentity,
         sid: &str,
+        ice_servers: Vec<lk::IceServer>,
     ) -> Option<(SessionId, u32)> {
         self.last_now = now;
         self.config.resume_window?;
@@ -95,7 +96,7 @@ impl Sfu {
         let epoch = self.participant_mut(session)?.signal_epoch;
         tracing::info!(%session, %identity, was_detached, epoch, "participant resumed");
         let reconnect = lk::ReconnectResponse {
-            ice_servers: Vec::new(),
+            ice_servers,
             client_configuration: Some(self.client_configuration(single_pc)),
             server_info: Some(server_info()),
             last_message_seq: 0,

@@ -1277,7 +1277,7 @@ fn a_lost_signalling_connection_resumes_the_same_participant() {
 
     let resumed = net
         .s
-        .resume(net.now, &"room".into(), &"bob".into(), &bob_sid);
+        .resume(net.now, &"room".into(), &"bob".into(), &bob_sid, Vec::new());
     assert_eq!(resumed, Some((SessionId(2), 1)));
     let after = net.msgs.len();
     net.pump(&mut []);
@@ -1297,8 +1297,13 @@ fn a_lost_signalling_connection_resumes_the_same_participant() {
     );
     // A wrong SID or an unknown identity resumes nothing.
     assert_eq!(
-        net.s
-            .resume(net.now, &"room".into(), &"bob".into(), "PA_other"),
+        net.s.resume(
+            net.now,
+            &"room".into(),
+            &"bob".into(),
+            "PA_other",
+            Vec::new()
+        ),
         None
     );
     // The old connection's task ends late: its disconnect is not the new connection's.

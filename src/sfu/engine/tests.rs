@@ -57,6 +57,7 @@ pub(super) fn join_command(
         auto_subscribe: true,
         client_protocol: 2,
         single_pc,
+        ice_servers: Vec::new(),
     })
 }
 
@@ -394,6 +395,7 @@ fn publishing_without_permission_is_refused() {
             auto_subscribe: true,
             client_protocol: 2,
             single_pc: false,
+            ice_servers: Vec::new(),
         }),
     );
     drain(&mut s);
