@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::conclave::{Conclave, ConclaveOptions};
-use crate::support::lab::{in_netns, lab_namespaces, list_namespaces, Lab, Shape};
+use crate::support::lab::{in_netns, lab_namespaces, list_namespaces, Lab, Shape, SFU_IP};
 use crate::support::lk_clients::{ClientReport, PyClient, PyClientSpec};
-use crate::support::synapse::heavy_lock;
+use crate::support::synapse::{heavy_lock, TestCa};
 use crate::support::web::{Browser, BrowserSpec, TabSpec};
 
 fn assert_gone(names: &[String]) {
@@ -433,6 +433,104 @@ async fn browser_without_udp_connects_over_ice_tcp() {
             && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
         "the browser over TCP, the Python participant over UDP:\n{metrics}"
     );
+}
+
+/// Where the lab's Conclave serves TURN over TLS (its own namespace: no clash).
+const TURN_TLS_PORT: u16 = 5349;
+
+/// TURN over TLS (issue 20): Chromium + livekit-client in a lab namespace whose network lets
+/// out nothing but TCP to two ports of Conclave's host (as a proxy passing HTTPS only): the
+/// signalling port and the TURN/TLS port. Every UDP packet and the ICE-TCP port are dropped.
+/// It joins through the embedded TURN server over TLS (certificate from the test CA for the
+/// SFU's IP; Chromium is told to accept it, having no way to trust a CA here) and exchanges
+/// media with a Python SDK participant on UDP. Conclave counts the peer connection as
+/// `turn/tls` (the admin API reads the same `Sfu::transports`; engine test
+/// `a_client_behind_conclaves_turn_relay_is_shown_as_turn`), and relayed both ways.
+#[tokio::test]
+async fn browser_on_a_tls_only_network_connects_through_turn_over_tls() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let ca = TestCa::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca
+        .issue_server_cert_for(dir.path(), "turn", &format!("IP:{SFU_IP}"))
+        .unwrap();
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_TURN__ENABLED", "true")
+            .env("CONCLAVE_TURN__UDP_PORT", "0")
+            .env("CONCLAVE_TURN__TCP_PORT", "0")
+            .env("CONCLAVE_TURN__TLS_PORT", &TURN_TLS_PORT.to_string())
+            .env("CONCLAVE_TURN__CERT_FILE", &cert.display().to_string())
+            .env("CONCLAVE_TURN__KEY_FILE", &key.display().to_string())
+            .env("CONCLAVE_TURN__DOMAIN", &SFU_IP.to_string())
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    lab.allow_only_tcp_to_sfu(1, &[c.port, TURN_TLS_PORT])
+        .unwrap();
+    let mut peer = PyClientSpec::new(c.ws_url(), c.token("turn", "py", grants()), "py");
+    peer.netns = Some(lab.client_ns(0).to_owned());
+    peer.expect_participants = 1;
+    peer.expect_video_frames = 30;
+    peer.min_duration_s = 20.0;
+    peer.timeout_s = 60.0;
+    let p = PyClient::spawn(peer).unwrap();
+
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token("turn", "web", grants()));
+    tab.single_pc = Some(true);
+    tab.expect_remote_tracks = vec![("py".into(), Some("video".into()))];
+    tab.expect_video_playing = vec![("py".into(), 20)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.timeout_s = 45.0;
+    spec.min_duration_s = 10.0;
+    spec.chrome_args = vec!["--ignore-certificate-errors".into()];
+    let b = Browser::spawn(spec).unwrap();
+    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
+    let rp = p.wait(Duration::from_secs(60)).await.unwrap();
+    let metrics = c.metrics().await.unwrap();
+    let blocked = lab.udp_blocked_packets(1).unwrap();
+    eprintln!("packets the browser's network dropped: {blocked}");
+    rb.assert_exit(0);
+    rp.assert_exit(0);
+    let seen = rp
+        .remote("web")
+        .expect("the Python participant saw the browser");
+    assert!(
+        seen["video_frames"].as_u64().unwrap_or(0) >= 30,
+        "the browser's camera reached the Python participant: {seen}"
+    );
+    assert!(
+        blocked > 0,
+        "the browser tried other paths and they were dropped"
+    );
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        metric("conclave_media_connections_total{transport=\"turn/tls\"}") >= 1
+            && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
+        "the browser through TURN over TLS, the Python participant over UDP:\n{metrics}"
+    );
+    assert_eq!(
+        metric("conclave_media_connections_total{transport=\"tcp\"}"),
+        0,
+        "{metrics}"
+    );
+    assert!(
+        metric("conclave_turn_allocations_total") >= 1
+            && metric("conclave_turn_relayed_to_media_total") > 100
+            && metric("conclave_turn_relayed_to_clients_total") > 100,
+        "TURN relayed media both ways:\n{metrics}"
+    );
+    assert_eq!(metric("conclave_turn_refused_peer_total"), 0, "{metrics}");
 }
 
 /// A 5 s drop of the link (a Wi-Fi that drops out; issue 20): the Python SDK client B in a lab

@@ -1206,6 +1206,37 @@ fn a_client_without_udp_connects_over_ice_tcp() {
     );
 }
 
+/// A client behind Conclave's own TURN relay (`turn/`): the engine sees its media come from
+/// the relay socket like any UDP peer's, and the operator view names how the client reaches
+/// the relay.
+#[test]
+fn a_client_behind_conclaves_turn_relay_is_shown_as_turn() {
+    let relays = crate::sfu::RelayAddresses::default();
+    let mut net = Net::with_config(SfuConfig {
+        candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+        seed: Some(31),
+        relays: relays.clone(),
+        ..Default::default()
+    });
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 1, 0);
+    relays.insert(bob.peer.addr, crate::sfu::RelayVia::Tls);
+    bob_hears_alice(&mut net, &mut alice, &mut bob);
+    let transports = net.s.transports(&"room".into());
+    assert_eq!(transports.get("bob").map(String::as_str), Some("turn/tls"));
+    assert_eq!(transports.get("alice").map(String::as_str), Some("udp"));
+    let stats = net.s.stats();
+    assert_eq!(
+        (
+            stats.connected_udp,
+            stats.connected_tcp,
+            stats.connected_turn
+        ),
+        (1, 0, [0, 0, 1]),
+        "{stats:?}"
+    );
+}
+
 /// The `a=ice-ufrag` of an SDP.
 fn ice_ufrag(sdp: &str) -> String {
     sdp.lines()

@@ -243,7 +243,7 @@ async function main() {
     srv = await serve();
     const pageUrl = `http://127.0.0.1:${srv.address().port}/index.html`;
     browser = await chromium.launch({
-      executablePath: exe, headless: true, args: CHROME_ARGS,
+      executablePath: exe, headless: true, args: CHROME_ARGS.concat(cfg.chrome_args || []),
       handleSIGTERM: false, handleSIGINT: false, handleSIGHUP: false, timeout: 30000,
     });
     out.browser = browser.version();

@@ -429,6 +429,20 @@ impl Lab {
         nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
     }
 
+    /// Client `i`'s network lets only TCP to the SFU's `ports` out (as a corporate proxy
+    /// that passes HTTPS and nothing else): every UDP packet, and TCP to any other port of
+    /// the SFU's host, is dropped (nftables, on its output). [`Lab::udp_blocked_packets`]
+    /// counts what was dropped.
+    pub fn allow_only_tcp_to_sfu(&self, i: usize, ports: &[u16]) -> Result<()> {
+        self.block_udp(i, true)?;
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let script = format!(
+            "add rule inet {NFT_TABLE} {NO_UDP_CHAIN} ip daddr {SFU_IP} tcp dport != {{ {} }} counter drop\n",
+            ports.join(", ")
+        );
+        nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
+    }
+
     /// Cuts client `i`'s link both ways (every packet in and out of its interface is dropped,
     /// as a Wi-Fi that drops out), or restores it: its sockets and connections stay as they
     /// are, only nothing passes.
@@ -457,7 +471,8 @@ impl Lab {
         Ok((inbound, outbound))
     }
 
-    /// UDP packets client `i` tried to send while [`Lab::block_udp`] dropped them.
+    /// Packets client `i` tried to send while [`Lab::block_udp`] (or
+    /// [`Lab::allow_only_tcp_to_sfu`]) dropped them.
     pub fn udp_blocked_packets(&self, i: usize) -> Result<u64> {
         self.check(i);
         loss_counter(&self.clients[i], NO_UDP_CHAIN).map(|(packets, _)| packets)

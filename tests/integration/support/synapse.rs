@@ -126,16 +126,29 @@ impl TestCa {
     /// Issues a server certificate for `localhost`, `127.0.0.1` and `::1`
     /// into `dir/<name>.crt` + `dir/<name>.key`; returns (cert, key) paths.
     pub fn issue_server_cert(&self, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+        self.issue_server_cert_for(dir, name, "DNS:localhost,IP:127.0.0.1,IP:::1")
+    }
+
+    /// Like [`TestCa::issue_server_cert`], for the names in `subject_alt_names` (openssl's
+    /// syntax: `DNS:name,IP:address`).
+    pub fn issue_server_cert_for(
+        &self,
+        dir: &Path,
+        name: &str,
+        subject_alt_names: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
         let cert = dir.join(format!("{name}.crt"));
         let key = dir.join(format!("{name}.key"));
         let csr = dir.join(format!("{name}.csr"));
         let ext = dir.join(format!("{name}.ext"));
         std::fs::write(
             &ext,
-            "basicConstraints=CA:FALSE\n\
+            format!(
+                "basicConstraints=CA:FALSE\n\
              keyUsage=critical,digitalSignature,keyEncipherment\n\
              extendedKeyUsage=serverAuth,clientAuth\n\
-             subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n",
+             subjectAltName={subject_alt_names}\n"
+            ),
         )?;
         openssl(&[
             "req",

@@ -238,6 +238,8 @@ pub struct BrowserSpec {
     /// ([`super::lab::Lab::client_ns`]); its page server is on that namespace's loopback.
     /// `None` (the default): the test's own namespace.
     pub netns: Option<String>,
+    /// Chromium flags added to the driver's own (default none).
+    pub chrome_args: Vec<String>,
 }
 
 impl BrowserSpec {
@@ -250,6 +252,7 @@ impl BrowserSpec {
             hold: false,
             verbose: false,
             netns: None,
+            chrome_args: Vec::new(),
         }
     }
 
@@ -260,6 +263,7 @@ impl BrowserSpec {
             "min_duration_s": self.min_duration_s,
             "hold": self.hold,
             "verbose": self.verbose,
+            "chrome_args": self.chrome_args,
             "tabs": self.tabs.iter().map(TabSpec::config).collect::<Vec<_>>(),
         })
     }
