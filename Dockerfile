@@ -59,6 +59,10 @@ EXPOSE 8080/tcp
 # Media: rtc.udp_port; ICE over TCP for clients without UDP: rtc.tcp_port.
 EXPOSE 7882/udp
 EXPOSE 7881/tcp
+# The embedded TURN server, when turn.enabled: turn.udp_port, turn.tcp_port, turn.tls_port.
+EXPOSE 3478/udp
+EXPOSE 3478/tcp
+EXPOSE 5349/tcp
 
 ENTRYPOINT ["conclave"]
 CMD ["serve", "--config", "/etc/conclave/conclave.toml"]

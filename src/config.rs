@@ -1044,6 +1044,39 @@ mod tests {
     }
 
     #[test]
+    fn turn_settings_are_checked_only_when_it_is_enabled() {
+        let mut c = Config::default();
+        c.turn.udp_port = 0;
+        c.turn.tcp_port = 0;
+        c.turn.cert_file = Some("/c.pem".into());
+        assert!(c.validate().is_ok(), "off: nothing to check");
+        c.turn.enabled = true;
+        c.turn.credential_ttl_secs = 5;
+        let Err(ConfigError::Semantic(problems)) = c.validate() else {
+            panic!("problems expected");
+        };
+        let all = problems.join("\n");
+        for key in [
+            "turn.cert_file",
+            "section `turn`: enabled with no listener",
+            "turn.credential_ttl_secs",
+        ] {
+            assert!(all.contains(key), "{key}: {all}");
+        }
+        // TLS with both files needs the name the certificate is for.
+        c.turn.key_file = Some("/k.pem".into());
+        c.turn.credential_ttl_secs = 3600;
+        let Err(ConfigError::Semantic(problems)) = c.validate() else {
+            panic!("problems expected");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("turn.domain"), "{problems:?}");
+        c.turn.domain = Some("turn.example".into());
+        assert!(c.validate().is_ok());
+        assert!(c.turn.tls_enabled());
+    }
+
+    #[test]
     fn secrets_never_debug_print() {
         let s = Secret::new("hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));

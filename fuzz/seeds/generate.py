@@ -8,6 +8,7 @@ import base64
 import gzip
 import json
 import os
+import struct
 
 
 def varint(n):
@@ -159,3 +160,27 @@ write("join_request", "standard_none", base64.b64encode(none).decode())
 write("join_request", "wrapped_none.pb", none)
 write("join_request", "wrapped_gzip.pb", gz)
 write("join_request", "empty_request", base64.urlsafe_b64encode(ld(2, b"")).decode())
+# turn_message: TURN requests, indications and ChannelData (the target splits at FE FE).
+
+
+def turn(method_type, attrs):
+    body = b""
+    for t, v in attrs:
+        body += struct.pack(">HH", t, len(v)) + v + b"\0" * ((4 - len(v) % 4) % 4)
+    return struct.pack(">HHI", method_type, len(body), 0x2112A442) + bytes(range(12)) + body
+
+
+cookie = [0x21, 0x12, 0xA4, 0x42]
+xor_peer = struct.pack(">BBH", 0, 1, 9 ^ 0x2112) + bytes(a ^ b for a, b in zip([127, 0, 0, 1], cookie))
+channel_data = struct.pack(">HH", 0x4000, 5) + b"12345\0\0\0"
+for name, body in [
+    ("allocate_unsigned", turn(0x0003, [(0x0019, bytes([17, 0, 0, 0]))])),
+    ("refresh", turn(0x0004, [(0x000D, struct.pack(">I", 600))])),
+    ("create_permission", turn(0x0008, [(0x0012, xor_peer)])),
+    ("channel_bind", turn(0x0009, [(0x000C, struct.pack(">HH", 0x4001, 0)), (0x0012, xor_peer)])),
+    ("send_indication", turn(0x0016, [(0x0012, xor_peer), (0x0013, b"hello media")])),
+    ("binding", turn(0x0001, [])),
+    ("channel_data", channel_data),
+    ("several", turn(0x0016, [(0x0012, xor_peer), (0x0013, b"a")]) + b"\xfe\xfe" + channel_data),
+]:
+    write("turn_message", name, body)

@@ -816,7 +816,11 @@ impl Shared {
             let expires = a.state().expires;
             tokio::select! {
                 r = a.relay.recv_from(&mut buf) => {
-                    let Ok((n, from)) = r else { continue };
+                    let Ok((n, from)) = r else {
+                        // A socket error is not expected to repeat; never spin on one.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
                     let now = Instant::now();
                     let framed = {
                         let s = a.state();
@@ -874,6 +878,7 @@ async fn serve_udp(shared: Arc<Shared>, socket: Arc<UdpSocket>, local: SocketAdd
     let mut buf = vec![0u8; 2048];
     loop {
         let Ok((n, remote)) = socket.recv_from(&mut buf).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let key = ClientKey {
@@ -978,6 +983,65 @@ where
     };
     writer_task.abort();
     clean
+}
+
+/// The request handling without listeners, for the `turn` fuzz target (`fuzz/`): one
+/// stream client that first allocates, gets a permission and binds channel 0x4000 to the
+/// media address 127.0.0.1:9 (discard) with a valid credential, then sends `messages`; the
+/// replies are dropped. Returns whether every message was TURN. Needs a tokio runtime
+/// entered (the relay socket).
+#[doc(hidden)]
+pub fn fuzz_messages(messages: &[&[u8]]) -> bool {
+    let media: SocketAddr = ([127, 0, 0, 1], 9).into();
+    let credentials = Credentials::new("fuzz secret of thirty-two characters", 600);
+    let shared = Arc::new(Shared {
+        credentials: credentials.clone(),
+        media: HashSet::from([media]),
+        media_ips: HashSet::from([media.ip()]),
+        relay_ip: media.ip(),
+        max_allocations: 4,
+        allocations: Mutex::new(HashMap::new()),
+        relays: RelayAddresses::default(),
+        stats: Arc::new(TurnStats::default()),
+    });
+    let key = ClientKey {
+        via: RelayVia::Tcp,
+        local: ([127, 0, 0, 1], 3478).into(),
+        remote: ([127, 0, 0, 2], 40000).into(),
+    };
+    let (tx, _rx) = mpsc::channel(WRITE_QUEUE);
+    let sink = Sink::Stream(tx);
+    let (username, _) = credentials.mint(unix_now());
+    let nonce = credentials.nonce(key.remote.ip(), unix_now());
+    let integrity = credentials.integrity_key(&username);
+    let signed = |method: u16, b: fn(Builder, SocketAddr) -> Builder| {
+        b(Builder::new(method, Class::Request, rand::random()), media)
+            .attr(attr::USERNAME, username.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, nonce.as_bytes())
+            .integrity(&integrity)
+            .finish()
+    };
+    let prefix = [
+        signed(message::ALLOCATE, |b, _| {
+            b.u32(attr::REQUESTED_TRANSPORT, u32::from(UDP_PROTOCOL) << 24)
+        }),
+        signed(message::CREATE_PERMISSION, |b, m| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, m)
+        }),
+        signed(message::CHANNEL_BIND, |b, m| {
+            b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+                .xor_address(attr::XOR_PEER_ADDRESS, m)
+        }),
+    ];
+    for m in &prefix {
+        shared.handle(key, &sink, m);
+    }
+    let all_turn = messages
+        .iter()
+        .all(|m| matches!(shared.handle(key, &sink, m), Verdict::Ok));
+    shared.end(&key);
+    all_turn
 }
 
 #[cfg(test)]

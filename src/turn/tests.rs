@@ -636,3 +636,10 @@ async fn turn_over_tls_relays_and_idle_or_garbage_connections_do_not_hurt() {
     drop(idle);
     drop(partial);
 }
+
+#[tokio::test]
+async fn the_fuzzing_entry_reaches_an_allocation() {
+    // The prefix allocates: a ChannelData on its channel is TURN, garbage is not.
+    assert!(fuzz_messages(&[&message::channel_data(0x4000, b"x", true)]));
+    assert!(!fuzz_messages(&[&[0xFF; 8]]));
+}

@@ -1021,3 +1021,74 @@ async fn oversized_updates_are_refused_and_a_leave_is_client_initiated() {
     .unwrap();
     assert!(a.closed_within(T).await, "alice's socket was closed");
 }
+
+/// With `turn.enabled`, every join response carries the embedded TURN server's URLs and a
+/// fresh credential of its own (two joins, two usernames), and that credential opens an
+/// allocation on the TURN server (a raw TURN client: challenge, then a signed Allocate).
+#[tokio::test]
+async fn join_responses_carry_turn_credentials_the_turn_server_accepts() {
+    use conclave::turn::message::{attr, Builder, Class, Message, ALLOCATE};
+    let turn_port = crate::support::synapse::free_ports(1).unwrap()[0];
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_TURN__ENABLED", "true")
+            .env("CONCLAVE_TURN__UDP_PORT", &turn_port.to_string())
+            .env("CONCLAVE_TURN__TCP_PORT", "0"),
+    )
+    .await
+    .unwrap();
+    let (_a, join) = join_on(&c, Path::V1, "turn", "alice", json!({})).await;
+    let (_b, other) = join_on(&c, Path::V0, "turn", "bob", json!({})).await;
+    assert_eq!(join.ice_servers.len(), 1, "{:?}", join.ice_servers);
+    let ice = &join.ice_servers[0];
+    assert_ne!(ice.username, other.ice_servers[0].username);
+    assert_eq!(
+        ice.urls.len(),
+        1,
+        "UDP only (TCP 0, no TLS): {:?}",
+        ice.urls
+    );
+    let url = &ice.urls[0];
+    assert_eq!(url, &format!("turn:127.0.0.1:{turn_port}?transport=udp"));
+    let port = turn_port;
+
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let allocate = |signed: Option<(&str, &[u8; 16])>| {
+        let mut b = Builder::new(ALLOCATE, Class::Request, rand::random())
+            .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+        if let Some((nonce, key)) = signed {
+            b = b
+                .attr(attr::USERNAME, ice.username.as_bytes())
+                .attr(attr::REALM, b"conclave")
+                .attr(attr::NONCE, nonce.as_bytes())
+                .integrity(key);
+        }
+        b.finish()
+    };
+    let mut buf = vec![0u8; 2048];
+    let mut exchange = async |bytes: Vec<u8>| {
+        sock.send_to(&bytes, server).await.unwrap();
+        let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+            .await
+            .expect("a TURN answer")
+            .unwrap();
+        buf[..n].to_vec()
+    };
+    let challenge = exchange(allocate(None)).await;
+    let m = Message::parse(&challenge).unwrap();
+    assert_eq!(m.class, Class::Error);
+    let nonce = m.text(attr::NONCE).unwrap().to_owned();
+    let text = format!("{}:conclave:{}", ice.username, ice.credential);
+    let key: [u8; 16] = <md5::Md5 as md5::Digest>::digest(text.as_bytes()).into();
+    let answer = exchange(allocate(Some((&nonce, &key)))).await;
+    let m = Message::parse(&answer).unwrap();
+    assert_eq!(m.class, Class::Success, "the join's credential allocates");
+    assert!(m.integrity_ok(&key));
+    let metrics = c.metrics().await.unwrap();
+    assert!(
+        metrics.contains("conclave_turn_allocations 1\n"),
+        "{metrics}"
+    );
+}
