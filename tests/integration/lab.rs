@@ -375,49 +375,12 @@ async fn browser_without_udp_connects_over_ice_tcp() {
     let lab = Lab::new(2).unwrap();
     lab.block_udp(1, true).unwrap();
     let c = conclave_in(&lab).await;
-    let mut peer = PyClientSpec::new(c.ws_url(), c.token("lab", "py", grants()), "py");
-    peer.netns = Some(lab.client_ns(0).to_owned());
-    peer.expect_participants = 1;
-    peer.expect_video_frames = 30;
-    peer.min_duration_s = 20.0;
-    peer.timeout_s = 60.0;
-    let p = PyClient::spawn(peer).unwrap();
-
-    let mut tab = TabSpec::new("web", c.ws_url(), c.token("lab", "web", grants()));
-    tab.single_pc = Some(true);
-    tab.expect_remote_tracks = vec![("py".into(), Some("video".into()))];
-    tab.expect_video_playing = vec![("py".into(), 20)];
-    let mut spec = BrowserSpec::new(vec![tab]);
-    spec.netns = Some(lab.client_ns(1).to_owned());
-    spec.timeout_s = 45.0;
-    // Long enough for the Python participant to decode its 30 frames of the camera.
-    spec.min_duration_s = 10.0;
-    let b = Browser::spawn(spec).unwrap();
-    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
-    let rp = p.wait(Duration::from_secs(60)).await.unwrap();
-    let metrics = c.metrics().await.unwrap();
-    let blocked = lab.udp_blocked_packets(1).unwrap();
-    eprintln!("UDP packets the browser's network dropped: {blocked}");
-    rb.assert_exit(0);
-    rp.assert_exit(0);
-    let seen = rp
-        .remote("web")
-        .expect("the Python participant saw the browser");
-    assert!(
-        seen["video_frames"].as_u64().unwrap_or(0) >= 30,
-        "the browser's camera reached the Python participant: {seen}"
-    );
+    let (metrics, blocked) = browser_and_python_exchange_media(&c, &lab, "lab", &[]).await;
     assert!(
         blocked > 0,
         "the browser tried UDP and its network dropped it"
     );
-    let metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let metric = |name| counter(&metrics, name);
     assert!(
         metric("conclave_media_tcp_accepted_total") >= 1,
         "Conclave accepted the browser's ICE-TCP connection:\n{metrics}"
@@ -433,6 +396,63 @@ async fn browser_without_udp_connects_over_ice_tcp() {
             && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
         "the browser over TCP, the Python participant over UDP:\n{metrics}"
     );
+}
+
+/// A Python SDK participant `py` (client namespace 0, publishing) and a Chromium page `web`
+/// (namespace 1, one peer connection, camera and microphone, `chrome_args` added) in `room`:
+/// both must see each other's video (the page plays `py`'s; `py` decodes 30 frames of the
+/// page's camera). Returns Conclave's metrics after and the packets namespace 1's network
+/// dropped.
+async fn browser_and_python_exchange_media(
+    c: &Conclave,
+    lab: &Lab,
+    room: &str,
+    chrome_args: &[&str],
+) -> (String, u64) {
+    let mut peer = PyClientSpec::new(c.ws_url(), c.token(room, "py", grants()), "py");
+    peer.netns = Some(lab.client_ns(0).to_owned());
+    peer.expect_participants = 1;
+    peer.expect_video_frames = 30;
+    peer.min_duration_s = 20.0;
+    peer.timeout_s = 60.0;
+    let p = PyClient::spawn(peer).unwrap();
+
+    let mut tab = TabSpec::new("web", c.ws_url(), c.token(room, "web", grants()));
+    tab.single_pc = Some(true);
+    tab.expect_remote_tracks = vec![("py".into(), Some("video".into()))];
+    tab.expect_video_playing = vec![("py".into(), 20)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.netns = Some(lab.client_ns(1).to_owned());
+    spec.timeout_s = 45.0;
+    // Long enough for the Python participant to decode its 30 frames of the camera.
+    spec.min_duration_s = 10.0;
+    spec.chrome_args = chrome_args.iter().map(|a| a.to_string()).collect();
+    let b = Browser::spawn(spec).unwrap();
+    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
+    let rp = p.wait(Duration::from_secs(60)).await.unwrap();
+    let metrics = c.metrics().await.unwrap();
+    let blocked = lab.udp_blocked_packets(1).unwrap();
+    eprintln!("packets the browser's network dropped: {blocked}");
+    rb.assert_exit(0);
+    rp.assert_exit(0);
+    let seen = rp
+        .remote("web")
+        .expect("the Python participant saw the browser");
+    assert!(
+        seen["video_frames"].as_u64().unwrap_or(0) >= 30,
+        "the browser's camera reached the Python participant: {seen}"
+    );
+    (metrics, blocked)
+}
+
+/// The value of the unlabelled (or fully labelled) series `name` in a `/metrics` text; 0
+/// when absent.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Where the lab's Conclave serves TURN over TLS (its own namespace: no clash).
@@ -471,49 +491,13 @@ async fn browser_on_a_tls_only_network_connects_through_turn_over_tls() {
     .unwrap();
     lab.allow_only_tcp_to_sfu(1, &[c.port, TURN_TLS_PORT])
         .unwrap();
-    let mut peer = PyClientSpec::new(c.ws_url(), c.token("turn", "py", grants()), "py");
-    peer.netns = Some(lab.client_ns(0).to_owned());
-    peer.expect_participants = 1;
-    peer.expect_video_frames = 30;
-    peer.min_duration_s = 20.0;
-    peer.timeout_s = 60.0;
-    let p = PyClient::spawn(peer).unwrap();
-
-    let mut tab = TabSpec::new("web", c.ws_url(), c.token("turn", "web", grants()));
-    tab.single_pc = Some(true);
-    tab.expect_remote_tracks = vec![("py".into(), Some("video".into()))];
-    tab.expect_video_playing = vec![("py".into(), 20)];
-    let mut spec = BrowserSpec::new(vec![tab]);
-    spec.netns = Some(lab.client_ns(1).to_owned());
-    spec.timeout_s = 45.0;
-    spec.min_duration_s = 10.0;
-    spec.chrome_args = vec!["--ignore-certificate-errors".into()];
-    let b = Browser::spawn(spec).unwrap();
-    let rb = b.wait(Duration::from_secs(60)).await.unwrap();
-    let rp = p.wait(Duration::from_secs(60)).await.unwrap();
-    let metrics = c.metrics().await.unwrap();
-    let blocked = lab.udp_blocked_packets(1).unwrap();
-    eprintln!("packets the browser's network dropped: {blocked}");
-    rb.assert_exit(0);
-    rp.assert_exit(0);
-    let seen = rp
-        .remote("web")
-        .expect("the Python participant saw the browser");
-    assert!(
-        seen["video_frames"].as_u64().unwrap_or(0) >= 30,
-        "the browser's camera reached the Python participant: {seen}"
-    );
+    let (metrics, blocked) =
+        browser_and_python_exchange_media(&c, &lab, "turn", &["--ignore-certificate-errors"]).await;
     assert!(
         blocked > 0,
         "the browser tried other paths and they were dropped"
     );
-    let metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let metric = |name| counter(&metrics, name);
     assert!(
         metric("conclave_media_connections_total{transport=\"turn/tls\"}") >= 1
             && metric("conclave_media_connections_total{transport=\"udp\"}") >= 1,
