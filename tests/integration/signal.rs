@@ -1092,3 +1092,28 @@ async fn join_responses_carry_turn_credentials_the_turn_server_accepts() {
         "{metrics}"
     );
 }
+
+/// A TURN certificate that cannot be read stops Conclave at start with a message naming the
+/// file, not later at the first TLS client.
+#[tokio::test]
+async fn an_unreadable_turn_certificate_is_a_clear_start_error() {
+    let turn_port = crate::support::synapse::free_ports(1).unwrap()[0];
+    let err = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_TURN__ENABLED", "true")
+            .env("CONCLAVE_TURN__UDP_PORT", &turn_port.to_string())
+            .env("CONCLAVE_TURN__TCP_PORT", "0")
+            .env("CONCLAVE_TURN__TLS_PORT", &turn_port.to_string())
+            .env("CONCLAVE_TURN__CERT_FILE", "/nonexistent/turn.crt")
+            .env("CONCLAVE_TURN__KEY_FILE", "/nonexistent/turn.key")
+            .env("CONCLAVE_TURN__DOMAIN", "turn.example"),
+    )
+    .await
+    .err()
+    .expect("Conclave must not start");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("TURN TLS: certificate /nonexistent/turn.crt"),
+        "{text}"
+    );
+}
