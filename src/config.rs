@@ -297,6 +297,15 @@ pub struct RtcConfig {
     /// subscriptions, nobody sees it leave. Single peer connection (v1) clients only; v0
     /// clients rejoin in full. Default 30; 0 turns resume off (every client rejoins in full).
     pub resume_window_secs: u64,
+    /// Clients ping over signalling this often, in seconds (told in the join response).
+    /// Default 5, as LiveKit.
+    pub ping_interval_secs: u32,
+    /// A client that gets no pong for this long takes its connection for dead and resumes
+    /// on a new one, in seconds. The sooner, the sooner a client whose network changed (a
+    /// laptop leaving Wi-Fi for 4G) gets media again: its old connections die silently, and
+    /// this is how the browser SDK notices. Default 15, as LiveKit; at most
+    /// `signal_timeout_secs`.
+    pub ping_timeout_secs: u32,
     /// IPs announced as ICE host candidates. Default: empty, meaning loopback plus the
     /// addresses detected on this host.
     pub node_ips: Vec<IpAddr>,
@@ -343,6 +352,8 @@ impl Default for RtcConfig {
             udp_port: 7882,
             tcp_port: 7881,
             resume_window_secs: 30,
+            ping_interval_secs: 5,
+            ping_timeout_secs: 15,
             node_ips: Vec::new(),
             auto_create: None,
             signal_timeout_secs: 30,
@@ -785,6 +796,15 @@ impl Config {
                 );
             }
         }
+        let (interval, timeout) = (self.rtc.ping_interval_secs, self.rtc.ping_timeout_secs);
+        if interval == 0 || timeout <= interval || u64::from(timeout) > self.rtc.signal_timeout_secs
+        {
+            problems.push(format!(
+                "keys `rtc.ping_interval_secs` ({interval}) and `rtc.ping_timeout_secs` \
+                 ({timeout}): expected 0 < interval < timeout <= rtc.signal_timeout_secs ({})",
+                self.rtc.signal_timeout_secs
+            ));
+        }
         self.validate_turn(&mut problems);
         if problems.is_empty() {
             Ok(())
@@ -1074,6 +1094,27 @@ mod tests {
         c.turn.domain = Some("turn.example".into());
         assert!(c.validate().is_ok());
         assert!(c.turn.tls_enabled());
+    }
+
+    #[test]
+    fn ping_settings_must_leave_the_timeout_after_the_interval() {
+        let mut c = Config::default();
+        for (interval, timeout, ok) in [
+            (5, 15, true),
+            (1, 4, true),
+            (0, 4, false),
+            (5, 5, false),
+            (5, 31, false),
+        ] {
+            c.rtc.ping_interval_secs = interval;
+            c.rtc.ping_timeout_secs = timeout;
+            assert_eq!(
+                c.validate().is_ok(),
+                ok,
+                "{interval}/{timeout}: {:?}",
+                c.validate()
+            );
+        }
     }
 
     #[test]

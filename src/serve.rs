@@ -445,10 +445,17 @@ async fn serve(config: Config) -> Result<(), RunError> {
         config.rtc.udp_port,
         (config.rtc.tcp_port != 0).then_some(config.rtc.tcp_port),
         config.rtc.loop_threads(),
-        (config.rtc.resume_window_secs != 0)
-            .then(|| std::time::Duration::from_secs(config.rtc.resume_window_secs)),
+        crate::sfu::SfuConfig {
+            resume_window: (config.rtc.resume_window_secs != 0)
+                .then(|| std::time::Duration::from_secs(config.rtc.resume_window_secs)),
+            relays: relays.clone(),
+            ping: crate::sfu::Ping {
+                interval_secs: config.rtc.ping_interval_secs,
+                timeout_secs: config.rtc.ping_timeout_secs,
+            },
+            ..Default::default()
+        },
         rooms.clone(),
-        relays.clone(),
     )
     .map_err(|e| RunError::Net(e.to_string()))?;
     let media = sfu.addresses.clone();

@@ -774,15 +774,15 @@ struct TcpPeer {
 /// ufrag prefix of a STUN request, else by the source address the owner learned through ICE).
 /// Every loop sends on its own handle to the same sockets: one media port either way.
 /// With `tcp_port`, ICE-TCP listeners on each node IP ([`tcp`], their own thread) hand
-/// their connections' frames to the loops the same way.
+/// their connections' frames to the loops the same way. Every loop's engine is `engine`
+/// with the bound addresses as candidates and the loop's ufrag prefix.
 pub fn start(
     node_ips: &[IpAddr],
     port: u16,
     tcp_port: Option<u16>,
     threads: usize,
-    resume_window: Option<Duration>,
+    engine: SfuConfig,
     registry: Arc<RoomRegistry>,
-    relays: crate::sfu::RelayAddresses,
 ) -> Result<SfuHandle, NetError> {
     let threads = threads.max(1);
     let mut sockets = Vec::new();
@@ -827,14 +827,12 @@ pub fn start(
             SfuConfig {
                 candidates: addresses.clone(),
                 tcp_candidates: tcp_addresses.clone(),
-                resume_window,
-                seed: None,
                 ufrag_prefix: if threads > 1 {
                     format!("{index:02x}")
                 } else {
                     String::new()
                 },
-                relays: relays.clone(),
+                ..engine.clone()
             },
             Instant::now(),
         );
@@ -1460,9 +1458,11 @@ mod tests {
             0,
             Some(0),
             1,
-            Some(Duration::from_secs(30)),
+            SfuConfig {
+                resume_window: Some(Duration::from_secs(30)),
+                ..Default::default()
+            },
             Arc::new(RoomRegistry::default()),
-            Default::default(),
         )
         .expect("bind a loopback port")
     }
@@ -1562,9 +1562,8 @@ mod tests {
             0,
             Some(0),
             threads,
-            None,
+            SfuConfig::default(),
             Arc::new(RoomRegistry::default()),
-            Default::default(),
         )
         .expect("bind a loopback port");
         assert_eq!(sfu.threads(), threads);
@@ -1624,9 +1623,8 @@ mod tests {
             0,
             None,
             2,
-            None,
+            SfuConfig::default(),
             registry.clone(),
-            Default::default(),
         )
         .expect("bind a loopback port");
         let first: RoomName = "east".into();

@@ -264,9 +264,8 @@ mod tests {
             0,
             Some(0),
             1,
-            None,
+            crate::sfu::SfuConfig::default(),
             Arc::new(RoomRegistry::default()),
-            Default::default(),
         )
         .expect("bind loopback ports");
         let addr = sfu.tcp_addresses[0];

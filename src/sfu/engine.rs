@@ -116,6 +116,28 @@ pub struct SfuConfig {
     /// The relay addresses of Conclave's own TURN server (`turn/`): a peer connection whose
     /// UDP peer is one of them reaches the SFU through TURN (operator view only).
     pub relays: super::RelayAddresses,
+    /// What clients are told of signalling pings (`JoinResponse.ping_interval`/`ping_timeout`).
+    pub ping: Ping,
+}
+
+/// How often clients ping over signalling, and after how long without an answer they take
+/// the connection for dead and resume (`rtc.ping_interval_secs`, `rtc.ping_timeout_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ping {
+    /// Seconds between pings.
+    pub interval_secs: u32,
+    /// Seconds without a pong after which the client reconnects.
+    pub timeout_secs: u32,
+}
+
+impl Default for Ping {
+    /// LiveKit's: every 5 s, dead after 15 s.
+    fn default() -> Self {
+        Ping {
+            interval_secs: 5,
+            timeout_secs: 15,
+        }
+    }
 }
 
 /// The IP protocol a packet came or goes over.
@@ -871,6 +893,7 @@ impl Sfu {
             connected: false,
             proto: None,
             remote: None,
+            restarting: false,
         }
     }
 
@@ -1016,8 +1039,8 @@ impl Sfu {
             // `false` (design §1.5).
             subscriber_primary: !single_pc,
             client_configuration: Some(client_configuration),
-            ping_timeout: 15,
-            ping_interval: 5,
+            ping_timeout: self.config.ping.timeout_secs as i32,
+            ping_interval: self.config.ping.interval_secs as i32,
             server_info: Some(server_info()),
             enabled_publish_codecs: vec![
                 lk::Codec {

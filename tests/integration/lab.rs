@@ -709,6 +709,86 @@ async fn a_five_second_link_cut_is_survived_by_chromium() {
     ra.assert_exit(0);
 }
 
+/// Pings of the move test: every second, dead after 4 s (`rtc.ping_*_secs`).
+const FAST_PING: (u32, u32) = (1, 4);
+
+/// ICE restart on an address change (issue 20): Chromium's namespace gets a new link and
+/// address and loses its old one (Wi-Fi to 4G). Its old connections die silently; livekit-
+/// client notices when its signalling ping times out (`rtc.ping_timeout_secs`, 4 s here),
+/// resumes on a new signalling connection from the new address and restarts ICE. Conclave
+/// takes the same participant back (the Python participant sees no leave and no join), asks
+/// A for a keyframe as soon as the restarted path connects, and A's video is painted again
+/// within 2 s of the client noticing: at most ping timeout + ping interval + 2 s after the
+/// move (±250 ms sampling).
+#[tokio::test]
+async fn chromium_moved_to_a_new_address_restarts_ice_and_plays_again() {
+    let _heavy = heavy_lock();
+    let lab = Lab::new(2).unwrap();
+    let (interval, timeout) = FAST_PING;
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__PING_INTERVAL_SECS", &interval.to_string())
+            .env("CONCLAVE_RTC__PING_TIMEOUT_SECS", &timeout.to_string())
+            .in_lab(&lab),
+    )
+    .await
+    .unwrap();
+    let pa = PyClient::spawn(python_a(&c, &lab, "move", 60.0)).unwrap();
+    let mut spec = page_watching_a(&c, &lab, "move");
+    spec.hold = true;
+    spec.timeout_s = 60.0;
+    let mut b = Browser::spawn(spec).unwrap();
+    b.wait_event("video_playing", Duration::from_secs(40))
+        .await
+        .expect("the page plays A's video");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (moved_ms, at_move) = latest_video(&b.events()).unwrap_or_default();
+    let moved = Instant::now();
+    let new_ip = lab.move_client(1).unwrap();
+    let mut back = None;
+    while back.is_none() && moved.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        back = advanced_after(&b.events(), moved_ms, at_move + 5);
+    }
+    let logs = c.logs();
+    let events = b.events();
+    b.terminate().unwrap();
+    b.wait(Duration::from_secs(30)).await.unwrap();
+    pa.terminate().unwrap();
+    let ra = pa.wait(Duration::from_secs(30)).await.unwrap();
+    // The page's connection events after the move, at their time since it (ms).
+    let since_move: Vec<String> = events
+        .iter()
+        .filter(|e| e["t_ms"].as_u64().is_some_and(|t| t > moved_ms))
+        .filter_map(|e| {
+            let name = e["event"].as_str()?;
+            (name.contains("reconnect") || name == "connection_state").then(|| {
+                let t = e["t_ms"].as_u64().unwrap_or(0) - moved_ms;
+                format!("{t} {name} {}", e.get("state").unwrap_or(&Value::Null))
+            })
+        })
+        .collect();
+    eprintln!(
+        "moved to {new_ip}; A's video painted again {back:?} ms after the move (±250 ms); \
+         the page then: {since_move:?}"
+    );
+    assert!(
+        logs.contains("participant resumed") && logs.contains("ICE restarted by the client"),
+        "a resume with an ICE restart from the new address"
+    );
+    let bound = u64::from(timeout + interval) * 1000 + 2250;
+    assert!(
+        back.is_some_and(|ms| ms <= bound),
+        "A's video painted again within {bound} ms of the move: {back:?}"
+    );
+    let (joins, leaves) = joins_and_leaves(&ra, "web");
+    assert!(
+        joins <= 1 && leaves <= 1,
+        "A saw the page join {joins} and leave {leaves} times: a move is no rejoin"
+    );
+}
+
 /// Resume (issue 20): Chromium's link is cut for 20 s, longer than its signalling ping
 /// timeout (15 s), so livekit-client gives its signalling connection up and, once the link is
 /// back, resumes on a new one (`reconnect=1` with its SID) and restarts ICE. Conclave takes

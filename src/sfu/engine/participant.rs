@@ -46,6 +46,8 @@ pub(super) struct Pc {
     pub(super) proto: Option<IpProto>,
     /// The peer address of that packet.
     pub(super) remote: Option<SocketAddr>,
+    /// The client restarted ICE and it has not connected again since.
+    pub(super) restarting: bool,
 }
 
 /// A participant's peer connections (`docs/design/rtc-v1.md` §3, step 3).
@@ -793,6 +795,30 @@ impl Participant {
             }
             Event::IceConnectionStateChange(state) => {
                 tracing::debug!(%session, ?kind, ?state, "ICE state");
+                let connected = matches!(
+                    state,
+                    str0m::IceConnectionState::Connected | str0m::IceConnectionState::Completed
+                );
+                let restarted = self.pc_mut(kind).is_some_and(|pc| {
+                    let done = pc.restarting && connected;
+                    pc.restarting &= !done;
+                    done
+                });
+                // Why: an ICE restart follows a lost path (a network change, a resume after a
+                // cut); what was sent on the dead path is gone and the client's decoders wait
+                // for a keyframe. Asking its publishers at once saves the round of NACKs that
+                // fail and the client's own PLI (about a second in Chromium).
+                if restarted && subscribe_side {
+                    for d in self
+                        .down_tracks
+                        .iter()
+                        .filter(|d| d.kind == MediaKind::Video)
+                    {
+                        polled
+                            .keyframe_wanted
+                            .push((d.track_sid.clone(), d.current_rid));
+                    }
+                }
             }
             // Only media the client sends: v0 publisher offers may also carry recvonly
             // transceivers (sendonly from here), which are no tracks.

@@ -183,12 +183,20 @@ impl Sfu {
                 pass: pass.clone(),
             });
         pc.ufrag = ufrag.clone();
+        pc.restarting = true;
         self.by_ufrag.remove(&old);
         self.by_ufrag.insert(ufrag.clone(), (session, kind));
         tracing::info!(%session, ?kind, "ICE restarted by the client; new credentials");
+        // Candidate lines name the ufrag too (`… typ host ufrag <ufrag>`): a client drops
+        // candidates whose ufrag is not the session's (str0m does), and would be left with
+        // nothing to check.
         sdp.replace(
             &format!("a=ice-ufrag:{}", theirs.ufrag),
             &format!("a=ice-ufrag:{ufrag}"),
+        )
+        .replace(
+            &format!(" ufrag {}", theirs.ufrag),
+            &format!(" ufrag {ufrag}"),
         )
         .replace(
             &format!("a=ice-pwd:{}", theirs.pass),

@@ -1069,6 +1069,100 @@ fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
     assert!(ts.windows(2).all(|w| w[1] - w[0] == 3000), "{ts:?}");
 }
 
+/// After a client's ICE restart connects (a network change, a resume after a cut), the SFU
+/// asks the publishers of the video it receives for a keyframe at once: what was sent on the
+/// dead path is lost, and the client's decoder would otherwise wait for its own PLI. (Also
+/// the regression test of a restart answer whose candidate lines kept str0m's ufrag: the
+/// client dropped them and never connected again.)
+#[test]
+fn an_ice_restart_asks_the_publishers_for_a_keyframe() {
+    let mut net = Net::with_config(SfuConfig {
+        candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+        seed: Some(37),
+        ..Default::default()
+    });
+    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+    net.join(1, "alice", true);
+    net.request(1, add_video_track("cam"));
+    alice.publish_video("cam");
+    let offer = alice.offer();
+    net.request(1, offer);
+    net.run(&mut [&mut alice], 50);
+    net.join(2, "bob", true);
+    let offer = bob.offer();
+    net.request(2, offer);
+    let cam = alice.published[0].1;
+    let requests = |alice: &SinglePeer| {
+        alice
+            .peer
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
+            .count()
+    };
+    let (mut sent, mut asked) = (0, 0);
+    let mut run = |net: &mut Net, alice: &mut SinglePeer, bob: &mut SinglePeer, steps| {
+        for _ in 0..steps {
+            net.step(&mut [&mut *alice, &mut *bob]);
+            let now_asked = requests(alice);
+            let key = now_asked > asked;
+            asked = now_asked;
+            if alice.peer.send_video(cam, sent, net.now, key) {
+                sent += 1;
+            }
+        }
+    };
+    run(&mut net, &mut alice, &mut bob, 300);
+    let before = requests(&alice);
+    assert!(before > 0, "bob's subscription asked for a first keyframe");
+    // Nothing asks for one while the path is fine.
+    run(&mut net, &mut alice, &mut bob, 100);
+    assert_eq!(
+        requests(&alice),
+        before,
+        "no keyframe request while nothing happens"
+    );
+    bob.restart_ice = true;
+    let offer = bob.offer();
+    net.request(2, offer);
+    run(&mut net, &mut alice, &mut bob, 1500);
+    // The restart's answer names its new ufrag on the candidate lines too (a client drops
+    // candidates of another ufrag), and the client's ICE completes again.
+    let answer = net.answer(2, 2).expect("the restart answered");
+    let ufrag = ice_ufrag(&answer.sdp);
+    let candidates: Vec<&str> = answer
+        .sdp
+        .lines()
+        .filter(|l| l.starts_with("a=candidate"))
+        .collect();
+    assert!(
+        !candidates.is_empty()
+            && candidates
+                .iter()
+                .all(|l| l.ends_with(&format!(" ufrag {ufrag}"))),
+        "{ufrag}: {candidates:?}"
+    );
+    let states: Vec<_> = bob
+        .peer
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::IceConnectionStateChange(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states.last(),
+        Some(&str0m::IceConnectionState::Completed),
+        "{states:?}"
+    );
+    assert!(
+        requests(&alice) > before,
+        "the restart asked alice for a keyframe ({before} before)"
+    );
+}
+
 /// A client that re-offers the slot carrying a track as anything but `recvonly` takes it back:
 /// the track moves to another free slot of its kind (answered `sendonly` with its msid there)
 /// and keeps flowing; the withdrawn mid is no longer in `mid_to_track_id`.

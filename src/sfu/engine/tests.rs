@@ -210,7 +210,11 @@ fn join_response_comes_first_then_the_subscriber_offer() {
     assert!(!j.server_version.is_empty() && j.server_version != "0.15.1");
     assert_eq!(j.server_info.as_ref().unwrap().protocol, 17);
     assert!(j.subscriber_primary);
-    assert!(j.ping_interval > 0 && j.ping_timeout > 0);
+    assert_eq!(
+        (j.ping_interval, j.ping_timeout),
+        (5, 15),
+        "the engine's default ping"
+    );
     assert_eq!(
         j.client_configuration.as_ref().unwrap().resume_connection,
         lk::ClientConfigSetting::Disabled as i32

@@ -88,6 +88,10 @@ pub const MAX_CLIENTS: usize = 250;
 /// Name of the client-side veth end in every client namespace.
 const CLIENT_IF: &str = "eth0";
 
+/// The link [`Lab::move_client`] moves a client to: its router end, its client end.
+const MOVED_ROUTER_IF: &str = "tocli2";
+const MOVED_CLIENT_IF: &str = "eth1";
+
 /// A router namespace's veth ends: towards the SFU, and towards its client.
 const ROUTER_UP_IF: &str = "tosfu";
 const ROUTER_DOWN_IF: &str = "tocli";
@@ -441,6 +445,59 @@ impl Lab {
             ports.join(", ")
         );
         nft(&self.clients[i], &["-f", "-"], Some(&script)).map(|_| ())
+    }
+
+    /// Moves client `i` to a new network, as a laptop going from Wi-Fi to 4G: a second link
+    /// (`eth1`, address `10.76.<i+1>.2`, through the same router) comes up, then the old one
+    /// (`eth0` and its address) is deleted and the default route goes over the new one. The
+    /// client's sockets bound to the old address are left with no way out. Shaping, loss and
+    /// [`Lab::cut`] rules named the old link do not follow it. Returns the new address.
+    pub fn move_client(&self, i: usize) -> Result<Ipv4Addr> {
+        self.check(i);
+        let (ns, router, sfu) = (&self.clients[i], &self.routers[i], &self.sfu_ns);
+        let net = net_octet(i);
+        let new_ip = Ipv4Addr::new(10, 76, net, 2);
+        ip(&[
+            "link",
+            "add",
+            MOVED_ROUTER_IF,
+            "netns",
+            router,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            MOVED_CLIENT_IF,
+            "netns",
+            ns,
+        ])?;
+        for (space, dev, addr) in [
+            (router, MOVED_ROUTER_IF, format!("10.76.{net}.1/24")),
+            (ns, MOVED_CLIENT_IF, format!("{new_ip}/24")),
+        ] {
+            ip(&["-n", space, "addr", "add", &addr, "dev", dev])?;
+            ip(&["-n", space, "link", "set", dev, "up"])?;
+        }
+        ip(&[
+            "-n",
+            sfu,
+            "route",
+            "add",
+            &format!("10.76.{net}.0/24"),
+            "via",
+            &format!("10.78.{net}.2"),
+        ])?;
+        ip(&["-n", ns, "link", "del", CLIENT_IF])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &format!("10.76.{net}.1"),
+        ])?;
+        Ok(new_ip)
     }
 
     /// Cuts client `i`'s link both ways (every packet in and out of its interface is dropped,
