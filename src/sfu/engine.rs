@@ -995,6 +995,8 @@ impl Sfu {
             down_tracks: Vec::new(),
             out_streams: HashMap::new(),
             sub_pending: None,
+            sub_restart_wanted: false,
+            sub_restart: None,
             sub_offer_id: 0,
             sub_reliable: None,
             sub_lossy: None,
@@ -1009,7 +1011,7 @@ impl Sfu {
             link: bandwidth::Link::default(),
         };
 
-        let client_configuration = self.client_configuration(single_pc);
+        let client_configuration = self.client_configuration();
         let Some(room) = self.rooms.get_mut(&room_name) else {
             return;
         };
@@ -1170,6 +1172,9 @@ impl Sfu {
         };
         for pc in p.transport.pcs() {
             self.by_ufrag.remove(&pc.ufrag);
+        }
+        if let Some(creds) = &p.sub_restart {
+            self.by_ufrag.remove(&creds.ufrag);
         }
         self.by_addr.retain(|_, (s, _)| *s != session);
         self.detached.remove(&session);

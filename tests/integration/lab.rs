@@ -847,6 +847,17 @@ async fn chromium_resumes_after_its_signalling_was_lost() {
 /// connection: its SID is the same, A never saw it leave, its video advances again.
 #[tokio::test]
 async fn python_sdk_resumes_after_its_signalling_was_lost() {
+    python_sdk_resumes(false).await;
+}
+
+/// The same with the Python SDK's default signalling, v0 (two peer connections): the SFU
+/// restarts ICE on B's subscriber connection with an offer of its own.
+#[tokio::test]
+async fn python_sdk_on_two_peer_connections_resumes_after_its_signalling_was_lost() {
+    python_sdk_resumes(true).await;
+}
+
+async fn python_sdk_resumes(dual_pc: bool) {
     let _heavy = heavy_lock();
     let lab = Lab::new(2).unwrap();
     let c = conclave_in(&lab).await;
@@ -855,7 +866,7 @@ async fn python_sdk_resumes_after_its_signalling_was_lost() {
     b.netns = Some(lab.client_ns(1).to_owned());
     b.publish_audio = false;
     b.publish_video = false;
-    b.dual_pc = Some(false);
+    b.dual_pc = Some(dual_pc);
     b.expect_participants = 1;
     b.extra_args = ["--progress-ms", "250"].map(String::from).to_vec();
     b.min_duration_s = 60.0;
@@ -881,6 +892,12 @@ async fn python_sdk_resumes_after_its_signalling_was_lost() {
     reconnected.expect("B reconnected");
     eprintln!("resumes {resumes}");
     assert!(resumes >= 1, "Conclave resumed B");
+    if dual_pc {
+        assert!(
+            c.logs().contains("subscriber ICE restart offered"),
+            "v0: the SFU restarted ICE on B's subscriber connection"
+        );
+    }
     assert!(advanced, "A's video reaches B again after the resume");
     let (joins, leaves) = joins_and_leaves(&ra, "b");
     assert!(

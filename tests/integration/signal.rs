@@ -538,13 +538,14 @@ async fn cid_and_encryption_echoed_and_versions_strictly_increase(c: &Conclave, 
     .unwrap();
 }
 
-/// Trap: resume is offered to v1 clients only (v0 would need the SFU to restart ICE on its
-/// subscriber connection), and a reconnect (v0: `reconnect=1`; v1: `reconnect` in the join
-/// request) naming a session the server does not hold (unknown, or never connected, or after
-/// a restart) gets `leave{action: RECONNECT}` first so clients rejoin in full. A real resume:
-/// `lab::chromium_resumes_after_its_signalling_was_lost`.
+/// Trap: resume is offered on both signalling versions (v0: the SFU restarts ICE on the
+/// subscriber connection itself), and a reconnect (v0: `reconnect=1`; v1: `reconnect` in the
+/// join request) naming a session the server does not hold (unknown, or never connected, or
+/// after a restart) gets `leave{action: RECONNECT}` first so clients rejoin in full. Real
+/// resumes: `lab::chromium_resumes_after_its_signalling_was_lost`,
+/// `lab::python_sdk_on_two_peer_connections_resumes_after_its_signalling_was_lost`.
 #[tokio::test]
-async fn trap_resume_is_v1_only_and_an_unknown_session_gets_a_full_rejoin() {
+async fn trap_resume_is_offered_and_an_unknown_session_gets_a_full_rejoin() {
     let c = sfu().await;
     for path in Path::BOTH {
         let token = c.token("r", "bob", json!({}));
@@ -554,13 +555,9 @@ async fn trap_resume_is_v1_only_and_an_unknown_session_gets_a_full_rejoin() {
         let Some(Msg::Join(join)) = b.recv(T).await else {
             panic!("{path:?}: a join response first");
         };
-        let want = match path {
-            Path::V0 => lk::ClientConfigSetting::Disabled,
-            Path::V1 => lk::ClientConfigSetting::Enabled,
-        };
         assert_eq!(
             join.client_configuration.map(|c| c.resume_connection),
-            Some(want as i32),
+            Some(lk::ClientConfigSetting::Enabled as i32),
             "{path:?}"
         );
     }

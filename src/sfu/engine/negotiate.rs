@@ -15,6 +15,7 @@ use str0m::Candidate;
 use crate::sfu::ids::TrackSid;
 
 use super::downtrack::{DownState, DownTrack};
+use super::resume::swap_ice_credentials;
 use super::{Output, PcKind, SessionId, Sfu, SfuEvent};
 
 impl Sfu {
@@ -125,6 +126,12 @@ impl Sfu {
             tracing::warn!(%session, error = %e, "subscriber answer refused");
             return;
         }
+        if let Some(creds) = p.sub_restart.take() {
+            self.use_restart_creds(session, PcKind::Subscriber, creds);
+        }
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
         for d in &mut p.down_tracks {
             if let DownState::Negotiating(m) = d.state {
                 // RED or not is the down-track's (`red`), per packet: str0m's send-side RED
@@ -242,6 +249,13 @@ impl Sfu {
         if self.single_renegotiate(session) {
             return;
         }
+        // A v0 resume restarts ICE with this offer, with credentials of ours (routable).
+        let restart = match self.participant_mut(session) {
+            Some(p) if p.sub_restart_wanted && p.sub_pending.is_none() => {
+                Some(self.routable_creds())
+            }
+            _ => None,
+        };
         let Some(p) = self.participant_mut(session) else {
             return;
         };
@@ -250,6 +264,7 @@ impl Sfu {
         }
         let id = p.sub_offer_id + 1;
         let mut api = p.transport.sub_pc_mut().rtc.sdp_api();
+        let minted = restart.as_ref().map(|_| api.ice_restart(true));
         if p.sub_reliable.is_none() {
             // Server-created channels on the subscriber PC (subscriber_primary): clients adopt
             // them by label.
@@ -301,13 +316,26 @@ impl Sfu {
         }
         p.sub_offer_id = id;
         p.sub_pending = Some((pending, id));
+        let mut sdp = offer.to_sdp_string();
+        if let (Some(ours), Some(minted)) = (&restart, &minted) {
+            sdp = swap_ice_credentials(&sdp, minted, ours);
+            p.sub_restart_wanted = false;
+            p.sub_restart = Some(ours.clone());
+            tracing::info!(%session, "subscriber ICE restart offered");
+        }
         let sd = lk::SessionDescription {
             r#type: "offer".into(),
-            sdp: offer.to_sdp_string(),
+            sdp,
             id,
             mid_to_track_id,
         };
         self.signal(session, Msg::Offer(sd));
+        if let Some(ours) = restart {
+            // Checks with the new ufrag may come before the answer: routed already, accepted
+            // once the answer is in.
+            self.by_ufrag
+                .insert(ours.ufrag, (session, PcKind::Subscriber));
+        }
     }
 
     pub(super) fn unpublish(&mut self, now: Instant, publisher: SessionId, track_sid: &TrackSid) {

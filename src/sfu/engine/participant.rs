@@ -243,6 +243,11 @@ pub(super) struct Participant {
     pub(super) out_streams: HashMap<Mid, OutStream>,
     pub(super) sub_pending: Option<(SdpPendingOffer, u32)>,
     pub(super) sub_offer_id: u32,
+    /// v0 resume: the next subscriber offer restarts ICE (the SFU offers on that connection).
+    pub(super) sub_restart_wanted: bool,
+    /// The (routable) ICE credentials of a subscriber ICE restart offered and not answered
+    /// yet: str0m takes the restart's credentials from the answer, these replace them then.
+    pub(super) sub_restart: Option<str0m::IceCreds>,
     pub(super) sub_reliable: Option<ChannelId>,
     pub(super) sub_lossy: Option<ChannelId>,
     /// The client's channels: relayed as reliable (`true`) or lossy (`_lossy`), or not

@@ -6,24 +6,25 @@
 //! leave or a join. Past the window, the participant leaves with the reason its connection
 //! ended with.
 //!
-//! Only single peer connection (v1) participants resume: a v0 client would also need the SFU
-//! to restart ICE on its subscriber connection. A v0 reconnect is answered as before, with a
-//! leave asking for a full rejoin.
+//! v0 participants (two peer connections) resume too: the client restarts ICE on its
+//! publisher connection with its next offer, and the SFU, which offers on the subscriber
+//! connection, sends a subscriber offer that restarts ICE there ([`Sfu::renegotiate`]).
 
 use std::time::Instant;
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 
+use super::downtrack::DownState;
 use super::participant::PcKind;
 use super::{msg, server_info, Departure, Output, SessionId, Sfu, SignalOut};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
 
 impl Sfu {
-    /// The client configuration of join and reconnect responses: resume is offered to
-    /// single peer connection clients when a resume window is configured.
-    pub(super) fn client_configuration(&self, single_pc: bool) -> lk::ClientConfiguration {
-        let resume = if self.config.resume_window.is_some() && single_pc {
+    /// The client configuration of join and reconnect responses: resume is offered when a
+    /// resume window is configured.
+    pub(super) fn client_configuration(&self) -> lk::ClientConfiguration {
+        let resume = if self.config.resume_window.is_some() {
             lk::ClientConfigSetting::Enabled
         } else {
             lk::ClientConfigSetting::Disabled
@@ -52,7 +53,7 @@ impl Sfu {
             tracing::debug!(%session, ?epoch, current = p.signal_epoch, "disconnect of an older signalling connection ignored");
             return;
         }
-        let resumable = p.transport.is_single() && p.ever_connected();
+        let resumable = p.ever_connected();
         let lost = reason == lk::DisconnectReason::SignalClose;
         match window {
             Some(window) if resumable && lost => {
@@ -86,18 +87,18 @@ impl Sfu {
         let session = self.session_of(room, identity)?;
         let single_pc = {
             let p = self.participant_mut(session)?;
-            if p.info.sid != sid || !p.transport.is_single() {
+            if p.info.sid != sid {
                 return None;
             }
             p.signal_epoch = p.signal_epoch.wrapping_add(1);
-            true
+            p.transport.is_single()
         };
         let was_detached = self.detached.remove(&session).is_some();
         let epoch = self.participant_mut(session)?.signal_epoch;
         tracing::info!(%session, %identity, was_detached, epoch, "participant resumed");
         let reconnect = lk::ReconnectResponse {
             ice_servers,
-            client_configuration: Some(self.client_configuration(single_pc)),
+            client_configuration: Some(self.client_configuration()),
             server_info: Some(server_info()),
             last_message_seq: 0,
         };
@@ -122,7 +123,35 @@ impl Sfu {
                 })),
             ));
         }
+        if !single_pc {
+            self.restart_subscriber_ice(now, session);
+        }
         Some((session, epoch))
+    }
+
+    /// v0: the subscriber connection's ICE restarts with the SFU's next offer. An offer still
+    /// in flight went to the lost connection and is never answered: it is dropped (str0m
+    /// changed nothing for it) and its changes are made again in the restart offer.
+    fn restart_subscriber_ice(&mut self, now: Instant, session: SessionId) {
+        let Some(p) = self.participant_mut(session) else {
+            return;
+        };
+        let mut stale = None;
+        if p.sub_pending.take().is_some() {
+            for d in &mut p.down_tracks {
+                d.state = match d.state {
+                    DownState::Negotiating(_) => DownState::ToOpen,
+                    DownState::NegotiatingStop(m) => DownState::ToStop(m),
+                    s => s,
+                };
+            }
+            stale = p.sub_restart.take();
+        }
+        p.sub_restart_wanted = true;
+        if let Some(creds) = stale {
+            self.by_ufrag.remove(&creds.ufrag);
+        }
+        self.renegotiate(now, session);
     }
 
     /// When the first detached participant's resume window ends.
@@ -170,37 +199,58 @@ impl Sfu {
         if theirs.ufrag == pc.ufrag {
             return sdp;
         }
-        let old = pc.ufrag.clone();
+        let ours = self.routable_creds();
+        tracing::info!(%session, ?kind, "ICE restarted by the client; new credentials");
+        self.use_restart_creds(session, kind, ours.clone());
+        swap_ice_credentials(&sdp, &theirs, &ours)
+    }
+
+    /// Fresh ICE credentials whose ufrag starts with this engine's prefix (STUN routing).
+    pub(super) fn routable_creds(&mut self) -> str0m::IceCreds {
         let (ufrag, pass) = self.ids.ice_credentials();
-        let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
+        str0m::IceCreds {
+            ufrag: format!("{}{ufrag}", self.config.ufrag_prefix),
+            pass,
+        }
+    }
+
+    /// A restarted connection of `session` uses `creds` from now on (indexed for routing;
+    /// the old ufrag is forgotten).
+    pub(super) fn use_restart_creds(
+        &mut self,
+        session: SessionId,
+        kind: PcKind,
+        creds: str0m::IceCreds,
+    ) {
         let Some(pc) = self.participant_mut(session).and_then(|p| p.pc_mut(kind)) else {
-            return sdp;
+            return;
         };
-        pc.rtc
-            .direct_api()
-            .set_local_ice_credentials(str0m::IceCreds {
-                ufrag: ufrag.clone(),
-                pass: pass.clone(),
-            });
-        pc.ufrag = ufrag.clone();
+        pc.rtc.direct_api().set_local_ice_credentials(creds.clone());
+        let old = std::mem::replace(&mut pc.ufrag, creds.ufrag.clone());
         pc.restarting = true;
         self.by_ufrag.remove(&old);
-        self.by_ufrag.insert(ufrag.clone(), (session, kind));
-        tracing::info!(%session, ?kind, "ICE restarted by the client; new credentials");
-        // Candidate lines name the ufrag too (`… typ host ufrag <ufrag>`): a client drops
-        // candidates whose ufrag is not the session's (str0m does), and would be left with
-        // nothing to check.
-        sdp.replace(
-            &format!("a=ice-ufrag:{}", theirs.ufrag),
-            &format!("a=ice-ufrag:{ufrag}"),
-        )
-        .replace(
-            &format!(" ufrag {}", theirs.ufrag),
-            &format!(" ufrag {ufrag}"),
-        )
-        .replace(
-            &format!("a=ice-pwd:{}", theirs.pass),
-            &format!("a=ice-pwd:{pass}"),
-        )
+        self.by_ufrag.insert(creds.ufrag, (session, kind));
     }
+}
+
+/// `sdp` with ICE credentials `from` replaced by `to`: the session's `ice-ufrag`/`ice-pwd`
+/// and the ufrag candidate lines name (`… typ host ufrag <ufrag>`; a client drops candidates
+/// whose ufrag is not the session's, str0m does, and would be left with nothing to check).
+pub(super) fn swap_ice_credentials(
+    sdp: &str,
+    from: &str0m::IceCreds,
+    to: &str0m::IceCreds,
+) -> String {
+    sdp.replace(
+        &format!("a=ice-ufrag:{}", from.ufrag),
+        &format!("a=ice-ufrag:{}", to.ufrag),
+    )
+    .replace(
+        &format!(" ufrag {}", from.ufrag),
+        &format!(" ufrag {}", to.ufrag),
+    )
+    .replace(
+        &format!("a=ice-pwd:{}", from.pass),
+        &format!("a=ice-pwd:{}", to.pass),
+    )
 }

@@ -3,6 +3,7 @@
 //! connection, its own `_reliable`/`_lossy`/`_data_track` channels, 3 audio + 3 video `recvonly`
 //! placeholders, and it always offers.
 
+use super::tests::ice_ufrag;
 use super::*;
 use lk::signal_request::Message as Req;
 use prost::Message as _;
@@ -1329,14 +1330,6 @@ fn a_client_behind_conclaves_turn_relay_is_shown_as_turn() {
         (1, 0, [0, 0, 1]),
         "{stats:?}"
     );
-}
-
-/// The `a=ice-ufrag` of an SDP.
-fn ice_ufrag(sdp: &str) -> String {
-    sdp.lines()
-        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
-        .expect("an ice-ufrag")
-        .to_owned()
 }
 
 /// Resume (v1): bob's signalling connection is lost; he stays (alice sees no leave) and

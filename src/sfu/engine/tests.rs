@@ -1182,3 +1182,112 @@ fn a_participant_that_never_connects_is_removed_at_the_connect_deadline() {
     assert_eq!(s.participant_count(&"room".into()), 0, "{wakeups} wake-ups");
     assert!(now >= deadline, "removed {:?} early", deadline - now);
 }
+
+/// v0 resume: bob (two peer connections, subscribing) loses his signalling connection and
+/// stays; his client resumes with his SID and gets a `ReconnectResponse`, then a subscriber
+/// offer of the engine's that restarts ICE with credentials of its own (its loop's ufrag
+/// prefix, on the candidate lines too). Checks with the new ufrag are routed to his
+/// connection from the offer on; his answer puts the credentials in use and his ICE
+/// completes again; the old ufrag is forgotten.
+#[test]
+fn a_v0_resume_restarts_ice_on_the_subscriber_connection() {
+    let mut now = Instant::now();
+    let mut s = Sfu::new(
+        SfuConfig {
+            candidates: vec!["127.0.0.1:7882".parse().unwrap()],
+            seed: Some(43),
+            resume_window: Some(Duration::from_secs(30)),
+            ufrag_prefix: "0a".into(),
+            ..Default::default()
+        },
+        now,
+    );
+    let mut bob = Peer::new(now, "10.0.0.2:5000");
+    let mut msgs = Vec::new();
+    join(&mut s, now, 2, "bob");
+    pump(&mut s, &mut [&mut bob], now, &mut msgs);
+    let offer_to_bob = |msgs: &[(u64, Msg)]| {
+        msgs.iter().find_map(|(id, m)| match m {
+            Msg::Offer(o) if *id == 2 => Some(o.clone()),
+            _ => None,
+        })
+    };
+    let first = offer_to_bob(&msgs).expect("bob's subscriber offer");
+    let a = answer_offer(&mut bob, &first);
+    request(&mut s, now, 2, a);
+    let run = |s: &mut Sfu, bob: &mut Peer, now: &mut Instant| {
+        for _ in 0..200 {
+            *now += Duration::from_millis(10);
+            tick_dropping(s, &mut [bob], *now, &mut Vec::new(), &mut |_, _| false);
+        }
+    };
+    run(&mut s, &mut bob, &mut now);
+    let completed = |bob: &Peer| {
+        bob.events.iter().any(|e| {
+            matches!(
+                e,
+                Event::IceConnectionStateChange(str0m::IceConnectionState::Completed)
+            )
+        })
+    };
+    assert!(completed(&bob), "bob connected: {:?}", bob.events);
+    let old_ufrag = ice_ufrag(&first.sdp);
+    let sid = s.participants(&"room".into())[0].sid.clone();
+
+    s.handle_command(
+        now,
+        Command::Disconnect {
+            session: SessionId(2),
+            epoch: Some(0),
+            reason: lk::DisconnectReason::SignalClose,
+        },
+    );
+    let (_, events, closes) = drain(&mut s);
+    assert_eq!(closes, 1, "the lost connection's queue ends");
+    assert!(events.is_empty(), "bob stays: {events:?}");
+    let resumed = s.resume(now, &"room".into(), &"bob".into(), &sid, Vec::new());
+    assert_eq!(resumed, Some((SessionId(2), 1)));
+    let (msgs, _, _) = drain(&mut s);
+    assert!(
+        matches!(msgs.first(), Some((2, Msg::Reconnect(_)))),
+        "{msgs:?}"
+    );
+    let restart = offer_to_bob(&msgs).expect("a subscriber offer restarting ICE");
+    let new_ufrag = ice_ufrag(&restart.sdp);
+    assert!(
+        new_ufrag.starts_with("0a") && new_ufrag != old_ufrag,
+        "{new_ufrag}"
+    );
+    assert!(restart
+        .sdp
+        .lines()
+        .filter(|l| l.starts_with("a=candidate"))
+        .all(|l| l.ends_with(&format!(" ufrag {new_ufrag}"))));
+    assert!(
+        s.by_ufrag.contains_key(&new_ufrag),
+        "routed from the offer on"
+    );
+
+    bob.events.clear();
+    let a = answer_offer(&mut bob, &restart);
+    request(&mut s, now, 2, a);
+    run(&mut s, &mut bob, &mut now);
+    assert!(completed(&bob), "ICE completes again: {:?}", bob.events);
+    assert!(
+        !s.by_ufrag.contains_key(&old_ufrag),
+        "the old ufrag is forgotten"
+    );
+    assert_eq!(
+        s.participants(&"room".into())[0].sid,
+        sid,
+        "the same participant"
+    );
+}
+
+/// The `a=ice-ufrag` of an SDP.
+pub(super) fn ice_ufrag(sdp: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .expect("an ice-ufrag")
+        .to_owned()
+}
