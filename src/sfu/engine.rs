@@ -1005,6 +1005,7 @@ impl Sfu {
             data_backlog_bytes: 0,
             joined_at: now,
             signal_epoch: 0,
+            reliable_seq: 0,
             filed: None,
             audio_level: 0.0,
             speaking: false,

@@ -643,3 +643,64 @@ fn a_joining_participant_gets_reliable_data_once_connected() {
     assert_eq!(got[0].participant_identity, "alice");
     assert_eq!(net.client("bob").reliable_packets().len(), 1);
 }
+
+/// LiveKit clients number their reliable packets (`sequence`, from 1). A repeat (a resuming
+/// client resends what it is not sure arrived) is dropped, so bob gets each packet once;
+/// unnumbered packets (SDKs that do not number) always pass. A resume tells alice's client
+/// the last number the server took (`ReconnectResponse.last_message_seq`), from which it
+/// resends.
+#[test]
+fn repeated_reliable_packets_are_dropped_and_a_resume_names_the_last() {
+    let mut net = Net::with(&["alice", "bob"]);
+    net.s.config.resume_window = Some(Duration::from_secs(30));
+    let numbered = |sequence: u32| lk::DataPacket {
+        sequence,
+        value: Some(lk::data_packet::Value::User(user_packet(b"n"))),
+        ..Default::default()
+    };
+    for sequence in [1, 2, 3, 2, 3, 4, 0, 0] {
+        assert!(net.client("alice").send(&numbered(sequence)));
+        net.pump();
+    }
+    net.run_until(Duration::from_secs(1), |_| false);
+    let got: Vec<u32> = net
+        .client("bob")
+        .reliable_packets()
+        .iter()
+        .map(|p| p.sequence)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4, 0, 0]);
+
+    let room: RoomName = "room".into();
+    let sid = net
+        .s
+        .participant_info(&room, &"alice".into())
+        .map(|p| p.sid)
+        .expect("alice");
+    net.s.handle_command(
+        net.now,
+        Command::Disconnect {
+            session: SessionId(1),
+            epoch: Some(0),
+            reason: lk::DisconnectReason::SignalClose,
+        },
+    );
+    let now = net.now;
+    assert!(net
+        .s
+        .resume(now, &room, &"alice".into(), &sid, Vec::new())
+        .is_some());
+    let mut last = None;
+    loop {
+        match net.s.poll_output() {
+            Output::Timeout(_) => break,
+            Output::Signal(SessionId(1), SignalOut::Message(m)) => {
+                if let Msg::Reconnect(r) = *m {
+                    last = Some(r.last_message_seq);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(last, Some(4));
+}

@@ -109,11 +109,18 @@ impl Sfu {
         let Some(room) = self.room_of_mut(sender) else {
             return Vec::new();
         };
-        let Some(from) = room.participants.get(&sender) else {
+        let Some(from) = room.participants.get_mut(&sender) else {
             return Vec::new();
         };
         if !from.can_publish_data() {
             return Vec::new();
+        }
+        if reliable && packet.sequence != 0 {
+            if packet.sequence <= from.reliable_seq {
+                tracing::debug!(%sender, sequence = packet.sequence, "repeated reliable data packet dropped");
+                return Vec::new();
+            }
+            from.reliable_seq = packet.sequence;
         }
         let (identity, sid) = if from.hidden() {
             (String::new(), String::new())

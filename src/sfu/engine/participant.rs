@@ -262,6 +262,11 @@ pub(super) struct Participant {
     /// Which signalling connection is its own: 0 at the join, one more at every resume. A
     /// disconnect from an older connection (its WebSocket task ending late) changes nothing.
     pub(super) signal_epoch: u32,
+    /// The highest `sequence` of the reliable data packets it sent (LiveKit clients number
+    /// them from 1; 0: none numbered). A resuming client is told it
+    /// (`ReconnectResponse.last_message_seq`) and resends only what came after; a packet
+    /// numbered at or below it is a repeat and is dropped, so reliable data arrives once.
+    pub(super) reliable_seq: u32,
     /// The deadline filed for it in the engine's timer heap (`engine/timers.rs`): never later
     /// than [`Participant::next_timeout`]; `None` while it has no live entry.
     pub(super) filed: Option<Instant>,

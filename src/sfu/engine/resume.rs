@@ -94,13 +94,16 @@ impl Sfu {
             p.transport.is_single()
         };
         let was_detached = self.detached.remove(&session).is_some();
-        let epoch = self.participant_mut(session)?.signal_epoch;
+        let (epoch, last_message_seq) = {
+            let p = self.participant_mut(session)?;
+            (p.signal_epoch, p.reliable_seq)
+        };
         tracing::info!(%session, %identity, was_detached, epoch, "participant resumed");
         let reconnect = lk::ReconnectResponse {
             ice_servers,
             client_configuration: Some(self.client_configuration()),
             server_info: Some(server_info()),
-            last_message_seq: 0,
+            last_message_seq,
         };
         self.out
             .push_back(Output::Signal(session, msg(Msg::Reconnect(reconnect))));
