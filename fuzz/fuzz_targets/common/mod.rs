@@ -43,6 +43,7 @@ pub fn engine_with_participant(now: Instant, permission: ParticipantPermission) 
             auto_subscribe: true,
             client_protocol: 2,
             single_pc: false,
+            ice_servers: Vec::new(),
         }),
     );
     sfu
