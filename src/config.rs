@@ -294,8 +294,9 @@ pub struct RtcConfig {
     pub tcp_port: u16,
     /// How long a participant whose signalling connection was lost (a network change, a
     /// Wi-Fi drop) is kept for its client to resume it, in seconds: same SID, tracks and
-    /// subscriptions, nobody sees it leave. Single peer connection (v1) clients only; v0
-    /// clients rejoin in full. Default 30; 0 turns resume off (every client rejoins in full).
+    /// subscriptions, nobody sees it leave; ICE restarts on its peer connections (v0: the SFU
+    /// offers the subscriber connection's restart). Default 30; 0 turns resume off (every
+    /// client rejoins in full).
     pub resume_window_secs: u64,
     /// Clients ping over signalling this often, in seconds (told in the join response).
     /// Default 5, as LiveKit.
