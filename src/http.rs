@@ -147,6 +147,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/_conclave/admin/v1/calls", get(admin::get_calls))
         .route("/_conclave/admin/v1/calls/{room_id}", get(admin::get_call))
         .route(
+            "/_conclave/admin/v1/sfu/rooms/{room}",
+            get(admin::get_sfu_room),
+        )
+        .route(
             "/_conclave/admin/v1/calls/{room_id}/participants/{identity}/remove",
             post(admin::post_remove),
         );

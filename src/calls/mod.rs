@@ -52,6 +52,9 @@ pub enum CallsError {
     /// No such participant in the call's SFU room.
     #[error("No participant {0} in the call")]
     NoParticipant(String),
+    /// The SFU has no room of that name.
+    #[error("No SFU room {0}")]
+    NoSfuRoom(String),
     /// The SFU loop is gone (shutting down).
     #[error("the SFU is not running")]
     SfuGone,
@@ -174,9 +177,10 @@ pub struct SfuParticipantView {
     pub publisher: bool,
     /// Published tracks.
     pub tracks: usize,
-    /// How it reaches the SFU: "udp", or "tcp" (ICE over TCP, its network drops UDP); both,
-    /// joined by ",", for a v0 client whose two peer connections differ. `None` until its
-    /// peer connection is connected.
+    /// How it reaches the SFU: "udp", "tcp" (ICE over TCP, its network drops UDP), or
+    /// "turn/udp", "turn/tcp", "turn/tls" (through the embedded TURN server); two, joined by
+    /// ",", for a v0 client whose two peer connections differ. `None` until its peer
+    /// connection is connected.
     pub transport: Option<String>,
 }
 
@@ -479,8 +483,33 @@ impl Calls {
         Ok(self.report(call).await)
     }
 
+    /// The SFU side of LiveKit room `room` (with or without a Matrix call: a standalone SFU's
+    /// rooms too).
+    pub async fn sfu_room_report(&self, room: &str) -> Result<SfuView, CallsError> {
+        let view = self.sfu_view(RoomName::from(room)).await;
+        if view.sid.is_none() {
+            return Err(CallsError::NoSfuRoom(room.to_owned()));
+        }
+        Ok(view)
+    }
+
     async fn report(&self, call: CallView) -> CallReport {
-        let room = sfu_room_of(&call);
+        let sfu = self.sfu_view(sfu_room_of(&call)).await;
+        CallReport {
+            room_id: call.room_id,
+            application: call.application,
+            call_id: call.call_id,
+            started_by: call.started_by,
+            started_ts: call.started_ts,
+            peak_members: call.peak_members,
+            matrix: MatrixView {
+                members: call.members,
+            },
+            sfu,
+        }
+    }
+
+    async fn sfu_view(&self, room: RoomName) -> SfuView {
         let now = Instant::now();
         let mut transports = self.inner.sfu.transports(&room).await;
         let participants = self
@@ -506,21 +535,10 @@ impl Calls {
                 }
             })
             .collect();
-        CallReport {
-            room_id: call.room_id,
-            application: call.application,
-            call_id: call.call_id,
-            started_by: call.started_by,
-            started_ts: call.started_ts,
-            peak_members: call.peak_members,
-            matrix: MatrixView {
-                members: call.members,
-            },
-            sfu: SfuView {
-                sid: self.inner.sfu.room_sid(&room).await,
-                room,
-                participants,
-            },
+        SfuView {
+            sid: self.inner.sfu.room_sid(&room).await,
+            room,
+            participants,
         }
     }
 

@@ -73,6 +73,17 @@ pub async fn get_call(
     Ok(Json(json!(call)))
 }
 
+/// `GET /_conclave/admin/v1/sfu/rooms/{room}`: an SFU room by its LiveKit name, whether or
+/// not a Matrix call uses it (a standalone SFU's rooms too).
+pub async fn get_sfu_room(
+    State(state): State<AdminState>,
+    _auth: Admin,
+    Path(room): Path<String>,
+) -> Result<Json<Value>, MatrixErrorResponse> {
+    let view = state.calls.sfu_room_report(&room).await?;
+    Ok(Json(json!(view)))
+}
+
 /// `POST /_conclave/admin/v1/calls/{room_id}/participants/{identity}/remove`.
 pub async fn post_remove(
     State(state): State<AdminState>,

@@ -185,7 +185,7 @@ impl From<crate::calls::CallsError> for MatrixErrorResponse {
     fn from(e: crate::calls::CallsError) -> Self {
         use crate::calls::CallsError as E;
         match &e {
-            E::NoCall(_) | E::NoParticipant(_) => {
+            E::NoCall(_) | E::NoParticipant(_) | E::NoSfuRoom(_) => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
             }
             E::Store(_) | E::SfuGone => Self::internal(&e),

@@ -170,11 +170,15 @@ async fn conclave_in(lab: &Lab) -> Conclave {
     Conclave::start(
         ConclaveOptions::standalone()
             .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_ADMIN__TOKEN", ADMIN_TOKEN)
             .in_lab(lab),
     )
     .await
     .unwrap()
 }
+
+/// The lab Conclaves' `admin.token`.
+const ADMIN_TOKEN: &str = "lab-admin-token";
 
 /// Participant `a` (Python SDK, publishing audio and video) in client namespace 0, staying
 /// `stay_s` seconds once it sees another participant.
@@ -375,7 +379,9 @@ async fn browser_without_udp_connects_over_ice_tcp() {
     let lab = Lab::new(2).unwrap();
     lab.block_udp(1, true).unwrap();
     let c = conclave_in(&lab).await;
-    let (metrics, blocked) = browser_and_python_exchange_media(&c, &lab, "lab", &[]).await;
+    let (metrics, blocked, transport) =
+        browser_and_python_exchange_media(&c, &lab, "lab", &[]).await;
+    assert_eq!(transport, "tcp", "the admin API's view of the browser");
     assert!(
         blocked > 0,
         "the browser tried UDP and its network dropped it"
@@ -401,14 +407,14 @@ async fn browser_without_udp_connects_over_ice_tcp() {
 /// A Python SDK participant `py` (client namespace 0, publishing) and a Chromium page `web`
 /// (namespace 1, one peer connection, camera and microphone, `chrome_args` added) in `room`:
 /// both must see each other's video (the page plays `py`'s; `py` decodes 30 frames of the
-/// page's camera). Returns Conclave's metrics after and the packets namespace 1's network
-/// dropped.
+/// page's camera). Returns Conclave's metrics after, the packets namespace 1's network
+/// dropped, and the browser's transport as the admin API showed it while it was connected.
 async fn browser_and_python_exchange_media(
     c: &Conclave,
     lab: &Lab,
     room: &str,
     chrome_args: &[&str],
-) -> (String, u64) {
+) -> (String, u64, String) {
     let mut peer = PyClientSpec::new(c.ws_url(), c.token(room, "py", grants()), "py");
     peer.netns = Some(lab.client_ns(0).to_owned());
     peer.expect_participants = 1;
@@ -428,6 +434,29 @@ async fn browser_and_python_exchange_media(
     spec.min_duration_s = 10.0;
     spec.chrome_args = chrome_args.iter().map(|a| a.to_string()).collect();
     let b = Browser::spawn(spec).unwrap();
+    // The operator's view while the call is on.
+    let path = format!("/_conclave/admin/v1/sfu/rooms/{room}");
+    let mut transport = String::new();
+    let mut last = None;
+    for _ in 0..80 {
+        let got = c.admin_get(&path, ADMIN_TOKEN).await;
+        if let Ok(view) = &got {
+            let web = view["participants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["identity"] == "web");
+            if let Some(t) = web.and_then(|p| p["transport"].as_str()) {
+                transport = t.to_owned();
+                break;
+            }
+        }
+        last = Some(got);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if transport.is_empty() {
+        eprintln!("the admin API never showed the browser's transport; last answer: {last:?}");
+    }
     let rb = b.wait(Duration::from_secs(60)).await.unwrap();
     let rp = p.wait(Duration::from_secs(60)).await.unwrap();
     let metrics = c.metrics().await.unwrap();
@@ -442,7 +471,7 @@ async fn browser_and_python_exchange_media(
         seen["video_frames"].as_u64().unwrap_or(0) >= 30,
         "the browser's camera reached the Python participant: {seen}"
     );
-    (metrics, blocked)
+    (metrics, blocked, transport)
 }
 
 /// The value of the unlabelled (or fully labelled) series `name` in a `/metrics` text; 0
@@ -463,9 +492,8 @@ const TURN_TLS_PORT: u16 = 5349;
 /// signalling port and the TURN/TLS port. Every UDP packet and the ICE-TCP port are dropped.
 /// It joins through the embedded TURN server over TLS (certificate from the test CA for the
 /// SFU's IP; Chromium is told to accept it, having no way to trust a CA here) and exchanges
-/// media with a Python SDK participant on UDP. Conclave counts the peer connection as
-/// `turn/tls` (the admin API reads the same `Sfu::transports`; engine test
-/// `a_client_behind_conclaves_turn_relay_is_shown_as_turn`), and relayed both ways.
+/// media with a Python SDK participant on UDP. The admin API shows the browser's transport
+/// as `turn/tls`, the metrics count its peer connection so, and TURN relayed both ways.
 #[tokio::test]
 async fn browser_on_a_tls_only_network_connects_through_turn_over_tls() {
     let _heavy = heavy_lock();
@@ -485,14 +513,16 @@ async fn browser_on_a_tls_only_network_connects_through_turn_over_tls() {
             .env("CONCLAVE_TURN__CERT_FILE", &cert.display().to_string())
             .env("CONCLAVE_TURN__KEY_FILE", &key.display().to_string())
             .env("CONCLAVE_TURN__DOMAIN", &SFU_IP.to_string())
+            .env("CONCLAVE_ADMIN__TOKEN", ADMIN_TOKEN)
             .in_lab(&lab),
     )
     .await
     .unwrap();
     lab.allow_only_tcp_to_sfu(1, &[c.port, TURN_TLS_PORT])
         .unwrap();
-    let (metrics, blocked) =
+    let (metrics, blocked, transport) =
         browser_and_python_exchange_media(&c, &lab, "turn", &["--ignore-certificate-errors"]).await;
+    assert_eq!(transport, "turn/tls", "the admin API's view of the browser");
     assert!(
         blocked > 0,
         "the browser tried other paths and they were dropped"

@@ -1114,3 +1114,51 @@ async fn an_unreadable_turn_certificate_is_a_clear_start_error() {
         "{text}"
     );
 }
+
+/// The admin API's SFU room view (`/_conclave/admin/v1/sfu/rooms/{room}`, standalone SFUs'
+/// rooms too): refused without the admin token, 404 for a room the SFU does not have, the
+/// connected participants with their transport otherwise (`lab::browser_*` show `tcp` and
+/// `turn/tls`).
+#[tokio::test]
+async fn the_admin_sfu_room_view_needs_the_token_and_a_known_room() {
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_ADMIN__TOKEN", "admin-secret"),
+    )
+    .await
+    .unwrap();
+    let (_a, join) = join_on(&c, Path::V1, "view", "alice", json!({})).await;
+    let url = |room: &str| format!("{}/_conclave/admin/v1/sfu/rooms/{room}", c.url);
+    let http = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(http.get(url("view")).send().await.unwrap()), 401);
+    let wrong = http
+        .get(url("view"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(wrong), 401);
+    let unknown = http
+        .get(url("nowhere"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(unknown), 404);
+    let view: serde_json::Value = http
+        .get(url("view"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alice = join.participant.expect("alice's info");
+    assert_eq!(view["room"], "view", "{view}");
+    assert_eq!(view["participants"][0]["sid"], alice.sid.as_str(), "{view}");
+    // Not connected over media: no transport yet.
+    assert!(view["participants"][0]["transport"].is_null(), "{view}");
+}

@@ -412,14 +412,41 @@ impl Conclave {
 
     /// `GET path` from inside namespace `ns` (where this instance runs): the body of a 2xx.
     async fn netns_get(&self, ns: String, path: &str) -> Result<String> {
+        self.netns_get_with(ns, path, None).await
+    }
+
+    /// `GET path` with the admin token `token` (`admin.token`), in the lab's namespace when
+    /// Conclave runs in one: the JSON body of a 2xx answer.
+    pub async fn admin_get(&self, path: &str, token: &str) -> Result<serde_json::Value> {
+        let body = match self.opts.netns.clone() {
+            Some(ns) => self.netns_get_with(ns, path, Some(token)).await?,
+            None => {
+                let r = reqwest::Client::new()
+                    .get(format!("{}{path}", self.url))
+                    .bearer_auth(token)
+                    .send()
+                    .await?;
+                let status = r.status();
+                let body = r.text().await?;
+                if !status.is_success() {
+                    bail!("HTTP {status} for {path}: {body}");
+                }
+                body
+            }
+        };
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    async fn netns_get_with(&self, ns: String, path: &str, bearer: Option<&str>) -> Result<String> {
         let ip = self
             .opts
             .bind_ip
             .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
         let addr = std::net::SocketAddr::new(ip, self.port);
         let path = path.to_owned();
+        let bearer = bearer.map(str::to_owned);
         let (status, body) = tokio::task::spawn_blocking(move || {
-            super::lab::http_get(&ns, addr, &path, Duration::from_secs(5))
+            super::lab::http_get_with(&ns, addr, &path, bearer.as_deref(), Duration::from_secs(5))
         })
         .await??;
         if !(200..300).contains(&status) {

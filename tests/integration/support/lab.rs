@@ -753,7 +753,21 @@ pub fn http_get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String)> {
+    http_get_with(ns, addr, path, None, timeout)
+}
+
+/// [`http_get`] with `Authorization: Bearer <bearer>` when given.
+pub fn http_get_with(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let owned = path.to_owned();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     in_netns(ns, move || -> Result<(u16, String)> {
         let path = owned;
         let mut s = TcpStream::connect_timeout(&addr, timeout)?;
@@ -761,7 +775,7 @@ pub fn http_get(
         s.set_write_timeout(Some(timeout))?;
         write!(
             s,
-            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
         )?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;
