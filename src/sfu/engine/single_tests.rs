@@ -1013,40 +1013,87 @@ fn single_pc_data_uses_the_client_channels_and_not_data_track() {
     assert!(bob.packets_on("_lossy").is_empty());
 }
 
+/// alice publishes a VP8 camera on one peer connection, sending delta frames until the SFU
+/// asks her for a keyframe (then one); bob, with three audio and three video placeholders,
+/// subscribes.
+struct CameraCall {
+    alice: SinglePeer,
+    bob: SinglePeer,
+    cam: Mid,
+    /// Frames alice sent, and keyframes among them.
+    sent: u64,
+    keyframes: u64,
+    /// Keyframe requests alice had seen at her last frame.
+    asked: usize,
+}
+
+impl CameraCall {
+    fn start(net: &mut Net) -> Self {
+        let mut alice = SinglePeer::new(net.now, 1, 0, 0);
+        let mut bob = SinglePeer::new(net.now, 2, 3, 3);
+        net.join(1, "alice", true);
+        net.request(1, add_video_track("cam"));
+        alice.publish_video("cam");
+        let offer = alice.offer();
+        net.request(1, offer);
+        net.run(&mut [&mut alice], 50);
+        net.join(2, "bob", true);
+        let offer = bob.offer();
+        net.request(2, offer);
+        let cam = alice.published[0].1;
+        CameraCall {
+            alice,
+            bob,
+            cam,
+            sent: 0,
+            keyframes: 0,
+            asked: 0,
+        }
+    }
+
+    /// Keyframe requests alice received.
+    fn requests(&self) -> usize {
+        self.alice
+            .peer
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
+            .count()
+    }
+
+    /// `steps` ticks, alice sending a frame at each (a keyframe after a new request).
+    fn run(&mut self, net: &mut Net, steps: usize) {
+        for _ in 0..steps {
+            net.step(&mut [&mut self.alice, &mut self.bob]);
+            let requests = self.requests();
+            let key = requests > self.asked;
+            self.asked = requests;
+            if self
+                .alice
+                .peer
+                .send_video(self.cam, self.sent, net.now, key)
+            {
+                self.sent += 1;
+                self.keyframes += u64::from(key);
+            }
+        }
+    }
+}
+
 /// Video on single peer connections: bob's first answer puts alice's camera on a video
 /// placeholder; nothing reaches him before a keyframe, which the SFU asks alice for (she
 /// sends only delta frames until asked), then her frames flow.
 #[test]
 fn single_pc_video_waits_for_a_keyframe_the_sfu_asks_for() {
     let mut net = Net::new();
-    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
-    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
-    net.join(1, "alice", true);
-    net.request(1, add_video_track("cam"));
-    alice.publish_video("cam");
-    let offer = alice.offer();
-    net.request(1, offer);
-    net.run(&mut [&mut alice], 50);
-    net.join(2, "bob", true);
-    let offer = bob.offer();
-    net.request(2, offer);
-    let cam = alice.published[0].1;
-    let (mut sent, mut keyframes, mut asked) = (0, 0, 0);
-    for _ in 0..300 {
-        net.step(&mut [&mut alice, &mut bob]);
-        let requests = alice
-            .peer
-            .events
-            .iter()
-            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
-            .count();
-        let key = requests > asked;
-        asked = requests;
-        if alice.peer.send_video(cam, sent, net.now, key) {
-            sent += 1;
-            keyframes += u64::from(key);
-        }
-    }
+    let mut call = CameraCall::start(&mut net);
+    call.run(&mut net, 300);
+    let CameraCall {
+        bob,
+        sent,
+        keyframes,
+        ..
+    } = call;
     let alice_sid = net.sid_of("alice");
     let track = net.track_sids("alice").pop().expect("alice's track");
     let first = net.answer(2, 1).expect("bob's first answer");
@@ -1082,52 +1129,21 @@ fn an_ice_restart_asks_the_publishers_for_a_keyframe() {
         seed: Some(37),
         ..Default::default()
     });
-    let mut alice = SinglePeer::new(net.now, 1, 0, 0);
-    let mut bob = SinglePeer::new(net.now, 2, 3, 3);
-    net.join(1, "alice", true);
-    net.request(1, add_video_track("cam"));
-    alice.publish_video("cam");
-    let offer = alice.offer();
-    net.request(1, offer);
-    net.run(&mut [&mut alice], 50);
-    net.join(2, "bob", true);
-    let offer = bob.offer();
-    net.request(2, offer);
-    let cam = alice.published[0].1;
-    let requests = |alice: &SinglePeer| {
-        alice
-            .peer
-            .events
-            .iter()
-            .filter(|e| matches!(e, Event::KeyframeRequest(_)))
-            .count()
-    };
-    let (mut sent, mut asked) = (0, 0);
-    let mut run = |net: &mut Net, alice: &mut SinglePeer, bob: &mut SinglePeer, steps| {
-        for _ in 0..steps {
-            net.step(&mut [&mut *alice, &mut *bob]);
-            let now_asked = requests(alice);
-            let key = now_asked > asked;
-            asked = now_asked;
-            if alice.peer.send_video(cam, sent, net.now, key) {
-                sent += 1;
-            }
-        }
-    };
-    run(&mut net, &mut alice, &mut bob, 300);
-    let before = requests(&alice);
+    let mut call = CameraCall::start(&mut net);
+    call.run(&mut net, 300);
+    let before = call.requests();
     assert!(before > 0, "bob's subscription asked for a first keyframe");
     // Nothing asks for one while the path is fine.
-    run(&mut net, &mut alice, &mut bob, 100);
+    call.run(&mut net, 100);
     assert_eq!(
-        requests(&alice),
+        call.requests(),
         before,
         "no keyframe request while nothing happens"
     );
-    bob.restart_ice = true;
-    let offer = bob.offer();
+    call.bob.restart_ice = true;
+    let offer = call.bob.offer();
     net.request(2, offer);
-    run(&mut net, &mut alice, &mut bob, 1500);
+    call.run(&mut net, 1500);
     // The restart's answer names its new ufrag on the candidate lines too (a client drops
     // candidates of another ufrag), and the client's ICE completes again.
     let answer = net.answer(2, 2).expect("the restart answered");
@@ -1144,7 +1160,8 @@ fn an_ice_restart_asks_the_publishers_for_a_keyframe() {
                 .all(|l| l.ends_with(&format!(" ufrag {ufrag}"))),
         "{ufrag}: {candidates:?}"
     );
-    let states: Vec<_> = bob
+    let states: Vec<_> = call
+        .bob
         .peer
         .events
         .iter()
@@ -1159,7 +1176,7 @@ fn an_ice_restart_asks_the_publishers_for_a_keyframe() {
         "{states:?}"
     );
     assert!(
-        requests(&alice) > before,
+        call.requests() > before,
         "the restart asked alice for a keyframe ({before} before)"
     );
 }
