@@ -13,7 +13,8 @@
 //! Hostile clients: nothing is kept for an unauthenticated request (nonces are stateless);
 //! stream connections must send a message within [`FIRST_MESSAGE_TIMEOUT`], stay under
 //! [`MAX_FRAME`] and not stay silent for [`IDLE_TIMEOUT`]; at most [`MAX_CONNECTIONS`] stream
-//! connections and `turn.max_allocations` allocations exist at once.
+//! connections and `turn.max_allocations` allocations exist at once, at most
+//! [`MAX_ALLOCATIONS_PER_CREDENTIAL`] of them with one credential.
 
 pub mod credentials;
 pub mod message;
@@ -53,6 +54,10 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(3600);
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 /// Channel bindings last this long unless refreshed (RFC 8656 §12).
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// The most allocations one credential may hold at once (a browser makes one per TURN URL
+/// and network interface: a handful); more are refused with 486, so a leaked credential
+/// cannot take the whole `turn.max_allocations`.
+pub const MAX_ALLOCATIONS_PER_CREDENTIAL: usize = 16;
 /// Messages queued for one stream client; more are dropped (like a full UDP socket).
 const WRITE_QUEUE: usize = 512;
 /// The IANA protocol number of UDP, the only relay transport (REQUESTED-TRANSPORT).
@@ -771,6 +776,11 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner);
         if all.len() >= self.max_allocations {
             tracing::warn!(max = self.max_allocations, "TURN allocation quota reached");
+            return Err((486, "Allocation Quota Reached"));
+        }
+        let held = all.values().filter(|a| a.username == username).count();
+        if held >= MAX_ALLOCATIONS_PER_CREDENTIAL {
+            tracing::warn!(username, held, "TURN allocations per credential reached");
             return Err((486, "Allocation Quota Reached"));
         }
         let relay = std::net::UdpSocket::bind(SocketAddr::new(self.relay_ip, 0))

@@ -429,12 +429,34 @@ async fn the_relay_reaches_conclaves_media_address_and_nothing_else() {
 }
 
 #[tokio::test]
-async fn the_allocation_quota_holds() {
+async fn the_allocation_quotas_hold() {
     let f = fixture_with(1, None).await;
     let mut first = Client::udp(&f).await;
     assert_eq!(first.allocate().await.class, Class::Success);
     let mut second = Client::udp(&f).await;
     assert_eq!(second.allocate().await.code, Some(486));
+
+    // One credential from many client addresses: at most MAX_ALLOCATIONS_PER_CREDENTIAL.
+    let f = fixture().await;
+    let mut clients = Vec::new();
+    let mut credential = None;
+    for _ in 0..=MAX_ALLOCATIONS_PER_CREDENTIAL {
+        let mut c = Client::udp(&f).await;
+        let (user, pass) =
+            credential.get_or_insert_with(|| (c.username.clone(), c.password.clone()));
+        (c.username, c.password) = (user.clone(), pass.clone());
+        let a = c.allocate().await;
+        clients.push((c, a.class, a.code));
+    }
+    let granted = clients
+        .iter()
+        .filter(|(_, class, _)| *class == Class::Success)
+        .count();
+    assert_eq!(granted, MAX_ALLOCATIONS_PER_CREDENTIAL);
+    assert_eq!(clients.last().map(|(_, _, code)| *code), Some(Some(486)));
+    // Another credential still gets one.
+    let mut other = Client::udp(&f).await;
+    assert_eq!(other.allocate().await.class, Class::Success);
 }
 
 #[tokio::test]
