@@ -292,16 +292,14 @@ pub async fn start(
     relays: RelayAddresses,
 ) -> Result<TurnServer, TurnError> {
     let stats = Arc::new(TurnStats::default());
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(
         credentials,
-        media: settings.media.iter().copied().collect(),
-        media_ips: settings.media.iter().map(|a| a.ip()).collect(),
-        relay_ip: settings.relay_ip,
-        max_allocations: settings.max_allocations,
-        allocations: Mutex::new(HashMap::new()),
+        &settings.media,
+        settings.relay_ip,
+        settings.max_allocations,
         relays,
-        stats: stats.clone(),
-    });
+        stats.clone(),
+    ));
     let mut server = TurnServer {
         udp_addresses: Vec::new(),
         tcp_addresses: Vec::new(),
@@ -427,13 +425,39 @@ impl AllocationState {
 
 struct Shared {
     credentials: Credentials,
+    /// The only peers: the SFU's media addresses.
     media: HashSet<SocketAddr>,
-    media_ips: HashSet<IpAddr>,
     relay_ip: IpAddr,
     max_allocations: usize,
     allocations: Mutex<HashMap<ClientKey, Arc<Allocation>>>,
     relays: RelayAddresses,
     stats: Arc<TurnStats>,
+}
+
+impl Shared {
+    fn new(
+        credentials: Credentials,
+        media: &[SocketAddr],
+        relay_ip: IpAddr,
+        max_allocations: usize,
+        relays: RelayAddresses,
+        stats: Arc<TurnStats>,
+    ) -> Self {
+        Shared {
+            credentials,
+            media: media.iter().copied().collect(),
+            relay_ip,
+            max_allocations,
+            allocations: Mutex::new(HashMap::new()),
+            relays,
+            stats,
+        }
+    }
+
+    /// Whether `ip` is the IP of one of the media addresses (permissions are per IP).
+    fn is_media_ip(&self, ip: IpAddr) -> bool {
+        self.media.iter().any(|a| a.ip() == ip)
+    }
 }
 
 /// What a message from a client asks of its connection.
@@ -640,7 +664,7 @@ impl Shared {
                 else {
                     return error(400, "Bad Request");
                 };
-                if peers.iter().any(|p| !self.media_ips.contains(&p.ip())) {
+                if peers.iter().any(|p| !self.is_media_ip(p.ip())) {
                     self.stats.refused_peer.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(?peers, "TURN permission to a foreign address refused");
                     return error(403, "Forbidden");
@@ -1004,16 +1028,14 @@ where
 pub fn fuzz_messages(messages: &[&[u8]]) -> bool {
     let media: SocketAddr = ([127, 0, 0, 1], 9).into();
     let credentials = Credentials::new("fuzz secret of thirty-two characters", 600);
-    let shared = Arc::new(Shared {
-        credentials: credentials.clone(),
-        media: HashSet::from([media]),
-        media_ips: HashSet::from([media.ip()]),
-        relay_ip: media.ip(),
-        max_allocations: 4,
-        allocations: Mutex::new(HashMap::new()),
-        relays: RelayAddresses::default(),
-        stats: Arc::new(TurnStats::default()),
-    });
+    let shared = Arc::new(Shared::new(
+        credentials.clone(),
+        &[media],
+        media.ip(),
+        4,
+        RelayAddresses::default(),
+        Arc::new(TurnStats::default()),
+    ));
     let key = ClientKey {
         via: RelayVia::Tcp,
         local: ([127, 0, 0, 1], 3478).into(),
