@@ -71,6 +71,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Webhooks (LiveKit-compatible event notifications).
     pub webhook: WebhookConfig,
+    /// Media relays between the Conclaves of federating ministries (`docs/cascade.md`).
+    pub cascade: CascadeConfig,
     /// Whether `matrix.homeserver_url` was set (file or environment) rather than defaulted.
     #[serde(skip)]
     pub homeserver_configured: bool,
@@ -90,6 +92,7 @@ impl Default for Config {
             calls: CallsConfig::default(),
             admin: AdminConfig::default(),
             webhook: WebhookConfig::default(),
+            cascade: CascadeConfig::default(),
             homeserver_configured: false,
         }
     }
@@ -462,6 +465,46 @@ pub struct WebhookConfig {
     pub api_key: Option<String>,
 }
 
+/// `[cascade]`: which other ministries' Conclaves may pull this Conclave's calls
+/// (`docs/cascade.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeConfig {
+    /// The peers. Default: none (no room is ever relayed to another Conclave).
+    pub peers: Vec<CascadePeer>,
+}
+
+impl CascadeConfig {
+    /// The peer entry of `server`, if it is one.
+    pub fn peer(&self, server: &ruma::ServerName) -> Option<&CascadePeer> {
+        self.peers.iter().find(|p| p.server_name == server)
+    }
+}
+
+/// One `[[cascade.peers]]` entry: another homeserver whose Conclave this one trusts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadePeer {
+    /// The peer's homeserver (as in its users' IDs).
+    pub server_name: OwnedServerName,
+    /// The peer Conclave's appservice bot, the only user of that server whose OpenID token
+    /// proves the peer. Default `@conclave:<server_name>` (Conclave's default
+    /// `appservice.sender_localpart`).
+    #[serde(default)]
+    pub user_id: Option<ruma::OwnedUserId>,
+}
+
+impl CascadePeer {
+    /// The peer Conclave's bot user (an error only for a server name no user ID can have,
+    /// which [`Config::validate`] refuses).
+    pub fn bot_user_id(&self) -> Result<ruma::OwnedUserId, ruma::IdParseError> {
+        match &self.user_id {
+            Some(u) => Ok(u.clone()),
+            None => ruma::UserId::parse_with_server_name("conclave", &self.server_name),
+        }
+    }
+}
+
 /// A configuration problem. Every variant names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -669,6 +712,7 @@ impl Config {
         "calls",
         "admin",
         "webhook",
+        "cascade",
     ];
 
     /// Checks what types alone cannot; reports every problem at once.
@@ -804,10 +848,36 @@ impl Config {
             ));
         }
         self.validate_turn(&mut problems);
+        self.validate_cascade(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Semantic(problems))
+        }
+    }
+
+    fn validate_cascade(&self, problems: &mut Vec<String>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.cascade.peers {
+            let server = &p.server_name;
+            if server == &self.matrix.server_name {
+                problems.push(format!(
+                    "key `cascade.peers`: {server} is this Conclave's own server (`matrix.server_name`)"
+                ));
+            }
+            if !seen.insert(server.as_str()) {
+                problems.push(format!("key `cascade.peers`: {server} is listed twice"));
+            }
+            match p.bot_user_id() {
+                Ok(u) if u.server_name() != server => problems.push(format!(
+                    "key `cascade.peers.user_id`: value {u:?}: expected a user of {server}"
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(format!(
+                    "key `cascade.peers`: {server}: its Conclave's user ID cannot be formed ({e}); \
+                     set `user_id`"
+                )),
+            }
         }
     }
 
@@ -1092,6 +1162,56 @@ mod tests {
         c.turn.domain = Some("turn.example".into());
         assert!(c.validate().is_ok());
         assert!(c.turn.tls_enabled());
+    }
+
+    #[test]
+    fn cascade_peers_come_from_the_environment_as_inline_tables() {
+        let (c, _) = load(
+            None,
+            env(&[(
+                "CONCLAVE_CASCADE__PEERS",
+                r#"[{server_name = "b.example"}, {server_name = "c.example", user_id = "@rtc:c.example"}]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.cascade.peers.len(), 2);
+        assert_eq!(
+            c.cascade.peers[1].user_id.as_ref().unwrap().as_str(),
+            "@rtc:c.example"
+        );
+    }
+
+    #[test]
+    fn cascade_peers_are_checked() {
+        let mut c = Config::default();
+        let load = |toml: &str| -> CascadeConfig {
+            let t: toml::Table = toml.parse().unwrap();
+            t["cascade"].clone().try_into().unwrap()
+        };
+        c.cascade = load(
+            r#"[cascade]
+            peers = [{server_name = "b.example"}, {server_name = "c.example", user_id = "@rtc:c.example"}]"#,
+        );
+        assert!(c.validate().is_ok());
+        let b = c.cascade.peer(ruma::server_name!("b.example")).unwrap();
+        assert_eq!(b.bot_user_id().unwrap().as_str(), "@conclave:b.example");
+        let c2 = c.cascade.peer(ruma::server_name!("c.example")).unwrap();
+        assert_eq!(c2.bot_user_id().unwrap().as_str(), "@rtc:c.example");
+        assert!(c.cascade.peer(ruma::server_name!("d.example")).is_none());
+        // Our own server, a duplicate, a bot of another server: each named.
+        let own = c.matrix.server_name.to_string();
+        c.cascade = load(&format!(
+            r#"[cascade]
+            peers = [{{server_name = "{own}"}}, {{server_name = "b.example"}},
+                     {{server_name = "b.example", user_id = "@conclave:c.example"}}]"#
+        ));
+        let Err(ConfigError::Semantic(problems)) = c.validate() else {
+            panic!("problems expected");
+        };
+        let all = problems.join("\n");
+        for needle in ["own server", "listed twice", "expected a user of b.example"] {
+            assert!(all.contains(needle), "{needle}: {all}");
+        }
     }
 
     #[test]

@@ -137,6 +137,15 @@ pub fn router(state: HttpState) -> Router {
         .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
         .method_not_allowed_fallback(method_not_allowed);
 
+    // Server to server (`docs/cascade.md`): peer Conclaves, not browsers (no CORS).
+    let cascade_routes = Router::new()
+        .route(
+            "/_conclave/cascade/v1/relay",
+            post(tokens::post_cascade_relay),
+        )
+        .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
+        .method_not_allowed_fallback(method_not_allowed);
+
     let signal_routes = Router::new()
         .route("/rtc", get(ws::get_rtc))
         .route("/rtc/validate", get(validate::get_validate))
@@ -164,6 +173,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(admin_routes)
         .merge(token_routes)
         .merge(forwarded_routes)
+        .merge(cascade_routes)
         .merge(signal_routes)
         .route("/healthz", get(healthz).head(healthz))
         .route("/metrics", get(metrics))

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub signal_resumes: AtomicU64,
     /// Signalling WebSockets open now (gauge; a graceful shutdown waits for it to reach 0).
     pub signal_sessions_open: AtomicU64,
+    /// Relay grants issued to peer Conclaves (`docs/cascade.md`).
+    pub cascade_relays_granted: AtomicU64,
+    /// Relay grant requests refused.
+    pub cascade_relays_refused: AtomicU64,
+    /// Relays cut because Matrix says the peer's server no longer belongs in the room.
+    pub cascade_relays_cut: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -57,7 +63,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 16] = [
+        let rows: [(&str, &str, &AtomicU64); 19] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -132,6 +138,21 @@ impl Metrics {
                 "conclave_tokens_refused_total",
                 "SFU token requests refused.",
                 &self.tokens_refused,
+            ),
+            (
+                "conclave_cascade_relays_granted_total",
+                "Relay grants issued to peer Conclaves.",
+                &self.cascade_relays_granted,
+            ),
+            (
+                "conclave_cascade_relays_refused_total",
+                "Relay grant requests of (would-be) peer Conclaves refused.",
+                &self.cascade_relays_refused,
+            ),
+            (
+                "conclave_cascade_relays_cut_total",
+                "Relays cut because the peer's server no longer belongs in the room.",
+                &self.cascade_relays_cut,
             ),
             (
                 "conclave_tokens_rate_limited_total",

@@ -10,6 +10,9 @@
 //! before the OpenID lookup on it (so nobody floods a homeserver with lookups through us), and
 //! per user, counted once the OpenID token is verified. Over either: [`AuthError::RateLimited`].
 
+#[path = "cascade.rs"]
+pub mod cascade;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,7 @@ use super::openid::OpenIdVerifier;
 use super::AuthError;
 use crate::calls::issued::IssuedParticipant;
 use crate::calls::Calls;
-use crate::config::{AuthConfig, Config};
+use crate::config::{AuthConfig, CascadeConfig, Config};
 use crate::matrix::client::HomeserverClient;
 use crate::matrix::naming::{legacy_identity, member_identity, room_name, LEGACY_SLOT};
 use crate::net::SfuHandle;
@@ -291,6 +294,8 @@ pub struct TokenSettings {
     pub server_name: OwnedServerName,
     /// The SFU URL handed to clients.
     pub livekit_public_url: String,
+    /// `[cascade]`: the peer Conclaves that may ask for relays.
+    pub cascade: CascadeConfig,
 }
 
 impl TokenSettings {
@@ -300,6 +305,7 @@ impl TokenSettings {
             auth: config.auth.clone(),
             server_name: config.matrix.server_name.clone(),
             livekit_public_url: config.livekit_public_url(),
+            cascade: config.cascade.clone(),
         }
     }
 }
@@ -719,6 +725,7 @@ impl TokenService {
                 room_id: req.room_id.clone(),
                 user_id: user_id.clone(),
                 device_id: req.device_id.clone(),
+                relay: false,
             },
             Duration::from_secs(auth.token_lifetime_secs),
         );

@@ -367,6 +367,21 @@ pub fn transaction_effects(
             });
             continue;
         }
+        if let AnyTimelineEvent::State(AnyStateEvent::RoomServerAcl(
+            ruma::events::StateEvent::Original(acl),
+        )) = &event
+        {
+            tracing::info!(room_id = %acl.room_id, "server ACL changed");
+            match serde_json::to_string(&acl.content) {
+                Ok(content) => out.push(Effect::ServerAcl {
+                    room_id: acl.room_id.clone(),
+                    content,
+                    event_id: acl.event_id.to_string(),
+                }),
+                Err(e) => tracing::warn!(error = %e, "server ACL not recorded"),
+            }
+            continue;
+        }
         if let AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) = &event {
             let Ok(user_id) = ruma::UserId::parse(member.state_key().as_str()) else {
                 inc(&metrics.events_malformed);
@@ -622,5 +637,61 @@ mod sender_evidence_tests {
             e[field] = bad;
             assert!(sender_joined(&e).is_none(), "{field} invalid");
         }
+    }
+}
+
+#[cfg(test)]
+mod server_acl_tests {
+    use super::transaction_effects;
+    use crate::metrics::Metrics;
+    use crate::store::Effect;
+    use ruma::events::room::server_acl::RoomServerAclEventContent;
+    use ruma::events::AnyTimelineEvent;
+    use ruma::serde::Raw;
+    use serde_json::{json, Value};
+
+    fn raw(v: Value) -> Raw<AnyTimelineEvent> {
+        Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
+    }
+
+    fn acl(room: &str, state_key: &str, content: Value) -> Value {
+        json!({
+            "type": "m.room.server_acl", "state_key": state_key, "room_id": room,
+            "sender": "@a:hs1.example", "event_id": "$acl", "origin_server_ts": 1,
+            "content": content,
+        })
+    }
+
+    #[test]
+    fn acls_become_effects_and_bad_ones_are_skipped() {
+        let metrics = Metrics::default();
+        let events = [
+            raw(acl(
+                "!r:hs1.example",
+                "",
+                json!({"allow": ["*"], "deny": ["hs2.example"]}),
+            )),
+            raw(acl("!r:hs1.example", "not-empty", json!({"allow": ["*"]}))),
+            raw(acl("not a room", "", json!({"allow": ["*"]}))),
+            raw(acl("!r:hs1.example", "", json!({"allow": "everyone"}))),
+            raw(acl("!s:hs1.example", "", json!({}))),
+        ];
+        let acls: Vec<(String, RoomServerAclEventContent)> =
+            transaction_effects(&metrics, &events, 0)
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::ServerAcl {
+                        room_id, content, ..
+                    } => Some((room_id.to_string(), serde_json::from_str(&content).unwrap())),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(acls.len(), 2, "{acls:?}");
+        assert_eq!(acls[0].0, "!r:hs1.example");
+        assert!(!acls[0].1.is_allowed(ruma::server_name!("hs2.example")));
+        assert!(acls[0].1.is_allowed(ruma::server_name!("hs3.example")));
+        // No `allow`: every server is denied (the spec's default).
+        assert_eq!(acls[1].0, "!s:hs1.example");
+        assert!(!acls[1].1.is_allowed(ruma::server_name!("hs2.example")));
     }
 }

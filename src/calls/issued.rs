@@ -34,6 +34,9 @@ pub struct IssuedParticipant {
     pub user_id: OwnedUserId,
     /// The (claimed) device.
     pub device_id: String,
+    /// A relay granted to a peer Conclave (`docs/cascade.md`): `user_id` is the peer's bot,
+    /// and the relay belongs while a member of its server is joined to the room.
+    pub relay: bool,
 }
 
 type Key = (RoomName, ParticipantIdentity);
@@ -165,6 +168,19 @@ impl IssuedParticipants {
         })
     }
 
+    /// The relays granted in `room_id` (connected or whose grant may still be used) at `now`.
+    pub fn relays_in(&self, room_id: &RoomId, now: Instant) -> Vec<IssuedParticipant> {
+        self.with(|m| {
+            m.connected
+                .values()
+                .map(|(e, _)| &e.participant)
+                .chain(m.pending.values(now).map(|e| &e.participant))
+                .filter(|p| p.relay && p.room_id == room_id)
+                .cloned()
+                .collect()
+        })
+    }
+
     /// The issued participants of one device of `user_id` in `room_id` at `now`.
     pub fn of_device(
         &self,
@@ -219,6 +235,7 @@ mod tests {
             room_id: ruma::owned_room_id!("!r:example.org"),
             user_id: user.clone(),
             device_id: "D".into(),
+            relay: false,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod delayed;
 pub mod events;
 pub mod issued;
 pub mod notices;
+mod relays;
 mod supervise;
 
 use std::sync::Arc;
@@ -280,10 +281,15 @@ impl Calls {
         let outcome = store
             .apply_transaction(txn_id.to_owned(), effects.clone(), now_ms)
             .await?;
-        // Matrix decides who stays in the SFU: act on memberships that ended.
+        // Matrix decides who stays in the SFU: act on memberships that ended, and on server
+        // ACLs (peer Conclaves' relays).
         for effect in &effects {
-            if let Effect::Membership(m) = effect {
-                self.membership_changed(m).await;
+            match effect {
+                Effect::Membership(m) => self.membership_changed(m).await,
+                Effect::ServerAcl {
+                    room_id, content, ..
+                } => self.server_acl_changed(room_id, content).await,
+                _ => {}
             }
         }
         Ok(match outcome {
@@ -307,6 +313,8 @@ impl Calls {
         if m.membership != MembershipState::Join {
             let issued = self.inner.issued.of(&m.room_id, &m.user_id, Instant::now());
             self.remove(issued, m.membership.as_str()).await;
+            self.cut_relays_without_members(&m.room_id, m.user_id.server_name())
+                .await;
         }
     }
 

@@ -1,9 +1,10 @@
 //! Keeps the SFU in line with MatrixRTC over time: expired call memberships end (checked every
 //! second, and at start-up, which reconciles what expired while Conclave was down), and an SFU
 //! participant issued by the token service that never shows a call membership is removed after
-//! the grace period (`calls.grace_period_secs`). It also keeps the issued-identity map in step
-//! with SFU joins and leaves, and deletes store history older than `calls.history_days`
-//! (hourly).
+//! the grace period (`calls.grace_period_secs`; a peer Conclave's relay, which has no call
+//! membership, is checked for a joined member of its server instead). It also keeps the
+//! issued-identity map in step with SFU joins and leaves, and deletes store history older than
+//! `calls.history_days` (hourly).
 
 use std::time::{Duration, Instant};
 
@@ -53,15 +54,26 @@ pub(super) async fn run(calls: Calls, mut events: broadcast::Receiver<SfuEvent>)
     }
 }
 
-/// After the grace period, removes an issued participant that shows no call membership.
+/// After the grace period, removes an issued participant that shows no call membership. A
+/// peer Conclave's relay has none: it is checked at once for a joined member of its server
+/// (the last one may have left between its grant and its join).
 fn watch_grace_period(calls: &Calls, room: RoomName, identity: ParticipantIdentity) {
+    let Some(p) = calls.inner.issued.get(&room, &identity, Instant::now()) else {
+        return;
+    };
+    if p.relay {
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            calls
+                .cut_relays_without_members(&p.room_id, p.user_id.server_name())
+                .await;
+        });
+        return;
+    }
     let grace = calls.inner.settings.grace_period;
     if grace.is_zero() {
         return;
     }
-    let Some(p) = calls.inner.issued.get(&room, &identity, Instant::now()) else {
-        return;
-    };
     let calls = calls.clone();
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;

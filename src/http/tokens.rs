@@ -8,6 +8,9 @@
 //! `/_matrix/client/{v1,unstable/io.element.msc4195}`, and the federation twin
 //! `/_matrix/federation/{v1,unstable/io.element.msc4195}/rtc/livekit/get_token`. They trust
 //! `X-Matrix-User-Identifier` / `X-Matrix-Origin` only with the `hs_token`.
+//!
+//! And the cascade's server-to-server grant, `POST /_conclave/cascade/v1/relay`
+//! (`docs/cascade.md`), which authenticates peers by OpenID like the token endpoints.
 
 use std::sync::Arc;
 
@@ -283,6 +286,33 @@ pub async fn post_forwarded_federation_get_token(
     };
     let result = state.tokens.federated_token(&origin, &body).await;
     respond(&state, result)
+}
+
+/// `POST /_conclave/cascade/v1/relay`: a peer Conclave asks for a grant to relay one call
+/// (`docs/cascade.md`); `{url, jwt, room, identity}` or a Matrix error naming what failed.
+pub async fn post_cascade_relay(
+    State(state): State<TokenState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = match body {
+        Ok(body) => state.tokens.relay_grant(&body).await,
+        Err(r) => {
+            inc(&state.metrics.cascade_relays_refused);
+            return MatrixErrorResponse::from_body_rejection(&r).into_response();
+        }
+    };
+    match result {
+        Ok(grant) => {
+            inc(&state.metrics.cascade_relays_granted);
+            Json(grant).into_response()
+        }
+        Err(e) => {
+            inc(&state.metrics.cascade_relays_refused);
+            count_rate_limited(&state, &e);
+            log_refusal(&e, "cascade relay refused");
+            MatrixErrorResponse::from(e).into_response()
+        }
+    }
 }
 
 /// CORS as lk-jwt-service (plus `Retry-After` exposed): every response carries it; `OPTIONS`

@@ -107,6 +107,27 @@ impl AsyncStore {
         }
     }
 
+    /// Whether a user of `server` is joined to `room_id`, as far as the events seen tell.
+    pub async fn has_joined_member_of(
+        &self,
+        room_id: &RoomId,
+        server: &ruma::ServerName,
+    ) -> Result<bool, StoreError> {
+        let (room, server) = (room_id.to_owned(), server.to_owned());
+        self.run(move |s| {
+            Ok(s.room_memberships(&room)?.iter().any(|m| {
+                m.membership == MembershipState::Join && m.user_id.server_name() == server
+            }))
+        })
+        .await
+    }
+
+    /// The content (JSON) of `room_id`'s latest `m.room.server_acl`, if one was seen.
+    pub async fn server_acl(&self, room_id: &RoomId) -> Result<Option<String>, StoreError> {
+        let room = room_id.to_owned();
+        self.run(move |s| s.server_acl(&room)).await
+    }
+
     /// Records the delayed leave handed over at `now_ms`.
     pub async fn record_delayed_leave(
         &self,

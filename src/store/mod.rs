@@ -79,6 +79,15 @@ pub enum Effect {
         /// The event.
         event_id: String,
     },
+    /// The room's `m.room.server_acl` changed.
+    ServerAcl {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The event's content (JSON), as the homeserver sent it.
+        content: String,
+        /// The event.
+        event_id: String,
+    },
     /// A MatrixRTC membership ended (empty content, expired, or replaced by a leave).
     CallMemberLeft {
         /// The Matrix room.
@@ -277,6 +286,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Active calls with their members, by room.
     fn active_calls(&self) -> Result<Vec<CallView>, StoreError>;
+
+    /// The content (JSON) of `room_id`'s latest `m.room.server_acl`, if one was seen.
+    fn server_acl(&self, room_id: &ruma::RoomId) -> Result<Option<String>, StoreError>;
 
     /// Whether `room_id` is encrypted (its `rtc.member` events are unreadable).
     fn is_room_encrypted(&self, room_id: &ruma::RoomId) -> Result<bool, StoreError>;

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_issued_participants.sql"),
     include_str!("migrations/0003_calls.sql"),
     include_str!("migrations/0004_room_encryption.sql"),
+    include_str!("migrations/0005_room_server_acl.sql"),
 ];
 
 /// Fault injection for crash-safety tests.
@@ -374,6 +375,19 @@ impl Store for SqliteStore {
                             params![room_id.as_str(), algorithm, event_id],
                         )?;
                     }
+                    Effect::ServerAcl {
+                        room_id,
+                        content,
+                        event_id,
+                    } => {
+                        tx.execute(
+                            "INSERT INTO room_server_acl (room_id, content, event_id)
+                             VALUES (?1, ?2, ?3)
+                             ON CONFLICT (room_id) DO UPDATE SET content = excluded.content,
+                               event_id = excluded.event_id",
+                            params![room_id.as_str(), content, event_id],
+                        )?;
+                    }
                     Effect::CallMemberLeft {
                         room_id,
                         member_key,
@@ -597,6 +611,18 @@ impl Store for SqliteStore {
                 call.members = rows.collect::<Result<_, _>>()?;
             }
             Ok(calls.into_iter().map(|(_, c)| c).collect())
+        })
+    }
+
+    fn server_acl(&self, room_id: &RoomId) -> Result<Option<String>, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT content FROM room_server_acl WHERE room_id = ?1",
+                    [room_id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?)
         })
     }
 

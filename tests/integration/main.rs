@@ -42,6 +42,8 @@ mod quality;
 mod twirp;
 // LiveKit-compatible webhooks, verified by `livekit-api`'s WebhookReceiver.
 mod webhooks;
+// The cascade's origin side: relay grants to peer Conclaves, refused and cut by Matrix.
+mod cascade;
 // Unmodified Element Call in Chromium across two ministries (two Synapses, two Conclaves).
 mod element_call;
 // The network lab: namespaces, shaped and lossy links, real clients and Conclave inside.

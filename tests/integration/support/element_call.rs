@@ -80,9 +80,19 @@ impl Ministries {
     /// homeserver.yaml), and remote users keep the default `auth.remote_can_publish`, so that
     /// the federation twin alone must keep them from publishing.
     pub async fn start_with(msc4512: bool) -> Result<Ministries> {
+        Self::start_opts(msc4512, false).await
+    }
+
+    /// As [`Ministries::start`], each Conclave listing the other ministry in `cascade.peers`
+    /// (`docs/cascade.md`).
+    pub async fn start_cascading() -> Result<Ministries> {
+        Self::start_opts(false, true).await
+    }
+
+    async fn start_opts(msc4512: bool, cascade: bool) -> Result<Ministries> {
         let ca = TestCa::new()?;
         let ports = free_ports(4)?;
-        let prepare = |http: u16, fed: u16| -> Result<Conclave> {
+        let prepare = |http: u16, fed: u16, peer_fed: u16| -> Result<Conclave> {
             let server = format!("localhost:{fed}");
             let mut opts = ConclaveOptions::standalone();
             opts.homeserver_url = format!("http://127.0.0.1:{http}");
@@ -100,10 +110,16 @@ impl Ministries {
             if !msc4512 {
                 opts = opts.env("CONCLAVE_AUTH__REMOTE_CAN_PUBLISH", "false");
             }
+            if cascade {
+                opts = opts.env(
+                    "CONCLAVE_CASCADE__PEERS",
+                    &format!("[{{server_name = \"localhost:{peer_fed}\"}}]"),
+                );
+            }
             Conclave::prepare(opts)
         };
-        let mut c1 = prepare(ports[0], ports[1])?;
-        let mut c2 = prepare(ports[2], ports[3])?;
+        let mut c1 = prepare(ports[0], ports[1], ports[3])?;
+        let mut c2 = prepare(ports[2], ports[3], ports[1])?;
         let hs_options = |c: &Conclave, http: u16, fed: u16| -> Result<HsOptions> {
             // What the walkthrough has the operator run: the registration, and the discovery
             // block pasted into homeserver.yaml.
