@@ -492,6 +492,11 @@ pub struct CascadePeer {
     /// `appservice.sender_localpart`).
     #[serde(default)]
     pub user_id: Option<ruma::OwnedUserId>,
+    /// The peer Conclave's HTTP base URL (its `http.public_url`), where this Conclave asks it
+    /// for mirrors and relays. Unset: the peer may pull calls from here, but its users are
+    /// not sent to it (they connect here directly, as without a cascade).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 impl CascadePeer {
@@ -867,6 +872,9 @@ impl Config {
             }
             if !seen.insert(server.as_str()) {
                 problems.push(format!("key `cascade.peers`: {server} is listed twice"));
+            }
+            if let Some(u) = &p.url {
+                check_url(problems, "cascade.peers.url", u, &["http", "https"]);
             }
             match p.bot_user_id() {
                 Ok(u) if u.server_name() != server => problems.push(format!(

@@ -143,6 +143,10 @@ pub fn router(state: HttpState) -> Router {
             "/_conclave/cascade/v1/relay",
             post(tokens::post_cascade_relay),
         )
+        .route(
+            "/_conclave/cascade/v1/mirror",
+            post(tokens::post_cascade_mirror),
+        )
         .layer(DefaultBodyLimit::max(tokens::MAX_BODY_BYTES))
         .method_not_allowed_fallback(method_not_allowed);
 

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod calls;
+pub mod cascade;
 pub mod cli;
 pub mod clock;
 pub mod config;

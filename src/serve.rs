@@ -8,8 +8,10 @@ use std::time::Duration;
 use crate::auth::jwt::TokenSigner;
 use crate::auth::membership::MembershipGate;
 use crate::auth::openid::OpenIdVerifier;
+use crate::auth::tokens::cascade::PeerLink;
 use crate::auth::tokens::{TokenService, TokenSettings};
 use crate::calls::{Calls, CallsSettings};
+use crate::cascade::{Cascade, CascadeSettings};
 use crate::cli::{Cli, Command};
 use crate::config::{self, Config, ConfigError};
 use crate::http::admin::AdminState;
@@ -277,6 +279,12 @@ pub async fn build_services(
         Duration::from_millis(config.auth.membership_wait_ms),
     );
     let signer = TokenSigner::new(&secrets.livekit_key, secrets.livekit_secret.expose());
+    // Requests to peer Conclaves (docs/cascade.md): bounded, so a token request waiting on a
+    // peer still answers within the client's patience.
+    let peer_http = clients
+        .client(ClientOptions::with_timeout(CASCADE_PEER_TIMEOUT))
+        .map_err(|e| RunError::HttpClient(e.to_string()))?;
+    let peers = PeerLink::new(peer_http, homeserver.clone(), config.bot_user_id());
     let tokens = TokenService::new(
         TokenSettings::from_config(&config),
         openid,
@@ -285,6 +293,13 @@ pub async fn build_services(
         calls.clone(),
         sfu.clone(),
         homeserver,
+    )
+    .with_peers(peers.clone());
+    let cascade = Cascade::new(
+        CascadeSettings::from_config(&config),
+        tokens.clone(),
+        peers,
+        sfu.clone(),
     );
     let http = HttpState {
         appservice: AppserviceState {
@@ -295,6 +310,7 @@ pub async fn build_services(
         },
         tokens: TokenState {
             tokens,
+            cascade,
             metrics: metrics.clone(),
             hs_token: secrets.hs_token.clone(),
             server_name: config.matrix.server_name.clone(),
@@ -622,6 +638,10 @@ async fn ping_homeserver(
 
 /// How long a graceful shutdown waits for the SFU's participants to be told to reconnect and
 /// their signalling to close, before the HTTP connections drain.
+/// Each request to a peer Conclave (a mirror token, a relay grant) must be answered within
+/// this; a token request waiting on a peer then falls back to the direct answer in time.
+const CASCADE_PEER_TIMEOUT: Duration = Duration::from_secs(4);
+
 const SFU_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn shutdown_signal() {

@@ -620,6 +620,7 @@ mod tests {
                 client_protocol: 2,
                 single_pc: false,
                 ice_servers: Vec::new(),
+                cascade: false,
             }),
         );
         sfu.handle_command(

@@ -43,7 +43,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const RATE_LIMIT_CAPACITY: usize = 10_000;
 
 /// `openid_token` as Element Call sends it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenIdTokenBody {
     /// The token from `/_matrix/client/v3/user/{userId}/openid/request_token`.
     pub access_token: Option<String>,
@@ -150,7 +150,7 @@ enum Caller {
 }
 
 /// A request, normalised from any endpoint.
-struct Normalized {
+pub(super) struct Normalized {
     room_id: OwnedRoomId,
     slot_id: String,
     caller: Caller,
@@ -311,7 +311,7 @@ impl TokenSettings {
 }
 
 /// Who a verified request is for and where its participant lives.
-struct Authorized {
+pub(super) struct Authorized {
     user_id: ruma::OwnedUserId,
     full_access: bool,
     room: RoomName,
@@ -336,6 +336,8 @@ struct Inner {
     calls: Calls,
     sfu: SfuHandle,
     homeserver: HomeserverClient,
+    /// Requests to peer Conclaves (`docs/cascade.md`), once set.
+    peers: Option<cascade::PeerLink>,
 }
 
 impl TokenService {
@@ -373,8 +375,19 @@ impl TokenService {
                 calls,
                 sfu,
                 homeserver,
+                peers: None,
             }),
         }
+    }
+
+    /// The service sending users of cascade peers to their own Conclave's mirror of the call
+    /// through `peers` (`docs/cascade.md`). Call right after [`TokenService::new`].
+    pub fn with_peers(mut self, peers: cascade::PeerLink) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.peers = Some(peers),
+            None => tracing::error!("with_peers called on a shared token service; ignored"),
+        }
+        self
     }
 
     /// `POST /sfu/get`: a legacy token request body (room = hash of `[room, "m.call#ROOM"]`,
@@ -683,6 +696,11 @@ impl TokenService {
     async fn issue(&self, req: Normalized) -> Result<TokenResponse, AuthError> {
         let now = Instant::now();
         let who = self.authorize(&req, now).await?;
+        if !req.subscribe_only {
+            if let Some(mirrored) = self.mirror_at_home(&req, &who).await {
+                return Ok(mirrored);
+            }
+        }
         let Authorized {
             user_id,
             full_access,

@@ -40,6 +40,8 @@ pub use crate::auth::tokens::MAX_BODY_BYTES;
 pub struct TokenState {
     /// Issues tokens.
     pub tokens: TokenService,
+    /// Mirrors peer Conclaves' calls (`docs/cascade.md`).
+    pub cascade: crate::cascade::Cascade,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// The token the homeserver presents on requests it forwards (MSC4512).
@@ -310,6 +312,25 @@ pub async fn post_cascade_relay(
             inc(&state.metrics.cascade_relays_refused);
             count_rate_limited(&state, &e);
             log_refusal(&e, "cascade relay refused");
+            MatrixErrorResponse::from(e).into_response()
+        }
+    }
+}
+
+/// `POST /_conclave/cascade/v1/mirror`: a peer Conclave asks for one of our users' token in
+/// our mirror of its call (`docs/cascade.md`); `{url, jwt}` or a Matrix error.
+pub async fn post_cascade_mirror(
+    State(state): State<TokenState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return MatrixErrorResponse::from_body_rejection(&r).into_response(),
+    };
+    match state.cascade.mirror(&body).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => {
+            log_refusal(&e, "cascade mirror refused");
             MatrixErrorResponse::from(e).into_response()
         }
     }

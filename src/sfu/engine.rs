@@ -354,6 +354,11 @@ pub struct Join {
     pub single_pc: bool,
     /// TURN servers (with this participant's credentials) for its join response.
     pub ice_servers: Vec<lk::IceServer>,
+    /// A mirror of a participant of a peer Conclave (`docs/cascade.md`): its "client" is the
+    /// peer's SFU, whose subscriber offers arrive as this participant's publisher offers. The
+    /// peer's connections are ICE-lite like ours, so this publisher connection runs full ICE
+    /// (and is controlling): it checks the candidates of the peer's offer itself.
+    pub cascade: bool,
 }
 
 /// Inputs from signalling sessions and operators.
@@ -501,6 +506,9 @@ pub struct Sfu {
     stats: SfuStats,
     /// One DTLS certificate for every peer connection of this engine (see [`Sfu::new`]).
     dtls_cert: Option<str0m::config::DtlsCert>,
+    /// Peer addresses this engine's full-ICE connections check (cascade mirrors), not yet
+    /// handed to the caller ([`Sfu::take_route_hints`]).
+    route_hints: Vec<SocketAddr>,
 }
 
 /// The room of `session`, borrowing only the room map and the session index (so the output
@@ -566,6 +574,7 @@ impl Sfu {
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            route_hints: Vec::new(),
             detached: HashMap::new(),
             out: VecDeque::new(),
             timers: timers::Timers::default(),
@@ -589,6 +598,14 @@ impl Sfu {
     /// ICE with one of this engine's peer connections, which still exists).
     pub fn knows_address(&self, proto: IpProto, source: &SocketAddr) -> bool {
         self.by_addr.contains_key(&(proto, *source))
+    }
+
+    /// Peer addresses learned from SDP rather than from their STUN (a cascade mirror checks a
+    /// peer Conclave's candidates and gets only STUN responses, which name no ufrag): a caller
+    /// that routes datagrams by source address must send theirs to this engine from now on.
+    /// Taken once.
+    pub fn take_route_hints(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.route_hints)
     }
 
     /// Datagram counters so far.
@@ -826,6 +843,11 @@ impl Sfu {
     /// A peer connection; `sends` when the SFU sends media on it (the subscriber side, or a
     /// single peer connection), which then estimates its bandwidth (`engine/bandwidth.rs`).
     fn new_pc(&mut self, now: Instant, sends: bool) -> Pc {
+        self.new_pc_with(now, sends, true)
+    }
+
+    /// A peer connection; `ice_lite: false` for a cascade mirror's (see [`Join::cascade`]).
+    fn new_pc_with(&mut self, now: Instant, sends: bool, ice_lite: bool) -> Pc {
         let (ufrag, pass) = self.ids.ice_credentials();
         let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
         let mut builder = Rtc::builder();
@@ -833,7 +855,7 @@ impl Sfu {
             builder = builder.set_dtls_cert(cert.clone());
         }
         builder = builder
-            .set_ice_lite(true)
+            .set_ice_lite(ice_lite)
             // Packets are forwarded as they come (`engine/packet.rs`), not as frames.
             .set_rtp_mode(true)
             .set_local_ice_credentials(str0m::IceCreds {
@@ -910,6 +932,7 @@ impl Sfu {
             client_protocol,
             single_pc,
             ice_servers,
+            cascade,
         } = join;
         if self.refuse_if_full(session, &room_name, &identity) {
             return;
@@ -1010,6 +1033,7 @@ impl Sfu {
             audio_level: 0.0,
             speaking: false,
             link: bandwidth::Link::default(),
+            cascade,
         };
 
         let client_configuration = self.client_configuration();

@@ -283,6 +283,7 @@ async fn connect(
         client_protocol: settings.client_protocol,
         single_pc: signalling == Signalling::V1,
         ice_servers: ice_servers(&state),
+        cascade: false,
     };
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");

@@ -391,3 +391,191 @@ async fn cascade_relay_is_cut_when_the_server_acl_denies_the_peer() {
     );
     drop((hs2, c2));
 }
+
+/// The whole cascade with real SDK clients: bob@hs2 asks Conclave-1 (alice's focus) for a
+/// token, as Element Call does in multi-SFU mode, and is sent to Conclave-2's mirror of the
+/// call; his client connects only to Conclave-2 and receives alice's audio and video under
+/// her own identity, relayed once from Conclave-1. With Conclave-2 down, Conclave-1 answers
+/// directly, as without a cascade.
+#[tokio::test]
+async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once() {
+    let _heavy = heavy_lock();
+    let Ministries {
+        hs1,
+        hs2,
+        c1,
+        mut c2,
+    } = Ministries::start_cascading().await.unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let bob = hs2.register("bob", false).await.unwrap();
+    let carol = hs2.register("carol", false).await.unwrap();
+    // bob may ban alice (power 100 over her 50; room version 11, where a creator can be
+    // banned).
+    let room = alice
+        .create_room(json!({
+            "preset": "private_chat", "name": "cascade", "room_version": "11",
+            "invite": [bob.user_id, carol.user_id],
+            "power_level_content_override": {
+                "events": {CALL_MEMBER: 0},
+                "users": {alice.user_id.clone(): 50, bob.user_id.clone(): 100},
+            },
+        }))
+        .await
+        .unwrap();
+    for u in [&bob, &carol] {
+        u.wait_for_invite(&room, Duration::from_secs(30))
+            .await
+            .unwrap();
+        u.join(&room, &[&hs1.server_name]).await.unwrap();
+        join_call(u, &room).await;
+    }
+    join_call(&alice, &room).await;
+    let token = get_token(&c1, &alice, &room).await;
+    let alice_identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
+    let mut spec = PyClientSpec::new(c1.ws_url(), token["jwt"].as_str().unwrap(), "alice");
+    spec.timeout_s = 120.0;
+    spec.min_duration_s = 120.0;
+    let mut alice_client = PyClient::spawn(spec).unwrap();
+    for _ in 0..2 {
+        alice_client
+            .wait_event("published", Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let logs = || {
+        format!(
+            "--- Conclave-1\n{}\n--- Conclave-2\n{}",
+            c1.log_excerpt(&["cascade", "mirror", "relay", "WARN"], 40),
+            c2.log_excerpt(&["cascade", "mirror", "relay", "WARN"], 40)
+        )
+    };
+
+    // bob and carol ask alice's Conclave, and get their own Conclave's mirror of the call.
+    let mirror = format!(
+        "cascade:{}:{}",
+        hs1.server_name,
+        room_name(&room, LEGACY_SLOT)
+    );
+    let mut viewers = Vec::new();
+    for u in [&bob, &carol] {
+        let started = Instant::now();
+        let answer = get_token(&c1, u, &room).await;
+        println!(
+            "cascade: {}'s token through the mirror in {:?}",
+            u.user_id,
+            started.elapsed()
+        );
+        assert_eq!(answer["url"], c2.ws_url(), "{answer}\n{}", logs());
+        let claims = jwt_payload(answer["jwt"].as_str().unwrap());
+        assert_eq!(claims["video"]["room"], mirror, "{claims}");
+        assert_eq!(claims["video"]["canPublish"], false, "{claims}");
+        assert_eq!(claims["video"]["canSubscribe"], true, "{claims}");
+        // Their clients, on Conclave-2 only, receive alice's media under her identity.
+        let mut spec = PyClientSpec::new(
+            c2.ws_url(),
+            answer["jwt"].as_str().unwrap(),
+            u.user_id.as_str(),
+        );
+        spec.publish_audio = false;
+        spec.publish_video = false;
+        spec.expect_participants = 1;
+        spec.expect_audio_frames = 50;
+        spec.expect_video_frames = 20;
+        spec.timeout_s = 90.0;
+        spec.min_duration_s = 90.0;
+        viewers.push(PyClient::spawn(spec).unwrap());
+    }
+    for viewer in &mut viewers {
+        for event in ["first_audio_frame", "first_video_frame"] {
+            let e = viewer
+                .wait_event(event, Duration::from_secs(40))
+                .await
+                .unwrap_or_else(|e| panic!("{event}: {e}\n{}", logs()));
+            assert_eq!(e["identity"], alice_identity, "{e}");
+        }
+        viewer
+            .wait_event("expectations_met", Duration::from_secs(40))
+            .await
+            .unwrap();
+    }
+
+    // Conclave-1 serves alice and the relay's two connections (roster, alice's media), never
+    // bob or carol: alice's tracks cross once, whatever the number of viewers at Conclave-2.
+    let encode = |r: &str| {
+        r.replace('/', "%2F")
+            .replace('+', "%2B")
+            .replace('=', "%3D")
+    };
+    let origin = c1
+        .admin_get(
+            &format!(
+                "/_conclave/admin/v1/sfu/rooms/{}",
+                encode(&room_name(&room, LEGACY_SLOT))
+            ),
+            ADMIN_TOKEN,
+        )
+        .await
+        .unwrap();
+    let identities: Vec<String> = origin["participants"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{origin}"))
+        .iter()
+        .map(|p| p["identity"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let roster = format!("cascade:{}", hs2.server_name);
+    let media_relay = format!("{roster}|{}", alice_identity.as_str().unwrap());
+    let mut want = vec![
+        alice_identity.as_str().unwrap().to_owned(),
+        roster,
+        media_relay,
+    ];
+    want.sort();
+    let mut got = identities.clone();
+    got.sort();
+    assert_eq!(got, want, "{origin}");
+    let mirrored = c2
+        .admin_get(
+            &format!("/_conclave/admin/v1/sfu/rooms/{}", encode(&mirror)),
+            ADMIN_TOKEN,
+        )
+        .await
+        .unwrap();
+    assert!(
+        mirrored
+            .to_string()
+            .contains(alice_identity.as_str().unwrap()),
+        "{mirrored}"
+    );
+
+    // bob bans alice: her mirror leaves Conclave-2's room.
+    let banned = Instant::now();
+    bob.ban(&room, &alice.user_id, Some("cascade test"))
+        .await
+        .unwrap();
+    let gone = viewers[0]
+        .wait_event_matching(
+            "participant_disconnected",
+            |e| e["identity"] == alice_identity,
+            Duration::from_secs(15),
+        )
+        .await;
+    let took = banned.elapsed();
+    if let Err(e) = gone {
+        panic!("alice still at Conclave-2 after the ban: {e}\n{}", logs());
+    }
+    report_cut(
+        "bob banned alice (her mirror left Conclave-2)",
+        took,
+        &logs(),
+    );
+
+    // Conclave-2 down: Conclave-1 answers carol directly (today's multi-SFU path).
+    drop(viewers);
+    c2.stop().await.unwrap();
+    let direct = get_token(&c1, &carol, &room).await;
+    assert_eq!(direct["url"], c1.ws_url(), "{direct}");
+    assert!(c1
+        .logs()
+        .contains("cascade mirror failed; answering directly"));
+    drop((alice_client, hs2));
+}

@@ -23,6 +23,7 @@ const RANKS: &[(&str, u32)] = &[
     ("calls", 4),
     ("auth", 5),
     ("signal", 6),
+    ("cascade", 6),
     ("webhook", 6),
     ("http", 7),
     ("serve", 8),

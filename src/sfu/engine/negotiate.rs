@@ -28,7 +28,8 @@ impl Sfu {
         {
             return;
         }
-        let pc = self.new_pc(now, false);
+        let cascade = self.participant_mut(session).is_some_and(|p| p.cascade);
+        let pc = self.new_pc_with(now, false, !cascade);
         let ufrag = pc.ufrag.clone();
         if let Some(p) = self.participant_mut(session) {
             p.transport.set_publisher(pc);
@@ -71,6 +72,9 @@ impl Sfu {
         };
         match pc.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
+                if p.cascade {
+                    self.learn_offered_candidates(session, &sdp);
+                }
                 let text = super::red::only_offered_formats(&answer.to_sdp_string(), &sdp);
                 let text = self.routable_ice_credentials(session, PcKind::Publisher, text);
                 let answer = lk::SessionDescription {
@@ -84,6 +88,20 @@ impl Sfu {
             Err(e) => tracing::warn!(%session, error = %e, "publisher offer refused"),
         }
         self.drain(now, session);
+    }
+
+    /// A cascade mirror's publisher connection checks the peer's candidates itself (full
+    /// ICE): their STUN responses name no ufrag, so the UDP host candidates of the peer's offer
+    /// are mapped to the connection now, and handed to the caller for its routing.
+    fn learn_offered_candidates(&mut self, session: SessionId, sdp: &str) {
+        for addr in offered_udp_candidates(sdp) {
+            let key = (super::IpProto::Udp, addr);
+            if self.by_addr.contains_key(&key) {
+                continue;
+            }
+            self.by_addr.insert(key, (session, PcKind::Publisher));
+            self.route_hints.push(addr);
+        }
     }
 
     pub(super) fn subscriber_answer(
@@ -350,5 +368,45 @@ impl Sfu {
         for s in touched {
             self.renegotiate(now, s);
         }
+    }
+}
+
+/// The addresses of the UDP candidates (`a=candidate:` lines) of an SDP.
+fn offered_udp_candidates(sdp: &str) -> Vec<std::net::SocketAddr> {
+    sdp.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("a=candidate:"))
+        .filter_map(|c| {
+            // foundation component transport priority address port typ …
+            let f: Vec<&str> = c.split_whitespace().collect();
+            let (transport, ip, port) = (f.get(2)?, f.get(4)?, f.get(5)?);
+            if !transport.eq_ignore_ascii_case("udp") {
+                return None;
+            }
+            Some(std::net::SocketAddr::new(
+                ip.parse().ok()?,
+                port.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod candidate_tests {
+    #[test]
+    fn udp_candidates_are_read_and_others_skipped() {
+        let sdp = "v=0\r\n\
+                   a=candidate:1 1 udp 2130706175 127.0.0.1 7882 typ host\r\n\
+                   a=candidate:2 1 tcp 1000 127.0.0.1 7881 typ host tcptype passive\r\n\
+                   a=candidate:3 1 UDP 1 ::1 9 typ host\r\n\
+                   a=candidate:junk\r\n\
+                   a=candidate:4 1 udp 1 not-an-ip 9 typ host\r\n";
+        let found = super::offered_udp_candidates(sdp);
+        assert_eq!(
+            found,
+            [
+                "127.0.0.1:7882".parse().unwrap(),
+                "[::1]:9".parse().unwrap()
+            ]
+        );
     }
 }

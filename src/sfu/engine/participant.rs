@@ -227,6 +227,8 @@ pub(super) struct Polled {
 
 /// A participant (one signalling session) in a room.
 pub(super) struct Participant {
+    /// A mirror of a peer Conclave's participant (see [`super::Join::cascade`]).
+    pub(super) cascade: bool,
     pub(super) session: SessionId,
     pub(super) identity: ParticipantIdentity,
     pub(super) sid: ParticipantSid,

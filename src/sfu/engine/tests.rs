@@ -58,6 +58,7 @@ pub(super) fn join_command(
         client_protocol: 2,
         single_pc,
         ice_servers: Vec::new(),
+        cascade: false,
     })
 }
 
@@ -400,6 +401,7 @@ fn publishing_without_permission_is_refused() {
             client_protocol: 2,
             single_pc: false,
             ice_servers: Vec::new(),
+            cascade: false,
         }),
     );
     drain(&mut s);

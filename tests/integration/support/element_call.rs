@@ -92,7 +92,7 @@ impl Ministries {
     async fn start_opts(msc4512: bool, cascade: bool) -> Result<Ministries> {
         let ca = TestCa::new()?;
         let ports = free_ports(4)?;
-        let prepare = |http: u16, fed: u16, peer_fed: u16| -> Result<Conclave> {
+        let prepare = |http: u16, fed: u16| -> Result<Conclave> {
             let server = format!("localhost:{fed}");
             let mut opts = ConclaveOptions::standalone();
             opts.homeserver_url = format!("http://127.0.0.1:{http}");
@@ -110,16 +110,10 @@ impl Ministries {
             if !msc4512 {
                 opts = opts.env("CONCLAVE_AUTH__REMOTE_CAN_PUBLISH", "false");
             }
-            if cascade {
-                opts = opts.env(
-                    "CONCLAVE_CASCADE__PEERS",
-                    &format!("[{{server_name = \"localhost:{peer_fed}\"}}]"),
-                );
-            }
             Conclave::prepare(opts)
         };
-        let mut c1 = prepare(ports[0], ports[1], ports[3])?;
-        let mut c2 = prepare(ports[2], ports[3], ports[1])?;
+        let mut c1 = prepare(ports[0], ports[1])?;
+        let mut c2 = prepare(ports[2], ports[3])?;
         let hs_options = |c: &Conclave, http: u16, fed: u16| -> Result<HsOptions> {
             // What the walkthrough has the operator run: the registration, and the discovery
             // block pasted into homeserver.yaml.
@@ -156,7 +150,29 @@ impl Ministries {
         let o1 = hs_options(&c1, ports[0], ports[1])?;
         let o2 = hs_options(&c2, ports[2], ports[3])?;
         let (hs1, hs2) = start_pair_with(o1, o2).await?;
-        let (r1, r2) = tokio::join!(c1.spawn(), c2.spawn());
+        // Each lists the other as a cascade peer, with its URL (known once both are prepared).
+        let peer_of = |c: &Conclave, fed: u16| {
+            format!(
+                "[{{server_name = \"localhost:{fed}\", url = \"{}\"}}]",
+                c.url
+            )
+        };
+        let (p1, p2) = if cascade {
+            (peer_of(&c2, ports[3]), peer_of(&c1, ports[1]))
+        } else {
+            (String::new(), String::new())
+        };
+        let env = |p: &str| -> Vec<(&'static str, String)> {
+            if p.is_empty() {
+                Vec::new()
+            } else {
+                vec![("CONCLAVE_CASCADE__PEERS", p.to_owned())]
+            }
+        };
+        let (e1, e2) = (env(&p1), env(&p2));
+        let r1: Vec<(&str, &str)> = e1.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r2: Vec<(&str, &str)> = e2.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (r1, r2) = tokio::join!(c1.spawn_with_env(&r1), c2.spawn_with_env(&r2));
         r1.context("starting Conclave-1")?;
         r2.context("starting Conclave-2")?;
         Ok(Ministries { hs1, hs2, c1, c2 })

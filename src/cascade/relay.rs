@@ -1,0 +1,423 @@
+//! A relay: one peer's call mirrored into our mirror room.
+//!
+//! **Roster.** One signalling connection to the origin (`/rtc`, hidden, subscribing to
+//! nothing) follows who is in the call and what they publish.
+//!
+//! **Media, one connection per origin participant.** For each participant that publishes,
+//! another hidden connection subscribes to exactly that participant's tracks (each track once,
+//! whatever the number of our subscribers), and a mirror participant joins our SFU under the
+//! origin participant's identity, name and metadata. The two are glued at the SDP level: the
+//! origin's subscriber offer is the mirror's publisher offer (track SIDs as `msid` track ids
+//! bind them), our answer goes back as the subscriber answer, candidates both ways. So the
+//! media flows from the origin's media port to ours without passing through this task, and
+//! our engine forwards it like any publisher's. Both SFUs are ICE-lite; the mirror's
+//! connection runs full ICE ([`crate::sfu::Join::cascade`]).
+//!
+//! Why one connection per participant: our engine presents a participant by the connection
+//! it publishes on, and Element Call maps media to members by participant identity. A single
+//! relay connection would present every origin participant as one (a later step may teach the
+//! engine several identities per connection).
+//!
+//! Not relayed yet (`docs/cascade.md`): data packets (the mirror may not publish data),
+//! simulcast layers other than the top one the origin picks, speaker updates (computed here
+//! from the audio levels).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Msg;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::auth::tokens::cascade::{PeerLink, RelayGrant, RELAY_IDENTITY_PREFIX};
+use crate::config::CascadePeer;
+use crate::net::{session_queue, SfuHandle};
+use crate::sfu::ids::{ParticipantIdentity, RoomName};
+use crate::sfu::{Command, Join, SignalOut};
+
+/// Keep-alive towards the origin's signalling (it closes silent sessions).
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// How long a connection may take to open and join.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before the roster connection is opened again after it ended.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Attempts of the roster connection in a row before the relay gives up.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// What to relay.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    /// The origin.
+    pub(super) peer: CascadePeer,
+    /// The call's Matrix room.
+    pub(super) room_id: String,
+    /// The call's slot.
+    pub(super) slot_id: String,
+    /// Our mirror room.
+    pub(super) mirror: RoomName,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Why a relay connection ended.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("peer: {0}")]
+    Peer(#[from] crate::auth::tokens::cascade::PeerError),
+    #[error("signalling: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("closed: {0}")]
+    Closed(&'static str),
+    #[error("our SFU is not running")]
+    SfuGone,
+}
+
+/// Opens a signalling connection on `grant` (v0, subscribing to nothing by itself) and
+/// waits for its join response.
+async fn connect(grant: &RelayGrant) -> Result<(Ws, lk::JoinResponse), RelayError> {
+    let url = format!(
+        "{}/rtc?access_token={}&auto_subscribe=0&protocol=15&sdk=conclave-cascade",
+        grant.url.trim_end_matches('/'),
+        grant.jwt
+    );
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+        .await
+        .map_err(|_| RelayError::Timeout("connect"))??;
+    let join = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match recv(&mut ws).await? {
+                Some(Msg::Join(j)) => return Ok(j),
+                Some(_) => {}
+                None => return Err(RelayError::Closed("before the join response")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| RelayError::Timeout("join response"))??;
+    Ok((ws, join))
+}
+
+/// The next signal message (`None`: the connection ended).
+async fn recv(ws: &mut Ws) -> Result<Option<Msg>, RelayError> {
+    while let Some(frame) = ws.next().await {
+        let bytes = match frame? {
+            WsMessage::Binary(b) => b,
+            WsMessage::Close(_) => return Ok(None),
+            _ => continue,
+        };
+        match lk::SignalResponse::decode(bytes.as_ref()) {
+            Ok(r) => {
+                if let Some(m) = r.message {
+                    return Ok(Some(m));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "undecodable signal message from the origin"),
+        }
+    }
+    Ok(None)
+}
+
+async fn send(ws: &mut Ws, m: Req) -> Result<(), RelayError> {
+    let bytes = lk::SignalRequest { message: Some(m) }.encode_to_vec();
+    ws.send(WsMessage::Binary(bytes.into())).await?;
+    Ok(())
+}
+
+fn ping() -> Req {
+    Req::Ping(crate::clock::unix_millis())
+}
+
+/// Whether `p` is mirrored: it publishes and is a real participant (not hidden, not a relay).
+fn mirrored(p: &lk::ParticipantInfo) -> bool {
+    !p.tracks.is_empty()
+        && !p.identity.starts_with(RELAY_IDENTITY_PREFIX)
+        && !p.permission.as_ref().is_some_and(|x| x.hidden)
+        && p.state != lk::participant_info::State::Disconnected as i32
+}
+
+/// Runs the relay of `target` until the origin stops answering (a few attempts), mirroring
+/// each publishing participant.
+#[tracing::instrument(name = "cascade_relay", skip_all, fields(peer = %target.peer.server_name, mirror = %target.mirror))]
+pub(super) async fn run(link: PeerLink, sfu: SfuHandle, target: Target, first: RelayGrant) {
+    let mut failures = 0;
+    let mut grant = Some(first);
+    while failures < MAX_ATTEMPTS {
+        match roster(&link, &sfu, &target, grant.take()).await {
+            Ok(()) => {
+                tracing::info!("relay ended by the origin");
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "relay roster connection failed");
+            }
+        }
+        tokio::time::sleep(RETRY_AFTER).await;
+    }
+    tracing::warn!("relay given up");
+}
+
+/// A mirrored participant's task and the channel that tells it about new tracks.
+struct Mirror {
+    task: JoinHandle<()>,
+    updates: mpsc::Sender<lk::ParticipantInfo>,
+}
+
+/// The roster connection: mirrors appear and go with the origin's participants. `Ok` when
+/// the origin ended the relay (it was cut), an error when the connection failed.
+async fn roster(
+    link: &PeerLink,
+    sfu: &SfuHandle,
+    target: &Target,
+    grant: Option<RelayGrant>,
+) -> Result<(), RelayError> {
+    let grant = match grant {
+        Some(g) => g,
+        None => {
+            link.relay_grant(&target.peer, &target.room_id, &target.slot_id, None)
+                .await?
+        }
+    };
+    let (mut ws, join) = connect(&grant).await?;
+    tracing::info!(origin_room = %grant.room, "relay roster connected");
+    let mut mirrors: HashMap<String, Mirror> = HashMap::new();
+    let seen = |mirrors: &mut HashMap<String, Mirror>, p: lk::ParticipantInfo| {
+        mirrors.retain(|_, m| !m.task.is_finished());
+        if p.state == lk::participant_info::State::Disconnected as i32 {
+            // Its updates channel closes: the mirror leaves our room and hangs up.
+            mirrors.remove(&p.identity);
+            return;
+        }
+        if !mirrored(&p) {
+            return;
+        }
+        match mirrors.get(&p.identity) {
+            Some(m) => {
+                let _ = m.updates.try_send(p);
+            }
+            None => {
+                let (tx, rx) = mpsc::channel(16);
+                let identity = p.identity.clone();
+                let task = tokio::spawn(mirror(link.clone(), sfu.clone(), target.clone(), p, rx));
+                mirrors.insert(identity, Mirror { task, updates: tx });
+            }
+        }
+    };
+    for p in join.other_participants {
+        seen(&mut mirrors, p);
+    }
+    let mut keepalive = tokio::time::interval(PING_EVERY);
+    let result = loop {
+        tokio::select! {
+            m = recv(&mut ws) => match m {
+                Ok(Some(Msg::Update(u))) => {
+                    for p in u.participants {
+                        seen(&mut mirrors, p);
+                    }
+                }
+                Ok(Some(Msg::Leave(_))) | Ok(None) => break Ok(()),
+                Ok(Some(_)) => {}
+                Err(e) => break Err(e),
+            },
+            _ = keepalive.tick() => {
+                if let Err(e) = send(&mut ws, ping()).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    // Every mirror leaves our room (its updates channel closes), within a bound.
+    let tasks: Vec<JoinHandle<()>> = mirrors.into_values().map(|m| m.task).collect();
+    for mut task in tasks {
+        if tokio::time::timeout(CONNECT_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+    let _ = ws.close(None).await;
+    result
+}
+
+/// Mirrors one origin participant until its media connection ends.
+#[tracing::instrument(name = "cascade_mirror", skip_all, fields(identity = %info.identity))]
+async fn mirror(
+    link: PeerLink,
+    sfu: SfuHandle,
+    target: Target,
+    info: lk::ParticipantInfo,
+    updates: mpsc::Receiver<lk::ParticipantInfo>,
+) {
+    match mirror_inner(&link, &sfu, &target, info, updates).await {
+        Ok(()) => tracing::info!("mirror ended"),
+        Err(e) => tracing::warn!(error = %e, "mirror failed"),
+    }
+}
+
+async fn mirror_inner(
+    link: &PeerLink,
+    sfu: &SfuHandle,
+    target: &Target,
+    info: lk::ParticipantInfo,
+    mut updates: mpsc::Receiver<lk::ParticipantInfo>,
+) -> Result<(), RelayError> {
+    let grant = link
+        .relay_grant(
+            &target.peer,
+            &target.room_id,
+            &target.slot_id,
+            Some(&info.identity),
+        )
+        .await?;
+    let (mut ws, _) = connect(&grant).await?;
+    // Our side: a participant under the origin's identity that publishes what the origin
+    // sends it.
+    let session = sfu.new_session(&target.mirror);
+    let (sink, mut queue) = session_queue();
+    let join = Join {
+        session,
+        room: target.mirror.clone(),
+        identity: ParticipantIdentity::from(info.identity.as_str()),
+        name: info.name.clone(),
+        metadata: info.metadata.clone(),
+        attributes: info.attributes.clone(),
+        permission: lk::ParticipantPermission {
+            can_publish: true,
+            can_subscribe: false,
+            can_publish_data: false,
+            ..Default::default()
+        },
+        auto_subscribe: false,
+        client_protocol: 0,
+        single_pc: false,
+        ice_servers: Vec::new(),
+        cascade: true,
+    };
+    if !sfu.open(sink, join).await {
+        return Err(RelayError::SfuGone);
+    }
+    let mut announced: Vec<String> = Vec::new();
+    let result = async {
+        announce(sfu, session, &mut ws, &info, &mut announced).await?;
+        let mut keepalive = tokio::time::interval(PING_EVERY);
+        loop {
+            tokio::select! {
+                m = recv(&mut ws) => match m? {
+                    Some(Msg::Offer(sd)) => {
+                        local(sfu, session, Req::Offer(sd)).await?;
+                    }
+                    Some(Msg::Trickle(mut t)) => {
+                        t.target = lk::SignalTarget::Publisher as i32;
+                        local(sfu, session, Req::Trickle(t)).await?;
+                    }
+                    Some(Msg::Leave(_)) | None => return Ok(()),
+                    Some(_) => {}
+                },
+                out = queue.recv() => match out {
+                    Some(SignalOut::Message(m)) => match *m {
+                        Msg::Answer(sd) => send(&mut ws, Req::Answer(sd)).await?,
+                        Msg::Trickle(mut t) => {
+                            t.target = lk::SignalTarget::Subscriber as i32;
+                            send(&mut ws, Req::Trickle(t)).await?;
+                        }
+                        _ => {}
+                    },
+                    Some(SignalOut::Close) | None => return Err(RelayError::Closed("by our SFU")),
+                },
+                u = updates.recv() => match u {
+                    Some(newer) => announce(sfu, session, &mut ws, &newer, &mut announced).await?,
+                    None => return Ok(()),
+                },
+                _ = keepalive.tick() => send(&mut ws, ping()).await?,
+            }
+        }
+    }
+    .await;
+    sfu.disconnect(session, 0, lk::DisconnectReason::ClientInitiated)
+        .await;
+    let _ = ws.close(None).await;
+    result
+}
+
+/// Sends a request of the mirror participant `session` to our SFU.
+async fn local(sfu: &SfuHandle, session: crate::sfu::SessionId, m: Req) -> Result<(), RelayError> {
+    let cmd = Command::Request {
+        session,
+        message: Box::new(m),
+    };
+    if sfu.command(cmd).await {
+        Ok(())
+    } else {
+        Err(RelayError::SfuGone)
+    }
+}
+
+/// Announces `info`'s tracks not announced yet: to our SFU as the mirror's tracks (the
+/// origin's track SID as `cid`, which the origin's offer names in `msid`), and to the origin
+/// as subscriptions, top layer.
+async fn announce(
+    sfu: &SfuHandle,
+    session: crate::sfu::SessionId,
+    ws: &mut Ws,
+    info: &lk::ParticipantInfo,
+    announced: &mut Vec<String>,
+) -> Result<(), RelayError> {
+    let fresh: Vec<&lk::TrackInfo> = info
+        .tracks
+        .iter()
+        .filter(|t| !announced.contains(&t.sid))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    for t in &fresh {
+        let add = lk::AddTrackRequest {
+            cid: t.sid.clone(),
+            name: t.name.clone(),
+            r#type: t.r#type,
+            width: t.width,
+            height: t.height,
+            muted: t.muted,
+            disable_red: t.disable_red,
+            source: t.source,
+            encryption: t.encryption,
+            stream: t.stream.clone(),
+            ..Default::default()
+        };
+        local(sfu, session, Req::AddTrack(add)).await?;
+    }
+    let sids: Vec<String> = fresh.iter().map(|t| t.sid.clone()).collect();
+    send(
+        ws,
+        Req::Subscription(lk::UpdateSubscription {
+            track_sids: sids.clone(),
+            subscribe: true,
+            participant_tracks: vec![lk::ParticipantTracks {
+                participant_sid: info.sid.clone(),
+                track_sids: sids.clone(),
+            }],
+        }),
+    )
+    .await?;
+    send(
+        ws,
+        Req::TrackSetting(lk::UpdateTrackSettings {
+            track_sids: sids.clone(),
+            disabled: false,
+            quality: lk::VideoQuality::High as i32,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    announced.extend(sids);
+    Ok(())
+}
