@@ -620,7 +620,7 @@ mod tests {
                 client_protocol: 2,
                 single_pc: false,
                 ice_servers: Vec::new(),
-                cascade: false,
+                cascade: crate::sfu::CascadeRole::None,
             }),
         );
         sfu.handle_command(

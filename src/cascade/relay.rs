@@ -38,7 +38,7 @@ use crate::auth::tokens::cascade::{PeerLink, RelayGrant, RELAY_IDENTITY_PREFIX};
 use crate::config::CascadePeer;
 use crate::net::{session_queue, SfuHandle};
 use crate::sfu::ids::{ParticipantIdentity, RoomName};
-use crate::sfu::{Command, Join, SignalOut};
+use crate::sfu::{CascadeRole, Command, Join, SignalOut};
 
 /// Keep-alive towards the origin's signalling (it closes silent sessions).
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -300,7 +300,8 @@ async fn mirror_inner(
         client_protocol: 0,
         single_pc: false,
         ice_servers: Vec::new(),
-        cascade: true,
+        // Our SFU binds the mirror a socket of its own.
+        cascade: CascadeRole::Mirror(None),
     };
     if !sfu.open(sink, join).await {
         return Err(RelayError::SfuGone);

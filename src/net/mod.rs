@@ -821,7 +821,7 @@ pub fn start(
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (dtx, drx) = mpsc::channel(DATAGRAM_QUEUE);
         request_txs.push(tx);
-        datagram_txs.push(dtx);
+        datagram_txs.push(dtx.clone());
         let send_sockets = clone_sockets(&sockets)?;
         let sfu = Sfu::new(
             SfuConfig {
@@ -849,6 +849,8 @@ pub fn start(
             dropped_sends: 0,
             routes: routes.clone(),
             tcp: HashMap::new(),
+            inbound_tx: dtx.clone(),
+            mirrors: HashMap::new(),
         };
         // With one loop, it reads the sockets; with more, the receiver does (the first loop
         // to stop stops it).
@@ -1031,6 +1033,11 @@ struct Loop {
     routes: Routes,
     /// ICE-TCP connections by (local, remote) address.
     tcp: HashMap<(SocketAddr, SocketAddr), TcpPeer>,
+    /// This loop's own inbound queue (cascade mirrors' sockets feed it).
+    inbound_tx: mpsc::Sender<Inbound>,
+    /// Cascade mirrors' own sockets (see [`crate::sfu::CascadeRole::Mirror`]): address and
+    /// reader task, by session.
+    mirrors: HashMap<SessionId, (SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl Loop {
@@ -1144,6 +1151,66 @@ impl Loop {
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(source, self.index);
+            }
+        }
+    }
+
+    /// Binds a cascade mirror its own UDP socket on the first media address (any port), read
+    /// by a task of this loop's runtime into its inbound queue, sent on like the others.
+    fn bind_mirror(&mut self, session: SessionId) -> std::io::Result<SocketAddr> {
+        let ip = self
+            .sockets
+            .first()
+            .map(|(a, _)| a.ip())
+            .ok_or_else(|| std::io::Error::other("no media socket"))?;
+        let sock = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        sock.set_nonblocking(true)?;
+        let local = sock.local_addr()?;
+        let send = sock.try_clone()?;
+        let read = UdpSocket::from_std(sock)?;
+        let tx = self.inbound_tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                match read.recv_from(&mut buf).await {
+                    Ok((n, source)) => {
+                        let packet = Inbound::Packet {
+                            proto: IpProto::Udp,
+                            source,
+                            local,
+                            bytes: buf[..n].to_vec(),
+                        };
+                        // Full: dropped, as the receiver drops (never waits).
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(packet) {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::trace!(error = %e, "cascade mirror socket receive error"),
+                }
+            }
+        });
+        self.sockets.push((local, send));
+        self.pending.push(Vec::new());
+        self.mirrors.insert(session, (local, reader));
+        tracing::debug!(%session, %local, "cascade mirror socket bound");
+        Ok(local)
+    }
+
+    /// Closes the sockets of cascade mirrors that left (after a flush: nothing pending).
+    fn sweep_mirrors(&mut self) {
+        let gone: Vec<SessionId> = self
+            .mirrors
+            .keys()
+            .filter(|s| !self.sfu.has_session(**s))
+            .copied()
+            .collect();
+        for session in gone {
+            if let Some((local, reader)) = self.mirrors.remove(&session) {
+                reader.abort();
+                if let Some(i) = self.sockets.iter().position(|(a, _)| *a == local) {
+                    self.sockets.remove(i);
+                    self.pending.remove(i);
+                }
             }
         }
     }
@@ -1299,6 +1366,17 @@ impl Loop {
             } => {
                 // A refused join (room full) closes the session: its sink goes at once.
                 self.sinks.insert(session, sink);
+                let mut join = join;
+                if join.cascade == crate::sfu::CascadeRole::Mirror(None) {
+                    match self.bind_mirror(session) {
+                        Ok(addr) => join.cascade = crate::sfu::CascadeRole::Mirror(Some(addr)),
+                        Err(e) => {
+                            tracing::warn!(%session, error = %e, "no socket for a cascade mirror");
+                            self.sinks.remove(&session);
+                            return;
+                        }
+                    }
+                }
                 self.sfu.handle_command(now, Command::Join(join));
             }
             LoopRequest::CreateRoom {
@@ -1380,12 +1458,13 @@ async fn run(
     let mut woke = Instant::now();
     loop {
         let mut timeout = lp.drain();
-        if lp.threads > 1 || !lp.tcp.is_empty() {
+        if lp.threads > 1 || !lp.tcp.is_empty() || !lp.mirrors.is_empty() {
             if woke >= next_sweep {
                 if lp.threads > 1 {
                     lp.sweep_routes();
                 }
                 lp.sweep_tcp();
+                lp.sweep_mirrors();
                 next_sweep = woke + ROUTE_SWEEP;
             }
             timeout = timeout.min(next_sweep);
@@ -1495,7 +1574,7 @@ mod tests {
             client_protocol: 17,
             single_pc: false,
             ice_servers: Vec::new(),
-            cascade: false,
+            cascade: crate::sfu::CascadeRole::None,
         }
     }
 

@@ -354,11 +354,31 @@ pub struct Join {
     pub single_pc: bool,
     /// TURN servers (with this participant's credentials) for its join response.
     pub ice_servers: Vec<lk::IceServer>,
-    /// A mirror of a participant of a peer Conclave (`docs/cascade.md`): its "client" is the
-    /// peer's SFU, whose subscriber offers arrive as this participant's publisher offers. The
-    /// peer's connections are ICE-lite like ours, so this publisher connection runs full ICE
-    /// (and is controlling): it checks the candidates of the peer's offer itself.
-    pub cascade: bool,
+    /// What the participant is to the cascade (`docs/cascade.md`).
+    pub cascade: CascadeRole,
+}
+
+/// What a participant is to the cascade between Conclaves (`docs/cascade.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CascadeRole {
+    /// A client like any other.
+    #[default]
+    None,
+    /// Here, a mirror of a peer Conclave's participant: its "client" is the peer's SFU,
+    /// whose subscriber offers arrive as this participant's publisher offers. The peer's
+    /// connections are ICE-lite like ours, so this publisher connection runs full ICE (and is
+    /// controlling): it checks the candidates of the peer's offer itself.
+    ///
+    /// Its own local UDP address (a socket of its own, bound by the caller): every connection
+    /// between two Conclaves would otherwise share one pair of addresses (each Conclave has
+    /// one media port), and DTLS and SRTP carry nothing else to tell them apart.
+    Mirror(Option<SocketAddr>),
+    /// A peer Conclave's roster connection: signalling only (who is here, what they
+    /// publish); it never connects media, so no connect deadline applies.
+    Roster,
+    /// A peer Conclave's media relay: it gets every layer it asks for, without bandwidth
+    /// allocation here (the peer allocates per subscriber of its own).
+    Relay,
 }
 
 /// Inputs from signalling sessions and operators.
@@ -494,6 +514,8 @@ pub struct Sfu {
     by_ufrag: HashMap<String, (SessionId, PcKind)>,
     /// Peer addresses that passed ICE, per protocol (a UDP and a TCP peer may share one).
     by_addr: HashMap<(IpProto, SocketAddr), (SessionId, PcKind)>,
+    /// Cascade mirrors' connections, by (their own local address, the peer's address).
+    by_local: HashMap<(SocketAddr, SocketAddr), (SessionId, PcKind)>,
     /// Participants whose signalling was lost, with the deadline for their resume.
     detached: HashMap<SessionId, Instant>,
     out: VecDeque<Output>,
@@ -574,6 +596,7 @@ impl Sfu {
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            by_local: HashMap::new(),
             route_hints: Vec::new(),
             detached: HashMap::new(),
             out: VecDeque::new(),
@@ -606,6 +629,11 @@ impl Sfu {
     /// Taken once.
     pub fn take_route_hints(&mut self) -> Vec<SocketAddr> {
         std::mem::take(&mut self.route_hints)
+    }
+
+    /// Whether `session` is a participant here (joined, not left).
+    pub fn has_session(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
     }
 
     /// Datagram counters so far.
@@ -745,9 +773,16 @@ impl Sfu {
         self.last_now = now;
         self.stats.datagrams += 1;
         let stun_ufrag = super::stun::local_ufrag(packet);
-        let target = match stun_ufrag {
-            Some(ufrag) => self.by_ufrag.get(ufrag).copied(),
-            None => self.by_addr.get(&(proto, source)).copied(),
+        // A cascade mirror's own socket: one peer connection per (local, remote) pair.
+        let mirrored = if self.by_local.is_empty() {
+            None
+        } else {
+            self.by_local.get(&(destination, source)).copied()
+        };
+        let target = match (mirrored, stun_ufrag) {
+            (Some(t), _) => Some(t),
+            (None, Some(ufrag)) => self.by_ufrag.get(ufrag).copied(),
+            (None, None) => self.by_addr.get(&(proto, source)).copied(),
         };
         let Some((session, kind)) = target else {
             // Unknown ufrag, or not STUN from an address that never did ICE: one hash lookup.
@@ -785,7 +820,7 @@ impl Sfu {
         if rtc.handle_input(input).is_err() {
             self.stats.rejected_by_peer += 1;
             tracing::debug!(%session, "peer connection rejected input");
-        } else if stun_ufrag.is_some() {
+        } else if stun_ufrag.is_some() && mirrored.is_none() {
             self.by_addr.insert((proto, source), (session, kind));
         } else {
             // DTLS and SRTP flow on the nominated path only (STUN checks on every pair).
@@ -843,11 +878,18 @@ impl Sfu {
     /// A peer connection; `sends` when the SFU sends media on it (the subscriber side, or a
     /// single peer connection), which then estimates its bandwidth (`engine/bandwidth.rs`).
     fn new_pc(&mut self, now: Instant, sends: bool) -> Pc {
-        self.new_pc_with(now, sends, true)
+        self.new_pc_with(now, sends, true, None)
     }
 
-    /// A peer connection; `ice_lite: false` for a cascade mirror's (see [`Join::cascade`]).
-    fn new_pc_with(&mut self, now: Instant, sends: bool, ice_lite: bool) -> Pc {
+    /// A peer connection; for a cascade mirror's (see [`CascadeRole::Mirror`]) full ICE on
+    /// its own socket `only` (when given) as the one candidate.
+    fn new_pc_with(
+        &mut self,
+        now: Instant,
+        sends: bool,
+        ice_lite: bool,
+        only: Option<SocketAddr>,
+    ) -> Pc {
         let (ufrag, pass) = self.ids.ice_credentials();
         let ufrag = format!("{}{ufrag}", self.config.ufrag_prefix);
         let mut builder = Rtc::builder();
@@ -887,7 +929,11 @@ impl Sfu {
             .set_stats_interval(Some(bandwidth::STATS_INTERVAL))
             .enable_bwe(sends.then_some(bandwidth::INITIAL_ESTIMATE))
             .build(now);
-        for addr in &self.config.candidates {
+        let udp = match only {
+            Some(a) => vec![a],
+            None => self.config.candidates.clone(),
+        };
+        for addr in &udp {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
@@ -898,7 +944,12 @@ impl Sfu {
         // Ranked far below UDP: a client that can reach both must settle on UDP (no
         // head-of-line blocking). str0m's own ranking of a second host candidate is only two
         // below the first, and Chromium on a loaded machine nominated TCP on loopback.
-        for addr in &self.config.tcp_candidates {
+        let tcp = if only.is_some() {
+            &[][..]
+        } else {
+            &self.config.tcp_candidates[..]
+        };
+        for addr in tcp {
             match tcp_candidate(*addr) {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
@@ -1202,6 +1253,7 @@ impl Sfu {
             self.by_ufrag.remove(&creds.ufrag);
         }
         self.by_addr.retain(|_, (s, _)| *s != session);
+        self.by_local.retain(|_, (s, _)| *s != session);
         self.detached.remove(&session);
         if server_initiated {
             // Shutting down: the SDKs rejoin (a full reconnect) once the server is back.

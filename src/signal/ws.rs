@@ -64,6 +64,23 @@ fn flag(query: &HashMap<String, String>, key: &str, default: bool) -> bool {
     }
 }
 
+/// A peer Conclave's relay connections are hidden participants named `cascade:<server>` (its
+/// roster) or `cascade:<server>|<identity>` (one participant's media), as only
+/// [`crate::auth::tokens::TokenService::relay_grant`] mints them (`docs/cascade.md`).
+fn cascade_role(claims: &Claims) -> crate::sfu::CascadeRole {
+    use crate::auth::tokens::cascade::RELAY_IDENTITY_PREFIX;
+    match claims.sub.strip_prefix(RELAY_IDENTITY_PREFIX) {
+        Some(rest) if claims.video.hidden && claims.video.can_publish == Some(false) => {
+            if rest.contains('|') {
+                crate::sfu::CascadeRole::Relay
+            } else {
+                crate::sfu::CascadeRole::Roster
+            }
+        }
+        _ => crate::sfu::CascadeRole::None,
+    }
+}
+
 /// Permissions from the token's grant, with LiveKit's defaults for absent keys.
 pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
     let v = &claims.video;
@@ -283,7 +300,7 @@ async fn connect(
         client_protocol: settings.client_protocol,
         single_pc: signalling == Signalling::V1,
         ice_servers: ice_servers(&state),
-        cascade: false,
+        cascade: cascade_role(&claims),
     };
     if !sfu.open(sink, join).await {
         return text(StatusCode::SERVICE_UNAVAILABLE, "SFU not running");

@@ -171,11 +171,18 @@ async function frameSample() {
   let audioPacketsSent = 0;
   const audioCodecs = new Set();
   let videoFramesDecoded = 0;
+  // Where this page's media goes: the remote address of each connection's selected pair.
+  const mediaRemotes = new Set();
   for (const pc of window.__conclavePcs || []) {
     if (pc.connectionState === 'closed') continue;
     try {
       const stats = await pc.getStats();
       stats.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) {
+          const pair = stats.get(s.selectedCandidatePairId);
+          const remote = pair && stats.get(pair.remoteCandidateId);
+          if (remote) mediaRemotes.add(`${remote.address}:${remote.port}`);
+        }
         if (s.type === 'outbound-rtp' && s.kind === 'audio') {
           audioPacketsSent += s.packetsSent || 0;
           const c = s.codecId && stats.get(s.codecId);
@@ -202,6 +209,7 @@ async function frameSample() {
     audio_packets_sent: audioPacketsSent,
     audio_codecs: [...audioCodecs],
     video_frames_decoded: videoFramesDecoded,
+    media_remotes: [...mediaRemotes],
     text: (document.body ? document.body.innerText : '').slice(0, 1500),
   };
 }
@@ -266,6 +274,7 @@ class Page {
       audio_packets_sent: s.audio_packets_sent ?? 0,
       audio_codecs: s.audio_codecs ?? [],
       local_videos: (s.videos || []).filter((v) => v.local).length,
+      media_remotes: s.media_remotes ?? [],
       text: s.text ?? '',
     };
   }

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use crate::support::conclave::Conclave;
 use conclave::matrix::naming::{legacy_identity, member_identity};
 
-use crate::support::element_call::{admin_call, EcDriver, EcPage, Ministries, RtcMode};
+use crate::support::element_call::{
+    admin_call, EcDriver, EcPage, Ministries, RtcMode, CONCLAVE_2_MEDIA_IP,
+};
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
 
@@ -398,6 +400,118 @@ async fn element_call_two_ministries_matrix_2_0() {
     let m = Ministries::start().await.expect("two ministries");
     run_call(&m, RtcMode::Matrix20, false, false).await;
     run_call(&m, RtcMode::Matrix20, true, true).await;
+}
+
+/// The sovereign cascade (`docs/cascade.md`) with unmodified Element Call: each page's media
+/// connections go only to its own ministry's Conclave (selected candidate pairs; the two
+/// Conclaves' media on different loopback addresses), each Conclave relays its user's tracks
+/// to the other once, plain and with per-participant E2EE (frames pass untouched, keys stay
+/// between the clients); then bob bans alice and her media stops at his page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_two_ministries_cascade() {
+    let _heavy = heavy_lock();
+    let m = Ministries::start_cascading().await.expect("two ministries");
+    for (e2ee, ban) in [(false, false), (true, true)] {
+        run_cascade_call(&m, e2ee, ban).await;
+    }
+}
+
+async fn run_cascade_call(m: &Ministries, e2ee: bool, ban: bool) {
+    let run = if e2ee {
+        "cascade-e2ee"
+    } else {
+        "cascade-plain"
+    };
+    let bob = m.hs2.register("bob", true).await.expect("bob");
+    let alice = m.hs1.register("alice", false).await.expect("alice");
+    let room = shared_room(m, &bob, &alice, e2ee).await;
+    let dir = screenshot_dir(run);
+    let mut driver = EcDriver::spawn(
+        &pages(m, &room, &alice, &bob, e2ee),
+        RtcMode::Compatibility,
+        IN_CALL_TIMEOUT_S,
+        &dir,
+    )
+    .expect("starting the Element Call driver");
+    let logs = || {
+        format!(
+            "---- Conclave-1 ----\n{}\n---- Conclave-2 ----\n{}",
+            m.c1.log_excerpt(&["cascade", "mirror", "relay", " WARN "], 40),
+            m.c2.log_excerpt(&["cascade", "mirror", "relay", " WARN "], 40)
+        )
+    };
+    let in_call = match driver
+        .wait_event("in_call", Duration::from_secs(IN_CALL_TIMEOUT_S + 30))
+        .await
+    {
+        Ok(ev) => ev,
+        Err(e) => {
+            // Both Conclaves' whole logs beside the screenshots, for the diagnosis.
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(dir.join("conclave-1.log"), m.c1.logs());
+            let _ = std::fs::write(dir.join("conclave-2.log"), m.c2.logs());
+            panic!(
+                "{run}: {e:#}\nministries: {}\n{}\n(whole logs in {})",
+                m.health().await,
+                logs(),
+                dir.display()
+            )
+        }
+    };
+    assert_in_call(&in_call);
+    // Every media connection of a page goes to its own Conclave's media address.
+    for (who, ip) in [("alice", "127.0.0.1"), ("bob", CONCLAVE_2_MEDIA_IP)] {
+        let remotes = in_call["pages"][who]["media_remotes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            !remotes.is_empty()
+                && remotes
+                    .iter()
+                    .all(|r| r.as_str().is_some_and(|r| r.starts_with(&format!("{ip}:")))),
+            "{run}: {who}'s media goes to {remotes:?}, not only to {ip}\n{}",
+            logs()
+        );
+    }
+    // Neither Conclave serves the other ministry's user; each holds the other's relay.
+    for (c, stranger) in [(&m.c1, &bob.user_id), (&m.c2, &alice.user_id)] {
+        let v = sfu_view(c, &room).await;
+        assert!(
+            !v.iter().any(|(u, _)| u == stranger),
+            "{run}: {} serves {stranger}: {v:?}",
+            c.url
+        );
+    }
+    if ban {
+        driver
+            .send(
+                json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}),
+            )
+            .await
+            .expect("watch_ban");
+        bob.ban(&room, &alice.user_id, Some("end-to-end test"))
+            .await
+            .expect("bob bans alice");
+        let seen = driver
+            .wait_event("ban_observed", Duration::from_secs(20))
+            .await
+            .expect("ban observed");
+        let stopped = seen["media_stopped_ms"].as_u64();
+        eprintln!("cascade ban: alice's media stopped at bob's page after {stopped:?} ms");
+        if stopped.is_none_or(|ms| ms > BAN_MEDIA_STOP_MS) {
+            eprintln!(
+                "TARGET MISSED: alice's media stopped at bob's page after {stopped:?} ms \
+                 (target {BAN_MEDIA_STOP_MS} ms)\n{}",
+                logs()
+            );
+        }
+        assert!(
+            stopped.is_some_and(|ms| ms <= BAN_MEDIA_STOP_BOUND_MS),
+            "alice's media stops at bob's page within {BAN_MEDIA_STOP_BOUND_MS} ms of the ban: {seen}"
+        );
+    }
+    driver.quit().await;
 }
 
 /// With either ministry's Conclave down, the test says so within its bounded wait (not a

@@ -340,7 +340,9 @@ impl Sfu {
                     }
                 }
                 for s in room.participants.values() {
-                    if s.link.estimate.is_none() {
+                    // A peer Conclave's relay takes every layer it asks for: its own subscribers
+                    // are allocated there.
+                    if s.link.estimate.is_none() || s.cascade == super::CascadeRole::Relay {
                         decisions.push(Decision {
                             subscriber: s.session,
                             grants: None,

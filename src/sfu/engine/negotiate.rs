@@ -28,8 +28,14 @@ impl Sfu {
         {
             return;
         }
-        let cascade = self.participant_mut(session).is_some_and(|p| p.cascade);
-        let pc = self.new_pc_with(now, false, !cascade);
+        let role = self
+            .participant_mut(session)
+            .map(|p| p.cascade)
+            .unwrap_or_default();
+        let pc = match role {
+            super::CascadeRole::Mirror(socket) => self.new_pc_with(now, false, false, socket),
+            _ => self.new_pc(now, false),
+        };
         let ufrag = pc.ufrag.clone();
         if let Some(p) = self.participant_mut(session) {
             p.transport.set_publisher(pc);
@@ -72,8 +78,8 @@ impl Sfu {
         };
         match pc.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
-                if p.cascade {
-                    self.learn_offered_candidates(session, &sdp);
+                if let super::CascadeRole::Mirror(socket) = p.cascade {
+                    self.learn_offered_candidates(session, socket, &sdp);
                 }
                 let text = super::red::only_offered_formats(&answer.to_sdp_string(), &sdp);
                 let text = self.routable_ice_credentials(session, PcKind::Publisher, text);
@@ -92,9 +98,21 @@ impl Sfu {
 
     /// A cascade mirror's publisher connection checks the peer's candidates itself (full
     /// ICE): their STUN responses name no ufrag, so the UDP host candidates of the peer's offer
-    /// are mapped to the connection now, and handed to the caller for its routing.
-    fn learn_offered_candidates(&mut self, session: SessionId, sdp: &str) {
+    /// are mapped to the connection now: with its own socket by that socket and the peer's
+    /// address; without, by the peer's address, handed to the caller for its routing.
+    fn learn_offered_candidates(
+        &mut self,
+        session: SessionId,
+        socket: Option<std::net::SocketAddr>,
+        sdp: &str,
+    ) {
         for addr in offered_udp_candidates(sdp) {
+            if let Some(local) = socket {
+                // Its own socket: the caller reads it for this loop, no routing needed.
+                self.by_local
+                    .insert((local, addr), (session, PcKind::Publisher));
+                continue;
+            }
             let key = (super::IpProto::Udp, addr);
             if self.by_addr.contains_key(&key) {
                 continue;

@@ -227,8 +227,8 @@ pub(super) struct Polled {
 
 /// A participant (one signalling session) in a room.
 pub(super) struct Participant {
-    /// A mirror of a peer Conclave's participant (see [`super::Join::cascade`]).
-    pub(super) cascade: bool,
+    /// What it is to the cascade (see [`super::CascadeRole`]).
+    pub(super) cascade: super::CascadeRole,
     pub(super) session: SessionId,
     pub(super) identity: ParticipantIdentity,
     pub(super) sid: ParticipantSid,
@@ -418,7 +418,10 @@ impl Participant {
     /// Why it must be dropped at `now`, if so: it never connected within the deadline, or a
     /// connection died.
     pub(super) fn connection_lost(&self, now: Instant) -> Option<lk::DisconnectReason> {
-        if !self.ever_connected() && now >= self.joined_at + CONNECT_DEADLINE {
+        if !self.ever_connected()
+            && self.cascade != super::CascadeRole::Roster
+            && now >= self.joined_at + CONNECT_DEADLINE
+        {
             Some(lk::DisconnectReason::JoinFailure)
         } else if self.transport.pcs().any(|pc| !pc.rtc.is_alive()) {
             Some(lk::DisconnectReason::ConnectionTimeout)

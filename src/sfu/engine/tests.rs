@@ -58,7 +58,7 @@ pub(super) fn join_command(
         client_protocol: 2,
         single_pc,
         ice_servers: Vec::new(),
-        cascade: false,
+        cascade: crate::sfu::CascadeRole::None,
     })
 }
 
@@ -401,7 +401,7 @@ fn publishing_without_permission_is_refused() {
             client_protocol: 2,
             single_pc: false,
             ice_servers: Vec::new(),
-            cascade: false,
+            cascade: crate::sfu::CascadeRole::None,
         }),
     );
     drain(&mut s);

@@ -29,6 +29,9 @@ use super::web::{chromium, spawn_node_driver};
 const HINT: &str = "run `./scripts/test` (which installs it) or \
                     `eval \"$(scripts/install-test-deps)\"`";
 
+/// Conclave-2's media address in cascading ministries (Conclave-1 keeps 127.0.0.1).
+pub const CONCLAVE_2_MEDIA_IP: &str = "127.0.0.2";
+
 /// The admin token both test Conclaves accept.
 pub const ADMIN_TOKEN: &str = "ministry-admin";
 
@@ -84,7 +87,7 @@ impl Ministries {
     }
 
     /// As [`Ministries::start`], each Conclave listing the other ministry in `cascade.peers`
-    /// (`docs/cascade.md`).
+    /// with its URL (`docs/cascade.md`); Conclave-2's media on [`CONCLAVE_2_MEDIA_IP`].
     pub async fn start_cascading() -> Result<Ministries> {
         Self::start_opts(false, true).await
     }
@@ -169,7 +172,12 @@ impl Ministries {
                 vec![("CONCLAVE_CASCADE__PEERS", p.to_owned())]
             }
         };
-        let (e1, e2) = (env(&p1), env(&p2));
+        let (e1, mut e2) = (env(&p1), env(&p2));
+        if cascade {
+            // Different loopback media addresses, so a page's selected candidate pairs say
+            // which Conclave its media goes to.
+            e2.push(("CONCLAVE_RTC__NODE_IPS", CONCLAVE_2_MEDIA_IP.to_owned()));
+        }
         let r1: Vec<(&str, &str)> = e1.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r2: Vec<(&str, &str)> = e2.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (r1, r2) = tokio::join!(c1.spawn_with_env(&r1), c2.spawn_with_env(&r2));
