@@ -119,9 +119,11 @@ impl TokenService {
     }
 
     /// A subscribe-only token of our user `user_id` (device `device_id`, membership
-    /// `member_id` for `/get_token` identities) in the mirror room `mirror`.
+    /// `member_id` for `/get_token` identities) in the mirror room `mirror` of the call in
+    /// `room_id`; recorded, so Matrix removes the user from the mirror as from any call.
     pub fn mirror_token(
         &self,
+        room_id: &ruma::RoomId,
         mirror: &RoomName,
         user_id: &ruma::UserId,
         device_id: &str,
@@ -132,11 +134,23 @@ impl TokenService {
             None => crate::matrix::naming::legacy_identity(user_id.as_str(), device_id),
         };
         let unix = crate::clock::unix_secs();
+        let lifetime = self.inner.settings.auth.token_lifetime_secs;
+        self.inner.calls.issued(
+            IssuedParticipant {
+                room_name: mirror.clone(),
+                identity: ParticipantIdentity::from(identity.as_str()),
+                room_id: room_id.to_owned(),
+                user_id: user_id.to_owned(),
+                device_id: device_id.to_owned(),
+                relay: false,
+            },
+            Duration::from_secs(lifetime),
+        );
         let claims = Claims {
             iss: self.inner.signer.key().to_owned(),
             sub: identity,
             nbf: unix,
-            exp: unix + self.inner.settings.auth.token_lifetime_secs,
+            exp: unix + lifetime,
             name: String::new(),
             metadata: String::new(),
             video: VideoGrant {

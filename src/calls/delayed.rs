@@ -954,6 +954,7 @@ mod tests {
             grace_period: Duration::ZERO,
             history: None,
             federation_destinations: DestinationPolicy::new(allow_private),
+            cascade_peers: Vec::new(),
         };
         CsApis::new(&HttpClients::default(), &settings).unwrap()
     }

@@ -79,6 +79,8 @@ pub struct CallsSettings {
     /// Which addresses other homeservers' client-server APIs may have (delayed leaves of
     /// remote users): `auth.allow_private_federation`, as for the OpenID lookups.
     pub federation_destinations: DestinationPolicy,
+    /// Cascade peers' server names (whose calls we may mirror).
+    pub cascade_peers: Vec<OwnedServerName>,
 }
 
 impl CallsSettings {
@@ -88,6 +90,12 @@ impl CallsSettings {
             server_name: config.matrix.server_name.clone(),
             homeserver_url: config.matrix.homeserver_url.clone(),
             bot_user_id: config.bot_user_id(),
+            cascade_peers: config
+                .cascade
+                .peers
+                .iter()
+                .map(|p| p.server_name.clone())
+                .collect(),
             notices: config.calls.notices,
             grace_period: Duration::from_secs(config.calls.grace_period_secs),
             federation_destinations: DestinationPolicy::new(config.auth.allow_private_federation),
@@ -142,6 +150,9 @@ pub struct CallReport {
     pub matrix: MatrixView,
     /// Participants connected to the call's SFU room.
     pub sfu: SfuView,
+    /// Our mirrors of the call at cascade peers (`docs/cascade.md`): each peer's room, its
+    /// mirrored participants and the local participants receiving them. Empty without any.
+    pub mirrors: Vec<SfuView>,
 }
 
 /// The Matrix side of a [`CallReport`].
@@ -183,6 +194,10 @@ pub struct SfuParticipantView {
     /// ",", for a v0 client whose two peer connections differ. `None` until its peer
     /// connection is connected.
     pub transport: Option<String>,
+    /// For a peer Conclave's media relay (`cascade:<peer>|<identity>`): each track it relays,
+    /// with the RTP packets and payload bytes sent so far (`docs/cascade.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relayed: Option<Vec<crate::sfu::RelayedTrack>>,
 }
 
 /// The SFU room of a call.
@@ -502,7 +517,17 @@ impl Calls {
     }
 
     async fn report(&self, call: CallView) -> CallReport {
-        let sfu = self.sfu_view(sfu_room_of(&call)).await;
+        let room = sfu_room_of(&call);
+        let mut mirrors = Vec::new();
+        for peer in &self.inner.settings.cascade_peers {
+            let mirror = RoomName::from(
+                crate::matrix::naming::mirror_room_name(peer.as_str(), room.as_str()).as_str(),
+            );
+            if self.inner.sfu.room_sid(&mirror).await.is_some() {
+                mirrors.push(self.sfu_view(mirror).await);
+            }
+        }
+        let sfu = self.sfu_view(room).await;
         CallReport {
             room_id: call.room_id,
             application: call.application,
@@ -514,12 +539,14 @@ impl Calls {
                 members: call.members,
             },
             sfu,
+            mirrors,
         }
     }
 
     async fn sfu_view(&self, room: RoomName) -> SfuView {
         let now = Instant::now();
         let mut transports = self.inner.sfu.transports(&room).await;
+        let mut relayed = self.inner.sfu.relayed(&room).await;
         let participants = self
             .inner
             .sfu
@@ -538,6 +565,7 @@ impl Calls {
                     user_id: issued.as_ref().map(|i| i.user_id.to_string()),
                     device_id: issued.map(|i| i.device_id),
                     transport: transports.remove(&p.identity),
+                    relayed: relayed.remove(&p.identity),
                     identity: p.identity,
                     sid: p.sid,
                 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use ruma::{OwnedServerName, RoomId, ServerName, UserId};
 use tokio::task::JoinHandle;
 
-use crate::auth::tokens::cascade::{PeerLink, RELAY_IDENTITY_PREFIX};
+use crate::auth::tokens::cascade::PeerLink;
 use crate::auth::tokens::{TokenResponse, TokenService};
 use crate::auth::AuthError;
 use crate::config::{CascadeConfig, CascadePeer};
@@ -32,7 +32,7 @@ use crate::sfu::registry::RoomOptions;
 
 /// The name of our mirror of `origin`'s SFU room `origin_room`.
 pub fn mirror_room_name(origin: &ServerName, origin_room: &str) -> RoomName {
-    RoomName::from(format!("{RELAY_IDENTITY_PREFIX}{origin}:{origin_room}").as_str())
+    RoomName::from(crate::matrix::naming::mirror_room_name(origin.as_str(), origin_room).as_str())
 }
 
 /// What the cascade needs of the configuration.
@@ -144,6 +144,7 @@ impl Cascade {
         self.ensure_relay(&peer, room_id.as_str(), &slot_id, &mirror)
             .await?;
         let token = self.inner.tokens.mirror_token(
+            &room_id,
             &mirror,
             &user_id,
             &device_id,

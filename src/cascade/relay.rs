@@ -223,6 +223,12 @@ async fn roster(
                         seen(&mut mirrors, p);
                     }
                 }
+                // The origin restarts: try again (a new grant, a new roster).
+                Ok(Some(Msg::Leave(l)))
+                    if l.action == lk::leave_request::Action::Reconnect as i32 =>
+                {
+                    break Err(RelayError::Closed("the origin asked to reconnect"));
+                }
                 Ok(Some(Msg::Leave(_))) | Ok(None) => break Ok(()),
                 Ok(Some(_)) => {}
                 Err(e) => break Err(e),

@@ -34,6 +34,13 @@ pub fn legacy_identity(user_id: &str, device_id: &str) -> String {
     format!("{user_id}:{device_id}")
 }
 
+/// Our mirror of the SFU room `origin_room` of the peer Conclave of `origin` (the cascade,
+/// `docs/cascade.md`). A call's SFU room has the same name on every Conclave (it is a hash of
+/// the Matrix room and slot), so a call's mirror of a peer is `cascade:<peer>:<its room>`.
+pub fn mirror_room_name(origin: &str, origin_room: &str) -> String {
+    format!("cascade:{origin}:{origin_room}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

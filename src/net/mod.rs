@@ -141,6 +141,13 @@ pub enum LoopRequest {
         /// Reply.
         reply: oneshot::Sender<HashMap<String, String>>,
     },
+    /// What each cascade relay of a room was sent, per track ([`Sfu::relayed`]).
+    Relayed {
+        /// Room name.
+        room: RoomName,
+        /// Reply.
+        reply: oneshot::Sender<HashMap<String, Vec<crate::sfu::RelayedTrack>>>,
+    },
     /// The live part of a room's info (RoomService), `None` when nobody is connected.
     Room {
         /// Room name.
@@ -421,6 +428,7 @@ fn loop_of_request(req: &LoopRequest, threads: usize) -> usize {
         | LoopRequest::Participants { room: r, .. }
         | LoopRequest::Resume { room: r, .. }
         | LoopRequest::Transports { room: r, .. }
+        | LoopRequest::Relayed { room: r, .. }
         | LoopRequest::Room { room: r, .. }
         | LoopRequest::RoomSid { room: r, .. }
         | LoopRequest::Participant { room: r, .. } => room(r),
@@ -656,6 +664,19 @@ impl SfuHandle {
     pub async fn transports(&self, room: &RoomName) -> HashMap<String, String> {
         let (reply, rx) = oneshot::channel();
         let req = LoopRequest::Transports {
+            room: room.clone(),
+            reply,
+        };
+        if !self.send(req).await {
+            return HashMap::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// What each cascade relay of `room` was sent, per track, by relay identity.
+    pub async fn relayed(&self, room: &RoomName) -> HashMap<String, Vec<crate::sfu::RelayedTrack>> {
+        let (reply, rx) = oneshot::channel();
+        let req = LoopRequest::Relayed {
             room: room.clone(),
             reply,
         };
@@ -1407,6 +1428,9 @@ impl Loop {
             }
             LoopRequest::Transports { room, reply } => {
                 let _ = reply.send(self.sfu.transports(&room));
+            }
+            LoopRequest::Relayed { room, reply } => {
+                let _ = reply.send(self.sfu.relayed(&room));
             }
             LoopRequest::Sessions { reply } => {
                 let _ = reply.send(self.sfu.session_count());

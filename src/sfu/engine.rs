@@ -358,6 +358,19 @@ pub struct Join {
     pub cascade: CascadeRole,
 }
 
+/// One track a cascade relay receives, with what it was sent so far ([`Sfu::relayed`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayedTrack {
+    /// The track's SID.
+    pub track_sid: String,
+    /// `audio` or `video`.
+    pub kind: &'static str,
+    /// RTP packets sent.
+    pub packets: u64,
+    /// Their payload bytes.
+    pub payload_bytes: u64,
+}
+
 /// What a participant is to the cascade between Conclaves (`docs/cascade.md`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CascadeRole {
@@ -629,6 +642,34 @@ impl Sfu {
     /// Taken once.
     pub fn take_route_hints(&mut self) -> Vec<SocketAddr> {
         std::mem::take(&mut self.route_hints)
+    }
+
+    /// What the cascade relays of `room` (participants with [`CascadeRole::Relay`]) were sent,
+    /// by relay identity: per track, RTP packets and payload bytes.
+    pub fn relayed(&self, room: &RoomName) -> HashMap<String, Vec<RelayedTrack>> {
+        let Some(r) = self.rooms.get(room) else {
+            return HashMap::new();
+        };
+        r.participants
+            .values()
+            .filter(|p| p.cascade == CascadeRole::Relay)
+            .map(|p| {
+                let tracks = p
+                    .down_tracks
+                    .iter()
+                    .map(|d| RelayedTrack {
+                        track_sid: d.track_sid.to_string(),
+                        kind: match d.kind {
+                            str0m::media::MediaKind::Audio => "audio",
+                            str0m::media::MediaKind::Video => "video",
+                        },
+                        packets: d.packets,
+                        payload_bytes: d.payload_bytes,
+                    })
+                    .collect();
+                (p.identity.to_string(), tracks)
+            })
+            .collect()
     }
 
     /// Whether `session` is a participant here (joined, not left).

@@ -28,6 +28,6 @@ pub mod stun;
 pub use relays::{RelayAddresses, RelayVia};
 
 pub use engine::{
-    CascadeRole, Command, IpProto, Join, Output, Ping, SessionId, Sfu, SfuConfig, SfuEvent,
-    SfuStats, SignalOut, Transmit,
+    CascadeRole, Command, IpProto, Join, Output, Ping, RelayedTrack, SessionId, Sfu, SfuConfig,
+    SfuEvent, SfuStats, SignalOut, Transmit,
 };

@@ -409,12 +409,13 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     let alice = hs1.register("alice", false).await.unwrap();
     let bob = hs2.register("bob", false).await.unwrap();
     let carol = hs2.register("carol", false).await.unwrap();
+    let dave = hs1.register("dave", false).await.unwrap();
     // bob may ban alice (power 100 over her 50; room version 11, where a creator can be
     // banned).
     let room = alice
         .create_room(json!({
             "preset": "private_chat", "name": "cascade", "room_version": "11",
-            "invite": [bob.user_id, carol.user_id],
+            "invite": [bob.user_id, carol.user_id, dave.user_id],
             "power_level_content_override": {
                 "events": {CALL_MEMBER: 0},
                 "users": {alice.user_id.clone(): 50, bob.user_id.clone(): 100},
@@ -429,6 +430,10 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         u.join(&room, &[&hs1.server_name]).await.unwrap();
         join_call(u, &room).await;
     }
+    dave.wait_for_invite(&room, Duration::from_secs(30))
+        .await
+        .unwrap();
+    dave.join(&room, &[&hs1.server_name]).await.unwrap();
     join_call(&alice, &room).await;
     let token = get_token(&c1, &alice, &room).await;
     let alice_identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
@@ -527,12 +532,33 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     let mut want = vec![
         alice_identity.as_str().unwrap().to_owned(),
         roster,
-        media_relay,
+        media_relay.clone(),
     ];
     want.sort();
     let mut got = identities.clone();
     got.sort();
     assert_eq!(got, want, "{origin}");
+    // The media relay's per-track counters: alice's audio and video, each sent once.
+    let relay_view = origin["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["identity"] == media_relay.as_str())
+        .unwrap();
+    let relayed = relay_view["relayed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut kinds: Vec<&str> = relayed.iter().filter_map(|t| t["kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["audio", "video"], "{relay_view}");
+    assert!(
+        relayed
+            .iter()
+            .all(|t| t["packets"].as_u64().unwrap_or(0) > 0
+                && t["payload_bytes"].as_u64().unwrap_or(0) > 0),
+        "{relay_view}"
+    );
     let mirrored = c2
         .admin_get(
             &format!("/_conclave/admin/v1/sfu/rooms/{}", encode(&mirror)),
@@ -545,6 +571,82 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
             .to_string()
             .contains(alice_identity.as_str().unwrap()),
         "{mirrored}"
+    );
+
+    // Conclave-2's mirror endpoint refuses what did not come from Conclave-1's bot for a
+    // joined hs2 user, each refusal naming what failed.
+    let c1_openid = bot_of(&hs1, &c1).openid_token().await.unwrap();
+    let erin = hs2.register("erin", false).await.unwrap();
+    let mirror_body = |openid: &Value, user: &str| {
+        json!({"room_id": room, "slot_id": LEGACY_SLOT, "user_id": user, "device_id": "DEV",
+               "openid_token": openid})
+    };
+    let mirror_req = |body: Value| {
+        let url = format!("{}/_conclave/cascade/v1/mirror", c2.url);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let mut no_token = mirror_body(&c1_openid, &bob.user_id);
+    no_token.as_object_mut().unwrap().remove("openid_token");
+    assert_refused(
+        "mirror without a token",
+        mirror_req(no_token).await,
+        400,
+        "M_BAD_JSON",
+        "openid_token",
+    );
+    let mut forged = c1_openid.clone();
+    forged["access_token"] = json!("forged");
+    let (s, b) = mirror_req(mirror_body(&forged, &bob.user_id)).await;
+    assert_eq!(s, 401, "mirror with a forged token: {b}");
+    let alices = alice.openid_token().await.unwrap();
+    assert_refused(
+        "mirror asked by a user, not the bot",
+        mirror_req(mirror_body(&alices, &bob.user_id)).await,
+        403,
+        "M_FORBIDDEN",
+        "is not the Conclave of",
+    );
+    let mut stranger = c1_openid.clone();
+    stranger["matrix_server_name"] = json!("ministry-c.example");
+    assert_refused(
+        "mirror asked by a server that is not a peer",
+        mirror_req(mirror_body(&stranger, &bob.user_id)).await,
+        403,
+        "M_FORBIDDEN",
+        "not a cascade peer",
+    );
+    assert_refused(
+        "mirror for a user of another server",
+        mirror_req(mirror_body(&c1_openid, &alice.user_id)).await,
+        403,
+        "M_FORBIDDEN",
+        "is not a user of",
+    );
+    let (s, b) = mirror_req(mirror_body(&c1_openid, &erin.user_id)).await;
+    assert_eq!(
+        (s, b["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "erin is not in the room: {b}"
+    );
+    let mut no_device = mirror_body(&c1_openid, &bob.user_id);
+    no_device.as_object_mut().unwrap().remove("device_id");
+    assert_refused(
+        "mirror without a device",
+        mirror_req(no_device).await,
+        400,
+        "M_BAD_JSON",
+        "device_id",
     );
 
     // bob bans alice: her mirror leaves Conclave-2's room.
@@ -569,13 +671,43 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         &logs(),
     );
 
-    // Conclave-2 down: Conclave-1 answers carol directly (today's multi-SFU path).
+    // Conclave-2 down: Conclave-1 answers carol directly (today's multi-SFU path), and she
+    // receives dave, who publishes at Conclave-1 now.
     drop(viewers);
+    drop(alice_client);
     c2.stop().await.unwrap();
+    join_call(&dave, &room).await;
+    let token = get_token(&c1, &dave, &room).await;
+    let mut spec = PyClientSpec::new(c1.ws_url(), token["jwt"].as_str().unwrap(), "dave");
+    spec.publish_video = false;
+    spec.timeout_s = 60.0;
+    spec.min_duration_s = 60.0;
+    let mut dave_client = PyClient::spawn(spec).unwrap();
+    dave_client
+        .wait_event("published", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let started = Instant::now();
     let direct = get_token(&c1, &carol, &room).await;
+    println!(
+        "cascade: direct answer with Conclave-2 down in {:?}",
+        started.elapsed()
+    );
     assert_eq!(direct["url"], c1.ws_url(), "{direct}");
     assert!(c1
         .logs()
         .contains("cascade mirror failed; answering directly"));
-    drop((alice_client, hs2));
+    let mut spec = PyClientSpec::new(c1.ws_url(), direct["jwt"].as_str().unwrap(), "carol");
+    spec.publish_audio = false;
+    spec.publish_video = false;
+    spec.expect_participants = 1;
+    spec.expect_audio_frames = 50;
+    spec.timeout_s = 40.0;
+    let carol_direct = PyClient::spawn(spec).unwrap();
+    carol_direct
+        .wait(Duration::from_secs(50))
+        .await
+        .unwrap()
+        .assert_exit(0);
+    drop((dave_client, hs2));
 }

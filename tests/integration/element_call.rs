@@ -14,10 +14,13 @@ use serde_json::{json, Value};
 use crate::support::conclave::Conclave;
 use conclave::matrix::naming::{legacy_identity, member_identity};
 
+use crate::support::conclave::eventually;
 use crate::support::element_call::{
     admin_call, EcDriver, EcPage, Ministries, RtcMode, CONCLAVE_2_MEDIA_IP,
 };
+use crate::support::lk_clients::{PyClient, PyClientSpec};
 use crate::support::matrix_client::TestUser;
+use crate::support::matrix_client::CALL_MEMBER;
 use crate::support::synapse::heavy_lock;
 
 /// How long the pages get to start Element Call and exchange media (cold Chromium, two
@@ -36,6 +39,18 @@ const BAN_MEDIA_STOP_MS: u64 = 2000;
 const BAN_MEDIA_STOP_BOUND_MS: u64 = 5000;
 /// Longest time from bob's ban to alice's Element Call leaving (her client, through sync).
 const BAN_CLIENT_LEAVE_MS: u64 = 6000;
+
+/// The SFU room of a call in compatibility mode.
+fn legacy_room_name(room: &str) -> String {
+    conclave::matrix::naming::room_name(room, conclave::matrix::naming::LEGACY_SLOT)
+}
+
+/// An SFU room name as one path segment (they are base64: `/`, `+`, `=`).
+fn encode_room(name: &str) -> String {
+    name.replace('/', "%2F")
+        .replace('+', "%2B")
+        .replace('=', "%3D")
+}
 
 fn screenshot_dir(run: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -411,16 +426,67 @@ async fn element_call_two_ministries_matrix_2_0() {
 async fn element_call_two_ministries_cascade() {
     let _heavy = heavy_lock();
     let m = Ministries::start_cascading().await.expect("two ministries");
-    for (e2ee, ban) in [(false, false), (true, true)] {
-        run_cascade_call(&m, e2ee, ban).await;
-    }
+    run_cascade_call(&m, RtcMode::Compatibility, false, false).await;
+    run_cascade_call(&m, RtcMode::Compatibility, true, true).await;
+    run_cascade_call(&m, RtcMode::Matrix20, true, false).await;
 }
 
-async fn run_cascade_call(m: &Ministries, e2ee: bool, ban: bool) {
-    let run = if e2ee {
-        "cascade-e2ee"
-    } else {
-        "cascade-plain"
+/// A second hs2 member beside bob's page: a Python SDK viewer that asks Conclave-1 (alice's
+/// focus) for a token as Element Call does in compatibility mode, and is sent home.
+async fn second_hs2_viewer(m: &Ministries, bob: &TestUser, room: &str) -> PyClient {
+    let carol = m.hs2.register("carol", false).await.expect("carol");
+    bob.invite(room, &carol.user_id)
+        .await
+        .expect("invite carol");
+    carol.join(room, &[]).await.expect("carol joins");
+    // A call membership, as Element Call would send (Conclave's grace period wants one).
+    let content = json!({
+        "application": "m.call", "call_id": "", "scope": "m.room",
+        "device_id": carol.device_id, "expires": 14_400_000,
+        "focus_active": {"type": "livekit", "focus_selection": "multi_sfu"},
+        "foci_preferred": [{"type": "livekit", "livekit_service_url": m.c2.url}],
+    });
+    carol
+        .send_state(room, CALL_MEMBER, &carol.call_member_state_key(), content)
+        .await
+        .expect("carol's call membership");
+    let answer = eventually(
+        Duration::from_secs(20),
+        "carol's token from Conclave-1",
+        || async {
+            let openid = carol.openid_token().await?;
+            let r = reqwest::Client::new()
+                .post(format!("{}/sfu/get", m.c1.url))
+                .json(&json!({"room": room, "openid_token": openid, "device_id": carol.device_id}))
+                .send()
+                .await?;
+            let ok = r.status() == 200;
+            let body: Value = r.json().await?;
+            Ok(ok.then_some(body))
+        },
+    )
+    .await
+    .expect("carol's token");
+    assert_eq!(
+        answer["url"],
+        m.c2.ws_url(),
+        "carol is sent to her own Conclave: {answer}"
+    );
+    let mut spec = PyClientSpec::new(m.c2.ws_url(), answer["jwt"].as_str().unwrap(), "carol");
+    spec.publish_audio = false;
+    spec.publish_video = false;
+    spec.expect_participants = 1;
+    spec.expect_video_frames = 20;
+    spec.timeout_s = 90.0;
+    spec.min_duration_s = 90.0;
+    PyClient::spawn(spec).expect("carol's client")
+}
+
+async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
+    let run = match (mode, e2ee) {
+        (RtcMode::Compatibility, false) => "cascade-plain",
+        (RtcMode::Compatibility, true) => "cascade-e2ee",
+        (RtcMode::Matrix20, _) => "cascade-m2",
     };
     let bob = m.hs2.register("bob", true).await.expect("bob");
     let alice = m.hs1.register("alice", false).await.expect("alice");
@@ -428,7 +494,7 @@ async fn run_cascade_call(m: &Ministries, e2ee: bool, ban: bool) {
     let dir = screenshot_dir(run);
     let mut driver = EcDriver::spawn(
         &pages(m, &room, &alice, &bob, e2ee),
-        RtcMode::Compatibility,
+        mode,
         IN_CALL_TIMEOUT_S,
         &dir,
     )
@@ -474,7 +540,7 @@ async fn run_cascade_call(m: &Ministries, e2ee: bool, ban: bool) {
             logs()
         );
     }
-    // Neither Conclave serves the other ministry's user; each holds the other's relay.
+    // Neither Conclave serves the other ministry's user.
     for (c, stranger) in [(&m.c1, &bob.user_id), (&m.c2, &alice.user_id)] {
         let v = sfu_view(c, &room).await;
         assert!(
@@ -482,6 +548,72 @@ async fn run_cascade_call(m: &Ministries, e2ee: bool, ban: bool) {
             "{run}: {} serves {stranger}: {v:?}",
             c.url
         );
+    }
+    if mode == RtcMode::Compatibility && !e2ee {
+        // A second hs2 member watches too: still one relay of alice's tracks at Conclave-1
+        // (the roster and one media connection for alice), none per hs2 subscriber.
+        let mut carol = second_hs2_viewer(m, &bob, &room).await;
+        carol
+            .wait_event("expectations_met", Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{run}: carol sees alice's video: {e}\n{}", logs()));
+        let origin =
+            m.c1.admin_get(
+                &format!(
+                    "/_conclave/admin/v1/sfu/rooms/{}",
+                    encode_room(&legacy_room_name(&room))
+                ),
+                crate::support::element_call::ADMIN_TOKEN,
+            )
+            .await
+            .expect("Conclave-1's SFU room");
+        let relays: Vec<String> = origin["participants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["identity"].as_str())
+            .filter(|i| i.starts_with("cascade:"))
+            .map(str::to_owned)
+            .collect();
+        let roster = format!("cascade:{}", m.hs2.server_name);
+        // Conclave-2's admin API shows its mirror of the call: alice's mirror and the local
+        // participants receiving it.
+        let call2 = admin_call(&m.c2, &room).await.expect("Conclave-2's call");
+        let mirror = &call2["mirrors"][0];
+        let users: Vec<&str> = mirror["participants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["user_id"].as_str())
+            .collect();
+        assert!(
+            users.contains(&bob.user_id.as_str()) && users.iter().any(|u| u.starts_with("@carol")),
+            "{run}: Conclave-2's mirror view: {call2}"
+        );
+        assert!(
+            mirror["participants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["identity"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&alice.user_id))
+                    && p["publisher"] == true),
+            "{run}: alice's mirror publishes at Conclave-2: {call2}"
+        );
+        assert_eq!(
+            relays.len(),
+            2,
+            "{run}: relays at Conclave-1: {relays:?}\n{origin}"
+        );
+        assert!(relays.contains(&roster), "{run}: {relays:?}");
+        assert!(
+            relays
+                .iter()
+                .any(|r| r.starts_with(&format!("{roster}|{}", alice.user_id))),
+            "{run}: {relays:?}"
+        );
+        drop(carol);
     }
     if ban {
         driver

@@ -44,6 +44,7 @@ pub fn engine_with_participant(now: Instant, permission: ParticipantPermission) 
             client_protocol: 2,
             single_pc: false,
             ice_servers: Vec::new(),
+            cascade: conclave::sfu::CascadeRole::None,
         }),
     );
     sfu

@@ -74,6 +74,10 @@ pub(super) struct DownTrack {
     pub(super) bw_lowered_at: Option<Instant>,
     /// When the layer forwarded last changed.
     pub(super) switched_at: Option<Instant>,
+    /// RTP packets written so far, and their payload bytes (the operator's view of a cascade
+    /// relay: `Sfu::relayed`).
+    pub(super) packets: u64,
+    pub(super) payload_bytes: u64,
 }
 
 impl DownTrack {
@@ -97,6 +101,8 @@ impl DownTrack {
             bw_pause_votes: 0,
             bw_lowered_at: None,
             switched_at: None,
+            packets: 0,
+            payload_bytes: 0,
         }
     }
 
@@ -294,6 +300,8 @@ impl DownTrack {
         if let Some(patch) = vp8 {
             write = write.vp8_patch(patch);
         }
+        self.packets += 1;
+        self.payload_bytes += p.payload.len() as u64;
         tx.write_rtp(write);
         Forwarded::Written
     }
