@@ -3,30 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use conclave::matrix::naming::LEGACY_SLOT;
 use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use serde_json::{json, Value};
 
-use crate::support::conclave::{eventually, pair_with_conclave_on_hs1, wait_joined, Conclave};
+use crate::support::conclave::{
+    eventually, get_token, pair_with_conclave_on_hs1, wait_joined, Conclave,
+};
 use crate::support::lk_ws::{expect_join, WsClient};
 use crate::support::matrix_client::TestUser;
 use crate::support::synapse::heavy_lock;
-
-async fn get_token(c: &Conclave, user: &TestUser, room: &str) -> (u16, Value) {
-    let openid = user.openid_token().await.unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/get_token", c.url))
-        .json(&json!({
-            "room_id": room, "slot_id": LEGACY_SLOT, "openid_token": openid,
-            "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
-                       "claimed_device_id": user.device_id},
-        }))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn leaving_kicked_and_banned_users_are_removed_from_the_sfu_within_2s() {

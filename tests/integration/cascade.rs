@@ -56,21 +56,30 @@ async fn join_call(user: &TestUser, room: &str) {
         .unwrap();
 }
 
-/// `/get_token` for `user`'s membership in `room` on `c`.
+/// `/get_token` for `user`'s membership in `room` on `c`, which must answer 200.
 async fn get_token(c: &Conclave, user: &TestUser, room: &str) -> Value {
-    let openid = user.openid_token().await.unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/get_token", c.url))
-        .json(&json!({
-            "room_id": room, "slot_id": LEGACY_SLOT, "openid_token": openid,
-            "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
-                       "claimed_device_id": user.device_id},
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let (status, body) = crate::support::conclave::get_token(c, user, room).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `user` joins the call in `room` and publishes audio and video on `c` (Python SDK) until
+/// `stay_s`; the client, once both tracks are published, and its identity.
+async fn publish(c: &Conclave, user: &TestUser, room: &str, stay_s: f64) -> (PyClient, Value) {
+    join_call(user, room).await;
+    let token = get_token(c, user, room).await;
+    let identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
+    let mut spec = PyClientSpec::new(c.ws_url(), token["jwt"].as_str().unwrap(), "publisher");
+    spec.timeout_s = stay_s;
+    spec.min_duration_s = stay_s;
+    let mut client = PyClient::spawn(spec).unwrap();
+    for _ in 0..2 {
+        client
+            .wait_event("published", Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    (client, identity)
 }
 
 fn assert_refused(what: &str, (status, body): (u16, Value), want: u16, errcode: &str, says: &str) {
@@ -154,19 +163,7 @@ async fn cascade_relay_is_granted_only_to_a_peer_with_members_and_cut_when_they_
     .unwrap();
 
     // alice starts the call and publishes.
-    join_call(&alice, &room).await;
-    let token = get_token(&c1, &alice, &room).await;
-    let alice_identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
-    let mut spec = PyClientSpec::new(c1.ws_url(), token["jwt"].as_str().unwrap(), "alice");
-    spec.timeout_s = 120.0;
-    spec.min_duration_s = 120.0;
-    let mut alice_client = PyClient::spawn(spec).unwrap();
-    for _ in 0..2 {
-        alice_client
-            .wait_event("published", Duration::from_secs(30))
-            .await
-            .unwrap();
-    }
+    let (alice_client, alice_identity) = publish(&c1, &alice, &room, 120.0).await;
 
     // Refusals, each naming what failed.
     assert_refused(
@@ -434,19 +431,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         .await
         .unwrap();
     dave.join(&room, &[&hs1.server_name]).await.unwrap();
-    join_call(&alice, &room).await;
-    let token = get_token(&c1, &alice, &room).await;
-    let alice_identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
-    let mut spec = PyClientSpec::new(c1.ws_url(), token["jwt"].as_str().unwrap(), "alice");
-    spec.timeout_s = 120.0;
-    spec.min_duration_s = 120.0;
-    let mut alice_client = PyClient::spawn(spec).unwrap();
-    for _ in 0..2 {
-        alice_client
-            .wait_event("published", Duration::from_secs(30))
-            .await
-            .unwrap();
-    }
+    let (alice_client, alice_identity) = publish(&c1, &alice, &room, 120.0).await;
     let logs = || {
         format!(
             "--- Conclave-1\n{}\n--- Conclave-2\n{}",
@@ -676,17 +661,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     drop(viewers);
     drop(alice_client);
     c2.stop().await.unwrap();
-    join_call(&dave, &room).await;
-    let token = get_token(&c1, &dave, &room).await;
-    let mut spec = PyClientSpec::new(c1.ws_url(), token["jwt"].as_str().unwrap(), "dave");
-    spec.publish_video = false;
-    spec.timeout_s = 60.0;
-    spec.min_duration_s = 60.0;
-    let mut dave_client = PyClient::spawn(spec).unwrap();
-    dave_client
-        .wait_event("published", Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (dave_client, _) = publish(&c1, &dave, &room, 60.0).await;
     let started = Instant::now();
     let direct = get_token(&c1, &carol, &room).await;
     println!(

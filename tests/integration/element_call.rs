@@ -280,6 +280,73 @@ async fn assert_matrix_view(
     }
 }
 
+/// A call being started: alice@hs1 and bob@hs2 (the room's admin), their room, the run's
+/// screenshot directory and the driver of their two pages.
+struct Call {
+    alice: TestUser,
+    bob: TestUser,
+    room: String,
+    dir: PathBuf,
+    driver: EcDriver,
+}
+
+/// Registers alice and bob (fresh devices for every run: the widget host keeps its crypto
+/// store in memory), creates their room and starts Element Call on both pages.
+async fn start_call(m: &Ministries, mode: RtcMode, e2ee: bool, run: &str) -> Call {
+    let bob = m.hs2.register("bob", true).await.expect("bob");
+    let alice = m.hs1.register("alice", false).await.expect("alice");
+    let room = shared_room(m, &bob, &alice, e2ee).await;
+    let dir = screenshot_dir(run);
+    let driver = EcDriver::spawn(
+        &pages(m, &room, &alice, &bob, e2ee),
+        mode,
+        IN_CALL_TIMEOUT_S,
+        &dir,
+    )
+    .expect("starting the Element Call driver");
+    Call {
+        alice,
+        bob,
+        room,
+        dir,
+        driver,
+    }
+}
+
+/// bob bans alice; the driver's observation (when her media stopped at bob's page, when her
+/// page left). Reports the 2 s target with `logs` when missed, asserts the bound.
+async fn ban_alice(
+    driver: &mut EcDriver,
+    call: (&TestUser, &TestUser, &str),
+    logs: impl Fn() -> String,
+) -> Value {
+    let (alice, bob, room) = call;
+    driver
+        .send(json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}))
+        .await
+        .expect("watch_ban");
+    bob.ban(room, &alice.user_id, Some("end-to-end test"))
+        .await
+        .expect("bob bans alice");
+    let seen = driver
+        .wait_event("ban_observed", Duration::from_secs(20))
+        .await
+        .expect("ban observed");
+    let stopped = seen["media_stopped_ms"].as_u64();
+    if stopped.is_none_or(|ms| ms > BAN_MEDIA_STOP_MS) {
+        eprintln!(
+            "TARGET MISSED: alice's media stopped at bob's page after {stopped:?} ms \
+             (target {BAN_MEDIA_STOP_MS} ms)\n{}",
+            logs()
+        );
+    }
+    assert!(
+        stopped.is_some_and(|ms| ms <= BAN_MEDIA_STOP_BOUND_MS),
+        "alice's media stops at bob's page within {BAN_MEDIA_STOP_BOUND_MS} ms of the ban: {seen}"
+    );
+    seen
+}
+
 async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
     let run = match (mode, e2ee) {
         (RtcMode::Compatibility, false) => "plain",
@@ -287,18 +354,13 @@ async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
         (RtcMode::Matrix20, false) => "m2-plain",
         (RtcMode::Matrix20, true) => "m2-e2ee",
     };
-    // Fresh devices for every run: the widget host keeps its crypto store in memory.
-    let bob = m.hs2.register("bob", true).await.expect("bob");
-    let alice = m.hs1.register("alice", false).await.expect("alice");
-    let room = shared_room(m, &bob, &alice, e2ee).await;
-    let dir = screenshot_dir(run);
-    let mut driver = EcDriver::spawn(
-        &pages(m, &room, &alice, &bob, e2ee),
-        mode,
-        IN_CALL_TIMEOUT_S,
-        &dir,
-    )
-    .expect("starting the Element Call driver");
+    let Call {
+        alice,
+        bob,
+        room,
+        dir,
+        mut driver,
+    } = start_call(m, mode, e2ee, run).await;
     let in_call = match driver
         .wait_event("in_call", Duration::from_secs(IN_CALL_TIMEOUT_S + 30))
         .await
@@ -333,19 +395,14 @@ async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
     }
 
     if ban {
-        driver
-            .send(
-                json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}),
+        let ban_log = || {
+            format!(
+                "---- Conclave-1 (alice's home) ----\n{}\n---- Conclave-2 ----\n{}",
+                m.c1.log_excerpt(&["membership=ban", "removing SFU", "participant left"], 10),
+                m.c2.log_excerpt(&["membership=ban", "removing SFU", "participant left"], 10),
             )
-            .await
-            .expect("watch_ban");
-        bob.ban(&room, &alice.user_id, Some("end-to-end test"))
-            .await
-            .expect("bob bans alice");
-        let seen = driver
-            .wait_event("ban_observed", Duration::from_secs(20))
-            .await
-            .expect("ban observed");
+        };
+        let seen = ban_alice(&mut driver, (&alice, &bob, &room), ban_log).await;
         eprintln!(
             "ban observed: media stopped after {} ms, alice left after {} ms; her page shows {:?}, \
              her Element Call asked its host for {}",
@@ -357,21 +414,7 @@ async fn run_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) {
         // Seconds, not a token lifetime. Media stops when Conclave's appservice learns of the
         // ban; her page leaves when her client syncs it, 0.7–1.2 s after the ban on v1 (on v0
         // 2.3–3.6 s was seen on a loaded 2-core machine: two Synapses, two Chromiums, builds).
-        let stopped = seen["media_stopped_ms"].as_u64();
         let left = seen["victim_left_ms"].as_u64();
-        if stopped.is_none_or(|ms| ms > BAN_MEDIA_STOP_MS) {
-            eprintln!(
-                "TARGET MISSED: alice's media stopped at bob's page after {stopped:?} ms \
-                 (target {BAN_MEDIA_STOP_MS} ms)\n---- Conclave-1 (alice's home) ----\n{}\n\
-                 ---- Conclave-2 ----\n{}",
-                m.c1.log_excerpt(&["membership=ban", "removing SFU", "participant left"], 10),
-                m.c2.log_excerpt(&["membership=ban", "removing SFU", "participant left"], 10),
-            );
-        }
-        assert!(
-            stopped.is_some_and(|ms| ms <= BAN_MEDIA_STOP_BOUND_MS),
-            "alice's media stops at bob's page within {BAN_MEDIA_STOP_BOUND_MS} ms of the ban: {seen}"
-        );
         assert!(
             left.is_some_and(|ms| ms <= BAN_CLIENT_LEAVE_MS),
             "alice's Element Call left the call within {BAN_CLIENT_LEAVE_MS} ms of the ban: {seen}"
@@ -488,17 +531,13 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
         (RtcMode::Compatibility, true) => "cascade-e2ee",
         (RtcMode::Matrix20, _) => "cascade-m2",
     };
-    let bob = m.hs2.register("bob", true).await.expect("bob");
-    let alice = m.hs1.register("alice", false).await.expect("alice");
-    let room = shared_room(m, &bob, &alice, e2ee).await;
-    let dir = screenshot_dir(run);
-    let mut driver = EcDriver::spawn(
-        &pages(m, &room, &alice, &bob, e2ee),
-        mode,
-        IN_CALL_TIMEOUT_S,
-        &dir,
-    )
-    .expect("starting the Element Call driver");
+    let Call {
+        alice,
+        bob,
+        room,
+        dir,
+        mut driver,
+    } = start_call(m, mode, e2ee, run).await;
     let logs = || {
         format!(
             "---- Conclave-1 ----\n{}\n---- Conclave-2 ----\n{}",
@@ -616,31 +655,10 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
         drop(carol);
     }
     if ban {
-        driver
-            .send(
-                json!({"cmd": "watch_ban", "victim": "alice", "observer": "bob", "timeout_s": 10}),
-            )
-            .await
-            .expect("watch_ban");
-        bob.ban(&room, &alice.user_id, Some("end-to-end test"))
-            .await
-            .expect("bob bans alice");
-        let seen = driver
-            .wait_event("ban_observed", Duration::from_secs(20))
-            .await
-            .expect("ban observed");
-        let stopped = seen["media_stopped_ms"].as_u64();
-        eprintln!("cascade ban: alice's media stopped at bob's page after {stopped:?} ms");
-        if stopped.is_none_or(|ms| ms > BAN_MEDIA_STOP_MS) {
-            eprintln!(
-                "TARGET MISSED: alice's media stopped at bob's page after {stopped:?} ms \
-                 (target {BAN_MEDIA_STOP_MS} ms)\n{}",
-                logs()
-            );
-        }
-        assert!(
-            stopped.is_some_and(|ms| ms <= BAN_MEDIA_STOP_BOUND_MS),
-            "alice's media stops at bob's page within {BAN_MEDIA_STOP_BOUND_MS} ms of the ban: {seen}"
+        let seen = ban_alice(&mut driver, (&alice, &bob, &room), logs).await;
+        eprintln!(
+            "cascade ban: alice's media stopped at bob's page after {} ms",
+            seen["media_stopped_ms"]
         );
     }
     driver.quit().await;

@@ -692,3 +692,27 @@ pub async fn post_json(
     let status = r.status();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
+
+/// `POST /get_token` on `c` for `user`'s membership (`m-<device>`) in `room`'s call, with an
+/// OpenID token from `user`'s homeserver: the status and the body.
+pub async fn get_token(
+    c: &Conclave,
+    user: &super::matrix_client::TestUser,
+    room: &str,
+) -> (u16, serde_json::Value) {
+    let openid = user.openid_token().await.unwrap_or_default();
+    let r = reqwest::Client::new()
+        .post(format!("{}/get_token", c.url))
+        .json(&serde_json::json!({
+            "room_id": room, "slot_id": conclave::matrix::naming::LEGACY_SLOT,
+            "openid_token": openid,
+            "member": {"id": format!("m-{}", user.device_id), "claimed_user_id": user.user_id,
+                       "claimed_device_id": user.device_id},
+        }))
+        .send()
+        .await;
+    match r {
+        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or_default()),
+        Err(e) => (0, serde_json::json!({"error": e.to_string()})),
+    }
+}
