@@ -198,6 +198,10 @@ pub struct LoopStats {
     pub connected_tcp: AtomicU64,
     /// Peer connections connected through the TURN relay: client over UDP, TCP, TLS.
     pub connected_turn: [AtomicU64; 3],
+    /// RTP packets sent to peer Conclaves' relays.
+    pub relayed_packets: AtomicU64,
+    /// Their payload bytes.
+    pub relayed_bytes: AtomicU64,
     /// Nanoseconds the loop spent working (not waiting for input).
     pub busy_nanos: AtomicU64,
     /// Requests and datagrams waiting for the loop (gauge, sampled once per wake-up).
@@ -276,6 +280,16 @@ impl NetStats {
                 "conclave_media_nacks_received_total",
                 "NACKs received from subscribers (lost packets they asked to be resent).",
                 self.sum(|l| &l.nacks_received),
+            ),
+            (
+                "conclave_cascade_relayed_packets_total",
+                "RTP packets sent to peer Conclaves' relays (each track once per peer).",
+                self.sum(|l| &l.relayed_packets),
+            ),
+            (
+                "conclave_cascade_relayed_bytes_total",
+                "Payload bytes of the RTP packets sent to peer Conclaves' relays.",
+                self.sum(|l| &l.relayed_bytes),
             ),
             (
                 "conclave_media_bandwidth_pauses_total",
@@ -1328,6 +1342,9 @@ impl Loop {
                             .store(s.rejected_by_peer, Ordering::Relaxed);
                         l.dropped_sends.store(self.dropped_sends, Ordering::Relaxed);
                         l.nacks_received.store(s.nacks_received, Ordering::Relaxed);
+                        l.relayed_packets
+                            .store(s.relayed_packets, Ordering::Relaxed);
+                        l.relayed_bytes.store(s.relayed_bytes, Ordering::Relaxed);
                         l.bandwidth_pauses
                             .store(s.bandwidth_pauses, Ordering::Relaxed);
                         l.bandwidth_downgrades

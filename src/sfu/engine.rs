@@ -94,6 +94,10 @@ pub struct SfuStats {
     /// Peer connections connected through Conclave's TURN relay, by how the client reaches
     /// it: UDP, TCP, TLS.
     pub connected_turn: [u64; 3],
+    /// RTP packets sent to peer Conclaves' relays ([`CascadeRole::Relay`]).
+    pub relayed_packets: u64,
+    /// Their payload bytes.
+    pub relayed_bytes: u64,
 }
 
 /// Engine settings.

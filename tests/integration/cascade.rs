@@ -544,6 +544,12 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
                 && t["payload_bytes"].as_u64().unwrap_or(0) > 0),
         "{relay_view}"
     );
+    for metric in [
+        "conclave_cascade_relayed_packets_total",
+        "conclave_cascade_relayed_bytes_total",
+    ] {
+        assert!(c1.metric(metric).await.unwrap() > 0, "{metric}");
+    }
     let mirrored = c2
         .admin_get(
             &format!("/_conclave/admin/v1/sfu/rooms/{}", encode(&mirror)),

@@ -74,9 +74,9 @@ pub(super) struct DownTrack {
     pub(super) bw_lowered_at: Option<Instant>,
     /// When the layer forwarded last changed.
     pub(super) switched_at: Option<Instant>,
-    /// RTP packets written so far, and their payload bytes (the operator's view of a cascade
-    /// relay: `Sfu::relayed`).
+    /// RTP packets written so far (the operator's view of a cascade relay: `Sfu::relayed`).
     pub(super) packets: u64,
+    /// Their payload bytes.
     pub(super) payload_bytes: u64,
 }
 

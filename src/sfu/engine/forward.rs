@@ -25,6 +25,7 @@ impl Sfu {
             .map(|t| std::mem::take(&mut t.layers))
             .unwrap_or_default();
         let mut touched = Vec::new();
+        let mut relayed = (0u64, 0u64);
         let mut keyframe_of: Option<Option<Rid>> = None;
         for p in room.participants.values_mut() {
             if p.session == f.publisher {
@@ -43,7 +44,13 @@ impl Sfu {
                 continue;
             }
             match d.forward(&mut pc.rtc, &mut p.out_streams, &f, &layers, now) {
-                Forwarded::Written => touched.push(p.session),
+                Forwarded::Written => {
+                    if p.cascade == super::CascadeRole::Relay {
+                        relayed.0 += 1;
+                        relayed.1 += f.packet.payload.len() as u64;
+                    }
+                    touched.push(p.session)
+                }
                 Forwarded::NeedsKeyframe(rid) => keyframe_of = Some(rid),
                 Forwarded::Skipped => {}
             }
@@ -55,6 +62,8 @@ impl Sfu {
         {
             std::mem::swap(&mut t.layers, &mut layers);
         }
+        self.stats.relayed_packets += relayed.0;
+        self.stats.relayed_bytes += relayed.1;
         if let Some(rid) = keyframe_of {
             self.request_keyframe(now, f.publisher, &f.track_sid, rid);
         }
