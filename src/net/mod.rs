@@ -1317,15 +1317,6 @@ impl Loop {
     /// refused a message (their sinks are dropped).
     fn drain_outputs(&mut self) -> (Instant, Vec<(SessionId, Refused)>) {
         self.publish_rooms();
-        // Cascade mirrors' peers answer our ICE checks with STUN responses, which name no
-        // ufrag: with several loops, their address must route here before they answer.
-        let hints = self.sfu.take_route_hints();
-        if self.threads > 1 && !hints.is_empty() {
-            let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
-            for addr in hints {
-                routes.insert(addr, self.index);
-            }
-        }
         let mut gone = Vec::new();
         loop {
             match self.sfu.poll_output() {

@@ -545,9 +545,6 @@ pub struct Sfu {
     stats: SfuStats,
     /// One DTLS certificate for every peer connection of this engine (see [`Sfu::new`]).
     dtls_cert: Option<str0m::config::DtlsCert>,
-    /// Peer addresses this engine's full-ICE connections check (cascade mirrors), not yet
-    /// handed to the caller ([`Sfu::take_route_hints`]).
-    route_hints: Vec<SocketAddr>,
 }
 
 /// The room of `session`, borrowing only the room map and the session index (so the output
@@ -614,7 +611,6 @@ impl Sfu {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             by_local: HashMap::new(),
-            route_hints: Vec::new(),
             detached: HashMap::new(),
             out: VecDeque::new(),
             timers: timers::Timers::default(),
@@ -638,14 +634,6 @@ impl Sfu {
     /// ICE with one of this engine's peer connections, which still exists).
     pub fn knows_address(&self, proto: IpProto, source: &SocketAddr) -> bool {
         self.by_addr.contains_key(&(proto, *source))
-    }
-
-    /// Peer addresses learned from SDP rather than from their STUN (a cascade mirror checks a
-    /// peer Conclave's candidates and gets only STUN responses, which name no ufrag): a caller
-    /// that routes datagrams by source address must send theirs to this engine from now on.
-    /// Taken once.
-    pub fn take_route_hints(&mut self) -> Vec<SocketAddr> {
-        std::mem::take(&mut self.route_hints)
     }
 
     /// What the cascade relays of `room` (participants with [`CascadeRole::Relay`]) were sent,

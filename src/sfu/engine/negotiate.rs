@@ -98,8 +98,9 @@ impl Sfu {
 
     /// A cascade mirror's publisher connection checks the peer's candidates itself (full
     /// ICE): their STUN responses name no ufrag, so the UDP host candidates of the peer's offer
-    /// are mapped to the connection now: with its own socket by that socket and the peer's
-    /// address; without, by the peer's address, handed to the caller for its routing.
+    /// are mapped to the connection now: with its own socket (the net loop binds one), by
+    /// that socket and the peer's address; without (one mirror per peer, as in engine tests),
+    /// by the peer's address.
     fn learn_offered_candidates(
         &mut self,
         session: SessionId,
@@ -108,17 +109,14 @@ impl Sfu {
     ) {
         for addr in offered_udp_candidates(sdp) {
             if let Some(local) = socket {
-                // Its own socket: the caller reads it for this loop, no routing needed.
+                // Its own socket, read by this engine's loop: no routing needed.
                 self.by_local
                     .insert((local, addr), (session, PcKind::Publisher));
                 continue;
             }
-            let key = (super::IpProto::Udp, addr);
-            if self.by_addr.contains_key(&key) {
-                continue;
-            }
-            self.by_addr.insert(key, (session, PcKind::Publisher));
-            self.route_hints.push(addr);
+            self.by_addr
+                .entry((super::IpProto::Udp, addr))
+                .or_insert((session, PcKind::Publisher));
         }
     }
 
