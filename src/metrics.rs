@@ -53,6 +53,11 @@ pub struct Metrics {
     pub cascade_relays_refused: AtomicU64,
     /// Relays cut because Matrix says the peer's server no longer belongs in the room.
     pub cascade_relays_cut: AtomicU64,
+    /// Token requests of peers' users answered with their own Conclave's mirror.
+    pub cascade_mirrored: AtomicU64,
+    /// Token requests of peers' users answered directly because their Conclave failed,
+    /// refused or was too slow (the log says why).
+    pub cascade_fallbacks: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -63,7 +68,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 19] = [
+        let rows: [(&str, &str, &AtomicU64); 21] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -153,6 +158,16 @@ impl Metrics {
                 "conclave_cascade_relays_cut_total",
                 "Relays cut because the peer's server no longer belongs in the room.",
                 &self.cascade_relays_cut,
+            ),
+            (
+                "conclave_cascade_mirrored_total",
+                "Token requests of peers' users answered with their own Conclave's mirror.",
+                &self.cascade_mirrored,
+            ),
+            (
+                "conclave_cascade_fallbacks_total",
+                "Token requests of peers' users answered directly: their Conclave failed or refused.",
+                &self.cascade_fallbacks,
             ),
             (
                 "conclave_tokens_rate_limited_total",

@@ -294,7 +294,7 @@ pub async fn build_services(
         sfu.clone(),
         homeserver,
     )
-    .with_peers(peers.clone());
+    .with_peers(peers.clone(), metrics.clone());
     let cascade = Cascade::new(
         CascadeSettings::from_config(&config),
         tokens.clone(),

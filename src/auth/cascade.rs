@@ -180,7 +180,7 @@ impl TokenService {
             return None;
         }
         let peer = settings.cascade.peer(server).filter(|p| p.url.is_some())?;
-        let link = self.inner.peers.as_ref()?;
+        let (link, metrics) = self.inner.peers.as_ref()?;
         // Only where the call runs here: a mirror of nothing would be an empty room.
         self.inner.sfu.room_sid(&who.room).await?;
         let request = MirrorRequest {
@@ -191,17 +191,22 @@ impl TokenService {
             member_id: req.member_id.clone(),
             openid_token: None,
         };
-        match tokio::time::timeout(MIRROR_PATIENCE, link.mirror(peer, &request)).await {
+        let outcome = tokio::time::timeout(MIRROR_PATIENCE, link.mirror(peer, &request)).await;
+        let user_id = &who.user_id;
+        match outcome {
             Ok(Ok(answer)) => {
-                tracing::info!(user_id = %who.user_id, peer = %server, url = %answer.url, "sent to the mirror at home");
+                crate::metrics::inc(&metrics.cascade_mirrored);
+                tracing::info!(%user_id, peer = %server, url = %answer.url, "sent to the mirror at home");
                 Some(answer)
             }
             Ok(Err(e)) => {
-                tracing::warn!(user_id = %who.user_id, peer = %server, error = %e, "cascade mirror failed; answering directly");
+                crate::metrics::inc(&metrics.cascade_fallbacks);
+                tracing::warn!(%user_id, peer = %server, error = %e, "cascade mirror failed; answering directly");
                 None
             }
             Err(_) => {
-                tracing::warn!(user_id = %who.user_id, peer = %server, "cascade mirror timed out; answering directly");
+                crate::metrics::inc(&metrics.cascade_fallbacks);
+                tracing::warn!(%user_id, peer = %server, "cascade mirror timed out; answering directly");
                 None
             }
         }

@@ -336,8 +336,9 @@ struct Inner {
     calls: Calls,
     sfu: SfuHandle,
     homeserver: HomeserverClient,
-    /// Requests to peer Conclaves (`docs/cascade.md`), once set.
-    peers: Option<cascade::PeerLink>,
+    /// Requests to peer Conclaves (`docs/cascade.md`), once set, and the counters of what
+    /// they answered.
+    peers: Option<(cascade::PeerLink, Arc<crate::metrics::Metrics>)>,
 }
 
 impl TokenService {
@@ -381,10 +382,15 @@ impl TokenService {
     }
 
     /// The service sending users of cascade peers to their own Conclave's mirror of the call
-    /// through `peers` (`docs/cascade.md`). Call right after [`TokenService::new`].
-    pub fn with_peers(mut self, peers: cascade::PeerLink) -> Self {
+    /// through `peers`, counted in `metrics` (`docs/cascade.md`). Call right after
+    /// [`TokenService::new`].
+    pub fn with_peers(
+        mut self,
+        peers: cascade::PeerLink,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.peers = Some(peers),
+            Some(inner) => inner.peers = Some((peers, metrics)),
             None => tracing::error!("with_peers called on a shared token service; ignored"),
         }
         self

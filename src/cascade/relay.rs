@@ -18,9 +18,10 @@
 //! relay connection would present every origin participant as one (a later step may teach the
 //! engine several identities per connection).
 //!
-//! Not relayed yet (`docs/cascade.md`): data packets (the mirror may not publish data),
-//! simulcast layers other than the top one the origin picks, speaker updates (computed here
-//! from the audio levels).
+//! Data packets travel too: the origin sends each media connection the packets of the
+//! participant it mirrors only, and the mirror publishes them here as that participant's.
+//! Speaker updates are computed here from the relayed audio levels. Not relayed yet
+//! (`docs/cascade.md`): simulcast layers other than the top one the origin picks.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -299,7 +300,8 @@ async fn mirror_inner(
         permission: lk::ParticipantPermission {
             can_publish: true,
             can_subscribe: false,
-            can_publish_data: false,
+            // The origin sends this connection the mirrored participant's data only.
+            can_publish_data: true,
             ..Default::default()
         },
         auto_subscribe: false,

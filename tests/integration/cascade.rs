@@ -63,13 +63,14 @@ async fn get_token(c: &Conclave, user: &TestUser, room: &str) -> Value {
     body
 }
 
-/// `user` joins the call in `room` and publishes audio and video on `c` (Python SDK) until
-/// `stay_s`; the client, once both tracks are published, and its identity.
+/// `user` joins the call in `room` and publishes audio, video and reliable data on `c` (Python
+/// SDK) until `stay_s`; the client, once both tracks are published, and its identity.
 async fn publish(c: &Conclave, user: &TestUser, room: &str, stay_s: f64) -> (PyClient, Value) {
     join_call(user, room).await;
     let token = get_token(c, user, room).await;
     let identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
     let mut spec = PyClientSpec::new(c.ws_url(), token["jwt"].as_str().unwrap(), "publisher");
+    spec.send_data = Some("reliable".into());
     spec.timeout_s = stay_s;
     spec.min_duration_s = stay_s;
     let mut client = PyClient::spawn(spec).unwrap();
@@ -471,6 +472,8 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         spec.expect_participants = 1;
         spec.expect_audio_frames = 50;
         spec.expect_video_frames = 20;
+        // alice's data packets too, sent on as hers by her mirror.
+        spec.expect_data = 3;
         spec.timeout_s = 90.0;
         spec.min_duration_s = 90.0;
         viewers.push(PyClient::spawn(spec).unwrap());
@@ -544,6 +547,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
                 && t["payload_bytes"].as_u64().unwrap_or(0) > 0),
         "{relay_view}"
     );
+    assert!(c1.metric("conclave_cascade_mirrored_total").await.unwrap() >= 2);
     for metric in [
         "conclave_cascade_relayed_packets_total",
         "conclave_cascade_relayed_bytes_total",
@@ -678,6 +682,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     assert!(c1
         .logs()
         .contains("cascade mirror failed; answering directly"));
+    assert!(c1.metric("conclave_cascade_fallbacks_total").await.unwrap() >= 1);
     let mut spec = PyClientSpec::new(c1.ws_url(), direct["jwt"].as_str().unwrap(), "carol");
     spec.publish_audio = false;
     spec.publish_video = false;

@@ -141,10 +141,12 @@ impl Net {
             hidden,
             ..super::tests::publish_permission()
         };
-        self.s.handle_command(
-            self.now,
-            super::tests::join_command(session, "room", identity, permission, false),
-        );
+        let mut join = super::tests::join_command(session, "room", identity, permission, false);
+        // A peer Conclave's media relay (`cascade:<peer>|<identity>`), as `signal` marks it.
+        if let (Command::Join(j), Some(_)) = (&mut join, identity.strip_prefix("cascade:")) {
+            j.cascade = super::CascadeRole::Relay;
+        }
+        self.s.handle_command(self.now, join);
         self.pump();
         let c = self.clients.last_mut().unwrap();
         let mut api = c.publ.sdp_api();
@@ -615,6 +617,35 @@ fn a_hidden_sender_is_not_revealed() {
     };
     assert!(u.participant_identity.is_empty() && u.participant_sid.is_empty());
     assert_eq!(u.payload, b"boo");
+}
+
+/// A peer Conclave's media relay of alice (`cascade:peer|alice`) gets alice's data packets and
+/// no one else's: her mirror at the peer sends them on as hers, so each packet crosses once,
+/// on the connection of its sender's mirror.
+#[test]
+fn a_cascade_relay_gets_only_the_data_of_the_participant_it_mirrors() {
+    let mut net = Net::with(&["alice", "dave", "cascade:peer|alice"]);
+    assert!(net
+        .client("dave")
+        .send(&forged(lk::data_packet::Value::User(user_packet(
+            b"from-dave"
+        )))));
+    assert!(net
+        .client("alice")
+        .send(&forged(lk::data_packet::Value::User(user_packet(
+            b"from-alice"
+        )))));
+    assert!(net.run_until(Duration::from_secs(2), |n| !n.clients[2]
+        .received
+        .is_empty()
+        && !n.clients[0].received.is_empty()));
+    net.run_until(Duration::from_millis(500), |_| false);
+    let got = net.client("cascade:peer|alice").reliable_packets();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].participant_identity, "alice");
+    // Everyone else gets everything as before.
+    assert_eq!(net.client("alice").reliable_packets().len(), 1);
+    assert_eq!(net.client("dave").reliable_packets().len(), 1);
 }
 
 /// A participant still connecting when a reliable packet is sent gets it once its channel

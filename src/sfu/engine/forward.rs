@@ -164,6 +164,15 @@ impl Sfu {
             if addressed && !identities.contains(&p.info.identity) && !sids.contains(&p.info.sid) {
                 continue;
             }
+            // A peer Conclave's media relay of participant X (`cascade:<peer>|X`) carries X's
+            // packets only: its mirror at the peer sends them on as X's, once (the peer's
+            // relays of the others carry theirs).
+            if p.cascade == super::CascadeRole::Relay
+                && p.identity.as_str().split_once('|').map(|(_, x)| x)
+                    != Some(packet.participant_identity.as_str())
+            {
+                continue;
+            }
             if p.send_data(reliable, &encoded) {
                 written.push(p.session);
             }
