@@ -49,6 +49,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Attempts of the roster connection in a row before the relay gives up.
 const MAX_ATTEMPTS: u32 = 5;
+/// A roster connection that lasted this long resets the count of failures in a row.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// What to relay.
 #[derive(Debug, Clone)]
@@ -151,13 +153,19 @@ pub(super) async fn run(link: PeerLink, sfu: SfuHandle, target: Target, first: R
     let mut failures = 0;
     let mut grant = Some(first);
     while failures < MAX_ATTEMPTS {
+        let started = tokio::time::Instant::now();
         match roster(&link, &sfu, &target, grant.take()).await {
             Ok(()) => {
                 tracing::info!("relay ended by the origin");
                 return;
             }
             Err(e) => {
-                failures += 1;
+                // Failures in a row count; a connection that served a while starts afresh.
+                failures = if started.elapsed() > STABLE_AFTER {
+                    1
+                } else {
+                    failures + 1
+                };
                 tracing::warn!(error = %e, failures, "relay roster connection failed");
             }
         }
