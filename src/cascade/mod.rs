@@ -16,7 +16,6 @@ mod relay;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use ruma::{OwnedServerName, RoomId, ServerName, UserId};
 use tokio::task::JoinHandle;
@@ -44,8 +43,6 @@ pub struct CascadeSettings {
     pub server_name: OwnedServerName,
     /// Our SFU URL, handed to our users.
     pub livekit_public_url: String,
-    /// Lifetime of the tokens we mint.
-    pub token_lifetime: Duration,
 }
 
 impl CascadeSettings {
@@ -55,7 +52,6 @@ impl CascadeSettings {
             config: config.cascade.clone(),
             server_name: config.matrix.server_name.clone(),
             livekit_public_url: config.livekit_public_url(),
-            token_lifetime: Duration::from_secs(config.auth.token_lifetime_secs),
         }
     }
 }
@@ -195,37 +191,23 @@ impl Cascade {
             slot_id: slot_id.to_owned(),
             mirror: mirror.clone(),
         };
+        let mut relays = self
+            .inner
+            .relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Two requests may have raced here: the first relay started serves both.
+        if relays.get(mirror).is_some_and(|r| !r.task.is_finished()) {
+            return Ok(());
+        }
         let task = tokio::spawn(relay::run(
             self.inner.link.clone(),
             self.inner.sfu.clone(),
             target,
             grant,
         ));
-        let old = self
-            .inner
-            .relays
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(mirror.clone(), Running { task });
-        // Two requests raced to start it: one relay is enough.
-        if let Some(old) = old {
-            old.task.abort();
-        }
+        relays.insert(mirror.clone(), Running { task });
         Ok(())
-    }
-
-    /// The mirror rooms with a running relay.
-    pub fn running(&self) -> Vec<RoomName> {
-        let relays = self
-            .inner
-            .relays
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        relays
-            .iter()
-            .filter(|(_, r)| !r.task.is_finished())
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 }
 
