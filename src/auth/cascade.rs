@@ -66,11 +66,11 @@ pub struct RelayGrant {
 
 impl TokenService {
     /// Checks that `openid_token` is the OpenID token of a configured peer Conclave's bot
-    /// (steps 1 to 3 of the module docs); the peer's server.
+    /// (steps 1 to 3 of the module docs); the peer's entry and its bot.
     pub async fn verify_peer(
         &self,
         openid_token: Option<OpenIdTokenBody>,
-    ) -> Result<ruma::OwnedServerName, AuthError> {
+    ) -> Result<(crate::config::CascadePeer, ruma::OwnedUserId), AuthError> {
         let (access_token, server, expires_in) = parse_openid(openid_token)?;
         let settings = &self.inner.settings;
         let Some(peer) = settings.cascade.peer(&server) else {
@@ -95,7 +95,7 @@ impl TokenService {
                  speak for it"
             )));
         }
-        Ok(server)
+        Ok((peer.clone(), bot))
     }
 
     /// A mirror request (`POST /_conclave/cascade/v1/mirror`) parsed, its sender verified as
@@ -103,10 +103,10 @@ impl TokenService {
     pub async fn verify_mirror_request(
         &self,
         body: &[u8],
-    ) -> Result<(ruma::OwnedServerName, MirrorRequest), AuthError> {
+    ) -> Result<(crate::config::CascadePeer, MirrorRequest), AuthError> {
         let mut r: MirrorRequest = parse_body(body)?;
-        let server = self.verify_peer(r.openid_token.take()).await?;
-        Ok((server, r))
+        let (peer, _) = self.verify_peer(r.openid_token.take()).await?;
+        Ok((peer, r))
     }
 
     /// Succeeds if `user_id` is joined to `room_id` (the membership gate).
@@ -222,15 +222,9 @@ impl TokenService {
             .slot_id
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| LEGACY_SLOT.to_owned());
-        let server = self.verify_peer(r.openid_token).await?;
+        let (peer, bot) = self.verify_peer(r.openid_token).await?;
+        let server = peer.server_name;
         let settings = &self.inner.settings;
-        let bot = settings
-            .cascade
-            .peer(&server)
-            .map(|p| p.bot_user_id())
-            .transpose()
-            .map_err(|e| AuthError::Internal(format!("cascade peer {server}: {e}")))?
-            .ok_or_else(|| AuthError::Internal(format!("{server} verified but not a peer")))?;
         let calls = &self.inner.calls;
         if !calls.server_has_joined_member(&room_id, &server).await? {
             return Err(AuthError::Forbidden(format!(

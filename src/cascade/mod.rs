@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::auth::tokens::cascade::PeerLink;
 use crate::auth::tokens::{TokenResponse, TokenService};
 use crate::auth::AuthError;
-use crate::config::{CascadeConfig, CascadePeer};
+use crate::config::CascadePeer;
 use crate::matrix::naming::{room_name, LEGACY_SLOT};
 use crate::net::SfuHandle;
 use crate::sfu::ids::RoomName;
@@ -37,8 +37,6 @@ pub fn mirror_room_name(origin: &ServerName, origin_room: &str) -> RoomName {
 /// What the cascade needs of the configuration.
 #[derive(Debug, Clone)]
 pub struct CascadeSettings {
-    /// `[cascade]`.
-    pub config: CascadeConfig,
     /// This homeserver.
     pub server_name: OwnedServerName,
     /// Our SFU URL, handed to our users.
@@ -49,7 +47,6 @@ impl CascadeSettings {
     /// The settings from the configuration.
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self {
-            config: config.cascade.clone(),
             server_name: config.matrix.server_name.clone(),
             livekit_public_url: config.livekit_public_url(),
         }
@@ -100,7 +97,8 @@ impl Cascade {
     /// call, the relay started if needed. Refusals name what failed.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn mirror(&self, body: &[u8]) -> Result<TokenResponse, AuthError> {
-        let (origin, request) = self.inner.tokens.verify_mirror_request(body).await?;
+        let (peer, request) = self.inner.tokens.verify_mirror_request(body).await?;
+        let origin = &peer.server_name;
         let settings = &self.inner.settings;
         let room_id = RoomId::parse(request.room_id.as_deref().unwrap_or_default())
             .map_err(|_| AuthError::InvalidParam("`room_id` is not a Matrix room ID".into()))?;
@@ -118,11 +116,6 @@ impl Cascade {
                 settings.server_name
             )));
         }
-        let Some(peer) = settings.config.peer(&origin).cloned() else {
-            return Err(AuthError::Internal(format!(
-                "{origin} verified but not a peer"
-            )));
-        };
         if peer.url.is_none() {
             return Err(AuthError::Forbidden(format!(
                 "{origin} is a cascade peer without a url here: nothing to pull from"
@@ -136,7 +129,7 @@ impl Cascade {
         // Our user, joined to the room (our own homeserver's word).
         self.inner.tokens.require_joined(&room_id, &user_id).await?;
         let origin_room = room_name(room_id.as_str(), &slot_id);
-        let mirror = mirror_room_name(&origin, &origin_room);
+        let mirror = mirror_room_name(origin, &origin_room);
         self.ensure_relay(&peer, room_id.as_str(), &slot_id, &mirror)
             .await?;
         let token = self.inner.tokens.mirror_token(

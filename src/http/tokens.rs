@@ -131,15 +131,32 @@ fn forwarded_origin(parts: &Parts) -> Result<OwnedServerName, MatrixErrorRespons
 }
 
 fn respond(state: &TokenState, result: Result<TokenResponse, AuthError>) -> Response {
+    let m = &state.metrics;
+    answer(
+        state,
+        result,
+        [&m.tokens_issued, &m.tokens_refused],
+        "SFU token refused",
+    )
+}
+
+/// The JSON answer, or the refusal (logged as `refused`); `counts` are bumped for each
+/// (granted, refused), rate limits counted apart.
+fn answer<T: serde::Serialize>(
+    state: &TokenState,
+    result: Result<T, AuthError>,
+    counts: [&std::sync::atomic::AtomicU64; 2],
+    refused: &'static str,
+) -> Response {
     match result {
         Ok(r) => {
-            inc(&state.metrics.tokens_issued);
+            inc(counts[0]);
             Json(r).into_response()
         }
         Err(e) => {
-            inc(&state.metrics.tokens_refused);
+            inc(counts[1]);
             count_rate_limited(state, &e);
-            log_refusal(&e, "SFU token refused");
+            log_refusal(&e, refused);
             MatrixErrorResponse::from(e).into_response()
         }
     }
@@ -296,25 +313,16 @@ pub async fn post_cascade_relay(
     State(state): State<TokenState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let m = &state.metrics;
+    let counts = [&m.cascade_relays_granted, &m.cascade_relays_refused];
     let result = match body {
         Ok(body) => state.tokens.relay_grant(&body).await,
         Err(r) => {
-            inc(&state.metrics.cascade_relays_refused);
+            inc(counts[1]);
             return MatrixErrorResponse::from_body_rejection(&r).into_response();
         }
     };
-    match result {
-        Ok(grant) => {
-            inc(&state.metrics.cascade_relays_granted);
-            Json(grant).into_response()
-        }
-        Err(e) => {
-            inc(&state.metrics.cascade_relays_refused);
-            count_rate_limited(&state, &e);
-            log_refusal(&e, "cascade relay refused");
-            MatrixErrorResponse::from(e).into_response()
-        }
-    }
+    answer(&state, result, counts, "cascade relay refused")
 }
 
 /// `POST /_conclave/cascade/v1/mirror`: a peer Conclave asks for one of our users' token in

@@ -16,6 +16,7 @@ use crate::support::matrix_client::{TestUser, CALL_MEMBER};
 use crate::support::synapse::{heavy_lock, Homeserver};
 
 const RELAY: &str = "/_conclave/cascade/v1/relay";
+const MIRROR: &str = "/_conclave/cascade/v1/mirror";
 
 /// The appservice bot of `c` on `hs`, acting with `c`'s `as_token` (an appservice may act as
 /// its `sender_localpart`).
@@ -28,13 +29,60 @@ fn bot_of(hs: &Homeserver, c: &Conclave) -> TestUser {
 
 /// `POST /_conclave/cascade/v1/relay` on `c` with `body`.
 async fn relay(c: &Conclave, body: &Value) -> (u16, Value) {
+    post(c, RELAY, body).await
+}
+
+/// `POST path` on `c` with `body`.
+async fn post(c: &Conclave, path: &str, body: &Value) -> (u16, Value) {
     let r = reqwest::Client::new()
-        .post(format!("{}{RELAY}", c.url))
+        .post(format!("{}{path}", c.url))
         .json(body)
         .send()
         .await
         .unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// The checks both server-to-server endpoints make of their caller
+/// (`TokenService::verify_peer`), each refusal naming what failed: no OpenID token, a server
+/// that is not a peer, a forged token (401), a user's token instead of the peer's bot's.
+/// `with_token(t)` is a request to `path` on `c` that is valid with `bot`'s token `t`.
+async fn assert_peer_checks(
+    c: &Conclave,
+    path: &str,
+    with_token: impl Fn(&Value) -> Value,
+    bot: &Value,
+    user: &Value,
+) {
+    let mut no_token = with_token(bot);
+    no_token.as_object_mut().unwrap().remove("openid_token");
+    assert_refused(
+        &format!("{path}: no OpenID token"),
+        post(c, path, &no_token).await,
+        400,
+        "M_BAD_JSON",
+        "openid_token",
+    );
+    let mut stranger = bot.clone();
+    stranger["matrix_server_name"] = json!("ministry-c.example");
+    assert_refused(
+        &format!("{path}: a server that is not a peer"),
+        post(c, path, &with_token(&stranger)).await,
+        403,
+        "M_FORBIDDEN",
+        "not a cascade peer",
+    );
+    let mut forged = bot.clone();
+    forged["access_token"] = json!("forged-token");
+    let (s, b) = post(c, path, &with_token(&forged)).await;
+    assert_eq!(s, 401, "{path}: a forged OpenID token: {b}");
+    assert_refused(
+        &format!("{path}: a user's token, not the peer's bot's"),
+        post(c, path, &with_token(user)).await,
+        403,
+        "M_FORBIDDEN",
+        "is not the Conclave of",
+    );
 }
 
 /// A relay request for `room` with `openid`.
@@ -167,40 +215,14 @@ async fn cascade_relay_is_granted_only_to_a_peer_with_members_and_cut_when_they_
     let (alice_client, alice_identity) = publish(&c1, &alice, &room, 120.0).await;
 
     // Refusals, each naming what failed.
-    assert_refused(
-        "no OpenID token",
-        relay(&c1, &json!({"room_id": room})).await,
-        400,
-        "M_BAD_JSON",
-        "openid_token",
-    );
+    let bobs = bob.openid_token().await.unwrap();
+    assert_peer_checks(&c1, RELAY, |t| relay_body(&room, t), &openid, &bobs).await;
     assert_refused(
         "not a room ID",
         relay(&c1, &relay_body("lobby", &openid)).await,
         400,
         "M_INVALID_PARAM",
         "room_id",
-    );
-    let mut stranger = openid.clone();
-    stranger["matrix_server_name"] = json!("ministry-c.example");
-    assert_refused(
-        "a server that is not a peer",
-        relay(&c1, &relay_body(&room, &stranger)).await,
-        403,
-        "M_FORBIDDEN",
-        "not a cascade peer",
-    );
-    let mut forged = openid.clone();
-    forged["access_token"] = json!("forged-token");
-    let (s, b) = relay(&c1, &relay_body(&room, &forged)).await;
-    assert_eq!(s, 401, "a forged OpenID token: {b}");
-    let bobs = bob.openid_token().await.unwrap();
-    assert_refused(
-        "another hs2 user's token",
-        relay(&c1, &relay_body(&room, &bobs)).await,
-        403,
-        "M_FORBIDDEN",
-        "is not the Conclave of",
     );
     assert_refused(
         "a room without hs2 members",
@@ -245,18 +267,7 @@ async fn cascade_relay_is_granted_only_to_a_peer_with_members_and_cut_when_they_
         assert_eq!(e["identity"], alice_identity, "{e}");
     }
     let view = c1
-        .admin_get(
-            &format!(
-                "/_conclave/admin/v1/sfu/rooms/{}",
-                grant["room"]
-                    .as_str()
-                    .unwrap()
-                    .replace('/', "%2F")
-                    .replace('+', "%2B")
-                    .replace('=', "%3D")
-            ),
-            ADMIN_TOKEN,
-        )
+        .sfu_room_view(grant["room"].as_str().unwrap(), ADMIN_TOKEN)
         .await
         .unwrap();
     assert!(view.to_string().contains(&identity), "{view}");
@@ -494,19 +505,8 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
 
     // Conclave-1 serves alice and the relay's two connections (roster, alice's media), never
     // bob or carol: alice's tracks cross once, whatever the number of viewers at Conclave-2.
-    let encode = |r: &str| {
-        r.replace('/', "%2F")
-            .replace('+', "%2B")
-            .replace('=', "%3D")
-    };
     let origin = c1
-        .admin_get(
-            &format!(
-                "/_conclave/admin/v1/sfu/rooms/{}",
-                encode(&room_name(&room, LEGACY_SLOT))
-            ),
-            ADMIN_TOKEN,
-        )
+        .sfu_room_view(&room_name(&room, LEGACY_SLOT), ADMIN_TOKEN)
         .await
         .unwrap();
     let identities: Vec<String> = origin["participants"]
@@ -554,13 +554,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     ] {
         assert!(c1.metric(metric).await.unwrap() > 0, "{metric}");
     }
-    let mirrored = c2
-        .admin_get(
-            &format!("/_conclave/admin/v1/sfu/rooms/{}", encode(&mirror)),
-            ADMIN_TOKEN,
-        )
-        .await
-        .unwrap();
+    let mirrored = c2.sfu_room_view(&mirror, ADMIN_TOKEN).await.unwrap();
     assert!(
         mirrored
             .to_string()
@@ -576,51 +570,13 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         json!({"room_id": room, "slot_id": LEGACY_SLOT, "user_id": user, "device_id": "DEV",
                "openid_token": openid})
     };
-    let mirror_req = |body: Value| {
-        let url = format!("{}/_conclave/cascade/v1/mirror", c2.url);
-        async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-    };
-    let mut no_token = mirror_body(&c1_openid, &bob.user_id);
-    no_token.as_object_mut().unwrap().remove("openid_token");
-    assert_refused(
-        "mirror without a token",
-        mirror_req(no_token).await,
-        400,
-        "M_BAD_JSON",
-        "openid_token",
-    );
-    let mut forged = c1_openid.clone();
-    forged["access_token"] = json!("forged");
-    let (s, b) = mirror_req(mirror_body(&forged, &bob.user_id)).await;
-    assert_eq!(s, 401, "mirror with a forged token: {b}");
     let alices = alice.openid_token().await.unwrap();
-    assert_refused(
-        "mirror asked by a user, not the bot",
-        mirror_req(mirror_body(&alices, &bob.user_id)).await,
-        403,
-        "M_FORBIDDEN",
-        "is not the Conclave of",
-    );
-    let mut stranger = c1_openid.clone();
-    stranger["matrix_server_name"] = json!("ministry-c.example");
-    assert_refused(
-        "mirror asked by a server that is not a peer",
-        mirror_req(mirror_body(&stranger, &bob.user_id)).await,
-        403,
-        "M_FORBIDDEN",
-        "not a cascade peer",
-    );
+    let bobs_mirror = |t: &Value| mirror_body(t, &bob.user_id);
+    assert_peer_checks(&c2, MIRROR, bobs_mirror, &c1_openid, &alices).await;
+    let mirror_req = |body: Value| {
+        let c2 = &c2;
+        async move { post(c2, MIRROR, &body).await }
+    };
     assert_refused(
         "mirror for a user of another server",
         mirror_req(mirror_body(&c1_openid, &alice.user_id)).await,

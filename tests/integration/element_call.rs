@@ -47,13 +47,6 @@ fn legacy_room_name(room: &str) -> String {
     conclave::matrix::naming::room_name(room, conclave::matrix::naming::LEGACY_SLOT)
 }
 
-/// An SFU room name as one path segment (they are base64: `/`, `+`, `=`).
-fn encode_room(name: &str) -> String {
-    name.replace('/', "%2F")
-        .replace('+', "%2B")
-        .replace('=', "%3D")
-}
-
 fn screenshot_dir(run: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("element-call")
@@ -599,11 +592,8 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
             .await
             .unwrap_or_else(|e| panic!("{run}: carol sees alice's video: {e}\n{}", logs()));
         let origin =
-            m.c1.admin_get(
-                &format!(
-                    "/_conclave/admin/v1/sfu/rooms/{}",
-                    encode_room(&legacy_room_name(&room))
-                ),
+            m.c1.sfu_room_view(
+                &legacy_room_name(&room),
                 crate::support::element_call::ADMIN_TOKEN,
             )
             .await

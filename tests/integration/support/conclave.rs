@@ -415,6 +415,17 @@ impl Conclave {
         self.netns_get_with(ns, path, None).await
     }
 
+    /// The admin API's view of SFU room `room` (`/_conclave/admin/v1/sfu/rooms/{room}`); the
+    /// name goes as one path segment (call rooms are base64: `/`, `+`, `=` escaped).
+    pub async fn sfu_room_view(&self, room: &str, token: &str) -> Result<serde_json::Value> {
+        let segment = room
+            .replace('/', "%2F")
+            .replace('+', "%2B")
+            .replace('=', "%3D");
+        self.admin_get(&format!("/_conclave/admin/v1/sfu/rooms/{segment}"), token)
+            .await
+    }
+
     /// `GET path` with the admin token `token` (`admin.token`), in the lab's namespace when
     /// Conclave runs in one: the JSON body of a 2xx answer.
     pub async fn admin_get(&self, path: &str, token: &str) -> Result<serde_json::Value> {
