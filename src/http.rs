@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod appservice;
 mod bearer;
+pub mod bridge;
 pub mod error;
 pub mod server;
 pub mod tokens;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, get, patch, post, put};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -51,6 +52,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// The TURN server's counters, when it runs.
     pub turn: Option<Arc<crate::turn::TurnStats>>,
+    /// WHIP and WHEP (`docs/bridges.md`).
+    pub bridges: crate::bridge::Bridges,
     /// `http.max_body_bytes`.
     pub max_body_bytes: usize,
 }
@@ -76,6 +79,12 @@ impl FromRef<HttpState> for AdminState {
 impl FromRef<HttpState> for Arc<SignalState> {
     fn from_ref(s: &HttpState) -> Self {
         s.signal.clone()
+    }
+}
+
+impl FromRef<HttpState> for crate::bridge::Bridges {
+    fn from_ref(s: &HttpState) -> Self {
+        s.bridges.clone()
     }
 }
 
@@ -156,6 +165,29 @@ pub fn router(state: HttpState) -> Router {
         .route("/rtc/v1", get(ws::get_rtc_v1))
         .route("/rtc/v1/validate", get(validate::get_validate_v1));
 
+    // WHIP (RFC 9725) and WHEP: encoders, recorders, other systems (`docs/bridges.md`).
+    let bridge_routes = Router::new()
+        .route("/whip/v1", post(bridge::post_whip))
+        .route("/whip/v1/{room}", post(bridge::post_whip_room))
+        .route(
+            "/whip/v1/resource/{id}",
+            patch(bridge::patch_whip).delete(bridge::delete_whip),
+        )
+        .route(
+            "/whep/v1/{room}/{identity}",
+            post(bridge::post_whep_participant),
+        )
+        .route(
+            "/whep/v1/{room}/track/{track_sid}",
+            post(bridge::post_whep_track),
+        )
+        .route(
+            "/whep/v1/resource/{id}",
+            patch(bridge::patch_whep).delete(bridge::delete_whep),
+        )
+        .layer(DefaultBodyLimit::max(bridge::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(bridge::cors));
+
     let admin_routes = Router::new()
         .route("/_conclave/admin/v1/calls", get(admin::get_calls))
         .route("/_conclave/admin/v1/calls/{room_id}", get(admin::get_call))
@@ -179,6 +211,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(forwarded_routes)
         .merge(cascade_routes)
         .merge(signal_routes)
+        .merge(bridge_routes)
         .route("/healthz", get(healthz).head(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -2,6 +2,7 @@
 //! SFU in one binary. See `docs/ARCHITECTURE.md` for the data flow.
 
 pub mod auth;
+pub mod bridge;
 pub mod calls;
 pub mod cascade;
 pub mod cli;

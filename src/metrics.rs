@@ -58,6 +58,12 @@ pub struct Metrics {
     /// Token requests of peers' users answered directly because their Conclave failed,
     /// refused or was too slow (the log says why).
     pub cascade_fallbacks: AtomicU64,
+    /// WHIP sessions created (`docs/bridges.md`).
+    pub whip_sessions: AtomicU64,
+    /// WHEP sessions created.
+    pub whep_sessions: AtomicU64,
+    /// WHIP and WHEP requests refused (4xx).
+    pub bridge_refused: AtomicU64,
 }
 
 /// Increments a counter by one.
@@ -68,7 +74,7 @@ pub fn inc(c: &AtomicU64) {
 impl Metrics {
     /// Renders every counter in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 21] = [
+        let rows: [(&str, &str, &AtomicU64); 24] = [
             (
                 "conclave_appservice_transactions_applied_total",
                 "Appservice transactions applied.",
@@ -168,6 +174,21 @@ impl Metrics {
                 "conclave_cascade_fallbacks_total",
                 "Token requests of peers' users answered directly: their Conclave failed or refused.",
                 &self.cascade_fallbacks,
+            ),
+            (
+                "conclave_whip_sessions_total",
+                "WHIP sessions created (media pushed into a room over WHIP).",
+                &self.whip_sessions,
+            ),
+            (
+                "conclave_whep_sessions_total",
+                "WHEP sessions created (a participant's media played out over WHEP).",
+                &self.whep_sessions,
+            ),
+            (
+                "conclave_bridge_refused_total",
+                "WHIP and WHEP requests refused (4xx).",
+                &self.bridge_refused,
             ),
             (
                 "conclave_tokens_rate_limited_total",

@@ -301,6 +301,14 @@ pub async fn build_services(
         peers,
         sfu.clone(),
     );
+    let bridges = crate::bridge::Bridges::new(
+        signer.clone(),
+        sfu.clone(),
+        rooms.clone(),
+        config.sfu_auto_create(),
+        ice_servers.clone(),
+        metrics.clone(),
+    );
     let http = HttpState {
         appservice: AppserviceState {
             calls: calls.clone(),
@@ -338,6 +346,7 @@ pub async fn build_services(
         },
         sfu,
         metrics,
+        bridges,
         turn: turn.map(|t| t.stats),
         max_body_bytes: config.http.max_body_bytes,
     };

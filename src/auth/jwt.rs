@@ -67,6 +67,22 @@ pub struct Claims {
     pub video: VideoGrant,
 }
 
+impl Claims {
+    /// Permissions from the token's grant, with LiveKit's defaults for absent keys.
+    pub fn permission(&self) -> livekit_protocol::ParticipantPermission {
+        let v = &self.video;
+        let can_publish = v.can_publish.unwrap_or(true);
+        livekit_protocol::ParticipantPermission {
+            can_subscribe: v.can_subscribe.unwrap_or(true),
+            can_publish,
+            can_publish_data: v.can_publish_data.unwrap_or(can_publish),
+            hidden: v.hidden,
+            can_update_metadata: v.can_update_own_metadata.unwrap_or(false),
+            ..Default::default()
+        }
+    }
+}
+
 /// Signs and verifies tokens with one key/secret pair.
 #[derive(Clone)]
 pub struct TokenSigner {

@@ -81,20 +81,6 @@ fn cascade_role(claims: &Claims) -> crate::sfu::CascadeRole {
     }
 }
 
-/// Permissions from the token's grant, with LiveKit's defaults for absent keys.
-pub fn permission_from(claims: &Claims) -> lk::ParticipantPermission {
-    let v = &claims.video;
-    let can_publish = v.can_publish.unwrap_or(true);
-    lk::ParticipantPermission {
-        can_subscribe: v.can_subscribe.unwrap_or(true),
-        can_publish,
-        can_publish_data: v.can_publish_data.unwrap_or(can_publish),
-        hidden: v.hidden,
-        can_update_metadata: v.can_update_own_metadata.unwrap_or(false),
-        ..Default::default()
-    }
-}
-
 /// `GET /rtc/v1`: single peer connection signalling (`docs/design/rtc-v1.md`). Without
 /// `rtc.single_pc`, a plain 404 (never mentioning rooms) that makes every current SDK fall back
 /// to `/rtc` at once; with it, the v1 connect: the token and the `join_request` are checked,
@@ -295,7 +281,7 @@ async fn connect(
             .take()
             .unwrap_or_else(|| claims.metadata.clone()),
         attributes: std::mem::take(&mut settings.attributes),
-        permission: permission_from(&claims),
+        permission: claims.permission(),
         auto_subscribe: settings.auto_subscribe,
         client_protocol: settings.client_protocol,
         single_pc: signalling == Signalling::V1,

@@ -24,6 +24,7 @@ const RANKS: &[(&str, u32)] = &[
     ("auth", 5),
     ("signal", 6),
     ("cascade", 6),
+    ("bridge", 6),
     ("webhook", 6),
     ("http", 7),
     ("serve", 8),

@@ -36,6 +36,8 @@ mod delayed;
 mod msc4512;
 // Chromium + livekit-client through the SFU.
 mod browser;
+// WHIP and WHEP with a third-party WebRTC stack (aiortc), LiveKit SDKs on the other side.
+mod bridges;
 // Quality on real links: Chromium through the network lab's shaped and lossy downlinks.
 mod quality;
 // The LiveKit RoomService API (Twirp) through the Python `livekit-api` and raw HTTP.

@@ -761,3 +761,39 @@ impl NodePublisher {
         self.proc.wait(timeout).await
     }
 }
+
+// ---------------------------------------------------------------- WHIP / WHEP (aiortc)
+
+/// A running `tests/clients/whip_client.py` (aiortc, a WebRTC stack not written here): a WHIP
+/// publisher (`publish`) or WHEP player (`play`). Killed on drop.
+pub struct WhipClient {
+    proc: ClientProcess,
+}
+
+impl WhipClient {
+    /// Starts `whip_client.py <args>` (e.g. `["publish", "--url", …]`).
+    pub fn spawn(label: &str, args: &[String]) -> Result<WhipClient> {
+        let python = lk_python()?;
+        let mut cmd = Command::new(&python);
+        cmd.arg(clients_dir().join("whip_client.py"))
+            .args(args)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        let proc = ClientProcess::spawn(format!("whip:{label}"), cmd).with_context(|| {
+            format!("is {} a working venv with aiortc? {HINT}", python.display())
+        })?;
+        Ok(WhipClient { proc })
+    }
+
+    /// Waits for the next not-yet-returned event `name` (`"created"`, `"connection"`, …).
+    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
+        self.proc
+            .wait_event_matching(name, &|_| true, timeout)
+            .await
+    }
+
+    /// Waits for the exit (killing it after `timeout`, an error) and returns its report.
+    pub async fn wait(self, timeout: Duration) -> Result<ClientReport> {
+        self.proc.wait(timeout).await
+    }
+}

@@ -1,0 +1,531 @@
+//! WHIP and WHEP (`docs/bridges.md`) with a third-party WebRTC stack: aiortc
+//! (`tests/clients/whip_client.py`) publishes into a room and plays a participant out, real
+//! LiveKit SDKs (Python, Chromium + livekit-client) on the other side; refusals carry the
+//! RFC's status codes and leave the server healthy.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::conclave::{eventually, Conclave, ConclaveOptions};
+use crate::support::lk_clients::{PyClient, PyClientSpec, WhipClient};
+use crate::support::synapse::heavy_lock;
+use crate::support::web::{Browser, BrowserSpec, TabSpec};
+
+async fn sfu() -> Conclave {
+    Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
+        .await
+        .unwrap()
+}
+
+fn publish_args(url: &str, token: &str, seconds: f64) -> Vec<String> {
+    [
+        "publish",
+        "--url",
+        url,
+        "--token",
+        token,
+        "--seconds",
+        &seconds.to_string(),
+        "--timeout",
+        &(seconds + 20.0).to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn play_args(url: &str, token: &str, audio: u32, video: u32) -> Vec<String> {
+    [
+        "play",
+        "--url",
+        url,
+        "--token",
+        token,
+        "--expect-audio-frames",
+        &audio.to_string(),
+        "--expect-video-frames",
+        &video.to_string(),
+        "--timeout",
+        "40",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// The participants of SFU room `room` (RoomService `ListParticipants`): identity and
+/// tracks (`sid`, `kind`), empty when the room does not exist.
+async fn participants(c: &Conclave, room: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let admin = c.token(room, "test-admin", json!({"roomAdmin": true}));
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/twirp/livekit.RoomService/ListParticipants",
+            c.url
+        ))
+        .bearer_auth(admin)
+        .json(&json!({"room": room}))
+        .send()
+        .await;
+    let Ok(r) = r else { return Vec::new() };
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    let kind = |t: &Value| match &t["type"] {
+        Value::String(s) => s.to_ascii_lowercase(),
+        Value::Number(n) if n.as_u64() == Some(1) => "video".into(),
+        Value::Number(_) | Value::Null => "audio".into(),
+        other => other.to_string(),
+    };
+    v["participants"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let tracks = p["tracks"]
+                        .as_array()
+                        .map(|ts| {
+                            ts.iter()
+                                .map(|t| (t["sid"].as_str().unwrap_or("?").to_owned(), kind(t)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (p["identity"].as_str().unwrap_or("?").to_owned(), tracks)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The track kinds of `identity` in `room`, if it is there.
+async fn kinds_of(c: &Conclave, room: &str, identity: &str) -> Option<Vec<String>> {
+    participants(c, room)
+        .await
+        .into_iter()
+        .find(|(who, _)| who == identity)
+        .map(|(_, ts)| ts.into_iter().map(|(_, k)| k).collect())
+}
+
+/// aiortc publishes a sine and a test pattern over WHIP (no LiveKit code on that side): a
+/// Python SDK participant and Chromium with livekit-client receive both (decoded frames,
+/// video playing, audio level); the admin API shows the WHIP participant with its two
+/// tracks; the client's `DELETE` takes it out of the room.
+#[tokio::test]
+async fn whip_publisher_reaches_python_and_browser_subscribers() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let room = "whip-room";
+    let token = c.token(
+        room,
+        "encoder",
+        json!({"canPublish": true, "canSubscribe": false}),
+    );
+    let mut whip = WhipClient::spawn(
+        "encoder",
+        &publish_args(&format!("{}/whip/v1/{room}", c.url), &token, 30.0),
+    )
+    .unwrap();
+    let created = whip
+        .wait_event("created", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("WHIP session: {e:#}\n{}", c.logs()));
+    assert!(
+        created["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("/whip/v1/resource/")),
+        "{created}"
+    );
+    assert!(
+        created["etag"].as_str().is_some_and(|e| e.starts_with('"')),
+        "{created}"
+    );
+    assert_eq!(created["content_type"], "application/sdp", "{created}");
+    let connected = whip
+        .wait_event("connection", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(connected["state"], "connected", "{connected}\n{}", c.logs());
+
+    let tracks = eventually(
+        Duration::from_secs(10),
+        "the WHIP participant's tracks",
+        || async { Ok(kinds_of(&c, room, "encoder").await.filter(|k| k.len() == 2)) },
+    )
+    .await
+    .unwrap();
+    assert!(
+        tracks.contains(&"audio".to_owned()) && tracks.contains(&"video".to_owned()),
+        "{tracks:?}"
+    );
+
+    let viewer = c.token(
+        room,
+        "viewer",
+        json!({"canPublish": false, "canSubscribe": true}),
+    );
+    let mut py = PyClientSpec::new(c.ws_url(), viewer, "viewer");
+    py.publish_audio = false;
+    py.publish_video = false;
+    py.expect_participants = 1;
+    py.expect_audio_frames = 100;
+    py.expect_video_frames = 30;
+    py.timeout_s = 30.0;
+    let py = PyClient::spawn(py).unwrap();
+
+    let tab_token = c.token(
+        room,
+        "page",
+        json!({"canPublish": false, "canSubscribe": true}),
+    );
+    let mut tab = TabSpec::new("page", c.ws_url(), tab_token);
+    tab.publish_camera = false;
+    tab.publish_microphone = false;
+    tab.expect_video_playing = vec![("encoder".into(), 30)];
+    tab.expect_remote_tracks = vec![("encoder".into(), Some("audio".into()))];
+    tab.expect_audio_level = vec![("encoder".into(), 0.01)];
+    let mut spec = BrowserSpec::new(vec![tab]);
+    spec.timeout_s = 40.0;
+    let report = Browser::run(spec).await.unwrap();
+    assert!(
+        report.exit_code == 0,
+        "the page plays the WHIP participant\n{}\n{}",
+        report.describe(),
+        c.logs()
+    );
+    let videos = report.remote("page", "videos", "encoder");
+    let v = videos.first().copied().cloned().unwrap_or(Value::Null);
+    assert!(
+        v["video_width"].as_u64() == Some(320) && v["frames_advancing"] == true,
+        "the page sees aiortc's 320x240 test pattern: {v}"
+    );
+
+    let r = py.wait(Duration::from_secs(40)).await.unwrap();
+    r.assert_exit(0);
+    let remote = r.remote("encoder").cloned().unwrap_or(Value::Null);
+    assert!(
+        remote["audio_frames"].as_u64().unwrap_or(0) >= 100
+            && remote["video_frames"].as_u64().unwrap_or(0) >= 30,
+        "the Python SDK decodes the WHIP participant's audio and video: {remote}"
+    );
+    eprintln!(
+        "WHIP -> python: {} audio, {} video frames; page: {}x{} {} frames",
+        remote["audio_frames"],
+        remote["video_frames"],
+        v["video_width"],
+        v["video_height"],
+        v["frames"]
+    );
+
+    // The client's DELETE ends the session: the participant leaves the room.
+    let report = whip.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(report.exit_code, 0, "{}", report.describe());
+    assert_eq!(report.summary["delete_status"], 200, "{}", report.summary);
+    eventually(
+        Duration::from_secs(5),
+        "the WHIP participant gone",
+        || async { Ok(kinds_of(&c, room, "encoder").await.is_none().then_some(())) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.metric("conclave_whip_sessions_total").await.unwrap(), 1);
+}
+
+/// aiortc plays a Python SDK participant's audio and video over WHEP (by identity, then one
+/// track by SID), frames decoded; the viewer received only what it asked for.
+#[tokio::test]
+async fn whep_player_plays_a_livekit_participant() {
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let room = "whep-room";
+    let alice = c.token(
+        room,
+        "alice",
+        json!({"canPublish": true, "canSubscribe": true}),
+    );
+    let mut a = PyClientSpec::new(c.ws_url(), alice, "alice");
+    a.timeout_s = 60.0;
+    a.min_duration_s = 60.0;
+    let mut alice = PyClient::spawn(a).unwrap();
+    alice
+        .wait_event("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let tracks = eventually(Duration::from_secs(15), "alice's two tracks", || async {
+        let ps = participants(&c, room).await;
+        let alice = ps.into_iter().find(|(who, _)| who == "alice");
+        Ok(alice.map(|(_, ts)| ts).filter(|ts| ts.len() == 2))
+    })
+    .await
+    .unwrap();
+
+    let viewer = c.token(
+        room,
+        "recorder",
+        json!({"canPublish": false, "canSubscribe": true}),
+    );
+    let play = WhipClient::spawn(
+        "recorder",
+        &play_args(&format!("{}/whep/v1/{room}/alice", c.url), &viewer, 50, 20),
+    )
+    .unwrap();
+    let r = play.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
+    let frames = &r.summary["frames"];
+    assert!(
+        frames["audio"].as_u64().unwrap_or(0) >= 50 && frames["video"].as_u64().unwrap_or(0) >= 20,
+        "{}",
+        r.summary
+    );
+    assert!(
+        r.summary["video_size"][0].as_u64().unwrap_or(0) > 0,
+        "{}",
+        r.summary
+    );
+    assert_eq!(r.summary["delete_status"], 200, "{}", r.summary);
+    eprintln!("WHEP <- alice: {frames}, video {}", r.summary["video_size"]);
+
+    // One track by SID: only video frames arrive.
+    let video_sid = tracks
+        .iter()
+        .find(|(_, kind)| kind == "video")
+        .map(|(sid, _)| sid.clone())
+        .expect("video sid");
+    let play = WhipClient::spawn(
+        "recorder-video",
+        &play_args(
+            &format!("{}/whep/v1/{room}/track/{video_sid}", c.url),
+            &viewer,
+            0,
+            20,
+        ),
+    )
+    .unwrap();
+    let r = play.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
+    assert_eq!(r.summary["frames"]["audio"], 0, "{}", r.summary);
+    assert!(
+        r.summary["frames"]["video"].as_u64().unwrap_or(0) >= 20,
+        "{}",
+        r.summary
+    );
+    assert_eq!(c.metric("conclave_whep_sessions_total").await.unwrap(), 2);
+    drop(alice);
+}
+
+const OFFER_VP9_ONLY: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+a=group:BUNDLE 0\r\na=msid-semantic: WMS\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 98\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:EsAw\r\na=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y\r\n\
+a=fingerprint:sha-256 DA:7B:57:DC:28:CE:04:4F:31:79:85:C4:31:67:EB:27:58:29:ED:77:2A:0D:24:AE:ED:AD:30:BC:BD:F1:9C:02\r\n\
+a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=msid:- v\r\na=rtcp-mux\r\n\
+a=rtpmap:98 VP9/90000\r\n";
+
+/// Every refusal of the issue, each with its status and a message that says why, then the
+/// server still serves a good request.
+#[tokio::test]
+async fn whip_and_whep_refuse_bad_requests_with_the_rfc_status_codes() {
+    let c = sfu().await;
+    let http = reqwest::Client::new();
+    let room = "bad-room";
+    let good = c.token(room, "enc", json!({"canPublish": true}));
+    let no_publish = c.token(room, "enc", json!({"canPublish": false}));
+    let no_subscribe = c.token(room, "rec", json!({"canSubscribe": false}));
+    let other_room = c.token("another-room", "enc", json!({"canPublish": true}));
+    let forged = {
+        let mut t = good.clone();
+        t.push('x');
+        t
+    };
+    let whip = format!("{}/whip/v1/{room}", c.url);
+    let whep = format!("{}/whep/v1/{room}/alice", c.url);
+    let offer = OFFER_VP9_ONLY.replace("VP9", "VP8");
+    let post = |url: String, token: Option<String>, ctype: &'static str, body: Vec<u8>| {
+        // A fresh connection each: a 413 closes its connection before the body is read.
+        let mut r = reqwest::Client::new()
+            .post(url)
+            .header("content-type", ctype)
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.expect("send");
+            let status = r.status().as_u16();
+            let www = r.headers().get("www-authenticate").is_some();
+            (status, r.text().await.unwrap_or_default(), www)
+        }
+    };
+    let sdp = "application/sdp";
+    // (what, wanted status, words the message must hold, (status, body, WWW-Authenticate)).
+    type Case<'a> = (&'a str, u16, &'a str, (u16, String, bool));
+    let cases: Vec<Case> = vec![
+        (
+            "no token",
+            401,
+            "no token",
+            post(whip.clone(), None, sdp, offer.clone().into()).await,
+        ),
+        (
+            "forged token",
+            401,
+            "token refused",
+            post(whip.clone(), Some(forged), sdp, offer.clone().into()).await,
+        ),
+        (
+            "token for another room",
+            403,
+            "another-room",
+            post(
+                whip.clone(),
+                Some(other_room.clone()),
+                sdp,
+                offer.clone().into(),
+            )
+            .await,
+        ),
+        (
+            "no publish grant",
+            403,
+            "canPublish",
+            post(whip.clone(), Some(no_publish), sdp, offer.clone().into()).await,
+        ),
+        (
+            "no subscribe grant",
+            403,
+            "canSubscribe",
+            post(
+                whep.clone(),
+                Some(no_subscribe),
+                sdp,
+                offer.replace("sendonly", "recvonly").into(),
+            )
+            .await,
+        ),
+        (
+            "not SDP",
+            415,
+            "application/sdp",
+            post(
+                whip.clone(),
+                Some(good.clone()),
+                "application/json",
+                b"{}".to_vec(),
+            )
+            .await,
+        ),
+        (
+            "malformed SDP",
+            400,
+            "malformed SDP",
+            post(
+                whip.clone(),
+                Some(good.clone()),
+                sdp,
+                b"v=0\r\nthis is not SDP\r\n".to_vec(),
+            )
+            .await,
+        ),
+        (
+            "unsupported codec only",
+            422,
+            "VP9",
+            post(
+                whip.clone(),
+                Some(good.clone()),
+                sdp,
+                OFFER_VP9_ONLY.as_bytes().to_vec(),
+            )
+            .await,
+        ),
+        (
+            "WHIP offer that sends nothing",
+            422,
+            "sendonly",
+            post(
+                whip.clone(),
+                Some(good.clone()),
+                sdp,
+                offer.replace("sendonly", "recvonly").into(),
+            )
+            .await,
+        ),
+        (
+            "1 MB body",
+            413,
+            "length limit",
+            post(whip.clone(), Some(good.clone()), sdp, vec![b'a'; 1 << 20]).await,
+        ),
+        (
+            "WHEP in a room that does not exist",
+            404,
+            "does not exist",
+            post(
+                whep.clone(),
+                Some(c.token(room, "rec", json!({}))),
+                sdp,
+                offer.replace("sendonly", "recvonly").into(),
+            )
+            .await,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, want, needle, (status, body, www)) in &cases {
+        if status != want || !body.contains(needle) {
+            failures.push(format!(
+                "{what}: {status} {body:?} (want {want} with {needle:?})"
+            ));
+        }
+        if *status == 401 && !www {
+            failures.push(format!("{what}: 401 without WWW-Authenticate"));
+        }
+    }
+    // Resources that do not exist: 404 for PATCH and DELETE, with a valid token.
+    let unknown = format!("{}/whip/v1/resource/0123456789abcdef", c.url);
+    let r = http
+        .patch(&unknown)
+        .bearer_auth(&good)
+        .header("content-type", "application/trickle-ice-sdpfrag")
+        .body("a=ice-ufrag:x\r\na=ice-pwd:yyyyyyyyyyyyyyyyyyyyyyyy\r\n")
+        .send()
+        .await
+        .unwrap();
+    let (st, body) = (r.status().as_u16(), r.text().await.unwrap());
+    if st != 404 || !body.contains("no whip session") {
+        failures.push(format!("PATCH unknown: {st} {body:?}"));
+    }
+    let r = http
+        .delete(&unknown)
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    let (st, body) = (r.status().as_u16(), r.text().await.unwrap());
+    if st != 404 || !body.contains("no whip session") {
+        failures.push(format!("DELETE unknown: {st} {body:?}"));
+    }
+    // Other methods on the endpoint: 405; OPTIONS: CORS and Accept-Post.
+    let r = http.get(&whip).send().await.unwrap();
+    if r.status().as_u16() != 405 {
+        failures.push(format!("GET endpoint: {}", r.status()));
+    }
+    let r = http
+        .request(reqwest::Method::OPTIONS, &whip)
+        .send()
+        .await
+        .unwrap();
+    if r.headers().get("accept-post").and_then(|v| v.to_str().ok()) != Some("application/sdp")
+        || r.headers().get("access-control-allow-origin").is_none()
+    {
+        failures.push(format!("OPTIONS: {} {:?}", r.status(), r.headers()));
+    }
+    assert!(failures.is_empty(), "{failures:#?}\n{}", c.logs());
+    assert!(c.metric("conclave_bridge_refused_total").await.unwrap() >= cases.len() as u64 - 1);
+
+    // Still healthy, and nothing was left behind: a good offer from a real client is served.
+    let health = http.get(format!("{}/healthz", c.url)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(
+        participants(&c, room).await.is_empty(),
+        "a refused request left a participant"
+    );
+    let whip_client = WhipClient::spawn("enc", &publish_args(&whip, &good, 2.0)).unwrap();
+    let r = whip_client.wait(Duration::from_secs(40)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
+    assert_eq!(r.summary["connection_state"], "connected");
+}
