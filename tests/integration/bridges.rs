@@ -529,3 +529,128 @@ async fn whip_and_whep_refuse_bad_requests_with_the_rfc_status_codes() {
     assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
     assert_eq!(r.summary["connection_state"], "connected");
 }
+
+/// The admin API's view of the call in Matrix room `room`.
+async fn call_view(c: &Conclave, admin_token: &str, room: &str) -> anyhow::Result<Value> {
+    let r = reqwest::Client::new()
+        .get(format!("{}/_conclave/admin/v1/calls/{room}", c.url))
+        .bearer_auth(admin_token)
+        .send()
+        .await?;
+    Ok(r.json::<Value>().await?)
+}
+
+/// The Matrix rules hold for whoever minted a WHIP token: a bridge's user (here a plain
+/// Matrix user, as an appservice's would be) joined to the room gets its token from the token
+/// service and publishes over WHIP into the call: the admin API's call view shows the WHIP
+/// participant under that Matrix user, publishing two tracks. When the user leaves the Matrix
+/// room, the participant is removed (within 2 s), its WHIP session is gone (`DELETE` → 404)
+/// and no new token is issued.
+#[tokio::test]
+async fn a_whip_participant_follows_the_matrix_membership_of_its_minting_user() {
+    use crate::support::conclave::{get_token, pair_with_conclave_on_hs1, wait_joined};
+    use crate::support::matrix_client::CALL_MEMBER;
+    let _heavy = heavy_lock();
+    let admin_token = "bridge-admin";
+    let (hs1, _hs2, c) = pair_with_conclave_on_hs1(&[("CONCLAVE_ADMIN__TOKEN", admin_token)])
+        .await
+        .unwrap();
+    let alice = hs1.register("alice", false).await.unwrap();
+    let bridge = hs1.register("bridge", false).await.unwrap();
+    let room = alice.create_call_room(&[&bridge.user_id]).await.unwrap();
+    bridge.join(&room, &[]).await.unwrap();
+    wait_joined(&c, &room, &bridge.user_id).await;
+    let membership = json!({
+        "application": "m.call", "call_id": "", "scope": "m.room",
+        "device_id": bridge.device_id, "expires": 14_400_000,
+        "focus_active": {"type": "livekit", "focus_selection": "multi_sfu"},
+        "foci_preferred": [{"type": "livekit", "livekit_service_url": c.url}],
+    });
+    bridge
+        .send_state(
+            &room,
+            CALL_MEMBER,
+            &bridge.call_member_state_key(),
+            membership,
+        )
+        .await
+        .unwrap();
+    let (s, t) = get_token(&c, &bridge, &room).await;
+    assert_eq!(s, 200, "{t}");
+    let jwt = t["jwt"].as_str().unwrap().to_owned();
+
+    // WHIP with the Matrix-issued token, into the token's room (`/whip/v1`, no room in the URL).
+    let mut whip = WhipClient::spawn(
+        "bridge",
+        &publish_args(&format!("{}/whip/v1", c.url), &jwt, 40.0),
+    )
+    .unwrap();
+    let created = whip
+        .wait_event("created", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("WHIP session: {e:#}\n{}", c.logs()));
+    let location = created["location"].as_str().unwrap().to_owned();
+    let connected = whip
+        .wait_event("connection", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(connected["state"], "connected", "{connected}");
+    let seen = eventually(
+        Duration::from_secs(10),
+        "the WHIP participant in the call view",
+        || {
+            let (c, room, user) = (&c, room.clone(), bridge.user_id.clone());
+            async move {
+                let v = call_view(c, admin_token, &room).await?;
+                let p = v["sfu"]["participants"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["user_id"] == user.as_str()))
+                    .cloned();
+                Ok(p.filter(|p| p["tracks"] == 2 && p["publisher"] == true))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert_eq!(seen["device_id"], bridge.device_id.as_str(), "{seen}");
+
+    // The bridge's user leaves the Matrix room: the WHIP participant goes.
+    let left = std::time::Instant::now();
+    bridge.leave(&room).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the WHIP participant removed",
+        || {
+            let (c, room, user) = (&c, room.clone(), bridge.user_id.clone());
+            async move {
+                let v = call_view(c, admin_token, &room).await?;
+                let there = v["sfu"]["participants"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["user_id"] == user.as_str()));
+                Ok((!there).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let took = left.elapsed();
+    eprintln!("WHIP participant removed {took:?} after its Matrix user left");
+    assert!(took < Duration::from_secs(2), "removed after {took:?}");
+    let gone = eventually(Duration::from_secs(3), "the WHIP session ended", || {
+        let url = format!("{}{location}", c.url);
+        let jwt = jwt.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .delete(url)
+                .bearer_auth(jwt)
+                .send()
+                .await?;
+            Ok((r.status() == 404).then_some(()))
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the WHIP session outlived its participant");
+    let (s, b) = get_token(&c, &bridge, &room).await;
+    assert_eq!(s, 403, "{b}");
+    drop(whip);
+}
