@@ -388,57 +388,67 @@ impl Bridges {
             ice_servers: Vec::new(),
             cascade: CascadeRole::None,
         };
-        let result = async {
-            if !sfu.open(sink, join).await {
-                return Err(BridgeError::Unavailable("the SFU is not running".into()));
-            }
-            let mut inbox = session.inbox.lock().await;
-            loop {
-                match next(&mut inbox).await? {
-                    Msg::Join(_) => break,
-                    Msg::Leave(_) => return Err(BridgeError::Unavailable("join refused".into())),
-                    _ => {}
+        let result = tracing::Instrument::instrument(
+            async {
+                if !sfu.open(sink, join).await {
+                    return Err(BridgeError::Unavailable("the SFU is not running".into()));
                 }
-            }
-            match kind {
-                Kind::Whip => {
-                    for s in &usable {
-                        let video = s.media == "video";
-                        let add = lk::AddTrackRequest {
-                            cid: s.track_id.clone().unwrap_or_else(|| s.mid.clone()),
-                            name: format!("{} {}", kind.as_str(), s.media),
-                            r#type: if video {
-                                lk::TrackType::Video
-                            } else {
-                                lk::TrackType::Audio
-                            } as i32,
-                            source: if video {
-                                lk::TrackSource::Camera
-                            } else {
-                                lk::TrackSource::Microphone
-                            } as i32,
-                            ..Default::default()
-                        };
-                        self.request(session_id, Req::AddTrack(add)).await?;
+                let mut inbox = session.inbox.lock().await;
+                loop {
+                    match next(&mut inbox).await? {
+                        Msg::Join(_) => break,
+                        Msg::Leave(_) => {
+                            return Err(BridgeError::Unavailable("join refused".into()))
+                        }
+                        _ => {}
                     }
                 }
-                Kind::Whep => {
-                    let sids: Vec<String> = play.iter().map(|t| t.sid.clone()).collect();
-                    tracing::info!(tracks = ?sids, "WHEP plays");
-                    self.request(
-                        session_id,
-                        Req::Subscription(lk::UpdateSubscription {
-                            track_sids: sids,
-                            subscribe: true,
-                            participant_tracks: Vec::new(),
-                        }),
-                    )
-                    .await?;
+                match kind {
+                    Kind::Whip => {
+                        for s in &usable {
+                            let video = s.media == "video";
+                            let layers = if video { layers(&s.rids) } else { Vec::new() };
+                            if layers.len() > 1 {
+                                tracing::info!(rids = ?s.rids, "WHIP simulcast");
+                            }
+                            let add = lk::AddTrackRequest {
+                                layers,
+                                cid: s.track_id.clone().unwrap_or_else(|| s.mid.clone()),
+                                name: format!("{} {}", kind.as_str(), s.media),
+                                r#type: if video {
+                                    lk::TrackType::Video
+                                } else {
+                                    lk::TrackType::Audio
+                                } as i32,
+                                source: if video {
+                                    lk::TrackSource::Camera
+                                } else {
+                                    lk::TrackSource::Microphone
+                                } as i32,
+                                ..Default::default()
+                            };
+                            self.request(session_id, Req::AddTrack(add)).await?;
+                        }
+                    }
+                    Kind::Whep => {
+                        let sids: Vec<String> = play.iter().map(|t| t.sid.clone()).collect();
+                        tracing::info!(tracks = ?sids, "WHEP plays");
+                        self.request(
+                            session_id,
+                            Req::Subscription(lk::UpdateSubscription {
+                                track_sids: sids,
+                                subscribe: true,
+                                participant_tracks: Vec::new(),
+                            }),
+                        )
+                        .await?;
+                    }
                 }
-            }
-            let answer = self.offer(session_id, &offer, &mut inbox).await?;
-            Ok(answer)
-        }
+                let answer = self.offer(session_id, &offer, &mut inbox).await?;
+                Ok(answer)
+            },
+            span.clone(),
+        )
         .await;
         match result {
             Ok(answer) => {
@@ -744,6 +754,39 @@ fn check_offer(kind: Kind, sections: &[sdp::Section]) -> Result<Vec<sdp::Section
     Ok(usable)
 }
 
+/// Simulcast layers for an offer's send rids. LiveKit's names (`q`, `h`, `f`) and `low`,
+/// `mid`, `high` say their quality; other names are taken lowest first in the offer's
+/// order (at most three layers: the SFU knows low, medium and high).
+fn layers(rids: &[String]) -> Vec<lk::VideoLayer> {
+    use lk::VideoQuality::{High, Low, Medium};
+    if rids.len() < 2 {
+        return Vec::new();
+    }
+    let named = |r: &str| match r {
+        "q" | "low" | "l" => Some(Low),
+        "h" | "mid" | "medium" | "m" => Some(Medium),
+        "f" | "high" | "hi" => Some(High),
+        _ => None,
+    };
+    let all_named = rids.iter().all(|r| named(r).is_some());
+    let by_order = [Low, Medium, High];
+    rids.iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, r)| {
+            let quality = match (all_named, named(r)) {
+                (true, Some(q)) => q,
+                _ => by_order[i.min(2)],
+            };
+            lk::VideoLayer {
+                quality: quality as i32,
+                rid: r.clone(),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
 /// The tracks a WHEP session plays from the room's participants: one audio and one
 /// video (camera and microphone first) for a participant, or the one track.
 fn pick(
@@ -792,5 +835,73 @@ fn pick(
             }
             Ok(out)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qualities(rids: &[&str]) -> Vec<(String, i32)> {
+        let rids: Vec<String> = rids.iter().map(|r| (*r).to_owned()).collect();
+        layers(&rids)
+            .into_iter()
+            .map(|l| (l.rid, l.quality))
+            .collect()
+    }
+
+    #[test]
+    fn simulcast_rids_become_layers() {
+        use lk::VideoQuality::{High, Low, Medium};
+        let (l, m, h) = (Low as i32, Medium as i32, High as i32);
+        assert_eq!(
+            qualities(&["f", "q", "h"]),
+            [("f".into(), h), ("q".into(), l), ("h".into(), m)]
+        );
+        assert_eq!(
+            qualities(&["0", "1", "2", "3"]),
+            [("0".into(), l), ("1".into(), m), ("2".into(), h)]
+        );
+        assert!(qualities(&["only"]).is_empty());
+    }
+
+    #[test]
+    fn offers_are_checked_for_direction_and_codecs() {
+        let offer = |dir: &str, codec: &str| {
+            sdp::sections(&format!(
+                "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\na={dir}\r\na=rtpmap:96 {codec}/90000\r\n"
+            ))
+        };
+        assert_eq!(
+            check_offer(Kind::Whip, &offer("sendonly", "H264"))
+                .map(|s| s.len())
+                .ok(),
+            Some(1)
+        );
+        assert_eq!(
+            check_offer(Kind::Whep, &offer("recvonly", "VP8"))
+                .map(|s| s.len())
+                .ok(),
+            Some(1)
+        );
+        for (kind, dir, codec, status) in [
+            (Kind::Whip, "recvonly", "VP8", 422),
+            (Kind::Whep, "sendonly", "VP8", 422),
+            (Kind::Whip, "sendonly", "AV1", 422),
+        ] {
+            let e = check_offer(kind, &offer(dir, codec)).expect_err("refused");
+            assert_eq!(e.status(), status, "{kind:?} {dir} {codec}: {e}");
+        }
+    }
+
+    #[test]
+    fn content_types_allow_parameters() {
+        assert!(is_sdp(Some("application/sdp"), "application/sdp"));
+        assert!(is_sdp(
+            Some("Application/SDP; charset=utf-8"),
+            "application/sdp"
+        ));
+        assert!(!is_sdp(Some("application/json"), "application/sdp"));
+        assert!(!is_sdp(None, "application/sdp"));
     }
 }

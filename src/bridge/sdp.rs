@@ -17,6 +17,9 @@ pub struct Section {
     pub track_id: Option<String>,
     /// Port 0: a rejected or stopped section.
     pub stopped: bool,
+    /// Simulcast: the `a=rid:<id> send` streams, in the order of `a=simulcast:send` when it
+    /// lists them (alternatives `a|b` taken by their first), else of the `a=rid` lines.
+    pub rids: Vec<String>,
 }
 
 impl Section {
@@ -77,6 +80,7 @@ pub fn sections(sdp: &str) -> Vec<Section> {
                 codecs: Vec::new(),
                 track_id: None,
                 stopped,
+                rids: Vec::new(),
             });
             continue;
         }
@@ -95,6 +99,26 @@ pub fn sections(sdp: &str) -> Vec<Section> {
             {
                 s.codecs.push(name.to_owned());
             }
+        } else if let Some(rid) = line.strip_prefix("a=rid:") {
+            let mut f = rid.split(' ');
+            if let (Some(id), Some("send")) = (f.next(), f.next()) {
+                if !s.rids.iter().any(|r| r == id) {
+                    s.rids.push(id.to_owned());
+                }
+            }
+        } else if let Some(order) = line.strip_prefix("a=simulcast:send ") {
+            let listed: Vec<String> = order
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .split(';')
+                .filter_map(|alt| alt.split(',').next())
+                .map(|r| r.trim_start_matches('~').to_owned())
+                .filter(|r| !r.is_empty())
+                .collect();
+            let mut rest: Vec<String> = s.rids.drain(..).filter(|r| !listed.contains(r)).collect();
+            s.rids = listed;
+            s.rids.append(&mut rest);
         } else if let Some(msid) = line.strip_prefix("a=msid:") {
             s.track_id = msid.split(' ').nth(1).map(str::to_owned);
         } else if let Some((_, msid)) = line
@@ -259,6 +283,16 @@ mod tests {
         assert!(s[1].supported());
         assert_eq!(s[1].media_codecs(), ["VP9", "VP8"]);
         assert!(s[2].stopped && !s[2].receives() && !s[2].supported());
+    }
+
+    #[test]
+    fn simulcast_streams_in_their_listed_order() {
+        let offer = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\na=sendonly\r\n\
+            a=rtpmap:96 VP8/90000\r\na=rid:f send\r\na=rid:q send\r\na=rid:h send\r\n\
+            a=rid:x recv\r\na=simulcast:send q;h;~f\r\n";
+        assert_eq!(sections(offer)[0].rids, ["q", "h", "f"]);
+        let unlisted = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rid:a send\r\na=rid:b send\r\n";
+        assert_eq!(sections(unlisted)[0].rids, ["a", "b"]);
     }
 
     #[test]

@@ -9,8 +9,11 @@ use serde_json::{json, Value};
 
 use crate::support::conclave::{eventually, Conclave, ConclaveOptions};
 use crate::support::lk_clients::{PyClient, PyClientSpec, WhipClient};
+use crate::support::lk_ws::{expect_join, WsClient};
 use crate::support::synapse::heavy_lock;
 use crate::support::web::{Browser, BrowserSpec, TabSpec};
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
 
 async fn sfu() -> Conclave {
     Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
@@ -524,10 +527,134 @@ async fn whip_and_whep_refuse_bad_requests_with_the_rfc_status_codes() {
         participants(&c, room).await.is_empty(),
         "a refused request left a participant"
     );
-    let whip_client = WhipClient::spawn("enc", &publish_args(&whip, &good, 2.0)).unwrap();
-    let r = whip_client.wait(Duration::from_secs(40)).await.unwrap();
-    assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
-    assert_eq!(r.summary["connection_state"], "connected");
+    let mut whip_client = WhipClient::spawn("enc", &publish_args(&whip, &good, 6.0)).unwrap();
+    let created = whip_client
+        .wait_event("created", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let connected = whip_client
+        .wait_event("connection", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(connected["state"], "connected", "{connected}");
+
+    // PATCH on the live session (RFC 9725 §4.3): each answer as the RFC says.
+    let resource = format!("{}{}", c.url, created["location"].as_str().unwrap());
+    let etag = created["etag"].as_str().unwrap().to_owned();
+    let patch = |ctype: &'static str, if_match: Option<&str>, body: &str, token: &str| {
+        let mut r = reqwest::Client::new()
+            .patch(&resource)
+            .bearer_auth(token)
+            .header("content-type", ctype)
+            .body(body.to_owned());
+        if let Some(m) = if_match {
+            r = r.header("if-match", m);
+        }
+        async move {
+            let r = r.send().await.expect("send");
+            let status = r.status().as_u16();
+            let etag = r
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (status, etag, r.text().await.unwrap_or_default())
+        }
+    };
+    let frag = "application/trickle-ice-sdpfrag";
+    let candidate = "a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n";
+    let someone_else = c.token(room, "intruder", json!({"canPublish": true}));
+    let checks = [
+        (
+            "wrong content type",
+            415,
+            patch("text/plain", None, candidate, &good).await,
+        ),
+        (
+            "malformed fragment",
+            400,
+            patch(frag, None, "garbage", &good).await,
+        ),
+        (
+            "stale If-Match",
+            412,
+            patch(frag, Some("\"stale\""), candidate, &good).await,
+        ),
+        (
+            "another participant's token",
+            403,
+            patch(frag, None, candidate, &someone_else).await,
+        ),
+        (
+            "trickled candidate",
+            204,
+            patch(frag, Some(&etag), candidate, &good).await,
+        ),
+    ];
+    for (what, want, (status, _, body)) in &checks {
+        assert_eq!(status, want, "PATCH {what}: {body}");
+    }
+    let restart = "a=ice-ufrag:rstr\r\na=ice-pwd:restartedpasswordrestarted\r\n";
+    let (status, new_etag, body) = patch(frag, Some("*"), restart, &good).await;
+    assert_eq!(status, 200, "ICE restart: {body}");
+    assert!(
+        new_etag.as_ref().is_some_and(|e| *e != etag),
+        "a new entity tag for the new ICE session: {new_etag:?}"
+    );
+    assert!(
+        body.contains("a=ice-ufrag:") && body.contains("a=candidate:") && !body.contains("rstr"),
+        "the answer's fragment: {body}"
+    );
+    let (status, _, body) = patch(frag, Some(&etag), candidate, &good).await;
+    assert_eq!(status, 412, "the old entity tag after the restart: {body}");
+    drop(whip_client);
+
+    // End-to-end encrypted tracks: refused unless the viewer expects ciphertext.
+    let secret_token = c.token(room, "secret", json!({"canPublish": true}));
+    let mut secret = WsClient::connect(&c.ws_url(), &secret_token, "")
+        .await
+        .unwrap();
+    expect_join(&mut secret).await.unwrap();
+    secret
+        .send(Req::AddTrack(lk::AddTrackRequest {
+            cid: "enc-audio".into(),
+            name: "mic".into(),
+            r#type: lk::TrackType::Audio as i32,
+            source: lk::TrackSource::Microphone as i32,
+            encryption: lk::encryption::Type::Gcm as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let viewer = c.token(room, "rec", json!({"canPublish": false}));
+    let recv_offer = offer
+        .replace("sendonly", "recvonly")
+        .replace("m=video", "m=audio")
+        .replace("VP8/90000", "opus/48000/2");
+    let url = format!("{}/whep/v1/{room}/secret", c.url);
+    let (status, body, _) = eventually(
+        Duration::from_secs(5),
+        "the encrypted track published",
+        || {
+            let (url, viewer, recv_offer) = (url.clone(), viewer.clone(), recv_offer.clone());
+            async move {
+                let r = post(url, Some(viewer), sdp, recv_offer.into_bytes()).await;
+                Ok((r.0 != 404).then_some(r))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("end-to-end encrypted"), "{body}");
+    let (status, body, _) = post(
+        format!("{url}?ciphertext=1"),
+        Some(viewer),
+        sdp,
+        recv_offer.into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "a viewer that expects ciphertext: {body}");
 }
 
 /// The admin API's view of the call in Matrix room `room`.
@@ -653,4 +780,162 @@ async fn a_whip_participant_follows_the_matrix_membership_of_its_minting_user() 
     let (s, b) = get_token(&c, &bridge, &room).await;
     assert_eq!(s, 403, "{b}");
     drop(whip);
+}
+
+/// Chromium publishes its fake camera in three simulcast layers (rids q, h, f) and its
+/// microphone with the npm `whip-whep` WHIP client (trickled candidates by `PATCH`), then
+/// restarts ICE by `PATCH` (`If-Match: *`): the session stays connected, and afterwards a
+/// Python SDK viewer gets the low layer when it asks for it and the high one after, without a
+/// gap over 1 s.
+#[tokio::test]
+async fn chromium_whip_simulcast_with_trickle_and_ice_restart() {
+    use crate::support::lk_clients::WhipPage;
+    let _heavy = heavy_lock();
+    // whip-whep 1.2.0 joins the candidates of an ICE restart's answer with commas
+    // (`candidates.join()`), which Chromium refuses as soon as there are two: UDP only here
+    // (no ICE-TCP candidate), as docs/bridges.md tells operators whose clients use it.
+    let c = Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_RTC__TCP_PORT", "0"),
+    )
+    .await
+    .unwrap();
+    let room = "whip-sim";
+    let token = c.token(
+        room,
+        "studio",
+        json!({"canPublish": true, "canSubscribe": false}),
+    );
+    let args: Vec<String> = [
+        "--mode",
+        "publish",
+        "--url",
+        &format!("{}/whip/v1/{room}", c.url),
+        "--token",
+        &token,
+        "--simulcast",
+        "--seconds",
+        "35",
+        "--restart-after",
+        "4",
+        "--timeout",
+        "70",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut page = WhipPage::spawn("studio", &args).unwrap();
+    let published = page
+        .wait_event("published", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    page.wait_event("connected", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let restarted = page
+        .wait_event("restarted", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert_ne!(
+        restarted["etag"], published["etag"],
+        "a new ICE session's tag"
+    );
+    assert!(
+        c.logs().contains("bridge ICE restart") && c.logs().contains("WHIP simulcast"),
+        "{}",
+        c.logs()
+    );
+
+    // After the restart: a viewer switches between the layers.
+    let python = crate::support::lk_clients::lk_python().unwrap();
+    let script = crate::support::lk_clients::clients_dir().join("simulcast_sub.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args([
+            "--url",
+            &c.ws_url(),
+            "--token",
+            &c.token(room, "viewer", json!({"canPublish": false})),
+            "--single-pc",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(report["error"].is_null(), "{report}\n{}", c.logs());
+    let low = report["low"][0].as_u64().expect("low layer frames");
+    let high = report["high"][0].as_u64().expect("high layer frames");
+    assert!(low <= high, "low {low} <= high {high}: {report}");
+    assert!(
+        report["max_gap_ms"].as_u64().unwrap_or(u64::MAX) <= 1000,
+        "{report}"
+    );
+    assert!(
+        c.logs().contains("to=Some(Rid(q))"),
+        "the SFU switched the viewer to the low layer"
+    );
+    eprintln!("WHIP simulcast from Chromium: viewer got low {low} px wide, high {high} px wide");
+    let r = page.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}", r.describe());
+    assert_eq!(r.summary["state"], "connected", "{}", r.summary);
+    let layers: Vec<&Value> = r.summary["outbound"]
+        .as_array()
+        .map(|o| o.iter().filter(|s| s["kind"] == "video").collect())
+        .unwrap_or_default();
+    assert_eq!(layers.len(), 3, "three layers sent: {}", r.summary);
+}
+
+/// Chromium plays a Python SDK participant's audio and video with the npm `whip-whep` WHEP
+/// client: video painted in the page, audio packets received.
+#[tokio::test]
+async fn chromium_whep_player_plays_a_livekit_participant() {
+    use crate::support::lk_clients::WhipPage;
+    let _heavy = heavy_lock();
+    let c = sfu().await;
+    let room = "whep-page";
+    let alice = c.token(room, "alice", json!({"canPublish": true}));
+    let mut a = PyClientSpec::new(c.ws_url(), alice, "alice");
+    a.timeout_s = 60.0;
+    a.min_duration_s = 60.0;
+    let mut alice = PyClient::spawn(a).unwrap();
+    alice
+        .wait_event("published", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let viewer = c.token(room, "screen", json!({"canPublish": false}));
+    let args: Vec<String> = [
+        "--mode",
+        "play",
+        "--url",
+        &format!("{}/whep/v1/{room}/alice", c.url),
+        "--token",
+        &viewer,
+        "--min-frames",
+        "30",
+        "--timeout",
+        "45",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let page = WhipPage::spawn("screen", &args).unwrap();
+    let r = page.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
+    assert!(
+        r.summary["video_width"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        r.summary
+    );
+    let audio_packets = r.summary["inbound"]
+        .as_array()
+        .and_then(|i| i.iter().find(|s| s["kind"] == "audio"))
+        .and_then(|s| s["packets"].as_u64())
+        .unwrap_or(0);
+    assert!(audio_packets > 50, "audio received: {}", r.summary);
+    eprintln!(
+        "WHEP page <- alice: {}x{}, {} frames painted, {audio_packets} audio packets",
+        r.summary["video_width"], r.summary["video_height"], r.summary["painted"]
+    );
+    drop(alice);
 }

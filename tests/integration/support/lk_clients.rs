@@ -797,3 +797,38 @@ impl WhipClient {
         self.proc.wait(timeout).await
     }
 }
+
+/// A running `tests/clients/web/whip.mjs`: headless Chromium with the npm `whip-whep` WHIP
+/// or WHEP client (not written here) in its page. Killed on drop.
+pub struct WhipPage {
+    proc: ClientProcess,
+}
+
+impl WhipPage {
+    /// Starts `node whip.mjs <args>` (e.g. `["--mode", "publish", "--url", …]`).
+    pub fn spawn(label: &str, args: &[String]) -> Result<WhipPage> {
+        let dir = super::web::web_clients_dir()?;
+        let exe = super::web::chromium()?;
+        let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
+        let mut cmd = Command::new(&node);
+        cmd.arg(clients_dir().join("web/whip.mjs"))
+            .args(args)
+            .env("CONCLAVE_WEB_CLIENTS", &dir)
+            .env("CONCLAVE_CHROMIUM", &exe);
+        let proc = ClientProcess::spawn(format!("whip-page:{label}"), cmd)
+            .with_context(|| format!("is `{node}` (Node.js >= 18) on PATH?"))?;
+        Ok(WhipPage { proc })
+    }
+
+    /// Waits for the next not-yet-returned event `name` (`"published"`, `"connected"`, …).
+    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
+        self.proc
+            .wait_event_matching(name, &|_| true, timeout)
+            .await
+    }
+
+    /// Waits for the exit (killing it after `timeout`, an error) and returns its report.
+    pub async fn wait(self, timeout: Duration) -> Result<ClientReport> {
+        self.proc.wait(timeout).await
+    }
+}

@@ -41,14 +41,14 @@ const HINT: &str = "run `./scripts/test` (which installs it) or \
 
 // ---------------------------------------------------------------- locations
 
-/// The directory holding `node_modules/{livekit-client,playwright-core}`, from
+/// The directory holding `node_modules/{livekit-client,playwright-core,whip-whep}`, from
 /// `CONCLAVE_WEB_CLIENTS`.
 pub fn web_clients_dir() -> Result<PathBuf> {
     let Some(dir) = std::env::var_os("CONCLAVE_WEB_CLIENTS").filter(|v| !v.is_empty()) else {
         bail!("CONCLAVE_WEB_CLIENTS is not set: {HINT}");
     };
     let dir = PathBuf::from(dir);
-    for package in ["livekit-client", "playwright-core"] {
+    for package in ["livekit-client", "playwright-core", "whip-whep"] {
         if !dir.join("node_modules").join(package).is_dir() {
             bail!(
                 "CONCLAVE_WEB_CLIENTS={} has no node_modules/{package}: {HINT}",
