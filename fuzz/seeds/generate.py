@@ -184,3 +184,8 @@ for name, body in [
     ("several", turn(0x0016, [(0x0012, xor_peer), (0x0013, b"a")]) + b"\xfe\xfe" + channel_data),
 ]:
     write("turn_message", name, body)
+
+# whip_sdp: a WHIP offer (audio, three-layer simulcast video), a trickle and a restart fragment.
+write("whip_sdp", "offer.sdp", 'v=0\no=- 1 2 IN IP4 127.0.0.1\ns=-\nt=0 0\na=group:BUNDLE 0 1\nm=audio 9 UDP/TLS/RTP/SAVPF 111\nc=IN IP4 0.0.0.0\na=ice-ufrag:EsAw\na=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y\na=fingerprint:sha-256 DA:7B:57:DC:28:CE:04:4F:31:79:85:C4:31:67:EB:27:58:29:ED:77:2A:0D:24:AE:ED:AD:30:BC:BD:F1:9C:02\na=setup:actpass\na=mid:0\na=sendonly\na=msid:- a\na=rtcp-mux\na=rtpmap:111 opus/48000/2\na=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\nm=video 9 UDP/TLS/RTP/SAVPF 96 97\nc=IN IP4 0.0.0.0\na=mid:1\na=sendonly\na=msid:- v\na=rtcp-mux\na=rtpmap:96 VP8/90000\na=rtpmap:97 rtx/90000\na=fmtp:97 apt=96\na=rid:q send\na=rid:h send\na=rid:f send\na=simulcast:send q;h;f\n')
+write("whip_sdp", "trickle.frag", 'a=ice-ufrag:EsAw\na=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y\nm=audio 9 UDP/TLS/RTP/SAVPF 0\na=mid:0\na=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\na=end-of-candidates\n')
+write("whip_sdp", "restart.frag", 'a=ice-ufrag:new1\na=ice-pwd:newpasswordnewpasswordxx\n')

@@ -308,10 +308,7 @@ impl Bridges {
         let offer = std::str::from_utf8(req.body)
             .map_err(|_| BridgeError::BadRequest("the offer is not UTF-8 text".into()))?
             .to_owned();
-        str0m::change::SdpOffer::from_sdp_string(&offer)
-            .map_err(|e| BridgeError::BadRequest(format!("malformed SDP offer: {e}")))?;
-        let sections = sdp::sections(&offer);
-        let usable = check_offer(kind, &sections)?;
+        let (sections, usable) = inspect_offer(kind, &offer)?;
         let room_name = RoomName::from(claims.video.room.as_str());
         if !self.inner.rooms.exists(room_name.as_str(), Instant::now()) {
             // A WHEP viewer of a room that does not exist has nothing to play.
@@ -716,6 +713,19 @@ fn random_hex(bytes: usize) -> String {
 
 fn new_etag() -> String {
     format!("\"{}\"", random_hex(8))
+}
+
+/// Reads a WHIP or WHEP offer: all its sections, and the ones the session uses. Malformed SDP
+/// is `400` (str0m's parser decides), an offer that cannot be served `422`.
+pub fn inspect_offer(
+    kind: Kind,
+    offer: &str,
+) -> Result<(Vec<sdp::Section>, Vec<sdp::Section>), BridgeError> {
+    str0m::change::SdpOffer::from_sdp_string(offer)
+        .map_err(|e| BridgeError::BadRequest(format!("malformed SDP offer: {e}")))?;
+    let sections = sdp::sections(offer);
+    let usable = check_offer(kind, &sections)?;
+    Ok((sections, usable))
 }
 
 /// The sections a session uses; refuses offers that cannot be served.

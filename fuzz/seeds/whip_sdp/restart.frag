@@ -1,0 +1,2 @@
+a=ice-ufrag:new1
+a=ice-pwd:newpasswordnewpasswordxx
