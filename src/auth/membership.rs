@@ -64,14 +64,33 @@ impl MembershipGate {
         match self.is_joined(room_id, user_id).await {
             Some(true) => return Ok(()),
             Some(false) => {
+                // The join may be on its way (a remote user's, over federation).
+                if self.joins_soon(room_id, user_id).await? {
+                    return Ok(());
+                }
                 return Err(AuthError::Forbidden(format!(
                     "{user_id} is not joined to {room_id}"
-                )))
+                )));
             }
             None => {}
         }
         let (record, known) = self.store.membership(room_id, user_id).await?;
         let membership = match record {
+            // Invited or gone, and asking for a token: their join may be on its way (a remote
+            // user's join reaches this homeserver over federation, often after their client
+            // asked; Element Call does not ask twice). A ban or a knock is final.
+            Some(r)
+                if matches!(
+                    r.membership,
+                    MembershipState::Invite | MembershipState::Leave
+                ) =>
+            {
+                if self.joins_soon(room_id, user_id).await? {
+                    Some(MembershipState::Join)
+                } else {
+                    Some(r.membership)
+                }
+            }
             Some(r) => Some(r.membership),
             // No event seen for this user: they may have joined before Conclave was registered.
             None => match self.ask_homeserver(room_id, user_id).await {
@@ -102,6 +121,21 @@ impl MembershipGate {
                 "{user_id} is not a member of {room_id}"
             ))),
         }
+    }
+
+    /// Waits up to `auth.membership_wait_ms` for the transaction that records `user_id`'s join.
+    async fn joins_soon(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool, AuthError> {
+        if self.wait.is_zero() {
+            return Ok(false);
+        }
+        let joined = self
+            .store
+            .wait_for_join(room_id, user_id, self.wait)
+            .await?;
+        if joined {
+            tracing::debug!(%room_id, %user_id, "the join arrived while the token request waited");
+        }
+        Ok(joined)
     }
 
     /// MSC4502: the homeserver's answer, or `None` when it does not offer the endpoint (404,
@@ -202,5 +236,111 @@ impl MembershipGate {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Effect, MembershipRecord};
+    use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, UInt};
+
+    fn record(room: &RoomId, user: &UserId, m: MembershipState, n: u64) -> Effect {
+        Effect::Membership(MembershipRecord {
+            room_id: room.to_owned(),
+            user_id: user.to_owned(),
+            membership: m,
+            event_id: OwnedEventId::try_from(format!("$e{n}")).expect("event id"),
+            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::from(n as u32)),
+        })
+    }
+
+    /// A gate whose homeserver cannot be reached: only the store answers.
+    fn gate(store: AsyncStore, wait: Duration) -> MembershipGate {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .expect("client");
+        let homeserver =
+            HomeserverClient::new(http, "http://127.0.0.1:9", crate::config::Secret::new("as"));
+        let server = OwnedServerName::try_from("hs1.example").expect("server name");
+        MembershipGate::new(
+            store,
+            homeserver,
+            server,
+            "@conclave:hs1.example".into(),
+            wait,
+        )
+    }
+
+    /// Found by Element Call under load: bob (another server) was invited, joined on his
+    /// server, and asked for a token before his join had come over federation; the invite
+    /// refused him at once and Element Call never asked again. Now the gate waits for the
+    /// join, and still refuses at once for a ban and after the wait for an invite alone.
+    #[tokio::test]
+    async fn an_invited_user_whose_join_is_on_its_way_gets_in() {
+        let store = AsyncStore::open_in_memory().expect("store");
+        let room = ruma::room_id!("!r:hs1.example");
+        let bob = ruma::user_id!("@bob:hs2.example");
+        let eve = ruma::user_id!("@eve:hs2.example");
+        let effects = vec![
+            record(room, bob, MembershipState::Invite, 1),
+            record(room, eve, MembershipState::Ban, 2),
+        ];
+        store
+            .apply_transaction("t1".into(), effects, 0)
+            .await
+            .expect("txn");
+        let g = gate(store.clone(), Duration::from_secs(3));
+
+        let later = store.clone();
+        let join = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let effects = vec![record(room, bob, MembershipState::Join, 3)];
+            later
+                .apply_transaction("t2".into(), effects, 0)
+                .await
+                .expect("txn");
+        });
+        let started = Instant::now();
+        g.require_joined(room, bob)
+            .await
+            .expect("bob gets in once his join arrives");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        join.await.expect("join task");
+
+        let started = Instant::now();
+        let err = g.require_joined(room, eve).await.expect_err("banned");
+        assert!(err.to_string().contains("ban"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a ban is refused at once"
+        );
+
+        let carol = ruma::user_id!("@carol:hs2.example");
+        let store2 = AsyncStore::open_in_memory().expect("store");
+        store2
+            .apply_transaction(
+                "t3".into(),
+                vec![record(room, carol, MembershipState::Invite, 4)],
+                0,
+            )
+            .await
+            .expect("txn");
+        let g = gate(store2, Duration::from_millis(300));
+        let started = Instant::now();
+        let err = g
+            .require_joined(room, carol)
+            .await
+            .expect_err("only invited");
+        assert!(err.to_string().contains("invite"), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "waited for a join first"
+        );
     }
 }

@@ -107,6 +107,30 @@ impl AsyncStore {
         }
     }
 
+    /// Waits up to `wait` until `user_id`'s recorded membership in `room_id` is `join` (woken
+    /// by each applied transaction); false if it was not by then.
+    pub async fn wait_for_join(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        wait: Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if let (Some(r), _) = self.membership(room_id, user_id).await? {
+                if r.membership == MembershipState::Join {
+                    return Ok(true);
+                }
+            }
+            if tokio::time::timeout_at(deadline, written).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+
     /// Whether a user of `server` is joined to `room_id`, as far as the events seen tell.
     pub async fn has_joined_member_of(
         &self,
