@@ -249,7 +249,8 @@ pub struct AuthConfig {
     /// user is joined, in milliseconds. A user of another server who joined the room before
     /// this server did becomes known here only through an event of theirs (typically their
     /// call membership), which can arrive over federation a moment after their client asks
-    /// for a token. Default 3000; 0 refuses at once.
+    /// for a token; so can the join of a user invited (or gone) before. Bans are refused at
+    /// once. Default 3000; 0 refuses at once.
     pub membership_wait_ms: u64,
     /// Token requests (`/sfu/get`, `/get_token`, `/delegate_delayed_leave`) naming one
     /// homeserver (`openid_token.matrix_server_name`) allowed per second on average, counted
