@@ -198,6 +198,10 @@ pub fn router(state: HttpState) -> Router {
         .route(
             "/_conclave/admin/v1/calls/{room_id}/participants/{identity}/remove",
             post(admin::post_remove),
+        )
+        .route(
+            "/_conclave/admin/v1/bridges/tokens",
+            post(admin::post_bridge_token),
         );
 
     // LiveKit RoomService (Twirp); Twirp JSON errors, `bad_route` when off.

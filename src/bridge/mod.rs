@@ -240,6 +240,53 @@ impl Bridges {
             .map_err(|e| self.refused(e))
     }
 
+    /// An operator's token for one WHIP or WHEP session (the admin API's
+    /// `POST /_conclave/admin/v1/bridges/tokens`): `identity` in `room`, publish-only for
+    /// WHIP, subscribe-only for WHEP, valid `valid_for_secs` (1 s to 24 h). Such a token does
+    /// not pass through Matrix: the operator vouches for whoever gets it.
+    pub fn mint(
+        &self,
+        kind: Kind,
+        room: &str,
+        identity: &str,
+        name: &str,
+        valid_for_secs: u64,
+    ) -> Result<String, BridgeError> {
+        if room.is_empty() || identity.is_empty() {
+            return Err(BridgeError::BadRequest(
+                "a room and an identity are required".into(),
+            ));
+        }
+        crate::sfu::limits::check_join(identity, room, name, "")
+            .map_err(|e| BridgeError::BadRequest(e.to_string()))?;
+        if !(1..=86_400).contains(&valid_for_secs) {
+            return Err(BridgeError::BadRequest(
+                "valid_for_secs must be between 1 and 86400".into(),
+            ));
+        }
+        let now = crate::clock::unix_secs();
+        let claims = Claims {
+            iss: self.inner.signer.key().to_owned(),
+            sub: identity.to_owned(),
+            nbf: now.saturating_sub(1),
+            exp: now + valid_for_secs,
+            name: name.to_owned(),
+            metadata: String::new(),
+            video: crate::auth::jwt::VideoGrant {
+                room: room.to_owned(),
+                room_join: true,
+                can_publish: Some(kind == Kind::Whip),
+                can_subscribe: Some(kind == Kind::Whep),
+                can_publish_data: Some(false),
+                ..Default::default()
+            },
+        };
+        self.inner
+            .signer
+            .sign(&claims)
+            .map_err(|e| BridgeError::Unavailable(format!("cannot sign a token: {e}")))
+    }
+
     /// Checks the bearer token: verifies, a room-join grant for a room, an identity.
     fn claims(&self, authorization: Option<&str>) -> Result<Claims, BridgeError> {
         let Some(value) = authorization else {

@@ -96,3 +96,58 @@ pub async fn post_remove(
         .await?;
     Ok(Json(json!({})))
 }
+
+/// The body of `POST /_conclave/admin/v1/bridges/tokens`.
+#[derive(Debug, serde::Deserialize)]
+pub struct BridgeTokenRequest {
+    /// `whip` or `whep`.
+    pub kind: String,
+    /// The SFU room (a call's: the admin call view's `sfu.room`).
+    pub room: String,
+    /// The participant's identity.
+    pub identity: String,
+    /// Its display name (default: the identity).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Lifetime in seconds (default 3600, at most 86400).
+    #[serde(default)]
+    pub valid_for_secs: Option<u64>,
+}
+
+/// `POST /_conclave/admin/v1/bridges/tokens`: an operator's WHIP (publish-only) or WHEP
+/// (subscribe-only) token for one session, with the URL to use it on (`docs/bridges.md`).
+pub async fn post_bridge_token(
+    State(bridges): State<crate::bridge::Bridges>,
+    _auth: Admin,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, MatrixErrorResponse> {
+    let bad =
+        |msg: String| MatrixErrorResponse::new(StatusCode::BAD_REQUEST, ErrorCode::BadJson, msg);
+    let req: BridgeTokenRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid body: {e}")))?;
+    let kind = match req.kind.as_str() {
+        "whip" => crate::bridge::Kind::Whip,
+        "whep" => crate::bridge::Kind::Whep,
+        other => {
+            return Err(bad(format!(
+                "kind must be \"whip\" or \"whep\", not {other:?}"
+            )))
+        }
+    };
+    let name = req.name.unwrap_or_else(|| req.identity.clone());
+    let token = bridges
+        .mint(
+            kind,
+            &req.room,
+            &req.identity,
+            &name,
+            req.valid_for_secs.unwrap_or(3600),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+    let room = crate::matrix::client::encode_path_segment(&req.room);
+    let path = match kind {
+        crate::bridge::Kind::Whip => format!("/whip/v1/{room}"),
+        crate::bridge::Kind::Whep => format!("/whep/v1/{room}/<identity to play>"),
+    };
+    Ok(Json(json!({"token": token, "path": path})))
+}

@@ -15,10 +15,28 @@ use crate::support::web::{Browser, BrowserSpec, TabSpec};
 use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
 
+const ADMIN_TOKEN: &str = "bridges-admin";
+
 async fn sfu() -> Conclave {
-    Conclave::start(ConclaveOptions::standalone().env("CONCLAVE_RTC__AUTO_CREATE", "true"))
+    Conclave::start(
+        ConclaveOptions::standalone()
+            .env("CONCLAVE_RTC__AUTO_CREATE", "true")
+            .env("CONCLAVE_ADMIN__TOKEN", ADMIN_TOKEN),
+    )
+    .await
+    .unwrap()
+}
+
+/// `POST /_conclave/admin/v1/bridges/tokens` with `admin` as bearer: (status, body).
+async fn mint(c: &Conclave, admin: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/_conclave/admin/v1/bridges/tokens", c.url))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
         .await
-        .unwrap()
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 fn publish_args(url: &str, token: &str, seconds: f64) -> Vec<String> {
@@ -257,11 +275,54 @@ async fn whep_player_plays_a_livekit_participant() {
     .await
     .unwrap();
 
-    let viewer = c.token(
-        room,
-        "recorder",
-        json!({"canPublish": false, "canSubscribe": true}),
+    // The viewer's token comes from the admin API (an operator's recorder).
+    let (status, minted) = mint(
+        &c,
+        ADMIN_TOKEN,
+        json!({"kind": "whep", "room": room, "identity": "recorder", "valid_for_secs": 600}),
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    assert_eq!(
+        minted["path"],
+        format!("/whep/v1/{room}/<identity to play>")
     );
+    let viewer = minted["token"].as_str().unwrap().to_owned();
+    for (admin, body, want) in [
+        (
+            "wrong",
+            json!({"kind": "whep", "room": room, "identity": "x"}),
+            401,
+        ),
+        (
+            ADMIN_TOKEN,
+            json!({"kind": "sip", "room": room, "identity": "x"}),
+            400,
+        ),
+        (
+            ADMIN_TOKEN,
+            json!({"kind": "whip", "room": room, "identity": "x", "valid_for_secs": 0}),
+            400,
+        ),
+        (
+            ADMIN_TOKEN,
+            json!({"kind": "whip", "room": "", "identity": "x"}),
+            400,
+        ),
+    ] {
+        let (status, body) = mint(&c, admin, body).await;
+        assert_eq!(status, want, "{body}");
+    }
+    // A WHEP token does not publish.
+    let refused = reqwest::Client::new()
+        .post(format!("{}/whip/v1/{room}", c.url))
+        .bearer_auth(&viewer)
+        .header("content-type", "application/sdp")
+        .body("v=0\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
     let play = WhipClient::spawn(
         "recorder",
         &play_args(&format!("{}/whep/v1/{room}/alice", c.url), &viewer, 50, 20),
@@ -670,7 +731,8 @@ async fn call_view(c: &Conclave, admin_token: &str, room: &str) -> anyhow::Resul
 /// The Matrix rules hold for whoever minted a WHIP token: a bridge's user (here a plain
 /// Matrix user, as an appservice's would be) joined to the room gets its token from the token
 /// service and publishes over WHIP into the call: the admin API's call view shows the WHIP
-/// participant under that Matrix user, publishing two tracks. When the user leaves the Matrix
+/// participant under that Matrix user, publishing two tracks, and the bot's call notice names
+/// that user. When the user leaves the Matrix
 /// room, the participant is removed (within 2 s), its WHIP session is gone (`DELETE` → 404)
 /// and no new token is issued.
 #[tokio::test]
@@ -684,9 +746,14 @@ async fn a_whip_participant_follows_the_matrix_membership_of_its_minting_user() 
         .unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let bridge = hs1.register("bridge", false).await.unwrap();
-    let room = alice.create_call_room(&[&bridge.user_id]).await.unwrap();
+    let bot = format!("@conclave:{}", hs1.server_name);
+    let room = alice
+        .create_call_room(&[&bridge.user_id, &bot])
+        .await
+        .unwrap();
     bridge.join(&room, &[]).await.unwrap();
     wait_joined(&c, &room, &bridge.user_id).await;
+    wait_joined(&c, &room, &bot).await;
     let membership = json!({
         "application": "m.call", "call_id": "", "scope": "m.room",
         "device_id": bridge.device_id, "expires": 14_400_000,
@@ -740,6 +807,18 @@ async fn a_whip_participant_follows_the_matrix_membership_of_its_minting_user() 
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
     assert_eq!(seen["device_id"], bridge.device_id.as_str(), "{seen}");
+    // The call notice names the bridge's user, as for anyone who starts a call.
+    let started = eventually(Duration::from_secs(10), "the call notice", || {
+        let (alice, room, user) = (&alice, room.clone(), bridge.user_id.clone());
+        async move {
+            let n = crate::calls::notices(alice, &room).await;
+            Ok(n.into_iter()
+                .find(|t| t.contains("started a call") && t.contains(user.as_str())))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    eprintln!("notice: {started}");
 
     // The bridge's user leaves the Matrix room: the WHIP participant goes.
     let left = std::time::Instant::now();

@@ -125,7 +125,8 @@ async fn admin(c: &Conclave, path: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-async fn notices(user: &TestUser, room: &str) -> Vec<String> {
+/// The bot's `m.notice` texts in `room`, as `user` reads them.
+pub async fn notices(user: &TestUser, room: &str) -> Vec<String> {
     let url = user
         .url(
             &["_matrix", "client", "v3", "rooms", room, "messages"],
