@@ -936,9 +936,15 @@ async fn trap_room_names_with_plus_and_slash_round_trip() {
 async fn a_message_over_2_mib_closes_with_1009() {
     let c = sfu().await;
     let (mut a, alice_sid, mut b) = alice_and_bob(&c, Path::V0).await;
-    a.send_raw(WsMessage::Binary(vec![0u8; 3 * 1024 * 1024].into()))
+    // The server stops reading at the frame's header and closes. When the kernel has not
+    // taken the whole 3 MiB by then (a busy machine), the rest of the write meets the reset
+    // of a socket closed with unread data; the close frame sent before it is still read.
+    if let Err(e) = a
+        .send_raw(WsMessage::Binary(vec![0u8; 3 * 1024 * 1024].into()))
         .await
-        .unwrap();
+    {
+        eprintln!("the 3 MiB write was cut short: {e:#}");
+    }
     let (code, reason) = a
         .close_frame_within(T)
         .await
