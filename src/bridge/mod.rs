@@ -312,6 +312,14 @@ impl Bridges {
         if claims.sub.is_empty() {
             return Err(BridgeError::Forbidden("the token has no identity".into()));
         }
+        // As for a LiveKit client's join: names and metadata within the limits.
+        crate::sfu::limits::check_join(
+            &claims.sub,
+            &claims.video.room,
+            &claims.name,
+            &claims.metadata,
+        )
+        .map_err(|e| BridgeError::BadRequest(format!("token {e}")))?;
         Ok(claims)
     }
 

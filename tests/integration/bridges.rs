@@ -450,6 +450,18 @@ async fn whip_and_whep_refuse_bad_requests_with_the_rfc_status_codes() {
             post(whip.clone(), Some(no_publish), sdp, offer.clone().into()).await,
         ),
         (
+            "an identity over the limit in the token",
+            400,
+            "identity",
+            post(
+                whip.clone(),
+                Some(c.token(room, &"x".repeat(300), json!({"canPublish": true}))),
+                sdp,
+                offer.clone().into(),
+            )
+            .await,
+        ),
+        (
             "no subscribe grant",
             403,
             "canSubscribe",
