@@ -94,6 +94,37 @@ impl FromRef<HttpState> for TwirpState {
     }
 }
 
+/// CORS for a route group browsers call from another origin: any origin, these methods and
+/// request headers, these response headers readable by the page, preflights cached a day.
+fn allow_any_origin(
+    h: &mut axum::http::HeaderMap,
+    methods: &'static str,
+    request_headers: &'static str,
+    exposed: &'static str,
+) {
+    use axum::http::HeaderValue;
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(request_headers),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(exposed),
+    );
+}
+
 /// Builds the router for `state`.
 pub fn router(state: HttpState) -> Router {
     let body_limit = state.max_body_bytes;

@@ -230,22 +230,11 @@ pub async fn cors(request: Request, next: Next) -> Response {
     } else {
         next.run(request).await
     };
-    let h = response.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, PATCH, DELETE, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type, If-Match"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location, ETag, Link, Accept-Patch"),
+    super::allow_any_origin(
+        response.headers_mut(),
+        "POST, PATCH, DELETE, OPTIONS",
+        "Authorization, Content-Type, If-Match",
+        "Location, ETag, Link, Accept-Patch",
     );
     response
 }

@@ -92,19 +92,7 @@ impl AsyncStore {
         user_id: &UserId,
         wait: Duration,
     ) -> Result<Option<MembershipState>, StoreError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Register before reading, so a write between the read and the wait is not missed.
-            let written = self.written.notified();
-            tokio::pin!(written);
-            written.as_mut().enable();
-            if let (Some(r), _) = self.membership(room_id, user_id).await? {
-                return Ok(Some(r.membership));
-            }
-            if tokio::time::timeout_at(deadline, written).await.is_err() {
-                return Ok(None);
-            }
-        }
+        self.wait_until(room_id, user_id, wait, |_| true).await
     }
 
     /// Waits up to `wait` until `user_id`'s recorded membership in `room_id` is `join` (woken
@@ -115,18 +103,34 @@ impl AsyncStore {
         user_id: &UserId,
         wait: Duration,
     ) -> Result<bool, StoreError> {
+        let found = self
+            .wait_until(room_id, user_id, wait, |m| *m == MembershipState::Join)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// Waits up to `wait` until a recorded membership of `user_id` in `room_id` satisfies
+    /// `wanted`, re-reading after each applied transaction.
+    async fn wait_until(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        wait: Duration,
+        wanted: fn(&MembershipState) -> bool,
+    ) -> Result<Option<MembershipState>, StoreError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            // Register before reading, so a write between the read and the wait is not missed.
             let written = self.written.notified();
             tokio::pin!(written);
             written.as_mut().enable();
             if let (Some(r), _) = self.membership(room_id, user_id).await? {
-                if r.membership == MembershipState::Join {
-                    return Ok(true);
+                if wanted(&r.membership) {
+                    return Ok(Some(r.membership));
                 }
             }
             if tokio::time::timeout_at(deadline, written).await.is_err() {
-                return Ok(false);
+                return Ok(None);
             }
         }
     }
