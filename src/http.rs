@@ -2,7 +2,7 @@
 //!
 //! Layer order, outermost first: sensitive-header marking (so traces never record
 //! `Authorization`), trace, catch panic, body limit. Route groups add their own layers (CORS on
-//! token endpoints only).
+//! the token and the WHIP/WHEP endpoints only, which browsers call from other origins).
 
 pub mod admin;
 pub mod appservice;
