@@ -176,6 +176,21 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
+impl Request<'_> {
+    /// The body as text, if it is of `content_type` (`415` otherwise) and UTF-8 (`400`);
+    /// `what` names it in the refusal.
+    fn text(&self, content_type: &str, what: &str) -> Result<&str, BridgeError> {
+        if !is_sdp(self.content_type, content_type) {
+            return Err(BridgeError::UnsupportedMediaType(format!(
+                "{what} must be `Content-Type: {content_type}`, not {:?}",
+                self.content_type.unwrap_or("none")
+            )));
+        }
+        std::str::from_utf8(self.body)
+            .map_err(|_| BridgeError::BadRequest(format!("{what} is not UTF-8 text")))
+    }
+}
+
 impl Bridges {
     /// The service, joining participants through `sfu`.
     pub fn new(
@@ -354,15 +369,7 @@ impl Bridges {
             }
             _ => {}
         }
-        if !is_sdp(req.content_type, "application/sdp") {
-            return Err(BridgeError::UnsupportedMediaType(format!(
-                "the offer must be `Content-Type: application/sdp`, not {:?}",
-                req.content_type.unwrap_or("none")
-            )));
-        }
-        let offer = std::str::from_utf8(req.body)
-            .map_err(|_| BridgeError::BadRequest("the offer is not UTF-8 text".into()))?
-            .to_owned();
+        let offer = req.text("application/sdp", "the offer")?.to_owned();
         let (sections, usable) = inspect_offer(kind, &offer)?;
         let room_name = RoomName::from(claims.video.room.as_str());
         if !self.inner.rooms.exists(room_name.as_str(), Instant::now()) {
@@ -399,6 +406,7 @@ impl Bridges {
             ));
         }
         let id = random_hex(16);
+        let etag = new_etag();
         let span = tracing::info_span!("bridge", kind = kind.as_str(), %id, room = %room_name, identity = %claims.sub);
         let sfu = &self.inner.sfu;
         let session_id = sfu.new_session(&room_name);
@@ -409,7 +417,7 @@ impl Bridges {
             room: room_name.clone(),
             identity: ParticipantIdentity::from(claims.sub.as_str()),
             session: session_id,
-            ice: Mutex::new((offer.clone(), new_etag())),
+            ice: Mutex::new((offer.clone(), etag.clone())),
             inbox: tokio::sync::Mutex::new(inbox),
         });
         self.sessions().insert(id.clone(), session.clone());
@@ -509,12 +517,6 @@ impl Bridges {
                     Kind::Whep => &self.inner.metrics.whep_sessions,
                 });
                 tracing::info!(parent: &span, "bridge session created");
-                let etag = session
-                    .ice
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .1
-                    .clone();
                 Ok(Created {
                     id,
                     answer,
@@ -635,14 +637,7 @@ impl Bridges {
         req: Request<'_>,
     ) -> Result<Patched, BridgeError> {
         let session = self.session(kind, id, req.authorization)?;
-        if !is_sdp(req.content_type, "application/trickle-ice-sdpfrag") {
-            return Err(BridgeError::UnsupportedMediaType(format!(
-                "a PATCH must be `Content-Type: application/trickle-ice-sdpfrag`, not {:?}",
-                req.content_type.unwrap_or("none")
-            )));
-        }
-        let body = std::str::from_utf8(req.body)
-            .map_err(|_| BridgeError::BadRequest("the SDP fragment is not UTF-8 text".into()))?;
+        let body = req.text("application/trickle-ice-sdpfrag", "the SDP fragment")?;
         let frag = sdp::fragment(body)
             .map_err(|e| BridgeError::BadRequest(format!("malformed SDP fragment: {e}")))?;
         let (offer, etag) = session
@@ -650,9 +645,10 @@ impl Bridges {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        // New credentials (not the current ones, which trickle fragments repeat): a restart.
         let restart = match (&frag.ufrag, &frag.pwd, sdp::credentials(&offer)) {
-            (Some(u), Some(p), Some((ou, op))) => *u != ou || *p != op,
-            _ => false,
+            (Some(u), Some(p), Some((ou, op))) if *u != ou || *p != op => Some((u, p)),
+            _ => None,
         };
         if let Some(m) = if_match.map(str::trim) {
             if m != "*" && m != etag {
@@ -661,7 +657,7 @@ impl Bridges {
                 )));
             }
         }
-        if let (true, Some(ufrag), Some(pwd)) = (restart, &frag.ufrag, &frag.pwd) {
+        if let Some((ufrag, pwd)) = restart {
             let offer = sdp::restarted(&offer, ufrag, pwd);
             let mut inbox = session.inbox.lock().await;
             let answer = self.offer(session.session, &offer, &mut inbox).await?;

@@ -880,7 +880,6 @@ async fn a_whip_participant_follows_the_matrix_membership_of_its_minting_user() 
 /// gap over 1 s.
 #[tokio::test]
 async fn chromium_whip_simulcast_with_trickle_and_ice_restart() {
-    use crate::support::lk_clients::WhipPage;
     let _heavy = heavy_lock();
     // whip-whep 1.2.0 joins the candidates of an ICE restart's answer with commas
     // (`candidates.join()`), which Chromium refuses as soon as there are two: UDP only here
@@ -915,7 +914,7 @@ async fn chromium_whip_simulcast_with_trickle_and_ice_restart() {
     ]
     .map(str::to_owned)
     .to_vec();
-    let mut page = WhipPage::spawn("studio", &args).unwrap();
+    let mut page = WhipClient::spawn_in_chromium("studio", &args).unwrap();
     let published = page
         .wait_event("published", Duration::from_secs(30))
         .await
@@ -938,23 +937,9 @@ async fn chromium_whip_simulcast_with_trickle_and_ice_restart() {
     );
 
     // After the restart: a viewer switches between the layers.
-    let python = crate::support::lk_clients::lk_python().unwrap();
-    let script = crate::support::lk_clients::clients_dir().join("simulcast_sub.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([
-            "--url",
-            &c.ws_url(),
-            "--token",
-            &c.token(room, "viewer", json!({"canPublish": false})),
-            "--single-pc",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let line = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let viewer = c.token(room, "viewer", json!({"canPublish": false}));
+    let report =
+        crate::support::lk_clients::simulcast_viewer(&c.ws_url(), &viewer, "--single-pc").await;
     assert!(report["error"].is_null(), "{report}\n{}", c.logs());
     let low = report["low"][0].as_u64().expect("low layer frames");
     let high = report["high"][0].as_u64().expect("high layer frames");
@@ -982,7 +967,6 @@ async fn chromium_whip_simulcast_with_trickle_and_ice_restart() {
 /// client: video painted in the page, audio packets received.
 #[tokio::test]
 async fn chromium_whep_player_plays_a_livekit_participant() {
-    use crate::support::lk_clients::WhipPage;
     let _heavy = heavy_lock();
     let c = sfu().await;
     let room = "whep-page";
@@ -1010,7 +994,7 @@ async fn chromium_whep_player_plays_a_livekit_participant() {
     ]
     .map(str::to_owned)
     .to_vec();
-    let page = WhipPage::spawn("screen", &args).unwrap();
+    let page = WhipClient::spawn_in_chromium("screen", &args).unwrap();
     let r = page.wait(Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.exit_code, 0, "{}\n{}", r.describe(), c.logs());
     assert!(

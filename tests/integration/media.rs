@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::conclave::{Conclave, ConclaveOptions};
-use crate::support::lk_clients::{NodePublishSpec, NodePublisher, PyClient, PyClientSpec};
+use crate::support::lk_clients::{
+    simulcast_viewer, NodePublishSpec, NodePublisher, PyClient, PyClientSpec,
+};
 use crate::support::synapse::heavy_lock;
 
 async fn sfu() -> Conclave {
@@ -250,28 +252,16 @@ async fn simulcast_layers_follow_the_subscriber() {
         .wait_event("published", Duration::from_secs(20))
         .await
         .unwrap();
-    let viewer = |who: &str, path: &str| {
-        let python = crate::support::lk_clients::lk_python().unwrap();
-        let script = crate::support::lk_clients::clients_dir().join("simulcast_sub.py");
-        tokio::process::Command::new(python)
-            .arg(script)
-            .args([
-                "--url",
-                &c.ws_url(),
-                "--token",
-                &c.token("sim", who, grants()),
-                path,
-            ])
-            .output()
-    };
-    let (v0, v1) = tokio::join!(
-        viewer("viewer-v0", "--dual-pc"),
-        viewer("viewer-v1", "--single-pc")
+    let (v0_token, v1_token) = (
+        c.token("sim", "viewer-v0", grants()),
+        c.token("sim", "viewer-v1", grants()),
     );
-    for (path, out) in [("v0", v0.unwrap()), ("v1", v1.unwrap())] {
-        let line = String::from_utf8_lossy(&out.stdout);
-        let report: Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
-            .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let ws = c.ws_url();
+    let (v0, v1) = tokio::join!(
+        simulcast_viewer(&ws, &v0_token, "--dual-pc"),
+        simulcast_viewer(&ws, &v1_token, "--single-pc")
+    );
+    for (path, report) in [("v0", v0), ("v1", v1)] {
         assert!(report["error"].is_null(), "{path}: {report}");
         let low = report["low"][0].as_u64().expect("low layer frames");
         let high = report["high"][0].as_u64().expect("high layer frames");

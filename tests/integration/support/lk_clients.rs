@@ -762,16 +762,17 @@ impl NodePublisher {
     }
 }
 
-// ---------------------------------------------------------------- WHIP / WHEP (aiortc)
+// ---------------------------------------------------------------- WHIP / WHEP
 
-/// A running `tests/clients/whip_client.py` (aiortc, a WebRTC stack not written here): a WHIP
-/// publisher (`publish`) or WHEP player (`play`). Killed on drop.
+/// A running third-party WHIP publisher or WHEP player: aiortc (`tests/clients/whip_client.py`)
+/// or headless Chromium with the npm `whip-whep` clients in its page
+/// (`tests/clients/web/whip.mjs`). Killed on drop.
 pub struct WhipClient {
     proc: ClientProcess,
 }
 
 impl WhipClient {
-    /// Starts `whip_client.py <args>` (e.g. `["publish", "--url", …]`).
+    /// Starts `whip_client.py <args>` (aiortc; e.g. `["publish", "--url", …]`).
     pub fn spawn(label: &str, args: &[String]) -> Result<WhipClient> {
         let python = lk_python()?;
         let mut cmd = Command::new(&python);
@@ -785,28 +786,8 @@ impl WhipClient {
         Ok(WhipClient { proc })
     }
 
-    /// Waits for the next not-yet-returned event `name` (`"created"`, `"connection"`, …).
-    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
-        self.proc
-            .wait_event_matching(name, &|_| true, timeout)
-            .await
-    }
-
-    /// Waits for the exit (killing it after `timeout`, an error) and returns its report.
-    pub async fn wait(self, timeout: Duration) -> Result<ClientReport> {
-        self.proc.wait(timeout).await
-    }
-}
-
-/// A running `tests/clients/web/whip.mjs`: headless Chromium with the npm `whip-whep` WHIP
-/// or WHEP client (not written here) in its page. Killed on drop.
-pub struct WhipPage {
-    proc: ClientProcess,
-}
-
-impl WhipPage {
-    /// Starts `node whip.mjs <args>` (e.g. `["--mode", "publish", "--url", …]`).
-    pub fn spawn(label: &str, args: &[String]) -> Result<WhipPage> {
+    /// Starts `node whip.mjs <args>` (Chromium; e.g. `["--mode", "publish", "--url", …]`).
+    pub fn spawn_in_chromium(label: &str, args: &[String]) -> Result<WhipClient> {
         let dir = super::web::web_clients_dir()?;
         let exe = super::web::chromium()?;
         let node = std::env::var("CONCLAVE_NODE").unwrap_or_else(|_| "node".to_owned());
@@ -817,10 +798,10 @@ impl WhipPage {
             .env("CONCLAVE_CHROMIUM", &exe);
         let proc = ClientProcess::spawn(format!("whip-page:{label}"), cmd)
             .with_context(|| format!("is `{node}` (Node.js >= 18) on PATH?"))?;
-        Ok(WhipPage { proc })
+        Ok(WhipClient { proc })
     }
 
-    /// Waits for the next not-yet-returned event `name` (`"published"`, `"connected"`, …).
+    /// Waits for the next not-yet-returned event `name` (`"created"`, `"connected"`, …).
     pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
         self.proc
             .wait_event_matching(name, &|_| true, timeout)
@@ -831,4 +812,21 @@ impl WhipPage {
     pub async fn wait(self, timeout: Duration) -> Result<ClientReport> {
         self.proc.wait(timeout).await
     }
+}
+
+/// Runs `tests/clients/simulcast_sub.py` (the Python SDK) to its end with `token` on `url`,
+/// `path` choosing the signalling (`--single-pc` or `--dual-pc`): its one-line report (frame
+/// sizes after asking for the low and the high layer, the longest gap, frames after
+/// unsubscribing). Panics with its output when it prints none.
+pub async fn simulcast_viewer(url: &str, token: &str, path: &str) -> Value {
+    let python = lk_python().unwrap_or_else(|e| panic!("{e:#}"));
+    let out = Command::new(python)
+        .arg(clients_dir().join("simulcast_sub.py"))
+        .args(["--url", url, "--token", token, path])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("simulcast_sub.py: {e}"));
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
