@@ -468,11 +468,24 @@ pub struct WebhookConfig {
 
 /// `[cascade]`: which other ministries' Conclaves may pull this Conclave's calls
 /// (`docs/cascade.md`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CascadeConfig {
     /// The peers. Default: none (no room is ever relayed to another Conclave).
     pub peers: Vec<CascadePeer>,
+    /// How long a mirror of a peer's call may stay without a local subscriber (and no token
+    /// issued for it) before its relay ends, so the peer stops sending media nobody here
+    /// receives. Default 30 s; at least 1.
+    pub mirror_idle_secs: u64,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            mirror_idle_secs: 30,
+        }
+    }
 }
 
 impl CascadeConfig {
@@ -863,6 +876,11 @@ impl Config {
     }
 
     fn validate_cascade(&self, problems: &mut Vec<String>) {
+        if self.cascade.mirror_idle_secs == 0 {
+            problems.push(
+                "key `cascade.mirror_idle_secs`: value 0: expected at least 1 (seconds)".into(),
+            );
+        }
         let mut seen = std::collections::BTreeSet::new();
         for p in &self.cascade.peers {
             let server = &p.server_name;
@@ -1202,6 +1220,7 @@ mod tests {
             peers = [{server_name = "b.example"}, {server_name = "c.example", user_id = "@rtc:c.example"}]"#,
         );
         assert!(c.validate().is_ok());
+        assert_eq!(c.cascade.mirror_idle_secs, 30, "the default");
         let b = c.cascade.peer(ruma::server_name!("b.example")).unwrap();
         assert_eq!(b.bot_user_id().unwrap().as_str(), "@conclave:b.example");
         let c2 = c.cascade.peer(ruma::server_name!("c.example")).unwrap();
@@ -1211,6 +1230,7 @@ mod tests {
         let own = c.matrix.server_name.to_string();
         c.cascade = load(&format!(
             r#"[cascade]
+            mirror_idle_secs = 0
             peers = [{{server_name = "{own}"}}, {{server_name = "b.example"}},
                      {{server_name = "b.example", user_id = "@conclave:c.example"}}]"#
         ));
@@ -1218,7 +1238,12 @@ mod tests {
             panic!("problems expected");
         };
         let all = problems.join("\n");
-        for needle in ["own server", "listed twice", "expected a user of b.example"] {
+        for needle in [
+            "own server",
+            "listed twice",
+            "expected a user of b.example",
+            "cascade.mirror_idle_secs",
+        ] {
             assert!(all.contains(needle), "{needle}: {all}");
         }
     }

@@ -16,6 +16,7 @@ mod relay;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use ruma::{OwnedServerName, RoomId, ServerName, UserId};
 use tokio::task::JoinHandle;
@@ -41,6 +42,9 @@ pub struct CascadeSettings {
     pub server_name: OwnedServerName,
     /// Our SFU URL, handed to our users.
     pub livekit_public_url: String,
+    /// How long a mirror may stay without a local subscriber before its relay ends
+    /// (`cascade.mirror_idle_secs`).
+    pub mirror_idle: Duration,
 }
 
 impl CascadeSettings {
@@ -49,6 +53,7 @@ impl CascadeSettings {
         Self {
             server_name: config.matrix.server_name.clone(),
             livekit_public_url: config.livekit_public_url(),
+            mirror_idle: Duration::from_secs(config.cascade.mirror_idle_secs.max(1)),
         }
     }
 }
@@ -56,6 +61,9 @@ impl CascadeSettings {
 /// One running relay (a peer's call mirrored here).
 struct Running {
     task: JoinHandle<()>,
+    /// When a token for its mirror was last issued (the relay does not end as idle while
+    /// someone is on the way).
+    last_token: relay::LastToken,
 }
 
 /// The cascade's receiving side. Cheap to clone.
@@ -162,7 +170,8 @@ impl Cascade {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             relays.retain(|_, r| !r.task.is_finished());
-            if relays.contains_key(mirror) {
+            if let Some(r) = relays.get(mirror) {
+                r.last_token.touch();
                 return Ok(());
             }
         }
@@ -183,6 +192,8 @@ impl Cascade {
             room_id: room_id.to_owned(),
             slot_id: slot_id.to_owned(),
             mirror: mirror.clone(),
+            idle_after: self.inner.settings.mirror_idle,
+            last_token: relay::LastToken::now(),
         };
         let mut relays = self
             .inner
@@ -190,16 +201,18 @@ impl Cascade {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         // Two requests may have raced here: the first relay started serves both.
-        if relays.get(mirror).is_some_and(|r| !r.task.is_finished()) {
+        if let Some(r) = relays.get(mirror).filter(|r| !r.task.is_finished()) {
+            r.last_token.touch();
             return Ok(());
         }
+        let last_token = target.last_token.clone();
         let task = tokio::spawn(relay::run(
             self.inner.link.clone(),
             self.inner.sfu.clone(),
             target,
             grant,
         ));
-        relays.insert(mirror.clone(), Running { task });
+        relays.insert(mirror.clone(), Running { task, last_token });
         Ok(())
     }
 }

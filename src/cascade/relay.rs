@@ -24,7 +24,8 @@
 //! (`docs/cascade.md`): simulcast layers other than the top one the origin picks.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use livekit_protocol as lk;
@@ -51,6 +52,32 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 const MAX_ATTEMPTS: u32 = 5;
 /// A roster connection that lasted this long resets the count of failures in a row.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How often a relay looks for local subscribers in its mirror room.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// When a token for a mirror room was last issued; shared by the relay and the service
+/// that issues the tokens.
+#[derive(Debug, Clone)]
+pub(super) struct LastToken(Arc<Mutex<Instant>>);
+
+impl LastToken {
+    /// Issued now.
+    pub(super) fn now() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    /// Another token issued now.
+    pub(super) fn touch(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+}
 
 /// What to relay.
 #[derive(Debug, Clone)]
@@ -63,6 +90,10 @@ pub(super) struct Target {
     pub(super) slot_id: String,
     /// Our mirror room.
     pub(super) mirror: RoomName,
+    /// How long the mirror may stay without a local subscriber (and no token issued).
+    pub(super) idle_after: Duration,
+    /// When a token for the mirror was last issued.
+    pub(super) last_token: LastToken,
 }
 
 type Ws =
@@ -156,7 +187,7 @@ pub(super) async fn run(link: PeerLink, sfu: SfuHandle, target: Target, first: R
         let started = tokio::time::Instant::now();
         match roster(&link, &sfu, &target, grant.take()).await {
             Ok(()) => {
-                tracing::info!("relay ended by the origin");
+                tracing::info!("relay ended");
                 return;
             }
             Err(e) => {
@@ -181,7 +212,8 @@ struct Mirror {
 }
 
 /// The roster connection: mirrors appear and go with the origin's participants. `Ok` when
-/// the origin ended the relay (it was cut), an error when the connection failed.
+/// the origin ended the relay (it was cut) or nobody here received it for
+/// [`Target::idle_after`], an error when the connection failed.
 async fn roster(
     link: &PeerLink,
     sfu: &SfuHandle,
@@ -224,8 +256,26 @@ async fn roster(
         seen(&mut mirrors, p);
     }
     let mut keepalive = tokio::time::interval(PING_EVERY);
+    let mut idle_check = tokio::time::interval(IDLE_CHECK);
+    let mut quiet_since: Option<Instant> = None;
     let result = loop {
         tokio::select! {
+            _ = idle_check.tick() => {
+                // Anyone in the mirror room but the mirrors is a local subscriber.
+                let here = sfu.participants(&target.mirror).await;
+                if here.iter().any(|p| !mirrors.contains_key(&p.identity)) {
+                    quiet_since = None;
+                    continue;
+                }
+                let quiet = quiet_since.get_or_insert_with(Instant::now).elapsed();
+                if quiet >= target.idle_after && target.last_token.elapsed() >= target.idle_after {
+                    tracing::info!(
+                        idle_s = target.idle_after.as_secs(),
+                        "no local subscriber in the mirror room: relay ends"
+                    );
+                    break Ok(());
+                }
+            }
             m = recv(&mut ws) => match m {
                 Ok(Some(Msg::Update(u))) => {
                     for p in u.participants {
@@ -322,7 +372,7 @@ async fn mirror_inner(
     if !sfu.open(sink, join).await {
         return Err(RelayError::SfuGone);
     }
-    let mut announced: Vec<String> = Vec::new();
+    let mut announced: Vec<Announced> = Vec::new();
     let result = async {
         announce(sfu, session, &mut ws, &info, &mut announced).await?;
         let mut keepalive = tokio::time::interval(PING_EVERY);
@@ -342,6 +392,18 @@ async fn mirror_inner(
                 out = queue.recv() => match out {
                     Some(SignalOut::Message(m)) => match *m {
                         Msg::Answer(sd) => send(&mut ws, Req::Answer(sd)).await?,
+                        Msg::TrackPublished(r) => {
+                            let local_sid = r.track.map(|t| (t.sid, t.muted));
+                            if let (Some(a), Some((sid, muted))) =
+                                (announced.iter_mut().find(|a| a.origin_sid == r.cid), local_sid)
+                            {
+                                a.local_sid = Some(sid);
+                                // A mute that came while it was being published.
+                                if muted != a.muted {
+                                    a.mute(sfu, session, a.muted).await?;
+                                }
+                            }
+                        }
                         Msg::Trickle(mut t) => {
                             t.target = lk::SignalTarget::Subscriber as i32;
                             send(&mut ws, Req::Trickle(t)).await?;
@@ -378,20 +440,64 @@ async fn local(sfu: &SfuHandle, session: crate::sfu::SessionId, m: Req) -> Resul
     }
 }
 
+/// A track of the mirrored participant, announced to our SFU.
+struct Announced {
+    /// Its SID at the origin (our `cid`).
+    origin_sid: String,
+    /// Its SID here, once our SFU published it.
+    local_sid: Option<String>,
+    /// Whether the origin says it is muted.
+    muted: bool,
+}
+
+impl Announced {
+    /// Mutes or unmutes it here, as the origin's participant did there (once it is published
+    /// here; [`mirror_inner`] catches up on `TrackPublished`).
+    async fn mute(
+        &self,
+        sfu: &SfuHandle,
+        session: crate::sfu::SessionId,
+        muted: bool,
+    ) -> Result<(), RelayError> {
+        let Some(sid) = &self.local_sid else {
+            return Ok(());
+        };
+        tracing::debug!(track = %self.origin_sid, muted, "mirrored track mute");
+        local(
+            sfu,
+            session,
+            Req::Mute(lk::MuteTrackRequest {
+                sid: sid.clone(),
+                muted,
+            }),
+        )
+        .await
+    }
+}
+
 /// Announces `info`'s tracks not announced yet: to our SFU as the mirror's tracks (the
-/// origin's track SID as `cid`, which the origin's offer names in `msid`), and to the origin
-/// as subscriptions, top layer.
+/// origin's track SID as `cid`, which the origin's offer names in `msid`; its simulcast
+/// layers, which the origin relays all), and to the origin as subscriptions. Mute changes of
+/// tracks announced before are applied here.
 async fn announce(
     sfu: &SfuHandle,
     session: crate::sfu::SessionId,
     ws: &mut Ws,
     info: &lk::ParticipantInfo,
-    announced: &mut Vec<String>,
+    announced: &mut Vec<Announced>,
 ) -> Result<(), RelayError> {
+    for t in &info.tracks {
+        if let Some(a) = announced.iter_mut().find(|a| a.origin_sid == t.sid) {
+            if a.muted != t.muted {
+                a.muted = t.muted;
+                a.mute(sfu, session, t.muted).await?;
+            }
+        }
+    }
     let fresh: Vec<&lk::TrackInfo> = info
         .tracks
         .iter()
-        .filter(|t| !announced.contains(&t.sid))
+        .filter(|t| !announced.iter().any(|a| a.origin_sid == t.sid))
         .collect();
     if fresh.is_empty() {
         return Ok(());
@@ -408,6 +514,12 @@ async fn announce(
             source: t.source,
             encryption: t.encryption,
             stream: t.stream.clone(),
+            // The layers per codec (`TrackInfo.layers` is their deprecated copy).
+            layers: t
+                .codecs
+                .first()
+                .map(|c| c.layers.clone())
+                .unwrap_or_default(),
             ..Default::default()
         };
         local(sfu, session, Req::AddTrack(add)).await?;
@@ -435,6 +547,10 @@ async fn announce(
         }),
     )
     .await?;
-    announced.extend(sids);
+    announced.extend(fresh.iter().map(|t| Announced {
+        origin_sid: t.sid.clone(),
+        local_sid: None,
+        muted: t.muted,
+    }));
     Ok(())
 }

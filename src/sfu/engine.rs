@@ -373,6 +373,8 @@ pub struct RelayedTrack {
     pub packets: u64,
     /// Their payload bytes.
     pub payload_bytes: u64,
+    /// The simulcast layers (rids) relayed, each on its own stream; empty: one stream.
+    pub layers: Vec<String>,
 }
 
 /// What a participant is to the cascade between Conclaves (`docs/cascade.md`).
@@ -657,6 +659,7 @@ impl Sfu {
                         },
                         packets: d.packets,
                         payload_bytes: d.payload_bytes,
+                        layers: d.layer_rids.iter().map(|r| r.to_string()).collect(),
                     })
                     .collect();
                 (p.identity.to_string(), tracks)
@@ -1176,11 +1179,15 @@ impl Sfu {
 
         // Existing tracks go into the first subscriber offer (fast start).
         if participant.auto_subscribe {
+            let relay = participant.cascade == CascadeRole::Relay;
             for p in room.participants.values() {
                 for t in p.bound_tracks() {
-                    participant
-                        .down_tracks
-                        .push(DownTrack::new(p.session, p.sid.as_str(), t));
+                    participant.down_tracks.push(DownTrack::new(
+                        p.session,
+                        p.sid.as_str(),
+                        t,
+                        relay,
+                    ));
                 }
             }
         }

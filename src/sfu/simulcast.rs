@@ -223,6 +223,13 @@ impl Layers {
         out
     }
 
+    /// The rids of the layers announced or seen, lowest quality first.
+    pub fn rids(&self) -> Vec<Rid> {
+        let mut layers: Vec<&Layer> = self.layers.iter().collect();
+        layers.sort_by_key(|l| l.quality);
+        layers.iter().map(|l| l.rid).collect()
+    }
+
     /// Whether the track is simulcast at all (packets carry rids).
     pub fn is_simulcast(&self) -> bool {
         self.layers.iter().any(|l| l.last_seen.is_some())

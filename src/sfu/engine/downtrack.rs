@@ -78,11 +78,31 @@ pub(super) struct DownTrack {
     pub(super) packets: u64,
     /// Their payload bytes.
     pub(super) payload_bytes: u64,
+    /// For a cascade relay ([`super::CascadeRole::Relay`]) of a simulcast track: every layer
+    /// goes out, each on its own stream of the transceiver (`a=simulcast:send`, these rids),
+    /// so the receiving Conclave still chooses a layer per subscriber of its own. Empty: one
+    /// stream, the chosen layer (every other subscriber).
+    pub(super) layer_rids: Vec<Rid>,
+    /// The rewriting state of each layer's stream in that mode (as `outs` by mid otherwise).
+    layer_outs: HashMap<Rid, OutStream>,
 }
 
 impl DownTrack {
-    /// A down-track of `track`, published by `publisher` (session and participant SID).
-    pub(super) fn new(publisher: SessionId, publisher_sid: &str, track: &Track) -> Self {
+    /// A down-track of `track`, published by `publisher` (session and participant SID), for a
+    /// cascade relay when `relay` (every simulcast layer of a video track announced with two
+    /// or more).
+    pub(super) fn new(
+        publisher: SessionId,
+        publisher_sid: &str,
+        track: &Track,
+        relay: bool,
+    ) -> Self {
+        let rids = track.layers.rids();
+        let layer_rids = if relay && track.kind == MediaKind::Video && rids.len() > 1 {
+            rids
+        } else {
+            Vec::new()
+        };
         Self {
             publisher,
             track_sid: track.sid.clone(),
@@ -103,6 +123,8 @@ impl DownTrack {
             switched_at: None,
             packets: 0,
             payload_bytes: 0,
+            layer_rids,
+            layer_outs: HashMap::new(),
         }
     }
 
@@ -194,6 +216,9 @@ impl DownTrack {
         let DownState::Open(mid) = self.state else {
             return Forwarded::Skipped;
         };
+        if !self.layer_rids.is_empty() {
+            return self.forward_layer(rtc, mid, f, now);
+        }
         let out = outs.entry(mid).or_default();
         if self.disabled || self.grant == Grant::Paused {
             if out.is_on(f.source) {
@@ -233,12 +258,53 @@ impl DownTrack {
             return Forwarded::NeedsKeyframe(f.rid);
         }
         self.waiting_keyframe = false;
+        self.write(rtc, out, mid, None, f, now)
+    }
+
+    /// [`Self::forward`] for a cascade relay that gets every layer: each layer on its own
+    /// stream (a packet without a rid on the top one), each stream started at a keyframe of
+    /// its layer and rewritten on its own.
+    fn forward_layer(&mut self, rtc: &mut Rtc, mid: Mid, f: &Forward, now: Instant) -> Forwarded {
+        let Some(top) = self.layer_rids.last().copied() else {
+            return Forwarded::Skipped;
+        };
+        let rid = match f.rid {
+            Some(r) if self.layer_rids.contains(&r) => r,
+            Some(_) => return Forwarded::Skipped,
+            None => top,
+        };
+        let mut out = self.layer_outs.remove(&rid).unwrap_or_default();
+        let done = if self.disabled {
+            if out.is_on(f.source) {
+                out.interrupt();
+            }
+            Forwarded::Skipped
+        } else if !out.is_on(f.source) && !f.keyframe {
+            out.interrupt();
+            Forwarded::NeedsKeyframe(f.rid)
+        } else {
+            self.write(rtc, &mut out, mid, Some(rid), f, now)
+        };
+        self.layer_outs.insert(rid, out);
+        done
+    }
+
+    /// Writes `f` to the stream (`mid`, `rid`) of `rtc`, rewritten by `out`.
+    fn write(
+        &mut self,
+        rtc: &mut Rtc,
+        out: &mut OutStream,
+        mid: Mid,
+        rid: Option<Rid>,
+        f: &Forward,
+        now: Instant,
+    ) -> Forwarded {
         let Some(params) = rtc.codec_config().match_params(f.params).copied() else {
             tracing::debug!(track = %f.track_sid, "no matching payload type");
             return Forwarded::Skipped;
         };
         let mut api = rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+        let Some(tx) = api.stream_tx_by_mid(mid, rid) else {
             return Forwarded::Skipped;
         };
         // Forwarded media is not paced by str0m (as LiveKit's default pacer, which passes

@@ -9,14 +9,14 @@ use livekit_protocol as lk;
 use lk::signal_response::Message as Msg;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::channel::{ChannelConfig, Reliability};
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
 use str0m::Candidate;
 
 use crate::sfu::ids::TrackSid;
 
 use super::downtrack::{DownState, DownTrack};
 use super::resume::swap_ice_credentials;
-use super::{Output, PcKind, SessionId, Sfu, SfuEvent};
+use super::{CascadeRole, Output, PcKind, SessionId, Sfu, SfuEvent};
 
 impl Sfu {
     /// Creates a v0 participant's publisher connection at its first publisher offer (see
@@ -261,9 +261,13 @@ impl Sfu {
         let Some(room) = self.room_of_mut(session) else {
             return;
         };
+        let relay = room
+            .participants
+            .get(&session)
+            .is_some_and(|p| p.cascade == CascadeRole::Relay);
         let down = match room.track(track_sid) {
             Some((p, t)) if t.is_bound() && p.session != session => {
-                DownTrack::new(p.session, p.sid.as_str(), t)
+                DownTrack::new(p.session, p.sid.as_str(), t, relay)
             }
             _ => return,
         };
@@ -320,12 +324,20 @@ impl Sfu {
         for d in &mut p.down_tracks {
             match d.state {
                 DownState::ToOpen => {
+                    // A cascade relay's simulcast track: every layer, each its own stream.
+                    let simulcast = (!d.layer_rids.is_empty()).then(|| {
+                        let mut s = Simulcast::new();
+                        for rid in &d.layer_rids {
+                            s.add_send_layer(SimulcastLayer::new(rid));
+                        }
+                        s
+                    });
                     let mid = api.add_media(
                         d.kind,
                         Direction::SendOnly,
                         Some(d.stream_id.clone()),
                         Some(d.track_sid.to_string()),
-                        None,
+                        simulcast,
                     );
                     d.state = DownState::Negotiating(mid);
                 }

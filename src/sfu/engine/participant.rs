@@ -874,9 +874,10 @@ impl Participant {
             Event::RtpPacket(packet) if publish_side => self.rtp_packet(packet, now, polled),
             Event::KeyframeRequest(req) if subscribe_side => {
                 if let Some(d) = self.down_tracks.iter().find(|d| d.mid() == Some(req.mid)) {
+                    // A relay that gets every layer names the layer's stream.
                     polled
                         .keyframe_wanted
-                        .push((d.track_sid.clone(), d.current_rid));
+                        .push((d.track_sid.clone(), req.rid.or(d.current_rid)));
                 }
             }
             Event::ChannelOpen(id, label) if publish_side => {

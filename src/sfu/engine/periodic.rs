@@ -199,14 +199,8 @@ impl Sfu {
                 }
             }
         }
+        // Separate layers are separate requests (the throttle is per layer).
         for rid in rids {
-            // Separate layers are separate requests; the throttle is per track, so clear it.
-            if let Some(t) = self
-                .participant_mut(publisher)
-                .and_then(|p| p.track_mut(sid))
-            {
-                t.last_keyframe_request = None;
-            }
             self.request_keyframe(now, publisher, sid, rid);
         }
     }

@@ -114,7 +114,7 @@ impl Sfu {
                 &req.layers
             }),
             sent_qualities: None,
-            last_keyframe_request: None,
+            keyframe_requests: Vec::new(),
         };
         // Media may already be there (offer before add_track).
         if let Some(pos) = p

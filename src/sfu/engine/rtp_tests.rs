@@ -2,8 +2,8 @@
 //! the source of its stream changes (simulcast layer switch).
 
 use super::tests::{
-    answer_for, answer_offer, join, pump, request, sfu, simulcast_camera, simulcast_offer,
-    tick_dropping, Peer,
+    answer_for, answer_offer, join, join_command, publish_permission, pump, request, sfu,
+    simulcast_camera, simulcast_offer, tick_dropping, Peer,
 };
 use super::*;
 use str0m::change::SdpAnswer;
@@ -58,7 +58,15 @@ fn quality(s: &mut Sfu, now: Instant, session: u64, track: &str, quality: lk::Vi
 /// HIGH, then LOW, then HIGH again. `drop` sees every datagram to a peer (destination,
 /// bytes) and may lose it. Returns bob (who reports every RTP packet he received) and the
 /// frames alice sent.
-fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64) {
+fn simulcast_call(drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64) {
+    simulcast_call_to(CascadeRole::None, drop).0
+}
+
+/// [`simulcast_call`] with bob in `role`; also returns bob's first subscriber offer.
+fn simulcast_call_to(
+    role: CascadeRole,
+    mut drop: impl FnMut(SocketAddr, &[u8]) -> bool,
+) -> ((Peer, u64), String) {
     let mut now = Instant::now();
     let mut s = sfu(now);
     let mut alice = Peer::new(now, "10.0.0.1:5000");
@@ -67,7 +75,12 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
     let mut alice_pub = Peer::new(now, "10.0.0.1:5001");
     let mut msgs = Vec::new();
     join(&mut s, now, 1, "alice");
-    join(&mut s, now, 2, "bob");
+    let Command::Join(mut bob_join) = join_command(2, "room", "bob", publish_permission(), false)
+    else {
+        unreachable!("join_command builds a join")
+    };
+    bob_join.cascade = role;
+    s.handle_command(now, Command::Join(bob_join));
     pump(&mut s, &mut [&mut alice, &mut bob], now, &mut msgs);
     for (id, peer) in [(1, &mut alice), (2, &mut bob)] {
         let o = msgs
@@ -100,6 +113,7 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
 
     let mut frame = 0u64;
     let mut answered = 0;
+    let mut bob_offer = None;
     for tick in 0..900 {
         now += Duration::from_millis(10);
         tick_dropping(
@@ -113,6 +127,7 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
             match m {
                 Msg::Offer(o) if *id == 2 && o.id > answered => {
                     answered = o.id;
+                    bob_offer.get_or_insert_with(|| o.sdp.clone());
                     let a = answer_offer(&mut bob, o);
                     request(&mut s, now, 2, a);
                 }
@@ -158,7 +173,7 @@ fn simulcast_call(mut drop: impl FnMut(SocketAddr, &[u8]) -> bool) -> (Peer, u64
         }
     }
 
-    (bob, frame)
+    ((bob, frame), bob_offer.unwrap_or_default())
 }
 
 /// The simulcast call, lossless: on the wire bob sees one SSRC whose sequence numbers
@@ -265,4 +280,64 @@ fn a_lost_packet_is_resent_from_the_send_buffer() {
         resent.contains(&dropped),
         "RTX resends {resent:?}, lost {dropped}"
     );
+}
+
+/// The same call to a peer Conclave's media relay: every layer goes out at once, each on its
+/// own stream (`a=simulcast:send`, one SSRC and rid each), whatever quality the relay asks
+/// for, so the peer still chooses per subscriber of its own. Each stream starts at a keyframe
+/// of its layer and its sequence numbers step by one.
+#[test]
+fn a_cascade_relay_gets_every_simulcast_layer_on_its_own_stream() {
+    let ((bob, frame), offer) = simulcast_call_to(CascadeRole::Relay, |_, _| false);
+    let video = offer
+        .split("m=")
+        .find(|m| m.starts_with("video"))
+        .expect("a video section in the relay's offer");
+    assert!(video.contains("a=simulcast:send q;h;f"), "{video}");
+    let packets = video_packets(&bob);
+    assert!(frame > 250, "alice sent {frame} frames");
+    type Stream<'a> = (u32, Vec<&'a (RtpHeader, Vec<u8>)>);
+    let mut streams: Vec<Stream> = Vec::new();
+    for p in &packets {
+        match streams.iter_mut().find(|(ssrc, _)| *ssrc == *p.0.ssrc) {
+            Some((_, v)) => v.push(p),
+            None => streams.push((*p.0.ssrc, vec![p])),
+        }
+    }
+    let starts_key = |p: &[u8]| Vp8Descriptor::parse(p).unwrap().starts_keyframe(p);
+    let mut seen = Vec::new();
+    for (ssrc, stream) in &streams {
+        let tag = *stream[0].1.last().unwrap();
+        let (rid, ..) = LAYERS
+            .iter()
+            .find(|(_, t, ..)| *t == tag)
+            .expect("a layer's tag");
+        assert!(
+            stream.iter().all(|(_, p)| *p.last().unwrap() == tag),
+            "stream {ssrc} carries layer {rid} only"
+        );
+        assert!(
+            stream
+                .iter()
+                .all(|(h, _)| h.ext_vals.rid.as_deref() == Some(*rid)),
+            "stream {ssrc} is named {rid}"
+        );
+        assert!(starts_key(&stream[0].1), "layer {rid} starts at a keyframe");
+        for w in stream.windows(2) {
+            assert_eq!(
+                w[1].0.sequence_number,
+                w[0].0.sequence_number.wrapping_add(1),
+                "layer {rid}: sequence numbers step by one"
+            );
+        }
+        // Alice's keyframes fall 0, 10 and 20 frames into each 30: at most 30 frames wait.
+        assert!(
+            stream.len() as u64 + 30 >= frame,
+            "layer {rid}: {} of {frame} frames (quality LOW was asked for half-way)",
+            stream.len()
+        );
+        seen.push(*rid);
+    }
+    seen.sort();
+    assert_eq!(seen, ["f", "h", "q"], "every layer, each on one stream");
 }

@@ -23,7 +23,8 @@ pub(super) struct Track {
     pub(super) layers: Layers,
     /// Last dynacast state sent to the publisher (LOW, MEDIUM, HIGH enabled).
     pub(super) sent_qualities: Option<[bool; 3]>,
-    pub(super) last_keyframe_request: Option<Instant>,
+    /// When a keyframe of each layer (`None`: the track without simulcast) was last asked for.
+    pub(super) keyframe_requests: Vec<(Option<Rid>, Instant)>,
 }
 
 impl Track {
@@ -48,22 +49,22 @@ impl Track {
     }
 
     /// Asks the publisher (connection `rtc`) for a keyframe of layer `rid` (or the best
-    /// layer), at most once per [`KEYFRAME_THROTTLE`]. Audio never needs one.
+    /// layer), at most once per [`KEYFRAME_THROTTLE`] and layer (a cascade relay starts every
+    /// layer at once, each at its own keyframe). Audio never needs one.
     pub(super) fn request_keyframe(&mut self, rtc: &mut Rtc, now: Instant, rid: Option<Rid>) {
         if self.kind != MediaKind::Video {
-            return;
-        }
-        if self
-            .last_keyframe_request
-            .is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_THROTTLE)
-        {
             return;
         }
         let Some(mid) = self.mid else {
             return;
         };
-        self.last_keyframe_request = Some(now);
         let rid = rid.or_else(|| self.layers.choose(simulcast::HIGH, now));
+        self.keyframe_requests
+            .retain(|(_, at)| now.saturating_duration_since(*at) < KEYFRAME_THROTTLE);
+        if self.keyframe_requests.iter().any(|(r, _)| *r == rid) {
+            return;
+        }
+        self.keyframe_requests.push((rid, now));
         // RTP mode: the request goes through the layer's receive stream (str0m sends the PLI).
         match rtc.direct_api().stream_rx_by_mid(mid, rid) {
             Some(rx) => rx.request_keyframe(KeyframeRequestKind::Pli),
