@@ -165,6 +165,19 @@ async fn send(ws: &mut Ws, m: Req) -> Result<(), RelayError> {
     Ok(())
 }
 
+/// Leaves the origin's room and closes the connection. Without the leave the origin would
+/// keep the participant for a resume (30 s) after the socket closed.
+async fn hang_up(ws: &mut Ws) {
+    let leave = Req::Leave(lk::LeaveRequest {
+        can_reconnect: false,
+        reason: lk::DisconnectReason::ClientInitiated as i32,
+        action: lk::leave_request::Action::Disconnect as i32,
+        ..Default::default()
+    });
+    let _ = send(ws, leave).await;
+    let _ = ws.close(None).await;
+}
+
 fn ping() -> Req {
     Req::Ping(crate::clock::unix_millis())
 }
@@ -309,7 +322,7 @@ async fn roster(
             task.abort();
         }
     }
-    let _ = ws.close(None).await;
+    hang_up(&mut ws).await;
     result
 }
 
@@ -423,7 +436,7 @@ async fn mirror_inner(
     .await;
     sfu.disconnect(session, 0, lk::DisconnectReason::ClientInitiated)
         .await;
-    let _ = ws.close(None).await;
+    hang_up(&mut ws).await;
     result
 }
 

@@ -11,12 +11,16 @@ use serde_json::{json, Value};
 
 use crate::support::conclave::{eventually, jwt_payload, Conclave};
 use crate::support::element_call::{Ministries, ADMIN_TOKEN};
-use crate::support::lk_clients::{PyClient, PyClientSpec};
+use crate::support::lk_clients::{simulcast_viewer, PyClient, PyClientSpec};
 use crate::support::matrix_client::{TestUser, CALL_MEMBER};
 use crate::support::synapse::{heavy_lock, Homeserver};
 
 const RELAY: &str = "/_conclave/cascade/v1/relay";
 const MIRROR: &str = "/_conclave/cascade/v1/mirror";
+/// When alice mutes her microphone in the full cascade test (seconds after she connected).
+const MUTE_AFTER_S: f64 = 30.0;
+/// Conclave-2's `cascade.mirror_idle_secs` in that test.
+const MIRROR_IDLE_S: u64 = 3;
 
 /// The appservice bot of `c` on `hs`, acting with `c`'s `as_token` (an appservice may act as
 /// its `sender_localpart`).
@@ -114,6 +118,17 @@ async fn get_token(c: &Conclave, user: &TestUser, room: &str) -> Value {
 /// `user` joins the call in `room` and publishes audio, video and reliable data on `c` (Python
 /// SDK) until `stay_s`; the client, once both tracks are published, and its identity.
 async fn publish(c: &Conclave, user: &TestUser, room: &str, stay_s: f64) -> (PyClient, Value) {
+    publish_with(c, user, room, stay_s, |_| {}).await
+}
+
+/// [`publish`], the client's spec adjusted by `adjust` first.
+async fn publish_with(
+    c: &Conclave,
+    user: &TestUser,
+    room: &str,
+    stay_s: f64,
+    adjust: impl FnOnce(&mut PyClientSpec),
+) -> (PyClient, Value) {
     join_call(user, room).await;
     let token = get_token(c, user, room).await;
     let identity = jwt_payload(token["jwt"].as_str().unwrap())["sub"].clone();
@@ -121,6 +136,7 @@ async fn publish(c: &Conclave, user: &TestUser, room: &str, stay_s: f64) -> (PyC
     spec.send_data = Some("reliable".into());
     spec.timeout_s = stay_s;
     spec.min_duration_s = stay_s;
+    adjust(&mut spec);
     let mut client = PyClient::spawn(spec).unwrap();
     for _ in 0..2 {
         client
@@ -404,8 +420,10 @@ async fn cascade_relay_is_cut_when_the_server_acl_denies_the_peer() {
 /// The whole cascade with real SDK clients: bob@hs2 asks Conclave-1 (alice's focus) for a
 /// token, as Element Call does in multi-SFU mode, and is sent to Conclave-2's mirror of the
 /// call; his client connects only to Conclave-2 and receives alice's audio and video under
-/// her own identity, relayed once from Conclave-1. With Conclave-2 down, Conclave-1 answers
-/// directly, as without a cascade.
+/// her own identity, relayed once from Conclave-1. Every simulcast layer of her camera
+/// crosses, so Conclave-2 gives a viewer asking for low quality the low layer; her mute
+/// reaches the viewers at Conclave-2. Once nobody at Conclave-2 receives the mirror, its
+/// relay ends. With Conclave-2 down, Conclave-1 answers directly, as without a cascade.
 #[tokio::test]
 async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once() {
     let _heavy = heavy_lock();
@@ -414,17 +432,20 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         hs2,
         c1,
         mut c2,
-    } = Ministries::start_cascading().await.unwrap();
+    } = Ministries::start_cascading_idle(MIRROR_IDLE_S)
+        .await
+        .unwrap();
     let alice = hs1.register("alice", false).await.unwrap();
     let bob = hs2.register("bob", false).await.unwrap();
     let carol = hs2.register("carol", false).await.unwrap();
+    let frank = hs2.register("frank", false).await.unwrap();
     let dave = hs1.register("dave", false).await.unwrap();
     // bob may ban alice (power 100 over her 50; room version 11, where a creator can be
     // banned).
     let room = alice
         .create_room(json!({
             "preset": "private_chat", "name": "cascade", "room_version": "11",
-            "invite": [bob.user_id, carol.user_id, dave.user_id],
+            "invite": [bob.user_id, carol.user_id, frank.user_id, dave.user_id],
             "power_level_content_override": {
                 "events": {CALL_MEMBER: 0},
                 "users": {alice.user_id.clone(): 50, bob.user_id.clone(): 100},
@@ -432,7 +453,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         }))
         .await
         .unwrap();
-    for u in [&bob, &carol] {
+    for u in [&bob, &carol, &frank] {
         u.wait_for_invite(&room, Duration::from_secs(30))
             .await
             .unwrap();
@@ -443,7 +464,23 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         .await
         .unwrap();
     dave.join(&room, &[&hs1.server_name]).await.unwrap();
-    let (alice_client, alice_identity) = publish(&c1, &alice, &room, 120.0).await;
+    // alice's camera in simulcast layers; she mutes her microphone once the viewers are in.
+    let (alice_client, alice_identity) = publish_with(&c1, &alice, &room, 120.0, |spec| {
+        spec.extra_args = [
+            "--simulcast",
+            "--width",
+            "640",
+            "--height",
+            "360",
+            "--fps",
+            "15",
+        ]
+        .map(String::from)
+        .to_vec();
+        spec.mute_after_s = Some(MUTE_AFTER_S);
+    })
+    .await;
+    let alice_started = Instant::now();
     let logs = || {
         format!(
             "--- Conclave-1\n{}\n--- Conclave-2\n{}",
@@ -502,6 +539,45 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
             .await
             .unwrap();
     }
+    // Her mute, after the viewers were in (a mute seen at subscription would not prove it
+    // is followed), reaches them through her mirror.
+    assert!(
+        alice_started.elapsed() < Duration::from_secs_f64(MUTE_AFTER_S),
+        "the viewers took until after alice's mute ({:?}): the mute check needs them first",
+        alice_started.elapsed()
+    );
+    for viewer in &mut viewers {
+        let muted = viewer
+            .wait_event_matching(
+                "track_muted",
+                |e| e["identity"] == alice_identity && e["kind"] == "audio",
+                Duration::from_secs(60),
+            )
+            .await;
+        if let Err(e) = muted {
+            panic!("alice's mute did not reach Conclave-2: {e}\n{}", logs());
+        }
+    }
+    // Every layer crossed: Conclave-2 gives a viewer asking for low quality the low layer,
+    // then the high one (its own choice, per subscriber).
+    let franks = get_token(&c1, &frank, &room).await;
+    assert_eq!(franks["url"], c2.ws_url(), "{franks}");
+    let report = simulcast_viewer(&c2.ws_url(), franks["jwt"].as_str().unwrap(), "--dual-pc").await;
+    assert!(report["error"].is_null(), "{report}\n{}", logs());
+    let (low, high) = (
+        report["low"][0].as_u64().expect("low layer frames"),
+        report["high"][0].as_u64().expect("high layer frames"),
+    );
+    assert!(low <= high, "low {low} <= high {high}: {report}");
+    assert!(
+        report["max_gap_ms"].as_u64().unwrap_or(u64::MAX) <= 1000,
+        "{report}"
+    );
+    assert!(
+        c2.logs().contains("to=Some(Rid(q))"),
+        "Conclave-2 switched frank to the low layer\n{}",
+        logs()
+    );
 
     // Conclave-1 serves alice and the relay's two connections (roster, alice's media), never
     // bob or carol: alice's tracks cross once, whatever the number of viewers at Conclave-2.
@@ -540,6 +616,11 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     let mut kinds: Vec<&str> = relayed.iter().filter_map(|t| t["kind"].as_str()).collect();
     kinds.sort();
     assert_eq!(kinds, ["audio", "video"], "{relay_view}");
+    let video = relayed.iter().find(|t| t["kind"] == "video").unwrap();
+    assert!(
+        video["layers"].as_array().is_some_and(|l| l.len() >= 2),
+        "every simulcast layer relayed: {relay_view}"
+    );
     assert!(
         relayed
             .iter()
@@ -622,9 +703,51 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         &logs(),
     );
 
+    // The viewers leave: with nobody at Conclave-2 receiving the mirror (and no token issued
+    // for it) for MIRROR_IDLE_S, its relay ends, and Conclave-1 serves no relay of hs2.
+    for viewer in &viewers {
+        viewer.terminate().unwrap();
+    }
+    let left = Instant::now();
+    for viewer in viewers {
+        viewer.wait(Duration::from_secs(20)).await.unwrap();
+    }
+    let roster = format!("cascade:{}", hs2.server_name);
+    let origin_room = room_name(&room, LEGACY_SLOT);
+    let ended = eventually(
+        Duration::from_secs(MIRROR_IDLE_S + 15),
+        "the idle relay to end",
+        || async {
+            let view = c1.sfu_room_view(&origin_room, ADMIN_TOKEN).await?;
+            let relays = view["participants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p["identity"]
+                        .as_str()
+                        .is_some_and(|i| i.starts_with(&roster))
+                });
+            Ok((!relays).then_some(()))
+        },
+    )
+    .await;
+    if ended.is_err() {
+        panic!("the idle relay still runs\n{}", logs());
+    }
+    println!(
+        "cascade: idle relay ended {:?} after the last viewer left (mirror_idle_secs {MIRROR_IDLE_S})",
+        left.elapsed()
+    );
+    assert!(
+        c2.logs()
+            .contains("no local subscriber in the mirror room: relay ends"),
+        "{}",
+        logs()
+    );
+
     // Conclave-2 down: Conclave-1 answers carol directly (today's multi-SFU path), and she
     // receives dave, who publishes at Conclave-1 now.
-    drop(viewers);
     drop(alice_client);
     c2.stop().await.unwrap();
     let (dave_client, _) = publish(&c1, &dave, &room, 60.0).await;

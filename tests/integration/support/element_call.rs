@@ -83,16 +83,26 @@ impl Ministries {
     /// homeserver.yaml), and remote users keep the default `auth.remote_can_publish`, so that
     /// the federation twin alone must keep them from publishing.
     pub async fn start_with(msc4512: bool) -> Result<Ministries> {
-        Self::start_opts(msc4512, false).await
+        Self::start_opts(msc4512, false, None).await
     }
 
     /// As [`Ministries::start`], each Conclave listing the other ministry in `cascade.peers`
     /// with its URL (`docs/cascade.md`); Conclave-2's media on [`CONCLAVE_2_MEDIA_IP`].
     pub async fn start_cascading() -> Result<Ministries> {
-        Self::start_opts(false, true).await
+        Self::start_opts(false, true, None).await
     }
 
-    async fn start_opts(msc4512: bool, cascade: bool) -> Result<Ministries> {
+    /// As [`Ministries::start_cascading`], Conclave-2 ending a relay whose mirror had no
+    /// local subscriber for `secs` (`cascade.mirror_idle_secs`).
+    pub async fn start_cascading_idle(secs: u64) -> Result<Ministries> {
+        Self::start_opts(false, true, Some(secs)).await
+    }
+
+    async fn start_opts(
+        msc4512: bool,
+        cascade: bool,
+        mirror_idle_secs: Option<u64>,
+    ) -> Result<Ministries> {
         let ca = TestCa::new()?;
         let ports = free_ports(4)?;
         let prepare = |http: u16, fed: u16| -> Result<Conclave> {
@@ -177,6 +187,9 @@ impl Ministries {
             // Different loopback media addresses, so a page's selected candidate pairs say
             // which Conclave its media goes to.
             e2.push(("CONCLAVE_RTC__NODE_IPS", CONCLAVE_2_MEDIA_IP.to_owned()));
+            if let Some(secs) = mirror_idle_secs {
+                e2.push(("CONCLAVE_CASCADE__MIRROR_IDLE_SECS", secs.to_string()));
+            }
         }
         let r1: Vec<(&str, &str)> = e1.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r2: Vec<(&str, &str)> = e2.iter().map(|(k, v)| (*k, v.as_str())).collect();
