@@ -20,8 +20,11 @@
 //!
 //! Data packets travel too: the origin sends each media connection the packets of the
 //! participant it mirrors only, and the mirror publishes them here as that participant's.
-//! Speaker updates are computed here from the relayed audio levels. Not relayed yet
-//! (`docs/cascade.md`): simulcast layers other than the top one the origin picks.
+//! Speaker updates are computed here from the relayed audio levels. Every simulcast layer of
+//! a track crosses (the origin sends a relay each layer on its own stream), so our SFU still
+//! chooses a layer per local subscriber. The origin's later mutes are applied to the mirror's
+//! tracks. A mirror room without local subscribers for [`Target::idle_after`] (and no token
+//! issued for it meanwhile) ends the relay.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

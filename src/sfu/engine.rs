@@ -373,6 +373,8 @@ pub struct RelayedTrack {
     pub packets: u64,
     /// Their payload bytes.
     pub payload_bytes: u64,
+    /// Payload bits per second sent lately (smoothed over a few seconds).
+    pub bitrate: u64,
     /// The simulcast layers (rids) relayed, each on its own stream; empty: one stream.
     pub layers: Vec<String>,
 }
@@ -659,6 +661,7 @@ impl Sfu {
                         },
                         packets: d.packets,
                         payload_bytes: d.payload_bytes,
+                        bitrate: d.bitrate,
                         layers: d.layer_rids.iter().map(|r| r.to_string()).collect(),
                     })
                     .collect();

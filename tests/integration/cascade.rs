@@ -621,6 +621,11 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         video["layers"].as_array().is_some_and(|l| l.len() >= 2),
         "every simulcast layer relayed: {relay_view}"
     );
+    // Its rate now (her microphone is muted by now, her camera is not).
+    assert!(
+        video["bitrate"].as_u64().unwrap_or(0) > 0,
+        "video bitrate: {relay_view}"
+    );
     assert!(
         relayed
             .iter()

@@ -668,6 +668,23 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
                 .any(|r| r.starts_with(&format!("{roster}|{}", alice.user_id))),
             "{run}: {relays:?}"
         );
+        // Element Call publishes its camera in simulcast layers: all of them cross, each
+        // once, so Conclave-2 chooses per viewer.
+        let video_layers: Vec<Value> = origin["participants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["relayed"].as_array().cloned().unwrap_or_default())
+            .filter(|t| t["kind"] == "video")
+            .map(|t| t["layers"].clone())
+            .collect();
+        eprintln!("{run}: alice's camera relayed in layers {video_layers:?}");
+        assert!(
+            video_layers
+                .iter()
+                .any(|l| l.as_array().is_some_and(|l| l.len() >= 2)),
+            "{run}: every simulcast layer relayed: {origin}"
+        );
         drop(carol);
     }
     if ban {

@@ -78,6 +78,10 @@ pub(super) struct DownTrack {
     pub(super) packets: u64,
     /// Their payload bytes.
     pub(super) payload_bytes: u64,
+    /// `payload_bytes` at the last [`Self::measure`].
+    measured_bytes: u64,
+    /// Payload bits per second written, smoothed (measured for cascade relays).
+    pub(super) bitrate: u64,
     /// For a cascade relay ([`super::CascadeRole::Relay`]) of a simulcast track: every layer
     /// goes out, each on its own stream of the transceiver (`a=simulcast:send`, these rids),
     /// so the receiving Conclave still chooses a layer per subscriber of its own. Empty: one
@@ -123,9 +127,24 @@ impl DownTrack {
             switched_at: None,
             packets: 0,
             payload_bytes: 0,
+            measured_bytes: 0,
+            bitrate: 0,
             layer_rids,
             layer_outs: HashMap::new(),
         }
+    }
+
+    /// Turns the payload bytes written over the last `elapsed` into [`Self::bitrate`] (the new
+    /// rate weighs 30 %: keyframes make single windows jumpy).
+    pub(super) fn measure(&mut self, elapsed: std::time::Duration) {
+        let bytes = self.payload_bytes - self.measured_bytes;
+        self.measured_bytes = self.payload_bytes;
+        let now = bytes * 8 * 1000 / (elapsed.as_millis().max(1) as u64);
+        self.bitrate = if self.bitrate == 0 {
+            now
+        } else {
+            (self.bitrate * 7 + now * 3) / 10
+        };
     }
 
     /// The transceiver's mid, once offered.

@@ -22,6 +22,16 @@ impl Sfu {
         // Bandwidth first: its pauses reach the clients in `update_layers`' stream states.
         self.allocate_bandwidth(now, elapsed);
         self.update_layers(now);
+        // What each cascade relay's tracks carry (the operator's view, `Sfu::relayed`).
+        for room in self.rooms.values_mut() {
+            for p in room.participants.values_mut() {
+                if p.cascade == super::CascadeRole::Relay {
+                    for d in &mut p.down_tracks {
+                        d.measure(elapsed);
+                    }
+                }
+            }
+        }
         for room in self.rooms.values_mut() {
             let changed: Vec<lk::SpeakerInfo> = room
                 .participants
