@@ -81,6 +81,40 @@ const UP_VOTES: u8 = 2;
 /// A track stepped down is not raised again before this.
 const RAISE_HOLD: Duration = Duration::from_secs(2);
 
+/// How long a grant that congested the link is remembered ([`Failed`]).
+const FAILED_MEMORY: Duration = Duration::from_secs(20);
+
+/// The budget a grant that congested the link needs, as a share of the budget it failed at,
+/// before it is granted again within [`FAILED_MEMORY`].
+const FAILED_MARGIN: f64 = 1.25;
+
+/// A grant that congested the link: raised at an estimate the link did not carry, or stepped
+/// down from at a budget that showed it. Why: on a 300 kbit/s shaped link a dip-and-raise
+/// probe measured 369–372 kbit/s (the shaper counts Ethernet, IP and UDP headers, the estimate
+/// does not), the medium layer the subscriber had been stepped down from seconds before was
+/// granted again, the link congested and the video paused for 4 s or left the low layer (the
+/// Chromium quality test). Until [`FAILED_MEMORY`] has passed, that grant (or more) needs
+/// [`FAILED_MARGIN`] times the budget it failed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Failed {
+    /// The grant stepped down from.
+    grant: Grant,
+    /// The budget it had been raised at.
+    budget: u64,
+    /// When it was stepped down.
+    at: Instant,
+}
+
+impl Failed {
+    /// Whether raising to `grant` with `budget` (bits/s) at `now` must wait: it reaches the
+    /// grant that failed, recently, without a budget clearly above the one it failed at.
+    pub(super) fn blocks(&self, grant: Grant, budget: u64, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < FAILED_MEMORY
+            && !grant.below(self.grant)
+            && (budget as f64) < FAILED_MARGIN * self.budget as f64
+    }
+}
+
 /// Loss (latest sample) under which the link counts as quiet enough to probe.
 const QUIET_LOSS: f64 = 0.02;
 
@@ -489,6 +523,14 @@ impl Sfu {
                             }
                         }
                         t.bw_lowered_at = Some(now);
+                        // Congestion: the grant before was more than the link carries, at
+                        // the budget it was raised at (or, for the first grant, at this one).
+                        let raised_at = t.bw_raised_budget.take().unwrap_or(0);
+                        t.bw_failed = Some(Failed {
+                            grant: from,
+                            budget: raised_at.max(d.budget),
+                            at: now,
+                        });
                         if grant == Grant::Paused {
                             self.stats.bandwidth_pauses += 1;
                         } else {
@@ -499,10 +541,21 @@ impl Sfu {
                         let held = t
                             .bw_lowered_at
                             .is_some_and(|at| now.saturating_duration_since(at) < RAISE_HOLD);
-                        if held || t.bw_votes < UP_VOTES {
+                        let failed = t.bw_failed.is_some_and(|f| f.blocks(grant, d.budget, now));
+                        if failed && !held && t.bw_votes >= UP_VOTES {
+                            tracing::debug!(
+                                subscriber = %session,
+                                track = %t.track_sid,
+                                to = ?grant,
+                                budget_kbps = d.budget / 1000,
+                                "bandwidth: raise held back: that grant congested the link lately"
+                            );
+                        }
+                        if held || failed || t.bw_votes < UP_VOTES {
                             continue;
                         }
                         raised = true;
+                        t.bw_raised_budget = Some(d.budget);
                     }
                     t.bw_votes = 0;
                     t.set_grant(grant);
@@ -580,6 +633,39 @@ mod tests {
             ideal: 900_000,
             wants_more: true,
         }
+    }
+
+    /// A grant that congested the link is not given again on the budget it failed at (the
+    /// estimate that overshot a shaped link), only on clearly more, or once it is forgotten;
+    /// lower grants are not held back by it.
+    #[test]
+    fn a_grant_that_congested_the_link_needs_more_budget_for_a_while() {
+        let t0 = Instant::now();
+        let failed = Failed {
+            grant: Grant::UpTo(simulcast::MEDIUM),
+            budget: 369_000,
+            at: t0,
+        };
+        let soon = t0 + Duration::from_secs(5);
+        let medium = Grant::UpTo(simulcast::MEDIUM);
+        let high = Grant::UpTo(simulcast::HIGH);
+        assert!(
+            failed.blocks(medium, 369_000, soon),
+            "the same estimate again"
+        );
+        assert!(
+            failed.blocks(high, 400_000, soon),
+            "more than it, on little more"
+        );
+        assert!(!failed.blocks(medium, 470_000, soon), "a quarter more");
+        assert!(
+            !failed.blocks(Grant::UpTo(simulcast::LOW), 300_000, soon),
+            "below it"
+        );
+        assert!(
+            !failed.blocks(medium, 369_000, t0 + FAILED_MEMORY),
+            "forgotten after a while"
+        );
     }
 
     /// A probe is a dip of the desired bitrate then a raise; a probe after which the estimate

@@ -10,6 +10,7 @@ use str0m::media::{MediaKind, Mid, Rid};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::Rtc;
 
+use super::bandwidth::Failed;
 use super::packet::{red_relabel, OutStream};
 use super::track::Track;
 use super::{Forward, SessionId};
@@ -72,6 +73,11 @@ pub(super) struct DownTrack {
     pub(super) bw_pause_votes: u8,
     /// When `grant` was last lowered.
     pub(super) bw_lowered_at: Option<Instant>,
+    /// The budget `grant` was last raised at (what the link was believed to carry then).
+    pub(super) bw_raised_budget: Option<u64>,
+    /// A grant that congested the link: what it was, the budget it had been raised at, and
+    /// when it was stepped down (see `engine/bandwidth.rs`).
+    pub(super) bw_failed: Option<Failed>,
     /// When the layer forwarded last changed.
     pub(super) switched_at: Option<Instant>,
     /// RTP packets written so far (the operator's view of a cascade relay: `Sfu::relayed`).
@@ -124,6 +130,8 @@ impl DownTrack {
             bw_votes: 0,
             bw_pause_votes: 0,
             bw_lowered_at: None,
+            bw_raised_budget: None,
+            bw_failed: None,
             switched_at: None,
             packets: 0,
             payload_bytes: 0,
