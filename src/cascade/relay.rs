@@ -22,9 +22,10 @@
 //! participant it mirrors only, and the mirror publishes them here as that participant's.
 //! Speaker updates are computed here from the relayed audio levels. Every simulcast layer of
 //! a track crosses (the origin sends a relay each layer on its own stream), so our SFU still
-//! chooses a layer per local subscriber. The origin's later mutes are applied to the mirror's
-//! tracks. A mirror room without local subscribers for [`Target::idle_after`] (and no token
-//! issued for it meanwhile) ends the relay.
+//! chooses a layer per local subscriber; our dynacast (the best quality our subscribers want
+//! of a track) is passed to the origin, which sends no layer above it. The origin's later
+//! mutes are applied to the mirror's tracks. A mirror room without local subscribers for
+//! [`Target::idle_after`] (and no token issued for it meanwhile) ends the relay.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -424,6 +425,27 @@ async fn mirror_inner(
                             t.target = lk::SignalTarget::Subscriber as i32;
                             send(&mut ws, Req::Trickle(t)).await?;
                         }
+                        // Our dynacast: the best quality our subscribers want of a track is all
+                        // the origin needs to send us.
+                        Msg::SubscribedQualityUpdate(u) => {
+                            let best = u
+                                .subscribed_codecs
+                                .first()
+                                .into_iter()
+                                .flat_map(|c| &c.qualities)
+                                .filter(|q| q.enabled)
+                                .map(|q| q.quality)
+                                .max()
+                                .unwrap_or(lk::VideoQuality::Low as i32);
+                            let track = announced
+                                .iter_mut()
+                                .find(|a| a.local_sid.as_deref() == Some(u.track_sid.as_str()));
+                            if let Some(a) = track.filter(|a| a.quality != best) {
+                                a.quality = best;
+                                tracing::debug!(track = %a.origin_sid, quality = best, "relayed layers follow our subscribers");
+                                send(&mut ws, quality_setting(&a.origin_sid, best)).await?;
+                            }
+                        }
                         _ => {}
                     },
                     Some(SignalOut::Close) | None => return Err(RelayError::Closed("by our SFU")),
@@ -464,6 +486,18 @@ struct Announced {
     local_sid: Option<String>,
     /// Whether the origin says it is muted.
     muted: bool,
+    /// The best quality asked of the origin (what our subscribers want).
+    quality: i32,
+}
+
+/// Asks the origin for the layers of `track` up to `quality`.
+fn quality_setting(track: &str, quality: i32) -> Req {
+    Req::TrackSetting(lk::UpdateTrackSettings {
+        track_sids: vec![track.to_owned()],
+        disabled: false,
+        quality,
+        ..Default::default()
+    })
 }
 
 impl Announced {
@@ -553,20 +587,14 @@ async fn announce(
         }),
     )
     .await?;
-    send(
-        ws,
-        Req::TrackSetting(lk::UpdateTrackSettings {
-            track_sids: sids.clone(),
-            disabled: false,
-            quality: lk::VideoQuality::High as i32,
-            ..Default::default()
-        }),
-    )
-    .await?;
+    for sid in &sids {
+        send(ws, quality_setting(sid, lk::VideoQuality::High as i32)).await?;
+    }
     announced.extend(fresh.iter().map(|t| Announced {
         origin_sid: t.sid.clone(),
         local_sid: None,
         muted: t.muted,
+        quality: lk::VideoQuality::High as i32,
     }));
     Ok(())
 }

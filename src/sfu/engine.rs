@@ -375,7 +375,8 @@ pub struct RelayedTrack {
     pub payload_bytes: u64,
     /// Payload bits per second sent lately (smoothed over a few seconds).
     pub bitrate: u64,
-    /// The simulcast layers (rids) relayed, each on its own stream; empty: one stream.
+    /// The simulcast layers (rids) relayed now (those up to the quality the relay asks for),
+    /// each on its own stream; empty: one stream.
     pub layers: Vec<String>,
 }
 
@@ -662,7 +663,12 @@ impl Sfu {
                         packets: d.packets,
                         payload_bytes: d.payload_bytes,
                         bitrate: d.bitrate,
-                        layers: d.layer_rids.iter().map(|r| r.to_string()).collect(),
+                        layers: d
+                            .layer_rids
+                            .iter()
+                            .filter(|&&(_, q)| q <= d.max_quality)
+                            .map(|(r, _)| r.to_string())
+                            .collect(),
                     })
                     .collect();
                 (p.identity.to_string(), tracks)

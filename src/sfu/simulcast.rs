@@ -223,11 +223,11 @@ impl Layers {
         out
     }
 
-    /// The rids of the layers announced or seen, lowest quality first.
-    pub fn rids(&self) -> Vec<Rid> {
-        let mut layers: Vec<&Layer> = self.layers.iter().collect();
-        layers.sort_by_key(|l| l.quality);
-        layers.iter().map(|l| l.rid).collect()
+    /// The layers announced or seen as (rid, quality), lowest quality first.
+    pub fn rids(&self) -> Vec<(Rid, i32)> {
+        let mut layers: Vec<(Rid, i32)> = self.layers.iter().map(|l| (l.rid, l.quality)).collect();
+        layers.sort_by_key(|&(_, q)| q);
+        layers
     }
 
     /// Whether the track is simulcast at all (packets carry rids).

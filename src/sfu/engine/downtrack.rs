@@ -89,10 +89,12 @@ pub(super) struct DownTrack {
     /// Payload bits per second written, smoothed (measured for cascade relays).
     pub(super) bitrate: u64,
     /// For a cascade relay ([`super::CascadeRole::Relay`]) of a simulcast track: every layer
-    /// goes out, each on its own stream of the transceiver (`a=simulcast:send`, these rids),
-    /// so the receiving Conclave still chooses a layer per subscriber of its own. Empty: one
-    /// stream, the chosen layer (every other subscriber).
-    pub(super) layer_rids: Vec<Rid>,
+    /// up to `max_quality` goes out, each on its own stream of the transceiver
+    /// (`a=simulcast:send`, these rids, with their qualities), so the receiving Conclave still
+    /// chooses a layer per subscriber of its own, and asks (`max_quality`) only for what its
+    /// subscribers want (its dynacast). Empty: one stream, the chosen layer (every other
+    /// subscriber).
+    pub(super) layer_rids: Vec<(Rid, i32)>,
     /// The rewriting state of each layer's stream in that mode (as `outs` by mid otherwise).
     layer_outs: HashMap<Rid, OutStream>,
 }
@@ -288,20 +290,25 @@ impl DownTrack {
         self.write(rtc, out, mid, None, f, now)
     }
 
-    /// [`Self::forward`] for a cascade relay that gets every layer: each layer on its own
-    /// stream (a packet without a rid on the top one), each stream started at a keyframe of
-    /// its layer and rewritten on its own.
+    /// [`Self::forward`] for a cascade relay that gets every layer (up to the quality it asks
+    /// for): each layer on its own stream (a packet without a rid on the top one), each
+    /// stream started at a keyframe of its layer and rewritten on its own.
     fn forward_layer(&mut self, rtc: &mut Rtc, mid: Mid, f: &Forward, now: Instant) -> Forwarded {
-        let Some(top) = self.layer_rids.last().copied() else {
+        let Some(&top) = self.layer_rids.last() else {
             return Forwarded::Skipped;
         };
-        let rid = match f.rid {
-            Some(r) if self.layer_rids.contains(&r) => r,
-            Some(_) => return Forwarded::Skipped,
+        let (rid, quality) = match f.rid {
+            Some(r) => match self.layer_rids.iter().find(|(x, _)| *x == r) {
+                Some(&layer) => layer,
+                None => return Forwarded::Skipped,
+            },
             None => top,
         };
-        let mut out = self.layer_outs.remove(&rid).unwrap_or_default();
-        let done = if self.disabled {
+        // Moved out while `write` borrows the down-track (a move, no copy).
+        let mut outs = std::mem::take(&mut self.layer_outs);
+        let out = outs.entry(rid).or_default();
+        // A layer above what the relay asks for stops (and restarts at a keyframe).
+        let done = if self.disabled || quality > self.max_quality {
             if out.is_on(f.source) {
                 out.interrupt();
             }
@@ -310,9 +317,9 @@ impl DownTrack {
             out.interrupt();
             Forwarded::NeedsKeyframe(f.rid)
         } else {
-            self.write(rtc, &mut out, mid, Some(rid), f, now)
+            self.write(rtc, out, mid, Some(rid), f, now)
         };
-        self.layer_outs.insert(rid, out);
+        self.layer_outs = outs;
         done
     }
 

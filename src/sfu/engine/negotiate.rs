@@ -327,7 +327,7 @@ impl Sfu {
                     // A cascade relay's simulcast track: every layer, each its own stream.
                     let simulcast = (!d.layer_rids.is_empty()).then(|| {
                         let mut s = Simulcast::new();
-                        for rid in &d.layer_rids {
+                        for (rid, _) in &d.layer_rids {
                             s.add_send_layer(SimulcastLayer::new(rid));
                         }
                         s

@@ -285,9 +285,10 @@ fn a_lost_packet_is_resent_from_the_send_buffer() {
 }
 
 /// The same call to a peer Conclave's media relay: every layer goes out at once, each on its
-/// own stream (`a=simulcast:send`, one SSRC and rid each), whatever quality the relay asks
-/// for, so the peer still chooses per subscriber of its own. Each stream starts at a keyframe
-/// of its layer and its sequence numbers step by one.
+/// own stream (`a=simulcast:send`, one SSRC and rid each), so the peer still chooses per
+/// subscriber of its own; layers above the quality the relay asks for (the peer's dynacast:
+/// LOW from tick 400, HIGH again from 650) stop and restart. Each stream starts, and
+/// restarts, at a keyframe of its layer and its sequence numbers step by one.
 #[test]
 fn a_cascade_relay_gets_every_simulcast_layer_on_its_own_stream() {
     let ((bob, frame), offer, relayed) = simulcast_call_to(CascadeRole::Relay, |_, _| false);
@@ -298,46 +299,77 @@ fn a_cascade_relay_gets_every_simulcast_layer_on_its_own_stream() {
     assert!(video.contains("a=simulcast:send q;h;f"), "{video}");
     let packets = video_packets(&bob);
     assert!(frame > 250, "alice sent {frame} frames");
-    type Stream<'a> = (u32, Vec<&'a (RtpHeader, Vec<u8>)>);
+    // Each stream's packets, with their place among all the packets bob received.
+    type Stream<'a> = (u32, Vec<(usize, &'a (RtpHeader, Vec<u8>))>);
     let mut streams: Vec<Stream> = Vec::new();
-    for p in &packets {
+    for (i, p) in packets.iter().enumerate() {
         match streams.iter_mut().find(|(ssrc, _)| *ssrc == *p.0.ssrc) {
-            Some((_, v)) => v.push(p),
-            None => streams.push((*p.0.ssrc, vec![p])),
+            Some((_, v)) => v.push((i, p)),
+            None => streams.push((*p.0.ssrc, vec![(i, p)])),
         }
     }
     let starts_key = |p: &[u8]| Vp8Descriptor::parse(p).unwrap().starts_keyframe(p);
     let mut seen = Vec::new();
     for (ssrc, stream) in &streams {
-        let tag = *stream[0].1.last().unwrap();
+        let tag = *stream[0].1 .1.last().unwrap();
         let (rid, ..) = LAYERS
             .iter()
             .find(|(_, t, ..)| *t == tag)
             .expect("a layer's tag");
         assert!(
-            stream.iter().all(|(_, p)| *p.last().unwrap() == tag),
+            stream.iter().all(|(_, (_, p))| *p.last().unwrap() == tag),
             "stream {ssrc} carries layer {rid} only"
         );
         assert!(
             stream
                 .iter()
-                .all(|(h, _)| h.ext_vals.rid.as_deref() == Some(*rid)),
+                .all(|(_, (h, _))| h.ext_vals.rid.as_deref() == Some(*rid)),
             "stream {ssrc} is named {rid}"
         );
-        assert!(starts_key(&stream[0].1), "layer {rid} starts at a keyframe");
+        assert!(
+            starts_key(&stream[0].1 .1),
+            "layer {rid} starts at a keyframe"
+        );
         for w in stream.windows(2) {
             assert_eq!(
-                w[1].0.sequence_number,
-                w[0].0.sequence_number.wrapping_add(1),
+                w[1].1 .0.sequence_number,
+                w[0].1 .0.sequence_number.wrapping_add(1),
                 "layer {rid}: sequence numbers step by one"
             );
         }
-        // Alice's keyframes fall 0, 10 and 20 frames into each 30: at most 30 frames wait.
-        assert!(
-            stream.len() as u64 + 30 >= frame,
-            "layer {rid}: {} of {frame} frames (quality LOW was asked for half-way)",
-            stream.len()
-        );
+        // Three layers interleave: a layer missing for more than a few packets stopped. Only
+        // the layers above LOW stop (once), and resume at a keyframe.
+        let stops: Vec<usize> = stream
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[1].0 - w[0].0 > 20)
+            .map(|(k, _)| k + 1)
+            .collect();
+        if *rid == "q" {
+            assert!(stops.is_empty(), "the low layer never stops: {stops:?}");
+            // Alice's keyframes fall 0, 10 and 20 frames into each 30: at most 30 frames wait.
+            assert!(
+                stream.len() as u64 + 30 >= frame,
+                "layer q: {} of {frame} frames",
+                stream.len()
+            );
+        } else {
+            assert_eq!(
+                stops.len(),
+                1,
+                "layer {rid} stops once (LOW asked): {stops:?}"
+            );
+            assert!(
+                starts_key(&stream[stops[0]].1 .1),
+                "layer {rid} resumes at a keyframe"
+            );
+            // Stopped from tick 400 to 650: about 83 of alice's frames, and a keyframe's wait.
+            let missing = frame - stream.len() as u64;
+            assert!(
+                (60..=150).contains(&missing),
+                "layer {rid}: {missing} of {frame} frames not relayed"
+            );
+        }
         seen.push(*rid);
     }
     seen.sort();
