@@ -466,17 +466,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     dave.join(&room, &[&hs1.server_name]).await.unwrap();
     // alice's camera in simulcast layers; she mutes her microphone once the viewers are in.
     let (alice_client, alice_identity) = publish_with(&c1, &alice, &room, 120.0, |spec| {
-        spec.extra_args = [
-            "--simulcast",
-            "--width",
-            "640",
-            "--height",
-            "360",
-            "--fps",
-            "15",
-        ]
-        .map(String::from)
-        .to_vec();
+        spec.simulcast_camera();
         spec.mute_after_s = Some(MUTE_AFTER_S);
     })
     .await;
@@ -798,20 +788,8 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         .unwrap();
     frank.join(&room, &[&hs1.server_name]).await.unwrap();
     join_call(&frank, &room).await;
-    let (alice_client, _) = publish_with(&c1, &alice, &room, 90.0, |spec| {
-        spec.extra_args = [
-            "--simulcast",
-            "--width",
-            "640",
-            "--height",
-            "360",
-            "--fps",
-            "15",
-        ]
-        .map(String::from)
-        .to_vec();
-    })
-    .await;
+    let (alice_client, _) =
+        publish_with(&c1, &alice, &room, 90.0, PyClientSpec::simulcast_camera).await;
     let answer = get_token(&c1, &frank, &room).await;
     assert_eq!(answer["url"], c2.ws_url(), "{answer}");
     let jwt = answer["jwt"].as_str().unwrap().to_owned();

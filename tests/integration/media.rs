@@ -236,17 +236,7 @@ async fn simulcast_layers_follow_the_subscriber() {
     p.publish_audio = false;
     p.timeout_s = 40.0;
     p.min_duration_s = 40.0;
-    p.extra_args = [
-        "--simulcast",
-        "--width",
-        "640",
-        "--height",
-        "360",
-        "--fps",
-        "15",
-    ]
-    .map(String::from)
-    .to_vec();
+    p.simulcast_camera();
     let mut publisher = PyClient::spawn(p).unwrap();
     publisher
         .wait_event("published", Duration::from_secs(20))

@@ -506,6 +506,22 @@ impl PyClientSpec {
         }
     }
 
+    /// Publishes the camera at 640x360, 15 fps, in simulcast layers (the Python SDK announces
+    /// two at that size, q and h).
+    pub fn simulcast_camera(&mut self) {
+        self.extra_args = [
+            "--simulcast",
+            "--width",
+            "640",
+            "--height",
+            "360",
+            "--fps",
+            "15",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+
     /// The command-line arguments for `lk_client.py`.
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = vec![
