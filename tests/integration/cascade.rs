@@ -147,6 +147,21 @@ async fn publish_with(
     (client, identity)
 }
 
+/// A `simulcast_sub.py` report (see `simulcast_viewer`): no error, the low layer's frames no
+/// larger than the high one's, no gap over a second across the switches.
+fn assert_layers_followed(report: &Value, logs: &str) {
+    assert!(report["error"].is_null(), "{report}\n{logs}");
+    let (low, high) = (
+        report["low"][0].as_u64().expect("low layer frames"),
+        report["high"][0].as_u64().expect("high layer frames"),
+    );
+    assert!(low <= high, "low {low} <= high {high}: {report}");
+    assert!(
+        report["max_gap_ms"].as_u64().unwrap_or(u64::MAX) <= 1000,
+        "{report}"
+    );
+}
+
 fn assert_refused(what: &str, (status, body): (u16, Value), want: u16, errcode: &str, says: &str) {
     assert_eq!(status, want, "{what}: {body}");
     assert_eq!(body["errcode"], errcode, "{what}: {body}");
@@ -553,16 +568,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     let franks = get_token(&c1, &frank, &room).await;
     assert_eq!(franks["url"], c2.ws_url(), "{franks}");
     let report = simulcast_viewer(&c2.ws_url(), franks["jwt"].as_str().unwrap(), "--dual-pc").await;
-    assert!(report["error"].is_null(), "{report}\n{}", logs());
-    let (low, high) = (
-        report["low"][0].as_u64().expect("low layer frames"),
-        report["high"][0].as_u64().expect("high layer frames"),
-    );
-    assert!(low <= high, "low {low} <= high {high}: {report}");
-    assert!(
-        report["max_gap_ms"].as_u64().unwrap_or(u64::MAX) <= 1000,
-        "{report}"
-    );
+    assert_layers_followed(&report, &logs());
     assert!(
         c2.logs().contains("to=Some(Rid(q))"),
         "Conclave-2 switched frank to the low layer\n{}",
@@ -827,7 +833,7 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         c1.log_excerpt(&["cascade", "relay", "dynacast", "WARN"], 40),
         c2.log_excerpt(&["cascade", "relay", "dynacast", "WARN"], 40)
     );
-    assert!(report["error"].is_null(), "{report}\n{logs}");
+    assert_layers_followed(&report, &logs);
     let only_low = json!(["q"]);
     let low_at = seen.iter().position(|l| *l == only_low);
     let all_after = low_at.and_then(|i| {
@@ -842,15 +848,6 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
     assert!(
         c2.logs().contains("relayed layers follow our subscribers"),
         "{logs}"
-    );
-    let (low, high) = (
-        report["low"][0].as_u64().expect("low layer frames"),
-        report["high"][0].as_u64().expect("high layer frames"),
-    );
-    assert!(low <= high, "low {low} <= high {high}: {report}");
-    assert!(
-        report["max_gap_ms"].as_u64().unwrap_or(u64::MAX) <= 1000,
-        "{report}"
     );
     alice_client.terminate().unwrap();
 }
