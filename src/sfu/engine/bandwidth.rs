@@ -88,18 +88,18 @@ const FAILED_MEMORY: Duration = Duration::from_secs(20);
 /// before it is granted again within [`FAILED_MEMORY`].
 const FAILED_MARGIN: f64 = 1.25;
 
-/// A grant that congested the link: raised at an estimate the link did not carry, or stepped
-/// down from at a budget that showed it. Why: on a 300 kbit/s shaped link a dip-and-raise
-/// probe measured 369–372 kbit/s (the shaper counts Ethernet, IP and UDP headers, the estimate
-/// does not), the medium layer the subscriber had been stepped down from seconds before was
-/// granted again, the link congested and the video paused for 4 s or left the low layer (the
-/// Chromium quality test). Until [`FAILED_MEMORY`] has passed, that grant (or more) needs
+/// A grant that congested the link: given at an estimate the link did not carry. Why: on a
+/// 300 kbit/s shaped link a dip-and-raise probe measured 369–386 kbit/s (the shaper counts
+/// Ethernet, IP and UDP headers, the estimate does not), the medium layer the subscriber had
+/// been stepped down from seconds before (given at 370 kbit/s, failed at 259) was granted
+/// again, the link congested and the video paused for 4 s or left the low layer (the Chromium
+/// quality test, three times). Until [`FAILED_MEMORY`] has passed, that grant (or more) needs
 /// [`FAILED_MARGIN`] times the budget it failed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Failed {
     /// The grant stepped down from.
     grant: Grant,
-    /// The budget it had been raised at.
+    /// The budget it had been given at.
     budget: u64,
     /// When it was stepped down.
     at: Instant,
@@ -524,11 +524,13 @@ impl Sfu {
                         }
                         t.bw_lowered_at = Some(now);
                         // Congestion: the grant before was more than the link carries, at
-                        // the budget it was raised at (or, for the first grant, at this one).
-                        let raised_at = t.bw_raised_budget.take().unwrap_or(0);
+                        // the budget it was given at (raised to, or stepped down to: a step
+                        // from the top layer at 370 kbit/s gives the medium one at 370) or,
+                        // for the first grant, at this one. The new grant is given at this.
+                        let given_at = t.bw_raised_budget.replace(d.budget).unwrap_or(0);
                         t.bw_failed = Some(Failed {
                             grant: from,
-                            budget: raised_at.max(d.budget),
+                            budget: given_at.max(d.budget),
                             at: now,
                         });
                         if grant == Grant::Paused {

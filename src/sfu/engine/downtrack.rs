@@ -73,9 +73,10 @@ pub(super) struct DownTrack {
     pub(super) bw_pause_votes: u8,
     /// When `grant` was last lowered.
     pub(super) bw_lowered_at: Option<Instant>,
-    /// The budget `grant` was last raised at (what the link was believed to carry then).
+    /// The budget `grant` was given at (raised or stepped down to: what the link was believed
+    /// to carry then).
     pub(super) bw_raised_budget: Option<u64>,
-    /// A grant that congested the link: what it was, the budget it had been raised at, and
+    /// A grant that congested the link: what it was, the budget it had been given at, and
     /// when it was stepped down (see `engine/bandwidth.rs`).
     pub(super) bw_failed: Option<Failed>,
     /// When the layer forwarded last changed.
