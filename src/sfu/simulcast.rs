@@ -60,6 +60,17 @@ fn rid_for_quality(q: i32) -> &'static str {
     }
 }
 
+/// Bits per second of `bytes` over `elapsed`.
+pub fn bits_per_second(bytes: u64, elapsed: Duration) -> u64 {
+    bytes * 8 * 1000 / elapsed.as_millis().max(1) as u64
+}
+
+/// A bitrate `previous` moved towards the new `sample`, which weighs 30 % (keyframes make
+/// single windows jumpy).
+pub fn smoothed(previous: u64, sample: u64) -> u64 {
+    (previous * 7 + sample * 3) / 10
+}
+
 /// The bitrate of a layer seen for one window only (1 bit/s: not free, not known yet).
 const UNMEASURED: u64 = 1;
 
@@ -155,13 +166,12 @@ impl Layers {
     /// rate weighs 30 % (keyframes make single windows jumpy). A layer's first window is
     /// not counted: it starts with a keyframe, several times a normal frame.
     pub fn measure(&mut self, elapsed: Duration) {
-        let ms = elapsed.as_millis().max(1) as u64;
         let smooth = |bytes: u64, bitrate: u64| -> u64 {
-            let now = bytes * 8 * 1000 / ms;
+            let now = bits_per_second(bytes, elapsed);
             if bitrate == UNMEASURED {
                 now
             } else {
-                (bitrate * 7 + now * 3) / 10
+                smoothed(bitrate, now)
             }
         };
         let update = |bytes: &mut u64, bitrate: &mut u64| {
@@ -224,7 +234,7 @@ impl Layers {
     }
 
     /// The layers announced or seen as (rid, quality), lowest quality first.
-    pub fn rids(&self) -> Vec<(Rid, i32)> {
+    pub fn rid_qualities(&self) -> Vec<(Rid, i32)> {
         let mut layers: Vec<(Rid, i32)> = self.layers.iter().map(|l| (l.rid, l.quality)).collect();
         layers.sort_by_key(|&(_, q)| q);
         layers

@@ -110,7 +110,7 @@ impl DownTrack {
         track: &Track,
         relay: bool,
     ) -> Self {
-        let rids = track.layers.rids();
+        let rids = track.layers.rid_qualities();
         let layer_rids = if relay && track.kind == MediaKind::Video && rids.len() > 1 {
             rids
         } else {
@@ -145,16 +145,16 @@ impl DownTrack {
         }
     }
 
-    /// Turns the payload bytes written over the last `elapsed` into [`Self::bitrate`] (the new
-    /// rate weighs 30 %: keyframes make single windows jumpy).
+    /// Turns the payload bytes written over the last `elapsed` into [`Self::bitrate`],
+    /// smoothed as the layers' ([`simulcast::smoothed`]).
     pub(super) fn measure(&mut self, elapsed: std::time::Duration) {
         let bytes = self.payload_bytes - self.measured_bytes;
         self.measured_bytes = self.payload_bytes;
-        let now = bytes * 8 * 1000 / (elapsed.as_millis().max(1) as u64);
+        let now = simulcast::bits_per_second(bytes, elapsed);
         self.bitrate = if self.bitrate == 0 {
             now
         } else {
-            (self.bitrate * 7 + now * 3) / 10
+            simulcast::smoothed(self.bitrate, now)
         };
     }
 
