@@ -25,7 +25,9 @@
 //! chooses a layer per local subscriber; our dynacast (the best quality our subscribers want
 //! of a track) is passed to the origin, which sends no layer above it. The origin's later
 //! mutes are applied to the mirror's tracks. A mirror room without local subscribers for
-//! [`Target::idle_after`] (and no token issued for it meanwhile) ends the relay.
+//! [`Target::idle_after`] (and no token issued for it meanwhile) ends the relay. A mirror
+//! whose media connection ends while its participant still publishes is reopened after a
+//! pause ([`Followed`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,8 +58,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 const MAX_ATTEMPTS: u32 = 5;
 /// A roster connection that lasted this long resets the count of failures in a row.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
-/// How often a relay looks for local subscribers in its mirror room.
+/// How often a relay looks for local subscribers in its mirror room and for mirrors to reopen.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// First pause before a mirror whose media connection ended is reopened (its participant
+/// still publishing); doubled at each failure in a row up to [`MIRROR_RETRY_MAX`].
+const MIRROR_RETRY_FIRST: Duration = Duration::from_secs(2);
+/// Longest pause between two attempts to reopen a mirror.
+const MIRROR_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// When a token for a mirror room was last issued; shared by the relay and the service
 /// that issues the tokens.
@@ -226,6 +233,74 @@ pub(super) async fn run(link: PeerLink, sfu: SfuHandle, target: Target, first: R
 struct Mirror {
     task: JoinHandle<()>,
     updates: mpsc::Sender<lk::ParticipantInfo>,
+    started: Instant,
+}
+
+/// An origin participant the roster follows: its latest info and its mirror, if running.
+///
+/// Why reopen: a mirror's media connection can end while its participant still publishes
+/// (the connection timed out connecting on a loaded machine, the origin's operator removed
+/// it, a grant request failed). The roster sees no change of that participant, so without a
+/// retry its media would never reach our users again for the rest of the call.
+struct Followed {
+    info: lk::ParticipantInfo,
+    mirror: Option<Mirror>,
+    /// Mirrors of this participant that ended in a row, each soon after it started.
+    ended: u32,
+    /// Not reopened before this.
+    retry_at: Instant,
+}
+
+impl Followed {
+    fn new(info: lk::ParticipantInfo) -> Self {
+        Self {
+            info,
+            mirror: None,
+            ended: 0,
+            retry_at: Instant::now(),
+        }
+    }
+
+    /// Notes a mirror that has ended and when to reopen it.
+    fn reap(&mut self, now: Instant) {
+        if !self.mirror.as_ref().is_some_and(|m| m.task.is_finished()) {
+            return;
+        }
+        let Some(m) = self.mirror.take() else {
+            return;
+        };
+        // A mirror that served a while starts the count afresh.
+        self.ended = if m.started.elapsed() > STABLE_AFTER {
+            1
+        } else {
+            self.ended.saturating_add(1)
+        };
+        let pause = mirror_retry_pause(self.ended);
+        self.retry_at = now + pause;
+        if mirrored(&self.info) {
+            tracing::warn!(
+                identity = %self.info.identity,
+                ended = self.ended,
+                retry_in_ms = pause.as_millis() as u64,
+                "mirror ended while its participant still publishes: reopening"
+            );
+        }
+    }
+
+    /// Starts its mirror if it publishes, has none running and its pause is over.
+    fn start_if_due(&mut self, now: Instant, start: impl FnOnce(lk::ParticipantInfo) -> Mirror) {
+        if self.mirror.is_none() && now >= self.retry_at && mirrored(&self.info) {
+            self.mirror = Some(start(self.info.clone()));
+        }
+    }
+}
+
+/// The pause before reopening a mirror that ended `ended` times in a row.
+fn mirror_retry_pause(ended: u32) -> Duration {
+    let doublings = ended.saturating_sub(1).min(8);
+    MIRROR_RETRY_FIRST
+        .saturating_mul(1 << doublings)
+        .min(MIRROR_RETRY_MAX)
 }
 
 /// The roster connection: mirrors appear and go with the origin's participants. `Ok` when
@@ -246,28 +321,38 @@ async fn roster(
     };
     let (mut ws, join) = connect(&grant).await?;
     tracing::info!(origin_room = %grant.room, "relay roster connected");
-    let mut mirrors: HashMap<String, Mirror> = HashMap::new();
-    let seen = |mirrors: &mut HashMap<String, Mirror>, p: lk::ParticipantInfo| {
-        mirrors.retain(|_, m| !m.task.is_finished());
+    let mut mirrors: HashMap<String, Followed> = HashMap::new();
+    let start = |p: lk::ParticipantInfo| {
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(mirror(link.clone(), sfu.clone(), target.clone(), p, rx));
+        Mirror {
+            task,
+            updates: tx,
+            started: Instant::now(),
+        }
+    };
+    let seen = |mirrors: &mut HashMap<String, Followed>, p: lk::ParticipantInfo| {
         if p.state == lk::participant_info::State::Disconnected as i32 {
             // Its updates channel closes: the mirror leaves our room and hangs up.
             mirrors.remove(&p.identity);
             return;
         }
-        if !mirrored(&p) {
-            return;
-        }
-        match mirrors.get(&p.identity) {
-            Some(m) => {
-                let _ = m.updates.try_send(p);
+        let now = Instant::now();
+        let followed = match mirrors.get_mut(&p.identity) {
+            Some(f) => {
+                f.reap(now);
+                if let Some(m) = &f.mirror {
+                    let _ = m.updates.try_send(p.clone());
+                }
+                f.info = p;
+                f
             }
-            None => {
-                let (tx, rx) = mpsc::channel(16);
-                let identity = p.identity.clone();
-                let task = tokio::spawn(mirror(link.clone(), sfu.clone(), target.clone(), p, rx));
-                mirrors.insert(identity, Mirror { task, updates: tx });
-            }
-        }
+            None if mirrored(&p) => mirrors
+                .entry(p.identity.clone())
+                .or_insert_with(|| Followed::new(p)),
+            None => return,
+        };
+        followed.start_if_due(now, start);
     };
     for p in join.other_participants {
         seen(&mut mirrors, p);
@@ -278,6 +363,11 @@ async fn roster(
     let result = loop {
         tokio::select! {
             _ = idle_check.tick() => {
+                let now = Instant::now();
+                for f in mirrors.values_mut() {
+                    f.reap(now);
+                    f.start_if_due(now, start);
+                }
                 // Anyone in the mirror room but the mirrors is a local subscriber.
                 let here = sfu.participants(&target.mirror).await;
                 if here.iter().any(|p| !mirrors.contains_key(&p.identity)) {
@@ -317,7 +407,10 @@ async fn roster(
         }
     };
     // Every mirror leaves our room (its updates channel closes), within a bound.
-    let tasks: Vec<JoinHandle<()>> = mirrors.into_values().map(|m| m.task).collect();
+    let tasks: Vec<JoinHandle<()>> = mirrors
+        .into_values()
+        .filter_map(|f| f.mirror.map(|m| m.task))
+        .collect();
     for mut task in tasks {
         if tokio::time::timeout(CONNECT_TIMEOUT, &mut task)
             .await
@@ -597,4 +690,16 @@ async fn announce(
         quality: lk::VideoQuality::High as i32,
     }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mirror_is_reopened_after_a_pause_that_doubles_up_to_a_bound() {
+        let pauses: Vec<u64> = (1..=7).map(|n| mirror_retry_pause(n).as_secs()).collect();
+        assert_eq!(pauses, [2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(mirror_retry_pause(u32::MAX), MIRROR_RETRY_MAX);
+    }
 }

@@ -794,8 +794,8 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         .unwrap();
     frank.join(&room, &[&hs1.server_name]).await.unwrap();
     join_call(&frank, &room).await;
-    let (alice_client, _) =
-        publish_with(&c1, &alice, &room, 90.0, PyClientSpec::simulcast_camera).await;
+    let (alice_client, alice_identity) =
+        publish_with(&c1, &alice, &room, 120.0, PyClientSpec::simulcast_camera).await;
     let answer = get_token(&c1, &frank, &room).await;
     assert_eq!(answer["url"], c2.ws_url(), "{answer}");
     let jwt = answer["jwt"].as_str().unwrap().to_owned();
@@ -849,5 +849,77 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         c2.logs().contains("relayed layers follow our subscribers"),
         "{logs}"
     );
+
+    // A mirror whose media connection ends while alice still publishes is reopened:
+    // Conclave-1's operator removes alice's media relay; Conclave-2 opens it again, and frank,
+    // back at Conclave-2, receives her.
+    let media_relay = format!(
+        "cascade:{}|{}",
+        hs2.server_name,
+        alice_identity.as_str().unwrap()
+    );
+    let admin = c1.token(&origin_room, "admin", json!({"roomAdmin": true}));
+    let removed = reqwest::Client::new()
+        .post(format!(
+            "{}/twirp/livekit.RoomService/RemoveParticipant",
+            c1.url
+        ))
+        .bearer_auth(admin)
+        .json(&json!({"room": origin_room, "identity": media_relay}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200, "{media_relay} removed");
+    let removed_at = Instant::now();
+    let logs = || {
+        format!(
+            "--- Conclave-1\n{}\n--- Conclave-2\n{}",
+            c1.log_excerpt(&["cascade", "relay", "mirror", "WARN"], 40),
+            c2.log_excerpt(&["cascade", "relay", "mirror", "WARN"], 40)
+        )
+    };
+    let back = eventually(
+        Duration::from_secs(20),
+        "alice's media relay to be back with packets",
+        || async {
+            let view = c1.sfu_room_view(&origin_room, ADMIN_TOKEN).await?;
+            let sent = view["participants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["identity"] == media_relay.as_str())
+                .flat_map(|p| p["relayed"].as_array().cloned().unwrap_or_default())
+                .any(|t| t["kind"] == "video" && t["packets"].as_u64().unwrap_or(0) > 0);
+            Ok(sent.then_some(()))
+        },
+    )
+    .await;
+    if back.is_err() {
+        panic!("the mirror was not reopened\n{}", logs());
+    }
+    println!(
+        "cascade: alice's mirror reopened {:?} after its media relay was removed",
+        removed_at.elapsed()
+    );
+    assert!(
+        c2.logs()
+            .contains("mirror ended while its participant still publishes: reopening"),
+        "{}",
+        logs()
+    );
+    let again = get_token(&c1, &frank, &room).await;
+    assert_eq!(again["url"], c2.ws_url(), "{again}");
+    let mut spec = PyClientSpec::new(c2.ws_url(), again["jwt"].as_str().unwrap(), "frank");
+    spec.publish_audio = false;
+    spec.publish_video = false;
+    spec.expect_participants = 1;
+    spec.expect_audio_frames = 20;
+    spec.expect_video_frames = 20;
+    spec.timeout_s = 40.0;
+    let frank_again = PyClient::spawn(spec).unwrap();
+    let done = frank_again.wait(Duration::from_secs(50)).await.unwrap();
+    if done.exit_code != 0 {
+        panic!("frank after the reopening: {}\n{}", done.describe(), logs());
+    }
     alice_client.terminate().unwrap();
 }

@@ -574,10 +574,20 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(dir.join("conclave-1.log"), m.c1.logs());
             let _ = std::fs::write(dir.join("conclave-2.log"), m.c2.logs());
+            // The Conclaves' lines first: CI keeps the head and the tail of a failure's
+            // output, and the driver's report (pages, consoles) is long.
+            let report = format!("{e:#}");
+            let headline: String = report
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect();
             panic!(
-                "{run}: {e:#}\nministries: {}\n{}\n(whole logs in {})",
-                m.health().await,
+                "{run}: {headline}\n{}\nministries: {}\n(whole logs in {})\n{report}",
                 logs(),
+                m.health().await,
                 dir.display()
             )
         }
