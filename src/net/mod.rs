@@ -765,6 +765,10 @@ pub fn default_node_ips() -> Vec<IpAddr> {
 const ROUTE_SWEEP: Duration = Duration::from_secs(10);
 /// Capacity of each loop's queue of datagrams handed on by the receiver.
 const DATAGRAM_QUEUE: usize = 8192;
+/// Most datagrams a media loop takes in before it polls the connections they reached: what
+/// is already waiting is read at once (never waiting for more), so a subscriber written to by
+/// several of them is polled once (`Sfu::drain`), and their sends go out in one batch.
+const RECEIVE_BATCH: usize = 32;
 
 /// Which loop serves each peer address that passed ICE (filled by the loops, read by the
 /// receiver); only used with more than one loop.
@@ -1522,11 +1526,23 @@ async fn run(
             Some(d) = datagrams.recv() => {
                 woke = Instant::now();
                 lp.inbound(d);
+                for _ in 1..RECEIVE_BATCH {
+                    match datagrams.try_recv() {
+                        Ok(d) => lp.inbound(d),
+                        Err(_) => break,
+                    }
+                }
             },
             res = recv_any(&sockets, &mut buf), if !sockets.is_empty() => {
                 woke = Instant::now();
                 if let Some((n, source, local)) = res {
                     lp.datagram(source, local, &buf[..n]);
+                }
+                for _ in 1..RECEIVE_BATCH {
+                    match try_recv_any(&sockets, &mut buf) {
+                        Some((n, source, local)) => lp.datagram(source, local, &buf[..n]),
+                        None => break,
+                    }
                 }
             },
             () = sleep => {
@@ -1536,6 +1552,18 @@ async fn run(
             }
         }
     }
+}
+
+/// A datagram that is already waiting on one of the sockets, without waiting for one.
+fn try_recv_any(
+    sockets: &[(SocketAddr, UdpSocket)],
+    buf: &mut [u8],
+) -> Option<(usize, SocketAddr, SocketAddr)> {
+    sockets.iter().find_map(|(local, sock)| {
+        sock.try_recv_from(buf)
+            .ok()
+            .map(|(n, source)| (n, source, *local))
+    })
 }
 
 /// Receives one datagram from whichever socket has one.

@@ -1,6 +1,6 @@
 //! The engine: every room, participant and peer connection of this SFU, driven by inputs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,9 @@ pub struct SfuStats {
     pub relayed_packets: u64,
     /// Their payload bytes.
     pub relayed_bytes: u64,
+    /// Participants polled (each poll drains its peer connections): the per-packet cost the
+    /// batching of [`Sfu::drain`] cuts.
+    pub participant_polls: u64,
 }
 
 /// Engine settings.
@@ -541,6 +544,10 @@ pub struct Sfu {
     /// Participants whose signalling was lost, with the deadline for their resume.
     detached: HashMap<SessionId, Instant>,
     out: VecDeque<Output>,
+    /// Sessions whose connections were written to (media, data) and are polled once, at the
+    /// next [`Sfu::poll_output`], however many inputs wrote to them before it (see
+    /// [`Sfu::drain`]).
+    pending: Pending,
     /// Each participant's earliest deadline, filed after every poll of its connections.
     timers: timers::Timers,
     next_speakers: Option<Instant>,
@@ -550,6 +557,36 @@ pub struct Sfu {
     stats: SfuStats,
     /// One DTLS certificate for every peer connection of this engine (see [`Sfu::new`]).
     dtls_cert: Option<str0m::config::DtlsCert>,
+}
+
+/// Sessions waiting to be drained, each once, in the order they were first added.
+#[derive(Debug, Default)]
+struct Pending {
+    order: VecDeque<SessionId>,
+    set: HashSet<SessionId>,
+}
+
+impl Pending {
+    fn add(&mut self, session: SessionId) {
+        if self.set.insert(session) {
+            self.order.push_back(session);
+        }
+    }
+
+    fn pop(&mut self) -> Option<SessionId> {
+        let s = self.order.pop_front()?;
+        self.set.remove(&s);
+        Some(s)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.set.clear();
+    }
 }
 
 /// The room of `session`, borrowing only the room map and the session index (so the output
@@ -618,6 +655,7 @@ impl Sfu {
             by_local: HashMap::new(),
             detached: HashMap::new(),
             out: VecDeque::new(),
+            pending: Pending::default(),
             timers: timers::Timers::default(),
             next_speakers: None,
             next_quality: None,
@@ -729,6 +767,12 @@ impl Sfu {
     pub fn poll_output(&mut self) -> Output {
         if let Some(o) = self.out.pop_front() {
             return o;
+        }
+        if !self.pending.is_empty() {
+            self.drain_pending(self.last_now);
+            if let Some(o) = self.out.pop_front() {
+                return o;
+            }
         }
         Output::Timeout(self.poll_timeout())
     }
@@ -1409,26 +1453,36 @@ impl Sfu {
 
     // ------------------------------------------------------------------ draining
 
-    /// Drains both peer connections of `session` (and of anyone its media reached).
+    /// Drains both peer connections of `session` now; the connections its media and data
+    /// were written to are drained at the next [`Sfu::poll_output`].
+    ///
+    /// Why not at once: polling a str0m connection walks all of its machinery (ICE, DTLS,
+    /// SCTP, every stream), which costs more than the write it follows. A caller that hands
+    /// several datagrams in before polling (the media loop reads what the socket holds) has
+    /// each subscriber polled once for all the packets written to it, not once per packet.
     fn drain(&mut self, now: Instant, session: SessionId) {
-        let mut queue = VecDeque::from([session]);
+        let (forwards, relayed_to) = self.drain_one(now, session);
+        for t in relayed_to {
+            self.pending.add(t);
+        }
+        for f in forwards {
+            for t in self.forward(now, f) {
+                self.pending.add(t);
+            }
+        }
+    }
+
+    /// Drains every pending session (and those their own media and data reach in turn).
+    fn drain_pending(&mut self, now: Instant) {
         let mut rounds = 0;
-        while let Some(s) = queue.pop_front() {
+        while let Some(s) = self.pending.pop() {
             rounds += 1;
-            if rounds > 10_000 {
+            if rounds > 100_000 {
                 tracing::error!("drain did not settle; giving up this round");
+                self.pending.clear();
                 break;
             }
-            let (forwards, relayed_to) = self.drain_one(now, s);
-            let mut touched = relayed_to;
-            for f in forwards {
-                touched.extend(self.forward(now, f));
-            }
-            for t in touched {
-                if !queue.contains(&t) {
-                    queue.push_back(t);
-                }
-            }
+            self.drain(now, s);
         }
     }
 
@@ -1446,6 +1500,7 @@ impl Sfu {
         };
         let polled = p.poll(now, &mut self.out);
         p.file_deadline(&mut self.timers);
+        self.stats.participant_polls += 1;
         self.stats.nacks_received += polled.nacks;
         for &path in &polled.connected {
             match path.map(|(proto, remote)| path_of(&self.config.relays, proto, remote)) {
