@@ -20,6 +20,8 @@ pub struct LoopSample {
     pub busy_s: Option<f64>,
     /// `conclave_loop_datagrams_total`.
     pub datagrams: Option<f64>,
+    /// `conclave_loop_participant_polls_total`.
+    pub polls: Option<f64>,
     /// `conclave_loop_queue_depth`.
     pub queue_depth: Option<f64>,
 }
@@ -67,6 +69,9 @@ pub fn parse_loop_metrics(text: &str) -> LoopSamples {
             "conclave_loop_busy_seconds_total" | "conclave_loop_busy_seconds" => {
                 entry.busy_s = Some(value);
             }
+            "conclave_loop_participant_polls_total" => {
+                entry.polls = Some(value);
+            }
             "conclave_loop_datagrams_total" | "conclave_loop_datagrams" => {
                 entry.datagrams = Some(value);
             }
@@ -108,6 +113,8 @@ pub struct LoopThreadReport {
     pub busy_ratio: Option<f64>,
     /// Δdatagrams / Δwall seconds.
     pub datagrams_per_s: Option<f64>,
+    /// Δparticipant polls / Δwall seconds.
+    pub polls_per_s: Option<f64>,
     /// Queue depth at the start of the window.
     pub queue_depth_start: Option<f64>,
     /// Queue depth at the end of the window.
@@ -129,6 +136,7 @@ pub fn loop_window(start: &LoopSamples, end: &LoopSamples, wall_s: f64) -> Vec<L
                 thread: thread.clone(),
                 busy_ratio: rate(s.busy_s, e.busy_s),
                 datagrams_per_s: rate(s.datagrams, e.datagrams),
+                polls_per_s: rate(s.polls, e.polls),
                 queue_depth_start: s.queue_depth,
                 queue_depth_end: e.queue_depth,
             })
@@ -196,6 +204,7 @@ mod tests {
 conclave_loop_busy_seconds_total{thread="0"} 1.5
 conclave_loop_busy_seconds_total{thread="1"} 0.25 1700000000000
 conclave_loop_datagrams_total{thread="0"} 1000
+conclave_loop_participant_polls_total{thread="0"} 800
 conclave_loop_datagrams_total{node="a", thread="1"} 400
 conclave_loop_queue_depth{thread="0"} 3
 conclave_loop_queue_depth{thread="1"} NaN
@@ -214,6 +223,7 @@ conclave_other{thread="0"} 9
             LoopSample {
                 busy_s: Some(1.5),
                 datagrams: Some(1000.0),
+                polls: Some(800.0),
                 queue_depth: Some(3.0)
             }
         );
@@ -222,6 +232,7 @@ conclave_other{thread="0"} 9
             LoopSample {
                 busy_s: Some(0.25),
                 datagrams: Some(400.0),
+                polls: None,
                 queue_depth: None
             }
         );
@@ -235,6 +246,7 @@ conclave_other{thread="0"} 9
         let b = parse_loop_metrics(
             "conclave_loop_busy_seconds_total{thread=\"0\"} 3.5\n\
              conclave_loop_datagrams_total{thread=\"0\"} 5000\n\
+             conclave_loop_participant_polls_total{thread=\"0\"} 2800\n\
              conclave_loop_queue_depth{thread=\"0\"} 1\n\
              conclave_loop_busy_seconds_total{thread=\"1\"} 0.75\n\
              conclave_loop_busy_seconds_total{thread=\"10\"} 9\n",
@@ -244,6 +256,7 @@ conclave_other{thread="0"} 9
         assert_eq!(w[0].thread, "0");
         assert_eq!(w[0].busy_ratio, Some(0.5));
         assert_eq!(w[0].datagrams_per_s, Some(1000.0));
+        assert_eq!(w[0].polls_per_s, Some(500.0));
         assert_eq!(w[0].queue_depth_start, Some(3.0));
         assert_eq!(w[0].queue_depth_end, Some(1.0));
         assert_eq!(w[1].busy_ratio, Some(0.125));

@@ -954,10 +954,11 @@ impl MediaBenchReport {
                         .iter()
                         .map(|t| {
                             format!(
-                                "#{} busy {} at {} dgram/s, queue {}→{}",
+                                "#{} busy {} at {} dgram/s, {} participant polls/s, queue {}→{}",
                                 t.thread,
                                 pct(t.busy_ratio),
                                 f(t.datagrams_per_s, 0),
+                                f(t.polls_per_s, 0),
                                 f(t.queue_depth_start, 0),
                                 f(t.queue_depth_end, 0)
                             )

@@ -188,6 +188,8 @@ pub struct LoopStats {
     pub dropped_sends: AtomicU64,
     /// NACKs received from subscribers.
     pub nacks_received: AtomicU64,
+    /// Participants polled (each poll drains its peer connections).
+    pub participant_polls: AtomicU64,
     /// Video down-tracks paused for lack of downlink bandwidth.
     pub bandwidth_pauses: AtomicU64,
     /// Video down-tracks stepped down a layer for lack of downlink bandwidth.
@@ -352,7 +354,7 @@ impl NetStats {
             "# HELP {name} ICE-TCP connections open.\n# TYPE {name} gauge\n{name} {}\n",
             self.tcp.open.load(Ordering::Relaxed)
         ));
-        let per_loop: [PerLoopMetric; 4] = [
+        let per_loop: [PerLoopMetric; 5] = [
             (
                 "conclave_loop_busy_seconds_total",
                 "counter",
@@ -364,6 +366,12 @@ impl NetStats {
                 "counter",
                 "Datagrams handed to the media loop thread.",
                 |l| l.datagrams.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "conclave_loop_participant_polls_total",
+                "counter",
+                "Participants whose peer connections the media loop thread polled.",
+                |l| l.participant_polls.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "conclave_loop_queue_depth",
@@ -1337,6 +1345,8 @@ impl Loop {
                             .store(s.rejected_by_peer, Ordering::Relaxed);
                         l.dropped_sends.store(self.dropped_sends, Ordering::Relaxed);
                         l.nacks_received.store(s.nacks_received, Ordering::Relaxed);
+                        l.participant_polls
+                            .store(s.participant_polls, Ordering::Relaxed);
                         l.relayed_packets
                             .store(s.relayed_packets, Ordering::Relaxed);
                         l.relayed_bytes.store(s.relayed_bytes, Ordering::Relaxed);
