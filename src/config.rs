@@ -302,6 +302,13 @@ pub struct RtcConfig {
     /// offers the subscriber connection's restart). Default 30; 0 turns resume off (every
     /// client rejoins in full).
     pub resume_window_secs: u64,
+    /// Estimate each subscriber's downlink (transport-wide congestion control) and fit its
+    /// video into it: layers stepped down, video paused before audio suffers, sends paced
+    /// (`docs/quality.md`). `false`: every subscriber gets the layers it asks for, unpaced,
+    /// whatever its link (LiveKit's `rtc.congestion_control.enabled`); for links known to be
+    /// ample, and for benchmarks whose synthetic clients report sampled feedback. Default
+    /// true.
+    pub congestion_control: bool,
     /// Clients ping over signalling this often, in seconds (told in the join response).
     /// Default 5, as LiveKit.
     pub ping_interval_secs: u32,
@@ -356,6 +363,7 @@ impl Default for RtcConfig {
             udp_port: 7882,
             tcp_port: 7881,
             resume_window_secs: 30,
+            congestion_control: true,
             ping_interval_secs: 5,
             ping_timeout_secs: 15,
             node_ips: Vec::new(),

@@ -478,6 +478,7 @@ async fn serve(config: Config) -> Result<(), RunError> {
                 interval_secs: config.rtc.ping_interval_secs,
                 timeout_secs: config.rtc.ping_timeout_secs,
             },
+            congestion_control_off: !config.rtc.congestion_control,
             ..Default::default()
         },
         rooms.clone(),

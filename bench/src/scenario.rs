@@ -114,6 +114,8 @@ pub struct MediaBenchOptions {
     pub threads: Option<usize>,
     /// Rooms the participants are split over (at least 1).
     pub rooms: usize,
+    /// `rtc.congestion_control` of the server the bench starts.
+    pub congestion_control: bool,
 }
 
 impl MediaBenchOptions {
@@ -237,6 +239,8 @@ pub struct MediaBenchReport {
     pub threads: Option<usize>,
     /// Rooms the participants were split over.
     pub rooms: usize,
+    /// `rtc.congestion_control` of the server.
+    pub congestion_control: bool,
     /// Conclave run: the clients were saturated (see [`SutReport::client_saturated`]).
     pub client_saturated: bool,
     /// Conclave: forwarded packets/s.
@@ -705,11 +709,15 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
     let conclave = match &opts.url {
         Some((url, key, secret)) => ConclaveTarget::external(url, key, secret)?,
         None => {
-            let env: Vec<(&str, std::ffi::OsString)> = opts
+            let mut env: Vec<(&str, std::ffi::OsString)> = opts
                 .threads
                 .map(|n| ("CONCLAVE_RTC__THREADS", n.to_string().into()))
                 .into_iter()
                 .collect();
+            env.push((
+                "CONCLAVE_RTC__CONGESTION_CONTROL",
+                opts.congestion_control.to_string().into(),
+            ));
             ConclaveTarget::start_with_env(opts.server_exe.as_deref(), server_cpu, &env).await?
         }
     };
@@ -763,6 +771,7 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
         receive_mode: opts.receive_mode_name(),
         threads: opts.threads,
         rooms: opts.rooms,
+        congestion_control: opts.congestion_control,
         client_saturated: c.client_saturated,
         forwarded_pps: c.forwarded_pps,
         forwarded_bps: c.forwarded_bps,
@@ -944,6 +953,10 @@ impl MediaBenchReport {
                 || "server default".to_owned(),
                 |n| format!("rtc.threads = {n}, {} room(s)", self.rooms),
             );
+            let given = format!(
+                "{given}, congestion control {}",
+                if self.congestion_control { "on" } else { "off" }
+            );
             match &r.loop_threads {
                 None => s.push_str(&format!(
                     "- {} Conclave loop threads ({given}): per-thread metrics not available\n",
@@ -1064,6 +1077,13 @@ pub struct CommonArgs {
     /// out, one room stays on one thread.
     #[arg(long, default_value_t = 1)]
     pub rooms: usize,
+    /// `rtc.congestion_control` of the server the bench starts. Default: on for audio and
+    /// livestream, off for video: its count-only receivers feed 1 datagram in `feed_every`
+    /// to str0m, so their transport-cc feedback reports the rest lost and the server's
+    /// estimate would pause the video it is to forward (and 10×10 at 1 Mbit/s is 9 Mbit/s per
+    /// receiver, above the 1.5 Mbit/s initial estimate).
+    #[arg(long)]
+    pub congestion_control: Option<bool>,
 }
 
 impl CommonArgs {
@@ -1105,6 +1125,7 @@ impl CommonArgs {
             feed_every: self.feed_every,
             threads: Some(self.threads),
             rooms: self.rooms.max(1),
+            congestion_control: self.congestion_control.unwrap_or(kind != Kind::Video),
         }
     }
 }

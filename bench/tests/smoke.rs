@@ -102,6 +102,8 @@ fn media_smoke(args: &[&str]) -> serde_json::Value {
         ],
     );
     assert_eq!(v["scenario"], args[0], "{v}");
+    // Off for video by default (its sampled receivers' feedback would pause what it forwards).
+    assert_eq!(v["congestion_control"], args[0] != "video", "{v}");
     for key in [
         "forwarded_pps",
         "pkts_per_cpu_s",

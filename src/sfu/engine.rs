@@ -125,6 +125,9 @@ pub struct SfuConfig {
     pub relays: super::RelayAddresses,
     /// What clients are told of signalling pings (`JoinResponse.ping_interval`/`ping_timeout`).
     pub ping: Ping,
+    /// No downlink estimation, allocation or pacing: every subscriber gets the layers it asks
+    /// for (`rtc.congestion_control = false`).
+    pub congestion_control_off: bool,
 }
 
 /// How often clients ping over signalling, and after how long without an answer they take
@@ -1016,7 +1019,11 @@ impl Sfu {
         let mut rtc = builder
             // Loss, RTT and jitter for connection quality (`sfu/quality.rs`).
             .set_stats_interval(Some(bandwidth::STATS_INTERVAL))
-            .enable_bwe(sends.then_some(bandwidth::INITIAL_ESTIMATE))
+            // No estimate, no allocation (`bandwidth.rs` grants nothing without one).
+            .enable_bwe(
+                (sends && !self.config.congestion_control_off)
+                    .then_some(bandwidth::INITIAL_ESTIMATE),
+            )
             .build(now);
         let udp = match only {
             Some(a) => vec![a],

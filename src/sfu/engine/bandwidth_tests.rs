@@ -232,6 +232,11 @@ impl Call {
 /// in a call; alice's camera is announced with three layers. Returns the call and the mid of
 /// her camera.
 fn call() -> (Call, Mid) {
+    call_with(|_| {})
+}
+
+/// [`call`] on an engine whose settings `configure` changed first.
+fn call_with(configure: impl FnOnce(&mut SfuConfig)) -> (Call, Mid) {
     // `RUST_LOG=conclave=debug` shows the allocations of a failed run.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -239,6 +244,7 @@ fn call() -> (Call, Mid) {
         .try_init();
     let now = Instant::now();
     let mut s = sfu(now);
+    configure(&mut s.config);
     let peers = vec![
         Peer::new(now, "10.0.0.1:5000"),
         Peer::new(now, "10.0.0.2:5000"),
@@ -414,6 +420,35 @@ fn a_capped_subscriber_steps_down_pauses_and_recovers_without_starving_another()
         "bob's video resumed: {:?}, estimate {:?}",
         c.down(2),
         c.estimate(2)
+    );
+}
+
+/// `rtc.congestion_control = false`: no estimate, so bob keeps the top layer he asked for
+/// even on a link capped below the low layer (it loses what does not fit), and nothing is
+/// paused or stepped down.
+#[test]
+fn without_congestion_control_a_capped_subscriber_keeps_the_layer_he_asked_for() {
+    let (mut c, mid) = call_with(|config| config.congestion_control_off = true);
+    let mut frame = 0;
+    let f = Some(Rid::from("f"));
+    run(&mut c, mid, &mut frame, Duration::from_secs(6), |_| false);
+    assert_eq!(c.down(2).0, f, "bob on the top layer: {:?}", c.down(2));
+    c.link.rate = Some(60_000);
+    run(&mut c, mid, &mut frame, Duration::from_secs(8), |_| false);
+    assert!(c.link.dropped > 0, "the cap dropped packets");
+    assert_eq!(
+        c.estimate(2),
+        None,
+        "no estimate without congestion control"
+    );
+    let (layer, _, paused) = c.down(2);
+    assert_eq!(layer, f, "bob still on the top layer");
+    assert!(!paused, "nothing paused");
+    let stats = c.s.stats();
+    assert_eq!(
+        (stats.bandwidth_pauses, stats.bandwidth_downgrades),
+        (0, 0),
+        "{stats:?}"
     );
 }
 
