@@ -764,6 +764,38 @@ struct AudioCall {
     alice_pub: Peer,
     mid: str0m::media::Mid,
     msgs: Vec<(u64, Msg)>,
+    /// Frames alice wrote.
+    sent: u64,
+    /// Whether bob answered the re-offer that carries alice's track.
+    answered: bool,
+}
+
+impl AudioCall {
+    /// 10 ms of the call: a tick of the virtual network (`msgs` holds its messages), bob
+    /// answers the re-offer with alice's track, alice writes a frame once she can.
+    fn step(&mut self) {
+        self.now += Duration::from_millis(10);
+        tick_dropping(
+            &mut self.s,
+            &mut [&mut self.alice, &mut self.bob, &mut self.alice_pub],
+            self.now,
+            &mut self.msgs,
+            &mut |_, _| false,
+        );
+        if !self.answered {
+            if let Some(o) = self.msgs.iter().find_map(|(id, m)| match m {
+                Msg::Offer(o) if *id == 2 && o.sdp.contains("m=audio") => Some(o.clone()),
+                _ => None,
+            }) {
+                let a = answer_offer(&mut self.bob, &o);
+                request(&mut self.s, self.now, 2, a);
+                self.answered = true;
+            }
+        }
+        if write_frame(&mut self.alice_pub, self.mid, self.now, self.sent) {
+            self.sent += 1;
+        }
+    }
 }
 
 fn audio_call(encryption: lk::encryption::Type) -> AudioCall {
@@ -824,57 +856,20 @@ fn audio_call(encryption: lk::encryption::Type) -> AudioCall {
         alice_pub,
         mid,
         msgs,
+        sent: 0,
+        answered: false,
     }
 }
 
 /// alice's audio as bob receives it (RED-capable), after checks of the signalling order.
 fn alice_audio_to_bob(encryption: lk::encryption::Type) -> Peer {
-    let AudioCall {
-        mut s,
-        mut now,
-        mut alice,
-        mut bob,
-        mut alice_pub,
-        mid,
-        mut msgs,
-    } = audio_call(encryption);
-    let mut all: Vec<(u64, Msg)> = msgs.clone();
-    let mut sent = 0u64;
-    let mut reoffer_answered = false;
+    let mut c = audio_call(encryption);
+    let mut all: Vec<(u64, Msg)> = c.msgs.clone();
     for _ in 0..300 {
-        now += Duration::from_millis(10);
-        tick_dropping(
-            &mut s,
-            &mut [&mut alice, &mut bob, &mut alice_pub],
-            now,
-            &mut msgs,
-            &mut |_, _| false,
-        );
-        all.extend(msgs.iter().map(|(id, m)| (*id, m.clone())));
-        if !reoffer_answered {
-            if let Some(o) = msgs.iter().find_map(|(id, m)| match m {
-                Msg::Offer(o) if *id == 2 && o.sdp.contains("m=audio") => Some(o.clone()),
-                _ => None,
-            }) {
-                let a = answer_offer(&mut bob, &o);
-                request(&mut s, now, 2, a);
-                reoffer_answered = true;
-            }
-        }
-        // alice sends a 20 ms Opus-sized frame every other tick once connected.
-        if let Some(w) = alice_pub.rtc.writer(mid) {
-            let pt = w.payload_params().next().map(|p| p.pt());
-            if let Some(pt) = pt {
-                let t = str0m::media::MediaTime::new(
-                    1_000_000 + sent * 960,
-                    str0m::media::Frequency::FORTY_EIGHT_KHZ,
-                );
-                if w.write(pt, now, t, vec![0x78u8; 60]).is_ok() {
-                    sent += 1;
-                }
-            }
-        }
+        c.step();
+        all.extend(c.msgs.iter().map(|(id, m)| (*id, m.clone())));
     }
+    let AudioCall { s, bob, sent, .. } = c;
     let offer_pos = all
         .iter()
         .position(|(id, m)| *id == 2 && matches!(m, Msg::Offer(o) if o.sdp.contains("m=audio")));
@@ -943,43 +938,22 @@ fn write_frame(alice_pub: &mut Peer, mid: str0m::media::Mid, now: Instant, n: u6
 /// and every packet still reaches the subscriber.
 #[test]
 fn datagrams_handed_in_a_row_poll_each_subscriber_once() {
-    let AudioCall {
-        mut s,
-        mut now,
-        mut alice,
-        mut bob,
-        mut alice_pub,
-        mid,
-        mut msgs,
-    } = audio_call(lk::encryption::Type::None);
-    let mut sent = 0u64;
-    let mut answered = false;
+    let mut c = audio_call(lk::encryption::Type::None);
     for _ in 0..300 {
-        now += Duration::from_millis(10);
-        tick_dropping(
-            &mut s,
-            &mut [&mut alice, &mut bob, &mut alice_pub],
-            now,
-            &mut msgs,
-            &mut |_, _| false,
-        );
-        if !answered {
-            if let Some(o) = msgs.iter().find_map(|(id, m)| match m {
-                Msg::Offer(o) if *id == 2 && o.sdp.contains("m=audio") => Some(o.clone()),
-                _ => None,
-            }) {
-                let a = answer_offer(&mut bob, &o);
-                request(&mut s, now, 2, a);
-                answered = true;
-            }
-        }
-        if write_frame(&mut alice_pub, mid, now, sent) {
-            sent += 1;
-        }
-        if media_received(&bob) >= 5 {
+        c.step();
+        if media_received(&c.bob) >= 5 {
             break;
         }
     }
+    let AudioCall {
+        mut s,
+        mut now,
+        mut bob,
+        mut alice_pub,
+        mid,
+        mut sent,
+        ..
+    } = c;
     assert!(
         media_received(&bob) >= 5,
         "bob receives alice before the batch"
