@@ -180,9 +180,7 @@ async fn whip_publisher_reaches_python_and_browser_subscribers() {
         "viewer",
         json!({"canPublish": false, "canSubscribe": true}),
     );
-    let mut py = PyClientSpec::new(c.ws_url(), viewer, "viewer");
-    py.publish_audio = false;
-    py.publish_video = false;
+    let mut py = PyClientSpec::viewer(c.ws_url(), viewer, "viewer");
     py.expect_participants = 1;
     py.expect_audio_frames = 100;
     py.expect_video_frames = 30;

@@ -174,9 +174,7 @@ fn assert_refused(what: &str, (status, body): (u16, Value), want: u16, errcode: 
 
 /// A relay client: subscribes only, expects alice's audio and video, stays until cut.
 fn relay_client(c: &Conclave, jwt: &str, label: &str) -> PyClient {
-    let mut spec = PyClientSpec::new(c.ws_url(), jwt, label);
-    spec.publish_audio = false;
-    spec.publish_video = false;
+    let mut spec = PyClientSpec::viewer(c.ws_url(), jwt, label);
     spec.expect_participants = 1;
     spec.expect_audio_frames = 20;
     spec.expect_video_frames = 10;
@@ -390,9 +388,7 @@ async fn cascade_relay_is_cut_when_the_server_acl_denies_the_peer() {
     })
     .await
     .unwrap();
-    let mut spec = PyClientSpec::new(c1.ws_url(), grant["jwt"].as_str().unwrap(), "relay");
-    spec.publish_audio = false;
-    spec.publish_video = false;
+    let mut spec = PyClientSpec::viewer(c1.ws_url(), grant["jwt"].as_str().unwrap(), "relay");
     spec.timeout_s = 60.0;
     spec.min_duration_s = 60.0;
     let mut relay1 = PyClient::spawn(spec).unwrap();
@@ -515,13 +511,11 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         assert_eq!(claims["video"]["canPublish"], false, "{claims}");
         assert_eq!(claims["video"]["canSubscribe"], true, "{claims}");
         // Their clients, on Conclave-2 only, receive alice's media under her identity.
-        let mut spec = PyClientSpec::new(
+        let mut spec = PyClientSpec::viewer(
             c2.ws_url(),
             answer["jwt"].as_str().unwrap(),
             u.user_id.as_str(),
         );
-        spec.publish_audio = false;
-        spec.publish_video = false;
         spec.expect_participants = 1;
         spec.expect_audio_frames = 50;
         spec.expect_video_frames = 20;
@@ -763,9 +757,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
         .logs()
         .contains("cascade mirror failed; answering directly"));
     assert!(c1.metric("conclave_cascade_fallbacks_total").await.unwrap() >= 1);
-    let mut spec = PyClientSpec::new(c1.ws_url(), direct["jwt"].as_str().unwrap(), "carol");
-    spec.publish_audio = false;
-    spec.publish_video = false;
+    let mut spec = PyClientSpec::viewer(c1.ws_url(), direct["jwt"].as_str().unwrap(), "carol");
     spec.expect_participants = 1;
     spec.expect_audio_frames = 50;
     spec.timeout_s = 40.0;
@@ -909,9 +901,7 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
     );
     let again = get_token(&c1, &frank, &room).await;
     assert_eq!(again["url"], c2.ws_url(), "{again}");
-    let mut spec = PyClientSpec::new(c2.ws_url(), again["jwt"].as_str().unwrap(), "frank");
-    spec.publish_audio = false;
-    spec.publish_video = false;
+    let mut spec = PyClientSpec::viewer(c2.ws_url(), again["jwt"].as_str().unwrap(), "frank");
     spec.expect_participants = 1;
     spec.expect_audio_frames = 20;
     spec.expect_video_frames = 20;

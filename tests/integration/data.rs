@@ -17,10 +17,8 @@ const TEXT_BYTES: usize = 100_000;
 /// (`/rtc/v1`, one).
 fn spec(c: &Conclave, room: &str, dual_pc: bool, who: &str, extra: &[&str]) -> PyClientSpec {
     let grants = json!({"canPublish": true, "canSubscribe": true, "canPublishData": true});
-    let mut s = PyClientSpec::new(c.ws_url(), c.token(room, who, grants), who);
+    let mut s = PyClientSpec::viewer(c.ws_url(), c.token(room, who, grants), who);
     s.dual_pc = Some(dual_pc);
-    s.publish_audio = false;
-    s.publish_video = false;
     s.expect_participants = 2;
     s.timeout_s = 40.0;
     s.extra_args = extra.iter().map(|a| (*a).to_owned()).collect();

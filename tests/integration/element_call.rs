@@ -534,9 +534,7 @@ async fn second_hs2_viewer(m: &Ministries, bob: &TestUser, room: &str) -> PyClie
         m.c2.ws_url(),
         "carol is sent to her own Conclave: {answer}"
     );
-    let mut spec = PyClientSpec::new(m.c2.ws_url(), answer["jwt"].as_str().unwrap(), "carol");
-    spec.publish_audio = false;
-    spec.publish_video = false;
+    let mut spec = PyClientSpec::viewer(m.c2.ws_url(), answer["jwt"].as_str().unwrap(), "carol");
     spec.expect_participants = 1;
     spec.expect_video_frames = 20;
     spec.timeout_s = 90.0;

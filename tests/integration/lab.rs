@@ -289,10 +289,8 @@ async fn python_subscriber_behind_shaped_lossy_downlink_receives_media() {
     publisher.expect_participants = 1;
     publisher.min_duration_s = 14.0;
     publisher.timeout_s = 40.0;
-    let mut subscriber = PyClientSpec::new(c.ws_url(), c.token("lab", "sub", grants()), "sub");
+    let mut subscriber = PyClientSpec::viewer(c.ws_url(), c.token("lab", "sub", grants()), "sub");
     subscriber.netns = Some(lab.client_ns(1).to_owned());
-    subscriber.publish_audio = false;
-    subscriber.publish_video = false;
     subscriber.expect_participants = 1;
     subscriber.expect_audio_frames = 200;
     subscriber.expect_video_frames = 30;
@@ -567,10 +565,8 @@ async fn a_five_second_link_cut_is_survived_without_a_rejoin() {
     // A leaves first: everything it saw of B is from B's whole stay.
     a.min_duration_s = 26.0;
     a.timeout_s = 60.0;
-    let mut b = PyClientSpec::new(c.ws_url(), c.token("cut", "b", grants()), "b");
+    let mut b = PyClientSpec::viewer(c.ws_url(), c.token("cut", "b", grants()), "b");
     b.netns = Some(lab.client_ns(1).to_owned());
-    b.publish_audio = false;
-    b.publish_video = false;
     b.expect_participants = 1;
     b.expect_video_frames = 30;
     b.extra_args = ["--progress-ms", "250"].map(String::from).to_vec();
@@ -935,10 +931,8 @@ async fn python_sdk_resumes(dual_pc: bool) {
         .map(String::from)
         .to_vec();
     let pa = PyClient::spawn(a).unwrap();
-    let mut b = PyClientSpec::new(c.ws_url(), c.token("resume-py", "b", grants()), "b");
+    let mut b = PyClientSpec::viewer(c.ws_url(), c.token("resume-py", "b", grants()), "b");
     b.netns = Some(lab.client_ns(1).to_owned());
-    b.publish_audio = false;
-    b.publish_video = false;
     b.dual_pc = Some(dual_pc);
     b.expect_participants = 1;
     b.extra_args = ["--progress-ms", "250"].map(String::from).to_vec();

@@ -124,10 +124,8 @@ impl Call {
         let a = Browser::spawn(spec).unwrap();
 
         let b = with_b.then(|| {
-            let mut s = PyClientSpec::new(c.ws_url(), c.token(ROOM, "b", grants()), "b");
+            let mut s = PyClientSpec::viewer(c.ws_url(), c.token(ROOM, "b", grants()), "b");
             s.netns = Some(lab.client_ns(2).to_owned());
-            s.publish_audio = false;
-            s.publish_video = false;
             s.expect_participants = 2;
             s.expect_video_frames = 30;
             s.min_duration_s = 140.0; // ended by SIGTERM

@@ -506,6 +506,19 @@ impl PyClientSpec {
         }
     }
 
+    /// A participant that publishes nothing (a viewer, a listener) and expects nothing.
+    pub fn viewer(
+        url: impl Into<String>,
+        token: impl Into<String>,
+        label: impl Into<String>,
+    ) -> Self {
+        Self {
+            publish_audio: false,
+            publish_video: false,
+            ..Self::new(url, token, label)
+        }
+    }
+
     /// Publishes the camera at 640x360, 15 fps, in simulcast layers (the Python SDK announces
     /// two at that size, q and h).
     pub fn simulcast_camera(&mut self) {
