@@ -263,10 +263,7 @@ impl Followed {
 
     /// Notes a mirror that has ended and when to reopen it.
     fn reap(&mut self, now: Instant) {
-        if !self.mirror.as_ref().is_some_and(|m| m.task.is_finished()) {
-            return;
-        }
-        let Some(m) = self.mirror.take() else {
+        let Some(m) = self.mirror.take_if(|m| m.task.is_finished()) else {
             return;
         };
         // A mirror that served a while starts the count afresh.
@@ -510,7 +507,7 @@ async fn mirror_inner(
                                 a.local_sid = Some(sid);
                                 // A mute that came while it was being published.
                                 if muted != a.muted {
-                                    a.mute(sfu, session, a.muted).await?;
+                                    a.mute(sfu, session).await?;
                                 }
                             }
                         }
@@ -594,14 +591,14 @@ fn quality_setting(track: &str, quality: i32) -> Req {
 }
 
 impl Announced {
-    /// Mutes or unmutes it here, as the origin's participant did there (once it is published
-    /// here; [`mirror_inner`] catches up on `TrackPublished`).
+    /// Applies the origin's mute state (`muted`) here (once it is published here;
+    /// [`mirror_inner`] catches up on `TrackPublished`).
     async fn mute(
         &self,
         sfu: &SfuHandle,
         session: crate::sfu::SessionId,
-        muted: bool,
     ) -> Result<(), RelayError> {
+        let muted = self.muted;
         let Some(sid) = &self.local_sid else {
             return Ok(());
         };
@@ -633,7 +630,7 @@ async fn announce(
         if let Some(a) = announced.iter_mut().find(|a| a.origin_sid == t.sid) {
             if a.muted != t.muted {
                 a.muted = t.muted;
-                a.mute(sfu, session, t.muted).await?;
+                a.mute(sfu, session).await?;
             }
         }
     }
