@@ -3,7 +3,7 @@
 //! connection, its own `_reliable`/`_lossy`/`_data_track` channels, 3 audio + 3 video `recvonly`
 //! placeholders, and it always offers.
 
-use super::tests::ice_ufrag;
+use super::tests::{ice_ufrag, write_frame};
 use super::*;
 use lk::signal_request::Message as Req;
 use prost::Message as _;
@@ -78,17 +78,7 @@ impl Peer {
 
     /// Writes a 20 ms Opus-sized frame on its published `mid`, if it can already.
     fn send_audio(&mut self, mid: Mid, seq: u64, now: Instant) -> bool {
-        let Some(w) = self.rtc.writer(mid) else {
-            return false;
-        };
-        let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
-            return false;
-        };
-        let t = str0m::media::MediaTime::new(
-            1_000_000 + seq * 960,
-            str0m::media::Frequency::FORTY_EIGHT_KHZ,
-        );
-        w.write(pt, now, t, vec![0x78u8; 60]).is_ok()
+        write_frame(&mut self.rtc, mid, now, seq)
     }
 
     /// Writes a VP8 frame (a keyframe when `key`: bit 0 of its first byte clear) on its

@@ -792,7 +792,7 @@ impl AudioCall {
                 self.answered = true;
             }
         }
-        if write_frame(&mut self.alice_pub, self.mid, self.now, self.sent) {
+        if write_frame(&mut self.alice_pub.rtc, self.mid, self.now, self.sent) {
             self.sent += 1;
         }
     }
@@ -918,9 +918,9 @@ fn media_received(peer: &Peer) -> usize {
         .count()
 }
 
-/// alice writes one 20 ms Opus-sized frame (the `n`th).
-fn write_frame(alice_pub: &mut Peer, mid: str0m::media::Mid, now: Instant, n: u64) -> bool {
-    let Some(w) = alice_pub.rtc.writer(mid) else {
+/// Writes the `n`th 20 ms Opus-sized frame on `rtc`'s published `mid`, if it can already.
+pub(super) fn write_frame(rtc: &mut Rtc, mid: str0m::media::Mid, now: Instant, n: u64) -> bool {
+    let Some(w) = rtc.writer(mid) else {
         return false;
     };
     let Some(pt) = w.payload_params().next().map(|p| p.pt()) else {
@@ -964,7 +964,7 @@ fn datagrams_handed_in_a_row_poll_each_subscriber_once() {
     let mut datagrams = Vec::new();
     for _ in 0..5 {
         now += Duration::from_millis(2);
-        assert!(write_frame(&mut alice_pub, mid, now, sent));
+        assert!(write_frame(&mut alice_pub.rtc, mid, now, sent));
         sent += 1;
         alice_pub.rtc.handle_input(Input::Timeout(now)).unwrap();
         loop {
