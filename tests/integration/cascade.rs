@@ -482,13 +482,7 @@ async fn cascade_sends_a_remote_user_to_the_mirror_at_home_and_relays_media_once
     })
     .await;
     let alice_started = Instant::now();
-    let logs = || {
-        format!(
-            "--- Conclave-1\n{}\n--- Conclave-2\n{}",
-            c1.log_excerpt(&["cascade", "mirror", "relay", "WARN"], 40),
-            c2.log_excerpt(&["cascade", "mirror", "relay", "WARN"], 40)
-        )
-    };
+    let logs = || Conclave::two_log_excerpts(&c1, &c2, &["cascade", "mirror", "relay", "WARN"]);
 
     // bob and carol ask alice's Conclave, and get their own Conclave's mirror of the call.
     let mirror = format!(
@@ -820,11 +814,7 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         seen
     };
     let (report, seen) = tokio::join!(viewer, watch);
-    let logs = format!(
-        "--- Conclave-1\n{}\n--- Conclave-2\n{}",
-        c1.log_excerpt(&["cascade", "relay", "dynacast", "WARN"], 40),
-        c2.log_excerpt(&["cascade", "relay", "dynacast", "WARN"], 40)
-    );
+    let logs = Conclave::two_log_excerpts(&c1, &c2, &["cascade", "relay", "dynacast", "WARN"]);
     assert_layers_followed(&report, &logs);
     let only_low = json!(["q"]);
     let low_at = seen.iter().position(|l| *l == only_low);
@@ -863,13 +853,7 @@ async fn cascade_relays_only_the_layers_the_mirror_viewers_want() {
         .unwrap();
     assert_eq!(removed.status(), 200, "{media_relay} removed");
     let removed_at = Instant::now();
-    let logs = || {
-        format!(
-            "--- Conclave-1\n{}\n--- Conclave-2\n{}",
-            c1.log_excerpt(&["cascade", "relay", "mirror", "WARN"], 40),
-            c2.log_excerpt(&["cascade", "relay", "mirror", "WARN"], 40)
-        )
-    };
+    let logs = || Conclave::two_log_excerpts(&c1, &c2, &["cascade", "relay", "mirror", "WARN"]);
     let back = eventually(
         Duration::from_secs(20),
         "alice's media relay to be back with packets",

@@ -555,13 +555,8 @@ async fn run_cascade_call(m: &Ministries, mode: RtcMode, e2ee: bool, ban: bool) 
         dir,
         mut driver,
     } = start_call(m, mode, e2ee, run).await;
-    let logs = || {
-        format!(
-            "---- Conclave-1 ----\n{}\n---- Conclave-2 ----\n{}",
-            m.c1.log_excerpt(&["cascade", "mirror", "relay", " WARN "], 40),
-            m.c2.log_excerpt(&["cascade", "mirror", "relay", " WARN "], 40)
-        )
-    };
+    let logs =
+        || Conclave::two_log_excerpts(&m.c1, &m.c2, &["cascade", "mirror", "relay", " WARN "]);
     let in_call = match driver
         .wait_event("in_call", Duration::from_secs(IN_CALL_TIMEOUT_S + 30))
         .await

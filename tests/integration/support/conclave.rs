@@ -410,6 +410,16 @@ impl Conclave {
         lines[lines.len().saturating_sub(max)..].join("\n")
     }
 
+    /// [`Conclave::log_excerpt`]s of two federating Conclaves (40 lines each), each under
+    /// its name, for the failure messages of two-ministry tests.
+    pub fn two_log_excerpts(c1: &Conclave, c2: &Conclave, needles: &[&str]) -> String {
+        format!(
+            "--- Conclave-1\n{}\n--- Conclave-2\n{}",
+            c1.log_excerpt(needles, 40),
+            c2.log_excerpt(needles, 40)
+        )
+    }
+
     /// `GET path` from inside namespace `ns` (where this instance runs): the body of a 2xx.
     async fn netns_get(&self, ns: String, path: &str) -> Result<String> {
         self.netns_get_with(ns, path, None).await
