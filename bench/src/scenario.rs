@@ -714,10 +714,10 @@ async fn run_inner(opts: MediaBenchOptions) -> Result<MediaBenchReport, BenchErr
                 .map(|n| ("CONCLAVE_RTC__THREADS", n.to_string().into()))
                 .into_iter()
                 .collect();
-            env.push((
-                "CONCLAVE_RTC__CONGESTION_CONTROL",
-                opts.congestion_control.to_string().into(),
-            ));
+            // Only when off (on is the default): builds from before the setting still start.
+            if !opts.congestion_control {
+                env.push(("CONCLAVE_RTC__CONGESTION_CONTROL", "false".into()));
+            }
             ConclaveTarget::start_with_env(opts.server_exe.as_deref(), server_cpu, &env).await?
         }
     };
